@@ -1,0 +1,46 @@
+//! # candle-mha
+//!
+//! Multi-head attention for [Candle](https://github.com/huggingface/candle) that gives
+//! `torch.nn.MultiheadAttention`'s numbers, loads the weight layouts real checkpoints use, and
+//! runs on CPU and CUDA in f32, f16, bf16 (and f64).
+//!
+//! - [`MultiHeadAttention`]: the module (candle [`Module`](candle_core::Module) for plain
+//!   self-attention, [`MultiHeadAttention::attend`] for everything else).
+//! - [`MhaConfig`]: validated hyper-parameters (PyTorch's arguments plus GQA, head size and scale
+//!   overrides).
+//! - [`WeightLayout`]: PyTorch packed, BERT, Llama, GPT-2 `Conv1D`, custom names.
+//! - [`mask`]: key padding, attention masks, causal alignment, and how they merge.
+//! - [`kernels`]: the attention core behind one dispatcher.
+//! - [`case`]: the PyTorch parity-case runner (the `mha_case` example and the tests use it).
+//!
+//! ```
+//! use candle_core::{DType, Device, Tensor};
+//! use candle_nn::{VarBuilder, VarMap};
+//! use candle_mha::{CausalAlignment, KeyPaddingMask, MhaConfig, MhaInput, MultiHeadAttention};
+//!
+//! let dev = Device::Cpu;
+//! let varmap = VarMap::new();
+//! let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+//! let mha = MultiHeadAttention::new(MhaConfig::new(16, 4).with_batch_first(true), vb)?;
+//! let x = Tensor::randn(0f32, 1., (2, 6, 16), &dev)?;
+//! let out = mha.attend(
+//!     &MhaInput::new(x)
+//!         .key_padding_mask(KeyPaddingMask::from_lengths(&[6, 4]))
+//!         .causal(CausalAlignment::TopLeft),
+//! )?;
+//! assert_eq!(out.output.dims(), &[2, 6, 16]);
+//! # Ok::<(), candle_core::Error>(())
+//! ```
+#![warn(missing_docs)]
+
+pub mod case;
+pub mod config;
+pub mod kernels;
+pub mod layout;
+pub mod mask;
+pub mod mha;
+
+pub use config::{Backend, MaskedRowPolicy, MhaConfig};
+pub use layout::WeightLayout;
+pub use mask::{AttnMask, CausalAlignment, KeyPaddingMask};
+pub use mha::{MhaInput, MhaOutput, MultiHeadAttention, NeedWeights};
