@@ -111,10 +111,9 @@ impl Case {
     fn meta_num<T: std::str::FromStr>(&self, key: &str) -> Result<Option<T>> {
         match self.meta_str(key) {
             None | Some("") | Some("None") | Some("none") => Ok(None),
-            Some(v) => v
-                .parse()
-                .map(Some)
-                .map_err(|_| candle_core::Error::Msg(format!("metadata `{key}`: bad number {v:?}"))),
+            Some(v) => v.parse().map(Some).map_err(|_| {
+                candle_core::Error::Msg(format!("metadata `{key}`: bad number {v:?}"))
+            }),
         }
     }
 
@@ -134,7 +133,9 @@ impl Case {
     pub fn tolerance(&self) -> Result<Tolerance> {
         let d = Tolerance::default_for(self.dtype()?);
         Ok(Tolerance {
-            atol_output: self.meta_num("suggested_atol_output")?.unwrap_or(d.atol_output),
+            atol_output: self
+                .meta_num("suggested_atol_output")?
+                .unwrap_or(d.atol_output),
             atol_weights: self
                 .meta_num("suggested_atol_weights")?
                 .unwrap_or(d.atol_weights),
@@ -189,7 +190,9 @@ impl Case {
             ("weights_gpt2", WeightLayout::gpt2()),
             ("weights_llama", WeightLayout::llama()),
         ];
-        all.into_iter().filter(|(p, _)| self.has_prefix(p)).collect()
+        all.into_iter()
+            .filter(|(p, _)| self.has_prefix(p))
+            .collect()
     }
 
     fn masks(&self, device: &Device) -> Result<(Option<KeyPaddingMask>, Option<AttnMask>)> {
@@ -271,7 +274,12 @@ impl fmt::Display for CaseReport {
         }
         write!(f, " ({} checks)", self.checks.len())?;
         for c in self.checks.iter().filter(|c| !c.passed) {
-            write!(f, "\n    {}: {}", c.label, c.detail.as_deref().unwrap_or("failed"))?;
+            write!(
+                f,
+                "\n    {}: {}",
+                c.label,
+                c.detail.as_deref().unwrap_or("failed")
+            )?;
         }
         Ok(())
     }
@@ -377,7 +385,11 @@ impl<'a> Expect<'a> {
 
 fn has_nan(t: &Tensor) -> Result<bool> {
     let t = t.to_dtype(DType::F64)?;
-    Ok(t.ne(&t)?.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()? > 0.0)
+    Ok(t.ne(&t)?
+        .to_dtype(DType::F64)?
+        .sum_all()?
+        .to_scalar::<f64>()?
+        > 0.0)
 }
 
 /// Which masks a run uses.
@@ -407,7 +419,10 @@ fn run_loaded(case: &Case, opts: &RunOptions, checks: &mut Vec<Check>) -> Result
     let vb_all = VarBuilder::from_tensors(case.tensors.clone(), dtype, dev);
     let input_t = |n: &str| -> Result<Tensor> { case.tensor(n)?.to_dtype(dtype)?.to_device(dev) };
     let query = input_t("query")?;
-    let (key, value) = match (case.tensors.contains_key("key"), case.tensors.contains_key("value")) {
+    let (key, value) = match (
+        case.tensors.contains_key("key"),
+        case.tensors.contains_key("value"),
+    ) {
         (true, true) => (input_t("key")?, input_t("value")?),
         (false, false) => (query.clone(), query.clone()),
         _ => bail!("case has only one of `key` and `value`"),

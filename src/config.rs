@@ -246,7 +246,7 @@ impl MhaConfig {
             )
         }
         match self.head_dim {
-            None if self.embed_dim % self.num_heads != 0 => bail!(
+            None if !self.embed_dim.is_multiple_of(self.num_heads) => bail!(
                 "embed_dim must be divisible by num_heads, got embed_dim={} and num_heads={}",
                 self.embed_dim,
                 self.num_heads
@@ -258,7 +258,7 @@ impl MhaConfig {
         if kv == 0 {
             bail!("num_kv_heads must be greater than 0")
         }
-        if self.num_heads % kv != 0 {
+        if !self.num_heads.is_multiple_of(kv) {
             bail!(
                 "num_heads must be divisible by num_kv_heads, got num_heads={} and num_kv_heads={kv}",
                 self.num_heads

@@ -288,7 +288,10 @@ impl WeightLayout {
         };
         if cfg.add_bias_kv {
             let std = (2.0 / (2 * kvd) as f64).sqrt();
-            let init = Init::Randn { mean: 0.0, stdev: std };
+            let init = Init::Randn {
+                mean: 0.0,
+                stdev: std,
+            };
             p.bias_k = Some(get((1, 1, kvd).into(), "bias_k", init)?);
             p.bias_v = Some(get((1, 1, kvd).into(), "bias_v", init)?);
         }

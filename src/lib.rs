@@ -33,6 +33,10 @@
 //! ```
 #![warn(missing_docs)]
 
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
+
 pub mod case;
 pub mod config;
 pub mod kernels;

@@ -224,7 +224,10 @@ impl MaskSpec {
                 check_device("attn_mask", t, device)?;
                 if let AttnMask::Additive(_) = m {
                     if !t.dtype().is_float() {
-                        bail!("attn_mask: an additive mask must be float, got {:?}", t.dtype())
+                        bail!(
+                            "attn_mask: an additive mask must be float, got {:?}",
+                            t.dtype()
+                        )
                     }
                 }
                 let t4 = match t.dims() {

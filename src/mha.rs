@@ -197,7 +197,11 @@ impl MultiHeadAttention {
             (None, None) => (q_in, q_in),
             _ => bail!("key and value must be given together (or neither, for self-attention)"),
         };
-        let layout = if cfg.batch_first { "(B, L, E)" } else { "(L, B, E)" };
+        let layout = if cfg.batch_first {
+            "(B, L, E)"
+        } else {
+            "(L, B, E)"
+        };
         let unbatched = match q_in.rank() {
             2 => true,
             3 => false,
@@ -267,15 +271,12 @@ impl MultiHeadAttention {
             )
         }
         if b == 0 || l == 0 || s == 0 {
-            bail!(
-                "empty input: batch {b}, query length {l}, key length {s} (all must be > 0)"
-            )
+            bail!("empty input: batch {b}, query length {l}, key length {s} (all must be > 0)")
         }
 
         let (h, hkv, d) = (cfg.num_heads, cfg.kv_heads(), cfg.head_dim());
         let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
-        let self_attn = input.key.is_none()
-            || (k_in.id() == q_in.id() && v_in.id() == q_in.id());
+        let self_attn = input.key.is_none() || (k_in.id() == q_in.id() && v_in.id() == q_in.id());
         let (qp, kp, vp) = match (&self.proj.qkv, self_attn) {
             (Some(qkv), true) => {
                 let all = qkv.forward(&q)?;
@@ -381,4 +382,3 @@ impl Module for MultiHeadAttention {
         Ok(self.attend(&MhaInput::new(xs.clone()))?.output)
     }
 }
-

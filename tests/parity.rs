@@ -22,7 +22,11 @@ fn all_pytorch_cases_pass() {
         device: test_device().unwrap(),
     };
     let files = case_files();
-    assert!(files.len() >= 40, "expected the full case set, found {} files", files.len());
+    assert!(
+        files.len() >= 40,
+        "expected the full case set, found {} files",
+        files.len()
+    );
     let mut failed = vec![];
     for f in &files {
         let r = run_case(f, &opts);
@@ -31,7 +35,11 @@ fn all_pytorch_cases_pass() {
             failed.push(r.to_string());
         }
     }
-    println!("{} passed, {} failed", files.len() - failed.len(), failed.len());
+    println!(
+        "{} passed, {} failed",
+        files.len() - failed.len(),
+        failed.len()
+    );
     assert!(failed.is_empty(), "failed cases:\n{}", failed.join("\n"));
 }
 
@@ -39,35 +47,75 @@ fn all_pytorch_cases_pass() {
 /// drops a category.
 #[test]
 fn case_set_covers_every_feature() {
-    let cases: Vec<Case> = case_files().iter().map(|f| Case::load(f).unwrap()).collect();
+    let cases: Vec<Case> = case_files()
+        .iter()
+        .map(|f| Case::load(f).unwrap())
+        .collect();
     let count = |pred: &dyn Fn(&Case) -> bool| cases.iter().filter(|c| pred(c)).count();
     let meta = |c: &Case, k: &str, v: &str| c.meta.get(k).map(|s| s.as_str()) == Some(v);
     let has = |c: &Case, t: &str| c.tensors.contains_key(t);
     let checks: Vec<(&str, usize)> = vec![
-        ("batch_first=false", count(&|c| meta(c, "batch_first", "false") && meta(c, "unbatched", "false"))),
-        ("batch_first=true", count(&|c| meta(c, "batch_first", "true"))),
+        (
+            "batch_first=false",
+            count(&|c| meta(c, "batch_first", "false") && meta(c, "unbatched", "false")),
+        ),
+        (
+            "batch_first=true",
+            count(&|c| meta(c, "batch_first", "true")),
+        ),
         ("unbatched", count(&|c| meta(c, "unbatched", "true"))),
         ("bias=false", count(&|c| meta(c, "bias", "false"))),
         ("add_bias_kv", count(&|c| meta(c, "add_bias_kv", "true"))),
-        ("add_zero_attn", count(&|c| meta(c, "add_zero_attn", "true"))),
+        (
+            "add_zero_attn",
+            count(&|c| meta(c, "add_zero_attn", "true")),
+        ),
         ("kdim/vdim", count(&|c| has(c, "weights.k_proj_weight"))),
         ("key padding", count(&|c| has(c, "key_padding_mask"))),
-        ("bool mask", count(&|c| meta(c, "attn_mask_kind", "bool_u8_1_means_masked"))),
-        ("float mask", count(&|c| meta(c, "attn_mask_kind", "float_additive"))),
-        ("3-D mask", count(&|c| c.tensors.get("attn_mask").is_some_and(|t| t.rank() == 3))),
+        (
+            "bool mask",
+            count(&|c| meta(c, "attn_mask_kind", "bool_u8_1_means_masked")),
+        ),
+        (
+            "float mask",
+            count(&|c| meta(c, "attn_mask_kind", "float_additive")),
+        ),
+        (
+            "3-D mask",
+            count(&|c| c.tensors.get("attn_mask").is_some_and(|t| t.rank() == 3)),
+        ),
         ("causal", count(&|c| meta(c, "causal", "true"))),
-        ("causal pair", count(&|c| has(c, "expected_bottom_right.output"))),
-        ("fully masked", count(&|c| has(c, "expected_sanitized.output"))),
+        (
+            "causal pair",
+            count(&|c| has(c, "expected_bottom_right.output")),
+        ),
+        (
+            "fully masked",
+            count(&|c| has(c, "expected_sanitized.output")),
+        ),
         ("weights", count(&|c| has(c, "expected.weights"))),
         ("weights_avg", count(&|c| has(c, "expected.weights_avg"))),
         ("float64", count(&|c| meta(c, "dtype", "float64"))),
         ("float16", count(&|c| meta(c, "dtype", "float16"))),
         ("bfloat16", count(&|c| meta(c, "dtype", "bfloat16"))),
-        ("split layout", count(&|c| has(c, "weights_split.q_proj.weight"))),
-        ("bert layout", count(&|c| has(c, "weights_bert.attention.self.query.weight"))),
-        ("gpt2 layout", count(&|c| has(c, "weights_gpt2.c_attn.weight"))),
+        (
+            "split layout",
+            count(&|c| has(c, "weights_split.q_proj.weight")),
+        ),
+        (
+            "bert layout",
+            count(&|c| has(c, "weights_bert.attention.self.query.weight")),
+        ),
+        (
+            "gpt2 layout",
+            count(&|c| has(c, "weights_gpt2.c_attn.weight")),
+        ),
         ("llama/GQA", count(&|c| meta(c, "layout", "llama"))),
     ];
-    let missing: Vec<_> = checks.iter().filter(|(_, n)| *n == 0).map(|(k, _)| *k).collect();
+    let missing: Vec<_> = checks
+        .iter()
+        .filter(|(_, n)| *n == 0)
+        .map(|(k, _)| *k)
+        .collect();
     assert!(missing.is_empty(), "no parity case covers: {missing:?}");
 }

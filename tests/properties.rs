@@ -1,12 +1,12 @@
 //! Properties every correct attention module has, beyond the PyTorch parity cases.
 
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor, D};
-use candle_nn::{VarBuilder, VarMap};
 use candle_mha::case::test_device;
 use candle_mha::{
     AttnMask, CausalAlignment, KeyPaddingMask, MaskedRowPolicy, MhaConfig, MhaInput,
     MultiHeadAttention, NeedWeights,
 };
+use candle_nn::{VarBuilder, VarMap};
 
 fn build(cfg: MhaConfig, dtype: DType, dev: &Device) -> (VarMap, MultiHeadAttention) {
     let vm = VarMap::new();
@@ -22,7 +22,16 @@ fn build(cfg: MhaConfig, dtype: DType, dev: &Device) -> (VarMap, MultiHeadAttent
 }
 
 fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 fn randn(shape: &[usize], dev: &Device) -> Tensor {
@@ -32,14 +41,22 @@ fn randn(shape: &[usize], dev: &Device) -> Tensor {
 #[test]
 fn padding_does_not_change_unpadded_outputs() -> Result<()> {
     let dev = test_device()?;
-    let (_vm, mha) = build(MhaConfig::new(16, 4).with_batch_first(true), DType::F32, &dev);
+    let (_vm, mha) = build(
+        MhaConfig::new(16, 4).with_batch_first(true),
+        DType::F32,
+        &dev,
+    );
     let lens = [7usize, 4, 1];
     let x = randn(&[3, 7, 16], &dev);
-    let padded = mha.attend(&MhaInput::new(x.clone()).key_padding_mask(KeyPaddingMask::from_lengths(&lens)))?;
+    let padded = mha
+        .attend(&MhaInput::new(x.clone()).key_padding_mask(KeyPaddingMask::from_lengths(&lens)))?;
     for (b, &n) in lens.iter().enumerate() {
         let alone = mha.forward(&x.i((b..b + 1, ..n))?)?;
         let got = padded.output.i((b..b + 1, ..n))?;
-        assert!(max_abs(&alone, &got) < 1e-5, "batch {b}: padding changed the output");
+        assert!(
+            max_abs(&alone, &got) < 1e-5,
+            "batch {b}: padding changed the output"
+        );
     }
     Ok(())
 }
@@ -49,10 +66,15 @@ fn mask_forms_agree() -> Result<()> {
     // lengths == PyTorch-polarity mask == HF keep mask == 4-D additive mask == 3-D bool mask.
     let dev = test_device()?;
     let (b, h, l, e) = (2, 2, 5, 8);
-    let (_vm, mha) = build(MhaConfig::new(e, h).with_batch_first(true), DType::F32, &dev);
+    let (_vm, mha) = build(
+        MhaConfig::new(e, h).with_batch_first(true),
+        DType::F32,
+        &dev,
+    );
     let x = randn(&[b, l, e], &dev);
     let run = |i: MhaInput| mha.attend(&i.need_weights(NeedWeights::PerHead)).unwrap();
-    let base = run(MhaInput::new(x.clone()).key_padding_mask(KeyPaddingMask::from_lengths(&[5, 3])));
+    let base =
+        run(MhaInput::new(x.clone()).key_padding_mask(KeyPaddingMask::from_lengths(&[5, 3])));
     let ignore = Tensor::new(&[[0u8, 0, 0, 0, 0], [0, 0, 0, 1, 1]], &dev)?;
     let keep = Tensor::new(&[[1u8, 1, 1, 1, 1], [1, 1, 1, 0, 0]], &dev)?;
     let additive4 = ignore
@@ -61,17 +83,42 @@ fn mask_forms_agree() -> Result<()> {
         .reshape((b, 1, 1, l))?
         .broadcast_as((b, 1, l, l))?
         .contiguous()?;
-    let bool3 = ignore.reshape((b, 1, 1, l))?.broadcast_as((b, h, l, l))?.reshape((b * h, l, l))?;
+    let bool3 = ignore
+        .reshape((b, 1, 1, l))?
+        .broadcast_as((b, h, l, l))?
+        .reshape((b * h, l, l))?;
     let variants = [
-        ("pytorch mask", run(MhaInput::new(x.clone()).key_padding_mask(KeyPaddingMask::new(ignore.clone())))),
-        ("keep mask", run(MhaInput::new(x.clone()).key_padding_mask(KeyPaddingMask::from_keep_mask(&keep)?))),
-        ("4-D additive broadcast", run(MhaInput::new(x.clone()).attn_mask(AttnMask::new(additive4)))),
-        ("3-D bool", run(MhaInput::new(x.clone()).attn_mask(AttnMask::new(bool3)))),
-        ("allowed polarity", run(MhaInput::new(x.clone()).attn_mask(AttnMask::from_allowed(&keep.reshape((b, 1, 1, l))?)?))),
+        (
+            "pytorch mask",
+            run(MhaInput::new(x.clone()).key_padding_mask(KeyPaddingMask::new(ignore.clone()))),
+        ),
+        (
+            "keep mask",
+            run(MhaInput::new(x.clone()).key_padding_mask(KeyPaddingMask::from_keep_mask(&keep)?)),
+        ),
+        (
+            "4-D additive broadcast",
+            run(MhaInput::new(x.clone()).attn_mask(AttnMask::new(additive4))),
+        ),
+        (
+            "3-D bool",
+            run(MhaInput::new(x.clone()).attn_mask(AttnMask::new(bool3))),
+        ),
+        (
+            "allowed polarity",
+            run(MhaInput::new(x.clone())
+                .attn_mask(AttnMask::from_allowed(&keep.reshape((b, 1, 1, l))?)?)),
+        ),
     ];
     for (name, v) in variants {
-        assert!(max_abs(&base.output, &v.output) < 1e-6, "{name}: output differs");
-        assert!(max_abs(base.weights.as_ref().unwrap(), v.weights.as_ref().unwrap()) < 1e-6, "{name}: weights differ");
+        assert!(
+            max_abs(&base.output, &v.output) < 1e-6,
+            "{name}: output differs"
+        );
+        assert!(
+            max_abs(base.weights.as_ref().unwrap(), v.weights.as_ref().unwrap()) < 1e-6,
+            "{name}: weights differ"
+        );
     }
     Ok(())
 }
@@ -79,19 +126,27 @@ fn mask_forms_agree() -> Result<()> {
 #[test]
 fn causal_alignments() -> Result<()> {
     let dev = test_device()?;
-    let (_vm, mha) = build(MhaConfig::new(8, 2).with_batch_first(true), DType::F32, &dev);
+    let (_vm, mha) = build(
+        MhaConfig::new(8, 2).with_batch_first(true),
+        DType::F32,
+        &dev,
+    );
     let (l, s) = (3usize, 6usize);
     let q = randn(&[1, l, 8], &dev);
     let kv = randn(&[1, s, 8], &dev);
     let w = |a| {
-        mha.attend(&MhaInput::cross(q.clone(), kv.clone(), kv.clone()).causal(a).need_weights(NeedWeights::Averaged))
-            .unwrap()
-            .weights
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap()
+        mha.attend(
+            &MhaInput::cross(q.clone(), kv.clone(), kv.clone())
+                .causal(a)
+                .need_weights(NeedWeights::Averaged),
+        )
+        .unwrap()
+        .weights
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap()
     };
     let tl = w(CausalAlignment::TopLeft);
     let br = w(CausalAlignment::BottomRight);
@@ -103,8 +158,12 @@ fn causal_alignments() -> Result<()> {
     }
     // L == S: both alignments are the same mask.
     let x = randn(&[2, 4, 8], &dev);
-    let a = mha.attend(&MhaInput::new(x.clone()).causal(CausalAlignment::TopLeft))?.output;
-    let b = mha.attend(&MhaInput::new(x).causal(CausalAlignment::BottomRight))?.output;
+    let a = mha
+        .attend(&MhaInput::new(x.clone()).causal(CausalAlignment::TopLeft))?
+        .output;
+    let b = mha
+        .attend(&MhaInput::new(x).causal(CausalAlignment::BottomRight))?
+        .output;
     assert!(max_abs(&a, &b) == 0.0);
     Ok(())
 }
@@ -123,13 +182,36 @@ fn fully_masked_rows_follow_the_policy() -> Result<()> {
         .key_padding_mask(KeyPaddingMask::from_lengths(&[4, 0]))
         .need_weights(NeedWeights::PerHead);
     let z = zero.attend(&input)?;
-    let bias = vm.data().lock().unwrap()["out_proj.bias"].as_tensor().clone();
+    let bias = vm.data().lock().unwrap()["out_proj.bias"]
+        .as_tensor()
+        .clone();
     let row = z.output.i(1)?; // every query of batch 1 is fully masked
     assert!(max_abs(&row, &bias.unsqueeze(0)?.broadcast_as((4, 8))?) < 1e-6);
-    assert_eq!(z.weights.as_ref().unwrap().i(1)?.abs()?.sum_all()?.to_scalar::<f32>()?, 0.0);
-    assert!(z.output.i(0)?.flatten_all()?.to_vec1::<f32>()?.iter().all(|v| v.is_finite()));
+    assert_eq!(
+        z.weights
+            .as_ref()
+            .unwrap()
+            .i(1)?
+            .abs()?
+            .sum_all()?
+            .to_scalar::<f32>()?,
+        0.0
+    );
+    assert!(z
+        .output
+        .i(0)?
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .iter()
+        .all(|v| v.is_finite()));
     let n = nan.attend(&input)?;
-    assert!(n.output.i(1)?.flatten_all()?.to_vec1::<f32>()?.iter().all(|v| v.is_nan()));
+    assert!(n
+        .output
+        .i(1)?
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .iter()
+        .all(|v| v.is_nan()));
     assert!(max_abs(&n.output.i(0)?, &z.output.i(0)?) == 0.0);
     Ok(())
 }
@@ -141,7 +223,9 @@ fn module_trait_and_layouts_agree() -> Result<()> {
     let (_vm, mha) = build(MhaConfig::new(8, 2), DType::F32, &dev);
     let x = randn(&[5, 3, 8], &dev);
     let a = mha.forward(&x)?;
-    let b = mha.attend(&MhaInput::cross(x.clone(), x.copy()?, x.copy()?))?.output; // unfused q/k/v path
+    let b = mha
+        .attend(&MhaInput::cross(x.clone(), x.copy()?, x.copy()?))?
+        .output; // unfused q/k/v path
     assert!(max_abs(&a, &b) < 1e-5);
     let one = mha.forward(&x.i((.., 1))?)?;
     assert!(max_abs(&one, &a.i((.., 1))?) < 1e-5);
@@ -152,19 +236,35 @@ fn module_trait_and_layouts_agree() -> Result<()> {
 #[test]
 fn dropout_only_in_training() -> Result<()> {
     let dev = test_device()?;
-    let (_vm, mha) = build(MhaConfig::new(8, 2).with_batch_first(true).with_dropout(0.5), DType::F32, &dev);
+    let (_vm, mha) = build(
+        MhaConfig::new(8, 2)
+            .with_batch_first(true)
+            .with_dropout(0.5),
+        DType::F32,
+        &dev,
+    );
     let x = randn(&[2, 6, 8], &dev);
     let input = MhaInput::new(x.clone()).need_weights(NeedWeights::PerHead);
     let e1 = mha.attend(&input)?;
     let e2 = mha.attend_t(&input, false)?;
-    assert!(max_abs(&e1.output, &e2.output) == 0.0, "eval must be deterministic");
+    assert!(
+        max_abs(&e1.output, &e2.output) == 0.0,
+        "eval must be deterministic"
+    );
     let t = mha.attend_t(&input, true)?;
-    assert!(max_abs(&e1.output, &t.output) > 1e-3, "training must apply dropout");
+    assert!(
+        max_abs(&e1.output, &t.output) > 1e-3,
+        "training must apply dropout"
+    );
     // Dropped weights are 0 or the eval weight scaled by 1/(1-p).
     let ew = e1.weights.unwrap().flatten_all()?.to_vec1::<f32>()?;
     let tw = t.weights.unwrap().flatten_all()?.to_vec1::<f32>()?;
     let zeros = tw.iter().filter(|v| **v == 0.0).count();
-    assert!(zeros > ew.len() / 5 && zeros < ew.len() * 4 / 5, "about half dropped: {zeros}/{}", ew.len());
+    assert!(
+        zeros > ew.len() / 5 && zeros < ew.len() * 4 / 5,
+        "about half dropped: {zeros}/{}",
+        ew.len()
+    );
     for (e, t) in ew.iter().zip(&tw) {
         assert!(*t == 0.0 || (t - 2.0 * e).abs() < 1e-5);
     }
@@ -177,7 +277,11 @@ fn half_precision_keeps_dtype_and_tracks_f32() -> Result<()> {
     let cfg = MhaConfig::new(16, 4).with_batch_first(true);
     let (vm, m32) = build(cfg.clone(), DType::F32, &dev);
     let x = randn(&[2, 9, 16], &dev);
-    let input = |dt| MhaInput::new(x.to_dtype(dt).unwrap()).causal(CausalAlignment::TopLeft).need_weights(NeedWeights::Averaged);
+    let input = |dt| {
+        MhaInput::new(x.to_dtype(dt).unwrap())
+            .causal(CausalAlignment::TopLeft)
+            .need_weights(NeedWeights::Averaged)
+    };
     let r32 = m32.attend(&input(DType::F32))?;
     for (dt, tol) in [(DType::F16, 1e-2f32), (DType::BF16, 6e-2)] {
         let m = MultiHeadAttention::new(cfg.clone(), VarBuilder::from_varmap(&vm, dt, &dev))?;

@@ -106,7 +106,7 @@ pub fn attention(
     if dk != d {
         bail!("attention: q head size {d} differs from k head size {dk}")
     }
-    if hkv == 0 || h % hkv != 0 {
+    if hkv == 0 || !h.is_multiple_of(hkv) {
         bail!("attention: {h} query heads cannot share {hkv} KV heads")
     }
     if mask.extra_keys > s {
@@ -134,6 +134,8 @@ pub fn attention(
 fn dims4(name: &str, t: &Tensor) -> Result<(usize, usize, usize, usize)> {
     match t.dims() {
         &[a, b, c, d] => Ok((a, b, c, d)),
-        other => bail!("attention: {name} must be 4-D (B, heads, seq, head_dim), got shape {other:?}"),
+        other => {
+            bail!("attention: {name} must be 4-D (B, heads, seq, head_dim), got shape {other:?}")
+        }
     }
 }
