@@ -1,8 +1,10 @@
 //! Conformance runner: checks candle-mha against PyTorch `mha-case` files.
 //!
 //! ```text
-//! cargo run --release --example mha_case -- [--device cpu|cuda|cuda:N] FILE_OR_DIR...
+//! cargo run --release --example mha_case -- [--device cpu|cuda|cuda:N] [--grad] FILE_OR_DIR...
 //! ```
+//!
+//! `--grad` also checks the gradient cases (`grad_output`, `expected_grad.*`) through backward.
 //!
 //! Prints one line per case (name, PASS/FAIL, max abs error per output) and ends with
 //! `N passed, M failed`; exits non-zero when anything failed or could not be read.
@@ -13,12 +15,13 @@ use std::process::ExitCode;
 use candle_mha::case::{parse_device, run_case, RunOptions};
 
 fn usage() -> ExitCode {
-    eprintln!("usage: mha_case [--device cpu|cuda|cuda:N] FILE_OR_DIR...");
+    eprintln!("usage: mha_case [--device cpu|cuda|cuda:N] [--grad] FILE_OR_DIR...");
     ExitCode::from(2)
 }
 
 fn main() -> ExitCode {
     let mut device = "cpu".to_string();
+    let mut grad = false;
     let mut paths = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -27,6 +30,7 @@ fn main() -> ExitCode {
                 Some(d) => device = d,
                 None => return usage(),
             },
+            "--grad" => grad = true,
             "-h" | "--help" => {
                 usage();
                 return ExitCode::SUCCESS;
@@ -62,7 +66,7 @@ fn main() -> ExitCode {
             files.push(p);
         }
     }
-    let opts = RunOptions { device };
+    let opts = RunOptions { device, grad };
     let (mut passed, mut failed) = (0, 0);
     for f in &files {
         let report = run_case(f, &opts);

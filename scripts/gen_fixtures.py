@@ -66,6 +66,29 @@ Tensors (spec, plus the extensions marked *ext*)
 * *ext* ``expected_bottom_right_sanitized.*`` (and ``expected_top_left_sanitized.*``) -- the
   sanitized policy for a pair entry that has fully masked rows (bottom-right with L > S:
   the first L - S queries see no key).
+* gradient cases (``grad_*``, spec section "Gradient cases"): ``grad_output`` (case dtype,
+  same shape/layout as ``expected.output``) and ``expected_grad.<name>`` (f32 for f32 cases)
+  for ``query``, ``key``, ``value`` and every ``weights.<state_dict name>``
+  (``expected_grad.weights.in_proj_weight``, ``expected_grad.weights.out_proj.bias``,
+  ``expected_grad.weights.bias_k``, ``expected_grad.weights.q_proj_weight``, ...): the
+  gradients of ``sum(output * grad_output)`` w.r.t. the expectation ``expected.output``
+  describes (the case's own masks / ``is_causal_flag``). Gradients are only given for the
+  spec layout ``weights.*`` (for layout=llama: ``weights_llama.*``, see below); the
+  alternative layouts carry none. Self-attention cases (``self_attention_same_tensor=true``)
+  store ``expected_grad.query`` only: ONE leaf tensor was passed as query, key and value, so
+  it is the sum of the three input gradients; otherwise all three are stored. Gradient cases
+  have no fully masked rows (torch's gradients are undefined/NaN there) and carry all the
+  usual expectations too, so the forward runner checks them as well.
+
+Gradient expectations
+---------------------
+Computed with PyTorch autograd in **float64**: ``nn.MultiheadAttention`` (eval, so dropout 0;
+fastpath disabled) built from the stored weights upcast to float64, inputs and
+``grad_output`` upcast likewise, ``need_weights=False``; cross-checked (1e-11, scale-aware)
+against the ``need_weights=True`` path and against autograd through the independent float64
+reference. torch's own float32 autograd must be within ``suggested_atol_grad`` /
+``suggested_rtol_grad`` = 1e-5 / 1e-4 of it (asserted; the observed max abs difference is
+written as ``torch_own_max_abs_err_grad``).
 
 GQA / MQA cases (*ext*, metadata ``layout=llama``)
 -------------------------------------------------
@@ -79,6 +102,10 @@ serves query heads j*G .. j*G+G-1, G = Hq/Hkv, like HF ``repeat_kv``), then ``o_
 Masks, causal conventions and the other metadata are as for the MHA cases
 (batch_first=true, unbatched=false). Weights (per head) are given for one of them
 (computed by the float64 reference, checked against SDPA's output).
+Gradient cases with layout=llama (*ext*): the gradients are w.r.t. the ``weights_llama.*``
+tensors and are stored as ``expected_grad.weights_llama.{q_proj,k_proj,v_proj,o_proj}.weight``
+(plus ``expected_grad.query`` / ``key`` / ``value`` as for the MHA cases); computed by float64
+autograd through ``F.linear`` + ``scaled_dot_product_attention(enable_gqa=True)``.
 
 Causal pairs together with add_bias_kv / add_zero_attn: the causal structure (either
 alignment) covers the S real keys only; the appended bias_k / zero columns stay visible to
@@ -102,7 +129,11 @@ Observed PyTorch behaviour (2.15.0, CPU), which the fixtures record as is
 Determinism: every case is seeded from crc32(name); safetensors writes ``__metadata__`` in
 hash-map order, so ``save`` rewrites the JSON header with sorted keys, making reruns
 byte-identical. After writing, every case file is read back and each expectation re-derived
-from the file alone (every weight layout present) by the float64 reference (self-check).
+from the file alone (every weight layout present) by the float64 reference (self-check);
+for gradient cases every ``expected_grad.*`` is likewise re-derived from the file alone by
+float64 autograd through that reference (w.r.t. ``weights.*`` / ``weights_llama.*`` and the
+inputs, one shared leaf when ``self_attention_same_tensor=true``), and the set of gradient
+tensors is checked to be complete.
 
 Metadata (all strings)
 ----------------------
@@ -116,6 +147,8 @@ torch_own_max_abs_err_weights (torch run in the case dtype vs the float64 refere
 generator, torch_version. Tolerances are written like "1e-5" or "2.2e-03" (any float parser
 reads them).
 llama only: num_kv_heads, head_dim, softmax_scale (optional).
+Gradient cases only: suggested_atol_grad ("1e-5"), suggested_rtol_grad ("1e-4"),
+torch_own_max_abs_err_grad (torch's float32 autograd vs the float64 gradients).
 """
 from __future__ import annotations
 
@@ -184,6 +217,8 @@ class Case:
     Hkv: Optional[int] = None
     head_dim: Optional[int] = None
     scale: Optional[float] = None
+    # gradient case: also store grad_output and expected_grad.* (float64 autograd VJP)
+    grad: bool = False
 
     @property
     def self_attn(self) -> bool:
@@ -329,6 +364,28 @@ def _cases() -> list[Case]:
           causal="pair", L=3, S=7, need="none"),
         C("gqa_causal_pair_l6_s3_d8_scale", "GQA causal L=6,S=3 pair (bottom-right sanitized), D=8, scale=0.25",
           llama=True, H=4, Hkv=2, head_dim=8, scale=0.25, bias=False, causal="pair", L=6, S=3, need="none"),
+        # ---- gradient cases (grad_output + expected_grad.*; no fully masked rows) ----------------
+        C("grad_self_bf", "grad: self-attention, batch_first, one shared query/key/value tensor",
+          grad=True, E=16, H=4, B=2, L=5),
+        C("grad_cross_l3_s6", "grad: cross-attention L=3,S=6, distinct query/key/value",
+          grad=True, E=12, H=3, B=2, L=3, S=6),
+        C("grad_cross_kdim10_vdim6", "grad: cross-attention kdim=10, vdim=6 (q/k/v_proj_weight)",
+          grad=True, E=8, H=2, B=2, L=4, S=5, kdim=10, vdim=6),
+        C("grad_kpm_bool2d_cross", "grad: cross L=5,S=6, key_padding_mask + bool 2-D mask",
+          grad=True, E=12, H=2, B=2, L=5, S=6, kpm="random", mask="bool2d"),
+        C("grad_float3d_cross", "grad: cross L=4,S=6, finite float additive (B*H,L,S) mask",
+          grad=True, E=8, H=2, B=2, L=4, S=6, mask="float3d"),
+        C("grad_causal_kpm_seqfirst", "grad: causal L==S self-attention (explicit bool mask + is_causal) + kpm, "
+          "batch_first=false, shared tensor", grad=True, E=16, H=4, B=2, L=6, causal="square", kpm="tail",
+          batch_first=False),
+        C("grad_bias_kv_zero_attn_kpm", "grad: add_bias_kv + add_zero_attn + kpm, cross L=4,S=5",
+          grad=True, E=8, H=2, B=2, L=4, S=5, bias_kv=True, zero_attn=True, kpm="random"),
+        C("grad_unbatched_kpm", "grad: unbatched (L,E) cross-attention L=4,S=6 + kpm (S,)",
+          grad=True, E=8, H=2, B=1, L=4, S=6, unbatched=True, batch_first=False, kpm="random"),
+        C("grad_nobias_cross", "grad: bias=false cross-attention L=5,S=4 (llama layout also present)",
+          grad=True, E=12, H=3, B=2, L=5, S=4, bias=False),
+        C("grad_gqa_hq4_hkv2_kpm", "grad: GQA Hq=4,Hkv=2,E=16 cross L=4,S=6 + kpm (grads w.r.t. weights_llama.*)",
+          grad=True, llama=True, E=16, H=4, Hkv=2, B=2, L=4, S=6, bias=False, kpm="random"),
     ]
     names = [c.name for c in cs]
     assert len(names) == len(set(names)), "duplicate case name"
@@ -680,7 +737,72 @@ class TorchRunner:
         return F.linear(o, p["o_proj.weight"])
 
 
+def torch_grads(c: Case, p_src: dict, dtype, query, key, value, kpm, mask, is_causal, gout,
+                need_weights: bool = False):
+    """Vector-Jacobian product of torch's forward in ``dtype``: gradients of
+    ``sum(output * gout)`` w.r.t. the inputs and every parameter (state_dict names).
+    Self-attention: ONE leaf tensor is passed as query, key and value (its gradient is the sum
+    of the three), returned under ``query`` only. Returns (output, {name: grad}) with names
+    ``query``/``key``/``value`` and ``weights.<name>`` (``weights_llama.<name>`` for GQA)."""
+    r = TorchRunner(c, p_src, dtype)
+    if c.llama:
+        r.p = {k: v.detach().clone().requires_grad_(True) for k, v in r.p.items()}
+        params = {f"weights_llama.{k}": v for k, v in r.p.items()}
+    else:
+        r.m.requires_grad_(True)
+        params = {f"weights.{k}": v for k, v in r.m.named_parameters()}
+        assert set(params) == {f"weights.{k}" for k in p_src}, (sorted(params), sorted(p_src))
+    q = query.to(dtype).detach().clone().requires_grad_(True)
+    if c.self_attn:
+        k = v = q
+        inputs = {"query": q}
+    else:
+        k = key.to(dtype).detach().clone().requires_grad_(True)
+        v = value.to(dtype).detach().clone().requires_grad_(True)
+        inputs = {"query": q, "key": k, "value": v}
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.to(dtype)
+    with torch.enable_grad():
+        if c.llama:
+            out = r._gqa(q, k, v, kpm, mask, is_causal)
+        else:
+            out, _ = r.m(q, k, v, key_padding_mask=kpm, attn_mask=mask, need_weights=need_weights,
+                         average_attn_weights=False, is_causal=is_causal)
+        loss = (out * gout.to(dtype)).sum()
+        leaves = {**inputs, **params}
+        grads = torch.autograd.grad(loss, list(leaves.values()))
+    return out.detach(), {n: gr.detach() for n, gr in zip(leaves, grads)}
+
+
+def reference_grads(P_leaves: dict, named: dict, q, k, v, same_tensor: bool, gout, **kw):
+    """Gradients of sum(reference_attention(...) * gout) in float64. ``P_leaves``: reference
+    params built (differentiably) from the leaf tensors in ``named`` ({name: leaf}); q/k/v
+    are float64; with ``same_tensor`` one leaf serves as query, key and value."""
+    ql = q.detach().clone().requires_grad_(True)
+    if same_tensor:
+        kl = vl = ql
+        inputs = {"query": ql}
+    else:
+        kl = k.detach().clone().requires_grad_(True)
+        vl = v.detach().clone().requires_grad_(True)
+        inputs = {"query": ql, "key": kl, "value": vl}
+    with torch.enable_grad():
+        out, _, full = reference_attention(P_leaves, ql, kl, vl, **kw)
+        assert not full and not torch.isnan(out).any(), "gradient case with a fully masked row"
+        leaves = {**inputs, **named}
+        grads = torch.autograd.grad((out * gout.to(F64)).sum(), list(leaves.values()))
+    return out.detach(), {n: gr.detach() for n, gr in zip(leaves, grads)}
+
+
+def grad_rel_err(a: torch.Tensor, ref: torch.Tensor, atol: float) -> float:
+    """max |a - ref| / (atol + |ref|) (a scale-aware error; with atol=1 it is the abs error for
+    small values and the relative error for large ones)."""
+    a, ref = a.to(F64), ref.to(F64)
+    return float(((a - ref).abs() / (atol + ref.abs())).max())
+
+
 NOTES: list[str] = []  # observed PyTorch behaviour, printed at the end
+GRAD_STATS: list[tuple] = []  # (case, max abs err f32 vs f64, max |grad|, fraction of tolerance used)
 
 
 def build_case(c: Case) -> tuple[dict, dict]:
@@ -869,6 +991,48 @@ def build_case(c: Case) -> tuple[dict, dict]:
         meta["head_dim"] = s(D)
         if c.scale is not None:
             meta["softmax_scale"] = repr(float(c.scale))
+
+    # ---- gradient expectations ----
+    if c.grad:
+        assert c.dtype == "float32" and c.causal != "pair" and not any_full, c.name
+        gout = randn(g, *tensors["expected.output"].shape).to(dt)
+        is_causal = c.causal == "square"
+        out64, g64 = torch_grads(c, p64, F64, query, key, value, kpm, mask, is_causal, gout)
+        assert (out64 - tensors["expected.output"].to(F64)).abs().max() < 1e-6
+        # the need_weights=True (explicit softmax) path must give the same gradients
+        if not c.llama:
+            _, g64w = torch_grads(c, p64, F64, query, key, value, kpm, mask, is_causal, gout,
+                                  need_weights=True)
+            for n in g64:
+                assert grad_rel_err(g64w[n], g64[n], 1.0) < 1e-11, f"{c.name}: need_weights grad {n}"
+        # independent float64 reference, differentiated through the same leaves' values
+        pre = "weights_llama." if c.llama else "weights."
+        named = {pre + n: t.detach().clone().requires_grad_(True) for n, t in p64.items()}
+        Pl = ref_params(c, {n[len(pre):]: t for n, t in named.items()})
+        mm = mask if (mask is None or mask.dtype == torch.bool) else mask.to(F64)
+        _, gref = reference_grads(Pl, named, query.to(F64), key.to(F64), value.to(F64), c.self_attn, gout,
+                                  H=H, Hkv=Hkv, D=D, scale=scale, batch_first=c.batch_first,
+                                  unbatched=c.unbatched, kpm=kpm, attn_mask=mm)
+        assert set(gref) == set(g64), (sorted(gref), sorted(g64))
+        for n in g64:
+            assert grad_rel_err(gref[n], g64[n], 1.0) < 1e-11, f"{c.name}: reference grad {n}"
+        # torch's own float32 autograd vs the float64 expectation
+        _, g32 = torch_grads(c, p_store, dt, query, key, value, kpm, mask, is_causal, gout)
+        atol_g, rtol_g = 1e-5, 1e-4
+        err_g = max(nan_max_abs(g32[n], g64[n]) for n in g64)
+        # fraction of the tolerance used: max |d| / (atol + rtol |ref|) (must be <= 1)
+        worst = max(float(((g32[n].to(F64) - g64[n]).abs() / (atol_g + rtol_g * g64[n].abs())).max())
+                    for n in g64)
+        gmax = max(float(t.abs().max()) for t in g64.values())
+        GRAD_STATS.append((c.name, err_g, gmax, worst))
+        for n in g64:
+            assert_close(g32[n], g64[n], atol_g, rtol_g, f"{c.name}/expected_grad.{n} f32 vs f64")
+        tensors["grad_output"] = gout.contiguous()
+        for n, t in g64.items():
+            tensors[f"expected_grad.{n}"] = t.to(store_dt).contiguous()
+        meta["suggested_atol_grad"] = "1e-5"
+        meta["suggested_rtol_grad"] = "1e-4"
+        meta["torch_own_max_abs_err_grad"] = fmt_err(err_g)
     return tensors, meta
 
 
@@ -1071,7 +1235,39 @@ def verify_case_file(path: Path) -> int:
                         err = nan_max_abs(exp, ref)
                     assert err < tol, f"{path.name}: {wp} {name}.{kind} err {err:.3e}"
                     n += 1
+    n += verify_grads(path.name, t, meta, q, k, v, H=H, Hkv=Hkv, D=D, scale=scale, batch_first=bf,
+                      unbatched=unb, kpm=kpm, attn_mask=am)
     return n
+
+
+def verify_grads(fname: str, t: dict, meta: dict, q, k, v, **kw) -> int:
+    """Re-derive every ``expected_grad.*`` of a case file from the file alone: float64 autograd
+    of sum(reference_attention(...) * grad_output) w.r.t. the weights of the spec layout
+    (``weights.*``; ``weights_llama.*`` for layout=llama) and the inputs (one shared leaf when
+    self_attention_same_tensor=true). Checks the set of gradient tensors is complete."""
+    gkeys = {key for key in t if key.startswith("expected_grad.")}
+    if "grad_output" not in t:
+        assert not gkeys, f"{fname}: expected_grad.* without grad_output"
+        return 0
+    same = meta["self_attention_same_tensor"] == "true"
+    if same:
+        assert torch.equal(t["key"], t["query"]) and torch.equal(t["value"], t["query"]), fname
+    prefix = "weights_llama" if meta.get("layout") == "llama" else "weights"
+    named = {key: t[key].to(F64).detach().clone().requires_grad_(True) for key in t
+             if key.startswith(prefix + ".")}
+    P = params_from_file({**t, **named}, meta, prefix)
+    gout = t["grad_output"]
+    assert gout.shape == t["expected.output"].shape and gout.dtype == t["query"].dtype, fname
+    _, gref = reference_grads(P, named, q, k, v, same, gout, **kw)
+    want = {f"expected_grad.{n}" for n in gref}
+    assert gkeys == want, f"{fname}: grad tensors {sorted(gkeys)} != {sorted(want)}"
+    tol = 1e-9 if meta["dtype"] == "float64" else 1e-6
+    for n, ref in gref.items():
+        exp = t[f"expected_grad.{n}"]
+        assert exp.shape == ref.shape, (fname, n, exp.shape, ref.shape)
+        e = grad_rel_err(exp, ref, 1.0)  # |err| / (1 + |ref|)
+        assert e < tol, f"{fname}: expected_grad.{n} err {e:.3e}"
+    return len(gref)
 
 
 # --------------------------------------------------------------------------------------
@@ -1103,7 +1299,12 @@ def main():
     print(f"\n{len(rows)} cases, tests/cases total {total} bytes ({total / 1e6:.2f} MB)")
     for f in sorted(WEIGHTS_DIR.glob("*.safetensors")):
         print(f"{str(f.relative_to(ROOT)):48s} {f.stat().st_size:9d} bytes")
-    print(f"self-check: {n_checks} expectation tensors re-derived from the files (every weight layout)")
+    print(f"self-check: {n_checks} expectation tensors re-derived from the files (every weight layout, "
+          f"gradients included)")
+    if GRAD_STATS:
+        print(f"\n{'gradient case':48s} {'f32-vs-f64 max abs':>18s} {'max |grad|':>10s} {'tol used (1e-5/1e-4)':>20s}")
+        for name, e, gm, w in GRAD_STATS:
+            print(f"{name:48s} {e:18.3e} {gm:10.3e} {w:20.3e}")
     if NOTES:
         print("\nPyTorch behaviour notes:")
         for n in NOTES:

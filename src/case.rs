@@ -15,7 +15,10 @@
 //!    crate's own causal option in each alignment without the explicit mask;
 //! 4. compares with `expected_sanitized.*` when present (the default fully-masked-row policy),
 //!    else `expected.*`; where `expected.*` holds PyTorch's NaN rows, the run with
-//!    [`MaskedRowPolicy::Nan`] is compared with them too (NaN must match NaN).
+//!    [`MaskedRowPolicy::Nan`] is compared with them too (NaN must match NaN);
+//! 5. with [`RunOptions::grad`], for cases carrying `grad_output`, builds the module from a
+//!    trainable `VarBuilder`, runs backward of `sum(output * grad_output)` and compares every
+//!    `expected_grad.*` (inputs and `weights.*` / `weights_llama.*` parameters).
 //!
 //! Cases with `layout=llama` metadata (this crate's extension for grouped-query attention, which
 //! `nn.MultiheadAttention` lacks) carry `num_kv_heads`, `head_dim` and optionally
@@ -25,8 +28,9 @@ use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
 
+use candle_core::Var;
 use candle_core::{bail, DType, Device, Result, Tensor};
-use candle_nn::VarBuilder;
+use candle_nn::{VarBuilder, VarMap};
 
 use crate::config::{MaskedRowPolicy, MhaConfig};
 use crate::layout::WeightLayout;
@@ -246,12 +250,16 @@ impl CaseReport {
     }
 
     /// Largest error over the checks of one expected tensor kind (`output`, `weights`,
-    /// `weights_avg`).
+    /// `weights_avg`, `grad`).
+    /// `grad` selects the gradient checks.
     pub fn max_err(&self, what: &str) -> Option<f64> {
         let suffix = format!(".{what}");
         self.checks
             .iter()
-            .filter(|c| c.label.ends_with(&suffix))
+            .filter(|c| match what {
+                "grad" => c.label.starts_with("grad/"),
+                _ => c.label.ends_with(&suffix),
+            })
             .map(|c| c.max_abs_err)
             .fold(None, |a, e| Some(a.map_or(e, |a: f64| a.max(e))))
     }
@@ -267,7 +275,7 @@ impl fmt::Display for CaseReport {
         if self.checks.is_empty() {
             return write!(f, " (no expectation was checked)");
         }
-        for what in ["output", "weights", "weights_avg"] {
+        for what in ["output", "weights", "weights_avg", "grad"] {
             if let Some(e) = self.max_err(what) {
                 write!(f, " max_abs_err_{what}={e:.3e}")?;
             }
@@ -339,6 +347,8 @@ pub fn compare(label: &str, got: &Tensor, exp: &Tensor, atol: f64, rtol: f64) ->
 pub struct RunOptions {
     /// Device to run on.
     pub device: Device,
+    /// Also check `expected_grad.*` (gradient cases) through backward.
+    pub grad: bool,
 }
 
 /// Runs one case file; never panics: a case that can't be read or expressed is a failed report
@@ -401,6 +411,155 @@ enum Masks {
     Causal(CausalAlignment),
 }
 
+/// The inputs and masks of a case, on the run's device in the case dtype.
+struct CaseInputs {
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    kpm: Option<KeyPaddingMask>,
+    attn_mask: Option<AttnMask>,
+    /// A causal case with neither mask nor alignment pair (L == S): the crate's causal option
+    /// is the causal structure.
+    implicit_causal: bool,
+}
+
+impl CaseInputs {
+    fn new(case: &Case, dtype: DType, dev: &Device) -> Result<Self> {
+        let input_t =
+            |n: &str| -> Result<Tensor> { case.tensor(n)?.to_dtype(dtype)?.to_device(dev) };
+        let query = input_t("query")?;
+        let same = case.meta_bool("self_attention_same_tensor")?;
+        let (key, value) = match (
+            case.tensors.contains_key("key"),
+            case.tensors.contains_key("value"),
+        ) {
+            (true, true) if !same => (input_t("key")?, input_t("value")?),
+            (false, false) | (true, true) => (query.clone(), query.clone()),
+            _ => bail!("case has only one of `key` and `value`"),
+        };
+        let (kpm, attn_mask) = case.masks(dev)?;
+        let pair = case.has_prefix("expected_top_left") || case.has_prefix("expected_bottom_right");
+        let implicit_causal = case.meta_bool("causal")? && attn_mask.is_none() && !pair;
+        Ok(Self {
+            query,
+            key,
+            value,
+            kpm,
+            attn_mask,
+            implicit_causal,
+        })
+    }
+
+    fn input(&self, masks: Masks) -> MhaInput {
+        let mut input = MhaInput::cross(self.query.clone(), self.key.clone(), self.value.clone());
+        if let Some(k) = &self.kpm {
+            input = input.key_padding_mask(k.clone());
+        }
+        match masks {
+            Masks::Case => {
+                if let Some(m) = &self.attn_mask {
+                    input = input.attn_mask(m.clone());
+                }
+                if self.implicit_causal {
+                    input = input.causal(CausalAlignment::TopLeft);
+                }
+            }
+            Masks::Causal(a) => input = input.causal(a),
+        }
+        input
+    }
+}
+
+/// Gradient check (`--grad`): builds the module from a trainable `VarBuilder` holding the case
+/// weights, runs forward and backward of `sum(output * grad_output)` and compares every
+/// `expected_grad.*` tensor. Cases without `grad_output` add no check.
+fn run_grad(case: &Case, opts: &RunOptions, checks: &mut Vec<Check>) -> Result<()> {
+    let Some(grad_output) = case.tensors.get("grad_output") else {
+        return Ok(());
+    };
+    let dev = &opts.device;
+    let dtype = case.dtype()?;
+    let atol = case.meta_num("suggested_atol_grad")?.unwrap_or(1e-5);
+    let rtol = case.meta_num("suggested_rtol_grad")?.unwrap_or(1e-4);
+    // Gradients refer to the PyTorch layout's names, or to the Llama layout's for GQA cases.
+    let Some((prefix, layout)) = case.layouts().into_iter().next() else {
+        bail!("case has no weights")
+    };
+    let varmap = VarMap::new();
+    {
+        let mut data = varmap.data().lock().expect("VarMap lock poisoned");
+        let p = format!("{prefix}.");
+        for (name, t) in &case.tensors {
+            if let Some(rest) = name.strip_prefix(&p) {
+                let var = Var::from_tensor(&t.to_dtype(dtype)?.to_device(dev)?)?;
+                data.insert(rest.to_string(), var);
+            }
+        }
+    }
+    let mha = MultiHeadAttention::load(
+        case.config()?,
+        &layout,
+        VarBuilder::from_varmap(&varmap, dtype, dev),
+    )?;
+    let mut inputs = CaseInputs::new(case, dtype, dev)?;
+    let q = Var::from_tensor(&inputs.query)?;
+    let same = inputs.key.id() == inputs.query.id();
+    let (k, v) = if same {
+        (q.clone(), q.clone())
+    } else {
+        (
+            Var::from_tensor(&inputs.key)?,
+            Var::from_tensor(&inputs.value)?,
+        )
+    };
+    inputs.query = q.as_tensor().clone();
+    inputs.key = k.as_tensor().clone();
+    inputs.value = v.as_tensor().clone();
+    let out = mha.attend(&inputs.input(Masks::Case))?.output;
+    let g = grad_output.to_dtype(dtype)?.to_device(dev)?;
+    let grads = (out * g)?.sum_all()?.backward()?;
+    let data = varmap.data().lock().expect("VarMap lock poisoned");
+    let wprefix = format!("{prefix}.");
+    let mut names: Vec<&String> = case
+        .tensors
+        .keys()
+        .filter(|n| n.starts_with("expected_grad."))
+        .collect();
+    names.sort();
+    for name in names {
+        let what = &name["expected_grad.".len()..];
+        let target = match what {
+            "query" => Some(q.as_tensor()),
+            "key" if !same => Some(k.as_tensor()),
+            "value" if !same => Some(v.as_tensor()),
+            w => w
+                .strip_prefix(&wprefix)
+                .and_then(|n| data.get(n))
+                .map(|var| var.as_tensor()),
+        };
+        let label = format!("grad/{what}");
+        let Some(target) = target else {
+            checks.push(Check {
+                label,
+                max_abs_err: f64::INFINITY,
+                passed: false,
+                detail: Some(format!("no parameter or input named `{what}`")),
+            });
+            continue;
+        };
+        match grads.get(target) {
+            Some(got) => checks.push(compare(&label, got, &case.tensors[name], atol, rtol)?),
+            None => checks.push(Check {
+                label,
+                max_abs_err: f64::INFINITY,
+                passed: false,
+                detail: Some("no gradient reached this tensor".into()),
+            }),
+        }
+    }
+    Ok(())
+}
+
 fn run_loaded(case: &Case, opts: &RunOptions, checks: &mut Vec<Check>) -> Result<()> {
     let dev = &opts.device;
     let dtype = case.dtype()?;
@@ -417,46 +576,12 @@ fn run_loaded(case: &Case, opts: &RunOptions, checks: &mut Vec<Check>) -> Result
         )
     }
     let vb_all = VarBuilder::from_tensors(case.tensors.clone(), dtype, dev);
-    let input_t = |n: &str| -> Result<Tensor> { case.tensor(n)?.to_dtype(dtype)?.to_device(dev) };
-    let query = input_t("query")?;
-    let (key, value) = match (
-        case.tensors.contains_key("key"),
-        case.tensors.contains_key("value"),
-    ) {
-        (true, true) => (input_t("key")?, input_t("value")?),
-        (false, false) => (query.clone(), query.clone()),
-        _ => bail!("case has only one of `key` and `value`"),
-    };
-    let (kpm, am) = case.masks(dev)?;
-    let causal = case.meta_bool("causal")?;
-    let pair = (
-        Expect::of(case, "expected_top_left"),
-        Expect::of(case, "expected_bottom_right"),
-    );
-    // A causal case with neither mask nor alignment pair (L == S): the crate's causal option is
-    // the causal structure.
-    let implicit_causal = causal && am.is_none() && pair.0.is_none() && pair.1.is_none();
-
+    let inputs = CaseInputs::new(case, dtype, dev)?;
     for (prefix, layout) in &layouts {
         let run = |policy: MaskedRowPolicy, masks: Masks, need: NeedWeights| -> Result<_> {
             let cfg = cfg.clone().with_masked_rows(policy);
             let mha = MultiHeadAttention::load(cfg, layout, vb_all.pp(*prefix))?;
-            let mut input = MhaInput::cross(query.clone(), key.clone(), value.clone());
-            if let Some(k) = &kpm {
-                input = input.key_padding_mask(k.clone());
-            }
-            match masks {
-                Masks::Case => {
-                    if let Some(m) = &am {
-                        input = input.attn_mask(m.clone());
-                    }
-                    if implicit_causal {
-                        input = input.causal(CausalAlignment::TopLeft);
-                    }
-                }
-                Masks::Causal(a) => input = input.causal(a),
-            }
-            mha.attend(&input.need_weights(need))
+            mha.attend(&inputs.input(masks).need_weights(need))
         };
         // Each expected tensor is compared with the run whose fully-masked-row policy it shows:
         // PyTorch's NaN rows with `MaskedRowPolicy::Nan`, anything else with the default.
@@ -507,6 +632,9 @@ fn run_loaded(case: &Case, opts: &RunOptions, checks: &mut Vec<Check>) -> Result
                 }
             }
         }
+    }
+    if opts.grad {
+        run_grad(case, opts, checks)?;
     }
     if checks.is_empty() {
         bail!("case has no expectation (`expected.*`) to compare with")

@@ -43,6 +43,7 @@ pub mod kernels;
 pub mod layout;
 pub mod mask;
 pub mod mha;
+pub mod models;
 
 pub use config::{Backend, MaskedRowPolicy, MhaConfig};
 pub use layout::WeightLayout;

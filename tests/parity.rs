@@ -20,6 +20,7 @@ fn case_files() -> Vec<PathBuf> {
 fn all_pytorch_cases_pass() {
     let opts = RunOptions {
         device: test_device().unwrap(),
+        grad: true,
     };
     let files = case_files();
     assert!(
@@ -111,6 +112,11 @@ fn case_set_covers_every_feature() {
             count(&|c| has(c, "weights_gpt2.c_attn.weight")),
         ),
         ("llama/GQA", count(&|c| meta(c, "layout", "llama"))),
+        ("gradients", count(&|c| has(c, "grad_output"))),
+        (
+            "GQA gradients",
+            count(&|c| has(c, "expected_grad.weights_llama.q_proj.weight")),
+        ),
     ];
     let missing: Vec<_> = checks
         .iter()

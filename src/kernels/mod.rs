@@ -9,6 +9,12 @@
 //! | kernel | devices | returns weights | differentiable |
 //! |---|---|---|---|
 //! | [`reference`] | every candle device | yes | yes (only differentiable candle ops) |
+//!
+//! Routing rules, in order: a call that asks for the attention weights, or whose `q`, `k` or `v`
+//! is tracked by candle's autograd ([`Tensor::track_op`]: a `Var` or derived from one), always
+//! goes to [`reference`], since fused kernels are forward-only and return no weights. Otherwise
+//! [`Backend::Auto`] picks the fastest kernel that supports the device, dtype and shape, and
+//! [`Backend::Reference`] forces the reference path.
 
 use candle_core::{bail, DType, Result, Tensor};
 
@@ -126,7 +132,9 @@ pub fn attention(
     if !q.dtype().is_float() {
         bail!("attention: expected float inputs, got {:?}", q.dtype())
     }
+    let needs_reference = params.need_weights || q.track_op() || k.track_op() || v.track_op();
     match params.backend {
+        _ if needs_reference => reference::attention(q, k, v, mask, params),
         Backend::Auto | Backend::Reference => reference::attention(q, k, v, mask, params),
     }
 }

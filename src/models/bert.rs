@@ -1,0 +1,320 @@
+//! A BERT encoder (Hugging Face `BertModel`, without the pooler) whose attention is
+//! [`MultiHeadAttention`] loaded with [`WeightLayout::bert`].
+//!
+//! Everything else is plain candle-nn: [`Embedding`]s, [`LayerNorm`]s and [`Linear`]s, under the
+//! checkpoint's own tensor names, so any `BertModel` checkpoint (`model.safetensors` with
+//! `embeddings.*` and `encoder.layer.N.*`) loads as it is. The hyper-parameters come from the
+//! checkpoint's `config.json` ([`BertConfig`]).
+//!
+//! ```text
+//! embeddings:  LayerNorm(word[ids] + position[0..L] + token_type[tt])
+//! layer i:     a = LayerNorm(x + MHA(x))                        (HF BertAttention)
+//!              y = LayerNorm(a + output(act(intermediate(a))))  (HF BertIntermediate/BertOutput)
+//! ```
+//!
+//! ```no_run
+//! use candle_core::{DType, Device, Tensor};
+//! use candle_mha::models::bert::{BertConfig, BertModel};
+//! # fn main() -> candle_core::Result<()> {
+//! let dev = Device::Cpu;
+//! let cfg = BertConfig::from_file("all-MiniLM-L6-v2/config.json")?;
+//! let data = std::fs::read("all-MiniLM-L6-v2/model.safetensors")?;
+//! let vb = candle_nn::VarBuilder::from_buffered_safetensors(data, DType::F32, &dev)?;
+//! let bert = BertModel::load(&cfg, vb)?;
+//! let ids = Tensor::new(&[[101u32, 7592, 2088, 102], [101, 7592, 102, 0]], &dev)?;
+//! let keep = Tensor::new(&[[1u32, 1, 1, 1], [1, 1, 1, 0]], &dev)?; // HF attention_mask
+//! let hidden = bert.forward(&ids, None, Some(&keep))?; // (2, 4, hidden_size)
+//! # Ok(()) }
+//! ```
+
+use std::path::Path;
+
+use candle_core::{bail, Error, Module, Result, Tensor};
+use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
+use serde::Deserialize;
+
+use crate::{KeyPaddingMask, MhaConfig, MhaInput, MultiHeadAttention, WeightLayout};
+
+/// The feed-forward activation (`hidden_act` in `config.json`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HiddenAct {
+    /// Exact GELU, `x·Φ(x)` with the error function (HF `"gelu"`).
+    #[default]
+    Gelu,
+    /// The tanh approximation of GELU (HF `"gelu_new"`, `"gelu_pytorch_tanh"`).
+    #[serde(alias = "gelu_pytorch_tanh", alias = "gelu_fast")]
+    GeluNew,
+    /// `max(x, 0)`.
+    Relu,
+}
+
+impl HiddenAct {
+    /// Applies the activation.
+    pub fn apply(self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            HiddenAct::Gelu => xs.gelu_erf(),
+            HiddenAct::GeluNew => xs.gelu(),
+            HiddenAct::Relu => xs.relu(),
+        }
+    }
+}
+
+/// How positions are encoded (`position_embedding_type`); only learnt absolute positions are
+/// supported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PositionEmbeddingType {
+    /// A learnt embedding per position `0..max_position_embeddings`.
+    #[default]
+    Absolute,
+    /// Shaw et al. relative keys (not supported: [`BertModel::load`] rejects it).
+    RelativeKey,
+    /// Huang et al. relative keys and queries (not supported).
+    RelativeKeyQuery,
+}
+
+/// The fields of a Hugging Face BERT `config.json` that the encoder uses (unknown fields are
+/// ignored, missing optional ones take HF's defaults).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct BertConfig {
+    /// Size of the WordPiece vocabulary.
+    pub vocab_size: usize,
+    /// Model width.
+    pub hidden_size: usize,
+    /// Number of encoder layers.
+    pub num_hidden_layers: usize,
+    /// Attention heads per layer (`hidden_size / num_attention_heads` per head).
+    pub num_attention_heads: usize,
+    /// Width of the feed-forward layer.
+    pub intermediate_size: usize,
+    /// Feed-forward activation.
+    #[serde(default)]
+    pub hidden_act: HiddenAct,
+    /// Number of learnt positions: the longest input the model accepts.
+    #[serde(default = "default_max_positions")]
+    pub max_position_embeddings: usize,
+    /// Number of token types (segments).
+    #[serde(default = "default_type_vocab")]
+    pub type_vocab_size: usize,
+    /// Epsilon of every LayerNorm.
+    #[serde(default = "default_ln_eps")]
+    pub layer_norm_eps: f64,
+    /// Token id used for padding.
+    #[serde(default)]
+    pub pad_token_id: u32,
+    /// Position encoding.
+    #[serde(default)]
+    pub position_embedding_type: PositionEmbeddingType,
+}
+
+fn default_max_positions() -> usize {
+    512
+}
+fn default_type_vocab() -> usize {
+    2
+}
+fn default_ln_eps() -> f64 {
+    1e-12
+}
+
+impl BertConfig {
+    /// Parses a `config.json`.
+    pub fn from_json(json: &str) -> Result<Self> {
+        serde_json::from_str(json).map_err(|e| Error::Msg(format!("invalid BERT config: {e}")))
+    }
+
+    /// Reads and parses a `config.json` file.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let json = std::fs::read_to_string(path)
+            .map_err(|e| Error::Msg(format!("cannot read {}: {e}", path.display())))?;
+        Self::from_json(&json).map_err(|e| Error::Msg(format!("{}: {e}", path.display())))
+    }
+
+    /// The attention configuration of every layer: BERT attention is PyTorch's with biases,
+    /// batch-first.
+    pub fn mha_config(&self) -> MhaConfig {
+        MhaConfig::new(self.hidden_size, self.num_attention_heads).with_batch_first(true)
+    }
+}
+
+/// Word + position + token-type embeddings, then LayerNorm (HF `BertEmbeddings`).
+#[derive(Debug, Clone)]
+pub struct BertEmbeddings {
+    word_embeddings: Embedding,
+    position_embeddings: Embedding,
+    token_type_embeddings: Embedding,
+    layer_norm: LayerNorm,
+    max_positions: usize,
+}
+
+impl BertEmbeddings {
+    /// Loads `word_embeddings`, `position_embeddings`, `token_type_embeddings` and `LayerNorm`
+    /// from `vb` (the `embeddings` prefix).
+    pub fn load(cfg: &BertConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            word_embeddings: embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("word_embeddings"))?,
+            position_embeddings: embedding(
+                cfg.max_position_embeddings,
+                cfg.hidden_size,
+                vb.pp("position_embeddings"),
+            )?,
+            token_type_embeddings: embedding(
+                cfg.type_vocab_size,
+                cfg.hidden_size,
+                vb.pp("token_type_embeddings"),
+            )?,
+            layer_norm: layer_norm(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("LayerNorm"))?,
+            max_positions: cfg.max_position_embeddings,
+        })
+    }
+
+    /// `input_ids` (B, L) integer; `token_type_ids` (B, L), all 0 when `None`. Returns
+    /// (B, L, hidden_size).
+    pub fn forward(&self, input_ids: &Tensor, token_type_ids: Option<&Tensor>) -> Result<Tensor> {
+        let (_b, l) = input_ids.dims2()?;
+        if l > self.max_positions {
+            bail!(
+                "input has {l} tokens but the model has only {} positions (truncate it)",
+                self.max_positions
+            )
+        }
+        let positions = Tensor::arange(0u32, l as u32, input_ids.device())?;
+        let token_types = match token_type_ids {
+            Some(t) => t.clone(),
+            None => input_ids.zeros_like()?,
+        };
+        let xs = self
+            .word_embeddings
+            .forward(input_ids)?
+            .add(&self.token_type_embeddings.forward(&token_types)?)?
+            .broadcast_add(&self.position_embeddings.forward(&positions)?)?;
+        self.layer_norm.forward(&xs)
+    }
+}
+
+/// One encoder layer (HF `BertLayer`): attention block, then feed-forward block.
+#[derive(Debug, Clone)]
+pub struct BertLayer {
+    attention: MultiHeadAttention,
+    attention_norm: LayerNorm,
+    intermediate: Linear,
+    output: Linear,
+    output_norm: LayerNorm,
+    act: HiddenAct,
+}
+
+impl BertLayer {
+    /// Loads one layer from `vb` (the `encoder.layer.N` prefix): the attention with
+    /// [`WeightLayout::bert`] (`attention.self.{query,key,value}`, `attention.output.dense`),
+    /// then `attention.output.LayerNorm`, `intermediate.dense`, `output.dense`,
+    /// `output.LayerNorm`.
+    pub fn load(cfg: &BertConfig, vb: VarBuilder) -> Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Self {
+            attention: MultiHeadAttention::load(
+                cfg.mha_config(),
+                &WeightLayout::bert(),
+                vb.clone(),
+            )?,
+            attention_norm: layer_norm(h, cfg.layer_norm_eps, vb.pp("attention.output.LayerNorm"))?,
+            intermediate: linear(h, i, vb.pp("intermediate.dense"))?,
+            output: linear(i, h, vb.pp("output.dense"))?,
+            output_norm: layer_norm(h, cfg.layer_norm_eps, vb.pp("output.LayerNorm"))?,
+            act: cfg.hidden_act,
+        })
+    }
+
+    /// The layer's multi-head attention: self-attention plus output projection, *without* the
+    /// residual and `attention.output.LayerNorm`.
+    pub fn attention(&self) -> &MultiHeadAttention {
+        &self.attention
+    }
+
+    /// The attention block, HF `BertAttention`: `LayerNorm(x + MHA(x))`.
+    pub fn attention_block(&self, xs: &Tensor, padding: Option<&KeyPaddingMask>) -> Result<Tensor> {
+        let mut input = MhaInput::new(xs.clone());
+        if let Some(p) = padding {
+            input = input.key_padding_mask(p.clone());
+        }
+        let attn = self.attention.attend(&input)?.output;
+        self.attention_norm.forward(&(attn + xs)?)
+    }
+
+    /// The whole layer on `xs` (B, L, hidden_size); `padding` says which keys are padding.
+    pub fn forward(&self, xs: &Tensor, padding: Option<&KeyPaddingMask>) -> Result<Tensor> {
+        let a = self.attention_block(xs, padding)?;
+        let ff = self
+            .output
+            .forward(&self.act.apply(&self.intermediate.forward(&a)?)?)?;
+        self.output_norm.forward(&(ff + a)?)
+    }
+}
+
+/// The BERT encoder: [`BertEmbeddings`] and `num_hidden_layers` [`BertLayer`]s. Returns the last
+/// hidden state (HF `BertModel(...).last_hidden_state`); the pooler is not loaded.
+#[derive(Debug, Clone)]
+pub struct BertModel {
+    embeddings: BertEmbeddings,
+    layers: Vec<BertLayer>,
+}
+
+impl BertModel {
+    /// Loads the encoder from `vb` pointed at the checkpoint root (`embeddings.*`,
+    /// `encoder.layer.N.*`). Checkpoints saved from `BertFor*` heads prefix these with `bert.`:
+    /// pass `vb.pp("bert")` for them.
+    pub fn load(cfg: &BertConfig, vb: VarBuilder) -> Result<Self> {
+        if cfg.position_embedding_type != PositionEmbeddingType::Absolute {
+            bail!(
+                "position_embedding_type {:?} is not supported (only absolute)",
+                cfg.position_embedding_type
+            )
+        }
+        let embeddings = BertEmbeddings::load(cfg, vb.pp("embeddings"))?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| BertLayer::load(cfg, vb.pp(format!("encoder.layer.{i}"))))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { embeddings, layers })
+    }
+
+    /// The embedding layer.
+    pub fn embeddings(&self) -> &BertEmbeddings {
+        &self.embeddings
+    }
+
+    /// The encoder layers.
+    pub fn layers(&self) -> &[BertLayer] {
+        &self.layers
+    }
+
+    /// Runs the encoder. `input_ids` (B, L) integer; `token_type_ids` (B, L), all 0 when `None`;
+    /// `attention_mask` (B, L) integer in Hugging Face's polarity (1 = token, 0 = padding), no
+    /// padding when `None`. Returns (B, L, hidden_size) in the weights' dtype.
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        attention_mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let padding = attention_mask
+            .map(KeyPaddingMask::from_keep_mask)
+            .transpose()?;
+        self.forward_with_padding(input_ids, token_type_ids, padding.as_ref())
+    }
+
+    /// [`BertModel::forward`] with the padding given as a [`KeyPaddingMask`] (e.g.
+    /// [`KeyPaddingMask::from_lengths`] for right-padded batches).
+    pub fn forward_with_padding(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        padding: Option<&KeyPaddingMask>,
+    ) -> Result<Tensor> {
+        let mut xs = self.embeddings.forward(input_ids, token_type_ids)?;
+        for layer in &self.layers {
+            xs = layer.forward(&xs, padding)?;
+        }
+        Ok(xs)
+    }
+}

