@@ -47,5 +47,5 @@ pub mod models;
 
 pub use config::{Backend, MaskedRowPolicy, MhaConfig};
 pub use layout::WeightLayout;
-pub use mask::{AttnMask, CausalAlignment, KeyPaddingMask};
+pub use mask::{AttnMask, Causal, CausalAlignment, KeyPaddingMask};
 pub use mha::{MhaInput, MhaOutput, MultiHeadAttention, NeedWeights};

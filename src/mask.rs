@@ -16,6 +16,12 @@
 //!   - [`CausalAlignment::BottomRight`]: `j <= i + S - L` (the last query sees every key: KV-cache
 //!     decoding, where the L new queries are the last L positions of the sequence).
 //!
+//!   With a sliding window of `W` ([`Causal::window`]), query `i` additionally sees only the `W`
+//!   most recent keys up to and including its diagonal: `i + off - W < j <= i + off`, where
+//!   `off` is 0 (top-left) or `S - L` (bottom-right). `W = 1` lets a query see only its own
+//!   position; this is Mistral's / Hugging Face's `sliding_window` (flash-attn's
+//!   `window_size = (W - 1, 0)`).
+//!
 //! All masks given at once are merged the way PyTorch merges them: boolean masks become `-inf`
 //! additive masks and every additive mask is summed onto the logits. Keys appended by
 //! `add_bias_kv` / `add_zero_attn` are never masked (PyTorch pads the masks with a 0 column).
@@ -40,6 +46,43 @@ impl CausalAlignment {
             CausalAlignment::TopLeft => 0,
             CausalAlignment::BottomRight => s as i64 - l as i64,
         }
+    }
+}
+
+/// A causal mask: its alignment and an optional sliding window. See the [module docs](self).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Causal {
+    /// How the diagonal is aligned when L != S.
+    pub alignment: CausalAlignment,
+    /// Sliding window: each query sees at most this many keys (ending at its diagonal).
+    pub window: Option<usize>,
+}
+
+impl Causal {
+    /// A causal mask without window.
+    pub fn new(alignment: CausalAlignment) -> Self {
+        Self {
+            alignment,
+            window: None,
+        }
+    }
+
+    /// The half-open range `lo..hi` of keys (out of `s`) query `i` (out of `l`) may see; empty
+    /// (`lo >= hi`) when it sees none.
+    pub fn key_range(&self, i: usize, l: usize, s: usize) -> (usize, usize) {
+        let last = i as i64 + self.alignment.offset(l, s); // largest visible key index
+        let hi = (last + 1).clamp(0, s as i64) as usize;
+        let lo = match self.window {
+            Some(w) => (last + 1 - w as i64).clamp(0, s as i64) as usize,
+            None => 0,
+        };
+        (lo, hi.max(lo))
+    }
+}
+
+impl From<CausalAlignment> for Causal {
+    fn from(alignment: CausalAlignment) -> Self {
+        Self::new(alignment)
     }
 }
 
@@ -124,8 +167,8 @@ pub enum KeyPadding {
 /// `add_bias_kv` / `add_zero_attn`) follow them and are never masked.
 #[derive(Debug, Clone, Default)]
 pub struct MaskSpec {
-    /// Causal structure over the first `s` keys.
-    pub causal: Option<CausalAlignment>,
+    /// Causal structure (and sliding window) over the first `s` keys.
+    pub causal: Option<Causal>,
     /// Key padding over the first `s` keys.
     pub key_padding: Option<KeyPadding>,
     /// Additive bias, 4-D, broadcastable to `(B, H, L, s)`, in the compute dtype.
@@ -178,7 +221,7 @@ impl MaskSpec {
         dims: MaskDims,
         key_padding: Option<&KeyPaddingMask>,
         attn_mask: Option<&AttnMask>,
-        causal: Option<CausalAlignment>,
+        causal: Option<Causal>,
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
@@ -189,6 +232,12 @@ impl MaskSpec {
             kv_len: s,
             unbatched,
         } = dims;
+        if let Some(Causal {
+            window: Some(0), ..
+        }) = causal
+        {
+            bail!("sliding window must be at least 1 key, got 0")
+        }
         let key_padding = match key_padding {
             None => None,
             Some(KeyPaddingMask::Lengths(lens)) => {
@@ -317,8 +366,8 @@ impl MaskSpec {
                 add(t)?
             }
         }
-        if let Some(align) = self.causal {
-            add(causal_bias(l, s, align, dtype, device)?)?;
+        if let Some(causal) = self.causal {
+            add(causal_bias(l, s, causal, dtype, device)?)?;
         }
         match acc {
             None => Ok(None),
@@ -333,20 +382,20 @@ impl MaskSpec {
     }
 }
 
-/// A `(1, 1, l, s)` additive causal mask: 0 where key `j` is visible to query `i`, `-inf` above
-/// the (aligned) diagonal.
+/// A `(1, 1, l, s)` additive causal mask: 0 where key `j` is visible to query `i` (see
+/// [`Causal::key_range`]), `-inf` elsewhere.
 pub fn causal_bias(
     l: usize,
     s: usize,
-    align: CausalAlignment,
+    causal: impl Into<Causal>,
     dtype: DType,
     device: &Device,
 ) -> Result<Tensor> {
-    let off = align.offset(l, s);
-    let v: Vec<f32> = (0..l as i64)
-        .flat_map(|i| {
-            (0..s as i64).map(move |j| if j <= i + off { 0.0 } else { f32::NEG_INFINITY })
-        })
-        .collect();
+    let causal = causal.into();
+    let mut v = vec![f32::NEG_INFINITY; l * s];
+    for i in 0..l {
+        let (lo, hi) = causal.key_range(i, l, s);
+        v[i * s + lo..i * s + hi].fill(0.0);
+    }
     Tensor::from_vec(v, (1, 1, l, s), device)?.to_dtype(dtype)
 }

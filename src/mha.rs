@@ -6,7 +6,7 @@ use candle_nn::VarBuilder;
 use crate::config::MhaConfig;
 use crate::kernels::{self, compute_dtype, AttnParams};
 use crate::layout::{Projections, WeightLayout};
-use crate::mask::{AttnMask, CausalAlignment, KeyPaddingMask, MaskDims, MaskSpec};
+use crate::mask::{AttnMask, Causal, CausalAlignment, KeyPaddingMask, MaskDims, MaskSpec};
 
 /// Whether (and how) to return attention weights: PyTorch's `need_weights` and
 /// `average_attn_weights`.
@@ -51,6 +51,8 @@ pub struct MhaInput {
     pub attn_mask: Option<AttnMask>,
     /// The crate's causal mask, with its alignment.
     pub causal: Option<CausalAlignment>,
+    /// Sliding window of the causal mask (requires `causal`).
+    pub sliding_window: Option<usize>,
     /// Whether to return the attention weights.
     pub need_weights: NeedWeights,
 }
@@ -65,6 +67,7 @@ impl MhaInput {
             key_padding_mask: None,
             attn_mask: None,
             causal: None,
+            sliding_window: None,
             need_weights: NeedWeights::No,
         }
     }
@@ -96,6 +99,13 @@ impl MhaInput {
     /// Adds a causal mask with the given alignment (merged with any other mask).
     pub fn causal(mut self, alignment: CausalAlignment) -> Self {
         self.causal = Some(alignment);
+        self
+    }
+
+    /// Limits the causal mask to a sliding window of `w` keys per query: query `i` sees keys
+    /// `j` with `i + off - w < j <= i + off` (see [`crate::mask`]). Requires [`Self::causal`].
+    pub fn sliding_window(mut self, w: usize) -> Self {
+        self.sliding_window = Some(w);
         self
     }
 
@@ -318,11 +328,18 @@ impl MultiHeadAttention {
             kv_len: s,
             unbatched,
         };
+        let causal = match (input.causal, input.sliding_window) {
+            (Some(alignment), window) => Some(Causal { alignment, window }),
+            (None, Some(w)) => {
+                bail!("sliding_window({w}) needs a causal mask: add .causal(CausalAlignment::...)")
+            }
+            (None, None) => None,
+        };
         let mut mask = MaskSpec::build(
             dims,
             input.key_padding_mask.as_ref(),
             input.attn_mask.as_ref(),
-            input.causal,
+            causal,
             compute_dtype(self.dtype),
             &self.device,
         )?;

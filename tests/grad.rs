@@ -236,7 +236,7 @@ fn gradients_match_finite_differences_f64() -> Result<()> {
         let an = an.flatten_all()?.to_vec1::<f64>()?;
         let base = v.as_tensor().flatten_all()?.to_vec1::<f64>()?;
         for i in 0..base.len() {
-            let mut at = |delta: f64| -> Result<f64> {
+            let at = |delta: f64| -> Result<f64> {
                 let mut p = base.clone();
                 p[i] += delta;
                 v.set(&Tensor::from_vec(p, v.shape(), &dev)?)?;

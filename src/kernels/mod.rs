@@ -84,7 +84,7 @@ pub fn compute_dtype(dtype: DType) -> DType {
 /// let dev = Device::Cpu;
 /// let q = Tensor::randn(0f32, 1., (2, 4, 5, 8), &dev)?;
 /// let kv = Tensor::randn(0f32, 1., (2, 2, 5, 8), &dev)?; // 2 KV heads for 4 query heads
-/// let mask = MaskSpec { causal: Some(CausalAlignment::TopLeft), ..Default::default() };
+/// let mask = MaskSpec { causal: Some(CausalAlignment::TopLeft.into()), ..Default::default() };
 /// let out = attention(&q, &kv, &kv, &mask, &AttnParams::new(8))?;
 /// assert_eq!(out.output.dims(), &[2, 4, 5, 8]);
 /// # Ok::<(), candle_core::Error>(())

@@ -1,5 +1,5 @@
 //! Sentence embeddings the way a sentence-transformers model directory says to compute them:
-//! its [`BertModel`](super::bert::BertModel), then [`Pooling`] (`1_Pooling/config.json`), then
+//! its [`BertModel`], then [`Pooling`] (`1_Pooling/config.json`), then
 //! L2 normalisation when `modules.json` lists `Normalize`.
 //!
 //! Tokenisation is left to the caller (the `tokenizers` crate on the directory's
