@@ -48,6 +48,25 @@ pub struct Case {
     pub meta: HashMap<String, String>,
 }
 
+/// Reads every tensor of a safetensors buffer onto the CPU. Boolean tensors (which candle does
+/// not load) become `u8`, so masks saved as `torch.bool` work too.
+fn load_tensors(buf: &[u8]) -> Result<HashMap<String, Tensor>> {
+    use candle_core::safetensors::Load;
+    let st = safetensors::SafeTensors::deserialize(buf)
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    let mut out = HashMap::new();
+    for (name, view) in st.tensors() {
+        let t = match view.dtype() {
+            safetensors::Dtype::BOOL => {
+                Tensor::from_vec(view.data().to_vec(), view.shape(), &Device::Cpu)?
+            }
+            _ => view.load(&Device::Cpu)?,
+        };
+        out.insert(name, t);
+    }
+    Ok(out)
+}
+
 /// Comparison tolerance: `|got - exp| <= atol + rtol * |exp|`, element-wise.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Tolerance {
@@ -85,7 +104,9 @@ impl Case {
             candle_core::Error::Msg(format!("{}: not a safetensors file: {e}", path.display()))
         })?;
         let meta = header.metadata().clone().unwrap_or_default();
-        let tensors = candle_core::safetensors::load_buffer(&buf, &Device::Cpu)?;
+        let tensors = load_tensors(&buf).map_err(|e| {
+            candle_core::Error::Msg(format!("{}: cannot read tensors: {e}", path.display()))
+        })?;
         let name = path
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
@@ -123,13 +144,15 @@ impl Case {
 
     /// The case dtype (`dtype` metadata, else the query's dtype).
     pub fn dtype(&self) -> Result<DType> {
-        match self.meta_str("dtype") {
-            Some("float32") => Ok(DType::F32),
-            Some("float64") => Ok(DType::F64),
-            Some("float16") => Ok(DType::F16),
-            Some("bfloat16") => Ok(DType::BF16),
-            Some(other) => bail!("metadata `dtype`: unsupported {other:?}"),
-            None => Ok(self.tensor("query")?.dtype()),
+        let Some(name) = self.meta_str("dtype") else {
+            return Ok(self.tensor("query")?.dtype());
+        };
+        match name.trim_start_matches("torch.") {
+            "float32" | "f32" | "fp32" | "float" => Ok(DType::F32),
+            "float64" | "f64" | "fp64" | "double" => Ok(DType::F64),
+            "float16" | "f16" | "fp16" | "half" => Ok(DType::F16),
+            "bfloat16" | "bf16" => Ok(DType::BF16),
+            other => bail!("metadata `dtype`: unsupported {other:?}"),
         }
     }
 
@@ -418,8 +441,9 @@ struct CaseInputs {
     value: Tensor,
     kpm: Option<KeyPaddingMask>,
     attn_mask: Option<AttnMask>,
-    /// A causal case with neither mask nor alignment pair (L == S): the crate's causal option
-    /// is the causal structure.
+    /// A causal case without an explicit mask: `expected.*` is then PyTorch's causal convention
+    /// (top-left, as SDPA's `is_causal`), which the crate's causal option reproduces; the
+    /// alignment pair, when present, is checked separately.
     implicit_causal: bool,
 }
 
@@ -438,8 +462,7 @@ impl CaseInputs {
             _ => bail!("case has only one of `key` and `value`"),
         };
         let (kpm, attn_mask) = case.masks(dev)?;
-        let pair = case.has_prefix("expected_top_left") || case.has_prefix("expected_bottom_right");
-        let implicit_causal = case.meta_bool("causal")? && attn_mask.is_none() && !pair;
+        let implicit_causal = case.meta_bool("causal")? && attn_mask.is_none();
         Ok(Self {
             query,
             key,

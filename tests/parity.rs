@@ -125,3 +125,39 @@ fn case_set_covers_every_feature() {
         .collect();
     assert!(missing.is_empty(), "no parity case covers: {missing:?}");
 }
+
+/// Masks saved as `torch.bool` (safetensors BOOL, which candle cannot load) are read as `u8`:
+/// a case file written by another generator that way still runs.
+#[test]
+fn bool_dtype_masks_are_accepted() {
+    use safetensors::tensor::TensorView;
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cases/kpm_bool2d.safetensors");
+    let buf = std::fs::read(&src).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&buf).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&buf).unwrap();
+    let mut views = vec![];
+    let mut masks = 0;
+    for (name, view) in st.tensors() {
+        let dtype = if name.ends_with("mask") && view.dtype() == safetensors::Dtype::U8 {
+            masks += 1;
+            safetensors::Dtype::BOOL
+        } else {
+            view.dtype()
+        };
+        let v = TensorView::new(dtype, view.shape().to_vec(), view.data()).unwrap();
+        views.push((name, v));
+    }
+    assert_eq!(masks, 2, "kpm_bool2d should hold a key padding mask and an attention mask");
+    let bytes = safetensors::serialize(views, header.metadata().clone()).unwrap();
+    let dir = std::env::temp_dir().join(format!("candle-mha-bool-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("kpm_bool2d_booldtype.safetensors");
+    std::fs::write(&path, bytes).unwrap();
+    let opts = RunOptions {
+        device: test_device().unwrap(),
+        grad: false,
+    };
+    let report = run_case(&path, &opts);
+    std::fs::remove_dir_all(&dir).ok();
+    assert!(report.passed(), "{report}");
+}
