@@ -1,7 +1,7 @@
 //! Conformance runner: checks candle-mha against PyTorch `mha-case` files.
 //!
 //! ```text
-//! cargo run --release --example mha_case -- [--device cpu|cuda|cuda:N] [--grad] FILE_OR_DIR...
+//! cargo run --release --example mha_case -- [--device cpu|cuda|cuda:N] [--grad] [--backend auto|reference|cpu-fused] FILE_OR_DIR...
 //! ```
 //!
 //! `--grad` also checks the gradient cases (`grad_output`, `expected_grad.*`) through backward.
@@ -15,13 +15,14 @@ use std::process::ExitCode;
 use candle_mha::case::{parse_device, run_case, RunOptions};
 
 fn usage() -> ExitCode {
-    eprintln!("usage: mha_case [--device cpu|cuda|cuda:N] [--grad] FILE_OR_DIR...");
+    eprintln!("usage: mha_case [--device cpu|cuda|cuda:N] [--grad] [--backend auto|reference|cpu-fused] FILE_OR_DIR...");
     ExitCode::from(2)
 }
 
 fn main() -> ExitCode {
     let mut device = "cpu".to_string();
     let mut grad = false;
+    let mut backend = candle_mha::Backend::Auto;
     let mut paths = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -31,6 +32,14 @@ fn main() -> ExitCode {
                 None => return usage(),
             },
             "--grad" => grad = true,
+            "--backend" => {
+                backend = match args.next().as_deref() {
+                    Some("auto") => candle_mha::Backend::Auto,
+                    Some("reference") => candle_mha::Backend::Reference,
+                    Some("cpu-fused") => candle_mha::Backend::CpuFused,
+                    _ => return usage(),
+                }
+            }
             "-h" | "--help" => {
                 usage();
                 return ExitCode::SUCCESS;
@@ -66,7 +75,11 @@ fn main() -> ExitCode {
             files.push(p);
         }
     }
-    let opts = RunOptions { device, grad };
+    let opts = RunOptions {
+        device,
+        grad,
+        backend,
+    };
     let (mut passed, mut failed) = (0, 0);
     for f in &files {
         let report = run_case(f, &opts);

@@ -32,7 +32,7 @@ use candle_core::Var;
 use candle_core::{bail, DType, Device, Result, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
-use crate::config::{MaskedRowPolicy, MhaConfig};
+use crate::config::{Backend, MaskedRowPolicy, MhaConfig};
 use crate::layout::WeightLayout;
 use crate::mask::{AttnMask, CausalAlignment, KeyPaddingMask};
 use crate::mha::{MhaInput, MultiHeadAttention, NeedWeights};
@@ -372,6 +372,9 @@ pub struct RunOptions {
     pub device: Device,
     /// Also check `expected_grad.*` (gradient cases) through backward.
     pub grad: bool,
+    /// Attention backend of the forward checks (calls that need weights still use the
+    /// reference; see [`crate::kernels`]).
+    pub backend: Backend,
 }
 
 /// Runs one case file; never panics: a case that can't be read or expressed is a failed report
@@ -587,7 +590,7 @@ fn run_loaded(case: &Case, opts: &RunOptions, checks: &mut Vec<Check>) -> Result
     let dev = &opts.device;
     let dtype = case.dtype()?;
     let tol = case.tolerance()?;
-    let cfg = case.config()?;
+    let cfg = case.config()?.with_backend(opts.backend);
     let layouts = case.layouts();
     if layouts.is_empty() {
         bail!("case has no weights (no `weights.*` nor another layout's tensors)")

@@ -33,6 +33,10 @@ pub enum Backend {
     /// The reference implementation on candle ops (materialises the score matrix, differentiable,
     /// can return attention weights). Every other kernel is tested against it.
     Reference,
+    /// The fused CPU kernel ([`crate::kernels::cpu`]): tiled GEMM + online softmax, O(tile)
+    /// memory. Errors on non-CPU devices and on f64; calls that need the attention weights or
+    /// gradients (or use dropout) still go to the reference.
+    CpuFused,
 }
 
 /// Hyper-parameters of a multi-head attention layer.
@@ -105,6 +109,26 @@ impl MhaConfig {
             masked_rows: MaskedRowPolicy::Zero,
             backend: Backend::Auto,
         }
+    }
+
+    /// Hugging Face encoder preset (BERT, RoBERTa, MiniLM): `batch_first = true`, biases on.
+    pub fn bert(hidden_size: usize, num_heads: usize) -> Self {
+        Self::new(hidden_size, num_heads).with_batch_first(true)
+    }
+
+    /// Llama-family decoder preset: `batch_first = true`, no biases, `num_kv_heads` KV heads
+    /// of `head_dim` features each.
+    pub fn llama(
+        hidden_size: usize,
+        num_heads: usize,
+        num_kv_heads: usize,
+        head_dim: usize,
+    ) -> Self {
+        Self::new(hidden_size, num_heads)
+            .with_batch_first(true)
+            .with_bias(false)
+            .with_num_kv_heads(num_kv_heads)
+            .with_head_dim(head_dim)
     }
 
     /// Sets `num_kv_heads` (grouped-query / multi-query attention).

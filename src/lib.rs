@@ -11,6 +11,9 @@
 //! - [`WeightLayout`]: PyTorch packed, BERT, Llama, GPT-2 `Conv1D`, custom names.
 //! - [`mask`]: key padding, attention masks, causal alignment, and how they merge.
 //! - [`kernels`]: the attention core behind one dispatcher.
+//! - [`cache`]: KV caches for incremental decoding ([`KvCache`], bottom-right causal, sliding
+//!   window, left padding) and cross-attention ([`StaticKv`]).
+//! - [`rope`]: positional hooks on q and k (RoPE, half-split and interleaved).
 //! - [`case`]: the PyTorch parity-case runner (the `mha_case` example and the tests use it).
 //!
 //! ```
@@ -37,6 +40,7 @@
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
 
+pub mod cache;
 pub mod case;
 pub mod config;
 pub mod kernels;
@@ -44,8 +48,11 @@ pub mod layout;
 pub mod mask;
 pub mod mha;
 pub mod models;
+pub mod rope;
 
+pub use cache::{KvCache, StaticKv};
 pub use config::{Backend, MaskedRowPolicy, MhaConfig};
 pub use layout::WeightLayout;
 pub use mask::{AttnMask, Causal, CausalAlignment, KeyPaddingMask};
 pub use mha::{MhaInput, MhaOutput, MultiHeadAttention, NeedWeights};
+pub use rope::{PositionalHook, Rope, RopeStyle};

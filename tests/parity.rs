@@ -21,6 +21,7 @@ fn all_pytorch_cases_pass() {
     let opts = RunOptions {
         device: test_device().unwrap(),
         grad: true,
+        backend: candle_mha::Backend::Auto,
     };
     let files = case_files();
     assert!(
@@ -147,7 +148,10 @@ fn bool_dtype_masks_are_accepted() {
         let v = TensorView::new(dtype, view.shape().to_vec(), view.data()).unwrap();
         views.push((name, v));
     }
-    assert_eq!(masks, 2, "kpm_bool2d should hold a key padding mask and an attention mask");
+    assert_eq!(
+        masks, 2,
+        "kpm_bool2d should hold a key padding mask and an attention mask"
+    );
     let bytes = safetensors::serialize(views, header.metadata().clone()).unwrap();
     let dir = std::env::temp_dir().join(format!("candle-mha-bool-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -156,6 +160,7 @@ fn bool_dtype_masks_are_accepted() {
     let opts = RunOptions {
         device: test_device().unwrap(),
         grad: false,
+        backend: candle_mha::Backend::Auto,
     };
     let report = run_case(&path, &opts);
     std::fs::remove_dir_all(&dir).ok();

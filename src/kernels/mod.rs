@@ -2,25 +2,35 @@
 //!
 //! [`attention`] is the only entry point the module uses. It validates shapes, then routes the
 //! call to a kernel chosen from the requested [`Backend`], the device, the dtype and whether the
-//! caller needs the attention weights or gradients. Today the only kernel is
-//! [`reference`]: plain candle ops, the yardstick every later kernel (fused CPU, fused CUDA) is
-//! tested against.
+//! caller needs the attention weights or gradients. Two kernels: [`reference`](mod@reference), plain candle
+//! ops, the yardstick every other kernel is tested against; and [`cpu`], the fused CPU kernel
+//! (tiled GEMM + online softmax, memory independent of the key length).
 //!
-//! | kernel | devices | returns weights | differentiable |
-//! |---|---|---|---|
-//! | [`reference`] | every candle device | yes | yes (only differentiable candle ops) |
+//! | kernel | devices | dtypes | returns weights | differentiable |
+//! |---|---|---|---|---|
+//! | [`reference`](mod@reference) | every candle device | all floats | yes | yes (only differentiable candle ops) |
+//! | [`cpu`] | CPU | f32, f16, bf16 (f32 accumulation) | no | no |
 //!
-//! Routing rules, in order: a call that asks for the attention weights, or whose `q`, `k` or `v`
-//! is tracked by candle's autograd ([`Tensor::track_op`]: a `Var` or derived from one), always
-//! goes to [`reference`], since fused kernels are forward-only and return no weights. Otherwise
-//! [`Backend::Auto`] picks the fastest kernel that supports the device, dtype and shape, and
-//! [`Backend::Reference`] forces the reference path.
+//! Routing rules, in order: a call that asks for the attention weights, uses dropout, or whose
+//! `q`, `k` or `v` is tracked by candle's autograd ([`Tensor::track_op`]: a `Var` or derived from
+//! one), always goes to [`reference`](mod@reference), since the fused kernel is forward-only and returns no
+//! weights. Otherwise [`Backend::Reference`] forces the reference path, [`Backend::CpuFused`]
+//! forces the fused CPU kernel (an error on other devices, on f64 or for head sizes above
+//! [`cpu::MAX_HEAD_DIM`]), and [`Backend::Auto`] picks the fused CPU kernel whenever it supports
+//! the call (CPU, f32/f16/bf16, head size ≤ 256) and the reference otherwise (f64, CUDA).
+//!
+//! Crossover: `examples/bench_attention.rs --crossover` times both kernels on tiny shapes
+//! (B·H ∈ {1, 12, 96}, L = S ∈ {1 … 256}, D = 64). With the per-thread scratch reused across
+//! calls the fused kernel was faster on every one (1.1× to 100×; the closest: B·H = 96,
+//! L = S = 8 or 16), so `Auto` has no size threshold: no shape is small enough for the
+//! reference to win.
 
 use candle_core::{bail, DType, Result, Tensor};
 
 use crate::config::{Backend, MaskedRowPolicy};
 use crate::mask::MaskSpec;
 
+pub mod cpu;
 pub mod reference;
 
 /// Per-call options of the attention core.
@@ -132,11 +142,27 @@ pub fn attention(
     if !q.dtype().is_float() {
         bail!("attention: expected float inputs, got {:?}", q.dtype())
     }
-    let needs_reference = params.need_weights || q.track_op() || k.track_op() || v.track_op();
+    let needs_reference =
+        params.need_weights || params.dropout > 0.0 || q.track_op() || k.track_op() || v.track_op();
     match params.backend {
         _ if needs_reference => reference::attention(q, k, v, mask, params),
-        Backend::Auto | Backend::Reference => reference::attention(q, k, v, mask, params),
+        Backend::Reference => reference::attention(q, k, v, mask, params),
+        Backend::CpuFused => cpu::attention(q, k, v, mask, params),
+        Backend::Auto => {
+            if auto_picks_fused(q, k, v, params) {
+                cpu::attention(q, k, v, mask, params)
+            } else {
+                reference::attention(q, k, v, mask, params)
+            }
+        }
     }
+}
+
+/// [`Backend::Auto`]'s choice: the fused CPU kernel whenever it supports the call. No size
+/// threshold: the crossover measurement (see the [module docs](self)) found no shape where the
+/// reference is faster.
+fn auto_picks_fused(q: &Tensor, k: &Tensor, v: &Tensor, params: &AttnParams) -> bool {
+    cpu::supports(q, k, v, params)
 }
 
 fn dims4(name: &str, t: &Tensor) -> Result<(usize, usize, usize, usize)> {

@@ -4,8 +4,12 @@
 //!   is [`MultiHeadAttention`](crate::MultiHeadAttention) with [`WeightLayout::bert`](crate::WeightLayout::bert).
 //! - [`sentence`]: sentence-transformers pooling and normalisation on top of it, configured by
 //!   the model directory's own files (e.g. all-MiniLM-L6-v2; see the `embed` example).
+//! - [`llama`]: a Llama-architecture decoder (SmolLM2) read from a GGUF file, attention on
+//!   [`MultiHeadAttention::attend_cached`](crate::MultiHeadAttention::attend_cached) with a
+//!   [`KvCache`](crate::KvCache) per layer and RoPE (see the `generate` example).
 //!
 //! They are examples of use as much as library code: the attention module knows nothing of them.
 
 pub mod bert;
+pub mod llama;
 pub mod sentence;

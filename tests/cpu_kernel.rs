@@ -1,0 +1,411 @@
+//! The fused CPU kernel (`Backend::CpuFused`) against the reference: random shapes, masks of
+//! every kind, all dtypes, both fully-masked-row policies; and every parity case through it.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use candle_mha::case::{run_case, Case, RunOptions};
+use candle_mha::kernels::{attention, cpu, reference, AttnParams};
+use candle_mha::mask::{AttnMask, Causal, CausalAlignment, KeyPaddingMask, MaskDims, MaskSpec};
+use candle_mha::{Backend, MaskedRowPolicy};
+
+/// xorshift64*: deterministic, dependency-free.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
+        xs[self.below(xs.len())]
+    }
+    fn unit(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 24) as f32
+    }
+    fn normal_vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| (self.unit() - 0.5) * 3.5).collect()
+    }
+}
+
+/// Max |a - b| where both are finite; NaN positions must agree.
+fn check_close(got: &Tensor, want: &Tensor, atol: f32, rtol: f32, what: &str) {
+    assert_eq!(got.dims(), want.dims(), "{what}: shapes");
+    assert_eq!(got.dtype(), want.dtype(), "{what}: dtypes");
+    let g: Vec<f32> = got
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let w: Vec<f32> = want
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    for (i, (a, b)) in g.iter().zip(&w).enumerate() {
+        if b.is_nan() || a.is_nan() {
+            assert!(
+                a.is_nan() && b.is_nan(),
+                "{what}: [{i}] fused {a} vs reference {b}"
+            );
+            continue;
+        }
+        assert!(
+            (a - b).abs() <= atol + rtol * b.abs(),
+            "{what}: [{i}] fused {a} vs reference {b}"
+        );
+    }
+}
+
+fn tolerances(dtype: DType) -> (f32, f32) {
+    match dtype {
+        DType::F32 => (2e-5, 1e-4),
+        DType::F16 => (2e-3, 5e-3),
+        _ => (1.6e-2, 1.6e-2),
+    }
+}
+
+/// A random (mask, masked-key-count) for the given shape, covering every mask kind.
+fn random_mask(
+    rng: &mut Rng,
+    b: usize,
+    h: usize,
+    l: usize,
+    s: usize,
+    desc: &mut String,
+) -> MaskSpec {
+    let dev = Device::Cpu;
+    let dims = MaskDims {
+        batch: b,
+        heads: h,
+        q_len: l,
+        kv_len: s,
+        unbatched: false,
+    };
+    let causal = match rng.below(4) {
+        0 | 1 => None,
+        _ => Some(Causal {
+            alignment: rng.pick(&[CausalAlignment::TopLeft, CausalAlignment::BottomRight]),
+            window: if rng.below(3) == 0 {
+                Some(1 + rng.below(s + 2))
+            } else {
+                None
+            },
+        }),
+    };
+    let kpm = match rng.below(5) {
+        0 | 1 => None,
+        2 => {
+            // Lengths, sometimes 0 (every row of that batch element fully masked).
+            let lens: Vec<usize> = (0..b)
+                .map(|_| {
+                    if rng.below(6) == 0 {
+                        0
+                    } else {
+                        rng.below(s + 1)
+                    }
+                })
+                .collect();
+            Some(KeyPaddingMask::from_lengths(&lens))
+        }
+        3 => {
+            // Boolean (B, S), sometimes a fully padded batch element.
+            let full = rng.below(4) == 0;
+            let v: Vec<u8> = (0..b * s)
+                .map(|i| u8::from(full && i < s || rng.below(3) == 0))
+                .collect();
+            Some(KeyPaddingMask::new(
+                Tensor::from_vec(v, (b, s), &dev).unwrap(),
+            ))
+        }
+        _ => {
+            // Additive (B, S) with finite values and -inf runs (whole tiles when s is large).
+            let run = rng.below(s + 1);
+            let v: Vec<f32> = (0..b * s)
+                .map(|i| match rng.below(4) {
+                    _ if i % s < run && i / s == 0 => f32::NEG_INFINITY,
+                    0 => f32::NEG_INFINITY,
+                    1 => rng.unit() - 0.5,
+                    _ => 0.0,
+                })
+                .collect();
+            Some(KeyPaddingMask::new(
+                Tensor::from_vec(v, (b, s), &dev).unwrap(),
+            ))
+        }
+    };
+    let attn_mask = match rng.below(7) {
+        0..=2 => None,
+        3 => {
+            let v: Vec<u8> = (0..l * s).map(|_| u8::from(rng.below(4) == 0)).collect();
+            Some(AttnMask::new(Tensor::from_vec(v, (l, s), &dev).unwrap()))
+        }
+        4 => {
+            let v: Vec<u8> = (0..b * h * l * s)
+                .map(|_| u8::from(rng.below(3) == 0))
+                .collect();
+            Some(AttnMask::new(
+                Tensor::from_vec(v, (b * h, l, s), &dev).unwrap(),
+            ))
+        }
+        5 => {
+            let v: Vec<f32> = (0..b * h * l * s)
+                .map(|_| {
+                    if rng.below(5) == 0 {
+                        f32::NEG_INFINITY
+                    } else {
+                        rng.unit() * 2.0 - 1.0
+                    }
+                })
+                .collect();
+            Some(AttnMask::new(
+                Tensor::from_vec(v, (b * h, l, s), &dev).unwrap(),
+            ))
+        }
+        _ => {
+            // 4-D additive with random broadcast dims.
+            let (mb, mh, ml) = (rng.pick(&[1, b]), rng.pick(&[1, h]), rng.pick(&[1, l]));
+            let v: Vec<f32> = (0..mb * mh * ml * s)
+                .map(|_| {
+                    if rng.below(4) == 0 {
+                        f32::NEG_INFINITY
+                    } else {
+                        rng.unit() * 4.0 - 2.0
+                    }
+                })
+                .collect();
+            Some(AttnMask::new(
+                Tensor::from_vec(v, (mb, mh, ml, s), &dev).unwrap(),
+            ))
+        }
+    };
+    *desc += &format!(
+        " causal={causal:?} kpm={} mask={}",
+        match &kpm {
+            None => "none".to_string(),
+            Some(KeyPaddingMask::Lengths(l)) => format!("lengths{l:?}"),
+            Some(KeyPaddingMask::Tensor(t)) => format!("{:?}", t.dtype()),
+        },
+        match &attn_mask {
+            None => "none".to_string(),
+            Some(AttnMask::Bool(t)) => format!("bool{:?}", t.dims()),
+            Some(AttnMask::Additive(t)) => format!("additive{:?}", t.dims()),
+        }
+    );
+    MaskSpec::build(
+        dims,
+        kpm.as_ref(),
+        attn_mask.as_ref(),
+        causal,
+        DType::F32,
+        &dev,
+    )
+    .unwrap()
+}
+
+fn run_random(seed: u64, n: usize, big: bool) {
+    let mut rng = Rng(seed);
+    let dev = Device::Cpu;
+    for it in 0..n {
+        let b = 1 + rng.below(3);
+        let hkv = 1 + rng.below(3);
+        let g = rng.pick(&[1, 1, 2, 3, 4]);
+        let h = hkv * g;
+        let l = if rng.below(4) == 0 {
+            1 // decode
+        } else if big {
+            rng.pick(&[63, 64, 65, 130, 200])
+        } else {
+            1 + rng.below(40)
+        };
+        let real_s = if big {
+            rng.pick(&[1, 255, 256, 257, 600])
+        } else {
+            1 + rng.below(40)
+        };
+        let extra = if rng.below(4) == 0 {
+            1 + rng.below(2)
+        } else {
+            0
+        };
+        let s = real_s + extra;
+        let d = rng.pick(&[1, 3, 8, 16, 17, 32, 64, 80, 128]);
+        let d = if rng.below(20) == 0 { 256 } else { d };
+        let dv = if rng.below(4) == 0 {
+            rng.pick(&[1, 5, 24, 64])
+        } else {
+            d
+        };
+        let dtype = rng.pick(&[DType::F32, DType::F32, DType::F16, DType::BF16]);
+        let policy = rng.pick(&[MaskedRowPolicy::Zero, MaskedRowPolicy::Nan]);
+        let mut desc = format!(
+            "#{it} B={b} H={h} Hkv={hkv} L={l} S={real_s}+{extra} D={d} Dv={dv} {dtype:?} {policy:?}"
+        );
+        let mut mask = if rng.below(6) == 0 {
+            MaskSpec::default()
+        } else {
+            random_mask(&mut rng, b, h, l, real_s, &mut desc)
+        };
+        mask.extra_keys = extra;
+        let t = |shape: (usize, usize, usize, usize), rng: &mut Rng| {
+            let n = shape.0 * shape.1 * shape.2 * shape.3;
+            Tensor::from_vec(rng.normal_vec(n), shape, &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap()
+        };
+        let q = t((b, h, l, d), &mut rng);
+        // K sometimes non-contiguous: stored (B, S, Hkv, D) and transposed.
+        let k = if rng.below(2) == 0 {
+            t((b, s, hkv, d), &mut rng).transpose(1, 2).unwrap()
+        } else {
+            t((b, hkv, s, d), &mut rng)
+        };
+        let v = t((b, hkv, s, dv), &mut rng);
+        let mut params = AttnParams::new(d);
+        params.masked_rows = policy;
+        if rng.below(5) == 0 {
+            params.scale = 0.37;
+        }
+        let want = reference::attention(&q, &k, &v, &mask, &params).unwrap();
+        params.backend = Backend::CpuFused;
+        let before = cpu::calls();
+        let got = attention(&q, &k, &v, &mask, &params).unwrap();
+        assert!(
+            cpu::calls() > before,
+            "{desc}: not served by the fused kernel"
+        );
+        let (atol, rtol) = tolerances(dtype);
+        check_close(&got.output, &want.output, atol, rtol, &desc);
+    }
+}
+
+#[test]
+fn fused_matches_reference_small_random() {
+    run_random(0x5eed_0001, 400, false);
+}
+
+#[test]
+fn fused_matches_reference_multi_tile_random() {
+    run_random(0x5eed_0002, 60, true);
+}
+
+/// The portable path (the `gemm` crate's micro-kernels, used where AVX-512 is missing). The
+/// switch is process-wide; tests running meanwhile take either path, both exact.
+#[test]
+fn fused_portable_path_matches_reference() {
+    cpu::set_portable_only(true);
+    run_random(0x5eed_0003, 150, false);
+    run_random(0x5eed_0004, 20, true);
+    cpu::set_portable_only(false);
+}
+
+#[test]
+fn fused_decode_gqa_and_long_causal() {
+    let dev = Device::Cpu;
+    let mut rng = Rng(7);
+    // Decode: L = 1, S = 1000, H = 8 sharing 2 KV heads, D = 128, bottom-right causal + lengths.
+    // Long causal top-left with sliding window over several key tiles.
+    for (b, h, hkv, l, s, d, causal, window) in [
+        (2, 8, 2, 1, 1000, 128, CausalAlignment::BottomRight, None),
+        (1, 4, 4, 300, 700, 64, CausalAlignment::TopLeft, Some(300)),
+        (1, 2, 1, 333, 333, 256, CausalAlignment::BottomRight, None),
+    ] {
+        let q = Tensor::from_vec(rng.normal_vec(b * h * l * d), (b, h, l, d), &dev).unwrap();
+        let k = Tensor::from_vec(rng.normal_vec(b * hkv * s * d), (b, hkv, s, d), &dev).unwrap();
+        let v = Tensor::from_vec(rng.normal_vec(b * hkv * s * d), (b, hkv, s, d), &dev).unwrap();
+        let mask = MaskSpec::build(
+            MaskDims {
+                batch: b,
+                heads: h,
+                q_len: l,
+                kv_len: s,
+                unbatched: false,
+            },
+            Some(&KeyPaddingMask::from_lengths(&vec![s - 3; b])),
+            None,
+            Some(Causal {
+                alignment: causal,
+                window,
+            }),
+            DType::F32,
+            &dev,
+        )
+        .unwrap();
+        let mut params = AttnParams::new(d);
+        let want = reference::attention(&q, &k, &v, &mask, &params).unwrap();
+        params.backend = Backend::CpuFused;
+        let got = attention(&q, &k, &v, &mask, &params).unwrap();
+        check_close(&got.output, &want.output, 2e-5, 1e-4, "decode/long");
+    }
+}
+
+#[test]
+fn routing_rules() {
+    let dev = Device::Cpu;
+    let q = Tensor::randn(0f32, 1., (1, 2, 5, 8), &dev).unwrap();
+    let mask = MaskSpec::default();
+    // Weights requested: the reference serves the call even when fused is forced.
+    let mut params = AttnParams::new(8);
+    params.backend = Backend::CpuFused;
+    params.need_weights = true;
+    let out = attention(&q, &q, &q, &mask, &params).unwrap();
+    assert!(out.weights.is_some());
+    // f64 cannot be forced through the f32 kernel: a clear error.
+    let q64 = q.to_dtype(DType::F64).unwrap();
+    params.need_weights = false;
+    let err = attention(&q64, &q64, &q64, &mask, &params).unwrap_err();
+    assert!(err.to_string().contains("CpuFused"), "{err}");
+    // Auto still serves f64 (through the reference).
+    params.backend = Backend::Auto;
+    attention(&q64, &q64, &q64, &mask, &params).unwrap();
+    // Auto on a large call uses the fused kernel.
+    let big = Tensor::randn(0f32, 1., (1, 4, 256, 32), &dev).unwrap();
+    let before = cpu::calls();
+    attention(&big, &big, &big, &mask, &AttnParams::new(32)).unwrap();
+    assert!(cpu::calls() > before, "Auto did not pick the fused kernel");
+}
+
+/// Every parity case with the backend forced to the fused kernel (f64 cases, which the f32
+/// kernel does not serve, keep `Auto`; calls asking for weights go to the reference by rule).
+#[test]
+fn all_parity_cases_pass_through_fused() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cases");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 40);
+    let before = cpu::calls();
+    let mut failed = vec![];
+    for f in &files {
+        let f64_case = Case::load(f).unwrap().dtype().unwrap() == DType::F64;
+        let opts = RunOptions {
+            device: Device::Cpu,
+            grad: false,
+            backend: if f64_case {
+                Backend::Auto
+            } else {
+                Backend::CpuFused
+            },
+        };
+        let r = run_case(f, &opts);
+        println!("{r}");
+        if !r.passed() {
+            failed.push(r.to_string());
+        }
+    }
+    assert!(failed.is_empty(), "failed cases:\n{}", failed.join("\n"));
+    assert!(cpu::calls() > before + files.len() / 2);
+}

