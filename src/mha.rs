@@ -117,6 +117,17 @@ impl MhaInput {
         self
     }
 
+    /// The causal mask this input asks for: alignment plus sliding window.
+    fn causal_mask(&self) -> Result<Option<Causal>> {
+        match (self.causal, self.sliding_window) {
+            (Some(alignment), window) => Ok(Some(Causal { alignment, window })),
+            (None, Some(w)) => {
+                bail!("sliding_window({w}) needs a causal mask: add .causal(CausalAlignment::...)")
+            }
+            (None, None) => Ok(None),
+        }
+    }
+
     /// Asks for the attention weights.
     pub fn need_weights(mut self, w: NeedWeights) -> Self {
         self.need_weights = w;
@@ -248,13 +259,7 @@ impl MultiHeadAttention {
             let kstarts = if p.self_attn { starts } else { vec![0] };
             kh = hook.apply(&kh, &kstarts)?;
         }
-        let causal = match (input.causal, input.sliding_window) {
-            (Some(alignment), window) => Some(Causal { alignment, window }),
-            (None, Some(w)) => {
-                bail!("sliding_window({w}) needs a causal mask: add .causal(CausalAlignment::...)")
-            }
-            (None, None) => None,
-        };
+        let causal = input.causal_mask()?;
         let kpm = match &pad {
             None => input.key_padding_mask.clone(),
             Some(pad) => Some(self.left_padding_mask(input, pad, s, p.unbatched)?),
@@ -408,13 +413,7 @@ impl MultiHeadAttention {
         if let Some(hook) = &input.positional {
             qh = hook.apply(&qh, &[0])?;
         }
-        let causal = match (input.causal, input.sliding_window) {
-            (Some(alignment), window) => Some(Causal { alignment, window }),
-            (None, Some(w)) => {
-                bail!("sliding_window({w}) needs a causal mask: add .causal(CausalAlignment::...)")
-            }
-            (None, None) => None,
-        };
+        let causal = input.causal_mask()?;
         self.attend_heads(
             input,
             qh,
