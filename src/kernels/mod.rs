@@ -144,25 +144,19 @@ pub fn attention(
     }
     let needs_reference =
         params.need_weights || params.dropout > 0.0 || q.track_op() || k.track_op() || v.track_op();
-    match params.backend {
-        _ if needs_reference => reference::attention(q, k, v, mask, params),
-        Backend::Reference => reference::attention(q, k, v, mask, params),
-        Backend::CpuFused => cpu::attention(q, k, v, mask, params),
-        Backend::Auto => {
-            if auto_picks_fused(q, k, v, params) {
-                cpu::attention(q, k, v, mask, params)
-            } else {
-                reference::attention(q, k, v, mask, params)
-            }
-        }
+    // Auto takes the fused CPU kernel whenever it supports the call: the crossover measurement
+    // (see the module docs) found no shape where the reference is faster.
+    let fused = !needs_reference
+        && match params.backend {
+            Backend::Reference => false,
+            Backend::CpuFused => true,
+            Backend::Auto => cpu::supports(q, k, v, params),
+        };
+    if fused {
+        cpu::attention(q, k, v, mask, params)
+    } else {
+        reference::attention(q, k, v, mask, params)
     }
-}
-
-/// [`Backend::Auto`]'s choice: the fused CPU kernel whenever it supports the call. No size
-/// threshold: the crossover measurement (see the [module docs](self)) found no shape where the
-/// reference is faster.
-fn auto_picks_fused(q: &Tensor, k: &Tensor, v: &Tensor, params: &AttnParams) -> bool {
-    cpu::supports(q, k, v, params)
 }
 
 fn dims4(name: &str, t: &Tensor) -> Result<(usize, usize, usize, usize)> {
