@@ -75,6 +75,20 @@ fn tolerances(dtype: DType) -> (f32, f32) {
 }
 
 /// A random (mask, masked-key-count) for the given shape, covering every mask kind.
+/// `n` additive mask values: `-inf` with probability `1/inf_one_in`, else uniform in
+/// `[-amp, amp)`.
+fn additive(rng: &mut Rng, n: usize, inf_one_in: usize, amp: f32) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            if rng.below(inf_one_in) == 0 {
+                f32::NEG_INFINITY
+            } else {
+                (rng.unit() * 2.0 - 1.0) * amp
+            }
+        })
+        .collect()
+}
+
 fn random_mask(
     rng: &mut Rng,
     b: usize,
@@ -158,15 +172,7 @@ fn random_mask(
             ))
         }
         5 => {
-            let v: Vec<f32> = (0..b * h * l * s)
-                .map(|_| {
-                    if rng.below(5) == 0 {
-                        f32::NEG_INFINITY
-                    } else {
-                        rng.unit() * 2.0 - 1.0
-                    }
-                })
-                .collect();
+            let v = additive(rng, b * h * l * s, 5, 1.0);
             Some(AttnMask::new(
                 Tensor::from_vec(v, (b * h, l, s), &dev).unwrap(),
             ))
@@ -174,15 +180,7 @@ fn random_mask(
         _ => {
             // 4-D additive with random broadcast dims.
             let (mb, mh, ml) = (rng.pick(&[1, b]), rng.pick(&[1, h]), rng.pick(&[1, l]));
-            let v: Vec<f32> = (0..mb * mh * ml * s)
-                .map(|_| {
-                    if rng.below(4) == 0 {
-                        f32::NEG_INFINITY
-                    } else {
-                        rng.unit() * 4.0 - 2.0
-                    }
-                })
-                .collect();
+            let v = additive(rng, mb * mh * ml * s, 4, 2.0);
             Some(AttnMask::new(
                 Tensor::from_vec(v, (mb, mh, ml, s), &dev).unwrap(),
             ))
