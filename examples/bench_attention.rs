@@ -26,7 +26,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_mha::kernels::{attention, AttnParams};
-use candle_mha::mask::{Causal, KeyPaddingMask, MaskDims, MaskSpec};
+use candle_mha::mask::{Causal, KeyPaddingMask, MaskDims, MaskPlan};
 use candle_mha::{Backend, CausalAlignment, MhaConfig, MhaInput, MultiHeadAttention};
 use candle_nn::{VarBuilder, VarMap};
 use serde_json::{json, Value};
@@ -156,14 +156,12 @@ fn time_it(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
 
 /// The inputs of one config on the candle side.
 struct Inputs {
+    /// `(B, L, H, D)` / `(B, S, Hkv, D)`: the layout of our kernels and of candle-nn's
+    /// flash_attn.
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    /// `(B, L, H, D)` layouts for candle-nn's flash_attn.
-    q_bshd: Tensor,
-    k_bshd: Tensor,
-    v_bshd: Tensor,
-    mask: MaskSpec,
+    mask: MaskPlan,
     kpm: Option<KeyPaddingMask>,
     x: Tensor,
     kv: Tensor,
@@ -182,9 +180,9 @@ fn alignment(c: &Cfg) -> CausalAlignment {
 impl Inputs {
     fn new(c: &Cfg, with_module: bool) -> Result<Self> {
         let dev = Device::Cpu;
-        let q = Tensor::randn(0f32, 1., (c.b, c.h, c.l, c.d), &dev)?;
-        let k = Tensor::randn(0f32, 1., (c.b, c.hkv, c.s, c.d), &dev)?;
-        let v = Tensor::randn(0f32, 1., (c.b, c.hkv, c.s, c.d), &dev)?;
+        let q = Tensor::randn(0f32, 1., (c.b, c.l, c.h, c.d), &dev)?;
+        let k = Tensor::randn(0f32, 1., (c.b, c.s, c.hkv, c.d), &dev)?;
+        let v = Tensor::randn(0f32, 1., (c.b, c.s, c.hkv, c.d), &dev)?;
         let kpm = match &c.pad {
             None => None,
             Some(lens) => {
@@ -194,7 +192,7 @@ impl Inputs {
                 Some(KeyPaddingMask::new(Tensor::from_vec(m, (c.b, c.s), &dev)?))
             }
         };
-        let mask = MaskSpec::build(
+        let mask = MaskPlan::build(
             MaskDims {
                 batch: c.b,
                 heads: c.h,
@@ -244,9 +242,6 @@ impl Inputs {
         let vb = VarBuilder::from_tensors(weights, DType::F32, &dev);
         let module_auto = MultiHeadAttention::new(cfg.with_backend(Backend::Auto), vb)?;
         Ok(Self {
-            q_bshd: q.transpose(1, 2)?.contiguous()?,
-            k_bshd: k.transpose(1, 2)?.contiguous()?,
-            v_bshd: v.transpose(1, 2)?.contiguous()?,
             q,
             k,
             v,
@@ -272,7 +267,7 @@ impl Inputs {
                 // An additive (B, 1, L, S)-style mask: the only way to express padding.
                 let t = self
                     .mask
-                    .materialize(c.b, c.l, c.s, DType::F32, &Device::Cpu)?
+                    .materialize(0, DType::F32, &Device::Cpu)?
                     .context("mask")?;
                 FMask::Mask(t.broadcast_as((c.b, c.h, c.l, c.s))?.contiguous()?)
             }
@@ -281,13 +276,7 @@ impl Inputs {
         };
         let scale = 1.0 / (c.d as f32).sqrt();
         Ok(candle_nn::attention::flash_attn::<f32>(
-            &self.q_bshd,
-            &self.k_bshd,
-            &self.v_bshd,
-            scale,
-            mask,
-            None,
-            None,
+            &self.q, &self.k, &self.v, scale, mask, None, None,
         )?)
     }
 

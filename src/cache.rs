@@ -2,8 +2,8 @@
 //!
 //! - [`KvCache`]: self-attention cache, owned by the caller (one per layer), filled by
 //!   [`MultiHeadAttention::attend_cached`](crate::MultiHeadAttention::attend_cached). It stores the
-//!   projected (and [positionally hooked](crate::rope)) keys and values `(B, Hkv, S, D)`, never the
-//!   queries. Storage grows in chunks: a preallocated buffer receives each step's keys with
+//!   projected (and [positionally hooked](crate::rope)) keys and values `(B, S, Hkv, D)` (the layout
+//!   the kernels read in place), never the queries. Storage grows in chunks: a preallocated buffer receives each step's keys with
 //!   `slice_set`, and is reallocated (one copy) only when full, to the next multiple of
 //!   [`KvCache::chunk`] positions, so decoding copies only the new token per step.
 //! - [`StaticKv`]: the keys and values of a fixed memory (an encoder output), projected once
@@ -101,7 +101,7 @@ impl KvCache {
 
     /// Allocated positions (`>= len`).
     pub fn capacity(&self) -> usize {
-        self.k.as_ref().map_or(0, |k| k.dims()[2])
+        self.k.as_ref().map_or(0, |k| k.dims()[1])
     }
 
     /// The batch size of the cached keys (`None` when nothing was ever cached).
@@ -137,11 +137,11 @@ impl KvCache {
         Ok(())
     }
 
-    /// The cached keys and values `(B, Hkv, len, D)` (views into the buffer), `None` if empty.
+    /// The cached keys and values `(B, len, Hkv, D)` (views into the buffer), `None` if empty.
     pub fn kv(&self) -> Result<Option<(Tensor, Tensor)>> {
         match (&self.k, &self.v) {
             (Some(k), Some(v)) if self.len > 0 => {
-                Ok(Some((k.narrow(2, 0, self.len)?, v.narrow(2, 0, self.len)?)))
+                Ok(Some((k.narrow(1, 0, self.len)?, v.narrow(1, 0, self.len)?)))
             }
             _ => Ok(None),
         }
@@ -151,11 +151,11 @@ impl KvCache {
         self.left_padding = pad;
     }
 
-    /// Appends `k` `(B, Hkv, L, D)` and `v` `(B, Hkv, L, Dv)` and returns all cached keys and
+    /// Appends `k` `(B, L, Hkv, D)` and `v` `(B, L, Hkv, Dv)` and returns all cached keys and
     /// values including them (views of length `len + L`).
     pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (b, hkv, l, d) = k.dims4()?;
-        let (bv, hv, lv, dv) = v.dims4()?;
+        let (b, l, hkv, d) = k.dims4()?;
+        let (bv, lv, hv, dv) = v.dims4()?;
         if (bv, hv, lv) != (b, hkv, l) {
             bail!(
                 "KvCache::append: keys {:?} and values {:?} disagree",
@@ -164,7 +164,7 @@ impl KvCache {
             )
         }
         if let (Some(ck), Some(cv)) = (&self.k, &self.v) {
-            let (cb, ch, _, cd) = ck.dims4()?;
+            let (cb, _, ch, cd) = ck.dims4()?;
             let cdv = cv.dims()[3];
             let compatible = (cb, ch, cd, cdv) == (b, hkv, d, dv)
                 && ck.dtype() == k.dtype()
@@ -185,25 +185,25 @@ impl KvCache {
         let needed = self.len + l;
         if needed > self.capacity() {
             let cap = needed.div_ceil(self.chunk) * self.chunk;
-            let nk = Tensor::zeros((b, hkv, cap, d), k.dtype(), k.device())?;
-            let nv = Tensor::zeros((b, hkv, cap, dv), v.dtype(), v.device())?;
+            let nk = Tensor::zeros((b, cap, hkv, d), k.dtype(), k.device())?;
+            let nv = Tensor::zeros((b, cap, hkv, dv), v.dtype(), v.device())?;
             if let Some((ok, ov)) = self.kv()? {
-                nk.slice_set(&ok.contiguous()?, 2, 0)?;
-                nv.slice_set(&ov.contiguous()?, 2, 0)?;
+                nk.slice_set(&ok.contiguous()?, 1, 0)?;
+                nv.slice_set(&ov.contiguous()?, 1, 0)?;
             }
             self.k = Some(nk);
             self.v = Some(nv);
         }
         let (ck, cv) = (self.k.as_ref().unwrap(), self.v.as_ref().unwrap());
-        ck.slice_set(&k.contiguous()?, 2, self.len)?;
-        cv.slice_set(&v.contiguous()?, 2, self.len)?;
+        ck.slice_set(&k.contiguous()?, 1, self.len)?;
+        cv.slice_set(&v.contiguous()?, 1, self.len)?;
         self.len = needed;
         Ok(self.kv()?.expect("non-empty after append"))
     }
 }
 
 /// Keys and values of a fixed memory (encoder output), projected once for cross-attention:
-/// `(B, Hkv, S, D)` each, already split into heads. Built by
+/// `(B, S, Hkv, D)` each, already split into heads. Built by
 /// [`MultiHeadAttention::static_kv`](crate::MultiHeadAttention::static_kv).
 #[derive(Debug, Clone)]
 pub struct StaticKv {
@@ -212,19 +212,24 @@ pub struct StaticKv {
 }
 
 impl StaticKv {
-    /// Keys `(B, Hkv, S, D)`.
+    /// Keys `(B, S, Hkv, D)`.
     pub fn keys(&self) -> &Tensor {
         &self.k
     }
 
-    /// Values `(B, Hkv, S, Dv)`.
+    /// Values `(B, S, Hkv, Dv)`.
     pub fn values(&self) -> &Tensor {
         &self.v
     }
 
     /// Memory length S.
     pub fn len(&self) -> usize {
-        self.k.dims()[2]
+        self.k.dims()[1]
+    }
+
+    /// Batch size B.
+    pub fn batch_size(&self) -> usize {
+        self.k.dims()[0]
     }
 
     /// Whether the memory is empty (never, for one built by `static_kv`).

@@ -321,3 +321,28 @@ pub(crate) struct Projections {
     pub bias_k: Option<Tensor>,
     pub bias_v: Option<Tensor>,
 }
+
+impl Projections {
+    /// The same projections with every weight detached from autograd (sharing storage).
+    pub fn detached(&self) -> Self {
+        let lin = |l: &Linear| Linear::new(l.weight().detach(), l.bias().map(Tensor::detach));
+        Self {
+            q: lin(&self.q),
+            k: lin(&self.k),
+            v: lin(&self.v),
+            o: lin(&self.o),
+            qkv: self.qkv.as_ref().map(lin),
+            bias_k: self.bias_k.as_ref().map(Tensor::detach),
+            bias_v: self.bias_v.as_ref().map(Tensor::detach),
+        }
+    }
+
+    /// Whether any weight is tracked by autograd (a `Var` or derived from one).
+    pub fn tracked(&self) -> bool {
+        let lin = |l: &Linear| l.weight().track_op() || l.bias().is_some_and(Tensor::track_op);
+        [&self.q, &self.k, &self.v, &self.o].into_iter().any(lin)
+            || self.qkv.as_ref().is_some_and(lin)
+            || self.bias_k.as_ref().is_some_and(Tensor::track_op)
+            || self.bias_v.as_ref().is_some_and(Tensor::track_op)
+    }
+}

@@ -53,6 +53,6 @@ pub mod rope;
 pub use cache::{KvCache, StaticKv};
 pub use config::{Backend, MaskedRowPolicy, MhaConfig};
 pub use layout::WeightLayout;
-pub use mask::{AttnMask, Causal, CausalAlignment, KeyPaddingMask};
+pub use mask::{AttnMask, Causal, CausalAlignment, KeyPaddingMask, MaskPlan};
 pub use mha::{MhaInput, MhaOutput, MultiHeadAttention, NeedWeights};
 pub use rope::{PositionalHook, Rope, RopeStyle};

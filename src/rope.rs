@@ -36,7 +36,7 @@ pub enum RopeStyle {
 /// use candle_core::{DType, Device, Tensor};
 /// use candle_mha::rope::{Rope, RopeStyle};
 /// let rope = Rope::from_theta(10_000.0, 8, 64, RopeStyle::HalfSplit, DType::F32, &Device::Cpu)?;
-/// let q = Tensor::randn(0f32, 1., (2, 4, 5, 8), &Device::Cpu)?; // (B, H, T, D)
+/// let q = Tensor::randn(0f32, 1., (2, 5, 4, 8), &Device::Cpu)?; // (B, T, H, D)
 /// let rotated = rope.apply(&q, &[3, 0])?; // sequence 0 starts at position 3, sequence 1 at 0
 /// assert_eq!(rotated.dims(), q.dims());
 /// # Ok::<(), candle_core::Error>(())
@@ -111,11 +111,12 @@ impl Rope {
         self.cos.dim(1).unwrap_or(0) * 2
     }
 
-    /// Rotates `x` `(B, H, T, D)`: row `t` of batch element `b` gets position `starts[b] + t`
-    /// (negative positions, i.e. left padding, are rotated as position 0). `starts` has one
-    /// entry per batch element, or a single entry shared by all.
+    /// Rotates `x` `(B, T, H, D)` (any strides; the layout the projections produce): row `t`
+    /// of batch element `b` gets position `starts[b] + t` (negative positions, i.e. left
+    /// padding, are rotated as position 0). `starts` has one entry per batch element, or a
+    /// single entry shared by all. Returns a contiguous `(B, T, H, D)` tensor.
     pub fn apply(&self, x: &Tensor, starts: &[i64]) -> Result<Tensor> {
-        let (b, _h, t, d) = x.dims4()?;
+        let (b, t, h, d) = x.dims4()?;
         if d != self.head_dim() {
             bail!(
                 "rope: tables are for head_dim {}, got a tensor of shape {:?}",
@@ -134,51 +135,58 @@ impl Rope {
         if last > max {
             bail!("rope: position {} is beyond the {max} positions of the tables (build the Rope with a larger max_positions)", last - 1)
         }
-        let x = x.contiguous()?;
-        let uniform = starts.iter().all(|&s| s == starts[0]) && starts[0] >= 0;
-        let (cos, sin) = if uniform {
-            let s = starts[0] as usize;
-            (self.cos.narrow(0, s, t)?, self.sin.narrow(0, s, t)?)
-        } else {
-            let mut idx = Vec::with_capacity(b * t);
-            for bi in 0..b {
+        // One table row per (b, t): positions differ per sequence only with left padding.
+        let uniform = starts.iter().all(|&s| s == starts[0]);
+        let nb = if uniform { 1 } else { b };
+        let idx: Vec<u32> = (0..nb)
+            .flat_map(|bi| {
                 let s = starts[if starts.len() == 1 { 0 } else { bi }];
-                idx.extend((0..t as i64).map(|j| (s + j).max(0) as u32));
+                (0..t as i64).map(move |j| (s + j).max(0) as u32)
+            })
+            .collect();
+        let idx = Tensor::from_vec(idx, nb * t, x.device())?;
+        let table = |tab: &Tensor| -> Result<Tensor> {
+            let rows = tab.index_select(&idx, 0)?.to_dtype(x.dtype())?; // (nb·T, D/2)
+            rows.reshape((nb, t, 1, d / 2))?
+                .broadcast_as((b, t, 1, d / 2))?
+                .contiguous()
+        };
+        let (cos, sin) = (table(&self.cos)?, table(&self.sin)?);
+        let x = x.contiguous()?;
+        if !x.track_op() {
+            // candle-nn's fused kernels rotate (B', H', T', D) with per-B' tables indexed by T':
+            // view the rows as (B·T, H, 1, D), one table row per (b, t).
+            let x4 = x.reshape((b * t, h, 1, d))?;
+            let (cos, sin) = (
+                cos.reshape((b * t, 1, d / 2))?,
+                sin.reshape((b * t, 1, d / 2))?,
+            );
+            let y = match self.style {
+                RopeStyle::HalfSplit => candle_nn::rotary_emb::rope(&x4, &cos, &sin)?,
+                RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(&x4, &cos, &sin)?,
+            };
+            return y.reshape((b, t, h, d));
+        }
+        // Tracked by autograd: candle-nn's fused kernels have no backward, so the same rotation
+        // on differentiable ops (as candle-nn's `rope_slow` / `rope_i_slow`).
+        let rot = |x0: &Tensor, x1: &Tensor, c: &Tensor, s: &Tensor| -> Result<(Tensor, Tensor)> {
+            let y0 = (x0.broadcast_mul(c)? - x1.broadcast_mul(s)?)?;
+            let y1 = (x0.broadcast_mul(s)? + x1.broadcast_mul(c)?)?;
+            Ok((y0, y1))
+        };
+        match self.style {
+            RopeStyle::HalfSplit => {
+                let (x0, x1) = (x.narrow(3, 0, d / 2)?, x.narrow(3, d / 2, d / 2)?);
+                let (y0, y1) = rot(&x0, &x1, &cos, &sin)?;
+                Tensor::cat(&[y0, y1], 3)
             }
-            let idx = Tensor::from_vec(idx, b * t, x.device())?;
-            let half = d / 2;
-            (
-                self.cos.index_select(&idx, 0)?.reshape((b, t, half))?,
-                self.sin.index_select(&idx, 0)?.reshape((b, t, half))?,
-            )
-        };
-        let (cos, sin) = (
-            cos.to_dtype(x.dtype())?.contiguous()?,
-            sin.to_dtype(x.dtype())?.contiguous()?,
-        );
-        // candle-nn's fused rope kernels have no backward: use the op-by-op versions when
-        // gradients are tracked.
-        let (cos, sin) = if x.track_op() && cos.rank() == 3 {
-            // The slow versions take (T, D/2) tables only: rotate batch element by batch element.
-            let rows = (0..b)
-                .map(|bi| {
-                    let xi = x.narrow(0, bi, 1)?;
-                    let (c, s) = (cos.get(bi)?, sin.get(bi)?);
-                    match self.style {
-                        RopeStyle::HalfSplit => candle_nn::rotary_emb::rope_slow(&xi, &c, &s),
-                        RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i_slow(&xi, &c, &s),
-                    }
-                })
-                .collect::<Result<Vec<_>>>()?;
-            return Tensor::cat(&rows, 0);
-        } else {
-            (cos, sin)
-        };
-        match (self.style, x.track_op()) {
-            (RopeStyle::HalfSplit, false) => candle_nn::rotary_emb::rope(&x, &cos, &sin),
-            (RopeStyle::Interleaved, false) => candle_nn::rotary_emb::rope_i(&x, &cos, &sin),
-            (RopeStyle::HalfSplit, true) => candle_nn::rotary_emb::rope_slow(&x, &cos, &sin),
-            (RopeStyle::Interleaved, true) => candle_nn::rotary_emb::rope_i_slow(&x, &cos, &sin),
+            RopeStyle::Interleaved => {
+                let x5 = x.reshape((b, t, h, d / 2, 2))?;
+                let (x0, x1) = (x5.narrow(4, 0, 1)?, x5.narrow(4, 1, 1)?);
+                let (c, s) = (cos.unsqueeze(4)?, sin.unsqueeze(4)?);
+                let (y0, y1) = rot(&x0, &x1, &c, &s)?;
+                Tensor::cat(&[y0, y1], 4)?.reshape((b, t, h, d))
+            }
         }
     }
 }
@@ -192,7 +200,7 @@ pub enum PositionalHook {
 }
 
 impl PositionalHook {
-    /// Applies the hook to `x` `(B, heads, T, D)` whose row `t` of batch element `b` sits at
+    /// Applies the hook to `x` `(B, T, heads, D)` whose row `t` of batch element `b` sits at
     /// position `starts[b] + t` (see [`Rope::apply`]).
     pub fn apply(&self, x: &Tensor, starts: &[i64]) -> Result<Tensor> {
         match self {

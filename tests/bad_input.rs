@@ -124,14 +124,6 @@ fn bad_inputs_are_clear_errors() {
             vec!["batch size", "(2)", "[3, 5, 8]"],
         ),
         (
-            "key without value",
-            run(MhaInput {
-                key: Some(x()),
-                ..MhaInput::new(x())
-            }),
-            vec!["key and value must be given together"],
-        ),
-        (
             "dtype",
             run(MhaInput::new(x().to_dtype(DType::F16).unwrap())),
             vec!["query", "F16", "F32"],

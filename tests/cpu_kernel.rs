@@ -5,8 +5,9 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use candle_mha::case::{run_case, Case, RunOptions};
-use candle_mha::kernels::{attention, cpu, reference, AttnParams};
-use candle_mha::mask::{AttnMask, Causal, CausalAlignment, KeyPaddingMask, MaskDims, MaskSpec};
+use candle_mha::kernels::test_support::{cpu_calls, set_portable_only};
+use candle_mha::kernels::{attention, reference, AttnParams};
+use candle_mha::mask::{AttnMask, Causal, CausalAlignment, KeyPaddingMask, MaskDims, MaskPlan};
 use candle_mha::{Backend, MaskedRowPolicy};
 
 /// xorshift64*: deterministic, dependency-free.
@@ -96,7 +97,7 @@ fn random_mask(
     l: usize,
     s: usize,
     desc: &mut String,
-) -> MaskSpec {
+) -> MaskPlan {
     let dev = Device::Cpu;
     let dims = MaskDims {
         batch: b,
@@ -116,8 +117,21 @@ fn random_mask(
             },
         }),
     };
-    let kpm = match rng.below(5) {
+    let kpm = match rng.below(6) {
         0 | 1 => None,
+        5 => {
+            // Boolean (B, S) with left and right padding: kept keys contiguous (key ranges).
+            let v: Vec<u8> = (0..b)
+                .flat_map(|_| {
+                    let lo = rng.below(s + 1);
+                    let hi = lo + rng.below(s - lo + 1);
+                    (0..s).map(move |j| u8::from(j < lo || j >= hi))
+                })
+                .collect();
+            Some(KeyPaddingMask::new(
+                Tensor::from_vec(v, (b, s), &dev).unwrap(),
+            ))
+        }
         2 => {
             // Lengths, sometimes 0 (every row of that batch element fully masked).
             let lens: Vec<usize> = (0..b)
@@ -199,7 +213,7 @@ fn random_mask(
             Some(AttnMask::Additive(t)) => format!("additive{:?}", t.dims()),
         }
     );
-    MaskSpec::build(
+    let plan = MaskPlan::build(
         dims,
         kpm.as_ref(),
         attn_mask.as_ref(),
@@ -207,7 +221,24 @@ fn random_mask(
         DType::F32,
         &dev,
     )
-    .unwrap()
+    .unwrap();
+    if b == 1 && rng.below(3) == 0 {
+        // Packed sequences: random cuts of the L queries and S keys into n sequences (some
+        // empty); queries of sequence i see only its keys.
+        let n = 1 + rng.below(4);
+        let cuts = |rng: &mut Rng, total: usize| {
+            let mut c: Vec<usize> = (0..n - 1).map(|_| rng.below(total + 1)).collect();
+            c.sort();
+            let mut cu = vec![0];
+            cu.extend(c);
+            cu.push(total);
+            cu
+        };
+        let (cu_q, cu_k) = (cuts(rng, l), cuts(rng, s));
+        *desc += &format!(" packed q{cu_q:?} k{cu_k:?}");
+        return plan.with_packed_sequences(&cu_q, &cu_k).unwrap();
+    }
+    plan
 }
 
 fn run_random(seed: u64, n: usize, big: bool) {
@@ -248,12 +279,11 @@ fn run_random(seed: u64, n: usize, big: bool) {
         let mut desc = format!(
             "#{it} B={b} H={h} Hkv={hkv} L={l} S={real_s}+{extra} D={d} Dv={dv} {dtype:?} {policy:?}"
         );
-        let mut mask = if rng.below(6) == 0 {
-            MaskSpec::default()
+        let mask = if rng.below(6) == 0 {
+            MaskPlan::new(MaskDims::new(b, h, l, real_s))
         } else {
             random_mask(&mut rng, b, h, l, real_s, &mut desc)
         };
-        mask.extra_keys = extra;
         let t = |shape: (usize, usize, usize, usize), rng: &mut Rng| {
             let n = shape.0 * shape.1 * shape.2 * shape.3;
             Tensor::from_vec(rng.normal_vec(n), shape, &dev)
@@ -261,14 +291,23 @@ fn run_random(seed: u64, n: usize, big: bool) {
                 .to_dtype(dtype)
                 .unwrap()
         };
-        let q = t((b, h, l, d), &mut rng);
-        // K sometimes non-contiguous: stored (B, S, Hkv, D) and transposed.
-        let k = if rng.below(2) == 0 {
-            t((b, s, hkv, d), &mut rng).transpose(1, 2).unwrap()
-        } else {
-            t((b, hkv, s, d), &mut rng)
+        // Inputs in the kernels' (B, T, heads, D) layout, often strided views: narrowed from a
+        // packed projection (B, T, heads + extra, D), or transposed from (B, heads, T, D).
+        let strided = |shape: (usize, usize, usize, usize), rng: &mut Rng| {
+            let (b, t_, n, d) = shape;
+            match rng.below(3) {
+                0 => t(shape, rng),
+                1 => {
+                    let more = 1 + rng.below(3);
+                    let at = rng.below(more + 1);
+                    t((b, t_, n + more, d), rng).narrow(2, at, n).unwrap()
+                }
+                _ => t((b, n, t_, d), rng).transpose(1, 2).unwrap(),
+            }
         };
-        let v = t((b, hkv, s, dv), &mut rng);
+        let q = strided((b, l, h, d), &mut rng);
+        let k = strided((b, s, hkv, d), &mut rng);
+        let v = strided((b, s, hkv, dv), &mut rng);
         let mut params = AttnParams::new(d);
         params.masked_rows = policy;
         if rng.below(5) == 0 {
@@ -276,12 +315,8 @@ fn run_random(seed: u64, n: usize, big: bool) {
         }
         let want = reference::attention(&q, &k, &v, &mask, &params).unwrap();
         params.backend = Backend::CpuFused;
-        let before = cpu::calls();
         let got = attention(&q, &k, &v, &mask, &params).unwrap();
-        assert!(
-            cpu::calls() > before,
-            "{desc}: not served by the fused kernel"
-        );
+        assert_eq!(got.kernel, "cpu", "{desc}: not served by the fused kernel");
         let (atol, rtol) = tolerances(dtype);
         check_close(&got.output, &want.output, atol, rtol, &desc);
     }
@@ -301,10 +336,10 @@ fn fused_matches_reference_multi_tile_random() {
 /// switch is process-wide; tests running meanwhile take either path, both exact.
 #[test]
 fn fused_portable_path_matches_reference() {
-    cpu::set_portable_only(true);
+    set_portable_only(true);
     run_random(0x5eed_0003, 150, false);
     run_random(0x5eed_0004, 20, true);
-    cpu::set_portable_only(false);
+    set_portable_only(false);
 }
 
 #[test]
@@ -318,10 +353,10 @@ fn fused_decode_gqa_and_long_causal() {
         (1, 4, 4, 300, 700, 64, CausalAlignment::TopLeft, Some(300)),
         (1, 2, 1, 333, 333, 256, CausalAlignment::BottomRight, None),
     ] {
-        let q = Tensor::from_vec(rng.normal_vec(b * h * l * d), (b, h, l, d), &dev).unwrap();
-        let k = Tensor::from_vec(rng.normal_vec(b * hkv * s * d), (b, hkv, s, d), &dev).unwrap();
-        let v = Tensor::from_vec(rng.normal_vec(b * hkv * s * d), (b, hkv, s, d), &dev).unwrap();
-        let mask = MaskSpec::build(
+        let q = Tensor::from_vec(rng.normal_vec(b * h * l * d), (b, l, h, d), &dev).unwrap();
+        let k = Tensor::from_vec(rng.normal_vec(b * hkv * s * d), (b, s, hkv, d), &dev).unwrap();
+        let v = Tensor::from_vec(rng.normal_vec(b * hkv * s * d), (b, s, hkv, d), &dev).unwrap();
+        let mask = MaskPlan::build(
             MaskDims {
                 batch: b,
                 heads: h,
@@ -350,14 +385,15 @@ fn fused_decode_gqa_and_long_causal() {
 #[test]
 fn routing_rules() {
     let dev = Device::Cpu;
-    let q = Tensor::randn(0f32, 1., (1, 2, 5, 8), &dev).unwrap();
-    let mask = MaskSpec::default();
+    let q = Tensor::randn(0f32, 1., (1, 5, 2, 8), &dev).unwrap();
+    let mask = MaskPlan::new(MaskDims::new(1, 2, 5, 5));
     // Weights requested: the reference serves the call even when fused is forced.
     let mut params = AttnParams::new(8);
     params.backend = Backend::CpuFused;
     params.need_weights = true;
     let out = attention(&q, &q, &q, &mask, &params).unwrap();
     assert!(out.weights.is_some());
+    assert_eq!(out.kernel, "reference");
     // f64 cannot be forced through the f32 kernel: a clear error.
     let q64 = q.to_dtype(DType::F64).unwrap();
     params.need_weights = false;
@@ -367,10 +403,10 @@ fn routing_rules() {
     params.backend = Backend::Auto;
     attention(&q64, &q64, &q64, &mask, &params).unwrap();
     // Auto on a large call uses the fused kernel.
-    let big = Tensor::randn(0f32, 1., (1, 4, 256, 32), &dev).unwrap();
-    let before = cpu::calls();
-    attention(&big, &big, &big, &mask, &AttnParams::new(32)).unwrap();
-    assert!(cpu::calls() > before, "Auto did not pick the fused kernel");
+    let big = Tensor::randn(0f32, 1., (1, 256, 4, 32), &dev).unwrap();
+    let mask = MaskPlan::new(MaskDims::new(1, 4, 256, 256));
+    let out = attention(&big, &big, &big, &mask, &AttnParams::new(32)).unwrap();
+    assert_eq!(out.kernel, "cpu", "Auto did not pick the fused kernel");
 }
 
 /// Every parity case with the backend forced to the fused kernel (f64 cases, which the f32
@@ -385,7 +421,7 @@ fn all_parity_cases_pass_through_fused() {
         .collect();
     files.sort();
     assert!(files.len() >= 40);
-    let before = cpu::calls();
+    let before = cpu_calls();
     let mut failed = vec![];
     for f in &files {
         let f64_case = Case::load(f).unwrap().dtype().unwrap() == DType::F64;
@@ -405,5 +441,5 @@ fn all_parity_cases_pass_through_fused() {
         }
     }
     assert!(failed.is_empty(), "failed cases:\n{}", failed.join("\n"));
-    assert!(cpu::calls() > before + files.len() / 2);
+    assert!(cpu_calls() > before + files.len() / 2);
 }

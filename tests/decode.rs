@@ -284,7 +284,7 @@ fn sliding_window_convention() -> Result<()> {
 fn rope_matches_formula() -> Result<()> {
     let dev = Device::Cpu;
     let (d, t) = (8usize, 5usize);
-    let x = Tensor::randn(0f32, 1., (1, 1, t, d), &dev)?;
+    let x = Tensor::randn(0f32, 1., (1, t, 1, d), &dev)?; // (B, T, H, D)
     let xs = x.flatten_all()?.to_vec1::<f32>()?;
     let theta = 500.0f32;
     let start = 3usize;
@@ -312,11 +312,25 @@ fn rope_matches_formula() -> Result<()> {
     }
     // Per-sequence starts equal separate calls.
     let rope = Rope::from_theta(1e4, d, 16, RopeStyle::HalfSplit, DType::F32, &dev)?;
-    let x2 = Tensor::randn(0f32, 1., (2, 3, t, d), &dev)?;
+    let x2 = Tensor::randn(0f32, 1., (2, t, 3, d), &dev)?;
     let both = rope.apply(&x2, &[2, 6])?;
     for (bi, s) in [(0usize, 2i64), (1, 6)] {
         let one = rope.apply(&x2.narrow(0, bi, 1)?, &[s])?;
         assert!(max_abs_diff(&one, &both.narrow(0, bi, 1)?)? < 1e-6);
+    }
+    // The differentiable path (inputs tracked by autograd) rotates the same way, for both
+    // styles, shared and per-sequence starts (negative ones: left padding), strided inputs.
+    for style in [RopeStyle::HalfSplit, RopeStyle::Interleaved] {
+        let rope = Rope::from_theta(1e4, d, 16, style, DType::F32, &dev)?;
+        let packed = Tensor::randn(0f32, 1., (2, t, 5, d), &dev)?;
+        let x3 = packed.narrow(2, 1, 3)?; // a (B, T, H, D) view, as a packed projection gives
+        let var = candle_core::Var::from_tensor(&x3.contiguous()?)?;
+        for starts in [&[4i64][..], &[-2, 7]] {
+            let fused = rope.apply(&x3, starts)?;
+            let slow = rope.apply(var.as_tensor(), starts)?;
+            assert!(var.as_tensor().track_op());
+            assert!(max_abs_diff(&fused, &slow)? < 1e-6, "{style:?} {starts:?}");
+        }
     }
     Ok(())
 }

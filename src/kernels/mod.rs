@@ -1,23 +1,24 @@
 //! The attention core: `softmax(scale · q·kᵀ + mask) · v` per head, behind one dispatcher.
 //!
-//! [`attention`] is the only entry point the module uses. It validates shapes, then routes the
-//! call to a kernel chosen from the requested [`Backend`], the device, the dtype and whether the
-//! caller needs the attention weights or gradients. Two kernels: [`reference`](mod@reference), plain candle
-//! ops, the yardstick every other kernel is tested against; and [`cpu`], the fused CPU kernel
-//! (tiled GEMM + online softmax, memory independent of the key length).
+//! [`attention`] is the only entry point the module uses. Every kernel reads `q`, `k`, `v` in the
+//! layout the projections produce, `(B, L, H, D)` / `(B, S, Hkv, D)` (any strides with a
+//! contiguous last dimension: a narrowed view of a packed projection, a KV cache's buffer, all
+//! read in place), takes the call's [`MaskPlan`], and writes `(B, L, H, Dv)`, so that merging the
+//! heads is a free reshape. The dispatcher validates the shapes once and picks a kernel in one
+//! place ([`Backend`], device, dtype, and what the call needs):
 //!
-//! | kernel | devices | dtypes | returns weights | differentiable |
-//! |---|---|---|---|---|
-//! | [`reference`](mod@reference) | every candle device | all floats | yes | yes (only differentiable candle ops) |
-//! | [`cpu`] | CPU | f32, f16, bf16 (f32 accumulation) | no | no |
+//! | kernel | devices | dtypes | returns weights | dropout | differentiable |
+//! |---|---|---|---|---|---|
+//! | [`reference`](mod@reference) | every candle device | all floats | yes | yes | yes (only differentiable candle ops) |
+//! | [`cpu`] | CPU | f32, f16, bf16 (f32 accumulation), head size ≤ [`cpu::MAX_HEAD_DIM`] | no | no | no |
 //!
 //! Routing rules, in order: a call that asks for the attention weights, uses dropout, or whose
 //! `q`, `k` or `v` is tracked by candle's autograd ([`Tensor::track_op`]: a `Var` or derived from
-//! one), always goes to [`reference`](mod@reference), since the fused kernel is forward-only and returns no
-//! weights. Otherwise [`Backend::Reference`] forces the reference path, [`Backend::CpuFused`]
-//! forces the fused CPU kernel (an error on other devices, on f64 or for head sizes above
-//! [`cpu::MAX_HEAD_DIM`]), and [`Backend::Auto`] picks the fused CPU kernel whenever it supports
-//! the call (CPU, f32/f16/bf16, head size ≤ 256) and the reference otherwise (f64, CUDA).
+//! one) needs a kernel with that capability: today only [`reference`](mod@reference), whatever
+//! the backend asks. Otherwise [`Backend::Reference`] forces the reference path,
+//! [`Backend::CpuFused`] forces the fused CPU kernel (an error, with the reason, on other
+//! devices, on f64 or for head sizes above [`cpu::MAX_HEAD_DIM`]), and [`Backend::Auto`] takes
+//! the first fused kernel that supports the call and the reference otherwise (f64, CUDA).
 //!
 //! Crossover: `examples/bench_attention.rs --crossover` times both kernels on tiny shapes
 //! (B·H ∈ {1, 12, 96}, L = S ∈ {1 … 256}, D = 64). With the per-thread scratch reused across
@@ -28,7 +29,7 @@
 use candle_core::{bail, DType, Result, Tensor};
 
 use crate::config::{Backend, MaskedRowPolicy};
-use crate::mask::MaskSpec;
+use crate::mask::MaskPlan;
 
 pub mod cpu;
 pub mod reference;
@@ -65,11 +66,13 @@ impl AttnParams {
 /// What the attention core returns.
 #[derive(Debug, Clone)]
 pub struct AttnOutput {
-    /// `(B, H, L, Dv)`, in the dtype of `q`.
+    /// `(B, L, H, Dv)`, in the dtype of `q`.
     pub output: Tensor,
     /// `(B, H, L, S)` attention probabilities (compute dtype: f32, or f64 for f64 inputs) when
     /// requested.
     pub weights: Option<Tensor>,
+    /// The kernel that served the call (`"reference"`, `"cpu"`).
+    pub kernel: &'static str,
 }
 
 /// The dtype scores and softmax are computed in for inputs of `dtype`: f64 stays f64, every
@@ -81,40 +84,139 @@ pub fn compute_dtype(dtype: DType) -> DType {
     }
 }
 
+/// One validated call, as the kernels see it.
+pub(crate) struct AttnCall<'a> {
+    /// `(B, L, H, D)`.
+    pub q: &'a Tensor,
+    /// `(B, S, Hkv, D)`: the plan's `kv_len` maskable keys, then `extra_keys` always visible.
+    pub k: &'a Tensor,
+    /// `(B, S, Hkv, Dv)`.
+    pub v: &'a Tensor,
+    pub mask: &'a MaskPlan,
+    pub params: &'a AttnParams,
+    pub b: usize,
+    pub l: usize,
+    pub h: usize,
+    pub hkv: usize,
+    /// All keys, appended ones included.
+    pub s: usize,
+    pub d: usize,
+    pub dv: usize,
+    /// Keys after the plan's `kv_len`, never masked (`add_bias_kv`, `add_zero_attn`).
+    pub extra_keys: usize,
+}
+
+impl AttnCall<'_> {
+    /// Whether candle's autograd tracks any input.
+    fn tracked(&self) -> bool {
+        self.q.track_op() || self.k.track_op() || self.v.track_op()
+    }
+}
+
+/// What a kernel can do besides computing the output.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Caps {
+    /// Returns the attention weights.
+    pub weights: bool,
+    /// Applies dropout to the attention weights.
+    pub dropout: bool,
+    /// Gradients flow through it.
+    pub backward: bool,
+}
+
+/// One attention implementation behind the dispatcher.
+pub(crate) trait Kernel: Sync {
+    /// Short name, reported in [`AttnOutput::kernel`].
+    fn name(&self) -> &'static str;
+    /// What it can do besides the forward output.
+    fn caps(&self) -> Caps;
+    /// Why it cannot run these inputs (device, dtype, head size); `None` if it can.
+    fn unsupported_inputs(&self, call: &AttnCall) -> Option<String>;
+    /// Runs the call (validated by the dispatcher, eligibility checked).
+    fn forward(&self, call: &AttnCall) -> Result<AttnOutput>;
+}
+
+/// Fused kernels in order of preference for [`Backend::Auto`].
+const FUSED: &[&dyn Kernel] = &[&cpu::CpuFused];
+
+/// Which capability the call needs that `kernel` lacks, if any.
+fn missing_capability(kernel: &dyn Kernel, call: &AttnCall) -> Option<String> {
+    let caps = kernel.caps();
+    let name = kernel.name();
+    if call.params.need_weights && !caps.weights {
+        return Some(format!("the {name} kernel returns no attention weights"));
+    }
+    if call.params.dropout > 0.0 && !caps.dropout {
+        return Some(format!("the {name} kernel has no dropout"));
+    }
+    if call.tracked() && !caps.backward {
+        return Some(format!("the {name} kernel is not differentiable"));
+    }
+    None
+}
+
+/// The one place that decides which kernel serves a call.
+fn select(call: &AttnCall) -> Result<&'static dyn Kernel> {
+    let eligible = |k: &dyn Kernel| {
+        missing_capability(k, call).is_none() && k.unsupported_inputs(call).is_none()
+    };
+    Ok(match call.params.backend {
+        Backend::Reference => &reference::Reference,
+        Backend::CpuFused => {
+            let k: &dyn Kernel = &cpu::CpuFused;
+            if missing_capability(k, call).is_some() {
+                // Weights, dropout and gradients always go to the reference (documented rule).
+                &reference::Reference
+            } else if let Some(reason) = k.unsupported_inputs(call) {
+                bail!("Backend::CpuFused: {reason}")
+            } else {
+                &cpu::CpuFused
+            }
+        }
+        Backend::Auto => FUSED
+            .iter()
+            .copied()
+            .find(|k| eligible(*k))
+            .unwrap_or(&reference::Reference),
+    })
+}
+
 /// Scaled dot-product attention over heads.
 ///
-/// `q`: `(B, H, L, D)`, `k`: `(B, Hkv, S, D)`, `v`: `(B, Hkv, S, Dv)` with `Hkv` dividing `H`
-/// (query head `h` reads KV head `h / (H / Hkv)`, as Hugging Face's `repeat_kv`). `mask` refers
-/// to the first `S - mask.extra_keys` keys.
+/// `q`: `(B, L, H, D)`, `k`: `(B, S, Hkv, D)`, `v`: `(B, S, Hkv, Dv)` with `Hkv` dividing `H`
+/// (query head `h` reads KV head `h / (H / Hkv)`, as Hugging Face's `repeat_kv`); any strides
+/// with a contiguous last dimension are read in place. `mask` must have been built for
+/// `(B, H, L, S')` with `S' <= S`: the keys after the first `S'` (appended by `add_bias_kv` /
+/// `add_zero_attn`) are never masked. Returns `(B, L, H, Dv)`.
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
 /// use candle_mha::kernels::{attention, AttnParams};
-/// use candle_mha::mask::{CausalAlignment, MaskSpec};
+/// use candle_mha::mask::{CausalAlignment, MaskDims, MaskPlan};
 /// let dev = Device::Cpu;
-/// let q = Tensor::randn(0f32, 1., (2, 4, 5, 8), &dev)?;
-/// let kv = Tensor::randn(0f32, 1., (2, 2, 5, 8), &dev)?; // 2 KV heads for 4 query heads
-/// let mask = MaskSpec { causal: Some(CausalAlignment::TopLeft.into()), ..Default::default() };
+/// let q = Tensor::randn(0f32, 1., (2, 5, 4, 8), &dev)?; // (B, L, H, D)
+/// let kv = Tensor::randn(0f32, 1., (2, 5, 2, 8), &dev)?; // 2 KV heads for 4 query heads
+/// let mask = MaskPlan::new(MaskDims::new(2, 4, 5, 5)).with_causal(CausalAlignment::TopLeft)?;
 /// let out = attention(&q, &kv, &kv, &mask, &AttnParams::new(8))?;
-/// assert_eq!(out.output.dims(), &[2, 4, 5, 8]);
+/// assert_eq!(out.output.dims(), &[2, 5, 4, 8]);
 /// # Ok::<(), candle_core::Error>(())
 /// ```
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    mask: &MaskSpec,
+    mask: &MaskPlan,
     params: &AttnParams,
 ) -> Result<AttnOutput> {
-    let (b, h, _l, d) = dims4("q", q)?;
-    let (bk, hkv, s, dk) = dims4("k", k)?;
-    let (bv, hv, sv, _dv) = dims4("v", v)?;
+    let (b, l, h, d) = dims4("q", q)?;
+    let (bk, s, hkv, dk) = dims4("k", k)?;
+    let (bv, sv, hv, dv) = dims4("v", v)?;
     if bk != b || bv != b {
         bail!("attention: batch sizes differ: q {b}, k {bk}, v {bv}")
     }
     if hv != hkv || sv != s {
         bail!(
-            "attention: k {:?} and v {:?} must have the same heads and length",
+            "attention: k {:?} and v {:?} must have the same length and heads",
             k.dims(),
             v.dims()
         )
@@ -125,12 +227,14 @@ pub fn attention(
     if hkv == 0 || !h.is_multiple_of(hkv) {
         bail!("attention: {h} query heads cannot share {hkv} KV heads")
     }
-    if mask.extra_keys > s {
+    let md = mask.dims();
+    if md.kv_len > s {
         bail!(
-            "attention: {} appended keys but only {s} keys",
-            mask.extra_keys
+            "attention: the mask plan covers {} keys but k has only {s}",
+            md.kv_len
         )
     }
+    mask.check_dims("attention", b, h, l, md.kv_len)?;
     if k.dtype() != q.dtype() || v.dtype() != q.dtype() {
         bail!(
             "attention: dtypes differ: q {:?}, k {:?}, v {:?}",
@@ -142,28 +246,53 @@ pub fn attention(
     if !q.dtype().is_float() {
         bail!("attention: expected float inputs, got {:?}", q.dtype())
     }
-    let needs_reference =
-        params.need_weights || params.dropout > 0.0 || q.track_op() || k.track_op() || v.track_op();
-    // Auto takes the fused CPU kernel whenever it supports the call: the crossover measurement
-    // (see the module docs) found no shape where the reference is faster.
-    let fused = !needs_reference
-        && match params.backend {
-            Backend::Reference => false,
-            Backend::CpuFused => true,
-            Backend::Auto => cpu::supports(q, k, v, params),
-        };
-    if fused {
-        cpu::attention(q, k, v, mask, params)
-    } else {
-        reference::attention(q, k, v, mask, params)
+    for (name, t) in [("k", k), ("v", v)] {
+        if !t.device().same_device(q.device()) {
+            bail!(
+                "attention: {name} is on {:?} but q is on {:?}",
+                t.device(),
+                q.device()
+            )
+        }
     }
+    let call = AttnCall {
+        q,
+        k,
+        v,
+        mask,
+        params,
+        b,
+        l,
+        h,
+        hkv,
+        s,
+        d,
+        dv,
+        extra_keys: s - md.kv_len,
+    };
+    select(&call)?.forward(&call)
 }
 
 fn dims4(name: &str, t: &Tensor) -> Result<(usize, usize, usize, usize)> {
     match t.dims() {
         &[a, b, c, d] => Ok((a, b, c, d)),
         other => {
-            bail!("attention: {name} must be 4-D (B, heads, seq, head_dim), got shape {other:?}")
+            bail!("attention: {name} must be 4-D (B, seq, heads, head_dim), got shape {other:?}")
         }
+    }
+}
+
+/// Hooks for the crate's own tests; not part of the API.
+#[doc(hidden)]
+pub mod test_support {
+    /// How many calls the fused CPU kernel has served in this process.
+    pub fn cpu_calls() -> usize {
+        super::cpu::calls()
+    }
+
+    /// Forces the fused CPU kernel's portable (`gemm`) products even where AVX-512 is
+    /// available (process-wide), so that tests cover both paths on one machine.
+    pub fn set_portable_only(on: bool) {
+        super::cpu::set_portable_only(on)
     }
 }

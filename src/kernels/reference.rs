@@ -10,46 +10,78 @@
 
 use candle_core::{Result, Tensor, D};
 
-use super::{compute_dtype, AttnOutput, AttnParams};
+use super::{compute_dtype, AttnCall, AttnOutput, Caps, Kernel};
 use crate::config::MaskedRowPolicy;
 
-/// See [`super::attention`], which validates the shapes before calling this.
+/// The reference kernel behind the dispatcher.
+pub(crate) struct Reference;
+
+impl Kernel for Reference {
+    fn name(&self) -> &'static str {
+        "reference"
+    }
+
+    fn caps(&self) -> Caps {
+        Caps {
+            weights: true,
+            dropout: true,
+            backward: true,
+        }
+    }
+
+    fn unsupported_inputs(&self, _: &AttnCall) -> Option<String> {
+        None
+    }
+
+    fn forward(&self, c: &AttnCall) -> Result<AttnOutput> {
+        let (b, l, h, hkv, s, d, dv) = (c.b, c.l, c.h, c.hkv, c.s, c.d, c.dv);
+        let g = h / hkv;
+        let params = c.params;
+        let in_dtype = c.q.dtype();
+        let cd = compute_dtype(in_dtype);
+        // (B, L, H, D) -> (B, H, L, D) -> (B, Hkv, G·L, D); keys/values to (B, Hkv, S, D).
+        let q = c.q.to_dtype(cd)?.transpose(1, 2)?.contiguous()?;
+        let q = q.reshape((b, hkv, g * l, d))?;
+        let k = c.k.to_dtype(cd)?.transpose(1, 2)?.contiguous()?;
+        let v = c.v.to_dtype(cd)?.transpose(1, 2)?.contiguous()?;
+        let scores = q.matmul(&k.t()?)?.reshape((b, h, l, s))?;
+        let mut scores = (scores * params.scale)?;
+        if let Some(bias) = c.mask.materialize(c.extra_keys, cd, q.device())? {
+            scores = scores.broadcast_add(&bias)?;
+        }
+        let mut probs = softmax(&scores, params.masked_rows)?;
+        if params.dropout > 0.0 {
+            probs = candle_nn::ops::dropout(&probs, params.dropout)?;
+        }
+        // Like PyTorch, the returned weights are the ones actually applied (after dropout).
+        let weights = params.need_weights.then(|| probs.clone());
+        let out = probs
+            .reshape((b, hkv, g * l, s))?
+            .matmul(&v)?
+            .reshape((b, h, l, dv))?
+            .transpose(1, 2)?;
+        Ok(AttnOutput {
+            output: out.to_dtype(in_dtype)?,
+            weights,
+            kernel: self.name(),
+        })
+    }
+}
+
+/// The reference kernel alone, bypassing the dispatcher's routing (same contract as
+/// [`super::attention`]): the yardstick other kernels are tested against.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    mask: &crate::mask::MaskSpec,
-    params: &AttnParams,
+    mask: &crate::mask::MaskPlan,
+    params: &super::AttnParams,
 ) -> Result<AttnOutput> {
-    let (b, h, l, d) = q.dims4()?;
-    let (_, hkv, s, _) = k.dims4()?;
-    let dv = v.dim(3)?;
-    let g = h / hkv;
-    let in_dtype = q.dtype();
-    let cd = compute_dtype(in_dtype);
-    let q = q.to_dtype(cd)?.contiguous()?.reshape((b, hkv, g * l, d))?;
-    let k = k.to_dtype(cd)?.contiguous()?;
-    let v = v.to_dtype(cd)?.contiguous()?;
-    let scores = q.matmul(&k.t()?)?.reshape((b, h, l, s))?;
-    let mut scores = (scores * params.scale)?;
-    let real_s = s - mask.extra_keys;
-    if let Some(bias) = mask.materialize(b, l, real_s, cd, q.device())? {
-        scores = scores.broadcast_add(&bias)?;
-    }
-    let mut probs = softmax(&scores, params.masked_rows)?;
-    if params.dropout > 0.0 {
-        probs = candle_nn::ops::dropout(&probs, params.dropout)?;
-    }
-    // Like PyTorch, the returned weights are the ones actually applied (after dropout).
-    let weights = params.need_weights.then(|| probs.clone());
-    let out = probs
-        .reshape((b, hkv, g * l, s))?
-        .matmul(&v)?
-        .reshape((b, h, l, dv))?;
-    Ok(AttnOutput {
-        output: out.to_dtype(in_dtype)?,
-        weights,
-    })
+    let params = super::AttnParams {
+        backend: crate::config::Backend::Reference,
+        ..*params
+    };
+    super::attention(q, k, v, mask, &params)
 }
 
 /// Softmax over the last dim with the fully-masked-row `policy`, on differentiable ops.

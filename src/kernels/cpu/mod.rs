@@ -1,0 +1,294 @@
+//! Fused CPU attention: tiled GEMM + online (streaming) softmax, O(tile) scratch memory.
+//!
+//! The `(B, H, L, S)` score matrix is never materialised. Work is split into items of
+//! `(batch, KV head, tile of up to` [`BLOCK_Q`] `query rows)`; the `G = H / Hkv` query heads that
+//! share a KV head are folded into the query rows (as in [`super::reference`]), so grouped-query
+//! attention reads each K/V tile once per item and never repeats K/V. Items run in parallel on
+//! rayon's pool. For each item the kernel gathers its query rows into a contiguous tile and walks
+//! tiles of up to [`BLOCK_K`] keys:
+//!
+//! 1. `scores = scale · Q_tile · K_tileᵀ`: on CPUs with AVX-512, a register-blocked micro-kernel
+//!    (6 rows × 32 keys of accumulators) over a transposed copy of K made once per call (when an
+//!    item has at least [`MIN_ROWS_FOR_KT`] rows, i.e. every K tile is reused enough to pay for
+//!    the transpose); otherwise the `gemm` crate (the one candle's matmul uses) reading K in
+//!    place;
+//! 2. the masks of the tile are applied in place: keys outside each row's structured range
+//!    ([`MaskPlan::row_range`]: causal / sliding window, key ranges, packed sequences) become
+//!    `-inf`, and the dense key padding and attention bias rows are added;
+//! 3. online softmax in f32: per row a running max `m` and sum `l`; the tile's scores become
+//!    `exp(score - m_new)` (a vectorised polynomial `exp`, relative error ≈ 1e-7) and the
+//!    accumulator row is rescaled by `exp(m_old - m_new)`;
+//! 4. `acc += P · V_tile`, V read in place (AVX-512 micro-kernel of 6 rows × 64 columns, or the
+//!    `gemm` crate).
+//!
+//! Finally each row is divided by `l` and written to its place in the `(B, L, H, Dv)` output; a
+//! row that saw no finite logit (`l == 0`: fully masked) gets the
+//! [`MaskedRowPolicy`](crate::MaskedRowPolicy): zeros or NaN, exactly as
+//! [`super::reference::softmax`].
+//!
+//! Tile skipping: an item only visits the key tiles that intersect the union of its rows'
+//! structured ranges (so tiles above the diagonal, left of a sliding window, in padding or in
+//! another packed sequence are never computed); with a dense key padding, key tiles whose
+//! padding is `-inf` everywhere are skipped. Keys after the plan's `kv_len` (appended by
+//! `add_bias_kv` / `add_zero_attn`) are always visited and never masked.
+//!
+//! Inputs are read where they are: `q`, `k`, `v` in any strided `(B, T, heads, D)` layout with a
+//! contiguous last dimension (a narrowed packed projection, a KV cache buffer). Copies: f16/bf16
+//! inputs are converted to f32 once; the AVX-512 path keeps one transposed f32 copy of K. Memory
+//! beyond that: per worker thread a `BLOCK_Q × BLOCK_K` score tile and two `BLOCK_Q ×`
+//! [`MAX_HEAD_DIM`] row tiles (192 KiB), independent of `S`. Nothing grows with `L · S`.
+//!
+//! Files: this one (eligibility, inputs, the parallel loop), `tile.rs` (one work item: masks,
+//! softmax step, products), `softmax.rs` (online softmax, `exp`), `avx512.rs` and `portable.rs`
+//! (the two products on AVX-512 registers or through `gemm`).
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use candle_core::{bail, DType, Result, Storage, Tensor};
+use rayon::prelude::*;
+
+use super::{AttnCall, AttnOutput, Caps, Kernel};
+
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+mod portable;
+mod softmax;
+mod tile;
+
+use tile::{Bias, Ctx, OutPtr, View};
+
+/// Query rows per work item (after folding the query heads of a KV group into the rows).
+pub const BLOCK_Q: usize = 64;
+/// Keys per tile.
+pub const BLOCK_K: usize = 256;
+/// Query rows per KV head (`G · L`) from which K is transposed once for the AVX-512 `Q · Kᵀ`
+/// micro-kernel.
+pub const MIN_ROWS_FOR_KT: usize = 16;
+/// Largest supported head size (of `q`/`k` and of `v`).
+pub const MAX_HEAD_DIM: usize = 256;
+
+static CALLS: AtomicUsize = AtomicUsize::new(0);
+static PORTABLE_ONLY: AtomicBool = AtomicBool::new(false);
+
+/// How many calls the fused CPU kernel has served in this process (lets tests check that a
+/// path really went through it).
+pub(crate) fn calls() -> usize {
+    CALLS.load(Ordering::Relaxed)
+}
+
+/// Forces the portable path (`gemm` crate micro-kernels) even where AVX-512 is available, so
+/// that tests cover both paths on one machine. Process-wide; both paths compute the same
+/// function.
+pub(crate) fn set_portable_only(on: bool) {
+    PORTABLE_ONLY.store(on, Ordering::Relaxed);
+}
+
+fn use_avx512() -> bool {
+    if PORTABLE_ONLY.load(Ordering::Relaxed) {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The fused CPU kernel behind the dispatcher.
+pub(crate) struct CpuFused;
+
+impl Kernel for CpuFused {
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn caps(&self) -> Caps {
+        Caps {
+            weights: false,
+            dropout: false,
+            backward: false,
+        }
+    }
+
+    fn unsupported_inputs(&self, c: &AttnCall) -> Option<String> {
+        if !c.q.device().is_cpu() {
+            return Some(format!(
+                "the fused CPU kernel needs CPU tensors, got {:?}",
+                c.q.device().location()
+            ));
+        }
+        if !matches!(c.q.dtype(), DType::F32 | DType::F16 | DType::BF16) {
+            return Some(format!(
+                "the fused CPU kernel supports f32/f16/bf16, got {:?}",
+                c.q.dtype()
+            ));
+        }
+        if c.d > MAX_HEAD_DIM || c.dv > MAX_HEAD_DIM {
+            return Some(format!(
+                "the fused CPU kernel supports head sizes up to {MAX_HEAD_DIM}, got {} / {}",
+                c.d, c.dv
+            ));
+        }
+        None
+    }
+
+    fn forward(&self, c: &AttnCall) -> Result<AttnOutput> {
+        CALLS.fetch_add(1, Ordering::Relaxed);
+        let output = forward(c)?;
+        Ok(AttnOutput {
+            output,
+            weights: None,
+            kernel: self.name(),
+        })
+    }
+}
+
+/// `t` as f32 with a contiguous last dimension: the tensor itself when it already is one (no
+/// copy), else a converted / compacted copy.
+fn f32_rows(t: &Tensor) -> Result<Tensor> {
+    let t = t.to_dtype(DType::F32)?;
+    if t.layout().stride().last() == Some(&1) || t.dims().last() == Some(&1) {
+        Ok(t)
+    } else {
+        t.contiguous()
+    }
+}
+
+/// The f32 elements of a CPU tensor from its start offset on.
+fn cpu_f32<'a>(storage: &'a Storage, t: &Tensor) -> Result<&'a [f32]> {
+    let Storage::Cpu(cpu) = storage else {
+        bail!("fused CPU attention: tensor is not on the CPU")
+    };
+    Ok(&cpu.as_slice::<f32>()?[t.layout().start_offset()..])
+}
+
+/// Element strides of dims 0..3 of a 4-D tensor.
+fn strides3(t: &Tensor) -> [usize; 3] {
+    let s = t.layout().stride();
+    [s[0], s[1], s[2]]
+}
+
+fn forward(c: &AttnCall) -> Result<Tensor> {
+    let (b, l, h, hkv, s, d, dv) = (c.b, c.l, c.h, c.hkv, c.s, c.d, c.dv);
+    let real_s = s - c.extra_keys;
+    let in_dtype = c.q.dtype();
+    let (q, k, v) = (f32_rows(c.q)?, f32_rows(c.k)?, f32_rows(c.v)?);
+    let bias = c
+        .mask
+        .bias()
+        .map(|t| t.to_dtype(DType::F32)?.contiguous())
+        .transpose()?;
+    let key_bias = c
+        .mask
+        .key_bias()
+        .map(|t| t.to_dtype(DType::F32)?.contiguous())
+        .transpose()?;
+    let (qg, _) = q.storage_and_layout();
+    let (kg, _) = k.storage_and_layout();
+    let (vg, _) = v.storage_and_layout();
+    let bg = bias.as_ref().map(|t| t.storage_and_layout().0);
+    let pg = key_bias.as_ref().map(|t| t.storage_and_layout().0);
+    fn view<'a>(g: &'a Storage, t: &Tensor) -> Result<View<'a>> {
+        Ok(View {
+            data: cpu_f32(g, t)?,
+            strides: strides3(t),
+        })
+    }
+    let (qv, kv, vv) = (view(&qg, &q)?, view(&kg, &k)?, view(&vg, &v)?);
+    let bias = match (&bias, &bg) {
+        (Some(t), Some(g)) => {
+            let (mb, mh, ml, ms) = t.dims4()?;
+            Some(Bias {
+                data: cpu_f32(g, t)?,
+                sb: if mb == 1 { 0 } else { mh * ml * ms },
+                sh: if mh == 1 { 0 } else { ml * ms },
+                sl: if ml == 1 { 0 } else { ms },
+            })
+        }
+        _ => None,
+    };
+    let key_bias = match (&key_bias, &pg) {
+        (Some(t), Some(g)) => Some(cpu_f32(g, t)?),
+        _ => None,
+    };
+    let n_tiles = real_s.div_ceil(BLOCK_K);
+    let dead_tiles = key_bias.map(|p| {
+        let mut dead = vec![false; b * n_tiles];
+        for bi in 0..b {
+            let row = &p[bi * real_s..(bi + 1) * real_s];
+            for t in 0..n_tiles {
+                let keys = &row[t * BLOCK_K..((t + 1) * BLOCK_K).min(real_s)];
+                dead[bi * n_tiles + t] = keys.iter().all(|&x| x == f32::NEG_INFINITY);
+            }
+        }
+        dead
+    });
+    let avx512 = use_avx512();
+    let g = h / hkv;
+    // The transposed copy of K pays off when each K tile serves many query rows; decode-like
+    // calls (few rows per KV head) read K in place through the `gemm` crate instead.
+    let kt = (avx512 && g * l >= MIN_ROWS_FOR_KT).then(|| transpose_heads(&kv, b, hkv, s, d));
+    let mut out = vec![0f32; b * l * h * dv];
+    let ctx = Ctx {
+        q: qv,
+        k: kv,
+        v: vv,
+        h,
+        hkv,
+        l,
+        s,
+        d,
+        dv,
+        g,
+        real_s,
+        scale: c.params.scale as f32,
+        policy: c.params.masked_rows,
+        plan: c.mask,
+        structured: c.mask.has_structure(),
+        key_bias,
+        dead_tiles,
+        n_tiles,
+        bias,
+        kt: kt.as_deref(),
+        avx512,
+        out: OutPtr(out.as_mut_ptr()),
+    };
+    let row_tiles = (g * l).div_ceil(BLOCK_Q);
+    (0..b * hkv * row_tiles).into_par_iter().for_each(|item| {
+        let (bk, t) = (item / row_tiles, item % row_tiles);
+        let r0 = t * BLOCK_Q;
+        let nr = BLOCK_Q.min(g * l - r0);
+        tile::SCRATCH.with(|sc| ctx.item(bk / hkv, bk % hkv, r0, nr, &mut sc.borrow_mut()));
+    });
+    drop(ctx);
+    drop((qg, kg, vg, bg, pg));
+    Tensor::from_vec(out, (b, l, h, dv), c.q.device())?.to_dtype(in_dtype)
+}
+
+/// K `(B, S, Hkv, D)` (strided) → `(B, Hkv, D, S)` contiguous, one `(D, S)` block per KV head,
+/// in parallel.
+fn transpose_heads(k: &View, b: usize, hkv: usize, s: usize, d: usize) -> Vec<f32> {
+    let mut out = vec![0f32; b * hkv * d * s];
+    if s * d == 0 {
+        return out;
+    }
+    let [sb, st, sh] = k.strides;
+    out.par_chunks_mut(s * d).enumerate().for_each(|(bk, o)| {
+        let base = (bk / hkv) * sb + (bk % hkv) * sh;
+        const T: usize = 32;
+        for j0 in (0..s).step_by(T) {
+            for d0 in (0..d).step_by(T) {
+                for j in j0..(j0 + T).min(s) {
+                    let row = &k.data[base + j * st..base + j * st + d];
+                    for dd in d0..(d0 + T).min(d) {
+                        o[dd * s + j] = row[dd];
+                    }
+                }
+            }
+        }
+    });
+    out
+}

@@ -1,0 +1,151 @@
+//! The online softmax step of a tile and its vectorised `exp`.
+
+/// One row of one tile: `row` (logits) becomes `exp(row - m_new)`, `m`/`lsum` are updated and
+/// `acc` is rescaled. Returns whether the row has any nonzero probability in this tile.
+pub(super) fn softmax_step(row: &mut [f32], m: &mut f32, lsum: &mut f32, acc: &mut [f32]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports the enabled features (checked just above).
+            return unsafe { softmax_step_avx512(row, m, lsum, acc) };
+        }
+        if is_x86_feature_detected!("avx") && is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports the enabled features (checked just above).
+            return unsafe { softmax_step_avx(row, m, lsum, acc) };
+        }
+    }
+    softmax_step_impl::<false, 8>(row, m, lsum, acc)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx,fma")]
+unsafe fn softmax_step_avx512(
+    row: &mut [f32],
+    m: &mut f32,
+    lsum: &mut f32,
+    acc: &mut [f32],
+) -> bool {
+    softmax_step_impl::<true, 16>(row, m, lsum, acc)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,fma")]
+unsafe fn softmax_step_avx(row: &mut [f32], m: &mut f32, lsum: &mut f32, acc: &mut [f32]) -> bool {
+    softmax_step_impl::<true, 8>(row, m, lsum, acc)
+}
+
+#[allow(clippy::needless_range_loop)]
+#[inline(always)]
+fn softmax_step_impl<const FMA: bool, const W: usize>(
+    row: &mut [f32],
+    m: &mut f32,
+    lsum: &mut f32,
+    acc: &mut [f32],
+) -> bool {
+    let mut mx = [f32::NEG_INFINITY; W];
+    let mut chunks = row.chunks_exact(W);
+    for c in &mut chunks {
+        for t in 0..W {
+            mx[t] = if c[t] > mx[t] { c[t] } else { mx[t] };
+        }
+    }
+    let mut tile_max = f32::NEG_INFINITY;
+    for &x in chunks.remainder().iter().chain(mx.iter()) {
+        tile_max = if x > tile_max { x } else { tile_max };
+    }
+    let m_new = if tile_max > *m { tile_max } else { *m };
+    if m_new == f32::NEG_INFINITY {
+        // Nothing visible so far: probabilities 0, no state change.
+        row.fill(0.0);
+        return false;
+    }
+    let mut sums = [0f32; W];
+    let mut chunks = row.chunks_exact_mut(W);
+    for c in &mut chunks {
+        for t in 0..W {
+            let e = fast_exp::<FMA>(c[t] - m_new);
+            c[t] = e;
+            sums[t] += e;
+        }
+    }
+    let mut sum = 0f32;
+    for x in chunks.into_remainder() {
+        let e = fast_exp::<FMA>(*x - m_new);
+        *x = e;
+        sum += e;
+    }
+    sum += sums.iter().sum::<f32>();
+    if m_new != *m {
+        let corr = fast_exp::<FMA>(*m - m_new); // 0 when m was -inf
+        if *lsum != 0.0 {
+            acc.iter_mut().for_each(|x| *x *= corr);
+        }
+        *lsum *= corr;
+        *m = m_new;
+    }
+    *lsum += sum;
+    true
+}
+
+#[inline(always)]
+fn fma<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+/// `exp(x)` for `x <= 0` (Cephes polynomial, relative error ≈ 1e-7); 0 below the f32 normal
+/// range and for `-inf`. Branch-free so that it vectorises.
+#[inline(always)]
+fn fast_exp<const FMA: bool>(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23: adding it rounds to an integer
+    const MIN: f32 = -87.336_55; // exp(MIN) ≈ smallest normal f32
+    let xc = if x < MIN { MIN } else { x };
+    let z = fma::<FMA>(xc, LOG2E, MAGIC);
+    let n = z - MAGIC;
+    let ni = z.to_bits().wrapping_sub(MAGIC.to_bits()) as i32;
+    let r = fma::<FMA>(n, -LN2_HI, xc);
+    let r = fma::<FMA>(n, -LN2_LO, r);
+    let mut p = 1.987_569_1e-4f32;
+    p = fma::<FMA>(p, r, 1.398_199_9e-3);
+    p = fma::<FMA>(p, r, 8.333_452e-3);
+    p = fma::<FMA>(p, r, 4.166_579_6e-2);
+    p = fma::<FMA>(p, r, 1.666_666_5e-1);
+    p = fma::<FMA>(p, r, 0.5);
+    let y = fma::<FMA>(p, r * r, r + 1.0);
+    let scale = f32::from_bits(((ni + 127) as u32) << 23);
+    let y = y * scale;
+    if x < MIN {
+        0.0
+    } else {
+        y
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_exp_is_accurate() {
+        let mut x = -90.0f32;
+        while x <= 0.0 {
+            let want = x.exp();
+            for got in [fast_exp::<false>(x), fast_exp::<true>(x)] {
+                let err = (got - want).abs();
+                assert!(
+                    err <= 2e-7 * want || (want < 1.2e-38 && got < 1.2e-38),
+                    "{x}: {got} vs {want}"
+                );
+            }
+            x += 0.0137;
+        }
+        assert_eq!(fast_exp::<false>(f32::NEG_INFINITY), 0.0);
+        assert_eq!(fast_exp::<false>(0.0), 1.0);
+    }
+}

@@ -1,0 +1,278 @@
+//! One work item of the fused CPU kernel: a tile of folded query rows against every key tile it
+//! may see (masks, online softmax, the two products), written to its rows of the output.
+
+use std::cell::RefCell;
+
+use super::softmax::softmax_step;
+use super::{portable, BLOCK_K, BLOCK_Q, MAX_HEAD_DIM};
+use crate::config::MaskedRowPolicy;
+use crate::mask::MaskPlan;
+
+/// A `(B, T, heads, D)` f32 tensor read in place: element `(b, t, h, x)` is
+/// `data[b·strides[0] + t·strides[1] + h·strides[2] + x]`.
+pub(super) struct View<'a> {
+    pub data: &'a [f32],
+    pub strides: [usize; 3],
+}
+
+impl View<'_> {
+    /// Offset of row `(b, t, h)`.
+    fn at(&self, b: usize, t: usize, h: usize) -> usize {
+        b * self.strides[0] + t * self.strides[1] + h * self.strides[2]
+    }
+}
+
+/// Additive bias, broadcast over B/H/L by zero strides; the key dim is contiguous.
+#[derive(Clone, Copy)]
+pub(super) struct Bias<'a> {
+    pub data: &'a [f32],
+    pub sb: usize,
+    pub sh: usize,
+    pub sl: usize,
+}
+
+/// The `(B, L, H, Dv)` f32 output; every work item writes its own rows only.
+pub(super) struct OutPtr(pub *mut f32);
+
+// SAFETY: work items write disjoint rows (each `(b, i, head)` belongs to exactly one item), and
+// the buffer outlives the parallel loop.
+unsafe impl Sync for OutPtr {}
+unsafe impl Send for OutPtr {}
+
+/// Everything one work item reads.
+pub(super) struct Ctx<'a> {
+    pub q: View<'a>,
+    pub k: View<'a>,
+    pub v: View<'a>,
+    pub h: usize,
+    pub hkv: usize,
+    pub l: usize,
+    pub s: usize,
+    pub d: usize,
+    pub dv: usize,
+    pub g: usize,
+    /// Keys covered by the mask plan (the first `real_s`); the rest are always visible.
+    pub real_s: usize,
+    pub scale: f32,
+    pub policy: MaskedRowPolicy,
+    pub plan: &'a MaskPlan,
+    /// Whether the plan restricts rows to key ranges (causal, key ranges, packed).
+    pub structured: bool,
+    /// Dense `(B, real_s)` key padding.
+    pub key_bias: Option<&'a [f32]>,
+    /// Per `(batch, aligned key tile)`: the dense key padding is `-inf` on the whole tile.
+    pub dead_tiles: Option<Vec<bool>>,
+    pub n_tiles: usize,
+    pub bias: Option<Bias<'a>>,
+    /// `kᵀ` as `(B, Hkv, D, S)` when the AVX-512 `Q · Kᵀ` micro-kernel is used.
+    pub kt: Option<&'a [f32]>,
+    /// Whether the AVX-512 `P · V` micro-kernel is used.
+    pub avx512: bool,
+    pub out: OutPtr,
+}
+
+/// Per-worker scratch.
+pub(super) struct Scratch {
+    scores: Vec<f32>,
+    q: Vec<f32>,
+    acc: Vec<f32>,
+    m: Vec<f32>,
+    lsum: Vec<f32>,
+    lo: Vec<usize>,
+    hi: Vec<usize>,
+}
+
+thread_local! {
+    /// One scratch per worker thread, reused across calls.
+    pub(super) static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::new());
+}
+
+impl Scratch {
+    fn new() -> Self {
+        Self {
+            scores: vec![0.0; BLOCK_Q * BLOCK_K],
+            q: vec![0.0; BLOCK_Q * MAX_HEAD_DIM],
+            acc: vec![0.0; BLOCK_Q * MAX_HEAD_DIM],
+            m: vec![0.0; BLOCK_Q],
+            lsum: vec![0.0; BLOCK_Q],
+            lo: vec![0; BLOCK_Q],
+            hi: vec![0; BLOCK_Q],
+        }
+    }
+}
+
+/// The tile's rows and their state, borrowed from the scratch.
+struct Rows<'s> {
+    /// Folded row index of row 0 (`g · L + i`).
+    r0: usize,
+    nr: usize,
+    q: &'s [f32],
+    acc: &'s mut [f32],
+    scores: &'s mut [f32],
+    m: &'s mut [f32],
+    lsum: &'s mut [f32],
+    lo: &'s [usize],
+    hi: &'s [usize],
+}
+
+impl Ctx<'_> {
+    /// One work item: folded query rows `r0..r0 + nr` (row `g·L + i` is query `i` of head
+    /// `kh·G + g`) of KV head `kh` in batch `bi`.
+    pub fn item(&self, bi: usize, kh: usize, r0: usize, nr: usize, sc: &mut Scratch) {
+        let (d, dv, l) = (self.d, self.dv, self.l);
+        // Visible range of every row, and their union; gather the query rows.
+        let (mut k_lo, mut k_hi) = (usize::MAX, 0);
+        for r in 0..nr {
+            let (gg, i) = ((r0 + r) / l, (r0 + r) % l);
+            let (lo, hi) = self.plan.row_range(bi, i);
+            sc.lo[r] = lo;
+            sc.hi[r] = hi;
+            if lo < hi {
+                k_lo = k_lo.min(lo);
+                k_hi = k_hi.max(hi);
+            }
+            let at = self.q.at(bi, i, kh * self.g + gg);
+            sc.q[r * d..(r + 1) * d].copy_from_slice(&self.q.data[at..at + d]);
+        }
+        sc.m[..nr].fill(f32::NEG_INFINITY);
+        sc.lsum[..nr].fill(0.0);
+        sc.acc[..nr * dv].fill(0.0);
+        let masked = self.structured || self.key_bias.is_some() || self.bias.is_some();
+        let mut rows = Rows {
+            r0,
+            nr,
+            q: &sc.q[..nr * d],
+            acc: &mut sc.acc[..nr * dv],
+            scores: &mut sc.scores[..nr * BLOCK_K],
+            m: &mut sc.m[..nr],
+            lsum: &mut sc.lsum[..nr],
+            lo: &sc.lo[..nr],
+            hi: &sc.hi[..nr],
+        };
+        if k_lo < k_hi {
+            let mut start = k_lo / BLOCK_K * BLOCK_K;
+            while start < k_hi {
+                let tile = start / BLOCK_K;
+                let (j0, j1) = (start.max(k_lo), (start + BLOCK_K).min(k_hi));
+                start += BLOCK_K;
+                if let Some(dead) = &self.dead_tiles {
+                    if dead[bi * self.n_tiles + tile] {
+                        continue;
+                    }
+                }
+                self.tile(bi, kh, j0, j1, masked, &mut rows);
+            }
+        }
+        // Appended keys: never masked.
+        let mut j0 = self.real_s;
+        while j0 < self.s {
+            let j1 = (j0 + BLOCK_K).min(self.s);
+            self.tile(bi, kh, j0, j1, false, &mut rows);
+            j0 = j1;
+        }
+        for r in 0..nr {
+            let (gg, i) = ((r0 + r) / l, (r0 + r) % l);
+            let off = ((bi * l + i) * self.h + kh * self.g + gg) * dv;
+            // SAFETY: `off..off + dv` is inside the (B, L, H, Dv) output, and row (bi, i, head)
+            // belongs to this work item only (see `OutPtr`).
+            let dst = unsafe { std::slice::from_raw_parts_mut(self.out.0.add(off), dv) };
+            let src = &rows.acc[r * dv..(r + 1) * dv];
+            let sum = rows.lsum[r];
+            if sum == 0.0 {
+                match self.policy {
+                    MaskedRowPolicy::Zero => dst.fill(0.0),
+                    MaskedRowPolicy::Nan => dst.fill(f32::NAN),
+                }
+            } else {
+                let inv = 1.0 / sum;
+                dst.iter_mut().zip(src).for_each(|(o, x)| *o = x * inv);
+            }
+        }
+    }
+
+    /// Keys `j0..j1` for the item's rows: scores, masks, online softmax, `acc += P · V`.
+    fn tile(&self, bi: usize, kh: usize, j0: usize, j1: usize, masked: bool, rows: &mut Rows) {
+        let (d, dv, nr) = (self.d, self.dv, rows.nr);
+        let bk = j1 - j0;
+        let k0 = self.k.at(bi, j0, kh);
+        let v0 = self.v.at(bi, j0, kh);
+        let (kst, vst) = (self.k.strides[1], self.v.strides[1]);
+        let ktile = &self.k.data[k0..k0 + (bk - 1) * kst + d];
+        let vtile = &self.v.data[v0..v0 + (bk - 1) * vst + dv];
+        match self.kt {
+            #[cfg(target_arch = "x86_64")]
+            Some(kt) => {
+                // kᵀ of this KV head: (d × s), row stride s.
+                let base = (bi * self.hkv + kh) * d * self.s;
+                let kt = &kt[base..base + d * self.s];
+                // SAFETY: avx512f was detected when `kt` was built; the slices hold what the
+                // callee's contract asks (checked by its debug assertions).
+                unsafe {
+                    super::avx512::qk(
+                        rows.q,
+                        nr,
+                        d,
+                        kt,
+                        self.s,
+                        j0,
+                        bk,
+                        rows.scores,
+                        BLOCK_K,
+                        self.scale,
+                    )
+                };
+            }
+            _ => portable::qk(
+                rows.q,
+                nr,
+                d,
+                ktile,
+                kst,
+                bk,
+                rows.scores,
+                BLOCK_K,
+                self.scale,
+            ),
+        }
+        let mut any = false;
+        for r in 0..nr {
+            let row = &mut rows.scores[r * BLOCK_K..r * BLOCK_K + bk];
+            if masked {
+                let (lo, hi) = (rows.lo[r].clamp(j0, j1), rows.hi[r].clamp(j0, j1));
+                if lo >= hi {
+                    row.fill(0.0);
+                    continue;
+                }
+                row[..lo - j0].fill(f32::NEG_INFINITY);
+                row[hi - j0..].fill(f32::NEG_INFINITY);
+                let vis = &mut row[lo - j0..hi - j0];
+                if let Some(p) = self.key_bias {
+                    add_assign(vis, &p[bi * self.real_s + lo..bi * self.real_s + hi]);
+                }
+                if let Some(bias) = self.bias {
+                    let fr = rows.r0 + r;
+                    let (hh, i) = (kh * self.g + fr / self.l, fr % self.l);
+                    let base = bi * bias.sb + hh * bias.sh + i * bias.sl;
+                    add_assign(vis, &bias.data[base + lo..base + hi]);
+                }
+            }
+            let acc = &mut rows.acc[r * dv..(r + 1) * dv];
+            any |= softmax_step(row, &mut rows.m[r], &mut rows.lsum[r], acc);
+        }
+        if !any {
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if self.avx512 {
+            // SAFETY: avx512f detected (see `super::use_avx512`); acc (nr × dv), p (nr × bk,
+            // stride BLOCK_K), the V tile (bk rows of dv, vst apart) are in bounds.
+            unsafe { super::avx512::pv(rows.scores, BLOCK_K, nr, bk, vtile, vst, dv, rows.acc) };
+            return;
+        }
+        portable::pv(rows.scores, BLOCK_K, nr, bk, vtile, vst, dv, rows.acc);
+    }
+}
+
+fn add_assign(dst: &mut [f32], src: &[f32]) {
+    dst.iter_mut().zip(src).for_each(|(a, b)| *a += b);
+}
