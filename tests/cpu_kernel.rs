@@ -292,11 +292,12 @@ fn run_random(seed: u64, n: usize, big: bool) {
                 .unwrap()
         };
         // Inputs in the kernels' (B, T, heads, D) layout, often strided views: narrowed from a
-        // packed projection (B, T, heads + extra, D), or transposed from (B, heads, T, D).
+        // packed projection (B, T, heads + extra, D), transposed from (B, heads, T, D), or broadcast.
         let strided = |shape: (usize, usize, usize, usize), rng: &mut Rng| {
             let (b, t_, n, d) = shape;
-            match rng.below(3) {
+            match rng.below(4) {
                 0 => t(shape, rng),
+                3 => t((b, 1, n, d), rng).broadcast_as(shape).unwrap(), // stride 0 over T
                 1 => {
                     let more = 1 + rng.below(3);
                     let at = rng.below(more + 1);

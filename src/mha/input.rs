@@ -166,7 +166,7 @@ impl MhaInput {
     /// Self-attention over left-padded (right-aligned) sequences: the first `pad[b]` rows of
     /// batch element `b` are padding. Their keys are masked for every query, and positions are
     /// counted per sequence from its first real row (row `t` is position `t - pad[b]`). With
-    /// [`MultiHeadAttention::attend_cached`] it is given on the first call into an empty cache,
+    /// [`MultiHeadAttention::attend_cached`](crate::MultiHeadAttention::attend_cached) it is given on the first call into an empty cache,
     /// which records it (see [`crate::cache`]). Cannot be combined with a key padding mask.
     pub fn left_padding(mut self, pad: &[usize]) -> Self {
         self.left_padding = Some(pad.to_vec());
@@ -174,7 +174,7 @@ impl MhaInput {
     }
 }
 
-/// What [`MultiHeadAttention::attend`] returns.
+/// What [`MultiHeadAttention::attend`](crate::MultiHeadAttention::attend) returns.
 #[derive(Debug, Clone)]
 pub struct MhaOutput {
     /// Same layout as the query, with `embed_dim` features, in the input dtype.
@@ -182,4 +182,7 @@ pub struct MhaOutput {
     /// Attention probabilities when asked for (see [`NeedWeights`]), in the input dtype.
     /// In training mode with dropout they are the dropped-out weights, as in PyTorch.
     pub weights: Option<Tensor>,
+    /// The attention kernel that served the call (`"reference"`, `"cpu"`; see
+    /// [`crate::kernels`]).
+    pub kernel: &'static str,
 }

@@ -10,7 +10,7 @@ use candle_core::{bail, Module, Result, Tensor};
 
 use super::{MhaInput, MhaOutput, MultiHeadAttention, NeedWeights};
 use crate::cache::{KvCache, StaticKv};
-use crate::kernels::{self, compute_dtype, AttnParams};
+use crate::kernels::{self, compute_dtype, AttnOutput, AttnParams};
 use crate::mask::{Causal, CausalAlignment, MaskDims, MaskPlan};
 
 /// Where a call's keys and values come from.
@@ -303,8 +303,7 @@ impl MultiHeadAttention {
             backend: cfg.backend,
         };
         let att = kernels::attention(&q, &k, &v, &plan, &params)?;
-        let out = self.merge(att.output, att.weights, &p, input.need_weights)?;
-        Ok((out, next_cache))
+        Ok((self.merge(att, &p, input.need_weights)?, next_cache))
     }
 
     /// The mask plan of a call: the input's own, checked against the call's shapes, or one
@@ -385,14 +384,8 @@ impl MultiHeadAttention {
 
     /// Kernel output `(B, L, H, D)` → merged heads → output projection → the caller's layout;
     /// the weights as asked.
-    fn merge(
-        &self,
-        heads: Tensor,
-        weights: Option<Tensor>,
-        p: &Prepared,
-        need: NeedWeights,
-    ) -> Result<MhaOutput> {
-        let o = heads.reshape((p.b, p.l, self.cfg.q_dim()))?;
+    fn merge(&self, att: AttnOutput, p: &Prepared, need: NeedWeights) -> Result<MhaOutput> {
+        let o = att.output.reshape((p.b, p.l, self.cfg.q_dim()))?;
         let o = self.proj.o.forward(&o)?;
         let output = if p.unbatched {
             o.squeeze(0)?
@@ -401,7 +394,7 @@ impl MultiHeadAttention {
         } else {
             o.transpose(0, 1)?
         };
-        let weights = match (weights, need) {
+        let weights = match (att.weights, need) {
             (Some(w), NeedWeights::PerHead) => Some(w),
             (Some(w), NeedWeights::Averaged) => Some(w.mean(1)?),
             _ => None,
@@ -411,7 +404,11 @@ impl MultiHeadAttention {
             Some(w) => Some(w.to_dtype(self.dtype)?),
             None => None,
         };
-        Ok(MhaOutput { output, weights })
+        Ok(MhaOutput {
+            output,
+            weights,
+            kernel: att.kernel,
+        })
     }
 }
 

@@ -3,6 +3,8 @@
 
 use std::arch::x86_64::*;
 
+use super::mat::{Mat, MatMut};
+
 /// Rows per register block.
 const MR: usize = 6;
 
@@ -14,28 +16,17 @@ fn tail_mask(n: usize) -> u16 {
     }
 }
 
-/// `out[r][c] = scale · Σ_d q[r][d] · kt[d][j0 + c]` for `r < nr`, `c < round_up(bk, 16)`
-/// (columns past `bk` hold garbage-free zeros or unused values; callers read `..bk`).
+/// `out[r][c] = scale · Σ_x q[r][x] · kt[x][c]` for `r < q.rows`, `c < kt.cols` (`q` is
+/// `nr × d`, `kt` is `d × bk`: kᵀ, columns = keys). Whole 16-lane vectors are stored: columns
+/// `bk..round_up(bk, 16)` of `out` are overwritten too (callers read `..bk`).
 ///
 /// # Safety
-/// avx512f must be available; `q` holds `nr × d`, `kt` is `d × s` (row stride `s`) with
-/// `j0 + bk <= s`, `out` holds `nr` rows of stride `out_stride >= round_up(bk, 16)`.
-#[allow(clippy::too_many_arguments)]
+/// avx512f must be available, and `out` must hold `round_up(bk, 16)` columns in every row.
 #[target_feature(enable = "avx512f")]
-pub unsafe fn qk(
-    q: &[f32],
-    nr: usize,
-    d: usize,
-    kt: &[f32],
-    s: usize,
-    j0: usize,
-    bk: usize,
-    out: &mut [f32],
-    out_stride: usize,
-    scale: f32,
-) {
-    debug_assert!(q.len() >= nr * d && kt.len() >= d * s && j0 + bk <= s);
-    debug_assert!(out.len() >= (nr - 1) * out_stride + bk.div_ceil(16) * 16);
+pub unsafe fn qk(q: Mat, kt: Mat, out: MatMut, scale: f32) {
+    let (nr, d, bk) = (q.rows, q.cols, kt.cols);
+    debug_assert!(kt.rows == d && out.rows == nr && out.cols == bk);
+    debug_assert!(nr == 0 || out.data.len() >= (nr - 1) * out.stride + bk.div_ceil(16) * 16);
     let nv = bk.div_ceil(16);
     let mut c = 0;
     while c < nv {
@@ -47,17 +38,20 @@ pub unsafe fn qk(
             0
         };
         let masks = [m0, m1];
-        let kp = kt.as_ptr().add(j0 + 16 * c);
+        let kp = (kt.data.as_ptr().add(16 * c), kt.stride);
         let mut r = 0;
         while r < nr {
             let mr = (nr - r).min(MR);
-            let qp = q.as_ptr().add(r * d);
-            let op = out.as_mut_ptr().add(r * out_stride + 16 * c);
+            let qp = q.data.as_ptr().add(r * d);
+            let op = (
+                out.data.as_mut_ptr().add(r * out.stride + 16 * c),
+                out.stride,
+            );
             macro_rules! go {
                 ($($m:literal),*) => {
                     match (mr, nb) {
-                        $(($m, 1) => qk_block::<$m, 1>(qp, d, kp, s, op, out_stride, scale, masks),
-                          ($m, _) => qk_block::<$m, 2>(qp, d, kp, s, op, out_stride, scale, masks),)*
+                        $(($m, 1) => qk_block::<$m, 1>(qp, d, kp, op, scale, masks),
+                          ($m, _) => qk_block::<$m, 2>(qp, d, kp, op, scale, masks),)*
                         _ => unreachable!(),
                     }
                 };
@@ -69,16 +63,15 @@ pub unsafe fn qk(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// One `M × 16N` block of [`qk`]: `q` rows are `d` apart; `kt` and `out` are (pointer, row
+/// stride).
 #[inline]
 #[target_feature(enable = "avx512f")]
 unsafe fn qk_block<const M: usize, const N: usize>(
     q: *const f32,
     d: usize,
-    kt: *const f32,
-    s: usize,
-    out: *mut f32,
-    out_stride: usize,
+    (kt, s): (*const f32, usize),
+    (out, out_stride): (*mut f32, usize),
     scale: f32,
     masks: [u16; 2],
 ) {
@@ -107,25 +100,15 @@ unsafe fn qk_block<const M: usize, const N: usize>(
     }
 }
 
-/// `out[r][c] += Σ_{j < bk} p[r][j] · v[j][c]` for `r < nr`, `c < dv`.
+/// `acc[r][c] += Σ_{j < bk} p[r][j] · v[j][c]` for `r < p.rows`, `c < v.cols` (`p` is
+/// `nr × bk`, `v` is `bk × dv`, `acc` is `nr × dv`).
 ///
 /// # Safety
-/// avx512f must be available; `p` holds `nr` rows of stride `p_stride >= bk`, `v` holds `bk`
-/// rows of `dv` values, `v_stride` apart, `out` holds `nr × dv`.
-#[allow(clippy::too_many_arguments)]
+/// avx512f must be available.
 #[target_feature(enable = "avx512f")]
-pub unsafe fn pv(
-    p: &[f32],
-    p_stride: usize,
-    nr: usize,
-    bk: usize,
-    v: &[f32],
-    v_stride: usize,
-    dv: usize,
-    out: &mut [f32],
-) {
-    debug_assert!(p.len() >= (nr - 1) * p_stride + bk && v.len() >= (bk - 1) * v_stride + dv);
-    debug_assert!(out.len() >= nr * dv);
+pub unsafe fn pv(p: Mat, v: Mat, acc: MatMut) {
+    let (nr, bk, dv) = (p.rows, p.cols, v.cols);
+    debug_assert!(v.rows == bk && acc.rows == nr && acc.cols == dv);
     let mut c = 0;
     while c < dv {
         let w = (dv - c).min(64);
@@ -134,19 +117,19 @@ pub unsafe fn pv(
         for (n, m) in masks.iter_mut().enumerate().take(nb) {
             *m = tail_mask(w - 16 * n);
         }
-        let vp = v.as_ptr().add(c);
+        let vp = (v.data.as_ptr().add(c), v.stride);
         let mut r = 0;
         while r < nr {
             let mr = (nr - r).min(MR);
-            let pp = p.as_ptr().add(r * p_stride);
-            let op = out.as_mut_ptr().add(r * dv + c);
+            let pp = (p.data.as_ptr().add(r * p.stride), p.stride);
+            let op = (acc.data.as_mut_ptr().add(r * acc.stride + c), acc.stride);
             macro_rules! go {
                 ($($m:literal),*) => {
                     match (mr, nb) {
-                        $(($m, 1) => pv_block::<$m, 1>(pp, p_stride, bk, vp, v_stride, dv, op, masks),
-                          ($m, 2) => pv_block::<$m, 2>(pp, p_stride, bk, vp, v_stride, dv, op, masks),
-                          ($m, 3) => pv_block::<$m, 3>(pp, p_stride, bk, vp, v_stride, dv, op, masks),
-                          ($m, _) => pv_block::<$m, 4>(pp, p_stride, bk, vp, v_stride, dv, op, masks),)*
+                        $(($m, 1) => pv_block::<$m, 1>(pp, bk, vp, op, masks),
+                          ($m, 2) => pv_block::<$m, 2>(pp, bk, vp, op, masks),
+                          ($m, 3) => pv_block::<$m, 3>(pp, bk, vp, op, masks),
+                          ($m, _) => pv_block::<$m, 4>(pp, bk, vp, op, masks),)*
                         _ => unreachable!(),
                     }
                 };
@@ -158,23 +141,20 @@ pub unsafe fn pv(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// One `M × 16N` block of [`pv`]: `p`, `v` and `out` are (pointer, row stride).
 #[inline]
 #[target_feature(enable = "avx512f")]
 unsafe fn pv_block<const M: usize, const N: usize>(
-    p: *const f32,
-    p_stride: usize,
+    (p, p_stride): (*const f32, usize),
     bk: usize,
-    v: *const f32,
-    v_stride: usize,
-    dv: usize,
-    out: *mut f32,
+    (v, v_stride): (*const f32, usize),
+    (out, out_stride): (*mut f32, usize),
     masks: [u16; 4],
 ) {
     let mut acc = [[_mm512_setzero_ps(); N]; M];
     for r in 0..M {
         for n in 0..N {
-            acc[r][n] = _mm512_maskz_loadu_ps(masks[n], out.add(r * dv + 16 * n));
+            acc[r][n] = _mm512_maskz_loadu_ps(masks[n], out.add(r * out_stride + 16 * n));
         }
     }
     for j in 0..bk {
@@ -192,7 +172,7 @@ unsafe fn pv_block<const M: usize, const N: usize>(
     }
     for r in 0..M {
         for n in 0..N {
-            _mm512_mask_storeu_ps(out.add(r * dv + 16 * n), masks[n], acc[r][n]);
+            _mm512_mask_storeu_ps(out.add(r * out_stride + 16 * n), masks[n], acc[r][n]);
         }
     }
 }

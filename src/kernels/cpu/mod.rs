@@ -40,7 +40,8 @@
 //!
 //! Files: this one (eligibility, inputs, the parallel loop), `tile.rs` (one work item: masks,
 //! softmax step, products), `softmax.rs` (online softmax, `exp`), `avx512.rs` and `portable.rs`
-//! (the two products on AVX-512 registers or through `gemm`).
+//! (the two products on AVX-512 registers or through `gemm`), `mat.rs` (their bounds-checked
+//! matrix operands).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -51,6 +52,7 @@ use super::{AttnCall, AttnOutput, Caps, Kernel};
 
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+mod mat;
 mod portable;
 mod softmax;
 mod tile;

@@ -2,40 +2,28 @@
 //! dispatches to the best SIMD kernels of the running CPU): used where AVX-512 is missing, and
 //! for `Q · Kᵀ` of decode-like items that do not pay for a transposed copy of K.
 
-/// `out[r][c] = scale · Σ_x q[r][x] · k[c][x]` for `r < nr`, `c < bk`: `q` is `nr × d`
-/// contiguous, `k` holds `bk` key rows of `d` values, `k_stride` apart; `out` rows are
-/// `out_stride` apart.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn qk(
-    q: &[f32],
-    nr: usize,
-    d: usize,
-    k: &[f32],
-    k_stride: usize,
-    bk: usize,
-    out: &mut [f32],
-    out_stride: usize,
-    scale: f32,
-) {
-    assert!(q.len() >= nr * d && k.len() >= (bk - 1) * k_stride + d);
-    assert!(out.len() >= (nr - 1) * out_stride + bk);
-    // SAFETY: the assertions above keep every access of these row-major matrices in bounds:
-    // out (nr × bk, row stride out_stride), q (nr × d), kᵀ (d × bk: element (x, c) at
-    // c·k_stride + x).
+use super::mat::{Mat, MatMut};
+
+/// `out = scale · q · kᵀ`: `q` is `nr × d`, `k` is `bk × d` (key rows), `out` is `nr × bk`.
+pub(super) fn qk(q: Mat, k: Mat, out: MatMut, scale: f32) {
+    let (nr, d, bk) = (q.rows, q.cols, k.rows);
+    assert!(k.cols == d && out.rows == nr && out.cols == bk);
+    // SAFETY: `Mat`/`MatMut` guarantee every element of these row-major matrices is in its
+    // slice; kᵀ (d × bk) is read as element (x, c) at c·k.stride + x.
     unsafe {
         gemm::gemm(
             nr,
             bk,
             d,
-            out.as_mut_ptr(),
+            out.data.as_mut_ptr(),
             1,
-            out_stride as isize,
+            out.stride as isize,
             false,
-            q.as_ptr(),
+            q.data.as_ptr(),
             1,
-            d as isize,
-            k.as_ptr(),
-            k_stride as isize,
+            q.stride as isize,
+            k.data.as_ptr(),
+            k.stride as isize,
             1,
             0.0f32,
             scale,
@@ -47,38 +35,27 @@ pub(super) fn qk(
     }
 }
 
-/// `acc[r][c] += Σ_{j < bk} p[r][j] · v[j][c]` for `r < nr`, `c < dv`: `p` rows are `p_stride`
-/// apart, `v` holds `bk` rows of `dv` values, `v_stride` apart; `acc` is `nr × dv`.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn pv(
-    p: &[f32],
-    p_stride: usize,
-    nr: usize,
-    bk: usize,
-    v: &[f32],
-    v_stride: usize,
-    dv: usize,
-    acc: &mut [f32],
-) {
-    assert!(p.len() >= (nr - 1) * p_stride + bk && v.len() >= (bk - 1) * v_stride + dv);
-    assert!(acc.len() >= nr * dv);
-    // SAFETY: the assertions above keep every access in bounds: acc (nr × dv), p (nr × bk,
-    // row stride p_stride), v (bk × dv, row stride v_stride), all row-major.
+/// `acc += p · v`: `p` is `nr × bk`, `v` is `bk × dv`, `acc` is `nr × dv`.
+pub(super) fn pv(p: Mat, v: Mat, acc: MatMut) {
+    let (nr, bk, dv) = (p.rows, p.cols, v.cols);
+    assert!(v.rows == bk && acc.rows == nr && acc.cols == dv);
+    // SAFETY: `Mat`/`MatMut` guarantee every element of these row-major matrices is in its
+    // slice.
     unsafe {
         gemm::gemm(
             nr,
             dv,
             bk,
-            acc.as_mut_ptr(),
+            acc.data.as_mut_ptr(),
             1,
-            dv as isize,
+            acc.stride as isize,
             true,
-            p.as_ptr(),
+            p.data.as_ptr(),
             1,
-            p_stride as isize,
-            v.as_ptr(),
+            p.stride as isize,
+            v.data.as_ptr(),
             1,
-            v_stride as isize,
+            v.stride as isize,
             1.0f32,
             1.0f32,
             false,

@@ -3,6 +3,7 @@
 
 use std::cell::RefCell;
 
+use super::mat::{Mat, MatMut};
 use super::softmax::softmax_step;
 use super::{portable, BLOCK_K, BLOCK_Q, MAX_HEAD_DIM};
 use crate::config::MaskedRowPolicy;
@@ -197,42 +198,21 @@ impl Ctx<'_> {
         let k0 = self.k.at(bi, j0, kh);
         let v0 = self.v.at(bi, j0, kh);
         let (kst, vst) = (self.k.strides[1], self.v.strides[1]);
-        let ktile = &self.k.data[k0..k0 + (bk - 1) * kst + d];
-        let vtile = &self.v.data[v0..v0 + (bk - 1) * vst + dv];
+        let ktile = Mat::new(&self.k.data[k0..], bk, d, kst);
+        let vtile = Mat::new(&self.v.data[v0..], bk, dv, vst);
+        let q = Mat::new(rows.q, nr, d, d);
+        let scores = MatMut::new(rows.scores, nr, bk, BLOCK_K);
         match self.kt {
             #[cfg(target_arch = "x86_64")]
             Some(kt) => {
-                // kᵀ of this KV head: (d × s), row stride s.
+                // kᵀ of this KV head, (d × s), from column j0.
                 let base = (bi * self.hkv + kh) * d * self.s;
-                let kt = &kt[base..base + d * self.s];
-                // SAFETY: avx512f was detected when `kt` was built; the slices hold what the
-                // callee's contract asks (checked by its debug assertions).
-                unsafe {
-                    super::avx512::qk(
-                        rows.q,
-                        nr,
-                        d,
-                        kt,
-                        self.s,
-                        j0,
-                        bk,
-                        rows.scores,
-                        BLOCK_K,
-                        self.scale,
-                    )
-                };
+                let kt = Mat::new(&kt[base + j0..base + d * self.s], d, bk, self.s);
+                // SAFETY: avx512f was detected when `kt` was built; the score tile has
+                // BLOCK_K >= round_up(bk, 16) columns per row.
+                unsafe { super::avx512::qk(q, kt, scores, self.scale) };
             }
-            _ => portable::qk(
-                rows.q,
-                nr,
-                d,
-                ktile,
-                kst,
-                bk,
-                rows.scores,
-                BLOCK_K,
-                self.scale,
-            ),
+            _ => portable::qk(q, ktile, scores, self.scale),
         }
         let mut any = false;
         for r in 0..nr {
@@ -262,14 +242,15 @@ impl Ctx<'_> {
         if !any {
             return;
         }
+        let p = Mat::new(rows.scores, nr, bk, BLOCK_K);
+        let acc = MatMut::new(rows.acc, nr, dv, dv);
         #[cfg(target_arch = "x86_64")]
         if self.avx512 {
-            // SAFETY: avx512f detected (see `super::use_avx512`); acc (nr × dv), p (nr × bk,
-            // stride BLOCK_K), the V tile (bk rows of dv, vst apart) are in bounds.
-            unsafe { super::avx512::pv(rows.scores, BLOCK_K, nr, bk, vtile, vst, dv, rows.acc) };
+            // SAFETY: avx512f detected (see `super::use_avx512`).
+            unsafe { super::avx512::pv(p, vtile, acc) };
             return;
         }
-        portable::pv(rows.scores, BLOCK_K, nr, bk, vtile, vst, dv, rows.acc);
+        portable::pv(p, vtile, acc);
     }
 }
 
