@@ -18,13 +18,17 @@
 //! chunked `KvCache` against reallocating every step (`Tensor::cat`, like candle-nn's
 //! `ConcatKvCache`) and candle-nn's `kv_cache::KvCache`.
 
+#[path = "common/model_files.rs"]
+mod model_files;
+
 use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use candle_mha::models::llama::{find_smollm2_gguf, smollm2_chat_prompt, Llama, LlamaCache};
+use candle_mha::models::llama::{smollm2_chat_prompt, Llama, LlamaCache};
 use candle_mha::KvCache;
+use model_files::find_smollm2_gguf;
 
 const MESSAGE: &str = "What is the capital of France? Answer in one sentence.";
 
@@ -160,7 +164,7 @@ struct TorchRun {
 fn main() -> Result<()> {
     let a = parse_args()?;
     let dev = Device::Cpu;
-    let gguf = find_smollm2_gguf(None).map_err(anyhow::Error::msg)?;
+    let gguf = find_smollm2_gguf(None)?;
     let tok = tokenizers::Tokenizer::from_file(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/smollm2-tokenizer.json"),
     )

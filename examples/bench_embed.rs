@@ -16,6 +16,8 @@
 
 #[path = "common/minilm.rs"]
 mod minilm;
+#[path = "common/model_files.rs"]
+mod model_files;
 
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Write};
@@ -26,8 +28,8 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use candle_mha::case::parse_device;
-use candle_mha::models::sentence::find_minilm_dir;
 use minilm::MiniLm;
+use model_files::find_minilm_dir;
 use serde_json::Value;
 
 const USAGE: &str = "usage: bench_embed [--model-dir DIR] [--device cpu|cuda] [--python PY] \

