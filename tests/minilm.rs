@@ -245,7 +245,11 @@ fn layer0_attention_matches_pytorch() {
 
     // HF BertAttention: LayerNorm(x + MHA(x)). Its values reach 28, where one f32 ulp is 2e-6:
     // 1e-5 absolute up to magnitude 1, relative above.
-    let block = layer0.attention_block(&hidden_in, Some(&padding)).unwrap();
+    let plan = layer0
+        .attention()
+        .mask_plan(&MhaInput::new(hidden_in.clone()).key_padding_mask(padding.clone()))
+        .unwrap();
+    let block = layer0.attention_block(&hidden_in, Some(&plan)).unwrap();
     let (block_abs, block_rel) = tensor_diffs(&block, &on("layer0.attention_out"));
 
     println!(

@@ -33,7 +33,7 @@ use candle_core::{bail, Error, Module, Result, Tensor};
 use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
 use serde::Deserialize;
 
-use crate::{KeyPaddingMask, MhaConfig, MhaInput, MultiHeadAttention, WeightLayout};
+use crate::{KeyPaddingMask, MaskPlan, MhaConfig, MhaInput, MultiHeadAttention, WeightLayout};
 
 /// The feed-forward activation (`hidden_act` in `config.json`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -232,19 +232,20 @@ impl BertLayer {
         &self.attention
     }
 
-    /// The attention block, HF `BertAttention`: `LayerNorm(x + MHA(x))`.
-    pub fn attention_block(&self, xs: &Tensor, padding: Option<&KeyPaddingMask>) -> Result<Tensor> {
+    /// The attention block, HF `BertAttention`: `LayerNorm(x + MHA(x))`. `plan` holds the
+    /// padding (built once per forward: see [`BertModel::forward_with_padding`]).
+    pub fn attention_block(&self, xs: &Tensor, plan: Option<&MaskPlan>) -> Result<Tensor> {
         let mut input = MhaInput::new(xs.clone());
-        if let Some(p) = padding {
-            input = input.key_padding_mask(p.clone());
+        if let Some(p) = plan {
+            input = input.mask_plan(p.clone());
         }
         let attn = self.attention.attend(&input)?.output;
         self.attention_norm.forward(&(attn + xs)?)
     }
 
-    /// The whole layer on `xs` (B, L, hidden_size); `padding` says which keys are padding.
-    pub fn forward(&self, xs: &Tensor, padding: Option<&KeyPaddingMask>) -> Result<Tensor> {
-        let a = self.attention_block(xs, padding)?;
+    /// The whole layer on `xs` (B, L, hidden_size); `plan` says which keys are padding.
+    pub fn forward(&self, xs: &Tensor, plan: Option<&MaskPlan>) -> Result<Tensor> {
+        let a = self.attention_block(xs, plan)?;
         let ff = self
             .output
             .forward(&self.act.apply(&self.intermediate.forward(&a)?)?)?;
@@ -304,7 +305,8 @@ impl BertModel {
     }
 
     /// [`BertModel::forward`] with the padding given as a [`KeyPaddingMask`] (e.g.
-    /// [`KeyPaddingMask::from_lengths`] for right-padded batches).
+    /// [`KeyPaddingMask::from_lengths`] for right-padded batches). The padding is validated and
+    /// turned into a [`MaskPlan`] once, shared by every layer.
     pub fn forward_with_padding(
         &self,
         input_ids: &Tensor,
@@ -312,8 +314,16 @@ impl BertModel {
         padding: Option<&KeyPaddingMask>,
     ) -> Result<Tensor> {
         let mut xs = self.embeddings.forward(input_ids, token_type_ids)?;
+        let plan = match (padding, self.layers.first()) {
+            (Some(p), Some(first)) => Some(
+                first
+                    .attention()
+                    .mask_plan(&MhaInput::new(xs.clone()).key_padding_mask(p.clone()))?,
+            ),
+            _ => None,
+        };
         for layer in &self.layers {
-            xs = layer.forward(&xs, padding)?;
+            xs = layer.forward(&xs, plan.as_ref())?;
         }
         Ok(xs)
     }

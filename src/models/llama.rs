@@ -35,7 +35,6 @@ use candle_core::{bail, DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
 
 use crate::cache::KvCache;
-use crate::mask::CausalAlignment;
 use crate::mha::{MhaInput, MultiHeadAttention};
 use crate::rope::{Rope, RopeStyle};
 use crate::{MhaConfig, WeightLayout};
@@ -304,12 +303,25 @@ impl Llama {
             )
         }
         let mut x = self.embed.forward(ids)?;
+        let with_padding = |input: MhaInput| match left_padding {
+            Some(pad) => input.left_padding(pad),
+            None => input,
+        };
+        // One mask plan for every layer (bottom-right causal over cache + new rows, padding):
+        // all layers' caches hold the same positions.
+        let plan = match (self.blocks.first(), cache.layers.first()) {
+            (Some(first), Some(kv)) => Some(
+                first
+                    .attn
+                    .mask_plan_cached(&with_padding(MhaInput::new(x.clone())), kv)?,
+            ),
+            _ => None,
+        };
         for (block, kv) in self.blocks.iter().zip(cache.layers.iter_mut()) {
-            let mut input = MhaInput::new(block.attn_norm.forward(&x)?)
-                .causal(CausalAlignment::BottomRight)
-                .rope(self.rope.clone());
-            if let Some(pad) = left_padding {
-                input = input.left_padding(pad);
+            let mut input =
+                with_padding(MhaInput::new(block.attn_norm.forward(&x)?).rope(self.rope.clone()));
+            if let Some(plan) = &plan {
+                input = input.mask_plan(plan.clone());
             }
             let a = block.attn.attend_cached(&input, kv)?.output;
             x = (x + a)?;
