@@ -260,10 +260,14 @@ fn forward(c: &AttnCall) -> Result<Tensor> {
     };
     let row_tiles = (g * l).div_ceil(BLOCK_Q);
     (0..b * hkv * row_tiles).into_par_iter().for_each(|item| {
-        let (bk, t) = (item / row_tiles, item % row_tiles);
+        let (t, kh, bi) = (
+            item % row_tiles,
+            item / row_tiles % hkv,
+            item / (hkv * row_tiles),
+        );
         let r0 = t * BLOCK_Q;
         let nr = BLOCK_Q.min(g * l - r0);
-        tile::SCRATCH.with(|sc| ctx.item(bk / hkv, bk % hkv, r0, nr, &mut sc.borrow_mut()));
+        tile::SCRATCH.with(|sc| ctx.item(bi, kh, r0, nr, &mut sc.borrow_mut()));
     });
     drop(ctx);
     drop((qg, kg, vg, bg, pg));
@@ -271,8 +275,11 @@ fn forward(c: &AttnCall) -> Result<Tensor> {
 }
 
 /// K `(B, S, Hkv, D)` (strided) → `(B, Hkv, D, S)` contiguous, one `(D, S)` block per KV head,
-/// in parallel.
+/// in parallel. Each 32 × 32 tile is transposed in a small buffer first, so that both the reads
+/// (key rows) and the writes (rows of kᵀ, `S` apart) are whole contiguous runs: scattering
+/// single floats to rows `S` apart thrashes the cache sets they all map to.
 fn transpose_heads(k: &View, b: usize, hkv: usize, s: usize, d: usize) -> Vec<f32> {
+    const T: usize = 32;
     let mut out = vec![0f32; b * hkv * d * s];
     if s * d == 0 {
         return out;
@@ -280,14 +287,20 @@ fn transpose_heads(k: &View, b: usize, hkv: usize, s: usize, d: usize) -> Vec<f3
     let [sb, st, sh] = k.strides;
     out.par_chunks_mut(s * d).enumerate().for_each(|(bk, o)| {
         let base = (bk / hkv) * sb + (bk % hkv) * sh;
-        const T: usize = 32;
+        let mut buf = [0f32; T * T];
         for j0 in (0..s).step_by(T) {
+            let nj = T.min(s - j0);
             for d0 in (0..d).step_by(T) {
-                for j in j0..(j0 + T).min(s) {
-                    let row = &k.data[base + j * st..base + j * st + d];
-                    for dd in d0..(d0 + T).min(d) {
-                        o[dd * s + j] = row[dd];
+                let nd = T.min(d - d0);
+                for jj in 0..nj {
+                    let row = &k.data[base + (j0 + jj) * st + d0..][..nd];
+                    for (dd, &x) in row.iter().enumerate() {
+                        buf[dd * T + jj] = x;
                     }
+                }
+                for dd in 0..nd {
+                    let at = (d0 + dd) * s + j0;
+                    o[at..at + nj].copy_from_slice(&buf[dd * T..dd * T + nj]);
                 }
             }
         }

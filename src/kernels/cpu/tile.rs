@@ -32,7 +32,8 @@ pub(super) struct Bias<'a> {
     pub sl: usize,
 }
 
-/// The `(B, L, H, Dv)` f32 output; every work item writes its own rows only.
+/// The `(B, L, H, Dv)` f32 output, written from many threads: every work item writes its own
+/// rows only.
 pub(super) struct OutPtr(pub *mut f32);
 
 // SAFETY: work items write disjoint rows (each `(b, i, head)` belongs to exactly one item), and
