@@ -137,21 +137,31 @@ impl Rope {
         }
         // One table row per (b, t): positions differ per sequence only with left padding.
         let uniform = starts.iter().all(|&s| s == starts[0]);
-        let nb = if uniform { 1 } else { b };
-        let idx: Vec<u32> = (0..nb)
-            .flat_map(|bi| {
-                let s = starts[if starts.len() == 1 { 0 } else { bi }];
-                (0..t as i64).map(move |j| (s + j).max(0) as u32)
-            })
-            .collect();
-        let idx = Tensor::from_vec(idx, nb * t, x.device())?;
-        let table = |tab: &Tensor| -> Result<Tensor> {
-            let rows = tab.index_select(&idx, 0)?.to_dtype(x.dtype())?; // (nb·T, D/2)
-            rows.reshape((nb, t, 1, d / 2))?
-                .broadcast_as((b, t, 1, d / 2))?
-                .contiguous()
+        let (nb, cos, sin) = if uniform && starts[0] >= 0 {
+            // A slice of the tables: no copy for a single sequence.
+            let s0 = starts[0] as usize;
+            (1, self.cos.narrow(0, s0, t)?, self.sin.narrow(0, s0, t)?)
+        } else {
+            let nb = if uniform { 1 } else { b };
+            let idx: Vec<u32> = (0..nb)
+                .flat_map(|bi| {
+                    let s = starts[if starts.len() == 1 { 0 } else { bi }];
+                    (0..t as i64).map(move |j| (s + j).max(0) as u32)
+                })
+                .collect();
+            let idx = Tensor::from_vec(idx, nb * t, x.device())?;
+            let rows = |tab: &Tensor| tab.index_select(&idx, 0);
+            (nb, rows(&self.cos)?, rows(&self.sin)?)
         };
-        let (cos, sin) = (table(&self.cos)?, table(&self.sin)?);
+        let table = |rows: Tensor| -> Result<Tensor> {
+            let rows = rows.to_dtype(x.dtype())?.reshape((nb, t, 1, d / 2))?;
+            if nb == b {
+                rows.contiguous()
+            } else {
+                rows.broadcast_as((b, t, 1, d / 2))?.contiguous()
+            }
+        };
+        let (cos, sin) = (table(cos)?, table(sin)?);
         let x = x.contiguous()?;
         if !x.track_op() {
             // candle-nn's fused kernels rotate (B', H', T', D) with per-B' tables indexed by T':

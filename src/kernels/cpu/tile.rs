@@ -153,6 +153,7 @@ impl Ctx<'_> {
         };
         if k_lo < k_hi {
             let mut start = k_lo / BLOCK_K * BLOCK_K;
+            self.prefetch(bi, kh, k_lo, (start + BLOCK_K).min(k_hi));
             while start < k_hi {
                 let tile = start / BLOCK_K;
                 let (j0, j1) = (start.max(k_lo), (start + BLOCK_K).min(k_hi));
@@ -162,6 +163,7 @@ impl Ctx<'_> {
                         continue;
                     }
                 }
+                self.prefetch(bi, kh, j1, (j1 + BLOCK_K).min(k_hi));
                 self.tile(bi, kh, j0, j1, masked, &mut rows);
             }
         }
@@ -190,6 +192,37 @@ impl Ctx<'_> {
                 dst.iter_mut().zip(src).for_each(|(o, x)| *o = x * inv);
             }
         }
+    }
+
+    /// Asks the CPU to start loading the K and V rows of keys `j0..j1` (the next tile) when they
+    /// are strided, e.g. one head of a `(B, S, Hkv, D)` cache: each row then sits in its own
+    /// memory page, which the hardware prefetchers do not follow.
+    fn prefetch(&self, bi: usize, kh: usize, j0: usize, j1: usize) {
+        #[cfg(target_arch = "x86_64")]
+        for (view, width, used) in [
+            (&self.k, self.d, self.kt.is_none()),
+            (&self.v, self.dv, true),
+        ] {
+            let stride = view.strides[1];
+            if !used || stride <= width {
+                continue;
+            }
+            for j in j0..j1 {
+                let row = view.at(bi, j, kh);
+                for c in (0..width).step_by(16) {
+                    if let Some(x) = view.data.get(row + c) {
+                        // SAFETY: prefetching is a hint; `x` is a valid reference.
+                        unsafe {
+                            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                                (x as *const f32).cast(),
+                            )
+                        };
+                    }
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (bi, kh, j0, j1);
     }
 
     /// Keys `j0..j1` for the item's rows: scores, masks, online softmax, `acc += P · V`.
