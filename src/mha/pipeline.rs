@@ -48,7 +48,6 @@ impl Prepared {
     /// Validates `input` for a call taking its keys and values from `src`.
     pub(super) fn new(m: &MultiHeadAttention, input: &MhaInput, src: KvSource) -> Result<Self> {
         let cfg = &m.cfg;
-        let fresh = matches!(src, KvSource::Fresh);
         match src {
             KvSource::Fresh => {}
             KvSource::Cached(_) => {
@@ -225,7 +224,6 @@ impl Prepared {
             KvSource::Cached(cache) => cache.len(),
             _ => 0,
         };
-        debug_assert!(fresh || kv.is_none());
         Ok(Self {
             q,
             kv,
@@ -271,7 +269,7 @@ impl MultiHeadAttention {
             (_, kv) => kv,
         };
         let (mut k, mut v, next_cache) = match (src, new_kv) {
-            (KvSource::Fresh, Some((k, v))) => (k, v, None),
+            (KvSource::Static(memory), _) => (memory.k.clone(), memory.v.clone(), None),
             (KvSource::Cached(cache), Some((k, v))) => {
                 let mut next = cache.clone();
                 let (k, v) = next.append(&k, &v)?;
@@ -280,8 +278,8 @@ impl MultiHeadAttention {
                 }
                 (k, v, Some(next))
             }
-            (KvSource::Static(memory), _) => (memory.k.clone(), memory.v.clone(), None),
-            _ => unreachable!("project returns keys and values for fresh and cached calls"),
+            (_, Some((k, v))) => (k, v, None),
+            (_, None) => bail!("attention: no keys and values were projected for this call"),
         };
         // Keys appended after the maskable ones: bias_k / bias_v, then a zero key.
         let (b, hkv, d) = (p.b, cfg.kv_heads(), cfg.head_dim());
