@@ -1,21 +1,6 @@
 //! [`MaskPlan`]: every mask of one attention call, validated and merged once.
 //!
-//! A plan is what the kernels receive. It keeps what has structure as structure, so that fused
-//! kernels can skip whole tiles and never read a mask tensor for it:
-//! - the causal diagonal with its alignment and sliding window ([`Causal`]);
-//! - one visible key range `lo..hi` per batch element, which covers right padding (lengths, a
-//!   boolean key padding mask whose kept keys are contiguous) and left padding alike;
-//! - packed variable-length sequences (cumulative offsets; B = 1): query row `i` of sequence `n`
-//!   sees only the keys of sequence `n`, causal within it.
-//!
-//! Only the tensors a caller passes in stay dense: a float (additive) key padding mask
-//! ([`MaskPlan::key_bias`], `(B, S)`) and the attention mask ([`MaskPlan::bias`], 4-D,
-//! broadcastable to `(B, H, L, S)`), both in the compute dtype.
-//!
-//! Build it once per forward and hand it to every layer (see
-//! [`MultiHeadAttention::mask_plan`](crate::MultiHeadAttention::mask_plan)); building converts
-//! boolean masks, checks every shape and, for a boolean key padding mask, reads it once to find
-//! its ranges.
+//! See [`MaskPlan`].
 
 use std::sync::Arc;
 
@@ -59,8 +44,24 @@ struct Packed {
     cu_k: Vec<usize>,
 }
 
-/// Every mask of one attention call, validated against its shapes and merged. See the
-/// [module docs](self).
+/// Every mask of one attention call, validated against its shapes and merged.
+///
+/// A plan is what the kernels receive. It keeps what has structure as structure, so that fused
+/// kernels can skip whole tiles and never read a mask tensor for it:
+/// - the causal diagonal with its alignment and sliding window ([`Causal`]);
+/// - one visible key range `lo..hi` per batch element, which covers right padding (lengths, a
+///   boolean key padding mask whose kept keys are contiguous) and left padding alike;
+/// - packed variable-length sequences (cumulative offsets; B = 1): query row `i` of sequence `n`
+///   sees only the keys of sequence `n`, causal within it.
+///
+/// Only the tensors a caller passes in stay dense: a float (additive) key padding mask
+/// ([`MaskPlan::key_bias`], `(B, S)`) and the attention mask ([`MaskPlan::bias`], 4-D,
+/// broadcastable to `(B, H, L, S)`), both in the compute dtype.
+///
+/// Build it once per forward and hand it to every layer (see
+/// [`MultiHeadAttention::mask_plan`](crate::MultiHeadAttention::mask_plan)); building converts
+/// boolean masks, checks every shape and, for a boolean key padding mask, reads it once to find
+/// its ranges.
 ///
 /// ```
 /// use candle_core::{DType, Device};

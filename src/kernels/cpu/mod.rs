@@ -13,7 +13,8 @@
 //!    the transpose); otherwise the `gemm` crate (the one candle's matmul uses) reading K in
 //!    place;
 //! 2. the masks of the tile are applied in place: keys outside each row's structured range
-//!    ([`MaskPlan::row_range`]: causal / sliding window, key ranges, packed sequences) become
+//!    ([`MaskPlan::row_range`](crate::mask::MaskPlan::row_range): causal / sliding window, key
+//!    ranges, packed sequences) become
 //!    `-inf`, and the dense key padding and attention bias rows are added;
 //! 3. online softmax in f32: per row a running max `m` and sum `l`; the tile's scores become
 //!    `exp(score - m_new)` (a vectorised polynomial `exp`, relative error ≈ 1e-7) and the
