@@ -108,29 +108,17 @@ fn a_plan_built_once_equals_the_per_call_masks() -> Result<()> {
 fn boolean_key_padding_becomes_ranges_when_contiguous() -> Result<()> {
     let dev = Device::Cpu;
     let dims = MaskDims::new(3, 2, 4, 5);
+    let plan_of = |m: [[u8; 5]; 3]| -> Result<MaskPlan> {
+        let m = KeyPaddingMask::new(Tensor::new(&m, &dev)?);
+        MaskPlan::new(dims).with_key_padding(&m, DType::F32, &dev)
+    };
     // Left padding, right padding, both: contiguous kept keys.
-    let m = Tensor::new(&[[1u8, 1, 0, 0, 0], [0, 0, 0, 1, 1], [1, 0, 0, 0, 1]], &dev)?;
-    let plan = MaskPlan::build(
-        dims,
-        Some(&KeyPaddingMask::new(m)),
-        None,
-        None,
-        DType::F32,
-        &dev,
-    )?;
+    let plan = plan_of([[1, 1, 0, 0, 0], [0, 0, 0, 1, 1], [1, 0, 0, 0, 1]])?;
     assert_eq!(plan.key_ranges(), Some(&[(2, 5), (0, 3), (1, 4)][..]));
     assert!(plan.key_bias().is_none());
     assert_eq!(plan.row_range(2, 0), (1, 4));
     // A hole: stays dense.
-    let m = Tensor::new(&[[0u8, 1, 0, 0, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]], &dev)?;
-    let plan = MaskPlan::build(
-        dims,
-        Some(&KeyPaddingMask::new(m)),
-        None,
-        None,
-        DType::F32,
-        &dev,
-    )?;
+    let plan = plan_of([[0, 1, 0, 0, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]])?;
     assert!(plan.key_ranges().is_none());
     assert_eq!(plan.key_bias().unwrap().dims(), &[3, 5]);
     // Key padding twice is an error.
