@@ -251,23 +251,17 @@ impl MultiHeadAttention {
         let cfg = &self.cfg;
         let p = Prepared::new(self, input, src)?;
         let plan = self.plan_for(input, &p)?;
-        let (mut q, new_kv) = self.project(&p, !matches!(src, KvSource::Static(_)))?;
-        // Positional hook on the new rows: row t of sequence b sits at past + t - pad[b].
+        let (mut q, mut new_kv) = self.project(&p, !matches!(src, KvSource::Static(_)))?;
+        // Positional hook on the new rows: row t of sequence b sits at past + t - pad[b]; the
+        // keys of a cross-attention memory start at 0.
         if let Some(hook) = &input.positional {
             let starts = starts_from(p.pad.as_deref(), p.b, p.past);
             q = hook.apply(&q, &starts)?;
-        }
-        let new_kv = match (&input.positional, new_kv) {
-            (Some(hook), Some((k, v))) => {
-                let starts = if p.self_attn {
-                    starts_from(p.pad.as_deref(), p.b, p.past)
-                } else {
-                    vec![0]
-                };
-                Some((hook.apply(&k, &starts)?, v))
+            if let Some((k, v)) = new_kv {
+                let k_starts = if p.self_attn { starts } else { vec![0] };
+                new_kv = Some((hook.apply(&k, &k_starts)?, v));
             }
-            (_, kv) => kv,
-        };
+        }
         let (mut k, mut v, next_cache) = match (src, new_kv) {
             (KvSource::Static(memory), _) => (memory.k.clone(), memory.v.clone(), None),
             (KvSource::Cached(cache), Some((k, v))) => {

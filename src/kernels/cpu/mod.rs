@@ -250,7 +250,7 @@ fn forward(c: &AttnCall) -> Result<Tensor> {
         scale: c.params.scale as f32,
         policy: c.params.masked_rows,
         plan: c.mask,
-        structured: c.mask.has_structure(),
+        masked: !c.mask.is_empty(),
         key_bias,
         dead_tiles,
         n_tiles,

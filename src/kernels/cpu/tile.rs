@@ -58,8 +58,8 @@ pub(super) struct Ctx<'a> {
     pub scale: f32,
     pub policy: MaskedRowPolicy,
     pub plan: &'a MaskPlan,
-    /// Whether the plan restricts rows to key ranges (causal, key ranges, packed).
-    pub structured: bool,
+    /// Whether the plan masks any of the first `real_s` keys (else masks are skipped).
+    pub masked: bool,
     /// Dense `(B, real_s)` key padding.
     pub key_bias: Option<&'a [f32]>,
     /// Per `(batch, aligned key tile)`: the dense key padding is `-inf` on the whole tile.
@@ -139,7 +139,6 @@ impl Ctx<'_> {
         sc.m[..nr].fill(f32::NEG_INFINITY);
         sc.lsum[..nr].fill(0.0);
         sc.acc[..nr * dv].fill(0.0);
-        let masked = self.structured || self.key_bias.is_some() || self.bias.is_some();
         let mut rows = Rows {
             r0,
             nr,
@@ -164,7 +163,7 @@ impl Ctx<'_> {
                     }
                 }
                 self.prefetch(bi, kh, j1, (j1 + BLOCK_K).min(k_hi));
-                self.tile(bi, kh, j0, j1, masked, &mut rows);
+                self.tile(bi, kh, j0, j1, self.masked, &mut rows);
             }
         }
         // Appended keys: never masked.
