@@ -35,7 +35,7 @@
 //! let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
 //! let mha = MultiHeadAttention::new(MhaConfig::new(16, 4).with_batch_first(true), vb)?;
 //! // Fresh `Var` weights are tracked by autograd; for inference, take the detached view (same
-//! // weights) so that calls run the fused kernels (see `MultiHeadAttention::inference`).
+//! // weights) so that calls record no graph (see `MultiHeadAttention::inference`).
 //! let mha = mha.inference();
 //! let x = Tensor::randn(0f32, 1., (2, 6, 16), &dev)?;
 //! let out = mha.attend(

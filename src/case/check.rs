@@ -70,7 +70,7 @@ impl CaseReport {
         self.checks
             .iter()
             .filter(|c| match what {
-                "grad" => c.label.starts_with("grad/"),
+                "grad" => c.label.starts_with("grad"),
                 _ => c.label.ends_with(&suffix),
             })
             .map(|c| c.max_abs_err)
@@ -92,6 +92,14 @@ impl fmt::Display for CaseReport {
             if let Some(e) = self.max_err(what) {
                 write!(f, " max_abs_err_{what}={e:.3e}")?;
             }
+        }
+        // Which kernels ran the gradient checks: `grad[fwd=… bwd=…]/…` labels.
+        if let Some(k) = self
+            .checks
+            .iter()
+            .find_map(|c| c.label.strip_prefix("grad[")?.split(']').next())
+        {
+            write!(f, " {k}")?;
         }
         write!(f, " ({} checks)", self.checks.len())?;
         for c in self.checks.iter().filter(|c| !c.passed) {

@@ -38,12 +38,16 @@ impl Case {
 
     /// `causal_alignment`, else `is_causal` (top-left), else none.
     fn core_causal(&self) -> Result<Option<CausalAlignment>> {
-        match self.meta_str("causal_alignment") {
+        let alignment = self
+            .meta_str("causal_alignment")
+            .map(|a| a.trim().to_ascii_lowercase().replace('-', "_"));
+        match alignment.as_deref() {
             Some("top_left") => Ok(Some(CausalAlignment::TopLeft)),
             Some("bottom_right") => Ok(Some(CausalAlignment::BottomRight)),
-            Some("none") | Some("") => Ok(None),
-            Some(other) => bail!(
-                "metadata `causal_alignment`: expected none, top_left or bottom_right, got {other:?}"
+            Some("none") | Some("") | Some("false") => Ok(None),
+            Some(_) => bail!(
+                "metadata `causal_alignment`: expected none, top_left or bottom_right, got {:?}",
+                self.meta_str("causal_alignment").unwrap_or_default()
             ),
             None => Ok(self
                 .meta_bool("is_causal")?
@@ -90,8 +94,12 @@ pub(super) fn run_sdpa(case: &Case, opts: &RunOptions, checks: &mut Vec<Check>) 
         let m = m.to_device(dev)?;
         o = o.attn_mask(match case.meta_str("attn_mask_kind") {
             Some("bool_u8_1_means_attend") => SdpaMask::Allowed(m),
-            Some("float_additive") => SdpaMask::Additive(m.to_dtype(dtype)?),
-            None | Some("") => SdpaMask::new(m),
+            // MHA polarity (1 = not allowed), should a case carry it.
+            Some("bool_u8_1_means_masked") => SdpaMask::Allowed(m.eq(0u32)?),
+            // Read as stored: the kernels convert it to their f32 compute dtype without
+            // rounding it to the case dtype first.
+            Some("float_additive") => SdpaMask::Additive(m),
+            None | Some("") | Some("none") => SdpaMask::new(m),
             Some(other) => bail!(
                 "metadata `attn_mask_kind`: expected bool_u8_1_means_attend or float_additive for an sdpa case, got {other:?}"
             ),

@@ -7,6 +7,7 @@ use candle_nn::{VarBuilder, VarMap};
 use super::check::{compare, Check};
 use super::run::{CaseInputs, Masks, RunOptions};
 use super::Case;
+use crate::config::Backend;
 use crate::mha::MultiHeadAttention;
 
 /// Gradient check (`--grad`): builds the module from a trainable `VarBuilder` holding the case
@@ -36,7 +37,7 @@ pub(super) fn run_grad(case: &Case, opts: &RunOptions, checks: &mut Vec<Check>) 
         }
     }
     let mha = MultiHeadAttention::load(
-        case.config()?,
+        case.config()?.with_backend(opts.backend),
         &layout,
         VarBuilder::from_varmap(&varmap, dtype, dev),
     )?;
@@ -54,7 +55,17 @@ pub(super) fn run_grad(case: &Case, opts: &RunOptions, checks: &mut Vec<Check>) 
     inputs.query = q.as_tensor().clone();
     inputs.key = k.as_tensor().clone();
     inputs.value = v.as_tensor().clone();
-    let out = mha.attend(&inputs.input(Masks::Case))?.output;
+    let run = mha.attend(&inputs.input(Masks::Case))?;
+    // The fused kernel's output is an autograd node whose backward is the fused backward; the
+    // reference's backward is candle's autograd through its ops.
+    let (fwd, bwd) = match run.kernel {
+        "cpu" => ("cpu", "cpu"),
+        other => (other, "reference"),
+    };
+    if opts.backend == Backend::CpuFused && fwd != "cpu" {
+        bail!("--backend cpu-fused --grad: the forward ran on the {fwd} kernel, not the fused one")
+    }
+    let out = run.output;
     let g = grad_output.to_dtype(dtype)?.to_device(dev)?;
     let grads = (out * g)?.sum_all()?.backward()?;
     let data = varmap.data().lock().expect("VarMap lock poisoned");
@@ -76,7 +87,7 @@ pub(super) fn run_grad(case: &Case, opts: &RunOptions, checks: &mut Vec<Check>) 
                 .and_then(|n| data.get(n))
                 .map(|var| var.as_tensor()),
         };
-        let label = format!("grad/{what}");
+        let label = format!("grad[fwd={fwd} bwd={bwd}]/{what}");
         let Some(target) = target else {
             checks.push(Check {
                 label,

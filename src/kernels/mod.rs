@@ -10,15 +10,18 @@
 //! | kernel | devices | dtypes | returns weights | dropout | differentiable |
 //! |---|---|---|---|---|---|
 //! | [`reference`](mod@reference) | every candle device | all floats | yes | yes | yes (only differentiable candle ops) |
-//! | [`cpu`] | CPU | f32, f16, bf16 (f32 accumulation), head size ≤ [`cpu::MAX_HEAD_DIM`] | no | no | no |
+//! | [`cpu`] | CPU | f32, f16, bf16 (f32 accumulation), head size ≤ [`cpu::MAX_HEAD_DIM`] | no | no | yes: a fused backward (fully-masked-row policy [`MaskedRowPolicy::Zero`] only) |
 //!
-//! Routing rules, in order: a call that asks for the attention weights, uses dropout, or whose
-//! `q`, `k` or `v` is tracked by candle's autograd ([`Tensor::track_op`]: a `Var` or derived from
-//! one) needs a kernel with that capability: today only [`reference`](mod@reference), whatever
-//! the backend asks. Otherwise [`Backend::Reference`] forces the reference path,
+//! Routing rules, in order: a call that asks for the attention weights or uses dropout needs a
+//! kernel with that capability: today only [`reference`](mod@reference), whatever the backend
+//! asks. A call whose `q`, `k` or `v` is tracked by candle's autograd ([`Tensor::track_op`]: a
+//! `Var` or derived from one) needs a differentiable kernel: the fused CPU kernel is one (its
+//! output is an autograd node whose backward is the fused backward, see [`cpu`]), except under
+//! [`MaskedRowPolicy::Nan`]. Otherwise [`Backend::Reference`] forces the reference path,
 //! [`Backend::CpuFused`] forces the fused CPU kernel (an error, with the reason, on other
-//! devices, on f64 or for head sizes above [`cpu::MAX_HEAD_DIM`]), and [`Backend::Auto`] takes
-//! the first fused kernel that supports the call and the reference otherwise (f64, CUDA).
+//! devices, on f64, for head sizes above [`cpu::MAX_HEAD_DIM`], or for tracked inputs under
+//! [`MaskedRowPolicy::Nan`]), and [`Backend::Auto`] takes the first fused kernel that supports
+//! the call and the reference otherwise (f64, CUDA).
 //!
 //! Crossover: `examples/bench_attention.rs --crossover` times both kernels on tiny shapes
 //! (B·H ∈ {1, 12, 96}, L = S ∈ {1 … 256}, D = 64). With the per-thread scratch reused across
@@ -108,7 +111,7 @@ pub(crate) struct AttnCall<'a> {
 
 impl AttnCall<'_> {
     /// Whether candle's autograd tracks any input.
-    fn tracked(&self) -> bool {
+    pub(crate) fn tracked(&self) -> bool {
         self.q.track_op() || self.k.track_op() || self.v.track_op()
     }
 }
@@ -165,7 +168,7 @@ fn select(call: &AttnCall) -> Result<&'static dyn Kernel> {
         Backend::CpuFused => {
             let k: &dyn Kernel = &cpu::CpuFused;
             if missing_capability(k, call).is_some() {
-                // Weights, dropout and gradients always go to the reference (documented rule).
+                // Weights and dropout always go to the reference (documented rule).
                 &reference::Reference
             } else if let Some(reason) = k.unsupported_inputs(call) {
                 bail!("Backend::CpuFused: {reason}")
@@ -288,6 +291,11 @@ pub mod test_support {
     /// How many calls the fused CPU kernel has served in this process.
     pub fn cpu_calls() -> usize {
         super::cpu::calls()
+    }
+
+    /// How many backward passes the fused CPU backward has served in this process.
+    pub fn cpu_backward_calls() -> usize {
+        super::cpu::bwd_calls()
     }
 
     /// Forces the fused CPU kernel's portable (`gemm`) products even where AVX-512 is

@@ -6,12 +6,13 @@
 //! ## Inference and training
 //!
 //! candle tracks gradients per tensor: a module built from a `VarMap`-backed `VarBuilder` holds
-//! `Var`s, so every call through it is recorded for autograd and goes to the differentiable
-//! reference kernel (the fused kernels are forward-only), which is 2–3× slower and materialises
-//! the `(B, H, L, S)` scores. Weights loaded from a checkpoint are not `Var`s and take the fast
-//! path. A trained module used for inference should be switched explicitly:
-//! [`MultiHeadAttention::inference`] returns a view of the same weights (shared storage: later
-//! optimizer steps are visible) detached from autograd, whose calls take the fused kernels.
+//! `Var`s, so every call through it is recorded for autograd: the fused CPU kernel then saves
+//! its per-row statistics and records a node whose backward is the fused backward (calls with
+//! dropout or weights take the differentiable reference). Weights loaded from a checkpoint are
+//! not `Var`s and record nothing. A trained module used for inference should be switched
+//! explicitly: [`MultiHeadAttention::inference`] returns a view of the same weights (shared
+//! storage: later optimizer steps are visible) detached from autograd, whose calls record no
+//! graph and keep nothing for a backward.
 //! [`MultiHeadAttention::tracks_gradients`] tells which kind a module is.
 
 use candle_core::{bail, DType, Device, Module, Result, Tensor};
@@ -204,8 +205,8 @@ impl MultiHeadAttention {
     }
 
     /// A view of this module for inference: the same weights (sharing storage, so later
-    /// optimizer steps on the `Var`s are visible) detached from autograd, so that every call can
-    /// take a fused kernel. See the [module docs](self#inference-and-training).
+    /// optimizer steps on the `Var`s are visible) detached from autograd, so that calls record
+    /// no graph. See the [module docs](self#inference-and-training).
     pub fn inference(&self) -> Self {
         Self {
             proj: self.proj.detached(),
@@ -214,7 +215,7 @@ impl MultiHeadAttention {
     }
 
     /// Whether calls through this module are recorded for autograd (its weights are `Var`s or
-    /// derived from them), which routes them to the differentiable reference kernel. False for
+    /// derived from them): each call then records an autograd node. False for
     /// weights loaded from a checkpoint and after [`Self::inference`].
     pub fn tracks_gradients(&self) -> bool {
         self.proj.tracked()

@@ -43,8 +43,17 @@
 //! beyond that: per worker thread a `BLOCK_Q × BLOCK_K` score tile and two `BLOCK_Q ×`
 //! [`MAX_HEAD_DIM`] row tiles (192 KiB), independent of `S`. Nothing grows with `L · S`.
 //!
+//! Training: when autograd tracks `q`, `k` or `v`, the forward also saves each row's
+//! log-sum-exp `(B, H, L)` and its output becomes a candle autograd node (`op.rs`, a
+//! `CustomOp3`) whose backward is the fused backward (`backward.rs`, FlashAttention-2 style:
+//! scores recomputed per tile from q, k and the saved statistics; dV, dP, dS, dK, dQ per tile in
+//! f32; dK/dV summed over the query heads sharing a KV head; the same masks). Nothing of size
+//! `L × S` exists in either direction. Dropout is not implemented here (such calls go to the
+//! reference).
+//!
 //! Files: this one (eligibility, inputs, the parallel loop), `tile.rs` (one work item: masks,
-//! softmax step, products), `softmax.rs` (online softmax, `exp`), `avx512.rs` and `portable.rs`
+//! softmax step, products), `softmax.rs` (online softmax, `exp`), `backward.rs` and `op.rs`
+//! (the backward and its autograd node), `avx512.rs` and `portable.rs`
 //! (the two products on AVX-512 registers or through `gemm`), `mat.rs` (their bounds-checked
 //! matrix operands).
 
@@ -54,10 +63,13 @@ use candle_core::{bail, DType, Result, Storage, Tensor};
 use rayon::prelude::*;
 
 use super::{AttnCall, AttnOutput, Caps, Kernel};
+use crate::config::MaskedRowPolicy;
 
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+mod backward;
 mod mat;
+mod op;
 mod portable;
 mod softmax;
 mod tile;
@@ -75,12 +87,19 @@ pub const MIN_ROWS_FOR_KT: usize = 16;
 pub const MAX_HEAD_DIM: usize = 256;
 
 static CALLS: AtomicUsize = AtomicUsize::new(0);
+/// Backward calls served by the fused backward.
+pub(super) static BWD_CALLS: AtomicUsize = AtomicUsize::new(0);
 static PORTABLE_ONLY: AtomicBool = AtomicBool::new(false);
 
 /// How many calls the fused CPU kernel has served in this process (lets tests check that a
 /// path really went through it).
 pub(crate) fn calls() -> usize {
     CALLS.load(Ordering::Relaxed)
+}
+
+/// How many backward passes the fused CPU backward has served in this process.
+pub(crate) fn bwd_calls() -> usize {
+    BWD_CALLS.load(Ordering::Relaxed)
 }
 
 /// Forces the portable path (`gemm` crate micro-kernels) even where AVX-512 is available, so
@@ -116,7 +135,7 @@ impl Kernel for CpuFused {
         Caps {
             weights: false,
             dropout: false,
-            backward: false,
+            backward: true,
         }
     }
 
@@ -133,6 +152,12 @@ impl Kernel for CpuFused {
                 c.q.dtype()
             ));
         }
+        if c.tracked() && c.params.masked_rows == MaskedRowPolicy::Nan {
+            return Some(
+                "the fused CPU backward supports MaskedRowPolicy::Zero only (NaN rows give NaN gradients)"
+                    .into(),
+            );
+        }
         if c.d > MAX_HEAD_DIM || c.dv > MAX_HEAD_DIM {
             return Some(format!(
                 "the fused CPU kernel supports head sizes up to {MAX_HEAD_DIM}, got {} / {}",
@@ -144,7 +169,14 @@ impl Kernel for CpuFused {
 
     fn forward(&self, c: &AttnCall) -> Result<AttnOutput> {
         CALLS.fetch_add(1, Ordering::Relaxed);
-        let output = forward(c)?;
+        let output = if c.tracked() {
+            // Autograd: the output becomes a node whose backward is the fused backward, fed by
+            // the log-sum-exp this forward saves.
+            let (out, lse) = forward(c, true)?;
+            op::attach(c, out, lse.unwrap_or_default())?
+        } else {
+            forward(c, false)?.0
+        };
         Ok(AttnOutput {
             output,
             weights: None,
@@ -178,94 +210,31 @@ fn strides3(t: &Tensor) -> [usize; 3] {
     [s[0], s[1], s[2]]
 }
 
-fn forward(c: &AttnCall) -> Result<Tensor> {
-    let (b, l, h, hkv, s, d, dv) = (c.b, c.l, c.h, c.hkv, c.s, c.d, c.dv);
-    let real_s = s - c.extra_keys;
-    let in_dtype = c.q.dtype();
-    let (q, k, v) = (f32_rows(c.q)?, f32_rows(c.k)?, f32_rows(c.v)?);
-    let bias = c
-        .mask
-        .bias()
-        .map(|t| t.to_dtype(DType::F32)?.contiguous())
-        .transpose()?;
-    let key_bias = c
-        .mask
-        .key_bias()
-        .map(|t| t.to_dtype(DType::F32)?.contiguous())
-        .transpose()?;
-    let (qg, _) = q.storage_and_layout();
-    let (kg, _) = k.storage_and_layout();
-    let (vg, _) = v.storage_and_layout();
-    let bg = bias.as_ref().map(|t| t.storage_and_layout().0);
-    let pg = key_bias.as_ref().map(|t| t.storage_and_layout().0);
-    fn view<'a>(g: &'a Storage, t: &Tensor) -> Result<View<'a>> {
-        Ok(View {
-            data: cpu_f32(g, t)?,
-            strides: strides3(t),
-        })
-    }
-    let (qv, kv, vv) = (view(&qg, &q)?, view(&kg, &k)?, view(&vg, &v)?);
-    let bias = match (&bias, &bg) {
-        (Some(t), Some(g)) => {
-            let (mb, mh, ml, ms) = t.dims4()?;
-            Some(Bias {
-                data: cpu_f32(g, t)?,
-                sb: if mb == 1 { 0 } else { mh * ml * ms },
-                sh: if mh == 1 { 0 } else { ml * ms },
-                sl: if ml == 1 { 0 } else { ms },
-            })
-        }
-        _ => None,
-    };
-    let key_bias = match (&key_bias, &pg) {
-        (Some(t), Some(g)) => Some(cpu_f32(g, t)?),
-        _ => None,
-    };
-    let n_tiles = real_s.div_ceil(BLOCK_K);
-    let dead_tiles = key_bias.map(|p| {
-        let mut dead = vec![false; b * n_tiles];
-        for bi in 0..b {
-            let row = &p[bi * real_s..(bi + 1) * real_s];
-            for t in 0..n_tiles {
-                let keys = &row[t * BLOCK_K..((t + 1) * BLOCK_K).min(real_s)];
-                dead[bi * n_tiles + t] = keys.iter().all(|&x| x == f32::NEG_INFINITY);
-            }
-        }
-        dead
-    });
-    let avx512 = use_avx512();
-    let g = h / hkv;
-    // The transposed copy of K pays off when each K tile serves many query rows; decode-like
-    // calls (few rows per KV head) read K in place through the `gemm` crate instead.
-    let kt = (avx512 && g * l >= MIN_ROWS_FOR_KT).then(|| transpose_heads(&kv, b, hkv, s, d));
+/// The forward pass: `(B, L, H, Dv)` in the input dtype, and with `want_lse` the per-row
+/// log-sum-exp `(B, H, L)` (f32; `-inf` for fully masked rows) that the backward needs.
+fn forward(c: &AttnCall, want_lse: bool) -> Result<(Tensor, Option<Vec<f32>>)> {
+    let (b, l, h, dv) = (c.b, c.l, c.h, c.dv);
     let mut out = vec![0f32; b * l * h * dv];
-    let ctx = Ctx {
-        q: qv,
-        k: kv,
-        v: vv,
-        h,
-        hkv,
-        l,
-        s,
-        d,
-        dv,
-        g,
-        real_s,
-        scale: c.params.scale as f32,
-        policy: c.params.masked_rows,
-        plan: c.mask,
-        masked: !c.mask.is_empty(),
-        key_bias,
-        dead_tiles,
-        n_tiles,
-        bias,
-        kt: kt.as_deref(),
-        avx512,
-        out: OutPtr(out.as_mut_ptr()),
-    };
-    let run = |(bi, kh, r0, nr): (usize, usize, usize, usize)| {
-        tile::SCRATCH.with(|sc| ctx.item(bi, kh, r0, nr, &mut sc.borrow_mut()))
-    };
+    let mut lse = want_lse.then(|| vec![f32::NEG_INFINITY; b * h * l]);
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    let lse_ptr = lse.as_mut().map(|v| OutPtr(v.as_mut_ptr()));
+    let inputs = Inputs::new(c)?;
+    inputs.with_ctx(c, true, out_ptr, lse_ptr, |ctx| {
+        let g = ctx.g;
+        let run = |(bi, kh, r0, nr): (usize, usize, usize, usize)| {
+            tile::SCRATCH.with(|sc| ctx.item(bi, kh, r0, nr, &mut sc.borrow_mut()))
+        };
+        for_each_item(c, g, run);
+    })?;
+    let t = Tensor::from_vec(out, (b, l, h, dv), c.q.device())?.to_dtype(c.q.dtype())?;
+    Ok((t, lse))
+}
+
+/// Runs `run` on every work item `(batch, KV head, first folded row, rows)` of the call, in
+/// parallel: tiles of up to [`BLOCK_Q`] folded rows, or, for packed sequences, each sequence's
+/// rows in such tiles.
+fn for_each_item(c: &AttnCall, g: usize, run: impl Fn((usize, usize, usize, usize)) + Sync + Send) {
+    let (b, l, hkv) = (c.b, c.l, c.hkv);
     match c.mask.packed_offsets() {
         // Packed sequences (B = 1): items split by sequence, then by tile, so that no item
         // mixes sequences and no score is computed against another sequence's keys.
@@ -283,9 +252,120 @@ fn forward(c: &AttnCall) -> Result<Tensor> {
             });
         }
     }
-    drop(ctx);
-    drop((qg, kg, vg, bg, pg));
-    Tensor::from_vec(out, (b, l, h, dv), c.q.device())?.to_dtype(in_dtype)
+}
+
+/// A call's inputs as f32 tensors whose storage the kernel reads in place.
+struct Inputs {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Option<Tensor>,
+    key_bias: Option<Tensor>,
+}
+
+impl Inputs {
+    fn new(c: &AttnCall) -> Result<Self> {
+        let dense =
+            |t: Option<&Tensor>| t.map(|t| t.to_dtype(DType::F32)?.contiguous()).transpose();
+        Ok(Self {
+            q: f32_rows(c.q)?,
+            k: f32_rows(c.k)?,
+            v: f32_rows(c.v)?,
+            bias: dense(c.mask.bias())?,
+            key_bias: dense(c.mask.key_bias())?,
+        })
+    }
+
+    /// Builds the kernels' context over these inputs and runs `f` on it. `transpose_k` allows
+    /// the transposed copy of K for the AVX-512 `Q · Kᵀ` micro-kernel (forward only); `out`
+    /// and `lse` are where items write (the backward writes neither).
+    fn with_ctx<R>(
+        &self,
+        c: &AttnCall,
+        transpose_k: bool,
+        out: OutPtr,
+        lse: Option<OutPtr>,
+        f: impl FnOnce(&Ctx) -> R,
+    ) -> Result<R> {
+        let (b, l, h, hkv, s, d, dv) = (c.b, c.l, c.h, c.hkv, c.s, c.d, c.dv);
+        let real_s = s - c.extra_keys;
+        let (qg, _) = self.q.storage_and_layout();
+        let (kg, _) = self.k.storage_and_layout();
+        let (vg, _) = self.v.storage_and_layout();
+        let bg = self.bias.as_ref().map(|t| t.storage_and_layout().0);
+        let pg = self.key_bias.as_ref().map(|t| t.storage_and_layout().0);
+        fn view<'a>(g: &'a Storage, t: &Tensor) -> Result<View<'a>> {
+            Ok(View {
+                data: cpu_f32(g, t)?,
+                strides: strides3(t),
+            })
+        }
+        let (qv, kv, vv) = (
+            view(&qg, &self.q)?,
+            view(&kg, &self.k)?,
+            view(&vg, &self.v)?,
+        );
+        let bias = match (&self.bias, &bg) {
+            (Some(t), Some(g)) => {
+                let (mb, mh, ml, ms) = t.dims4()?;
+                Some(Bias {
+                    data: cpu_f32(g, t)?,
+                    sb: if mb == 1 { 0 } else { mh * ml * ms },
+                    sh: if mh == 1 { 0 } else { ml * ms },
+                    sl: if ml == 1 { 0 } else { ms },
+                })
+            }
+            _ => None,
+        };
+        let key_bias = match (&self.key_bias, &pg) {
+            (Some(t), Some(g)) => Some(cpu_f32(g, t)?),
+            _ => None,
+        };
+        let n_tiles = real_s.div_ceil(BLOCK_K);
+        let dead_tiles = key_bias.map(|p| {
+            let mut dead = vec![false; b * n_tiles];
+            for bi in 0..b {
+                let row = &p[bi * real_s..(bi + 1) * real_s];
+                for t in 0..n_tiles {
+                    let keys = &row[t * BLOCK_K..((t + 1) * BLOCK_K).min(real_s)];
+                    dead[bi * n_tiles + t] = keys.iter().all(|&x| x == f32::NEG_INFINITY);
+                }
+            }
+            dead
+        });
+        let avx512 = use_avx512();
+        let g = h / hkv;
+        // The transposed copy of K pays off when each K tile serves many query rows;
+        // decode-like calls (few rows per KV head) read K in place through `gemm` instead.
+        let kt = (transpose_k && avx512 && g * l >= MIN_ROWS_FOR_KT)
+            .then(|| transpose_heads(&kv, b, hkv, s, d));
+        let ctx = Ctx {
+            q: qv,
+            k: kv,
+            v: vv,
+            h,
+            hkv,
+            l,
+            s,
+            d,
+            dv,
+            g,
+            real_s,
+            scale: c.params.scale as f32,
+            policy: c.params.masked_rows,
+            plan: c.mask,
+            masked: !c.mask.is_empty(),
+            key_bias,
+            dead_tiles,
+            n_tiles,
+            bias,
+            kt: kt.as_deref(),
+            avx512,
+            out,
+            lse,
+        };
+        Ok(f(&ctx))
+    }
 }
 
 /// Work items `(batch 0, KV head, first folded row, rows)` of packed sequences: per KV head and

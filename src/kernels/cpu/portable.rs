@@ -65,3 +65,59 @@ pub(super) fn pv(p: Mat, v: Mat, acc: MatMut) {
         );
     }
 }
+
+/// `dst = (acc ? dst : 0) + alpha · a · b` for the backward's products, with any strides:
+/// `a` is `m × k` with element `(i, p)` at `a[i·a_rs + p·a_cs]`, `b` is `k × n` with `(p, j)` at
+/// `b[p·b_rs + j·b_cs]` (so transposes are free), `dst` is row-major `m × n` with row stride
+/// `dst_rs`.
+pub(super) fn matmul(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    dst_rs: usize,
+    acc: bool,
+    (a, a_rs, a_cs): (&[f32], usize, usize),
+    (b, b_rs, b_cs): (&[f32], usize, usize),
+    alpha: f32,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        dst_rs >= n && (m - 1) * dst_rs + n <= dst.len(),
+        "matmul: dst"
+    );
+    if k == 0 {
+        if !acc {
+            for i in 0..m {
+                dst[i * dst_rs..i * dst_rs + n].fill(0.0);
+            }
+        }
+        return;
+    }
+    assert!((m - 1) * a_rs + (k - 1) * a_cs < a.len(), "matmul: a");
+    assert!((k - 1) * b_rs + (n - 1) * b_cs < b.len(), "matmul: b");
+    // SAFETY: the asserts above keep every element of the three operands in its slice.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            acc,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            1.0f32,
+            alpha,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}

@@ -87,6 +87,44 @@ fn softmax_step_impl<const FMA: bool, const W: usize>(
     true
 }
 
+/// `row[j] = exp(row[j] - shift)` for a row whose entries are at most `shift` (probabilities
+/// from logits and their log-sum-exp); `-inf` entries give 0.
+pub(super) fn exp_sub(row: &mut [f32], shift: f32) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports the enabled features (checked just above).
+            return unsafe { exp_sub_avx512(row, shift) };
+        }
+        if is_x86_feature_detected!("avx") && is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports the enabled features (checked just above).
+            return unsafe { exp_sub_avx(row, shift) };
+        }
+    }
+    exp_sub_impl::<false>(row, shift)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx,fma")]
+unsafe fn exp_sub_avx512(row: &mut [f32], shift: f32) {
+    exp_sub_impl::<true>(row, shift)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,fma")]
+unsafe fn exp_sub_avx(row: &mut [f32], shift: f32) {
+    exp_sub_impl::<true>(row, shift)
+}
+
+#[inline(always)]
+fn exp_sub_impl<const FMA: bool>(row: &mut [f32], shift: f32) {
+    for x in row.iter_mut() {
+        // Rounding can leave a logit a hair above its log-sum-exp: clamp to exp(0) = 1.
+        let y = *x - shift;
+        *x = fast_exp::<FMA>(if y > 0.0 { 0.0 } else { y });
+    }
+}
+
 #[inline(always)]
 fn fma<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     if FMA {

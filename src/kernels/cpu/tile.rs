@@ -18,7 +18,7 @@ pub(super) struct View<'a> {
 
 impl View<'_> {
     /// Offset of row `(b, t, h)`.
-    fn at(&self, b: usize, t: usize, h: usize) -> usize {
+    pub fn at(&self, b: usize, t: usize, h: usize) -> usize {
         b * self.strides[0] + t * self.strides[1] + h * self.strides[2]
     }
 }
@@ -32,8 +32,9 @@ pub(super) struct Bias<'a> {
     pub sl: usize,
 }
 
-/// The `(B, L, H, Dv)` f32 output, written from many threads: every work item writes its own
-/// rows only.
+/// An f32 buffer written from many threads (the `(B, L, H, Dv)` output, the `(B, H, L)`
+/// log-sum-exp, the gradients): every work item writes its own rows only.
+#[derive(Clone, Copy)]
 pub(super) struct OutPtr(pub *mut f32);
 
 // SAFETY: work items write disjoint rows (each `(b, i, head)` belongs to exactly one item), and
@@ -71,6 +72,8 @@ pub(super) struct Ctx<'a> {
     /// Whether the AVX-512 `P · V` micro-kernel is used.
     pub avx512: bool,
     pub out: OutPtr,
+    /// Where to write each row's log-sum-exp, `(B, H, L)`, when the backward will need it.
+    pub lse: Option<OutPtr>,
 }
 
 /// Per-worker scratch.
@@ -181,6 +184,17 @@ impl Ctx<'_> {
             let dst = unsafe { std::slice::from_raw_parts_mut(self.out.0.add(off), dv) };
             let src = &rows.acc[r * dv..(r + 1) * dv];
             let sum = rows.lsum[r];
+            if let Some(lse) = self.lse {
+                let at = (bi * self.h + kh * self.g + gg) * l + i;
+                let v = if sum == 0.0 {
+                    f32::NEG_INFINITY
+                } else {
+                    rows.m[r] + sum.ln()
+                };
+                // SAFETY: `at` is inside the (B, H, L) buffer and row (bi, head, i) belongs to
+                // this work item only.
+                unsafe { *lse.0.add(at) = v };
+            }
             if sum == 0.0 {
                 match self.policy {
                     MaskedRowPolicy::Zero => dst.fill(0.0),
@@ -250,24 +264,9 @@ impl Ctx<'_> {
         let mut any = false;
         for r in 0..nr {
             let row = &mut rows.scores[r * BLOCK_K..r * BLOCK_K + bk];
-            if masked {
-                let (lo, hi) = (rows.lo[r].clamp(j0, j1), rows.hi[r].clamp(j0, j1));
-                if lo >= hi {
-                    row.fill(0.0);
-                    continue;
-                }
-                row[..lo - j0].fill(f32::NEG_INFINITY);
-                row[hi - j0..].fill(f32::NEG_INFINITY);
-                let vis = &mut row[lo - j0..hi - j0];
-                if let Some(p) = self.key_bias {
-                    add_assign(vis, &p[bi * self.real_s + lo..bi * self.real_s + hi]);
-                }
-                if let Some(bias) = self.bias {
-                    let fr = rows.r0 + r;
-                    let (hh, i) = (kh * self.g + fr / self.l, fr % self.l);
-                    let base = bi * bias.sb + hh * bias.sh + i * bias.sl;
-                    add_assign(vis, &bias.data[base + lo..base + hi]);
-                }
+            if masked && !self.mask_row(bi, kh, rows.r0 + r, (rows.lo[r], rows.hi[r]), j0, row) {
+                row.fill(0.0);
+                continue;
             }
             let acc = &mut rows.acc[r * dv..(r + 1) * dv];
             any |= softmax_step(row, &mut rows.m[r], &mut rows.lsum[r], acc);
@@ -284,6 +283,40 @@ impl Ctx<'_> {
             return;
         }
         portable::pv(p, vtile, acc);
+    }
+}
+
+impl Ctx<'_> {
+    /// Masks the scores `row` of keys `j0..j0 + row.len()` (all among the first `real_s`) for
+    /// folded row `fr` of KV head `kh`, whose structured range is `range`: `-inf` outside it,
+    /// the dense key padding and attention bias added inside. Returns `false` (row untouched)
+    /// when no key of the tile is visible.
+    pub fn mask_row(
+        &self,
+        bi: usize,
+        kh: usize,
+        fr: usize,
+        range: (usize, usize),
+        j0: usize,
+        row: &mut [f32],
+    ) -> bool {
+        let j1 = j0 + row.len();
+        let (lo, hi) = (range.0.clamp(j0, j1), range.1.clamp(j0, j1));
+        if lo >= hi {
+            return false;
+        }
+        row[..lo - j0].fill(f32::NEG_INFINITY);
+        row[hi - j0..].fill(f32::NEG_INFINITY);
+        let vis = &mut row[lo - j0..hi - j0];
+        if let Some(p) = self.key_bias {
+            add_assign(vis, &p[bi * self.real_s + lo..bi * self.real_s + hi]);
+        }
+        if let Some(bias) = self.bias {
+            let (hh, i) = (kh * self.g + fr / self.l, fr % self.l);
+            let base = bi * bias.sb + hh * bias.sh + i * bias.sl;
+            add_assign(vis, &bias.data[base + lo..base + hi]);
+        }
+        true
     }
 }
 

@@ -1,0 +1,105 @@
+//! The fused kernel as a candle autograd node: a [`CustomOp3`] over `(q, k, v)` whose backward
+//! is [`super::backward`].
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+
+use super::{backward, AttnCall, BWD_CALLS};
+use crate::kernels::AttnParams;
+use crate::mask::MaskPlan;
+
+/// One forward call of the fused kernel, recorded for its backward: the call's masks and
+/// options, its output (handed to candle once) and the per-row log-sum-exp.
+struct FusedAttention {
+    plan: MaskPlan,
+    params: AttnParams,
+    extra_keys: usize,
+    out: Mutex<Option<CpuStorage>>,
+    shape: Shape,
+    lse: Vec<f32>,
+}
+
+impl CustomOp3 for FusedAttention {
+    fn name(&self) -> &'static str {
+        "candle-mha-fused-attention"
+    }
+
+    /// The output was computed by the fused forward before the node was built (it also saved
+    /// the log-sum-exp); it is handed over here without a copy.
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let Some(out) = self
+            .out
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("fused attention: poisoned lock".into()))?
+            .take()
+        else {
+            bail!("fused attention: the output was already taken")
+        };
+        Ok((out, self.shape.clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, l, h, d) = q.dims4()?;
+        let (_, s, hkv, _) = k.dims4()?;
+        let dv = v.dim(3)?;
+        let call = AttnCall {
+            q,
+            k,
+            v,
+            mask: &self.plan,
+            params: &self.params,
+            b,
+            l,
+            h,
+            hkv,
+            s,
+            d,
+            dv,
+            extra_keys: self.extra_keys,
+        };
+        BWD_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (dq, dk, dv) = backward::backward(&call, res, grad, &self.lse)?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+/// `out` (the fused forward's output for `c`, contiguous) as the output of an autograd node over
+/// `c`'s `q`, `k`, `v`, whose backward is the fused backward using `lse`.
+pub(super) fn attach(c: &AttnCall, out: Tensor, lse: Vec<f32>) -> Result<Tensor> {
+    let storage = {
+        let (st, layout) = out.storage_and_layout();
+        let Storage::Cpu(cpu) = &*st else {
+            bail!("fused attention: the output is not on the CPU")
+        };
+        if !layout.is_contiguous() || layout.start_offset() != 0 {
+            bail!("fused attention: the output must be a fresh contiguous tensor")
+        }
+        cpu.clone()
+    };
+    let op = FusedAttention {
+        plan: c.mask.clone(),
+        params: *c.params,
+        extra_keys: c.extra_keys,
+        out: Mutex::new(Some(storage)),
+        shape: out.shape().clone(),
+        lse,
+    };
+    drop(out);
+    c.q.apply_op3_arc(c.k, c.v, Arc::new(Box::new(op)))
+}

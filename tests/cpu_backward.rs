@@ -1,0 +1,296 @@
+//! The fused CPU backward against the reference's candle autograd: random shapes, every mask
+//! kind, GQA, strided inputs, packed sequences, appended keys, f32 / f16 / bf16, both product
+//! paths (AVX-512 where present, portable); and the gradient parity cases through
+//! `Backend::CpuFused` (fused forward and backward, never the reference).
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_mha::case::{run_case, RunOptions};
+use candle_mha::kernels::test_support::{cpu_backward_calls, set_portable_only};
+use candle_mha::kernels::{attention, AttnParams};
+use candle_mha::mask::{AttnMask, Causal, CausalAlignment, KeyPaddingMask, MaskDims, MaskPlan};
+use candle_mha::{Backend, MaskedRowPolicy};
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    fn unit(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 24) as f32
+    }
+    fn tensor(&mut self, shape: &[usize]) -> Tensor {
+        let n = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| (self.unit() - 0.5) * 3.0).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+}
+
+fn max_rel(got: &Tensor, want: &Tensor) -> f32 {
+    let g = got
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let w = want
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let scale = w.iter().fold(1f32, |m, x| m.max(x.abs()));
+    g.iter().zip(&w).fold(0f32, |m, (a, b)| {
+        assert!(
+            a.is_finite() && b.is_finite(),
+            "non-finite gradient {a} vs {b}"
+        );
+        m.max((a - b).abs() / scale)
+    })
+}
+
+fn random_plan(rng: &mut Rng, b: usize, h: usize, l: usize, s: usize) -> (MaskPlan, String) {
+    let dev = Device::Cpu;
+    let dims = MaskDims::new(b, h, l, s);
+    let mut plan = MaskPlan::new(dims);
+    let mut desc = String::new();
+    if b == 1 && rng.below(4) == 0 && l == s {
+        // Packed sequences.
+        let mut cu = vec![0];
+        while *cu.last().unwrap() < l {
+            let n = (1 + rng.below(l / 2 + 1)).min(l - cu.last().unwrap());
+            cu.push(cu.last().unwrap() + n);
+        }
+        plan = plan.with_packed_sequences(&cu, &cu).unwrap();
+        desc += &format!("packed {cu:?} ");
+    }
+    if rng.below(2) == 0 {
+        let alignment = if rng.below(2) == 0 {
+            CausalAlignment::TopLeft
+        } else {
+            CausalAlignment::BottomRight
+        };
+        let window = (rng.below(3) == 0).then(|| 1 + rng.below(s + 1));
+        plan = plan.with_causal(Causal { alignment, window }).unwrap();
+        desc += &format!("causal {alignment:?} {window:?} ");
+    }
+    match rng.below(4) {
+        0 if !plan.is_packed() => {
+            let lens: Vec<usize> = (0..b).map(|_| rng.below(s + 1)).collect();
+            desc += &format!("lengths {lens:?} ");
+            plan = plan
+                .with_key_padding(&KeyPaddingMask::from_lengths(&lens), DType::F32, &dev)
+                .unwrap();
+        }
+        1 if !plan.is_packed() => {
+            let v: Vec<f32> = (0..b * s)
+                .map(|_| match rng.below(4) {
+                    0 => f32::NEG_INFINITY,
+                    1 => rng.unit() - 0.5,
+                    _ => 0.0,
+                })
+                .collect();
+            desc += "float key padding ";
+            let t = Tensor::from_vec(v, (b, s), &dev).unwrap();
+            plan = plan
+                .with_key_padding(&KeyPaddingMask::new(t), DType::F32, &dev)
+                .unwrap();
+        }
+        _ => {}
+    }
+    if rng.below(3) == 0 {
+        let (mb, mh) = (
+            if rng.below(2) == 0 { 1 } else { b },
+            if rng.below(2) == 0 { 1 } else { h },
+        );
+        let v: Vec<f32> = (0..mb * mh * l * s)
+            .map(|_| {
+                if rng.below(6) == 0 {
+                    f32::NEG_INFINITY
+                } else {
+                    rng.unit() * 2.0 - 1.0
+                }
+            })
+            .collect();
+        desc += &format!("bias ({mb}, {mh}, {l}, {s}) ");
+        let t = Tensor::from_vec(v, (mb, mh, l, s), &dev).unwrap();
+        plan = plan
+            .with_attn_mask(&AttnMask::Additive(t), DType::F32, &dev)
+            .unwrap();
+    }
+    (plan, desc)
+}
+
+/// `(dq, dk, dv)` of `sum(out * g)` through `backend`.
+fn grads(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    plan: &MaskPlan,
+    scale: f64,
+    g: &Tensor,
+    backend: Backend,
+) -> Result<(Tensor, [Tensor; 3], &'static str)> {
+    let (qv, kv, vv) = (
+        Var::from_tensor(q)?,
+        Var::from_tensor(k)?,
+        Var::from_tensor(v)?,
+    );
+    let mut p = AttnParams::new(q.dim(3)?);
+    p.scale = scale;
+    p.backend = backend;
+    let out = attention(qv.as_tensor(), kv.as_tensor(), vv.as_tensor(), plan, &p)?;
+    let gr = (out.output.to_dtype(DType::F32)? * g)?
+        .sum_all()?
+        .backward()?;
+    let get = |x: &Var| gr.get(x).expect("gradient").clone();
+    Ok((out.output, [get(&qv), get(&kv), get(&vv)], out.kernel))
+}
+
+fn sweep(seed: u64, cases: usize) {
+    let mut rng = Rng(seed);
+    for case in 0..cases {
+        let hkv = 1 + rng.below(3);
+        let h = hkv * (1 + rng.below(3));
+        let b = 1 + rng.below(2);
+        let l = 1 + rng.below(if case % 4 == 0 { 150 } else { 40 });
+        let s = if rng.below(2) == 0 {
+            l
+        } else {
+            1 + rng.below(300)
+        };
+        let d = [8, 16, 32, 64][rng.below(4)];
+        let dv = if rng.below(4) == 0 { 8 } else { d };
+        let extra = if rng.below(5) == 0 {
+            1 + rng.below(2)
+        } else {
+            0
+        };
+        let dtype = [DType::F32, DType::F32, DType::BF16, DType::F16][rng.below(4)];
+        let (plan, desc) = random_plan(&mut rng, b, h, l, s);
+        // q as a strided view (every other head of a wider tensor), k/v contiguous.
+        let q = rng.tensor(&[b, l, 2 * h, d]).narrow(2, 0, h).unwrap();
+        let k = rng.tensor(&[b, s + extra, hkv, d]);
+        let v = rng.tensor(&[b, s + extra, hkv, dv]);
+        let g = rng.tensor(&[b, l, h, dv]);
+        let c = |t: &Tensor| t.to_dtype(dtype).unwrap();
+        let (q, k, v) = (c(&q), c(&k), c(&v));
+        let scale = 0.3 + rng.unit() as f64 * 0.2;
+        let what =
+            format!("case {case}: b{b} l{l} s{s}+{extra} h{h}/{hkv} d{d}/{dv} {dtype:?} {desc}");
+        let before = cpu_backward_calls();
+        let (o_f, g_f, kernel) = grads(&q, &k, &v, &plan, scale, &g, Backend::Auto).unwrap();
+        assert_eq!(kernel, "cpu", "{what}");
+        assert!(
+            cpu_backward_calls() > before,
+            "{what}: the fused backward did not run"
+        );
+        let (o_r, g_r, _) = grads(&q, &k, &v, &plan, scale, &g, Backend::Reference).unwrap();
+        let tol = match dtype {
+            DType::F32 => 2e-5,
+            DType::F16 => 4e-3,
+            _ => 3e-2,
+        };
+        let e = max_rel(&o_f, &o_r);
+        assert!(e <= tol, "{what}: output {e}");
+        for (name, (a, r)) in ["dq", "dk", "dv"].iter().zip(g_f.iter().zip(&g_r)) {
+            assert_eq!(a.dims(), r.dims(), "{what}: {name} shape");
+            assert_eq!(a.dtype(), dtype, "{what}: {name} dtype");
+            let e = max_rel(a, r);
+            assert!(
+                e <= tol,
+                "{what}: {name} off by {e} (relative to its largest entry)"
+            );
+        }
+    }
+}
+
+#[test]
+fn fused_backward_equals_reference_backward() {
+    sweep(0x5eed_0001, 60);
+}
+
+#[test]
+fn fused_backward_portable_products() {
+    set_portable_only(true);
+    sweep(0x5eed_0002, 20);
+    set_portable_only(false);
+}
+
+#[test]
+fn nan_policy_takes_the_reference_for_gradients() -> Result<()> {
+    let mut rng = Rng(7);
+    let q = Var::from_tensor(&rng.tensor(&[1, 4, 2, 8]))?;
+    let kv = rng.tensor(&[1, 4, 2, 8]);
+    let plan = MaskPlan::new(MaskDims::new(1, 2, 4, 4));
+    let mut p = AttnParams::new(8);
+    p.masked_rows = MaskedRowPolicy::Nan;
+    assert_eq!(
+        attention(q.as_tensor(), &kv, &kv, &plan, &p)?.kernel,
+        "reference"
+    );
+    p.backend = Backend::CpuFused;
+    let err = attention(q.as_tensor(), &kv, &kv, &plan, &p)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("MaskedRowPolicy::Zero"), "{err}");
+    Ok(())
+}
+
+/// Every gradient parity case through `Backend::CpuFused`: fused forward and fused backward
+/// (the runner labels each check `fwd=… bwd=…`), gradients equal to PyTorch's.
+#[test]
+fn gradient_cases_pass_through_the_fused_backward() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cases");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("grad_")
+        })
+        .collect();
+    files.sort();
+    assert!(
+        files.len() >= 5,
+        "expected the gradient cases, found {}",
+        files.len()
+    );
+    let opts = RunOptions {
+        device: Device::Cpu,
+        grad: true,
+        backend: Backend::CpuFused,
+    };
+    let mut failed = vec![];
+    for f in &files {
+        let r = run_case(f, &opts);
+        println!("{r}");
+        let grads: Vec<_> = r
+            .checks
+            .iter()
+            .filter(|c| c.label.starts_with("grad"))
+            .collect();
+        if !r.passed()
+            || grads.is_empty()
+            || grads.iter().any(|c| !c.label.contains("fwd=cpu bwd=cpu"))
+        {
+            failed.push(format!(
+                "{r}\n{:?}",
+                grads.iter().map(|c| &c.label).collect::<Vec<_>>()
+            ));
+        }
+    }
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
+}
