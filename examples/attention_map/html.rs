@@ -126,7 +126,7 @@ document.querySelectorAll('image.hm').forEach(function(img){
 const m=/cell=(\d+),(\d+),(\d+),(\d+)/.exec(location.hash);
 if(m){
   const img=document.querySelector('image.hm[data-layer="'+m[1]+'"][data-head="'+m[2]+'"]');
-  if(img){img.scrollIntoView({block:'center'});cell(img,+m[3],+m[4]);}
+  if(img){img.scrollIntoView({block:'nearest'});cell(img,+m[3],+m[4]);}
 }
 })();"#;
 

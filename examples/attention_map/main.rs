@@ -211,20 +211,24 @@ impl Maps {
     }
 }
 
-/// One label per token (see [`Maps::labels`]).
+/// One label per token (see [`Maps::labels`]). Byte-level BPE can split one character over
+/// several tokens, whose pieces of text then overlap: the second and later get `#2`,
+/// `#3`... (`東 東#2 東#3`).
 fn labels(text: &str, enc: &tokenizers::Encoding) -> Vec<String> {
     let special = enc.get_special_tokens_mask();
+    let offsets = enc.get_offsets();
+    let mut repeat = 1;
     enc.get_tokens()
         .iter()
-        .zip(enc.get_offsets())
-        .zip(special)
-        .map(|((tok, &(start, end)), &sp)| {
-            if sp == 1 || tok == "[UNK]" {
+        .enumerate()
+        .map(|(k, tok)| {
+            let (start, end) = offsets[k];
+            if special[k] == 1 || tok == "[UNK]" {
                 return tok.clone();
             }
             let piece = text.get(start..end).unwrap_or(tok);
             let trimmed = piece.trim();
-            let shown = if !trimmed.is_empty() {
+            let mut shown = if !trimmed.is_empty() {
                 trimmed.to_string()
             } else if piece.contains('\n') {
                 "\\n".to_string()
@@ -232,10 +236,17 @@ fn labels(text: &str, enc: &tokenizers::Encoding) -> Vec<String> {
                 "_".to_string() // whitespace-only token
             };
             if tok.starts_with("##") {
-                format!("##{shown}")
-            } else {
-                shown
+                shown = format!("##{shown}");
             }
+            repeat = if k > 0 && start < offsets[k - 1].1 && end > start {
+                repeat + 1
+            } else {
+                1
+            };
+            if repeat > 1 {
+                shown = format!("{shown}#{repeat}");
+            }
+            shown
         })
         .collect()
 }
