@@ -27,13 +27,17 @@
 //! - `--json`: stdout carries one JSON document, for each layer the tokens and each head's
 //!   `L × L` weights and statistics.
 //!
-//! Drawing: `plotters` (well kept, pure Rust) on its bitmap backend with its `ab_glyph` text
-//! renderer, so no system fontconfig or FreeType is needed, and the font is the Ubuntu Light
-//! typeface that `epaint_default_fonts` (egui's fonts; Ubuntu Font Licence 1.0) embeds: Latin
-//! with accents, Greek, Cyrillic. For labels in other scripts (CJK...) the example also loads the
-//! first font it finds among `--font PATH`, `$CANDLE_MHA_FONT` and a few common system paths
-//! (`fonts-droid-fallback`, `fonts-noto-cjk`, `fonts-wqy-microhei`), and says so when a label has
-//! characters no loaded font covers. PNG encoding is the `png` crate's.
+//! Drawing: `plotters` (well kept, pure Rust) on its bitmap backend for the surface, the cells
+//! and the viridis colour map; text is laid out (kerning, side bearings, per-character font
+//! fallback) and rasterised with `ab_glyph` (also pure Rust: no system fontconfig or FreeType) and
+//! blended onto the same surface. plotters' own `ab_glyph` text path was tried first: it places
+//! each glyph without its side bearing, which spaces letters unevenly and shifts accents. The
+//! font is Ubuntu Light as `epaint_default_fonts` (egui's fonts; Ubuntu Font Licence 1.0)
+//! embeds it: Latin with accents, Greek, Cyrillic, nothing to bundle here. For other scripts
+//! (CJK...) the example also loads the first font it finds among `--font PATH`,
+//! `$CANDLE_MHA_FONT` and a few common system paths (Debian's `fonts-droid-fallback`,
+//! `fonts-noto-cjk`, `fonts-wqy-microhei`), and warns when a label has characters no loaded font
+//! covers. PNG encoding is the `png` crate's.
 
 #[path = "../common/head_stats.rs"]
 mod head_stats;
