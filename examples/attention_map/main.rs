@@ -475,6 +475,11 @@ fn run(a: Args) -> Result<()> {
         bail!("no text: give it as arguments or on standard input")
     }
     let device = parse_device(&a.device)?;
+    // Fonts first: a bad --font fails before the model runs.
+    let fonts = a
+        .png
+        .then(|| png_grid::Fonts::load(a.font.as_deref()))
+        .transpose()?;
     let maps = match a.model {
         ModelKind::MiniLm => run_minilm(&a, &text, &device)?,
         ModelKind::SmolLm2 => run_smollm2(&a, &text, &device)?,
@@ -495,8 +500,7 @@ fn run(a: Args) -> Result<()> {
     } else {
         print!("{tables}");
     }
-    if a.png {
-        let fonts = png_grid::Fonts::load(a.font.as_deref())?;
+    if let Some(fonts) = &fonts {
         let missing = fonts.missing_chars(&maps.labels);
         if !missing.is_empty() {
             eprintln!(
@@ -508,7 +512,7 @@ fn run(a: Args) -> Result<()> {
         std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
         for (layer, heads) in &maps.layers {
             let path = a.out.join(format!("layer{layer:02}.png"));
-            let (w, h) = png_grid::write_layer(&path, &maps, *layer, heads, a.gamma, &fonts)
+            let (w, h) = png_grid::write_layer(&path, &maps, *layer, heads, a.gamma, fonts)
                 .with_context(|| format!("writing {}", path.display()))?;
             eprintln!("wrote {} ({w} x {h})", path.display());
         }
