@@ -11,8 +11,10 @@
 //! (spawned with `--python`, or `$CANDLE_MHA_BENCH_PYTHON`, default `python3`; it needs torch and
 //! sentence-transformers) with `torch.set_num_threads` = candle's thread count. One warm-up pass
 //! each, then `--repeat` timed passes of each, interleaved (candle, torch, candle, ...) so that
-//! both see the same machine load. Prints the median times, their ratio, and the largest
-//! difference between the two sides' embeddings.
+//! both see the same machine load. candle-mha runs twice per round: padded batches (sorted by
+//! length first, as sentence-transformers does) and packed batches (the sentences in their own
+//! order, packed without padding: `SentenceEmbedder::embed_token_ids_packed`). Prints the median
+//! times, their ratios, and the largest differences between the embeddings.
 
 #[path = "common/minilm.rs"]
 mod minilm;
@@ -216,6 +218,7 @@ fn main() -> Result<()> {
         lens.iter().sum::<usize>()
     );
     let mut emb = model.embed(&texts, batch_size, |_| {})?; // warm-up
+    let mut emb_packed = model.embed_packed(&texts, batch_size)?;
 
     let tmp = std::env::temp_dir().join(format!("candle-mha-bench-{}", std::process::id()));
     let mut torch_side = None;
@@ -241,23 +244,52 @@ fn main() -> Result<()> {
     }
 
     // Interleave the timed passes so that both sides see the same machine load.
-    let (mut candle_times, mut torch_times) = (Vec::new(), Vec::new());
+    let (mut candle_times, mut packed_times, mut torch_times) =
+        (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..repeat {
         let t0 = Instant::now();
         emb = model.embed(&texts, batch_size, |_| {})?;
         dev.synchronize()?;
         candle_times.push(t0.elapsed().as_secs_f64());
+        let t0 = Instant::now();
+        emb_packed = model.embed_packed(&texts, batch_size)?;
+        dev.synchronize()?;
+        packed_times.push(t0.elapsed().as_secs_f64());
         if let Some((side, _)) = torch_side.as_mut() {
             let r = side.command("run")?;
             torch_times.push(r["time_s"].as_f64().context("time_s")?);
         }
     }
     let (candle_s, candle_best) = (median(&candle_times), min(&candle_times));
+    let (packed_s, packed_best) = (median(&packed_times), min(&packed_times));
     println!(
-        "candle-mha:  median {candle_s:.3} s, best {candle_best:.3} s ({:.2} ms/sentence)  runs: {}",
+        "candle-mha padded: median {candle_s:.3} s, best {candle_best:.3} s ({:.2} ms/sentence)  runs: {}",
         1e3 * candle_best / n as f64,
         fmt_times(&candle_times)
     );
+    println!(
+        "candle-mha packed: median {packed_s:.3} s, best {packed_best:.3} s ({:.2} ms/sentence)  runs: {}",
+        1e3 * packed_best / n as f64,
+        fmt_times(&packed_times)
+    );
+    let verdict = |c: f64, t: f64| {
+        if c <= t {
+            format!("{:.2}x faster", t / c)
+        } else {
+            format!("{:.2}x slower", c / t)
+        }
+    };
+    println!(
+        "ratio packed / padded: median {:.2} (packed {})",
+        packed_s / candle_s,
+        verdict(packed_s, candle_s)
+    );
+    let packed_diff = emb
+        .iter()
+        .zip(&emb_packed)
+        .flat_map(|(a, b)| a.iter().zip(b).map(|(x, y)| (x - y).abs()))
+        .fold(0f32, f32::max);
+    println!("max |packed - padded| over all embeddings: {packed_diff:.2e}");
     let Some((mut side, info)) = torch_side else {
         return Ok(());
     };
@@ -271,20 +303,18 @@ fn main() -> Result<()> {
         info["attn_implementation"].as_str().unwrap_or("?"),
         info["threads"]
     );
-    let verdict = |c: f64, t: f64| {
-        if c <= t {
-            format!("candle-mha {:.2}x faster", t / c)
-        } else {
-            format!("candle-mha {:.2}x slower", c / t)
-        }
-    };
-    println!(
-        "ratio candle-mha / PyTorch: best-of-{repeat} {:.2} ({}), median {:.2} ({})",
-        candle_best / torch_best,
-        verdict(candle_best, torch_best),
-        candle_s / torch_s,
-        verdict(candle_s, torch_s)
-    );
+    for (what, best, med) in [
+        ("padded", candle_best, candle_s),
+        ("packed", packed_best, packed_s),
+    ] {
+        println!(
+            "ratio candle-mha {what} / PyTorch: best-of-{repeat} {:.2} ({}), median {:.2} ({})",
+            best / torch_best,
+            verdict(best, torch_best),
+            med / torch_s,
+            verdict(med, torch_s)
+        );
+    }
     let npy = tmp.join("torch.npy");
     side.command(&format!("save {}", npy.display()))?;
     drop(side.stdin);

@@ -5,6 +5,8 @@
 //! ```
 //!
 //! `--grad` also checks the gradient cases (`grad_output`, `expected_grad.*`) through backward.
+//! Files with `case_kind=sdpa` or `case_kind=varlen` metadata test the attention core alone
+//! through `candle_mha::sdpa` / `candle_mha::sdpa_varlen` (same `--device` and `--backend`).
 //!
 //! Prints one line per case (name, PASS/FAIL, max abs error per output) and ends with
 //! `N passed, M failed`; exits non-zero when anything failed or could not be read.

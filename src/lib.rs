@@ -14,6 +14,9 @@
 //! - [`cache`]: KV caches for incremental decoding ([`KvCache`], bottom-right causal, sliding
 //!   window, left padding) and cross-attention ([`StaticKv`]).
 //! - [`rope`]: positional hooks on q and k (RoPE, half-split and interleaved).
+//! - [`sdpa()`](fn@sdpa) and [`sdpa_varlen`]: the attention core alone with PyTorch
+//!   `F.scaled_dot_product_attention` semantics (for models that project their own q, k, v), and
+//!   packed variable-length sequences ([`mod@sdpa`]).
 //! - [`case`] (feature `runner`): the PyTorch parity-case runner (the `mha_case` example and the
 //!   tests use it).
 //! - [`models`] (feature `models`): BERT + sentence embeddings, Llama from GGUF, built on the
@@ -69,6 +72,7 @@ pub mod mha;
 #[cfg_attr(docsrs, doc(cfg(feature = "models")))]
 pub mod models;
 pub mod rope;
+pub mod sdpa;
 
 pub use cache::{KvCache, StaticKv};
 pub use config::{Backend, MaskedRowPolicy, MhaConfig};
@@ -76,3 +80,4 @@ pub use layout::WeightLayout;
 pub use mask::{AttnMask, Causal, CausalAlignment, KeyPaddingMask, MaskPlan};
 pub use mha::{MhaInput, MhaOutput, MultiHeadAttention, NeedWeights};
 pub use rope::{PositionalHook, Rope, RopeStyle};
+pub use sdpa::{sdpa, sdpa_varlen, Packing, SdpaLayout, SdpaMask, SdpaOptions, SeqOffsets};

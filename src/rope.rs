@@ -116,7 +116,7 @@ impl Rope {
     /// padding, are rotated as position 0). `starts` has one entry per batch element, or a
     /// single entry shared by all. Returns a contiguous `(B, T, H, D)` tensor.
     pub fn apply(&self, x: &Tensor, starts: &[i64]) -> Result<Tensor> {
-        let (b, t, h, d) = x.dims4()?;
+        let (b, t, _, d) = x.dims4()?;
         if d != self.head_dim() {
             bail!(
                 "rope: tables are for head_dim {}, got a tensor of shape {:?}",
@@ -153,6 +153,47 @@ impl Rope {
             let rows = |tab: &Tensor| tab.index_select(&idx, 0);
             (nb, rows(&self.cos)?, rows(&self.sin)?)
         };
+        self.rotate(x, nb, cos, sin)
+    }
+
+    /// Rotates `x` `(B, T, H, D)` with an explicit position per row: `positions` holds `B · T`
+    /// values, row `t` of batch element `b` at `positions[b · T + t]` (packed sequences, whose
+    /// positions restart at every sequence: [`SeqOffsets::positions`]).
+    ///
+    /// [`SeqOffsets::positions`]: crate::sdpa::SeqOffsets::positions
+    pub fn apply_positions(&self, x: &Tensor, positions: &[usize]) -> Result<Tensor> {
+        let (b, t, _, d) = x.dims4()?;
+        if d != self.head_dim() {
+            bail!(
+                "rope: tables are for head_dim {}, got a tensor of shape {:?}",
+                self.head_dim(),
+                x.dims()
+            )
+        }
+        if positions.len() != b * t {
+            bail!(
+                "rope: expected {} positions (one per row of {:?}), got {}",
+                b * t,
+                x.dims(),
+                positions.len()
+            )
+        }
+        let max = self.max_positions();
+        if let Some(&bad) = positions.iter().find(|&&p| p >= max) {
+            bail!("rope: position {bad} is beyond the {max} positions of the tables (build the Rope with a larger max_positions)")
+        }
+        let idx: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
+        let idx = Tensor::from_vec(idx, b * t, x.device())?;
+        let (cos, sin) = (
+            self.cos.index_select(&idx, 0)?,
+            self.sin.index_select(&idx, 0)?,
+        );
+        self.rotate(x, b, cos, sin)
+    }
+
+    /// Rotates `x` with `nb · T` table rows (`nb` is 1, shared by every batch element, or B).
+    fn rotate(&self, x: &Tensor, nb: usize, cos: Tensor, sin: Tensor) -> Result<Tensor> {
+        let (b, t, h, d) = x.dims4()?;
         let table = |rows: Tensor| -> Result<Tensor> {
             let rows = rows.to_dtype(x.dtype())?.reshape((nb, t, 1, d / 2))?;
             if nb == b {
@@ -215,6 +256,14 @@ impl PositionalHook {
     pub fn apply(&self, x: &Tensor, starts: &[i64]) -> Result<Tensor> {
         match self {
             PositionalHook::Rope(r) => r.apply(x, starts),
+        }
+    }
+
+    /// Applies the hook with an explicit position per row (`B · T` values; see
+    /// [`Rope::apply_positions`]).
+    pub fn apply_positions(&self, x: &Tensor, positions: &[usize]) -> Result<Tensor> {
+        match self {
+            PositionalHook::Rope(r) => r.apply_positions(x, positions),
         }
     }
 }

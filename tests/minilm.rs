@@ -275,3 +275,31 @@ fn missing_model_dir_says_how_to_get_the_files() {
     assert!(err.contains("scripts/fetch-minilm.sh"), "{err}");
     assert!(err.contains("model.safetensors"), "{err}");
 }
+
+/// Packed (no padding, `SentenceEmbedder::embed_token_ids_packed`) equals the padded batch and
+/// sentence-transformers.
+#[test]
+fn packed_embeddings_equal_padded_and_sentence_transformers() {
+    let r = reference();
+    let m = model();
+    let ids = m.tokenize(&r.sentences).unwrap();
+    let padded = m.embedder.embed_token_ids(&ids).unwrap();
+    let packed = m.embedder.embed_token_ids_packed(&ids).unwrap();
+    let (abs, _) = tensor_diffs(&packed, &padded);
+    println!("packed vs padded: max |diff| {abs:.3e}");
+    assert!(abs <= PADDING_ATOL, "packed vs padded: {abs}");
+    let want = r.get("embeddings").to_vec2::<f32>().unwrap();
+    for (i, (g, w)) in packed
+        .to_vec2::<f32>()
+        .unwrap()
+        .iter()
+        .zip(&want)
+        .enumerate()
+    {
+        let (cos, diff) = (cosine(g, w), max_abs_diff(g, w));
+        assert!(
+            cos >= COSINE_MIN && diff <= EMBEDDING_ATOL,
+            "sentence {i}: cosine {cos}, max |diff| {diff}"
+        );
+    }
+}

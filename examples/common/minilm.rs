@@ -74,6 +74,26 @@ impl MiniLm {
         }
         Ok(out)
     }
+
+    /// Embeds `texts` `batch_size` at a time in their own order, each batch packed without
+    /// padding ([`SentenceEmbedder::embed_token_ids_packed`]): nothing to sort, no compute on
+    /// padding.
+    pub fn embed_packed<S: AsRef<str>>(
+        &self,
+        texts: &[S],
+        batch_size: usize,
+    ) -> Result<Vec<Vec<f32>>> {
+        let ids = self.tokenize(texts)?;
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(batch_size.max(1)) {
+            out.extend(
+                self.embedder
+                    .embed_token_ids_packed(chunk)?
+                    .to_vec2::<f32>()?,
+            );
+        }
+        Ok(out)
+    }
 }
 
 /// Cosine similarity of two vectors.

@@ -21,6 +21,12 @@
 //!    trainable `VarBuilder`, runs backward of `sum(output * grad_output)` and compares every
 //!    `expected_grad.*` (inputs and `weights.*` / `weights_llama.*` parameters).
 //!
+//! Cases with `case_kind=sdpa` test the attention core alone through
+//! [`crate::sdpa()`](fn@crate::sdpa) (q, k, v, an optional mask in SDPA's polarity, causal
+//! alignment, window, scale), in PyTorch's `(B, H, L, D)` layout and again in `(B, L, H, D)`;
+//! cases with `case_kind=varlen` test packed sequences through [`crate::sdpa_varlen`]. Both
+//! follow the specification's sections of the same names and honour [`RunOptions::backend`].
+//!
 //! Cases with `layout=llama` metadata (this crate's extension for grouped-query attention, which
 //! `nn.MultiheadAttention` lacks) carry `num_kv_heads`, `head_dim` and optionally
 //! `softmax_scale`, and only `weights_llama.*`.
@@ -38,11 +44,13 @@ use crate::layout::WeightLayout;
 use crate::mask::{AttnMask, KeyPaddingMask};
 
 mod check;
+mod core_case;
 mod grad;
 mod load;
 mod run;
 
 pub use check::{compare, CaseReport, Check, Tolerance};
+pub use core_case::CaseKind;
 pub use run::{run_case, RunOptions};
 
 /// A parsed case file.
@@ -81,10 +89,15 @@ impl Case {
         }
     }
 
-    /// The case dtype (`dtype` metadata, else the query's dtype).
+    /// The case dtype (`dtype` metadata, else the query's dtype: `query`, or `q` for core
+    /// cases).
     pub fn dtype(&self) -> Result<DType> {
         let Some(name) = self.meta_str("dtype") else {
-            return Ok(self.tensor("query")?.dtype());
+            let q = self
+                .tensors
+                .get("q")
+                .map_or_else(|| self.tensor("query"), Ok)?;
+            return Ok(q.dtype());
         };
         match name.trim_start_matches("torch.") {
             "float32" | "f32" | "fp32" | "float" => Ok(DType::F32),

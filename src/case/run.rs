@@ -7,6 +7,7 @@ use candle_core::{bail, DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::check::{compare, CaseReport, Check};
+use super::core_case::{run_sdpa, run_varlen, CaseKind};
 use super::grad::run_grad;
 use super::Case;
 use crate::config::{Backend, MaskedRowPolicy};
@@ -67,7 +68,7 @@ impl<'a> Expect<'a> {
     }
 }
 
-fn has_nan(t: &Tensor) -> Result<bool> {
+pub(super) fn has_nan(t: &Tensor) -> Result<bool> {
     let t = t.to_dtype(DType::F64)?;
     Ok(t.ne(&t)?
         .to_dtype(DType::F64)?
@@ -145,6 +146,11 @@ impl CaseInputs {
 }
 
 fn run_loaded(case: &Case, opts: &RunOptions, checks: &mut Vec<Check>) -> Result<()> {
+    match case.kind()? {
+        CaseKind::Sdpa => return run_sdpa(case, opts, checks),
+        CaseKind::Varlen => return run_varlen(case, opts, checks),
+        CaseKind::Mha => {}
+    }
     let dev = &opts.device;
     let dtype = case.dtype()?;
     let tol = case.tolerance()?;

@@ -355,6 +355,11 @@ impl MaskPlan {
         self.packed.is_some()
     }
 
+    /// The packed sequences' cumulative query and key offsets, when the plan has them.
+    pub fn packed_offsets(&self) -> Option<(&[usize], &[usize])> {
+        self.packed.as_deref().map(|p| (&p.cu_q[..], &p.cu_k[..]))
+    }
+
     /// Whether nothing is masked.
     pub fn is_empty(&self) -> bool {
         !self.has_structure() && self.key_bias.is_none() && self.bias.is_none()

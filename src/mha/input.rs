@@ -4,6 +4,7 @@ use candle_core::{bail, Result, Tensor};
 
 use crate::mask::{AttnMask, Causal, CausalAlignment, KeyPaddingMask, MaskPlan};
 use crate::rope::{PositionalHook, Rope};
+use crate::sdpa::SeqOffsets;
 
 /// Whether (and how) to return attention weights: PyTorch's `need_weights` and
 /// `average_attn_weights`.
@@ -58,6 +59,8 @@ pub struct MhaInput {
     pub(crate) left_padding: Option<Vec<usize>>,
     /// A prebuilt mask plan replacing the masks above: see [`Self::mask_plan`].
     pub(crate) plan: Option<MaskPlan>,
+    /// Packed sequences: query offsets and key offsets (see [`Self::packed`]).
+    pub(crate) packed: Option<(SeqOffsets, SeqOffsets)>,
 }
 
 impl MhaInput {
@@ -75,7 +78,45 @@ impl MhaInput {
             positional: None,
             left_padding: None,
             plan: None,
+            packed: None,
         }
+    }
+
+    /// Self-attention over sequences packed without padding: `tokens` is `(total, E)`, the
+    /// sequences one after the other, `offsets` says where each starts (see [`SeqOffsets`]).
+    /// Each token attends only to its own sequence's tokens; [`Self::causal`] and
+    /// [`Self::sliding_window`] apply within each sequence, and a positional hook (RoPE) counts
+    /// positions from 0 at each sequence's start. The output is `(total, E)`, whatever
+    /// `batch_first` says. Key padding, attention masks and left padding do not apply (there is
+    /// no padding); a KV cache neither.
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use candle_mha::{MhaInput, SeqOffsets};
+    /// let tokens = Tensor::zeros((7, 8), candle_core::DType::F32, &Device::Cpu)?; // 3 + 4 tokens
+    /// let input = MhaInput::packed(tokens, SeqOffsets::from_lengths(&[3, 4]));
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn packed(tokens: Tensor, offsets: SeqOffsets) -> Self {
+        let mut input = Self::new(tokens);
+        input.packed = Some((offsets.clone(), offsets));
+        input
+    }
+
+    /// Cross-attention between packed sequences: `query` `(total_q, E)` with `q_offsets`,
+    /// `key` / `value` `(total_k, kdim / vdim)` with `kv_offsets` (the same number of
+    /// sequences); sequence `b`'s queries attend only to sequence `b`'s keys. See
+    /// [`Self::packed`].
+    pub fn packed_cross(
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        q_offsets: SeqOffsets,
+        kv_offsets: SeqOffsets,
+    ) -> Self {
+        let mut input = Self::cross(query, key, value);
+        input.packed = Some((q_offsets, kv_offsets));
+        input
     }
 
     /// Attention of `query` over `key` / `value` (cross-attention when they differ).

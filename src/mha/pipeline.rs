@@ -48,6 +48,9 @@ impl Prepared {
     /// Validates `input` for a call taking its keys and values from `src`.
     pub(super) fn new(m: &MultiHeadAttention, input: &MhaInput, src: KvSource) -> Result<Self> {
         let cfg = &m.cfg;
+        if input.packed.is_some() {
+            check_packed(input, src)?;
+        }
         match src {
             KvSource::Fresh => {}
             KvSource::Cached(_) => {
@@ -254,7 +257,13 @@ impl MultiHeadAttention {
         let (mut q, mut new_kv) = self.project(&p, !matches!(src, KvSource::Static(_)))?;
         // Positional hook on the new rows: row t of sequence b sits at past + t - pad[b]; the
         // keys of a cross-attention memory start at 0.
-        if let Some(hook) = &input.positional {
+        if let (Some(hook), Some((cq, ck))) = (&input.positional, &input.packed) {
+            // Packed: positions restart at every sequence.
+            q = hook.apply_positions(&q, &cq.positions())?;
+            if let Some((k, v)) = new_kv {
+                new_kv = Some((hook.apply_positions(&k, &ck.positions())?, v));
+            }
+        } else if let Some(hook) = &input.positional {
             let starts = starts_from(p.pad.as_deref(), p.b, p.past);
             q = hook.apply(&q, &starts)?;
             if let Some((k, v)) = new_kv {
@@ -313,6 +322,9 @@ impl MultiHeadAttention {
                 bail!("mask_plan: the input also carries a {name}; put every mask in the plan")
             }
             plan.check_dims("mask_plan", p.b, h, p.l, p.s)?;
+            if input.packed.is_some() && !plan.is_packed() {
+                bail!("mask_plan: the input is packed but the plan has no packed sequences (build it with MultiHeadAttention::mask_plan from the packed input)")
+            }
             return Ok(plan.clone());
         }
         let dims = MaskDims {
@@ -328,6 +340,9 @@ impl MultiHeadAttention {
         }
         if let Some(pad) = &p.pad {
             plan = plan.with_left_padding(pad)?;
+        }
+        if let Some((cq, ck)) = &input.packed {
+            plan = plan.with_packed_sequences(cq.as_slice(), ck.as_slice())?;
         }
         let (cd, dev) = (compute_dtype(self.dtype), &self.device);
         if let Some(kpm) = &input.key_padding_mask {
@@ -402,6 +417,46 @@ impl MultiHeadAttention {
             kernel: att.kernel,
         })
     }
+}
+
+/// A packed call: fresh keys only, no padding masks, `(total, features)` tensors whose row
+/// counts match their offsets.
+fn check_packed(input: &MhaInput, src: KvSource) -> Result<()> {
+    let Some((cq, ck)) = &input.packed else {
+        return Ok(());
+    };
+    if !matches!(src, KvSource::Fresh) {
+        bail!("packed sequences: attend / attend_t only (no KV cache, no static memory)")
+    }
+    let masks = [
+        ("key_padding_mask", input.key_padding_mask.is_some()),
+        ("attn_mask", input.attn_mask.is_some()),
+        ("left_padding", input.left_padding.is_some()),
+    ];
+    if let Some((name, _)) = masks.iter().find(|(_, set)| *set) {
+        bail!("packed sequences have no padding: a {name} does not apply (the offsets say where each sequence ends)")
+    }
+    if cq.num_seqs() != ck.num_seqs() {
+        bail!(
+            "packed sequences: {} query sequences but {} key sequences",
+            cq.num_seqs(),
+            ck.num_seqs()
+        )
+    }
+    let k = input.key.as_ref().unwrap_or(&input.query);
+    for (name, t, cu) in [("query", &input.query, cq), ("key", k, ck)] {
+        if t.rank() != 2 || t.dim(0)? != cu.total() {
+            bail!(
+                "packed {name}: expected ({}, features) (the offsets' total), got shape {:?}",
+                cu.total(),
+                t.dims()
+            )
+        }
+    }
+    if input.key.is_none() && cq != ck {
+        bail!("packed self-attention: the key offsets must be the query offsets")
+    }
+    Ok(())
 }
 
 fn check_padding(pad: &[usize], b: usize, l: usize) -> Result<Vec<usize>> {

@@ -33,7 +33,9 @@ use candle_core::{bail, Error, Module, Result, Tensor};
 use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
 use serde::Deserialize;
 
-use crate::{KeyPaddingMask, MaskPlan, MhaConfig, MhaInput, MultiHeadAttention, WeightLayout};
+use crate::{
+    KeyPaddingMask, MaskPlan, MhaConfig, MhaInput, MultiHeadAttention, SeqOffsets, WeightLayout,
+};
 
 /// The feed-forward activation (`hidden_act` in `config.json`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -181,6 +183,44 @@ impl BertEmbeddings {
             )
         }
         let positions = Tensor::arange(0u32, l as u32, input_ids.device())?;
+        self.embed(input_ids, token_type_ids, &positions)
+    }
+
+    /// Packed sequences: `input_ids` (total,) holds the sequences one after the other,
+    /// `offsets` where each starts; positions restart at 0 for every sequence. Returns
+    /// (total, hidden_size).
+    pub fn forward_packed(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        offsets: &SeqOffsets,
+    ) -> Result<Tensor> {
+        let total = input_ids.dims1()?;
+        if total != offsets.total() {
+            bail!(
+                "input_ids: expected ({},) packed tokens (the offsets' total), got shape {:?}",
+                offsets.total(),
+                input_ids.dims()
+            )
+        }
+        if offsets.max_len() > self.max_positions {
+            bail!(
+                "a packed sequence has {} tokens but the model has only {} positions (truncate it)",
+                offsets.max_len(),
+                self.max_positions
+            )
+        }
+        let pos: Vec<u32> = offsets.positions().into_iter().map(|p| p as u32).collect();
+        let positions = Tensor::from_vec(pos, total, input_ids.device())?;
+        self.embed(input_ids, token_type_ids, &positions)
+    }
+
+    fn embed(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        positions: &Tensor,
+    ) -> Result<Tensor> {
         let token_types = match token_type_ids {
             Some(t) => t.clone(),
             None => input_ids.zeros_like()?,
@@ -189,7 +229,7 @@ impl BertEmbeddings {
             .word_embeddings
             .forward(input_ids)?
             .add(&self.token_type_embeddings.forward(&token_types)?)?
-            .broadcast_add(&self.position_embeddings.forward(&positions)?)?;
+            .broadcast_add(&self.position_embeddings.forward(positions)?)?;
         self.layer_norm.forward(&xs)
     }
 }
@@ -321,6 +361,34 @@ impl BertModel {
                     .mask_plan(&MhaInput::new(xs.clone()).key_padding_mask(p.clone()))?,
             ),
             _ => None,
+        };
+        for layer in &self.layers {
+            xs = layer.forward(&xs, plan.as_ref())?;
+        }
+        Ok(xs)
+    }
+
+    /// Runs the encoder on sequences packed without padding: `input_ids` (total,) the
+    /// sequences one after the other, `token_type_ids` likewise (all 0 when `None`), `offsets`
+    /// where each starts. Every token attends only to its own sequence, so no compute is spent
+    /// on padding. Returns (total, hidden_size); the rows of sequence `b` equal those of a padded
+    /// batch run.
+    pub fn forward_packed(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        offsets: &SeqOffsets,
+    ) -> Result<Tensor> {
+        let mut xs = self
+            .embeddings
+            .forward_packed(input_ids, token_type_ids, offsets)?;
+        let plan = match self.layers.first() {
+            Some(first) => Some(
+                first
+                    .attention()
+                    .mask_plan(&MhaInput::packed(xs.clone(), offsets.clone()))?,
+            ),
+            None => None,
         };
         for layer in &self.layers {
             xs = layer.forward(&xs, plan.as_ref())?;

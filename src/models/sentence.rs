@@ -22,7 +22,7 @@ use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use super::bert::{BertConfig, BertModel};
-use crate::KeyPaddingMask;
+use crate::{KeyPaddingMask, Packing, SeqOffsets};
 
 /// `1_Pooling/config.json` of a sentence-transformers model. Every enabled mode contributes
 /// `word_embedding_dimension` features, concatenated in the order of the fields.
@@ -284,6 +284,38 @@ impl SentenceEmbedder {
             .forward_with_padding(&ids, None, padding.as_ref())?;
         let hidden = hidden.to_dtype(DType::F32)?;
         let pooled = self.pooling.forward(&hidden, &keep)?;
+        if self.normalize {
+            l2_normalize(&pooled)
+        } else {
+            Ok(pooled)
+        }
+    }
+
+    /// [`Self::embed_token_ids`] without padding: the sequences are packed one after the other
+    /// and every attention layer sees only each sequence's own tokens
+    /// ([`BertModel::forward_packed`]), so no compute is spent on padding. Same result as the
+    /// padded batch. Returns (N, [`SentenceEmbedder::dim`]) f32.
+    pub fn embed_token_ids_packed(&self, batch: &[Vec<u32>]) -> Result<Tensor> {
+        let n = batch.len();
+        if n == 0 {
+            return Tensor::zeros((0, self.dim()), DType::F32, &self.device);
+        }
+        let lengths: Vec<usize> = batch.iter().map(Vec::len).collect();
+        if lengths.contains(&0) {
+            bail!("embed_token_ids_packed: empty token sequence (it needs at least its special tokens)")
+        }
+        let ids: Vec<u32> = batch.concat();
+        let total = ids.len();
+        let ids = Tensor::from_vec(ids, total, &self.device)?;
+        let offsets = SeqOffsets::from_lengths(&lengths);
+        let hidden = self.bert.forward_packed(&ids, None, &offsets)?;
+        let hidden = hidden.to_dtype(DType::F32)?;
+        // Pooling reads a (N, T, H) batch: scatter the rows back (cheap next to the encoder).
+        let l = lengths.iter().copied().max().unwrap_or(0);
+        let packing = Packing::from_lengths(&lengths, l, &self.device)?;
+        let pooled = self
+            .pooling
+            .forward(&packing.unpack(&hidden)?, &packing.keep_mask(DType::F32)?)?;
         if self.normalize {
             l2_normalize(&pooled)
         } else {

@@ -27,6 +27,10 @@
 //! [`MaskedRowPolicy`](crate::MaskedRowPolicy): zeros or NaN, exactly as
 //! [`super::reference::softmax`].
 //!
+//! Packed sequences: items are split by sequence first, then into tiles of up to [`BLOCK_Q`]
+//! rows, so that no item mixes sequences and no score is computed against another sequence's
+//! keys.
+//!
 //! Tile skipping: an item only visits the key tiles that intersect the union of its rows'
 //! structured ranges (so tiles above the diagonal, left of a sliding window, in padding or in
 //! another packed sequence are never computed); with a dense key padding, key tiles whose
@@ -259,20 +263,50 @@ fn forward(c: &AttnCall) -> Result<Tensor> {
         avx512,
         out: OutPtr(out.as_mut_ptr()),
     };
-    let row_tiles = (g * l).div_ceil(BLOCK_Q);
-    (0..b * hkv * row_tiles).into_par_iter().for_each(|item| {
-        let (t, kh, bi) = (
-            item % row_tiles,
-            item / row_tiles % hkv,
-            item / (hkv * row_tiles),
-        );
-        let r0 = t * BLOCK_Q;
-        let nr = BLOCK_Q.min(g * l - r0);
-        tile::SCRATCH.with(|sc| ctx.item(bi, kh, r0, nr, &mut sc.borrow_mut()));
-    });
+    let run = |(bi, kh, r0, nr): (usize, usize, usize, usize)| {
+        tile::SCRATCH.with(|sc| ctx.item(bi, kh, r0, nr, &mut sc.borrow_mut()))
+    };
+    match c.mask.packed_offsets() {
+        // Packed sequences (B = 1): items split by sequence, then by tile, so that no item
+        // mixes sequences and no score is computed against another sequence's keys.
+        Some((cu_q, _)) => packed_items(cu_q, hkv, g, l).into_par_iter().for_each(run),
+        None => {
+            let row_tiles = (g * l).div_ceil(BLOCK_Q);
+            (0..b * hkv * row_tiles).into_par_iter().for_each(|item| {
+                let (t, kh, bi) = (
+                    item % row_tiles,
+                    item / row_tiles % hkv,
+                    item / (hkv * row_tiles),
+                );
+                let r0 = t * BLOCK_Q;
+                run((bi, kh, r0, BLOCK_Q.min(g * l - r0)));
+            });
+        }
+    }
     drop(ctx);
     drop((qg, kg, vg, bg, pg));
     Tensor::from_vec(out, (b, l, h, dv), c.q.device())?.to_dtype(in_dtype)
+}
+
+/// Work items `(batch 0, KV head, first folded row, rows)` of packed sequences: per KV head and
+/// query head of its group, each sequence's rows in tiles of up to [`BLOCK_Q`].
+fn packed_items(
+    cu_q: &[usize],
+    hkv: usize,
+    g: usize,
+    l: usize,
+) -> Vec<(usize, usize, usize, usize)> {
+    let mut items = Vec::new();
+    for kh in 0..hkv {
+        for gg in 0..g {
+            for w in cu_q.windows(2) {
+                for c0 in (w[0]..w[1]).step_by(BLOCK_Q) {
+                    items.push((0, kh, gg * l + c0, BLOCK_Q.min(w[1] - c0)));
+                }
+            }
+        }
+    }
+    items
 }
 
 /// K `(B, S, Hkv, D)` (strided) → `(B, Hkv, D, S)` contiguous, one `(D, S)` block per KV head,
