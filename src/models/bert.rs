@@ -396,3 +396,79 @@ impl BertModel {
         Ok(xs)
     }
 }
+
+// Attention weights per layer (Hugging Face `output_attentions=True`). A separate impl block:
+// the plain forward above is untouched.
+impl BertLayer {
+    /// [`BertLayer::forward`] that also returns the layer's attention probabilities per head,
+    /// `(B, H, L, L)`, as the attention module itself returns them
+    /// ([`NeedWeights::PerHead`](crate::NeedWeights::PerHead) through
+    /// [`MultiHeadAttention::attend`]; the call then runs the reference kernel, the one that
+    /// materialises the weights). Padded keys get weight 0.
+    pub fn forward_with_attention(
+        &self,
+        xs: &Tensor,
+        plan: Option<&MaskPlan>,
+    ) -> Result<(Tensor, Tensor)> {
+        let mut input = MhaInput::new(xs.clone()).need_weights(crate::NeedWeights::PerHead);
+        if let Some(p) = plan {
+            input = input.mask_plan(p.clone());
+        }
+        let out = self.attention.attend(&input)?;
+        let Some(weights) = out.weights else {
+            bail!("the attention module returned no weights for NeedWeights::PerHead")
+        };
+        let a = self.attention_norm.forward(&(out.output + xs)?)?;
+        let ff = self
+            .output
+            .forward(&self.act.apply(&self.intermediate.forward(&a)?)?)?;
+        Ok((self.output_norm.forward(&(ff + a)?)?, weights))
+    }
+}
+
+impl BertModel {
+    /// [`BertModel::forward_with_padding`] that also returns every layer's attention
+    /// probabilities, like Hugging Face's `BertModel(..., output_attentions=True)`: the last hidden
+    /// state `(B, L, hidden_size)` and one `(B, H, L, L)` tensor per layer, first layer first
+    /// (row `i` of head `h`: how query token `i` distributes its attention over the keys). Each
+    /// layer's weights come from its own attention call ([`BertLayer::forward_with_attention`]).
+    ///
+    /// ```no_run
+    /// # use candle_core::{DType, Device, Tensor};
+    /// # use candle_mha::models::bert::{BertConfig, BertModel};
+    /// # fn main() -> candle_core::Result<()> {
+    /// # let dev = Device::Cpu;
+    /// # let cfg = BertConfig::from_file("all-MiniLM-L6-v2/config.json")?;
+    /// # let data = std::fs::read("all-MiniLM-L6-v2/model.safetensors")?;
+    /// # let vb = candle_nn::VarBuilder::from_buffered_safetensors(data, DType::F32, &dev)?;
+    /// # let bert = BertModel::load(&cfg, vb)?;
+    /// let ids = Tensor::new(&[[101u32, 7592, 2088, 102]], &dev)?;
+    /// let (hidden, attentions) = bert.forward_with_attentions(&ids, None, None)?;
+    /// assert_eq!(attentions.len(), cfg.num_hidden_layers);
+    /// assert_eq!(attentions[0].dims(), &[1, cfg.num_attention_heads, 4, 4]);
+    /// # Ok(()) }
+    /// ```
+    pub fn forward_with_attentions(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        padding: Option<&KeyPaddingMask>,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        let mut xs = self.embeddings.forward(input_ids, token_type_ids)?;
+        let plan = match (padding, self.layers.first()) {
+            (Some(p), Some(first)) => Some(
+                first
+                    .attention()
+                    .mask_plan(&MhaInput::new(xs.clone()).key_padding_mask(p.clone()))?,
+            ),
+            _ => None,
+        };
+        let mut attentions = Vec::with_capacity(self.layers.len());
+        for layer in &self.layers {
+            let (next, weights) = layer.forward_with_attention(&xs, plan.as_ref())?;
+            xs = next;
+            attentions.push(weights);
+        }
+        Ok((xs, attentions))
+    }
+}

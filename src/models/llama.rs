@@ -359,3 +359,73 @@ impl Llama {
         logits.argmax(D::Minus1)?.to_vec1::<u32>()
     }
 }
+
+// Attention weights per layer (Hugging Face `output_attentions=True`). A separate impl block:
+// the generation path above is untouched.
+impl Llama {
+    /// [`Llama::hidden_states`] that also returns every layer's attention probabilities, like
+    /// Hugging Face's `LlamaForCausalLM(..., output_attentions=True)` with eager attention: the
+    /// final (normed) hidden states `(B, L, hidden)` of the new tokens and one `(B, H, L, S)`
+    /// tensor per layer, first layer first, over all `S` = cached + new positions (causal: 0
+    /// above the diagonal). `H` counts query heads (grouped KV heads are shared, not averaged).
+    /// Each layer's weights are what its attention module returns for
+    /// [`NeedWeights::PerHead`](crate::NeedWeights::PerHead) through
+    /// [`MultiHeadAttention::attend_cached`] (the reference kernel).
+    ///
+    /// ```no_run
+    /// # use candle_core::{DType, Device, Tensor};
+    /// # use candle_mha::models::llama::{Llama, LlamaCache};
+    /// # let dev = Device::Cpu;
+    /// let model = Llama::from_gguf("SmolLM2-135M-Instruct.Q4_1.gguf", DType::F32, &dev)?;
+    /// let ids = Tensor::new(&[[28120u32, 905, 314, 253, 1345]], &dev)?;
+    /// let (_hidden, attentions) =
+    ///     model.forward_with_attentions(&ids, None, &mut LlamaCache::new(&model))?;
+    /// assert_eq!(attentions[0].dims(), &[1, model.config().num_heads, 5, 5]);
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn forward_with_attentions(
+        &self,
+        ids: &Tensor,
+        left_padding: Option<&[usize]>,
+        cache: &mut LlamaCache,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        if cache.layers.len() != self.blocks.len() {
+            bail!(
+                "LlamaCache has {} layers, the model {}",
+                cache.layers.len(),
+                self.blocks.len()
+            )
+        }
+        let mut x = self.embed.forward(ids)?;
+        let with_padding = |input: MhaInput| match left_padding {
+            Some(pad) => input.left_padding(pad),
+            None => input,
+        };
+        let plan = match (self.blocks.first(), cache.layers.first()) {
+            (Some(first), Some(kv)) => Some(
+                first
+                    .attn
+                    .mask_plan_cached(&with_padding(MhaInput::new(x.clone())), kv)?,
+            ),
+            _ => None,
+        };
+        let mut attentions = Vec::with_capacity(self.blocks.len());
+        for (block, kv) in self.blocks.iter().zip(cache.layers.iter_mut()) {
+            let mut input = with_padding(MhaInput::new(block.attn_norm.forward(&x)?))
+                .rope(self.rope.clone())
+                .need_weights(crate::NeedWeights::PerHead);
+            if let Some(plan) = &plan {
+                input = input.mask_plan(plan.clone());
+            }
+            let out = block.attn.attend_cached(&input, kv)?;
+            let Some(weights) = out.weights else {
+                bail!("the attention module returned no weights for NeedWeights::PerHead")
+            };
+            attentions.push(weights);
+            x = (x + out.output)?;
+            let m = block.mlp.forward(&block.ffn_norm.forward(&x)?)?;
+            x = (x + m)?;
+        }
+        Ok((self.norm.forward(&x)?, attentions))
+    }
+}

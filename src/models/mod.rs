@@ -8,6 +8,11 @@
 //!   [`MultiHeadAttention::attend_cached`](crate::MultiHeadAttention::attend_cached) with a
 //!   [`KvCache`](crate::KvCache) per layer and RoPE (see the `generate` example).
 //!
+//! Both models return every layer's attention weights on request
+//! ([`BertModel::forward_with_attentions`](bert::BertModel::forward_with_attentions),
+//! [`Llama::forward_with_attentions`](llama::Llama::forward_with_attentions)), like Hugging
+//! Face's `output_attentions=True`; the `attention_map` example draws them.
+//!
 //! They are examples of use as much as library code: the attention module knows nothing of them.
 
 pub mod bert;
