@@ -1,7 +1,7 @@
 //! Train a tiny decoder-only transformer built on candle-mha to reverse digit sequences.
 //!
 //! ```text
-//! cargo run --release --example train -- [--steps N] [--save PATH] [--seed N]
+//! cargo run --release --example train -- [--steps N] [--save PATH] [--seed N] [--backend auto|reference]
 //! ```
 //!
 //! Each example is `PAD… x₁ … xₙ SEP xₙ … x₁ PAD…` with n from 3 to 8, left-padded so that SEP
@@ -20,7 +20,9 @@
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, IndexOp, Module, Tensor, D};
-use candle_mha::{CausalAlignment, KeyPaddingMask, MhaConfig, MhaInput, MultiHeadAttention};
+use candle_mha::{
+    Backend, CausalAlignment, KeyPaddingMask, MhaConfig, MhaInput, MultiHeadAttention,
+};
 use candle_nn::{AdamW, Embedding, LayerNorm, Linear, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 
 /// Digits 0–9, then the separator and the padding token.
@@ -46,6 +48,9 @@ pub struct TrainConfig {
     pub layers: usize,
     pub seed: u64,
     pub progress: bool,
+    /// Attention backend: `Auto` trains on the fused CPU kernel (fused backward),
+    /// `Reference` on candle's op-by-op autograd.
+    pub backend: Backend,
 }
 
 impl Default for TrainConfig {
@@ -59,6 +64,7 @@ impl Default for TrainConfig {
             layers: 2,
             seed: 0,
             progress: true,
+            backend: Backend::Auto,
         }
     }
 }
@@ -94,17 +100,22 @@ struct Block {
     ln2: Ln,
     fc1: Linear,
     fc2: Linear,
+    /// The attention kernel of the last call.
+    kernel: std::cell::Cell<&'static str>,
 }
 
 impl Block {
-    fn new(d: usize, heads: usize, vb: VarBuilder) -> candle_core::Result<Self> {
-        let cfg = MhaConfig::new(d, heads).with_batch_first(true);
+    fn new(d: usize, heads: usize, backend: Backend, vb: VarBuilder) -> candle_core::Result<Self> {
+        let cfg = MhaConfig::new(d, heads)
+            .with_batch_first(true)
+            .with_backend(backend);
         Ok(Self {
             ln1: Ln::new(d, vb.pp("ln1"))?,
             attn: MultiHeadAttention::new(cfg, vb.pp("attn"))?,
             ln2: Ln::new(d, vb.pp("ln2"))?,
             fc1: candle_nn::linear(d, 4 * d, vb.pp("fc1"))?,
             fc2: candle_nn::linear(4 * d, d, vb.pp("fc2"))?,
+            kernel: std::cell::Cell::new("none"),
         })
     }
 
@@ -115,6 +126,7 @@ impl Block {
                 .causal(CausalAlignment::TopLeft)
                 .key_padding_mask(KeyPaddingMask::new(pad.clone())),
         )?;
+        self.kernel.set(a.kernel);
         let x = (x + a.output)?;
         let h = self.fc1.forward(&self.ln2.forward(&x)?)?.gelu()?;
         x + self.fc2.forward(&h)?
@@ -135,7 +147,7 @@ impl Model {
     pub fn new(cfg: &TrainConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let d = cfg.d_model;
         let blocks = (0..cfg.layers)
-            .map(|i| Block::new(d, cfg.heads, vb.pp(format!("blocks.{i}"))))
+            .map(|i| Block::new(d, cfg.heads, cfg.backend, vb.pp(format!("blocks.{i}"))))
             .collect::<candle_core::Result<_>>()?;
         // GPT-2 style small embeddings (candle-nn's default N(0, 1) trains far slower here).
         let emb = |n: usize, name: &str| -> candle_core::Result<Embedding> {
@@ -153,6 +165,12 @@ impl Model {
             ln_f: Ln::new(d, vb.pp("ln_f"))?,
             head: candle_nn::linear(d, VOCAB, vb.pp("head"))?,
         })
+    }
+
+    /// The attention kernel that served the last forward (`"cpu"`: fused forward and fused
+    /// backward; `"reference"`: candle's op-by-op autograd).
+    pub fn attention_kernel(&self) -> &'static str {
+        self.blocks.first().map_or("none", |b| b.kernel.get())
     }
 
     /// Logits `(B, T', VOCAB)` for tokens `(B, T')`; `PAD` tokens are masked out as keys.
@@ -355,8 +373,15 @@ fn main() -> Result<()> {
             "--layers" => cfg.layers = val("--layers")?.parse().context("--layers")?,
             "--heads" => cfg.heads = val("--heads")?.parse().context("--heads")?,
             "--save" => save = val("--save")?.into(),
+            "--backend" => {
+                cfg.backend = match val("--backend")?.as_str() {
+                    "auto" => Backend::Auto,
+                    "reference" => Backend::Reference,
+                    other => bail!("--backend: auto or reference, got {other:?}"),
+                }
+            }
             "-h" | "--help" => {
-                println!("usage: train [--steps N] [--seed N] [--lr F] [--batch N] [--d-model N] [--heads N] [--layers N] [--save PATH]");
+                println!("usage: train [--steps N] [--seed N] [--lr F] [--batch N] [--d-model N] [--heads N] [--layers N] [--backend auto|reference] [--save PATH]");
                 return Ok(());
             }
             other => bail!("unknown argument {other:?} (try --help)"),
@@ -371,8 +396,10 @@ fn main() -> Result<()> {
     let report = train(&cfg, &dev)?;
     let secs = start.elapsed().as_secs_f64();
     println!(
-        "trained in {secs:.1}s: loss {:.4} -> {:.4}",
-        report.first_loss, report.last_loss
+        "trained in {secs:.1}s on the {} attention kernel: loss {:.4} -> {:.4}",
+        report.model.attention_kernel(),
+        report.first_loss,
+        report.last_loss
     );
 
     let mut rng = Rng::new(cfg.seed ^ 0xDEAD_BEEF);

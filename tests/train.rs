@@ -16,6 +16,8 @@ fn short_training_run_reduces_the_loss() {
         ..TrainConfig::default()
     };
     let report = train(&cfg, &Device::Cpu).unwrap();
+    // Trained through the fused kernel both ways (its backward is the fused backward).
+    assert_eq!(report.model.attention_kernel(), "cpu");
     assert!(report.first_loss.is_finite() && report.last_loss.is_finite());
     assert!(
         report.last_loss < 0.6 * report.first_loss,

@@ -23,7 +23,7 @@
 //!
 //! A **boolean SDPA mask says where a query MAY attend**: `true` / nonzero = attend, `false` / 0
 //! = masked, exactly as `F.scaled_dot_product_attention`'s `attn_mask`. This is the opposite of
-//! the module's [`AttnMask::Bool`](crate::AttnMask::Bool) and `key_padding_mask` (PyTorch MHA's
+//! the module's [`AttnMask::Bool`] and `key_padding_mask` (PyTorch MHA's
 //! polarity, nonzero = masked). [`SdpaMask::Allowed`] names it; a float mask
 //! ([`SdpaMask::Additive`]) is added to the scaled logits and may hold `-inf`.
 //!

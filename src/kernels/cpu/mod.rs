@@ -24,7 +24,7 @@
 //!
 //! Finally each row is divided by `l` and written to its place in the `(B, L, H, Dv)` output; a
 //! row that saw no finite logit (`l == 0`: fully masked) gets the
-//! [`MaskedRowPolicy`](crate::MaskedRowPolicy): zeros or NaN, exactly as
+//! [`MaskedRowPolicy`]: zeros or NaN, exactly as
 //! [`super::reference::softmax`].
 //!
 //! Packed sequences: items are split by sequence first, then into tiles of up to [`BLOCK_Q`]
