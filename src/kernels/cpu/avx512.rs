@@ -40,7 +40,7 @@ pub unsafe fn qk(q: Mat, kt: Mat, out: MatMut, scale: f32) {
         let mut r = 0;
         while r < nr {
             let mr = (nr - r).min(MR);
-            let qp = q.data.as_ptr().add(r * d);
+            let qp = (q.data.as_ptr().add(r * q.stride), q.stride);
             let op = (
                 out.data.as_mut_ptr().add(r * out.stride + 16 * c),
                 out.stride,
@@ -63,12 +63,12 @@ pub unsafe fn qk(q: Mat, kt: Mat, out: MatMut, scale: f32) {
     }
 }
 
-/// One `M × 16N` block of [`qk`]: `q` rows are `d` apart; `kt` and `out` are (pointer, row
-/// stride).
+/// One `M × 16N` block of [`qk`]: `q`, `kt` and `out` are (pointer, row stride), `d` the
+/// depth.
 #[inline]
 #[target_feature(enable = "avx512f")]
 unsafe fn qk_block<const M: usize, const N: usize>(
-    q: *const f32,
+    (q, qs): (*const f32, usize),
     d: usize,
     (kt, s): (*const f32, usize),
     (out, out_stride): (*mut f32, usize),
@@ -83,7 +83,7 @@ unsafe fn qk_block<const M: usize, const N: usize>(
             kv[n] = _mm512_maskz_loadu_ps(masks[n], krow.add(16 * n));
         }
         for r in 0..M {
-            let b = _mm512_set1_ps(*q.add(r * d + dd));
+            let b = _mm512_set1_ps(*q.add(r * qs + dd));
             for n in 0..N {
                 acc[r][n] = _mm512_fmadd_ps(b, kv[n], acc[r][n]);
             }
@@ -107,8 +107,29 @@ unsafe fn qk_block<const M: usize, const N: usize>(
 /// avx512f must be available.
 #[target_feature(enable = "avx512f")]
 pub unsafe fn pv(p: Mat, v: Mat, acc: MatMut) {
-    let (nr, bk, dv) = (p.rows, p.cols, v.cols);
+    pv_strided((p.data, p.rows, p.cols, p.stride, 1), v, acc)
+}
+
+/// `acc[r][c] += Σ_j p[j][r] · v[j][c]`: [`pv`] with `p` transposed (`p` is stored `k × m`,
+/// row stride `p.stride`; the product is `pᵀ · v`, `m × n`). No transposed copy of `p` is made.
+///
+/// # Safety
+/// avx512f must be available.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn pv_t(p: Mat, v: Mat, acc: MatMut) {
+    pv_strided((p.data, p.cols, p.rows, 1, p.stride), v, acc)
+}
+
+/// `acc += P · v` where `P` is `m × k` with element `(r, j)` at `data[r·rs + j·cs]`.
+#[target_feature(enable = "avx512f")]
+unsafe fn pv_strided(
+    (data, nr, bk, prs, pcs): (&[f32], usize, usize, usize, usize),
+    v: Mat,
+    acc: MatMut,
+) {
+    let dv = v.cols;
     debug_assert!(v.rows == bk && acc.rows == nr && acc.cols == dv);
+    debug_assert!(nr == 0 || bk == 0 || (nr - 1) * prs + (bk - 1) * pcs < data.len());
     let mut c = 0;
     while c < dv {
         let w = (dv - c).min(64);
@@ -121,7 +142,7 @@ pub unsafe fn pv(p: Mat, v: Mat, acc: MatMut) {
         let mut r = 0;
         while r < nr {
             let mr = (nr - r).min(MR);
-            let pp = (p.data.as_ptr().add(r * p.stride), p.stride);
+            let pp = (data.as_ptr().add(r * prs), prs, pcs);
             let op = (acc.data.as_mut_ptr().add(r * acc.stride + c), acc.stride);
             macro_rules! go {
                 ($($m:literal),*) => {
@@ -141,11 +162,12 @@ pub unsafe fn pv(p: Mat, v: Mat, acc: MatMut) {
     }
 }
 
-/// One `M × 16N` block of [`pv`]: `p`, `v` and `out` are (pointer, row stride).
+/// One `M × 16N` block of [`pv`]: `p` is (pointer, row stride, column stride), `v` and `out`
+/// are (pointer, row stride).
 #[inline]
 #[target_feature(enable = "avx512f")]
 unsafe fn pv_block<const M: usize, const N: usize>(
-    (p, p_stride): (*const f32, usize),
+    (p, p_stride, p_cs): (*const f32, usize, usize),
     bk: usize,
     (v, v_stride): (*const f32, usize),
     (out, out_stride): (*mut f32, usize),
@@ -164,7 +186,7 @@ unsafe fn pv_block<const M: usize, const N: usize>(
             vv[n] = _mm512_maskz_loadu_ps(masks[n], vrow.add(16 * n));
         }
         for r in 0..M {
-            let b = _mm512_set1_ps(*p.add(r * p_stride + j));
+            let b = _mm512_set1_ps(*p.add(r * p_stride + j * p_cs));
             for n in 0..N {
                 acc[r][n] = _mm512_fmadd_ps(b, vv[n], acc[r][n]);
             }

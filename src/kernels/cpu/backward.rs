@@ -3,54 +3,62 @@
 //! accumulate `dV = Pᵀ·dO`, `dS = P ∘ (dO·Vᵀ − Δ)` with `Δᵢ = dOᵢ·oᵢ`, `dK = scale·dSᵀ·Q` and
 //! `dQ = scale·dS·K`, in f32, without materialising anything of size `L × S`.
 //!
-//! Two parallel passes, so that every work item owns the rows it writes (no atomics):
-//! 1. per `(batch, KV head, tile of` [`BK`] `keys)`: `dK` and `dV` of those keys, summed over
-//!    every query row of every query head sharing the KV head (GQA) that may see them;
-//! 2. per work item of the forward (a tile of folded query rows): `dQ` of those rows over the
-//!    key tiles they see.
+//! One parallel pass over work items `(batch, KV head, tile of` [`BK`] `keys)`: an item owns
+//! the `dK` and `dV` rows of its keys, summed over every query row of every query head sharing
+//! the KV head (GQA) that may see them (query rows in blocks of [`BQ`]). Its `dQ` contributions
+//! go to the running thread's own `(B, L, H, D)` accumulator (one per worker thread, summed at
+//! the end), so no two threads write the same memory and nothing is recomputed.
 //!
-//! The masks are applied exactly as in the forward ([`Ctx::mask_row`], the same structured
-//! ranges, key padding and bias, keys after `kv_len` never masked), so a fully masked row has
-//! `P = 0` and contributes nothing. Scratch per worker: a few `64 × 256` tiles.
+//! The five products per (query block, key tile) use the AVX-512 micro-kernels of the forward
+//! where the CPU has them (`Q·Kᵀ` and `dO·Vᵀ` against transposed copies of K and V made once;
+//! `Pᵀ·dO` and `dSᵀ·Q` reading the score tile transposed, `dS·K` directly), and the `gemm`
+//! crate elsewhere. Query rows, their output gradients and their `dQ` rows are read and written
+//! in place (in the projections' own layout) whenever a block's rows are consecutive. The masks are applied exactly as in the forward ([`Ctx::mask_row`]: the same
+//! structured ranges, key padding and bias; keys after `kv_len` never masked), so a fully
+//! masked row has `P = 0` and contributes nothing.
 
 use std::cell::RefCell;
+use std::sync::Mutex;
 
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
-use super::portable::matmul;
+use super::mat::{Mat, MatMut};
+use super::portable::{matmul, pv};
 use super::softmax::exp_sub;
 use super::tile::{Ctx, OutPtr, View};
-use super::{cpu_f32, f32_rows, for_each_item, strides3, AttnCall, Inputs, MAX_HEAD_DIM};
+use super::{cpu_f32, f32_rows, strides3, transpose_heads, AttnCall, Inputs, MAX_HEAD_DIM};
 
 /// Query rows per block.
 pub const BQ: usize = 64;
-/// Keys per `dK`/`dV` work item.
-pub const BK: usize = 64;
-/// Keys per tile in the `dQ` pass.
-const BKQ: usize = 128;
+/// Keys per work item.
+pub const BK: usize = 128;
 
 struct Scratch {
     q: Vec<f32>,
     go: Vec<f32>,
+    /// `P` (`BQ × BK`).
     p: Vec<f32>,
-    dp: Vec<f32>,
-    acc_a: Vec<f32>,
-    acc_b: Vec<f32>,
+    /// `dP`, then `scale · dS` (`BQ × BK`).
+    ds: Vec<f32>,
+    dk: Vec<f32>,
+    dv: Vec<f32>,
+    dq: Vec<f32>,
 }
 
 thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch {
         q: vec![0.0; BQ * MAX_HEAD_DIM],
         go: vec![0.0; BQ * MAX_HEAD_DIM],
-        p: vec![0.0; BQ * BKQ.max(BK)],
-        dp: vec![0.0; BQ * BKQ.max(BK)],
-        acc_a: vec![0.0; BQ.max(BK) * MAX_HEAD_DIM],
-        acc_b: vec![0.0; BK * MAX_HEAD_DIM],
+        p: vec![0.0; BQ * BK],
+        ds: vec![0.0; BQ * BK],
+        dk: vec![0.0; BK * MAX_HEAD_DIM],
+        dv: vec![0.0; BK * MAX_HEAD_DIM],
+        dq: vec![0.0; BQ * MAX_HEAD_DIM],
     });
 }
 
-/// What the two passes read besides the forward's context.
+/// What the pass reads besides the forward's context.
 struct Bwd<'a> {
     ctx: &'a Ctx<'a>,
     /// The gradient of the output, `(B, L, H, Dv)`.
@@ -60,13 +68,15 @@ struct Bwd<'a> {
     delta: &'a [f32],
     /// Structured visible key range of every query row `(b, i)`.
     ranges: &'a [(usize, usize)],
-    dq: OutPtr,
+    /// Kᵀ `(B, Hkv, D, S)` and Vᵀ `(B, Hkv, Dv, S)` for the AVX-512 products.
+    kt: Option<&'a [f32]>,
+    vt: Option<&'a [f32]>,
     dk: OutPtr,
     dv: OutPtr,
 }
 
-// SAFETY: the raw output pointers are written at disjoint rows by the work items (see each
-// pass), and the buffers outlive the parallel loops.
+// SAFETY: `dk` / `dv` are written at key rows owned by one work item each (see `item`), and the
+// buffers outlive the parallel loop.
 unsafe impl Sync for Bwd<'_> {}
 
 /// `(dq, dk, dv)` for the call `c` whose forward returned `out` with log-sum-exp `lse`, given
@@ -112,16 +122,21 @@ pub(super) fn backward(
     } else {
         (0..b * l).map(|x| c.mask.row_range(x / l, x % l)).collect()
     };
-    let mut dq = vec![0f32; b * l * h * d];
     let mut dk = vec![0f32; b * s * hkv * d];
     let mut dvv = vec![0f32; b * s * hkv * dv];
-    let (dq_p, dk_p, dv_p) = (
-        OutPtr(dq.as_mut_ptr()),
-        OutPtr(dk.as_mut_ptr()),
-        OutPtr(dvv.as_mut_ptr()),
-    );
+    let (dk_p, dv_p) = (OutPtr(dk.as_mut_ptr()), OutPtr(dvv.as_mut_ptr()));
+    let threads = rayon::current_num_threads().max(1);
+    let dq_parts: Vec<Mutex<Vec<f32>>> = (0..threads).map(|_| Mutex::new(Vec::new())).collect();
     let unused = OutPtr(std::ptr::null_mut());
     inputs.with_ctx(c, false, unused, None, |ctx| {
+        let (kt, vt) = if ctx.avx512 {
+            (
+                Some(transpose_heads(&ctx.k, b, hkv, s, d)),
+                Some(transpose_heads(&ctx.v, b, hkv, s, dv)),
+            )
+        } else {
+            (None, None)
+        };
         let bw = Bwd {
             ctx,
             go: View {
@@ -131,11 +146,11 @@ pub(super) fn backward(
             lse,
             delta: &delta,
             ranges: &ranges,
-            dq: dq_p,
+            kt: kt.as_deref(),
+            vt: vt.as_deref(),
             dk: dk_p,
             dv: dv_p,
         };
-        // Pass 1: dK, dV per key tile (real keys, then the appended ones).
         let mut tiles = Vec::new();
         for (from, to) in [(0, real_s), (real_s, s)] {
             for j0 in (from..to).step_by(BK) {
@@ -150,14 +165,28 @@ pub(super) fn backward(
             })
             .collect();
         items.into_par_iter().for_each(|(bi, kh, j0, j1)| {
-            SCRATCH.with(|sc| bw.kv_item(bi, kh, j0, j1, &mut sc.borrow_mut()))
-        });
-        // Pass 2: dQ per tile of folded query rows, as the forward splits them.
-        for_each_item(c, ctx.g, |(bi, kh, r0, nr)| {
-            SCRATCH.with(|sc| bw.q_item(bi, kh, r0, nr, &mut sc.borrow_mut()))
+            let slot = rayon::current_thread_index().unwrap_or(0) % threads;
+            // Uncontended: a worker only takes its own slot.
+            let mut dq = dq_parts[slot].lock().unwrap_or_else(|e| e.into_inner());
+            if dq.is_empty() {
+                dq.resize(b * l * h * d, 0.0);
+            }
+            SCRATCH.with(|sc| bw.item(bi, kh, (j0, j1), &mut dq, &mut sc.borrow_mut()))
         });
     })?;
     drop((og, gg));
+    // dQ: the sum of the per-thread accumulators.
+    let mut parts: Vec<Vec<f32>> = dq_parts
+        .into_iter()
+        .map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner()))
+        .filter(|v| !v.is_empty())
+        .collect();
+    let mut dq = parts.pop().unwrap_or_else(|| vec![0f32; b * l * h * d]);
+    for p in &parts {
+        dq.par_chunks_mut(1 << 14)
+            .zip(p.par_chunks(1 << 14))
+            .for_each(|(a, x)| a.iter_mut().zip(x).for_each(|(a, x)| *a += x));
+    }
     let dev = c.q.device();
     Ok((
         Tensor::from_vec(dq, (b, l, h, d), dev)?.to_dtype(c.q.dtype())?,
@@ -167,130 +196,176 @@ pub(super) fn backward(
 }
 
 impl Bwd<'_> {
-    /// Gathers query row `i` of head `hh` (batch `bi`) and its output gradient into row `r` of
-    /// the scratch tiles.
-    fn gather(&self, sc: &mut Scratch, r: usize, bi: usize, i: usize, hh: usize) {
-        let (d, dv) = (self.ctx.d, self.ctx.dv);
-        let q = &self.ctx.q;
-        let at = q.at(bi, i, hh);
-        sc.q[r * d..(r + 1) * d].copy_from_slice(&q.data[at..at + d]);
-        let at = self.go.at(bi, i, hh);
-        sc.go[r * dv..(r + 1) * dv].copy_from_slice(&self.go.data[at..at + dv]);
+    /// `out (nr × bk, row stride BK) = scale · a · Xᵀ` for `a` (`nr × w`, contiguous rows) and
+    /// the key rows `j0..j0 + bk` of `x` (K or V of KV head `kh`, with its transposed copy on
+    /// AVX-512): through the micro-kernel on AVX-512, in place through `gemm` elsewhere.
+    fn times_keys_t(
+        &self,
+        a: Mat,
+        x: (&View, Option<&[f32]>),
+        (bi, kh, j0, bk): (usize, usize, usize, usize),
+        out: &mut [f32],
+        scale: f32,
+    ) {
+        let (nr, w) = (a.rows, a.cols);
+        match x.1 {
+            #[cfg(target_arch = "x86_64")]
+            Some(xt) => {
+                let s = self.ctx.s;
+                let base = (bi * self.ctx.hkv + kh) * w * s;
+                let xt = Mat::new(&xt[base + j0..base + w * s], w, bk, s);
+                let o = MatMut::new(&mut out[..nr * BK], nr, bk, BK);
+                // SAFETY: avx512f was detected when the transposed copies were made; `a` has
+                // contiguous rows and the output rows hold BK >= round_up(bk, 16) columns.
+                unsafe { super::avx512::qk(a, xt, o, scale) };
+            }
+            _ => {
+                let v = x.0;
+                let at = v.at(bi, j0, kh);
+                matmul(
+                    (nr, bk, w),
+                    out,
+                    BK,
+                    false,
+                    (a.data, a.stride, 1),
+                    (&v.data[at..], 1, v.strides[1]),
+                    scale,
+                );
+            }
+        }
     }
 
-    /// For rows `0..nr` (folded rows `fr(r)`, query `i(r)` of head `hh(r)`) against keys
-    /// `j0..j1`: `p` ← P (masked, normalised by the saved log-sum-exp) and `dp` ← dS.
-    /// Returns whether any probability is nonzero.
-    fn probs_and_ds(
+    /// `acc += p · v` (`transposed`: `acc += pᵀ · v`, `p` stored `k × m`).
+    fn accumulate(&self, p: Mat, transposed: bool, v: Mat, acc: MatMut) {
+        #[cfg(target_arch = "x86_64")]
+        if self.ctx.avx512 {
+            // SAFETY: avx512f detected (see `super::use_avx512`).
+            unsafe {
+                if transposed {
+                    super::avx512::pv_t(p, v, acc)
+                } else {
+                    super::avx512::pv(p, v, acc)
+                }
+            };
+            return;
+        }
+        if transposed {
+            let (m, k, n) = (p.cols, p.rows, v.cols);
+            matmul(
+                (m, n, k),
+                acc.data,
+                acc.stride,
+                true,
+                (p.data, 1, p.stride),
+                (v.data, v.stride, 1),
+                1.0,
+            );
+        } else {
+            pv(p, v, acc);
+        }
+    }
+
+    /// One work item: `dK`, `dV` of keys `j0..j1` of KV head `kh` in batch `bi`, and their `dQ`
+    /// contributions added to `dq` (`(B, L, H, D)`).
+    fn item(
         &self,
-        sc: &mut Scratch,
         bi: usize,
         kh: usize,
-        rows: &[(usize, usize, usize)],
         (j0, j1): (usize, usize),
-        stride: usize,
-    ) -> bool {
+        dq: &mut [f32],
+        sc: &mut Scratch,
+    ) {
         let ctx = self.ctx;
-        let (d, dv, nr, bk) = (ctx.d, ctx.dv, rows.len(), j1 - j0);
-        let (l, h) = (ctx.l, ctx.h);
-        let masked = ctx.masked && j0 < ctx.real_s;
-        let (k0, v0) = (ctx.k.at(bi, j0, kh), ctx.v.at(bi, j0, kh));
-        let (kst, vst) = (ctx.k.strides[1], ctx.v.strides[1]);
-        // S = scale · Q · Kᵀ
-        matmul(
-            (nr, bk, d),
-            &mut sc.p,
-            stride,
-            false,
-            (&sc.q, d, 1),
-            (&ctx.k.data[k0..], 1, kst),
-            ctx.scale,
-        );
-        let mut any = false;
-        for (r, &(fr, i, hh)) in rows.iter().enumerate() {
-            let row = &mut sc.p[r * stride..r * stride + bk];
-            let m = self.lse[(bi * h + hh) * l + i];
-            if m == f32::NEG_INFINITY
-                || (masked && !ctx.mask_row(bi, kh, fr, self.ranges[bi * l + i], j0, row))
-            {
-                row.fill(0.0);
-                continue;
-            }
-            exp_sub(row, m);
-            any = true;
-        }
-        if !any {
-            return false;
-        }
-        // dP = dO · Vᵀ, then dS = P ∘ (dP − Δ) in place.
-        matmul(
-            (nr, bk, dv),
-            &mut sc.dp,
-            stride,
-            false,
-            (&sc.go, dv, 1),
-            (&ctx.v.data[v0..], 1, vst),
-            1.0,
-        );
-        for (r, &(_, i, hh)) in rows.iter().enumerate() {
-            let delta = self.delta[(bi * h + hh) * l + i];
-            let p = &sc.p[r * stride..r * stride + bk];
-            let ds = &mut sc.dp[r * stride..r * stride + bk];
-            ds.iter_mut()
-                .zip(p)
-                .for_each(|(x, &pp)| *x = pp * (*x - delta));
-        }
-        true
-    }
-
-    /// Pass 1: `dK`, `dV` of keys `j0..j1` of KV head `kh`.
-    fn kv_item(&self, bi: usize, kh: usize, j0: usize, j1: usize, sc: &mut Scratch) {
-        let ctx = self.ctx;
-        let (d, dv, l, g, bk) = (ctx.d, ctx.dv, ctx.l, ctx.g, j1 - j0);
-        sc.acc_a[..bk * d].fill(0.0); // dK
-        sc.acc_b[..bk * dv].fill(0.0); // dV
-        let real = j0 < ctx.real_s;
-        let mut rows = Vec::with_capacity(BQ);
+        let (d, dv, l, g, h, bk) = (ctx.d, ctx.dv, ctx.l, ctx.g, ctx.h, j1 - j0);
+        sc.dk[..bk * d].fill(0.0);
+        sc.dv[..bk * dv].fill(0.0);
+        let masked = j0 < ctx.real_s && ctx.masked;
+        let (k0, kst) = (ctx.k.at(bi, j0, kh), ctx.k.strides[1]);
+        let mut rows: Vec<(usize, usize)> = Vec::with_capacity(BQ);
         for gg in 0..g {
             let hh = kh * g + gg;
+            let stats = (bi * h + hh) * l;
             for i0 in (0..l).step_by(BQ) {
-                let i1 = (i0 + BQ).min(l);
                 rows.clear();
-                for i in i0..i1 {
+                for i in i0..(i0 + BQ).min(l) {
                     let (lo, hi) = self.ranges[bi * l + i];
-                    if !real || !ctx.masked || (lo < hi && lo < j1 && hi > j0) {
-                        rows.push((gg * l + i, i, hh));
+                    let sees = !masked || (lo < hi && lo < j1 && hi > j0);
+                    if sees && self.lse[stats + i] != f32::NEG_INFINITY {
+                        rows.push((gg * l + i, i));
                     }
                 }
-                if rows.is_empty() {
-                    continue;
-                }
-                for (r, &(_, i, hh)) in rows.iter().enumerate() {
-                    self.gather(sc, r, bi, i, hh);
-                }
-                if !self.probs_and_ds(sc, bi, kh, &rows, (j0, j1), BK) {
-                    continue;
-                }
                 let nr = rows.len();
-                // dV += Pᵀ · dO ; dK += scale · dSᵀ · Q
-                matmul(
-                    (bk, dv, nr),
-                    &mut sc.acc_b,
-                    dv,
-                    true,
-                    (&sc.p, 1, BK),
-                    (&sc.go, dv, 1),
-                    1.0,
-                );
-                matmul(
-                    (bk, d, nr),
-                    &mut sc.acc_a,
-                    d,
-                    true,
-                    (&sc.dp, 1, BK),
-                    (&sc.q, d, 1),
-                    ctx.scale,
-                );
+                if nr == 0 {
+                    continue;
+                }
+                // Consecutive queries are read (and their dQ written) in place; others are
+                // gathered into the scratch.
+                let first = rows[0].1;
+                let in_place = rows[nr - 1].1 - first + 1 == nr;
+                let (q, go) = if in_place {
+                    let (qa, ga) = (ctx.q.at(bi, first, hh), self.go.at(bi, first, hh));
+                    let (qs, gs) = (ctx.q.strides[1], self.go.strides[1]);
+                    (
+                        Mat::new(&ctx.q.data[qa..], nr, d, qs),
+                        Mat::new(&self.go.data[ga..], nr, dv, gs),
+                    )
+                } else {
+                    for (r, &(_, i)) in rows.iter().enumerate() {
+                        let at = ctx.q.at(bi, i, hh);
+                        sc.q[r * d..(r + 1) * d].copy_from_slice(&ctx.q.data[at..at + d]);
+                        let at = self.go.at(bi, i, hh);
+                        sc.go[r * dv..(r + 1) * dv].copy_from_slice(&self.go.data[at..at + dv]);
+                    }
+                    (Mat::new(&sc.q, nr, d, d), Mat::new(&sc.go, nr, dv, dv))
+                };
+                // P = exp(scale · Q · Kᵀ + masks − lse)
+                let tile = (bi, kh, j0, bk);
+                self.times_keys_t(q, (&ctx.k, self.kt), tile, &mut sc.p, ctx.scale);
+                let mut any = false;
+                for (r, &(fr, i)) in rows.iter().enumerate() {
+                    let row = &mut sc.p[r * BK..r * BK + bk];
+                    if masked && !ctx.mask_row(bi, kh, fr, self.ranges[bi * l + i], j0, row) {
+                        row.fill(0.0);
+                        continue;
+                    }
+                    exp_sub(row, self.lse[stats + i]);
+                    any = true;
+                }
+                if !any {
+                    continue;
+                }
+                // scale · dS = scale · P ∘ (dO · Vᵀ − Δ)
+                self.times_keys_t(go, (&ctx.v, self.vt), tile, &mut sc.ds, 1.0);
+                let scale = ctx.scale;
+                for (r, &(_, i)) in rows.iter().enumerate() {
+                    let delta = self.delta[stats + i];
+                    let p = &sc.p[r * BK..r * BK + bk];
+                    let ds = &mut sc.ds[r * BK..r * BK + bk];
+                    ds.iter_mut()
+                        .zip(p)
+                        .for_each(|(x, &pp)| *x = scale * pp * (*x - delta));
+                }
+                // dV += Pᵀ · dO ; dK += (scale · dS)ᵀ · Q
+                let p = Mat::new(&sc.p, nr, bk, BK);
+                self.accumulate(p, true, go, MatMut::new(&mut sc.dv, bk, dv, dv));
+                let ds = Mat::new(&sc.ds, nr, bk, BK);
+                self.accumulate(ds, true, q, MatMut::new(&mut sc.dk, bk, d, d));
+                // dQ += (scale · dS) · K
+                let k = Mat::new(&ctx.k.data[k0..], bk, d, kst);
+                if in_place {
+                    let at = ((bi * l + first) * h + hh) * d;
+                    self.accumulate(ds, false, k, MatMut::new(&mut dq[at..], nr, d, h * d));
+                } else {
+                    sc.dq[..nr * d].fill(0.0);
+                    self.accumulate(ds, false, k, MatMut::new(&mut sc.dq, nr, d, d));
+                    for (r, &(_, i)) in rows.iter().enumerate() {
+                        let at = ((bi * l + i) * h + hh) * d;
+                        dq[at..at + d]
+                            .iter_mut()
+                            .zip(&sc.dq[r * d..(r + 1) * d])
+                            .for_each(|(a, x)| *a += x);
+                    }
+                }
             }
         }
         let (s, hkv) = (ctx.s, ctx.hkv);
@@ -300,64 +375,9 @@ impl Bwd<'_> {
             // belongs to this item only, and lies inside them.
             unsafe {
                 std::slice::from_raw_parts_mut(self.dk.0.add(row * d), d)
-                    .copy_from_slice(&sc.acc_a[j * d..(j + 1) * d]);
+                    .copy_from_slice(&sc.dk[j * d..(j + 1) * d]);
                 std::slice::from_raw_parts_mut(self.dv.0.add(row * dv), dv)
-                    .copy_from_slice(&sc.acc_b[j * dv..(j + 1) * dv]);
-            }
-        }
-    }
-
-    /// Pass 2: `dQ` of folded rows `r0..r0 + nr` of KV head `kh`.
-    fn q_item(&self, bi: usize, kh: usize, r0: usize, nr: usize, sc: &mut Scratch) {
-        let ctx = self.ctx;
-        let (d, l, g) = (ctx.d, ctx.l, ctx.g);
-        let rows: Vec<(usize, usize, usize)> = (r0..r0 + nr)
-            .map(|fr| (fr, fr % l, kh * g + fr / l))
-            .collect();
-        let (mut k_lo, mut k_hi) = (usize::MAX, 0);
-        for (r, &(_, i, hh)) in rows.iter().enumerate() {
-            self.gather(sc, r, bi, i, hh);
-            let (lo, hi) = self.ranges[bi * l + i];
-            if lo < hi {
-                k_lo = k_lo.min(lo);
-                k_hi = k_hi.max(hi);
-            }
-        }
-        sc.acc_a[..nr * d].fill(0.0);
-        let mut tiles = Vec::new();
-        if k_lo < k_hi {
-            let mut start = k_lo / BKQ * BKQ;
-            while start < k_hi {
-                tiles.push((start.max(k_lo), (start + BKQ).min(k_hi)));
-                start += BKQ;
-            }
-        }
-        for j0 in (ctx.real_s..ctx.s).step_by(BKQ) {
-            tiles.push((j0, (j0 + BKQ).min(ctx.s)));
-        }
-        for (j0, j1) in tiles {
-            if !self.probs_and_ds(sc, bi, kh, &rows, (j0, j1), BKQ) {
-                continue;
-            }
-            // dQ += scale · dS · K
-            let k0 = ctx.k.at(bi, j0, kh);
-            matmul(
-                (nr, d, j1 - j0),
-                &mut sc.acc_a,
-                d,
-                true,
-                (&sc.dp, BKQ, 1),
-                (&ctx.k.data[k0..], ctx.k.strides[1], 1),
-                ctx.scale,
-            );
-        }
-        for (r, &(_, i, hh)) in rows.iter().enumerate() {
-            let at = ((bi * l + i) * ctx.h + hh) * d;
-            // SAFETY: query row (bi, i, hh) of the contiguous (B, L, H, D) gradient belongs to
-            // this item only, and lies inside it.
-            unsafe {
-                std::slice::from_raw_parts_mut(self.dq.0.add(at), d)
-                    .copy_from_slice(&sc.acc_a[r * d..(r + 1) * d]);
+                    .copy_from_slice(&sc.dv[j * dv..(j + 1) * dv]);
             }
         }
     }
