@@ -16,7 +16,8 @@
 //!
 //! Options: `--python PY` (default `$CANDLE_MHA_BENCH_PYTHON` or `python3`), `--no-torch`,
 //! `--rounds N` (default 3), `--only SUBSTR` (configs whose name contains it), `--no-peak`,
-//! `--no-reference-8k` (skip the ~13 GB reference run at L=8192).
+//! `--no-reference-8k` (skip the ~13 GB reference run at L=8192), `--isa avx512|avx2|portable`
+//! (force the fused kernel's instruction set, e.g. to time the AVX2 path on an AVX-512 CPU).
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
@@ -508,6 +509,11 @@ fn main() -> Result<()> {
             "--no-reference-8k" => no_ref8k = true,
             "--rounds" => rounds = it.next().context("--rounds N")?.parse()?,
             "--only" => only = Some(it.next().context("--only SUBSTR")?.clone()),
+            "--isa" => {
+                let isa = it.next().context("--isa avx512|avx2|portable")?;
+                candle_mha::kernels::test_support::force_cpu_isa(Some(isa))
+                    .map_err(anyhow::Error::msg)?;
+            }
             other => bail!("unknown option {other}"),
         }
     }
@@ -521,7 +527,9 @@ fn main() -> Result<()> {
     };
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
-        "threads: {threads} (rayon; torch.set_num_threads({threads})), load at start: {}",
+        "threads: {threads} (rayon; torch.set_num_threads({threads})), fused kernel ISA: {} (available: {:?}), load at start: {}",
+        candle_mha::kernels::test_support::cpu_isa(),
+        candle_mha::kernels::test_support::cpu_isas(),
         load.trim()
     );
     const COLS: [&str; 8] = [

@@ -7,7 +7,9 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use candle_mha::case::{run_case, RunOptions};
-use candle_mha::kernels::test_support::{cpu_backward_calls, set_portable_only};
+use candle_mha::kernels::test_support::{
+    cpu_backward_calls, cpu_isa, cpu_isas, force_cpu_isa, set_portable_only,
+};
 use candle_mha::kernels::{attention, AttnParams};
 use candle_mha::mask::{AttnMask, Causal, CausalAlignment, KeyPaddingMask, MaskDims, MaskPlan};
 use candle_mha::{Backend, MaskedRowPolicy};
@@ -220,10 +222,15 @@ fn fused_backward_equals_reference_backward() {
     sweep(0x5eed_0001, 60);
 }
 
+/// Every instruction set this CPU has, each forced in turn (process-wide switch).
 #[test]
-fn fused_backward_portable_products() {
-    set_portable_only(true);
-    sweep(0x5eed_0002, 20);
+fn fused_backward_every_isa() {
+    for (n, isa) in cpu_isas().iter().enumerate() {
+        force_cpu_isa(Some(isa)).unwrap();
+        assert_eq!(cpu_isa(), *isa);
+        sweep(0x5eed_0002 + n as u64, 25);
+    }
+    force_cpu_isa(None).unwrap();
     set_portable_only(false);
 }
 

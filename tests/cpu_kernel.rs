@@ -5,7 +5,9 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use candle_mha::case::{run_case, Case, RunOptions};
-use candle_mha::kernels::test_support::{cpu_calls, set_portable_only};
+use candle_mha::kernels::test_support::{
+    cpu_calls, cpu_isa, cpu_isas, force_cpu_isa, set_portable_only,
+};
 use candle_mha::kernels::{attention, reference, AttnParams};
 use candle_mha::mask::{AttnMask, Causal, CausalAlignment, KeyPaddingMask, MaskDims, MaskPlan};
 use candle_mha::{Backend, MaskedRowPolicy};
@@ -333,15 +335,30 @@ fn fused_matches_reference_multi_tile_random() {
     run_random(0x5eed_0002, 60, true);
 }
 
-/// The portable path (the `gemm` crate's micro-kernels, used where AVX-512 is missing). The
-/// switch is process-wide; tests running meanwhile take either path, both exact.
+/// Every instruction set this CPU has (AVX-512, AVX2 + FMA, the portable `gemm` path), each
+/// forced in turn, so that CI covers each path whatever its CPU. The switch is process-wide:
+/// tests that force it hold `ISA_LOCK`; other tests running meanwhile take any path, all exact.
 #[test]
-fn fused_portable_path_matches_reference() {
-    set_portable_only(true);
-    run_random(0x5eed_0003, 150, false);
-    run_random(0x5eed_0004, 20, true);
+fn fused_every_isa_matches_reference() {
+    let _guard = ISA_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let isas = cpu_isas();
+    assert!(isas.contains(&"portable"));
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        assert!(isas.contains(&"avx2"), "{isas:?}");
+    }
+    for (n, isa) in isas.iter().enumerate() {
+        force_cpu_isa(Some(isa)).unwrap();
+        assert_eq!(cpu_isa(), *isa);
+        println!("{isa}");
+        run_random(0x5eed_0003 + n as u64, 150, false);
+        run_random(0x5eed_0013 + n as u64, 20, true);
+    }
+    force_cpu_isa(None).unwrap();
     set_portable_only(false);
 }
+
+static ISA_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 #[test]
 fn fused_decode_gqa_and_long_causal() {

@@ -298,6 +298,23 @@ pub mod test_support {
         super::cpu::bwd_calls()
     }
 
+    /// The instruction sets of the fused CPU kernel this CPU can run (`"avx512"`, `"avx2"`,
+    /// `"portable"`), best first.
+    pub fn cpu_isas() -> Vec<&'static str> {
+        super::cpu::isas()
+    }
+
+    /// Forces the fused CPU kernel's instruction set (`None`: the best available),
+    /// process-wide; an error when the CPU lacks it.
+    pub fn force_cpu_isa(name: Option<&str>) -> Result<(), String> {
+        super::cpu::force_isa(name)
+    }
+
+    /// The fused CPU kernel's instruction set now.
+    pub fn cpu_isa() -> &'static str {
+        super::cpu::isa_name()
+    }
+
     /// Forces the fused CPU kernel's portable (`gemm`) products even where AVX-512 is
     /// available (process-wide), so that tests cover both paths on one machine.
     pub fn set_portable_only(on: bool) {

@@ -24,7 +24,8 @@ use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
 use super::mat::{Mat, MatMut};
-use super::portable::{matmul, pv};
+use super::portable::matmul;
+use super::products::{self, Isa};
 use super::softmax::exp_sub;
 use super::tile::{Ctx, OutPtr, View};
 use super::{cpu_f32, f32_rows, strides3, transpose_heads, AttnCall, Inputs, MAX_HEAD_DIM};
@@ -129,7 +130,7 @@ pub(super) fn backward(
     let dq_parts: Vec<Mutex<Vec<f32>>> = (0..threads).map(|_| Mutex::new(Vec::new())).collect();
     let unused = OutPtr(std::ptr::null_mut());
     inputs.with_ctx(c, false, unused, None, |ctx| {
-        let (kt, vt) = if ctx.avx512 {
+        let (kt, vt) = if ctx.isa != Isa::Portable {
             (
                 Some(transpose_heads(&ctx.k, b, hkv, s, d)),
                 Some(transpose_heads(&ctx.v, b, hkv, s, dv)),
@@ -209,17 +210,15 @@ impl Bwd<'_> {
     ) {
         let (nr, w) = (a.rows, a.cols);
         match x.1 {
-            #[cfg(target_arch = "x86_64")]
             Some(xt) => {
                 let s = self.ctx.s;
                 let base = (bi * self.ctx.hkv + kh) * w * s;
                 let xt = Mat::new(&xt[base + j0..base + w * s], w, bk, s);
+                // The output rows hold BK >= round_up(bk, 16) columns.
                 let o = MatMut::new(&mut out[..nr * BK], nr, bk, BK);
-                // SAFETY: avx512f was detected when the transposed copies were made; `a` has
-                // contiguous rows and the output rows hold BK >= round_up(bk, 16) columns.
-                unsafe { super::avx512::qk(a, xt, o, scale) };
+                products::qk_t(self.ctx.isa, a, xt, o, scale);
             }
-            _ => {
+            None => {
                 let v = x.0;
                 let at = v.at(bi, j0, kh);
                 matmul(
@@ -237,31 +236,10 @@ impl Bwd<'_> {
 
     /// `acc += p · v` (`transposed`: `acc += pᵀ · v`, `p` stored `k × m`).
     fn accumulate(&self, p: Mat, transposed: bool, v: Mat, acc: MatMut) {
-        #[cfg(target_arch = "x86_64")]
-        if self.ctx.avx512 {
-            // SAFETY: avx512f detected (see `super::use_avx512`).
-            unsafe {
-                if transposed {
-                    super::avx512::pv_t(p, v, acc)
-                } else {
-                    super::avx512::pv(p, v, acc)
-                }
-            };
-            return;
-        }
         if transposed {
-            let (m, k, n) = (p.cols, p.rows, v.cols);
-            matmul(
-                (m, n, k),
-                acc.data,
-                acc.stride,
-                true,
-                (p.data, 1, p.stride),
-                (v.data, v.stride, 1),
-                1.0,
-            );
+            products::pv_t(self.ctx.isa, p, v, acc)
         } else {
-            pv(p, v, acc);
+            products::pv(self.ctx.isa, p, v, acc)
         }
     }
 
@@ -328,7 +306,7 @@ impl Bwd<'_> {
                         row.fill(0.0);
                         continue;
                     }
-                    exp_sub(row, self.lse[stats + i]);
+                    exp_sub(ctx.isa, row, self.lse[stats + i]);
                     any = true;
                 }
                 if !any {

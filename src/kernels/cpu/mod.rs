@@ -57,7 +57,7 @@
 //! (the two products on AVX-512 registers or through `gemm`), `mat.rs` (their bounds-checked
 //! matrix operands).
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{bail, DType, Result, Storage, Tensor};
 use rayon::prelude::*;
@@ -66,14 +66,18 @@ use super::{AttnCall, AttnOutput, Caps, Kernel};
 use crate::config::MaskedRowPolicy;
 
 #[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
 mod avx512;
 mod backward;
 mod mat;
 mod op;
 mod portable;
+mod products;
 mod softmax;
 mod tile;
 
+use products::Isa;
 use tile::{Bias, Ctx, OutPtr, View};
 
 /// Query rows per work item (after folding the query heads of a KV group into the rows).
@@ -89,7 +93,6 @@ pub const MAX_HEAD_DIM: usize = 256;
 static CALLS: AtomicUsize = AtomicUsize::new(0);
 /// Backward calls served by the fused backward.
 pub(super) static BWD_CALLS: AtomicUsize = AtomicUsize::new(0);
-static PORTABLE_ONLY: AtomicBool = AtomicBool::new(false);
 
 /// How many calls the fused CPU kernel has served in this process (lets tests check that a
 /// path really went through it).
@@ -102,25 +105,33 @@ pub(crate) fn bwd_calls() -> usize {
     BWD_CALLS.load(Ordering::Relaxed)
 }
 
-/// Forces the portable path (`gemm` crate micro-kernels) even where AVX-512 is available, so
-/// that tests cover both paths on one machine. Process-wide; both paths compute the same
-/// function.
-pub(crate) fn set_portable_only(on: bool) {
-    PORTABLE_ONLY.store(on, Ordering::Relaxed);
+/// The instruction sets of the fused kernel this CPU can run (`"avx512"`, `"avx2"`,
+/// `"portable"`), best first.
+pub(crate) fn isas() -> Vec<&'static str> {
+    products::available().into_iter().map(Isa::name).collect()
 }
 
-fn use_avx512() -> bool {
-    if PORTABLE_ONLY.load(Ordering::Relaxed) {
-        return false;
-    }
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+/// Forces the instruction set named `name` (`None`: the best available), process-wide.
+pub(crate) fn force_isa(name: Option<&str>) -> std::result::Result<(), String> {
+    let isa = match name {
+        None => None,
+        Some("avx512") => Some(Isa::Avx512),
+        Some("avx2") => Some(Isa::Avx2),
+        Some("portable") => Some(Isa::Portable),
+        Some(other) => return Err(format!("unknown instruction set {other:?}")),
+    };
+    products::force(isa)
+}
+
+/// The instruction set calls use now.
+pub(crate) fn isa_name() -> &'static str {
+    products::current().name()
+}
+
+/// Forces the portable path (`gemm` crate products) even where SIMD micro-kernels are
+/// available (process-wide), so that tests cover both paths on one machine.
+pub(crate) fn set_portable_only(on: bool) {
+    let _ = products::force(on.then_some(Isa::Portable));
 }
 
 /// The fused CPU kernel behind the dispatcher.
@@ -333,11 +344,11 @@ impl Inputs {
             }
             dead
         });
-        let avx512 = use_avx512();
+        let isa = products::current();
         let g = h / hkv;
         // The transposed copy of K pays off when each K tile serves many query rows;
         // decode-like calls (few rows per KV head) read K in place through `gemm` instead.
-        let kt = (transpose_k && avx512 && g * l >= MIN_ROWS_FOR_KT)
+        let kt = (transpose_k && isa != Isa::Portable && g * l >= MIN_ROWS_FOR_KT)
             .then(|| transpose_heads(&kv, b, hkv, s, d));
         let ctx = Ctx {
             q: qv,
@@ -360,7 +371,7 @@ impl Inputs {
             n_tiles,
             bias,
             kt: kt.as_deref(),
-            avx512,
+            isa,
             out,
             lse,
         };

@@ -1,20 +1,25 @@
 //! The online softmax step of a tile and its vectorised `exp`.
 
+use super::products::Isa;
+
 /// One row of one tile: `row` (logits) becomes `exp(row - m_new)`, `m`/`lsum` are updated and
 /// `acc` is rescaled. Returns whether the row has any nonzero probability in this tile.
-pub(super) fn softmax_step(row: &mut [f32], m: &mut f32, lsum: &mut f32, acc: &mut [f32]) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports the enabled features (checked just above).
-            return unsafe { softmax_step_avx512(row, m, lsum, acc) };
-        }
-        if is_x86_feature_detected!("avx") && is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU supports the enabled features (checked just above).
-            return unsafe { softmax_step_avx(row, m, lsum, acc) };
-        }
+pub(super) fn softmax_step(
+    isa: Isa,
+    row: &mut [f32],
+    m: &mut f32,
+    lsum: &mut f32,
+    acc: &mut [f32],
+) -> bool {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa` is only ever one the CPU supports (see `products::force`).
+        Isa::Avx512 => unsafe { softmax_step_avx512(row, m, lsum, acc) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above (AVX2 + FMA implies AVX).
+        Isa::Avx2 => unsafe { softmax_step_avx(row, m, lsum, acc) },
+        _ => softmax_step_impl::<false, 8>(row, m, lsum, acc),
     }
-    softmax_step_impl::<false, 8>(row, m, lsum, acc)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -89,19 +94,16 @@ fn softmax_step_impl<const FMA: bool, const W: usize>(
 
 /// `row[j] = exp(row[j] - shift)` for a row whose entries are at most `shift` (probabilities
 /// from logits and their log-sum-exp); `-inf` entries give 0.
-pub(super) fn exp_sub(row: &mut [f32], shift: f32) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports the enabled features (checked just above).
-            return unsafe { exp_sub_avx512(row, shift) };
-        }
-        if is_x86_feature_detected!("avx") && is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU supports the enabled features (checked just above).
-            return unsafe { exp_sub_avx(row, shift) };
-        }
+pub(super) fn exp_sub(isa: Isa, row: &mut [f32], shift: f32) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa` is only ever one the CPU supports (see `products::force`).
+        Isa::Avx512 => unsafe { exp_sub_avx512(row, shift) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above (AVX2 + FMA implies AVX).
+        Isa::Avx2 => unsafe { exp_sub_avx(row, shift) },
+        _ => exp_sub_impl::<false>(row, shift),
     }
-    exp_sub_impl::<false>(row, shift)
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -4,6 +4,7 @@
 use std::cell::RefCell;
 
 use super::mat::{Mat, MatMut};
+use super::products::{self, Isa};
 use super::softmax::softmax_step;
 use super::{portable, BLOCK_K, BLOCK_Q, MAX_HEAD_DIM};
 use crate::config::MaskedRowPolicy;
@@ -67,10 +68,10 @@ pub(super) struct Ctx<'a> {
     pub dead_tiles: Option<Vec<bool>>,
     pub n_tiles: usize,
     pub bias: Option<Bias<'a>>,
-    /// `kᵀ` as `(B, Hkv, D, S)` when the AVX-512 `Q · Kᵀ` micro-kernel is used.
+    /// `kᵀ` as `(B, Hkv, D, S)` when a SIMD `Q · Kᵀ` micro-kernel is used.
     pub kt: Option<&'a [f32]>,
-    /// Whether the AVX-512 `P · V` micro-kernel is used.
-    pub avx512: bool,
+    /// The instruction set of the products.
+    pub isa: Isa,
     pub out: OutPtr,
     /// Where to write each row's log-sum-exp, `(B, H, L)`, when the backward will need it.
     pub lse: Option<OutPtr>,
@@ -250,16 +251,14 @@ impl Ctx<'_> {
         let q = Mat::new(rows.q, nr, d, d);
         let scores = MatMut::new(rows.scores, nr, bk, BLOCK_K);
         match self.kt {
-            #[cfg(target_arch = "x86_64")]
             Some(kt) => {
-                // kᵀ of this KV head, (d × s), from column j0.
+                // kᵀ of this KV head, (d × s), from column j0; the score tile has
+                // BLOCK_K >= round_up(bk, 16) columns per row.
                 let base = (bi * self.hkv + kh) * d * self.s;
                 let kt = Mat::new(&kt[base + j0..base + d * self.s], d, bk, self.s);
-                // SAFETY: avx512f was detected when `kt` was built; the score tile has
-                // BLOCK_K >= round_up(bk, 16) columns per row.
-                unsafe { super::avx512::qk(q, kt, scores, self.scale) };
+                products::qk_t(self.isa, q, kt, scores, self.scale);
             }
-            _ => portable::qk(q, ktile, scores, self.scale),
+            None => portable::qk(q, ktile, scores, self.scale),
         }
         let mut any = false;
         for r in 0..nr {
@@ -269,20 +268,14 @@ impl Ctx<'_> {
                 continue;
             }
             let acc = &mut rows.acc[r * dv..(r + 1) * dv];
-            any |= softmax_step(row, &mut rows.m[r], &mut rows.lsum[r], acc);
+            any |= softmax_step(self.isa, row, &mut rows.m[r], &mut rows.lsum[r], acc);
         }
         if !any {
             return;
         }
         let p = Mat::new(rows.scores, nr, bk, BLOCK_K);
         let acc = MatMut::new(rows.acc, nr, dv, dv);
-        #[cfg(target_arch = "x86_64")]
-        if self.avx512 {
-            // SAFETY: avx512f detected (see `super::use_avx512`).
-            unsafe { super::avx512::pv(p, vtile, acc) };
-            return;
-        }
-        portable::pv(p, vtile, acc);
+        products::pv(self.isa, p, vtile, acc);
     }
 }
 

@@ -1,0 +1,183 @@
+//! AVX2 + FMA register-blocked micro-kernels (8 lanes) for the same products as `avx512.rs`:
+//! `scale · q · kᵀ` against a transposed K, and `acc += p · v` (or `pᵀ · v`). Blocks of 6 rows ×
+//! 16 columns: 12 accumulators, 2 loads and a broadcast fit the 16 `ymm` registers.
+#![allow(clippy::needless_range_loop)] // explicit indices name the register block's cells
+
+use std::arch::x86_64::*;
+
+use super::mat::{Mat, MatMut};
+
+/// Rows per register block.
+const MR: usize = 6;
+/// Vectors (of 8 lanes) per register block.
+const NV: usize = 2;
+
+/// Lane mask for the first `n` (≤ 8) lanes, as `maskload`/`maskstore` take it.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn lanes(n: usize) -> __m256i {
+    let idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    _mm256_cmpgt_epi32(_mm256_set1_epi32(n.min(8) as i32), idx)
+}
+
+/// `out[r][c] = scale · Σ_x q[r][x] · kt[x][c]` (`q` is `nr × d` with row stride `q.stride`,
+/// `kt` is `d × bk`). Only the `bk` columns of `out` are written.
+///
+/// # Safety
+/// avx2 and fma must be available.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn qk(q: Mat, kt: Mat, out: MatMut, scale: f32) {
+    let (nr, d, bk) = (q.rows, q.cols, kt.cols);
+    debug_assert!(kt.rows == d && out.rows == nr && out.cols == bk);
+    let mut c = 0;
+    while c < bk {
+        let w = (bk - c).min(8 * NV);
+        let masks = [lanes(w), lanes(w.saturating_sub(8))];
+        let nb = w.div_ceil(8);
+        let kp = (kt.data.as_ptr().add(c), kt.stride);
+        let mut r = 0;
+        while r < nr {
+            let mr = (nr - r).min(MR);
+            let qp = (q.data.as_ptr().add(r * q.stride), q.stride);
+            let op = (out.data.as_mut_ptr().add(r * out.stride + c), out.stride);
+            macro_rules! go {
+                ($($m:literal),*) => {
+                    match (mr, nb) {
+                        $(($m, 1) => qk_block::<$m, 1>(qp, d, kp, op, scale, masks),
+                          ($m, _) => qk_block::<$m, 2>(qp, d, kp, op, scale, masks),)*
+                        _ => unreachable!(),
+                    }
+                };
+            }
+            go!(1, 2, 3, 4, 5, 6);
+            r += mr;
+        }
+        c += w;
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn qk_block<const M: usize, const N: usize>(
+    (q, qs): (*const f32, usize),
+    d: usize,
+    (kt, ks): (*const f32, usize),
+    (out, os): (*mut f32, usize),
+    scale: f32,
+    masks: [__m256i; NV],
+) {
+    let mut acc = [[_mm256_setzero_ps(); N]; M];
+    for dd in 0..d {
+        let krow = kt.add(dd * ks);
+        let mut kv = [_mm256_setzero_ps(); N];
+        for n in 0..N {
+            kv[n] = _mm256_maskload_ps(krow.add(8 * n), masks[n]);
+        }
+        for r in 0..M {
+            let b = _mm256_broadcast_ss(&*q.add(r * qs + dd));
+            for n in 0..N {
+                acc[r][n] = _mm256_fmadd_ps(b, kv[n], acc[r][n]);
+            }
+        }
+    }
+    let sv = _mm256_set1_ps(scale);
+    for r in 0..M {
+        for n in 0..N {
+            _mm256_maskstore_ps(
+                out.add(r * os + 8 * n),
+                masks[n],
+                _mm256_mul_ps(acc[r][n], sv),
+            );
+        }
+    }
+}
+
+/// `acc += p · v` (`p` is `nr × bk`, `v` is `bk × dv`, `acc` is `nr × dv`).
+///
+/// # Safety
+/// avx2 and fma must be available.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn pv(p: Mat, v: Mat, acc: MatMut) {
+    pv_strided((p.data, p.rows, p.cols, p.stride, 1), v, acc)
+}
+
+/// `acc += pᵀ · v` for `p` stored `k × m` (row stride `p.stride`), without a transposed copy.
+///
+/// # Safety
+/// avx2 and fma must be available.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn pv_t(p: Mat, v: Mat, acc: MatMut) {
+    pv_strided((p.data, p.cols, p.rows, 1, p.stride), v, acc)
+}
+
+/// `acc += P · v` where `P` is `m × k` with element `(r, j)` at `data[r·rs + j·cs]`.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn pv_strided(
+    (data, nr, bk, prs, pcs): (&[f32], usize, usize, usize, usize),
+    v: Mat,
+    acc: MatMut,
+) {
+    let dv = v.cols;
+    debug_assert!(v.rows == bk && acc.rows == nr && acc.cols == dv);
+    debug_assert!(nr == 0 || bk == 0 || (nr - 1) * prs + (bk - 1) * pcs < data.len());
+    let mut c = 0;
+    while c < dv {
+        let w = (dv - c).min(8 * NV);
+        let masks = [lanes(w), lanes(w.saturating_sub(8))];
+        let nb = w.div_ceil(8);
+        let vp = (v.data.as_ptr().add(c), v.stride);
+        let mut r = 0;
+        while r < nr {
+            let mr = (nr - r).min(MR);
+            let pp = (data.as_ptr().add(r * prs), prs, pcs);
+            let op = (acc.data.as_mut_ptr().add(r * acc.stride + c), acc.stride);
+            macro_rules! go {
+                ($($m:literal),*) => {
+                    match (mr, nb) {
+                        $(($m, 1) => pv_block::<$m, 1>(pp, bk, vp, op, masks),
+                          ($m, _) => pv_block::<$m, 2>(pp, bk, vp, op, masks),)*
+                        _ => unreachable!(),
+                    }
+                };
+            }
+            go!(1, 2, 3, 4, 5, 6);
+            r += mr;
+        }
+        c += w;
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn pv_block<const M: usize, const N: usize>(
+    (p, prs, pcs): (*const f32, usize, usize),
+    bk: usize,
+    (v, vs): (*const f32, usize),
+    (out, os): (*mut f32, usize),
+    masks: [__m256i; NV],
+) {
+    let mut acc = [[_mm256_setzero_ps(); N]; M];
+    for r in 0..M {
+        for n in 0..N {
+            acc[r][n] = _mm256_maskload_ps(out.add(r * os + 8 * n), masks[n]);
+        }
+    }
+    for j in 0..bk {
+        let vrow = v.add(j * vs);
+        let mut vv = [_mm256_setzero_ps(); N];
+        for n in 0..N {
+            vv[n] = _mm256_maskload_ps(vrow.add(8 * n), masks[n]);
+        }
+        for r in 0..M {
+            let b = _mm256_broadcast_ss(&*p.add(r * prs + j * pcs));
+            for n in 0..N {
+                acc[r][n] = _mm256_fmadd_ps(b, vv[n], acc[r][n]);
+            }
+        }
+    }
+    for r in 0..M {
+        for n in 0..N {
+            _mm256_maskstore_ps(out.add(r * os + 8 * n), masks[n], acc[r][n]);
+        }
+    }
+}
