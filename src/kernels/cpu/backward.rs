@@ -27,7 +27,7 @@ use super::mat::{Mat, MatMut};
 use super::portable::matmul;
 use super::products::{self, Isa};
 use super::softmax::exp_sub;
-use super::tile::{Ctx, OutPtr, View};
+use super::tile::{Ctx, Data, OutPtr, View};
 use super::{cpu_f32, f32_rows, strides3, transpose_heads, AttnCall, Inputs, MAX_HEAD_DIM};
 
 /// Query rows per block.
@@ -64,6 +64,11 @@ struct Bwd<'a> {
     ctx: &'a Ctx<'a>,
     /// The gradient of the output, `(B, L, H, Dv)`.
     go: View<'a>,
+    /// The f32 elements of `q`, `k`, `v` (the backward reads f32 inputs) and of `go`.
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    go_s: &'a [f32],
     /// `(B, H, L)`.
     lse: &'a [f32],
     delta: &'a [f32],
@@ -80,6 +85,14 @@ struct Bwd<'a> {
 // buffers outlive the parallel loop.
 unsafe impl Sync for Bwd<'_> {}
 
+/// The f32 elements of a view (the backward converts its inputs to f32 first).
+fn f32_of<'a>(v: &View<'a>) -> Result<&'a [f32]> {
+    match v.f32s() {
+        Some(s) => Ok(s),
+        None => candle_core::bail!("fused attention backward: expected f32 inputs"),
+    }
+}
+
 /// `(dq, dk, dv)` for the call `c` whose forward returned `out` with log-sum-exp `lse`, given
 /// the output's gradient `grad`; in the dtypes (and shapes) of `q`, `k`, `v`.
 pub(super) fn backward(
@@ -89,16 +102,17 @@ pub(super) fn backward(
     lse: &[f32],
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (b, l, h, hkv, s, d, dv) = (c.b, c.l, c.h, c.hkv, c.s, c.d, c.dv);
-    let inputs = Inputs::new(c)?;
+    let inputs = Inputs::new(c, false)?;
     let (o, go) = (f32_rows(out)?, f32_rows(grad)?);
     let (og, _) = o.storage_and_layout();
     let (gg, _) = go.storage_and_layout();
+    let (o_s, go_s) = (cpu_f32(&og, &o)?, cpu_f32(&gg, &go)?);
     let ov = View {
-        data: cpu_f32(&og, &o)?,
+        data: Data::F32(o_s),
         strides: strides3(&o),
     };
     let gov = View {
-        data: cpu_f32(&gg, &go)?,
+        data: Data::F32(go_s),
         strides: strides3(&go),
     };
     // Δ = rowsum(dO ∘ O), per (b, head, i).
@@ -110,9 +124,9 @@ pub(super) fn backward(
             let (bi, hh) = (bh / h, bh % h);
             for (i, x) in row.iter_mut().enumerate() {
                 let (a, g) = (ov.at(bi, i, hh), gov.at(bi, i, hh));
-                *x = ov.data[a..a + dv]
+                *x = o_s[a..a + dv]
                     .iter()
-                    .zip(&gov.data[g..g + dv])
+                    .zip(&go_s[g..g + dv])
                     .map(|(p, q)| p * q)
                     .sum();
             }
@@ -129,7 +143,7 @@ pub(super) fn backward(
     let threads = rayon::current_num_threads().max(1);
     let dq_parts: Vec<Mutex<Vec<f32>>> = (0..threads).map(|_| Mutex::new(Vec::new())).collect();
     let unused = OutPtr(std::ptr::null_mut());
-    inputs.with_ctx(c, false, unused, None, |ctx| {
+    inputs.with_ctx(c, false, unused, None, |ctx| -> Result<()> {
         let (kt, vt) = if ctx.isa != Isa::Portable {
             (
                 Some(transpose_heads(&ctx.k, b, hkv, s, d)),
@@ -144,6 +158,10 @@ pub(super) fn backward(
                 data: gov.data,
                 strides: gov.strides,
             },
+            q: f32_of(&ctx.q)?,
+            k: f32_of(&ctx.k)?,
+            v: f32_of(&ctx.v)?,
+            go_s,
             lse,
             delta: &delta,
             ranges: &ranges,
@@ -174,7 +192,8 @@ pub(super) fn backward(
             }
             SCRATCH.with(|sc| bw.item(bi, kh, (j0, j1), &mut dq, &mut sc.borrow_mut()))
         });
-    })?;
+        Ok(())
+    })??;
     drop((og, gg));
     // dQ: the sum of the per-thread accumulators.
     let mut parts: Vec<Vec<f32>> = dq_parts
@@ -203,7 +222,7 @@ impl Bwd<'_> {
     fn times_keys_t(
         &self,
         a: Mat,
-        x: (&View, Option<&[f32]>),
+        x: (&View, Option<&[f32]>, &[f32]),
         (bi, kh, j0, bk): (usize, usize, usize, usize),
         out: &mut [f32],
         scale: f32,
@@ -227,7 +246,7 @@ impl Bwd<'_> {
                     BK,
                     false,
                     (a.data, a.stride, 1),
-                    (&v.data[at..], 1, v.strides[1]),
+                    (&x.2[at..], 1, v.strides[1]),
                     scale,
                 );
             }
@@ -284,21 +303,21 @@ impl Bwd<'_> {
                     let (qa, ga) = (ctx.q.at(bi, first, hh), self.go.at(bi, first, hh));
                     let (qs, gs) = (ctx.q.strides[1], self.go.strides[1]);
                     (
-                        Mat::new(&ctx.q.data[qa..], nr, d, qs),
-                        Mat::new(&self.go.data[ga..], nr, dv, gs),
+                        Mat::new(&self.q[qa..], nr, d, qs),
+                        Mat::new(&self.go_s[ga..], nr, dv, gs),
                     )
                 } else {
                     for (r, &(_, i)) in rows.iter().enumerate() {
                         let at = ctx.q.at(bi, i, hh);
-                        sc.q[r * d..(r + 1) * d].copy_from_slice(&ctx.q.data[at..at + d]);
+                        sc.q[r * d..(r + 1) * d].copy_from_slice(&self.q[at..at + d]);
                         let at = self.go.at(bi, i, hh);
-                        sc.go[r * dv..(r + 1) * dv].copy_from_slice(&self.go.data[at..at + dv]);
+                        sc.go[r * dv..(r + 1) * dv].copy_from_slice(&self.go_s[at..at + dv]);
                     }
                     (Mat::new(&sc.q, nr, d, d), Mat::new(&sc.go, nr, dv, dv))
                 };
                 // P = exp(scale · Q · Kᵀ + masks − lse)
                 let tile = (bi, kh, j0, bk);
-                self.times_keys_t(q, (&ctx.k, self.kt), tile, &mut sc.p, ctx.scale);
+                self.times_keys_t(q, (&ctx.k, self.kt, self.k), tile, &mut sc.p, ctx.scale);
                 let mut any = false;
                 for (r, &(fr, i)) in rows.iter().enumerate() {
                     let row = &mut sc.p[r * BK..r * BK + bk];
@@ -313,7 +332,7 @@ impl Bwd<'_> {
                     continue;
                 }
                 // scale · dS = scale · P ∘ (dO · Vᵀ − Δ)
-                self.times_keys_t(go, (&ctx.v, self.vt), tile, &mut sc.ds, 1.0);
+                self.times_keys_t(go, (&ctx.v, self.vt, self.v), tile, &mut sc.ds, 1.0);
                 let scale = ctx.scale;
                 for (r, &(_, i)) in rows.iter().enumerate() {
                     let delta = self.delta[stats + i];
@@ -329,7 +348,7 @@ impl Bwd<'_> {
                 let ds = Mat::new(&sc.ds, nr, bk, BK);
                 self.accumulate(ds, true, q, MatMut::new(&mut sc.dk, bk, d, d));
                 // dQ += (scale · dS) · K
-                let k = Mat::new(&ctx.k.data[k0..], bk, d, kst);
+                let k = Mat::new(&self.k[k0..], bk, d, kst);
                 if in_place {
                     let at = ((bi * l + first) * h + hh) * d;
                     self.accumulate(ds, false, k, MatMut::new(&mut dq[at..], nr, d, h * d));

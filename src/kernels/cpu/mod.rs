@@ -38,10 +38,17 @@
 //! `add_bias_kv` / `add_zero_attn`) are always visited and never masked.
 //!
 //! Inputs are read where they are: `q`, `k`, `v` in any strided `(B, T, heads, D)` layout with a
-//! contiguous last dimension (a narrowed packed projection, a KV cache buffer). Copies: f16/bf16
-//! inputs are converted to f32 once; the AVX-512 path keeps one transposed f32 copy of K. Memory
-//! beyond that: per worker thread a `BLOCK_Q × BLOCK_K` score tile and two `BLOCK_Q ×`
-//! [`MAX_HEAD_DIM`] row tiles (192 KiB), independent of `S`. Nothing grows with `L · S`.
+//! contiguous last dimension (a narrowed packed projection, a KV cache buffer), in their own
+//! dtype: f16/bf16 query rows are converted to f32 as they are gathered and K/V tiles as they
+//! are visited (no whole-tensor f32 copy; a bf16 KV cache is streamed at half the bytes). The
+//! SIMD paths keep one transposed f32 copy of K when many query rows share each K tile.
+//! Memory beyond that: per worker thread a `BLOCK_Q × BLOCK_K` score tile, two `BLOCK_Q ×`
+//! [`MAX_HEAD_DIM`] row tiles (192 KiB) and, for half inputs, a converted K and V tile
+//! (512 KiB), independent of `S`. Nothing grows with `L · S`.
+//!
+//! Instruction sets (chosen at run time, `products.rs`): AVX-512 micro-kernels (`avx512.rs`),
+//! AVX2 + FMA micro-kernels (`avx2.rs`), or the `gemm` crate (`portable.rs`, any CPU; on
+//! aarch64 `gemm` uses NEON).
 //!
 //! Training: when autograd tracks `q`, `k` or `v`, the forward also saves each row's
 //! log-sum-exp `(B, H, L)` and its output becomes a candle autograd node (`op.rs`, a
@@ -53,9 +60,10 @@
 //!
 //! Files: this one (eligibility, inputs, the parallel loop), `tile.rs` (one work item: masks,
 //! softmax step, products), `softmax.rs` (online softmax, `exp`), `backward.rs` and `op.rs`
-//! (the backward and its autograd node), `avx512.rs` and `portable.rs`
-//! (the two products on AVX-512 registers or through `gemm`), `mat.rs` (their bounds-checked
-//! matrix operands).
+//! (the backward and its autograd node), `products.rs` (the run-time instruction set and the
+//! products dispatched on it), `avx512.rs`, `avx2.rs` and `portable.rs` (the products on
+//! AVX-512 or AVX2 registers or through `gemm`), `mat.rs` (their bounds-checked matrix
+//! operands).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -78,7 +86,7 @@ mod softmax;
 mod tile;
 
 use products::Isa;
-use tile::{Bias, Ctx, OutPtr, View};
+use tile::{Bias, Ctx, Data, OutPtr, View};
 
 /// Query rows per work item (after folding the query heads of a KV group into the rows).
 pub const BLOCK_Q: usize = 64;
@@ -207,6 +215,33 @@ fn f32_rows(t: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// `t` with a contiguous last dimension in its own dtype (f32, f16, bf16: the kernel converts
+/// half rows as it reads them): the tensor itself when it already is one, else a compacted copy.
+fn native_rows(t: &Tensor) -> Result<Tensor> {
+    let t = match t.dtype() {
+        DType::F32 | DType::F16 | DType::BF16 => t.clone(),
+        _ => t.to_dtype(DType::F32)?,
+    };
+    if t.layout().stride().last() == Some(&1) || t.dims().last() == Some(&1) {
+        Ok(t)
+    } else {
+        t.contiguous()
+    }
+}
+
+/// The elements of a CPU tensor (f32, f16 or bf16) from its start offset on.
+fn cpu_data<'a>(storage: &'a Storage, t: &Tensor) -> Result<Data<'a>> {
+    let Storage::Cpu(cpu) = storage else {
+        bail!("fused CPU attention: tensor is not on the CPU")
+    };
+    let at = t.layout().start_offset();
+    Ok(match t.dtype() {
+        DType::BF16 => Data::Bf16(&cpu.as_slice::<half::bf16>()?[at..]),
+        DType::F16 => Data::F16(&cpu.as_slice::<half::f16>()?[at..]),
+        _ => Data::F32(&cpu.as_slice::<f32>()?[at..]),
+    })
+}
+
 /// The f32 elements of a CPU tensor from its start offset on.
 fn cpu_f32<'a>(storage: &'a Storage, t: &Tensor) -> Result<&'a [f32]> {
     let Storage::Cpu(cpu) = storage else {
@@ -229,7 +264,7 @@ fn forward(c: &AttnCall, want_lse: bool) -> Result<(Tensor, Option<Vec<f32>>)> {
     let mut lse = want_lse.then(|| vec![f32::NEG_INFINITY; b * h * l]);
     let out_ptr = OutPtr(out.as_mut_ptr());
     let lse_ptr = lse.as_mut().map(|v| OutPtr(v.as_mut_ptr()));
-    let inputs = Inputs::new(c)?;
+    let inputs = Inputs::new(c, true)?;
     inputs.with_ctx(c, true, out_ptr, lse_ptr, |ctx| {
         let g = ctx.g;
         let run = |(bi, kh, r0, nr): (usize, usize, usize, usize)| {
@@ -275,13 +310,16 @@ struct Inputs {
 }
 
 impl Inputs {
-    fn new(c: &AttnCall) -> Result<Self> {
+    /// `native`: q, k, v keep their dtype (the forward converts half rows and tiles as it reads
+    /// them); otherwise they are f32 (the backward).
+    fn new(c: &AttnCall, native: bool) -> Result<Self> {
         let dense =
             |t: Option<&Tensor>| t.map(|t| t.to_dtype(DType::F32)?.contiguous()).transpose();
+        let rows = |t: &Tensor| if native { native_rows(t) } else { f32_rows(t) };
         Ok(Self {
-            q: f32_rows(c.q)?,
-            k: f32_rows(c.k)?,
-            v: f32_rows(c.v)?,
+            q: rows(c.q)?,
+            k: rows(c.k)?,
+            v: rows(c.v)?,
             bias: dense(c.mask.bias())?,
             key_bias: dense(c.mask.key_bias())?,
         })
@@ -307,7 +345,7 @@ impl Inputs {
         let pg = self.key_bias.as_ref().map(|t| t.storage_and_layout().0);
         fn view<'a>(g: &'a Storage, t: &Tensor) -> Result<View<'a>> {
             Ok(View {
-                data: cpu_f32(g, t)?,
+                data: cpu_data(g, t)?,
                 strides: strides3(t),
             })
         }
@@ -414,13 +452,15 @@ fn transpose_heads(k: &View, b: usize, hkv: usize, s: usize, d: usize) -> Vec<f3
     out.par_chunks_mut(s * d).enumerate().for_each(|(bk, o)| {
         let base = (bk / hkv) * sb + (bk % hkv) * sh;
         let mut buf = [0f32; T * T];
+        let mut row = [0f32; T];
         for j0 in (0..s).step_by(T) {
             let nj = T.min(s - j0);
             for d0 in (0..d).step_by(T) {
                 let nd = T.min(d - d0);
                 for jj in 0..nj {
-                    let row = &k.data[base + (j0 + jj) * st + d0..][..nd];
-                    for (dd, &x) in row.iter().enumerate() {
+                    // Half inputs are converted here: the copy is f32.
+                    k.row_into(base + (j0 + jj) * st + d0, &mut row[..nd]);
+                    for (dd, &x) in row[..nd].iter().enumerate() {
                         buf[dd * T + jj] = x;
                     }
                 }

@@ -3,6 +3,9 @@
 
 use std::cell::RefCell;
 
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
+
 use super::mat::{Mat, MatMut};
 use super::products::{self, Isa};
 use super::softmax::softmax_step;
@@ -10,17 +13,72 @@ use super::{portable, BLOCK_K, BLOCK_Q, MAX_HEAD_DIM};
 use crate::config::MaskedRowPolicy;
 use crate::mask::MaskPlan;
 
-/// A `(B, T, heads, D)` f32 tensor read in place: element `(b, t, h, x)` is
+/// The elements of a tensor the kernel reads in place, in their own dtype: f16/bf16 inputs are
+/// converted to f32 per row or per tile as they are read, never as whole tensors.
+#[derive(Clone, Copy)]
+pub(super) enum Data<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [bf16]),
+    F16(&'a [f16]),
+}
+
+/// A `(B, T, heads, D)` tensor read in place: element `(b, t, h, x)` is
 /// `data[b·strides[0] + t·strides[1] + h·strides[2] + x]`.
 pub(super) struct View<'a> {
-    pub data: &'a [f32],
+    pub data: Data<'a>,
     pub strides: [usize; 3],
 }
 
-impl View<'_> {
+impl<'a> View<'a> {
     /// Offset of row `(b, t, h)`.
     pub fn at(&self, b: usize, t: usize, h: usize) -> usize {
         b * self.strides[0] + t * self.strides[1] + h * self.strides[2]
+    }
+
+    /// The f32 elements, for an f32 tensor.
+    pub fn f32s(&self) -> Option<&'a [f32]> {
+        match self.data {
+            Data::F32(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// Elements `at..at + dst.len()` as f32, into `dst`.
+    pub fn row_into(&self, at: usize, dst: &mut [f32]) {
+        let n = dst.len();
+        match self.data {
+            Data::F32(s) => dst.copy_from_slice(&s[at..at + n]),
+            Data::Bf16(s) => s[at..at + n].convert_to_f32_slice(dst),
+            Data::F16(s) => s[at..at + n].convert_to_f32_slice(dst),
+        }
+    }
+
+    /// `rows × cols` elements from `at` with row stride `stride` as an f32 matrix: the tensor
+    /// itself for f32, else converted into `buf` (row stride `cols`).
+    pub fn mat<'s>(
+        &'s self,
+        at: usize,
+        (rows, cols, stride): (usize, usize, usize),
+        buf: &'s mut [f32],
+    ) -> Mat<'s> {
+        match self.data {
+            Data::F32(s) => Mat::new(&s[at..], rows, cols, stride),
+            _ => {
+                for r in 0..rows {
+                    self.row_into(at + r * stride, &mut buf[r * cols..(r + 1) * cols]);
+                }
+                Mat::new(&buf[..rows * cols], rows, cols, cols)
+            }
+        }
+    }
+
+    /// Address of element `at`, if it exists (for prefetching).
+    fn ptr(&self, at: usize) -> Option<*const u8> {
+        match self.data {
+            Data::F32(s) => s.get(at).map(|x| (x as *const f32).cast()),
+            Data::Bf16(s) => s.get(at).map(|x| (x as *const bf16).cast()),
+            Data::F16(s) => s.get(at).map(|x| (x as *const f16).cast()),
+        }
     }
 }
 
@@ -86,6 +144,9 @@ pub(super) struct Scratch {
     lsum: Vec<f32>,
     lo: Vec<usize>,
     hi: Vec<usize>,
+    /// A K and a V tile converted to f32 (half inputs).
+    ktile: Vec<f32>,
+    vtile: Vec<f32>,
 }
 
 thread_local! {
@@ -103,6 +164,8 @@ impl Scratch {
             lsum: vec![0.0; BLOCK_Q],
             lo: vec![0; BLOCK_Q],
             hi: vec![0; BLOCK_Q],
+            ktile: Vec::new(),
+            vtile: Vec::new(),
         }
     }
 }
@@ -119,6 +182,8 @@ struct Rows<'s> {
     lsum: &'s mut [f32],
     lo: &'s [usize],
     hi: &'s [usize],
+    ktile: &'s mut [f32],
+    vtile: &'s mut [f32],
 }
 
 impl Ctx<'_> {
@@ -138,11 +203,16 @@ impl Ctx<'_> {
                 k_hi = k_hi.max(hi);
             }
             let at = self.q.at(bi, i, kh * self.g + gg);
-            sc.q[r * d..(r + 1) * d].copy_from_slice(&self.q.data[at..at + d]);
+            self.q.row_into(at, &mut sc.q[r * d..(r + 1) * d]);
         }
         sc.m[..nr].fill(f32::NEG_INFINITY);
         sc.lsum[..nr].fill(0.0);
         sc.acc[..nr * dv].fill(0.0);
+        // Half inputs: room for one K and one V tile converted to f32.
+        if self.q.f32s().is_none() && sc.vtile.is_empty() {
+            sc.ktile = vec![0.0; BLOCK_K * MAX_HEAD_DIM];
+            sc.vtile = vec![0.0; BLOCK_K * MAX_HEAD_DIM];
+        }
         let mut rows = Rows {
             r0,
             nr,
@@ -153,6 +223,8 @@ impl Ctx<'_> {
             lsum: &mut sc.lsum[..nr],
             lo: &sc.lo[..nr],
             hi: &sc.hi[..nr],
+            ktile: &mut sc.ktile,
+            vtile: &mut sc.vtile,
         };
         if k_lo < k_hi {
             let mut start = k_lo / BLOCK_K * BLOCK_K;
@@ -224,11 +296,11 @@ impl Ctx<'_> {
             for j in j0..j1 {
                 let row = view.at(bi, j, kh);
                 for c in (0..width).step_by(16) {
-                    if let Some(x) = view.data.get(row + c) {
-                        // SAFETY: prefetching is a hint; `x` is a valid reference.
+                    if let Some(x) = view.ptr(row + c) {
+                        // SAFETY: prefetching is a hint; `x` points into the tensor.
                         unsafe {
                             std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                                (x as *const f32).cast(),
+                                x.cast(),
                             )
                         };
                     }
@@ -246,8 +318,12 @@ impl Ctx<'_> {
         let k0 = self.k.at(bi, j0, kh);
         let v0 = self.v.at(bi, j0, kh);
         let (kst, vst) = (self.k.strides[1], self.v.strides[1]);
-        let ktile = Mat::new(&self.k.data[k0..], bk, d, kst);
-        let vtile = Mat::new(&self.v.data[v0..], bk, dv, vst);
+        // In place for f32; half tiles converted once here (K only when no kᵀ copy is used).
+        let vtile = self.v.mat(v0, (bk, dv, vst), rows.vtile);
+        let ktile = match self.kt {
+            Some(_) => None,
+            None => Some(self.k.mat(k0, (bk, d, kst), rows.ktile)),
+        };
         let q = Mat::new(rows.q, nr, d, d);
         let scores = MatMut::new(rows.scores, nr, bk, BLOCK_K);
         match self.kt {
@@ -258,7 +334,11 @@ impl Ctx<'_> {
                 let kt = Mat::new(&kt[base + j0..base + d * self.s], d, bk, self.s);
                 products::qk_t(self.isa, q, kt, scores, self.scale);
             }
-            None => portable::qk(q, ktile, scores, self.scale),
+            None => {
+                if let Some(ktile) = ktile {
+                    portable::qk(q, ktile, scores, self.scale)
+                }
+            }
         }
         let mut any = false;
         for r in 0..nr {
