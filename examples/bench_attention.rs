@@ -16,8 +16,10 @@
 //!
 //! Options: `--python PY` (default `$CANDLE_MHA_BENCH_PYTHON` or `python3`), `--no-torch`,
 //! `--rounds N` (default 3), `--only SUBSTR` (configs whose name contains it), `--no-peak`,
-//! `--no-reference-8k` (skip the ~13 GB reference run at L=8192), `--isa avx512|avx2|portable`
-//! (force the fused kernel's instruction set, e.g. to time the AVX2 path on an AVX-512 CPU).
+//! `--no-reference-8k` (skip the ~13 GB reference run at L=8192), `--dtype f32|bf16` (inputs,
+//! weights and PyTorch's side; candle-nn's flash_attn is f32 only), `--isa avx512|avx2|portable`
+//! (force the fused kernel's instruction set, e.g. to time the AVX2 path on an AVX-512 CPU),
+//! `--no-module` (attention core only).
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
@@ -31,6 +33,21 @@ use candle_mha::mask::{Causal, KeyPaddingMask, MaskDims, MaskPlan};
 use candle_mha::{Backend, CausalAlignment, MhaConfig, MhaInput, MultiHeadAttention};
 use candle_nn::{VarBuilder, VarMap};
 use serde_json::{json, Value};
+
+/// The dtype of every input, weight and module (`--dtype`).
+static DTYPE: std::sync::OnceLock<DType> = std::sync::OnceLock::new();
+
+fn dtype() -> DType {
+    *DTYPE.get().unwrap_or(&DType::F32)
+}
+
+fn dtype_name() -> &'static str {
+    if dtype() == DType::BF16 {
+        "bf16"
+    } else {
+        "f32"
+    }
+}
 
 /// One benchmark configuration.
 #[derive(Clone, Debug)]
@@ -104,8 +121,8 @@ fn configs() -> Vec<Cfg> {
             reps: 1,
         },
         Cfg {
-            name: "decode L1 S4096 H32 Hkv8 D128",
-            b: 1,
+            name: "decode B8 L1 S4096 H32 Hkv8 D128",
+            b: 8,
             l: 1,
             s: 4096,
             e: 4096,
@@ -181,9 +198,10 @@ fn alignment(c: &Cfg) -> CausalAlignment {
 impl Inputs {
     fn new(c: &Cfg, with_module: bool) -> Result<Self> {
         let dev = Device::Cpu;
-        let q = Tensor::randn(0f32, 1., (c.b, c.l, c.h, c.d), &dev)?;
-        let k = Tensor::randn(0f32, 1., (c.b, c.s, c.hkv, c.d), &dev)?;
-        let v = Tensor::randn(0f32, 1., (c.b, c.s, c.hkv, c.d), &dev)?;
+        let dt = dtype();
+        let q = Tensor::randn(0f32, 1., (c.b, c.l, c.h, c.d), &dev)?.to_dtype(dt)?;
+        let k = Tensor::randn(0f32, 1., (c.b, c.s, c.hkv, c.d), &dev)?.to_dtype(dt)?;
+        let v = Tensor::randn(0f32, 1., (c.b, c.s, c.hkv, c.d), &dev)?.to_dtype(dt)?;
         let kpm = match &c.pad {
             None => None,
             Some(lens) => {
@@ -208,11 +226,11 @@ impl Inputs {
             &dev,
         )?;
         let (x, kv) = if with_module {
-            let x = Tensor::randn(0f32, 1., (c.b, c.l, c.e), &dev)?;
+            let x = Tensor::randn(0f32, 1., (c.b, c.l, c.e), &dev)?.to_dtype(dt)?;
             let kv = if c.l == c.s {
                 x.clone()
             } else {
-                Tensor::randn(0f32, 1., (c.b, c.s, c.e), &dev)?
+                Tensor::randn(0f32, 1., (c.b, c.s, c.e), &dev)?.to_dtype(dt)?
             };
             (x, kv)
         } else {
@@ -238,9 +256,9 @@ impl Inputs {
             .iter()
             .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
             .collect();
-        let vb = VarBuilder::from_tensors(weights.clone(), DType::F32, &dev);
+        let vb = VarBuilder::from_tensors(weights.clone(), dt, &dev);
         let module_ref = MultiHeadAttention::new(cfg.clone().with_backend(Backend::Reference), vb)?;
-        let vb = VarBuilder::from_tensors(weights, DType::F32, &dev);
+        let vb = VarBuilder::from_tensors(weights, dt, &dev);
         let module_auto = MultiHeadAttention::new(cfg.with_backend(Backend::Auto), vb)?;
         Ok(Self {
             q,
@@ -275,6 +293,9 @@ impl Inputs {
             (None, true) => FMask::causal(),
             (None, false) => FMask::None,
         };
+        if dtype() != DType::F32 {
+            bail!("the f32 build of candle-nn's flash_attn is the one benchmarked")
+        }
         let scale = 1.0 / (c.d as f32).sqrt();
         Ok(candle_nn::attention::flash_attn::<f32>(
             &self.q, &self.k, &self.v, scale, mask, None, None,
@@ -351,7 +372,7 @@ fn script() -> String {
 
 fn torch_req(c: &Cfg, kind: &str) -> Value {
     json!({"kind": kind, "b": c.b, "l": c.l, "s": c.s, "e": c.e, "h": c.h, "hkv": c.hkv,
-           "d": c.d, "causal": c.causal, "pad": c.pad, "reps": c.reps})
+           "d": c.d, "causal": c.causal, "pad": c.pad, "reps": c.reps, "dtype": dtype_name()})
 }
 
 /// Rows of the result table: label → samples (None: not applicable / refused, with a reason).
@@ -445,6 +466,58 @@ fn run_child(args: &[String]) -> Result<Value> {
     Ok(serde_json::from_slice(&out.stdout)?)
 }
 
+/// This machine's f32 GEMM rate and memory-copy bandwidth, measured now, and what the fused
+/// kernel achieved against them: GFLOP/s on the causal configs (`4·H·D·L(L+1)/2` per batch
+/// element), GB/s of K and V read on the decode config.
+fn rates(results: &[(Cfg, Vec<Row>)]) -> Result<()> {
+    let dev = Device::Cpu;
+    let n = 4096;
+    let a = Tensor::randn(0f32, 1., (n, n), &dev)?;
+    let b = Tensor::randn(0f32, 1., (n, n), &dev)?;
+    let gemm = median(time_it(3, || a.matmul(&b).map(drop).map_err(Into::into))?);
+    let gemm_rate = 2.0 * (n as f64).powi(3) / gemm / 1e9;
+    let bytes = 1usize << 30;
+    let src = vec![1u8; bytes];
+    let mut dst = vec![0u8; bytes];
+    let copy = median(time_it(5, || {
+        dst.copy_from_slice(&src);
+        std::hint::black_box(&dst);
+        Ok(())
+    })?);
+    // A copy reads and writes every byte.
+    let copy_rate = 2.0 * bytes as f64 / copy / 1e9;
+    println!("\nMachine rates (measured now): f32 GEMM {n}³ (candle matmul, the `gemm` crate): {gemm_rate:.0} GFLOP/s; memory copy of 1 GiB: {copy_rate:.1} GB/s (read + write)\n");
+    println!("| config | fused | achieved | of the machine's |");
+    println!("|---|---|---|---|");
+    let elem = dtype().size_in_bytes() as f64;
+    for (c, rows) in results {
+        let t = rows[1].med();
+        if t.is_nan() {
+            continue;
+        }
+        if c.l == 1 {
+            let kv = 2.0 * (c.b * c.s * c.hkv * c.d) as f64 * elem;
+            let rate = kv / t / 1e9;
+            println!(
+                "| {} | {} | {rate:.1} GB/s of K/V | {:.0}% of copy bandwidth |",
+                c.name,
+                fmt_t(t),
+                100.0 * rate / copy_rate
+            );
+        } else if c.causal {
+            let flops = 4.0 * (c.b * c.h * c.d) as f64 * (c.l * (c.l + 1) / 2) as f64;
+            let rate = flops / t / 1e9;
+            println!(
+                "| {} | {} | {rate:.0} GFLOP/s | {:.0}% of GEMM |",
+                c.name,
+                fmt_t(t),
+                100.0 * rate / gemm_rate
+            );
+        }
+    }
+    Ok(())
+}
+
 fn crossover() -> Result<()> {
     println!("| B·H | L=S | D | reference | fused | ref/fused |");
     println!("|---|---|---|---|---|---|");
@@ -500,15 +573,25 @@ fn main() -> Result<()> {
         std::env::var("CANDLE_MHA_BENCH_PYTHON").unwrap_or_else(|_| "python3".to_string());
     let (mut no_torch, mut no_peak, mut no_ref8k, mut rounds, mut only) =
         (false, false, false, 3usize, None::<String>);
+    let mut no_module = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--python" => python = it.next().context("--python PY")?.clone(),
             "--no-torch" => no_torch = true,
             "--no-peak" => no_peak = true,
+            "--no-module" => no_module = true,
             "--no-reference-8k" => no_ref8k = true,
             "--rounds" => rounds = it.next().context("--rounds N")?.parse()?,
             "--only" => only = Some(it.next().context("--only SUBSTR")?.clone()),
+            "--dtype" => {
+                let d = match it.next().context("--dtype f32|bf16")?.as_str() {
+                    "f32" => DType::F32,
+                    "bf16" => DType::BF16,
+                    other => bail!("--dtype: f32 or bf16, got {other}"),
+                };
+                DTYPE.set(d).ok();
+            }
             "--isa" => {
                 let isa = it.next().context("--isa avx512|avx2|portable")?;
                 candle_mha::kernels::test_support::force_cpu_isa(Some(isa))
@@ -527,7 +610,8 @@ fn main() -> Result<()> {
     };
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
-        "threads: {threads} (rayon; torch.set_num_threads({threads})), fused kernel ISA: {} (available: {:?}), load at start: {}",
+        "dtype {}, threads: {threads} (rayon; torch.set_num_threads({threads})), fused kernel ISA: {} (available: {:?}), load at start: {}",
+        dtype_name(),
         candle_mha::kernels::test_support::cpu_isa(),
         candle_mha::kernels::test_support::cpu_isas(),
         load.trim()
@@ -549,7 +633,7 @@ fn main() -> Result<()> {
             continue;
         }
         eprintln!("== {}", c.name);
-        let inp = Inputs::new(&c, true)?;
+        let inp = Inputs::new(&c, !no_module)?;
         let mut rows: Vec<Row> = (0..7).map(|_| Row::default()).collect();
         let big = c.l >= 8192;
         for round in 0..rounds {
@@ -580,6 +664,9 @@ fn main() -> Result<()> {
             }
             if let Some(t) = torch.as_mut() {
                 rows[3].add(t.times(&torch_req(&c, "sdpa")));
+            }
+            if no_module {
+                continue;
             }
             if !big || (round == 0 && !no_ref8k) {
                 rows[4].add(time_it(c.reps, || inp.module(&c, false).map(drop)));
@@ -652,6 +739,7 @@ fn main() -> Result<()> {
         }
     }
     println!("load at end: {}", load.trim());
+    rates(&results)?;
     drop(torch);
     if !no_peak {
         println!(

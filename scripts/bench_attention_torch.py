@@ -5,6 +5,7 @@ Server mode (default): reads one JSON request per line on stdin, answers one JSO
 stdout, so that the Rust bench can interleave its own runs with PyTorch's (A/B/A/B) in one
 session. Request fields:
 
+    dtype  "f32" (default) or "bf16"
     kind   "sdpa" (F.scaled_dot_product_attention, the attention core)
            or "mha" (nn.MultiheadAttention forward, need_weights=False, batch_first, eval)
     b, l, s, e, h, hkv, d   shapes (s = key length; hkv < h: GQA, SDPA only)
@@ -47,10 +48,11 @@ def build(req):
     torch.manual_seed(0)
     b, l, s, e, h, hkv, d = (req[k] for k in ("b", "l", "s", "e", "h", "hkv", "d"))
     causal, pad = req["causal"], req.get("pad")
+    dt = {"f32": torch.float32, "bf16": torch.bfloat16}[req.get("dtype", "f32")]
     if req["kind"] == "sdpa":
-        q = torch.randn(b, h, l, d)
-        k = torch.randn(b, hkv, s, d)
-        v = torch.randn(b, hkv, s, d)
+        q = torch.randn(b, h, l, d, dtype=dt)
+        k = torch.randn(b, hkv, s, d, dtype=dt)
+        v = torch.randn(b, hkv, s, d, dtype=dt)
         mask = None
         if pad is not None:
             keep = torch.arange(s)[None, :] < torch.tensor(pad)[:, None]  # (B, S) True = keep
@@ -63,9 +65,9 @@ def build(req):
 
         return run
     if req["kind"] == "mha":
-        mha = torch.nn.MultiheadAttention(e, h, batch_first=True).eval()
-        x = torch.randn(b, l, e)
-        kv = torch.randn(b, s, e) if s != l else x
+        mha = torch.nn.MultiheadAttention(e, h, batch_first=True).eval().to(dt)
+        x = torch.randn(b, l, e, dtype=dt)
+        kv = torch.randn(b, s, e, dtype=dt) if s != l else x
         kpm = None
         if pad is not None:
             kpm = torch.arange(s)[None, :] >= torch.tensor(pad)[:, None]  # True = ignore

@@ -6,7 +6,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use candle_mha::case::{run_case, Case, RunOptions};
 use candle_mha::kernels::test_support::{
-    cpu_calls, cpu_isa, cpu_isas, force_cpu_isa, set_portable_only,
+    cpu_calls, cpu_isa, cpu_isas, cpu_split_calls, force_cpu_isa, set_portable_only,
 };
 use candle_mha::kernels::{attention, reference, AttnParams};
 use candle_mha::mask::{AttnMask, Causal, CausalAlignment, KeyPaddingMask, MaskDims, MaskPlan};
@@ -397,6 +397,77 @@ fn fused_decode_gqa_and_long_causal() {
         params.backend = Backend::CpuFused;
         let got = attention(&q, &k, &v, &mask, &params).unwrap();
         check_close(&got.output, &want.output, 2e-5, 1e-4, "decode/long");
+    }
+}
+
+/// Decoding one sequence with one or two KV heads: fewer items than worker threads, so the
+/// kernel splits the keys into chunks (flash-decoding) and merges them. Against the reference
+/// with padding, windows, appended keys, both dtypes; the merged log-sum-exp feeds the fused
+/// backward too.
+#[test]
+fn split_over_keys_decoding_matches_reference() {
+    let dev = Device::Cpu;
+    let mut rng = Rng(11);
+    for (b, h, hkv, l, s, extra, window, dtype) in [
+        (1, 4, 1, 1, 5000, 0, None, DType::F32),
+        (1, 8, 2, 2, 4097, 1, Some(3000), DType::F32),
+        (1, 2, 1, 1, 9000, 2, None, DType::BF16),
+        (1, 1, 1, 1, 2048, 0, Some(100), DType::F16),
+    ] {
+        let d = 64;
+        let mut t = |n: usize, shape: (usize, usize, usize, usize)| {
+            Tensor::from_vec(rng.normal_vec(n), shape, &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap()
+        };
+        let q = t(b * h * l * d, (b, l, h, d));
+        let k = t(b * hkv * (s + extra) * d, (b, s + extra, hkv, d));
+        let v = t(b * hkv * (s + extra) * d, (b, s + extra, hkv, d));
+        let mask = MaskPlan::build(
+            MaskDims::new(b, h, l, s),
+            Some(&KeyPaddingMask::from_lengths(&vec![s - 7; b])),
+            None,
+            Some(Causal {
+                alignment: CausalAlignment::BottomRight,
+                window,
+            }),
+            DType::F32,
+            &dev,
+        )
+        .unwrap();
+        let mut params = AttnParams::new(d);
+        let want = reference::attention(&q, &k, &v, &mask, &params).unwrap();
+        params.backend = Backend::CpuFused;
+        let splits = cpu_split_calls();
+        let got = attention(&q, &k, &v, &mask, &params).unwrap();
+        assert!(
+            cpu_split_calls() > splits,
+            "the call was not split over its keys"
+        );
+        let (atol, rtol) = tolerances(dtype);
+        check_close(&got.output, &want.output, atol, rtol, "split decode");
+        // Backward through the split forward's log-sum-exp.
+        let qv = candle_core::Var::from_tensor(&q).unwrap();
+        let out = attention(qv.as_tensor(), &k, &v, &mask, &params).unwrap();
+        let g = out.output.ones_like().unwrap();
+        let grads = (out.output * &g)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let qr = candle_core::Var::from_tensor(&q).unwrap();
+        params.backend = Backend::Reference;
+        let outr = attention(qr.as_tensor(), &k, &v, &mask, &params).unwrap();
+        let gr = (outr.output * &g)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let (a, r) = (grads.get(&qv).unwrap(), gr.get(&qr).unwrap());
+        check_close(a, r, atol * 10.0, rtol * 10.0, "split decode dq");
     }
 }
 

@@ -293,6 +293,11 @@ pub mod test_support {
         super::cpu::calls()
     }
 
+    /// How many fused CPU calls were split over their keys (flash-decoding).
+    pub fn cpu_split_calls() -> usize {
+        super::cpu::split_calls()
+    }
+
     /// How many backward passes the fused CPU backward has served in this process.
     pub fn cpu_backward_calls() -> usize {
         super::cpu::bwd_calls()

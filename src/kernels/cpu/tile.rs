@@ -190,6 +190,67 @@ impl Ctx<'_> {
     /// One work item: folded query rows `r0..r0 + nr` (row `g·L + i` is query `i` of head
     /// `kh·G + g`) of KV head `kh` in batch `bi`.
     pub fn item(&self, bi: usize, kh: usize, r0: usize, nr: usize, sc: &mut Scratch) {
+        self.accumulate(bi, kh, (r0, nr), (0, usize::MAX), true, sc);
+        self.finish_rows(bi, kh, (r0, nr), &sc.m, &sc.lsum, &sc.acc);
+    }
+
+    /// The first part of a split item (flash-decoding): the online-softmax state of rows
+    /// `r0..r0 + nr` over the keys `chunk.0..chunk.1` only (and, with `extra`, the appended
+    /// keys), copied to `part` as `nr` maxima, `nr` sums, then `nr × Dv` unnormalised rows.
+    pub fn partial(
+        &self,
+        (bi, kh): (usize, usize),
+        rows: (usize, usize),
+        chunk: (usize, usize),
+        extra: bool,
+        part: &mut [f32],
+        sc: &mut Scratch,
+    ) {
+        let (nr, dv) = (rows.1, self.dv);
+        self.accumulate(bi, kh, rows, chunk, extra, sc);
+        part[..nr].copy_from_slice(&sc.m[..nr]);
+        part[nr..2 * nr].copy_from_slice(&sc.lsum[..nr]);
+        part[2 * nr..2 * nr + nr * dv].copy_from_slice(&sc.acc[..nr * dv]);
+    }
+
+    /// Merges the `parts` (from [`Self::partial`]) of rows `r0..r0 + nr` and writes them.
+    pub fn combine(&self, (bi, kh): (usize, usize), (r0, nr): (usize, usize), parts: &[&[f32]]) {
+        let dv = self.dv;
+        let mut m = vec![f32::NEG_INFINITY; nr];
+        let mut lsum = vec![0f32; nr];
+        let mut acc = vec![0f32; nr * dv];
+        for p in parts {
+            for r in 0..nr {
+                let (pm, pl) = (p[r], p[nr + r]);
+                if pl == 0.0 {
+                    continue;
+                }
+                let m_new = m[r].max(pm);
+                let (a, b) = ((m[r] - m_new).exp(), (pm - m_new).exp());
+                lsum[r] = lsum[r] * a + pl * b;
+                let dst = &mut acc[r * dv..(r + 1) * dv];
+                let src = &p[2 * nr + r * dv..2 * nr + (r + 1) * dv];
+                dst.iter_mut()
+                    .zip(src)
+                    .for_each(|(x, y)| *x = *x * a + y * b);
+                m[r] = m_new;
+            }
+        }
+        self.finish_rows(bi, kh, (r0, nr), &m, &lsum, &acc);
+    }
+
+    /// Rows `r0..r0 + nr` of KV head `kh` over the keys in `chunk` (intersected with what each
+    /// row may see) and, with `extra`, the appended keys: leaves their online-softmax state
+    /// (`m`, `lsum`, unnormalised `acc`) in the scratch.
+    fn accumulate(
+        &self,
+        bi: usize,
+        kh: usize,
+        (r0, nr): (usize, usize),
+        chunk: (usize, usize),
+        extra: bool,
+        sc: &mut Scratch,
+    ) {
         let (d, dv, l) = (self.d, self.dv, self.l);
         // Visible range of every row, and their union; gather the query rows.
         let (mut k_lo, mut k_hi) = (usize::MAX, 0);
@@ -205,6 +266,7 @@ impl Ctx<'_> {
             let at = self.q.at(bi, i, kh * self.g + gg);
             self.q.row_into(at, &mut sc.q[r * d..(r + 1) * d]);
         }
+        let (k_lo, k_hi) = (k_lo.max(chunk.0), k_hi.min(chunk.1));
         sc.m[..nr].fill(f32::NEG_INFINITY);
         sc.lsum[..nr].fill(0.0);
         sc.acc[..nr * dv].fill(0.0);
@@ -244,25 +306,39 @@ impl Ctx<'_> {
         }
         // Appended keys: never masked.
         let mut j0 = self.real_s;
-        while j0 < self.s {
+        while extra && j0 < self.s {
             let j1 = (j0 + BLOCK_K).min(self.s);
             self.tile(bi, kh, j0, j1, false, &mut rows);
             j0 = j1;
         }
+    }
+
+    /// Normalises rows `r0..r0 + nr` from their softmax state and writes them (and their
+    /// log-sum-exp when kept) to the output.
+    fn finish_rows(
+        &self,
+        bi: usize,
+        kh: usize,
+        (r0, nr): (usize, usize),
+        m: &[f32],
+        lsum: &[f32],
+        acc: &[f32],
+    ) {
+        let (dv, l) = (self.dv, self.l);
         for r in 0..nr {
             let (gg, i) = ((r0 + r) / l, (r0 + r) % l);
             let off = ((bi * l + i) * self.h + kh * self.g + gg) * dv;
             // SAFETY: `off..off + dv` is inside the (B, L, H, Dv) output, and row (bi, i, head)
             // belongs to this work item only (see `OutPtr`).
             let dst = unsafe { std::slice::from_raw_parts_mut(self.out.0.add(off), dv) };
-            let src = &rows.acc[r * dv..(r + 1) * dv];
-            let sum = rows.lsum[r];
+            let src = &acc[r * dv..(r + 1) * dv];
+            let sum = lsum[r];
             if let Some(lse) = self.lse {
                 let at = (bi * self.h + kh * self.g + gg) * l + i;
                 let v = if sum == 0.0 {
                     f32::NEG_INFINITY
                 } else {
-                    rows.m[r] + sum.ln()
+                    m[r] + sum.ln()
                 };
                 // SAFETY: `at` is inside the (B, H, L) buffer and row (bi, head, i) belongs to
                 // this work item only.
