@@ -51,14 +51,19 @@ fn softmax_step_impl<const FMA: bool, const W: usize>(
     let mut chunks = row.chunks_exact(W);
     for c in &mut chunks {
         for t in 0..W {
-            mx[t] = if c[t] > mx[t] { c[t] } else { mx[t] };
+            // NaN wins and sticks (a NaN logit makes the row NaN, as in PyTorch).
+            mx[t] = if c[t] > mx[t] || c[t] != c[t] { c[t] } else { mx[t] };
         }
     }
     let mut tile_max = f32::NEG_INFINITY;
     for &x in chunks.remainder().iter().chain(mx.iter()) {
-        tile_max = if x > tile_max { x } else { tile_max };
+        tile_max = if x > tile_max || x != x { x } else { tile_max };
     }
-    let m_new = if tile_max > *m { tile_max } else { *m };
+    let m_new = if tile_max > *m || tile_max != tile_max {
+        tile_max
+    } else {
+        *m
+    };
     if m_new == f32::NEG_INFINITY {
         // Nothing visible so far: probabilities 0, no state change.
         row.fill(0.0);

@@ -73,6 +73,7 @@ impl<'a> View<'a> {
     }
 
     /// Address of element `at`, if it exists (for prefetching).
+    #[cfg(target_arch = "x86_64")]
     fn ptr(&self, at: usize) -> Option<*const u8> {
         match self.data {
             Data::F32(s) => s.get(at).map(|x| (x as *const f32).cast()),
@@ -225,7 +226,8 @@ impl Ctx<'_> {
                 if pl == 0.0 {
                     continue;
                 }
-                let m_new = m[r].max(pm);
+                // NaN wins and sticks, as in the online softmax.
+                let m_new = if pm > m[r] || pm.is_nan() { pm } else { m[r] };
                 let (a, b) = ((m[r] - m_new).exp(), (pm - m_new).exp());
                 lsum[r] = lsum[r] * a + pl * b;
                 let dst = &mut acc[r * dv..(r + 1) * dv];
