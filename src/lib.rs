@@ -64,6 +64,8 @@ pub mod cache;
 #[cfg_attr(docsrs, doc(cfg(feature = "runner")))]
 pub mod case;
 pub mod config;
+#[doc(hidden)]
+pub mod fuzz_support;
 pub mod kernels;
 pub mod layout;
 pub mod mask;

@@ -31,19 +31,24 @@ impl Case {
     pub fn load(path: &Path) -> Result<Self> {
         let buf = std::fs::read(path)
             .map_err(|e| candle_core::Error::Msg(format!("cannot read {}: {e}", path.display())))?;
-        let (_, header) = safetensors::SafeTensors::read_metadata(&buf).map_err(|e| {
-            candle_core::Error::Msg(format!("{}: not a safetensors file: {e}", path.display()))
-        })?;
-        let meta = header.metadata().clone().unwrap_or_default();
-        let tensors = load_tensors(&buf).map_err(|e| {
-            candle_core::Error::Msg(format!("{}: cannot read tensors: {e}", path.display()))
-        })?;
         let name = path
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
+        Self::from_bytes(&name, &buf)
+            .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))
+    }
+
+    /// Parses a case from the bytes of a case file (named `name` in reports). Any input gives a
+    /// case or an error, never a panic (fuzzed: `fuzz/`).
+    pub fn from_bytes(name: &str, buf: &[u8]) -> Result<Self> {
+        let (_, header) = safetensors::SafeTensors::read_metadata(buf)
+            .map_err(|e| candle_core::Error::Msg(format!("not a safetensors file: {e}")))?;
+        let meta = header.metadata().clone().unwrap_or_default();
+        let tensors = load_tensors(buf)
+            .map_err(|e| candle_core::Error::Msg(format!("cannot read tensors: {e}")))?;
         Ok(Self {
-            name,
+            name: name.to_string(),
             tensors,
             meta,
         })

@@ -51,7 +51,7 @@ mod run;
 
 pub use check::{compare, CaseReport, Check, Tolerance};
 pub use core_case::CaseKind;
-pub use run::{run_case, RunOptions};
+pub use run::{run_case, run_case_bytes, RunOptions};
 
 /// A parsed case file.
 #[derive(Debug, Clone)]

@@ -48,6 +48,22 @@ pub fn run_case(path: &Path, opts: &RunOptions) -> CaseReport {
     report
 }
 
+/// [`run_case`] on the bytes of a case file (named `name` in the report): same checks, same
+/// guarantee (a failed report, never a panic).
+pub fn run_case_bytes(name: &str, bytes: &[u8], opts: &RunOptions) -> CaseReport {
+    let mut report = CaseReport {
+        name: name.to_string(),
+        checks: vec![],
+        error: None,
+    };
+    let result =
+        Case::from_bytes(name, bytes).and_then(|case| run_loaded(&case, opts, &mut report.checks));
+    if let Err(e) = result {
+        report.error = Some(e.to_string().lines().next().unwrap_or("").to_string());
+    }
+    report
+}
+
 struct Expect<'a> {
     prefix: &'a str,
     output: Option<&'a Tensor>,

@@ -23,11 +23,22 @@
 //! [`MaskedRowPolicy::Nan`]), and [`Backend::Auto`] takes the first fused kernel that supports
 //! the call and the reference otherwise (f64, CUDA).
 //!
+//! Size budget: the reference materialises `(B, H, L, S)` scores (a few copies of them). Before
+//! allocating anything, the dispatcher estimates that size (`3 × B·H·L·S` elements of the
+//! compute dtype); a call over [`reference_budget_bytes`] goes to the fused CPU kernel when it
+//! can serve the call (it never materialises the scores), and is otherwise refused with an error
+//! naming the size and the budget, instead of aborting the process on a failed allocation. The
+//! budget defaults to a quarter of `MemAvailable` (`/proc/meminfo`, read once; 4 GiB where that
+//! cannot be read); [`set_reference_budget_bytes`] changes it for the process.
+//!
 //! Crossover: `examples/bench_attention.rs --crossover` times both kernels on tiny shapes
 //! (B·H ∈ {1, 12, 96}, L = S ∈ {1 … 256}, D = 64). With the per-thread scratch reused across
 //! calls the fused kernel was faster on every one (1.1× to 100×; the closest: B·H = 96,
 //! L = S = 8 or 16), so `Auto` has no size threshold: no shape is small enough for the
 //! reference to win.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 
 use candle_core::{bail, DType, Result, Tensor};
 
@@ -74,7 +85,8 @@ pub struct AttnOutput {
     /// `(B, H, L, S)` attention probabilities (compute dtype: f32, or f64 for f64 inputs) when
     /// requested.
     pub weights: Option<Tensor>,
-    /// The kernel that served the call (`"reference"`, `"cpu"`).
+    /// The kernel that served the call (`"reference"`, `"cpu"`; `"none"` for an empty call:
+    /// `B`, `H` or `L` is 0, or there is no key).
     pub kernel: &'static str,
 }
 
@@ -158,8 +170,118 @@ fn missing_capability(kernel: &dyn Kernel, call: &AttnCall) -> Option<String> {
     None
 }
 
-/// The one place that decides which kernel serves a call.
+/// The process-wide reference budget in bytes; 0 = the default ([`default_reference_budget`]).
+static REFERENCE_BUDGET: AtomicU64 = AtomicU64::new(0);
+
+/// The default reference budget when `/proc/meminfo` cannot be read: 4 GiB.
+pub const FALLBACK_REFERENCE_BUDGET: u64 = 4 << 30;
+
+/// The default budget of the reference kernel: a quarter of the memory available when first
+/// asked (`MemAvailable` in `/proc/meminfo`), or [`FALLBACK_REFERENCE_BUDGET`] where that file
+/// cannot be read (non-Linux systems). Read once per process.
+pub fn default_reference_budget() -> u64 {
+    static DEFAULT: OnceLock<u64> = OnceLock::new();
+    *DEFAULT.get_or_init(|| {
+        std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("MemAvailable:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            })
+            .map(|kib| (kib.saturating_mul(1024) / 4).max(1))
+            .unwrap_or(FALLBACK_REFERENCE_BUDGET)
+    })
+}
+
+/// The largest score buffer the reference kernel may materialise, in bytes (see the
+/// [module docs](self)): the value set by [`set_reference_budget_bytes`], else
+/// [`default_reference_budget`].
+pub fn reference_budget_bytes() -> u64 {
+    match REFERENCE_BUDGET.load(Ordering::Relaxed) {
+        0 => default_reference_budget(),
+        b => b,
+    }
+}
+
+/// Sets the reference kernel's budget for the whole process (`None`: back to the default).
+/// Calls whose `(B, H, L, S)` scores would exceed it go to the fused CPU kernel when it can
+/// serve them, and fail with an error naming the size otherwise.
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use candle_mha::kernels::{attention, set_reference_budget_bytes, AttnParams};
+/// use candle_mha::mask::{MaskDims, MaskPlan};
+/// use candle_mha::Backend;
+/// let x = Tensor::zeros((1, 64, 2, 8), DType::F32, &Device::Cpu)?;
+/// let plan = MaskPlan::new(MaskDims::new(1, 2, 64, 64));
+/// let mut p = AttnParams::new(8);
+/// p.backend = Backend::Reference;
+/// set_reference_budget_bytes(Some(1024));
+/// let err = attention(&x, &x, &x, &plan, &p).unwrap_err().to_string();
+/// assert!(err.contains("over the budget"), "{err}");
+/// p.backend = Backend::Auto; // the fused CPU kernel does not materialise the scores
+/// assert_eq!(attention(&x, &x, &x, &plan, &p)?.kernel, "cpu");
+/// set_reference_budget_bytes(None);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn set_reference_budget_bytes(bytes: Option<u64>) {
+    let stored = match bytes {
+        None => 0,
+        Some(b) => b.max(1),
+    };
+    REFERENCE_BUDGET.store(stored, Ordering::Relaxed);
+}
+
+/// Bytes the reference kernel would materialise for `call`: three `(B, H, L, S)` buffers of the
+/// compute dtype (scores, exponentials, probabilities), saturating.
+fn reference_bytes(call: &AttnCall) -> u64 {
+    let elems = [call.b, call.h, call.l, call.s]
+        .iter()
+        .fold(3u64, |acc, &x| acc.saturating_mul(x as u64));
+    elems.saturating_mul(compute_dtype(call.q.dtype()).size_in_bytes() as u64)
+}
+
+/// `Err` when the reference would materialise more than the budget.
+fn check_reference_budget(call: &AttnCall, why: &str) -> Result<()> {
+    let bytes = reference_bytes(call);
+    let budget = reference_budget_bytes();
+    if bytes > budget {
+        let gib = |x: u64| x as f64 / (1u64 << 30) as f64;
+        bail!(
+            "reference attention would materialise 3 × (B, H, L, S) = 3 × ({}, {}, {}, {}) {:?} scores = {:.3} GiB, over the budget of {:.3} GiB ({why}); use a kernel that does not materialise the scores (the fused CPU kernel: no attention weights, no dropout), smaller chunks, or raise the budget with candle_mha::kernels::set_reference_budget_bytes",
+            call.b,
+            call.h,
+            call.l,
+            call.s,
+            compute_dtype(call.q.dtype()),
+            gib(bytes),
+            gib(budget),
+        )
+    }
+    Ok(())
+}
+
+/// The one place that decides which kernel serves a call, within the reference's size budget.
 fn select(call: &AttnCall) -> Result<&'static dyn Kernel> {
+    let kernel = select_kernel(call)?;
+    if kernel.name() == reference::Reference.name() {
+        let why = match call.params.backend {
+            Backend::Reference => "Backend::Reference was asked for".to_string(),
+            _ => {
+                let k: &dyn Kernel = &cpu::CpuFused;
+                missing_capability(k, call)
+                    .or_else(|| k.unsupported_inputs(call))
+                    .unwrap_or_else(|| "no fused kernel serves this call".into())
+            }
+        };
+        check_reference_budget(call, &why)?;
+    }
+    Ok(kernel)
+}
+
+/// Which kernel serves a call, by backend, device, dtype and capabilities.
+fn select_kernel(call: &AttnCall) -> Result<&'static dyn Kernel> {
     let eligible = |k: &dyn Kernel| {
         missing_capability(k, call).is_none() && k.unsupported_inputs(call).is_none()
     };
@@ -258,6 +380,9 @@ pub fn attention(
             )
         }
     }
+    if b * h * l == 0 || s == 0 {
+        return empty_call(q, (b, l, h, dv), s, params);
+    }
     let call = AttnCall {
         q,
         k,
@@ -274,6 +399,35 @@ pub fn attention(
         extra_keys: s - md.kv_len,
     };
     select(&call)?.forward(&call)
+}
+
+/// A call with nothing to compute (`B`, `H` or `L` is 0), or no key at all (`S = 0`: every row
+/// fully masked): the output by the fully-masked-row policy, without a kernel.
+fn empty_call(
+    q: &Tensor,
+    (b, l, h, dv): (usize, usize, usize, usize),
+    s: usize,
+    params: &AttnParams,
+) -> Result<AttnOutput> {
+    let zeros = Tensor::zeros((b, l, h, dv), q.dtype(), q.device())?;
+    let output = match params.masked_rows {
+        MaskedRowPolicy::Zero => zeros,
+        MaskedRowPolicy::Nan => (zeros + f64::NAN)?,
+    };
+    let weights = if params.need_weights {
+        let w = Tensor::zeros((b, h, l, s), compute_dtype(q.dtype()), q.device())?;
+        Some(match params.masked_rows {
+            MaskedRowPolicy::Zero => w,
+            MaskedRowPolicy::Nan => (w + f64::NAN)?,
+        })
+    } else {
+        None
+    };
+    Ok(AttnOutput {
+        output,
+        weights,
+        kernel: "none",
+    })
 }
 
 fn dims4(name: &str, t: &Tensor) -> Result<(usize, usize, usize, usize)> {
