@@ -152,8 +152,8 @@ fn nan_in_a_query_row_poisons_that_row_only() -> Result<()> {
         }
         let out = run_sdpa(&q, &k, &v, SdpaOptions::new(), Backend::Reference)?;
         assert_eq!(pattern(&out, 0)?, ".N...", "sdpa {dtype:?}");
-        // The fused kernel: the other rows and heads are untouched (see the ignored test below
-        // for the NaN row itself).
+        // The fused kernel: the other rows and heads are untouched (the NaN row itself: the
+        // next test).
         let out = run(
             &q,
             &k,
@@ -188,12 +188,9 @@ fn nan_in_a_query_row_poisons_that_row_only() -> Result<()> {
     Ok(())
 }
 
-/// KNOWN GAP (README, "Numerics policy"): in the fused CPU kernel a query row whose logits are
-/// all NaN looks fully masked (its running max stays `-inf`, since `NaN > m` is false), so it
-/// gets the fully-masked-row policy (zeros by default) instead of NaN. The fix belongs in
-/// `src/kernels/cpu/softmax.rs` (a NaN-propagating tile max: `if !(x <= max) { x } else { max }`).
+/// The fused CPU kernel propagates a NaN query row too: its online softmax's running max lets
+/// NaN win and stick, so the row is NaN rather than looking fully masked.
 #[test]
-#[ignore = "known gap in the fused CPU kernel: an all-NaN logit row is treated as fully masked"]
 fn fused_kernel_propagates_a_nan_query_row() -> Result<()> {
     for dtype in DTYPES {
         let (q, k, v) = (

@@ -52,7 +52,11 @@ fn softmax_step_impl<const FMA: bool, const W: usize>(
     for c in &mut chunks {
         for t in 0..W {
             // NaN wins and sticks (a NaN logit makes the row NaN, as in PyTorch).
-            mx[t] = if c[t] > mx[t] || c[t] != c[t] { c[t] } else { mx[t] };
+            mx[t] = if c[t] > mx[t] || c[t] != c[t] {
+                c[t]
+            } else {
+                mx[t]
+            };
         }
     }
     let mut tile_max = f32::NEG_INFINITY;
