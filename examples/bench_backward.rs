@@ -27,7 +27,8 @@ use candle_mha::mask::{CausalAlignment, MaskDims, MaskPlan};
 use candle_mha::Backend;
 use serde_json::{json, Value};
 
-const USAGE: &str = "usage: bench_backward [--python PY] [--no-torch] [--rounds N] [--only L]";
+const USAGE: &str =
+    "usage: bench_backward [--python PY] [--no-torch] [--no-reference] [--rounds N] [--only L]";
 const H: usize = 12;
 const D: usize = 64;
 
@@ -196,6 +197,7 @@ fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
     let mut python = std::env::var("CANDLE_MHA_BENCH_PYTHON").unwrap_or_else(|_| "python3".into());
     let (mut torch, mut rounds, mut only) = (true, 3usize, None::<usize>);
+    let mut with_reference = true;
     while let Some(a) = args.next() {
         let mut value = || {
             args.next()
@@ -208,6 +210,7 @@ fn main() -> Result<()> {
             }
             "--python" => python = value()?,
             "--no-torch" => torch = false,
+            "--no-reference" => with_reference = false,
             "--rounds" => rounds = value()?.parse()?,
             "--only" => only = Some(value()?.parse()?),
             "-h" | "--help" => {
@@ -256,7 +259,7 @@ fn main() -> Result<()> {
                 if let Some(t) = side.as_mut() {
                     theirs.push(t.run(&req)?);
                 }
-                if l <= 2048 {
+                if with_reference && l <= 2048 {
                     let t0 = Instant::now();
                     step(&x, Backend::Reference)?;
                     reference.push(t0.elapsed().as_secs_f64());

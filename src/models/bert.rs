@@ -55,7 +55,7 @@ impl HiddenAct {
     /// Applies the activation.
     pub fn apply(self, xs: &Tensor) -> Result<Tensor> {
         match self {
-            HiddenAct::Gelu => xs.gelu_erf(),
+            HiddenAct::Gelu => super::gelu::gelu_erf(xs),
             HiddenAct::GeluNew => xs.gelu(),
             HiddenAct::Relu => xs.relu(),
         }

@@ -2,6 +2,7 @@
 //!
 //! - [`bert`]: a BERT encoder (Hugging Face `BertModel` checkpoints as they are) whose attention
 //!   is [`MultiHeadAttention`](crate::MultiHeadAttention) with [`WeightLayout::bert`](crate::WeightLayout::bert).
+//! - [`gelu`]: exact GELU as one vectorised CPU pass (BERT's feed-forward activation).
 //! - [`sentence`]: sentence-transformers pooling and normalisation on top of it, configured by
 //!   the model directory's own files (e.g. all-MiniLM-L6-v2; see the `embed` example).
 //! - [`llama`]: a Llama-architecture decoder (SmolLM2) read from a GGUF file, attention on
@@ -16,5 +17,6 @@
 //! They are examples of use as much as library code: the attention module knows nothing of them.
 
 pub mod bert;
+pub mod gelu;
 pub mod llama;
 pub mod sentence;
