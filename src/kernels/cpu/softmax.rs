@@ -52,7 +52,7 @@ fn softmax_step_impl<const FMA: bool, const W: usize>(
     for c in &mut chunks {
         for t in 0..W {
             // NaN wins and sticks (a NaN logit makes the row NaN, as in PyTorch).
-            mx[t] = if c[t] > mx[t] || c[t] != c[t] {
+            mx[t] = if c[t] > mx[t] || c[t].is_nan() {
                 c[t]
             } else {
                 mx[t]
@@ -61,9 +61,13 @@ fn softmax_step_impl<const FMA: bool, const W: usize>(
     }
     let mut tile_max = f32::NEG_INFINITY;
     for &x in chunks.remainder().iter().chain(mx.iter()) {
-        tile_max = if x > tile_max || x != x { x } else { tile_max };
+        tile_max = if x > tile_max || x.is_nan() {
+            x
+        } else {
+            tile_max
+        };
     }
-    let m_new = if tile_max > *m || tile_max != tile_max {
+    let m_new = if tile_max > *m || tile_max.is_nan() {
         tile_max
     } else {
         *m
