@@ -181,3 +181,56 @@ unsafe fn pv_block<const M: usize, const N: usize>(
         }
     }
 }
+
+/// Horizontal sum of 8 lanes.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    _mm_cvtss_f32(s)
+}
+
+/// `out[r][j] = scale · Σ_x q[r][x] · k[j][x]` with `k` read in place (see the AVX-512
+/// `qk_rows`): blocks of 2 rows × 4 keys (8 accumulators).
+///
+/// # Safety
+/// avx2 and fma must be available.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn qk_rows(q: Mat, k: Mat, out: MatMut, scale: f32) {
+    let (nr, d, bk) = (q.rows, q.cols, k.rows);
+    debug_assert!(k.cols == d && out.rows == nr && out.cols == bk);
+    let nv = d.div_ceil(8);
+    let mut r = 0;
+    while r < nr {
+        let mr = (nr - r).min(2);
+        let mut j = 0;
+        while j < bk {
+            let mj = (bk - j).min(4);
+            let mut acc = [[_mm256_setzero_ps(); 4]; 2];
+            for v in 0..nv {
+                let m = lanes(d - 8 * v);
+                let mut kv = [_mm256_setzero_ps(); 4];
+                for (jj, kv) in kv.iter_mut().enumerate().take(mj) {
+                    *kv = _mm256_maskload_ps(k.data.as_ptr().add((j + jj) * k.stride + 8 * v), m);
+                }
+                for rr in 0..mr {
+                    let qv =
+                        _mm256_maskload_ps(q.data.as_ptr().add((r + rr) * q.stride + 8 * v), m);
+                    for jj in 0..4 {
+                        acc[rr][jj] = _mm256_fmadd_ps(qv, kv[jj], acc[rr][jj]);
+                    }
+                }
+            }
+            for rr in 0..mr {
+                for jj in 0..mj {
+                    *out.data.get_unchecked_mut((r + rr) * out.stride + j + jj) =
+                        scale * hsum(acc[rr][jj]);
+                }
+            }
+            j += mj;
+        }
+        r += mr;
+    }
+}

@@ -198,3 +198,49 @@ unsafe fn pv_block<const M: usize, const N: usize>(
         }
     }
 }
+
+/// `out[r][j] = scale · Σ_x q[r][x] · k[j][x]` with `k` read in place (`bk × d` key rows, any
+/// row stride): dot products of each query row with each key row, for the few query rows of a
+/// decode step, where a transposed copy of K would cost a second pass over it. Blocks of 4 rows
+/// × 4 keys keep 16 accumulators; each key row is loaded once per block of rows.
+///
+/// # Safety
+/// avx512f must be available.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn qk_rows(q: Mat, k: Mat, out: MatMut, scale: f32) {
+    let (nr, d, bk) = (q.rows, q.cols, k.rows);
+    debug_assert!(k.cols == d && out.rows == nr && out.cols == bk);
+    let nv = d.div_ceil(16);
+    let mut r = 0;
+    while r < nr {
+        let mr = (nr - r).min(4);
+        let mut j = 0;
+        while j < bk {
+            let mj = (bk - j).min(4);
+            let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+            for v in 0..nv {
+                let m = tail_mask(d - 16 * v);
+                let mut kv = [_mm512_setzero_ps(); 4];
+                for (jj, kv) in kv.iter_mut().enumerate().take(mj) {
+                    *kv =
+                        _mm512_maskz_loadu_ps(m, k.data.as_ptr().add((j + jj) * k.stride + 16 * v));
+                }
+                for rr in 0..mr {
+                    let qv =
+                        _mm512_maskz_loadu_ps(m, q.data.as_ptr().add((r + rr) * q.stride + 16 * v));
+                    for jj in 0..4 {
+                        acc[rr][jj] = _mm512_fmadd_ps(qv, kv[jj], acc[rr][jj]);
+                    }
+                }
+            }
+            for rr in 0..mr {
+                for jj in 0..mj {
+                    *out.data.get_unchecked_mut((r + rr) * out.stride + j + jj) =
+                        scale * _mm512_reduce_add_ps(acc[rr][jj]);
+                }
+            }
+            j += mj;
+        }
+        r += mr;
+    }
+}

@@ -27,11 +27,13 @@
 //! [`MaskedRowPolicy`]: zeros or NaN, exactly as
 //! [`super::reference::softmax`].
 //!
-//! Decoding (flash-decoding split): a call with fewer items than twice the worker threads (one
-//! sequence, few KV heads) and long keys is split over its keys too: chunks of at least
-//! [`SPLIT_MIN_KEYS`] keys computed in parallel as partial softmax states (max, sum,
-//! unnormalised rows), merged per item. K and V are still read once, and the `G` query heads
-//! of a KV group share every tile read.
+//! Decoding (`decode.rs`): when every KV head has a single tile of query rows (decode steps,
+//! short chunks), one item walks all KV heads of a sequence over each key tile, so that K and V
+//! are read front to back in their `(B, S, Hkv, D)` layout rather than one short row per page;
+//! and a call with fewer items than twice the worker threads is split over its keys too
+//! (flash-decoding: chunks of at least [`decode::SPLIT_MIN_KEYS`] keys computed in parallel as
+//! partial softmax states, merged per row). K and V are read once, and the `G` query heads of a
+//! KV group share every tile read.
 //!
 //! Packed sequences: items are split by sequence first, then into tiles of up to [`BLOCK_Q`]
 //! rows, so that no item mixes sequences and no score is computed against another sequence's
@@ -84,6 +86,7 @@ mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 mod backward;
+mod decode;
 mod mat;
 mod op;
 mod portable;
@@ -106,7 +109,7 @@ pub const MAX_HEAD_DIM: usize = 256;
 
 static CALLS: AtomicUsize = AtomicUsize::new(0);
 /// Calls split over their keys (flash-decoding).
-static SPLITS: AtomicUsize = AtomicUsize::new(0);
+pub(super) static SPLITS: AtomicUsize = AtomicUsize::new(0);
 /// Backward calls served by the fused backward.
 pub(super) static BWD_CALLS: AtomicUsize = AtomicUsize::new(0);
 
@@ -280,8 +283,8 @@ fn forward(c: &AttnCall, want_lse: bool) -> Result<(Tensor, Option<Vec<f32>>)> {
     let inputs = Inputs::new(c, true)?;
     inputs.with_ctx(c, true, out_ptr, lse_ptr, |ctx| {
         let g = ctx.g;
-        if let Some(chunk) = decode_split(c, g) {
-            return split_over_keys(c, ctx, chunk);
+        if decode::run(c, ctx) {
+            return;
         }
         let run = |(bi, kh, r0, nr): (usize, usize, usize, usize)| {
             tile::SCRATCH.with(|sc| ctx.item(bi, kh, r0, nr, &mut sc.borrow_mut()))
@@ -290,70 +293,6 @@ fn forward(c: &AttnCall, want_lse: bool) -> Result<(Tensor, Option<Vec<f32>>)> {
     })?;
     let t = Tensor::from_vec(out, (b, l, h, dv), c.q.device())?.to_dtype(c.q.dtype())?;
     Ok((t, lse))
-}
-
-/// Keys per chunk when a call is split over its keys (flash-decoding), or `None` to keep one
-/// item per tile of query rows: the split is for calls with fewer items than twice the worker
-/// threads (decoding one sequence with few KV heads) and enough keys to share out (at least
-/// [`SPLIT_MIN_KEYS`] per chunk).
-fn decode_split(c: &AttnCall, g: usize) -> Option<usize> {
-    if c.mask.is_packed() {
-        return None;
-    }
-    let items = c.b * c.hkv * (g * c.l).div_ceil(BLOCK_Q);
-    let threads = rayon::current_num_threads();
-    let real_s = c.s - c.extra_keys;
-    if items == 0 || items >= 2 * threads {
-        return None;
-    }
-    let n = (2 * threads).div_ceil(items).min(real_s / SPLIT_MIN_KEYS);
-    if n < 2 {
-        return None;
-    }
-    Some(real_s.div_ceil(n).div_ceil(BLOCK_K) * BLOCK_K)
-}
-
-/// Fewest keys per chunk of a split call.
-pub const SPLIT_MIN_KEYS: usize = 1024;
-
-/// Flash-decoding: every item's keys cut into chunks of `chunk` keys computed in parallel (each
-/// a partial softmax state, the appended keys with the last chunk), then merged per item.
-fn split_over_keys(c: &AttnCall, ctx: &Ctx, chunk: usize) {
-    SPLITS.fetch_add(1, Ordering::Relaxed);
-    let (b, l, hkv, dv) = (c.b, c.l, c.hkv, c.dv);
-    let real_s = c.s - c.extra_keys;
-    let nsplit = real_s.div_ceil(chunk).max(1);
-    let row_tiles = (ctx.g * l).div_ceil(BLOCK_Q);
-    let items = b * hkv * row_tiles;
-    let slot = BLOCK_Q * (2 + dv);
-    let mut parts = vec![0f32; items * nsplit * slot];
-    let rows_of = |item: usize| {
-        let (t, kh, bi) = (
-            item % row_tiles,
-            item / row_tiles % hkv,
-            item / (hkv * row_tiles),
-        );
-        let r0 = t * BLOCK_Q;
-        (bi, kh, r0, BLOCK_Q.min(ctx.g * l - r0))
-    };
-    parts
-        .par_chunks_mut(slot)
-        .enumerate()
-        .for_each(|(x, part)| {
-            let (item, sp) = (x / nsplit, x % nsplit);
-            let (bi, kh, r0, nr) = rows_of(item);
-            let keys = (sp * chunk, ((sp + 1) * chunk).min(real_s));
-            let last = sp + 1 == nsplit;
-            tile::SCRATCH
-                .with(|sc| ctx.partial((bi, kh), (r0, nr), keys, last, part, &mut sc.borrow_mut()));
-        });
-    (0..items).into_par_iter().for_each(|item| {
-        let (bi, kh, r0, nr) = rows_of(item);
-        let mine: Vec<&[f32]> = (0..nsplit)
-            .map(|sp| &parts[(item * nsplit + sp) * slot..][..slot])
-            .collect();
-        ctx.combine((bi, kh), (r0, nr), &mine);
-    });
 }
 
 /// Runs `run` on every work item `(batch, KV head, first folded row, rows)` of the call, in

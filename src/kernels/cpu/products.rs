@@ -117,6 +117,23 @@ pub(super) fn qk_t(isa: Isa, a: Mat, kt: Mat, out: MatMut, scale: f32) {
     }
 }
 
+/// `out = scale · q · kᵀ` for a few query rows against key rows read in place (`k` is
+/// `bk × d`, any row stride): dot products (decode-like items, no transposed K).
+pub(super) fn qk_rows(isa: Isa, q: Mat, k: Mat, out: MatMut, scale: f32) {
+    let (nr, bk) = (q.rows, k.rows);
+    assert!(k.cols == q.cols && out.rows == nr && out.cols == bk);
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa` is only ever a supported one (see `force`); every access is inside the
+        // checked matrices (masked loads past `d` touch nothing).
+        Isa::Avx512 => unsafe { super::avx512::qk_rows(q, k, out, scale) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx2 => unsafe { super::avx2::qk_rows(q, k, out, scale) },
+        _ => portable::qk(q, k, out, scale),
+    }
+}
+
 /// `acc += p · v`.
 pub(super) fn pv(isa: Isa, p: Mat, v: Mat, acc: MatMut) {
     match isa {

@@ -9,7 +9,7 @@ use half::{bf16, f16};
 use super::mat::{Mat, MatMut};
 use super::products::{self, Isa};
 use super::softmax::softmax_step;
-use super::{portable, BLOCK_K, BLOCK_Q, MAX_HEAD_DIM};
+use super::{BLOCK_K, BLOCK_Q, MAX_HEAD_DIM};
 use crate::config::MaskedRowPolicy;
 use crate::mask::MaskPlan;
 
@@ -70,6 +70,30 @@ impl<'a> View<'a> {
                 Mat::new(&buf[..rows * cols], rows, cols, cols)
             }
         }
+    }
+
+    /// Asks the CPU to start loading elements `at..at + n` (a hint; out-of-range addresses
+    /// are skipped).
+    pub fn prefetch(&self, at: usize, n: usize) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let step = match self.data {
+                Data::F32(_) => 16,
+                _ => 32,
+            };
+            for c in (0..n).step_by(step) {
+                if let Some(x) = self.ptr(at + c) {
+                    // SAFETY: prefetching is a hint; `x` points into the tensor.
+                    unsafe {
+                        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                            x.cast(),
+                        )
+                    };
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (at, n);
     }
 
     /// Address of element `at`, if it exists (for prefetching).
@@ -138,7 +162,7 @@ pub(super) struct Ctx<'a> {
 
 /// Per-worker scratch.
 pub(super) struct Scratch {
-    scores: Vec<f32>,
+    pub scores: Vec<f32>,
     q: Vec<f32>,
     acc: Vec<f32>,
     m: Vec<f32>,
@@ -146,8 +170,8 @@ pub(super) struct Scratch {
     lo: Vec<usize>,
     hi: Vec<usize>,
     /// A K and a V tile converted to f32 (half inputs).
-    ktile: Vec<f32>,
-    vtile: Vec<f32>,
+    pub ktile: Vec<f32>,
+    pub vtile: Vec<f32>,
 }
 
 thread_local! {
@@ -172,19 +196,19 @@ impl Scratch {
 }
 
 /// The tile's rows and their state, borrowed from the scratch.
-struct Rows<'s> {
+pub(super) struct Rows<'s> {
     /// Folded row index of row 0 (`g · L + i`).
-    r0: usize,
-    nr: usize,
-    q: &'s [f32],
-    acc: &'s mut [f32],
-    scores: &'s mut [f32],
-    m: &'s mut [f32],
-    lsum: &'s mut [f32],
-    lo: &'s [usize],
-    hi: &'s [usize],
-    ktile: &'s mut [f32],
-    vtile: &'s mut [f32],
+    pub r0: usize,
+    pub nr: usize,
+    pub q: &'s [f32],
+    pub acc: &'s mut [f32],
+    pub scores: &'s mut [f32],
+    pub m: &'s mut [f32],
+    pub lsum: &'s mut [f32],
+    pub lo: &'s [usize],
+    pub hi: &'s [usize],
+    pub ktile: &'s mut [f32],
+    pub vtile: &'s mut [f32],
 }
 
 impl Ctx<'_> {
@@ -195,26 +219,8 @@ impl Ctx<'_> {
         self.finish_rows(bi, kh, (r0, nr), &sc.m, &sc.lsum, &sc.acc);
     }
 
-    /// The first part of a split item (flash-decoding): the online-softmax state of rows
-    /// `r0..r0 + nr` over the keys `chunk.0..chunk.1` only (and, with `extra`, the appended
-    /// keys), copied to `part` as `nr` maxima, `nr` sums, then `nr × Dv` unnormalised rows.
-    pub fn partial(
-        &self,
-        (bi, kh): (usize, usize),
-        rows: (usize, usize),
-        chunk: (usize, usize),
-        extra: bool,
-        part: &mut [f32],
-        sc: &mut Scratch,
-    ) {
-        let (nr, dv) = (rows.1, self.dv);
-        self.accumulate(bi, kh, rows, chunk, extra, sc);
-        part[..nr].copy_from_slice(&sc.m[..nr]);
-        part[nr..2 * nr].copy_from_slice(&sc.lsum[..nr]);
-        part[2 * nr..2 * nr + nr * dv].copy_from_slice(&sc.acc[..nr * dv]);
-    }
-
-    /// Merges the `parts` (from [`Self::partial`]) of rows `r0..r0 + nr` and writes them.
+    /// Merges the partial states `parts` (`nr` maxima, `nr` sums, `nr × Dv` unnormalised rows
+    /// each) of rows `r0..r0 + nr` and writes them.
     pub fn combine(&self, (bi, kh): (usize, usize), (r0, nr): (usize, usize), parts: &[&[f32]]) {
         let dv = self.dv;
         let mut m = vec![f32::NEG_INFINITY; nr];
@@ -239,6 +245,14 @@ impl Ctx<'_> {
             }
         }
         self.finish_rows(bi, kh, (r0, nr), &m, &lsum, &acc);
+    }
+
+    /// Half inputs: room in `sc` for one K and one V tile converted to f32.
+    pub(super) fn half_tiles(&self, sc: &mut Scratch) {
+        if self.q.f32s().is_none() && sc.vtile.is_empty() {
+            sc.ktile = vec![0.0; BLOCK_K * MAX_HEAD_DIM];
+            sc.vtile = vec![0.0; BLOCK_K * MAX_HEAD_DIM];
+        }
     }
 
     /// Rows `r0..r0 + nr` of KV head `kh` over the keys in `chunk` (intersected with what each
@@ -272,11 +286,7 @@ impl Ctx<'_> {
         sc.m[..nr].fill(f32::NEG_INFINITY);
         sc.lsum[..nr].fill(0.0);
         sc.acc[..nr * dv].fill(0.0);
-        // Half inputs: room for one K and one V tile converted to f32.
-        if self.q.f32s().is_none() && sc.vtile.is_empty() {
-            sc.ktile = vec![0.0; BLOCK_K * MAX_HEAD_DIM];
-            sc.vtile = vec![0.0; BLOCK_K * MAX_HEAD_DIM];
-        }
+        self.half_tiles(sc);
         let mut rows = Rows {
             r0,
             nr,
@@ -317,7 +327,7 @@ impl Ctx<'_> {
 
     /// Normalises rows `r0..r0 + nr` from their softmax state and writes them (and their
     /// log-sum-exp when kept) to the output.
-    fn finish_rows(
+    pub(super) fn finish_rows(
         &self,
         bi: usize,
         kh: usize,
@@ -390,7 +400,15 @@ impl Ctx<'_> {
     }
 
     /// Keys `j0..j1` for the item's rows: scores, masks, online softmax, `acc += P · V`.
-    fn tile(&self, bi: usize, kh: usize, j0: usize, j1: usize, masked: bool, rows: &mut Rows) {
+    pub(super) fn tile(
+        &self,
+        bi: usize,
+        kh: usize,
+        j0: usize,
+        j1: usize,
+        masked: bool,
+        rows: &mut Rows,
+    ) {
         let (d, dv, nr) = (self.d, self.dv, rows.nr);
         let bk = j1 - j0;
         let k0 = self.k.at(bi, j0, kh);
@@ -414,7 +432,7 @@ impl Ctx<'_> {
             }
             None => {
                 if let Some(ktile) = ktile {
-                    portable::qk(q, ktile, scores, self.scale)
+                    products::qk_rows(self.isa, q, ktile, scores, self.scale)
                 }
             }
         }
