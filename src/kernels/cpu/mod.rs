@@ -31,7 +31,7 @@
 //! short chunks), one item walks all KV heads of a sequence over each key tile, so that K and V
 //! are read front to back in their `(B, S, Hkv, D)` layout rather than one short row per page;
 //! and a call with fewer items than twice the worker threads is split over its keys too
-//! (flash-decoding: chunks of at least [`decode::SPLIT_MIN_KEYS`] keys computed in parallel as
+//! (flash-decoding: chunks of at least [`SPLIT_MIN_KEYS`] keys computed in parallel as
 //! partial softmax states, merged per row). K and V are read once, and the `G` query heads of a
 //! KV group share every tile read.
 //!
@@ -94,6 +94,7 @@ mod products;
 mod softmax;
 mod tile;
 
+pub use decode::SPLIT_MIN_KEYS;
 use products::Isa;
 use tile::{Bias, Ctx, Data, OutPtr, View};
 
