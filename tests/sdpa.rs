@@ -469,6 +469,11 @@ fn seq_offsets_accept_both_conventions_and_tensors() -> Result<()> {
     }
     let neg = Tensor::new(&[0i64, -1], &dev())?;
     assert!(SeqOffsets::from_cumulative_tensor(&neg).is_err());
+    // A batch of empty sequences (T = 0): one offset per sequence all the same.
+    let none = Packing::from_attention_mask(&Tensor::zeros((3, 0), DType::U8, &dev())?)?;
+    assert_eq!(none.offsets().as_slice(), &[0, 0, 0, 0]);
+    let x = Tensor::zeros((0, 4), DType::F32, &dev())?;
+    assert_eq!(none.unpack(&x)?.dims(), &[3, 0, 4]);
     Ok(())
 }
 

@@ -380,7 +380,7 @@ pub fn attention(
             )
         }
     }
-    if b * h * l == 0 || s == 0 {
+    if b * h * l * dv == 0 || s == 0 {
         return empty_call(q, (b, l, h, dv), s, params);
     }
     let call = AttnCall {
@@ -401,7 +401,7 @@ pub fn attention(
     select(&call)?.forward(&call)
 }
 
-/// A call with nothing to compute (`B`, `H` or `L` is 0), or no key at all (`S = 0`: every row
+/// A call with nothing to compute (`B`, `H`, `L` or `Dv` is 0), or no key at all (`S = 0`: every row
 /// fully masked): the output by the fully-masked-row policy, without a kernel.
 fn empty_call(
     q: &Tensor,

@@ -283,7 +283,7 @@ pub fn sdpa_with_kernel(
     let (qb, kb, vb) = (to_blhd(q)?, to_blhd(k)?, to_blhd(v)?);
     let (b, l, h, d) = qb.dims4()?;
     let (bk, s, hkv, dk) = kb.dims4()?;
-    let (bv, sv, hv, dv) = vb.dims4()?;
+    let (bv, sv, hv, _) = vb.dims4()?;
     let named = |t: &Tensor| format!("{:?}", t.dims());
     if bk != b || bv != b {
         bail!(
@@ -335,32 +335,12 @@ pub fn sdpa_with_kernel(
             Ok(o)
         }
     };
-    if b * h * l * dv == 0 || s == 0 {
-        // Nothing to attend to: every row is fully masked.
-        let o = empty_rows(&qb, (b, l, h, dv), opts.masked_rows)?;
-        return Ok(SdpaOutput {
-            output: finish(o)?,
-            kernel: "none",
-        });
-    }
+    // Empty calls (no rows, or no keys: every row fully masked) are the dispatcher's too.
     let out = kernels::attention(&qb, &kb, &vb, &plan, &params)?;
     Ok(SdpaOutput {
         output: finish(out.output)?,
         kernel: out.kernel,
     })
-}
-
-/// The output of a call with no key (or nothing to compute): every row fully masked.
-pub(crate) fn empty_rows(
-    q: &Tensor,
-    shape: (usize, usize, usize, usize),
-    policy: MaskedRowPolicy,
-) -> Result<Tensor> {
-    let fill = match policy {
-        MaskedRowPolicy::Zero => 0.0,
-        MaskedRowPolicy::Nan => f64::NAN,
-    };
-    Tensor::full(fill as f32, shape, q.device())?.to_dtype(q.dtype())
 }
 
 /// The mask plan of an SDPA call: the causal structure, and the mask as key padding when it

@@ -45,7 +45,8 @@ impl Packing {
         let keep = mask.ne(0f64)?.flatten_all()?.to_vec1::<u8>()?;
         let mut idx = Vec::new();
         let mut lengths = Vec::with_capacity(b);
-        for (bi, row) in keep.chunks(t.max(1)).take(b).enumerate() {
+        for bi in 0..b {
+            let row = &keep[bi * t..(bi + 1) * t];
             let before = idx.len();
             idx.extend(
                 row.iter()

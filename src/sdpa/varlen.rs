@@ -2,7 +2,7 @@
 
 use candle_core::{bail, Result, Tensor};
 
-use super::{empty_rows, SdpaOptions, SdpaOutput, SeqOffsets};
+use super::{SdpaOptions, SdpaOutput, SeqOffsets};
 use crate::kernels;
 use crate::mask::{MaskDims, MaskPlan};
 
@@ -69,7 +69,7 @@ pub fn sdpa_varlen_with_kernel(
     };
     let (tq, h, d) = dims3("q", q)?;
     let (tk, hkv, dk) = dims3("k", k)?;
-    let (tv, hv, dv) = dims3("v", v)?;
+    let (tv, hv, _) = dims3("v", v)?;
     if (tv, hv) != (tk, hkv) {
         bail!(
             "sdpa_varlen: k {:?} and v {:?} must have the same rows and heads",
@@ -124,13 +124,7 @@ pub fn sdpa_varlen_with_kernel(
         bail!("sdpa_varlen: expected float inputs, got {:?}", q.dtype())
     }
     let params = opts.params(d)?;
-    if tq * h * dv == 0 || tk == 0 {
-        let o = empty_rows(q, (1, tq, h, dv), opts.masked_rows)?;
-        return Ok(SdpaOutput {
-            output: o.squeeze(0)?,
-            kernel: "none",
-        });
-    }
+    // Empty calls (no rows, or no keys) are served by the dispatcher without a kernel.
     let mut plan = MaskPlan::new(MaskDims::new(1, h, tq, tk))
         .with_packed_sequences(cu_q.as_slice(), cu_k.as_slice())?;
     if let Some(c) = opts.causal_mask()? {
