@@ -34,7 +34,8 @@ use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, Var
 use serde::Deserialize;
 
 use crate::{
-    KeyPaddingMask, MaskPlan, MhaConfig, MhaInput, MultiHeadAttention, SeqOffsets, WeightLayout,
+    KeyPaddingMask, MaskPlan, MhaConfig, MhaInput, MultiHeadAttention, NeedWeights, SeqOffsets,
+    WeightLayout,
 };
 
 /// The feed-forward activation (`hidden_act` in `config.json`).
@@ -275,21 +276,44 @@ impl BertLayer {
     /// The attention block, HF `BertAttention`: `LayerNorm(x + MHA(x))`. `plan` holds the
     /// padding (built once per forward: see [`BertModel::forward_with_padding`]).
     pub fn attention_block(&self, xs: &Tensor, plan: Option<&MaskPlan>) -> Result<Tensor> {
-        let mut input = MhaInput::new(xs.clone());
-        if let Some(p) = plan {
-            input = input.mask_plan(p.clone());
-        }
-        let attn = self.attention.attend(&input)?.output;
-        self.attention_norm.forward(&(attn + xs)?)
+        Ok(self.attend(xs, plan, NeedWeights::No)?.0)
     }
 
     /// The whole layer on `xs` (B, L, hidden_size); `plan` says which keys are padding.
     pub fn forward(&self, xs: &Tensor, plan: Option<&MaskPlan>) -> Result<Tensor> {
-        let a = self.attention_block(xs, plan)?;
+        Ok(self.run(xs, plan, NeedWeights::No)?.0)
+    }
+
+    /// The attention block and, when `need` asks for them, the attention weights.
+    fn attend(
+        &self,
+        xs: &Tensor,
+        plan: Option<&MaskPlan>,
+        need: NeedWeights,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let mut input = MhaInput::new(xs.clone()).need_weights(need);
+        if let Some(p) = plan {
+            input = input.mask_plan(p.clone());
+        }
+        let out = self.attention.attend(&input)?;
+        Ok((
+            self.attention_norm.forward(&(out.output + xs)?)?,
+            out.weights,
+        ))
+    }
+
+    /// The whole layer and, when `need` asks for them, the attention weights.
+    fn run(
+        &self,
+        xs: &Tensor,
+        plan: Option<&MaskPlan>,
+        need: NeedWeights,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let (a, weights) = self.attend(xs, plan, need)?;
         let ff = self
             .output
             .forward(&self.act.apply(&self.intermediate.forward(&a)?)?)?;
-        self.output_norm.forward(&(ff + a)?)
+        Ok((self.output_norm.forward(&(ff + a)?)?, weights))
     }
 }
 
@@ -353,19 +377,46 @@ impl BertModel {
         token_type_ids: Option<&Tensor>,
         padding: Option<&KeyPaddingMask>,
     ) -> Result<Tensor> {
-        let mut xs = self.embeddings.forward(input_ids, token_type_ids)?;
-        let plan = match (padding, self.layers.first()) {
-            (Some(p), Some(first)) => Some(
-                first
-                    .attention()
-                    .mask_plan(&MhaInput::new(xs.clone()).key_padding_mask(p.clone()))?,
-            ),
-            _ => None,
-        };
-        for layer in &self.layers {
-            xs = layer.forward(&xs, plan.as_ref())?;
+        let xs = self.embeddings.forward(input_ids, token_type_ids)?;
+        let plan = self.padding_plan(&xs, padding)?;
+        Ok(self.run_layers(xs, plan.as_ref(), NeedWeights::No)?.0)
+    }
+
+    /// The mask plan of `padding` over the embedded `xs`, built once for every layer.
+    fn padding_plan(
+        &self,
+        xs: &Tensor,
+        padding: Option<&KeyPaddingMask>,
+    ) -> Result<Option<MaskPlan>> {
+        match (padding, self.layers.first()) {
+            (Some(p), Some(first)) => {
+                Ok(Some(first.attention().mask_plan(
+                    &MhaInput::new(xs.clone()).key_padding_mask(p.clone()),
+                )?))
+            }
+            _ => Ok(None),
         }
-        Ok(xs)
+    }
+
+    /// Every layer on `xs` with one mask plan; the per-layer weights when `need` asks for them.
+    fn run_layers(
+        &self,
+        mut xs: Tensor,
+        plan: Option<&MaskPlan>,
+        need: NeedWeights,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        let mut attentions = Vec::new();
+        for layer in &self.layers {
+            let (next, weights) = layer.run(&xs, plan, need)?;
+            xs = next;
+            if need != NeedWeights::No {
+                let Some(w) = weights else {
+                    bail!("the attention module returned no weights for {need:?}")
+                };
+                attentions.push(w);
+            }
+        }
+        Ok((xs, attentions))
     }
 
     /// Runs the encoder on sequences packed without padding: `input_ids` (total,) the
@@ -379,7 +430,7 @@ impl BertModel {
         token_type_ids: Option<&Tensor>,
         offsets: &SeqOffsets,
     ) -> Result<Tensor> {
-        let mut xs = self
+        let xs = self
             .embeddings
             .forward_packed(input_ids, token_type_ids, offsets)?;
         let plan = match self.layers.first() {
@@ -390,15 +441,12 @@ impl BertModel {
             ),
             None => None,
         };
-        for layer in &self.layers {
-            xs = layer.forward(&xs, plan.as_ref())?;
-        }
-        Ok(xs)
+        Ok(self.run_layers(xs, plan.as_ref(), NeedWeights::No)?.0)
     }
 }
 
-// Attention weights per layer (Hugging Face `output_attentions=True`). A separate impl block:
-// the plain forward above is untouched.
+// Attention weights per layer (Hugging Face `output_attentions=True`): the same layer code as
+// the plain forward, asking the attention modules for their weights.
 impl BertLayer {
     /// [`BertLayer::forward`] that also returns the layer's attention probabilities per head,
     /// `(B, H, L, L)`, as the attention module itself returns them
@@ -410,19 +458,11 @@ impl BertLayer {
         xs: &Tensor,
         plan: Option<&MaskPlan>,
     ) -> Result<(Tensor, Tensor)> {
-        let mut input = MhaInput::new(xs.clone()).need_weights(crate::NeedWeights::PerHead);
-        if let Some(p) = plan {
-            input = input.mask_plan(p.clone());
-        }
-        let out = self.attention.attend(&input)?;
-        let Some(weights) = out.weights else {
+        let (out, weights) = self.run(xs, plan, NeedWeights::PerHead)?;
+        let Some(weights) = weights else {
             bail!("the attention module returned no weights for NeedWeights::PerHead")
         };
-        let a = self.attention_norm.forward(&(out.output + xs)?)?;
-        let ff = self
-            .output
-            .forward(&self.act.apply(&self.intermediate.forward(&a)?)?)?;
-        Ok((self.output_norm.forward(&(ff + a)?)?, weights))
+        Ok((out, weights))
     }
 }
 
@@ -454,21 +494,8 @@ impl BertModel {
         token_type_ids: Option<&Tensor>,
         padding: Option<&KeyPaddingMask>,
     ) -> Result<(Tensor, Vec<Tensor>)> {
-        let mut xs = self.embeddings.forward(input_ids, token_type_ids)?;
-        let plan = match (padding, self.layers.first()) {
-            (Some(p), Some(first)) => Some(
-                first
-                    .attention()
-                    .mask_plan(&MhaInput::new(xs.clone()).key_padding_mask(p.clone()))?,
-            ),
-            _ => None,
-        };
-        let mut attentions = Vec::with_capacity(self.layers.len());
-        for layer in &self.layers {
-            let (next, weights) = layer.forward_with_attention(&xs, plan.as_ref())?;
-            xs = next;
-            attentions.push(weights);
-        }
-        Ok((xs, attentions))
+        let xs = self.embeddings.forward(input_ids, token_type_ids)?;
+        let plan = self.padding_plan(&xs, padding)?;
+        self.run_layers(xs, plan.as_ref(), NeedWeights::PerHead)
     }
 }

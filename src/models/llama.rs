@@ -35,7 +35,7 @@ use candle_core::{bail, DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
 
 use crate::cache::KvCache;
-use crate::mha::{MhaInput, MultiHeadAttention};
+use crate::mha::{MhaInput, MultiHeadAttention, NeedWeights};
 use crate::rope::{Rope, RopeStyle};
 use crate::{MhaConfig, WeightLayout};
 
@@ -295,6 +295,20 @@ impl Llama {
         left_padding: Option<&[usize]>,
         cache: &mut LlamaCache,
     ) -> Result<Tensor> {
+        Ok(self
+            .run_layers(ids, left_padding, cache, NeedWeights::No)?
+            .0)
+    }
+
+    /// Every block on the new tokens (see [`Self::hidden_states`]), one mask plan for all; the
+    /// per-layer attention weights when `need` asks for them.
+    fn run_layers(
+        &self,
+        ids: &Tensor,
+        left_padding: Option<&[usize]>,
+        cache: &mut LlamaCache,
+        need: NeedWeights,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
         if cache.layers.len() != self.blocks.len() {
             bail!(
                 "LlamaCache has {} layers, the model {}",
@@ -317,18 +331,26 @@ impl Llama {
             ),
             _ => None,
         };
+        let mut attentions = Vec::new();
         for (block, kv) in self.blocks.iter().zip(cache.layers.iter_mut()) {
-            let mut input =
-                with_padding(MhaInput::new(block.attn_norm.forward(&x)?).rope(self.rope.clone()));
+            let mut input = with_padding(MhaInput::new(block.attn_norm.forward(&x)?))
+                .rope(self.rope.clone())
+                .need_weights(need);
             if let Some(plan) = &plan {
                 input = input.mask_plan(plan.clone());
             }
-            let a = block.attn.attend_cached(&input, kv)?.output;
-            x = (x + a)?;
+            let out = block.attn.attend_cached(&input, kv)?;
+            if need != NeedWeights::No {
+                let Some(weights) = out.weights else {
+                    bail!("the attention module returned no weights for {need:?}")
+                };
+                attentions.push(weights);
+            }
+            x = (x + out.output)?;
             let m = block.mlp.forward(&block.ffn_norm.forward(&x)?)?;
             x = (x + m)?;
         }
-        self.norm.forward(&x)
+        Ok((self.norm.forward(&x)?, attentions))
     }
 
     /// Logits `(B, vocab)` of the last new position (what generation needs).
@@ -360,8 +382,8 @@ impl Llama {
     }
 }
 
-// Attention weights per layer (Hugging Face `output_attentions=True`). A separate impl block:
-// the generation path above is untouched.
+// Attention weights per layer (Hugging Face `output_attentions=True`): the same block code as
+// the generation path, asking the attention modules for their weights.
 impl Llama {
     /// [`Llama::hidden_states`] that also returns every layer's attention probabilities, like
     /// Hugging Face's `LlamaForCausalLM(..., output_attentions=True)` with eager attention: the
@@ -389,43 +411,6 @@ impl Llama {
         left_padding: Option<&[usize]>,
         cache: &mut LlamaCache,
     ) -> Result<(Tensor, Vec<Tensor>)> {
-        if cache.layers.len() != self.blocks.len() {
-            bail!(
-                "LlamaCache has {} layers, the model {}",
-                cache.layers.len(),
-                self.blocks.len()
-            )
-        }
-        let mut x = self.embed.forward(ids)?;
-        let with_padding = |input: MhaInput| match left_padding {
-            Some(pad) => input.left_padding(pad),
-            None => input,
-        };
-        let plan = match (self.blocks.first(), cache.layers.first()) {
-            (Some(first), Some(kv)) => Some(
-                first
-                    .attn
-                    .mask_plan_cached(&with_padding(MhaInput::new(x.clone())), kv)?,
-            ),
-            _ => None,
-        };
-        let mut attentions = Vec::with_capacity(self.blocks.len());
-        for (block, kv) in self.blocks.iter().zip(cache.layers.iter_mut()) {
-            let mut input = with_padding(MhaInput::new(block.attn_norm.forward(&x)?))
-                .rope(self.rope.clone())
-                .need_weights(crate::NeedWeights::PerHead);
-            if let Some(plan) = &plan {
-                input = input.mask_plan(plan.clone());
-            }
-            let out = block.attn.attend_cached(&input, kv)?;
-            let Some(weights) = out.weights else {
-                bail!("the attention module returned no weights for NeedWeights::PerHead")
-            };
-            attentions.push(weights);
-            x = (x + out.output)?;
-            let m = block.mlp.forward(&block.ffn_norm.forward(&x)?)?;
-            x = (x + m)?;
-        }
-        Ok((self.norm.forward(&x)?, attentions))
+        self.run_layers(ids, left_padding, cache, NeedWeights::PerHead)
     }
 }
