@@ -450,7 +450,7 @@ impl BertModel {
 impl BertLayer {
     /// [`BertLayer::forward`] that also returns the layer's attention probabilities per head,
     /// `(B, H, L, L)`, as the attention module itself returns them
-    /// ([`NeedWeights::PerHead`](crate::NeedWeights::PerHead) through
+    /// ([`NeedWeights::PerHead`] through
     /// [`MultiHeadAttention::attend`]; the call then runs the reference kernel, the one that
     /// materialises the weights). Padded keys get weight 0.
     pub fn forward_with_attention(

@@ -391,7 +391,7 @@ impl Llama {
     /// tensor per layer, first layer first, over all `S` = cached + new positions (causal: 0
     /// above the diagonal). `H` counts query heads (grouped KV heads are shared, not averaged).
     /// Each layer's weights are what its attention module returns for
-    /// [`NeedWeights::PerHead`](crate::NeedWeights::PerHead) through
+    /// [`NeedWeights::PerHead`] through
     /// [`MultiHeadAttention::attend_cached`] (the reference kernel).
     ///
     /// ```no_run
