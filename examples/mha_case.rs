@@ -1,7 +1,7 @@
 //! Conformance runner: checks candle-mha against PyTorch `mha-case` files.
 //!
 //! ```text
-//! cargo run --release --example mha_case -- [--device cpu|cuda|cuda:N] [--grad] [--backend auto|reference|cpu-fused] FILE_OR_DIR...
+//! cargo run --release --example mha_case -- [--device cpu|cuda|cuda:N] [--grad] [--backend auto|reference|cpu-fused|cuda-fused] FILE_OR_DIR...
 //! ```
 //!
 //! `--grad` also checks the gradient cases (`grad_output`, `expected_grad.*`) through backward.
@@ -17,7 +17,7 @@ use std::process::ExitCode;
 use candle_mha::case::{parse_device, run_case, RunOptions};
 
 fn usage() -> ExitCode {
-    eprintln!("usage: mha_case [--device cpu|cuda|cuda:N] [--grad] [--backend auto|reference|cpu-fused] FILE_OR_DIR...");
+    eprintln!("usage: mha_case [--device cpu|cuda|cuda:N] [--grad] [--backend auto|reference|cpu-fused|cuda-fused] FILE_OR_DIR...");
     ExitCode::from(2)
 }
 
@@ -39,6 +39,7 @@ fn main() -> ExitCode {
                     Some("auto") => candle_mha::Backend::Auto,
                     Some("reference") => candle_mha::Backend::Reference,
                     Some("cpu-fused") => candle_mha::Backend::CpuFused,
+                    Some("cuda-fused") => candle_mha::Backend::CudaFused,
                     _ => return usage(),
                 }
             }

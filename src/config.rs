@@ -37,6 +37,12 @@ pub enum Backend {
     /// memory. Errors on non-CPU devices and on f64; calls that need the attention weights or
     /// gradients (or use dropout) still go to the reference.
     CpuFused,
+    /// The fused CUDA kernel ([`crate::kernels::cuda`]): flash attention compiled from Triton,
+    /// f16/bf16, opt-in until it has run on a GPU (see that module). Errors, with the reason, on
+    /// calls it cannot run (CPU tensors, f32, an uncompiled head size, a build without the `cuda`
+    /// feature); calls that need the attention weights, gradients or dropout still go to the
+    /// reference.
+    CudaFused,
 }
 
 /// Hyper-parameters of a multi-head attention layer.

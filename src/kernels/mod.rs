@@ -11,6 +11,7 @@
 //! |---|---|---|---|---|---|
 //! | [`reference`](mod@reference) | every candle device | all floats | yes | yes | yes (only differentiable candle ops) |
 //! | [`cpu`] | CPU | f32, f16, bf16 (f32 accumulation), head size ≤ [`cpu::MAX_HEAD_DIM`] | no | no | yes: a fused backward (fully-masked-row policy [`MaskedRowPolicy::Zero`] only) |
+//! | [`cuda`] (opt-in: not yet run on a GPU) | CUDA, compute capability ≥ 8.0 | f16, bf16 (f32 accumulation), head size 64, 80, 96, 128, 256 | no | no | no |
 //!
 //! Routing rules, in order: a call that asks for the attention weights or uses dropout needs a
 //! kernel with that capability: today only [`reference`](mod@reference), whatever the backend
@@ -20,8 +21,10 @@
 //! [`MaskedRowPolicy::Nan`]. Otherwise [`Backend::Reference`] forces the reference path,
 //! [`Backend::CpuFused`] forces the fused CPU kernel (an error, with the reason, on other
 //! devices, on f64, for head sizes above [`cpu::MAX_HEAD_DIM`], or for tracked inputs under
-//! [`MaskedRowPolicy::Nan`]), and [`Backend::Auto`] takes the first fused kernel that supports
-//! the call and the reference otherwise (f64, CUDA).
+//! [`MaskedRowPolicy::Nan`]), [`Backend::CudaFused`] forces the fused CUDA kernel (an error, with
+//! the reason, for calls it cannot run: see [`cuda`]), and [`Backend::Auto`] takes the first fused
+//! kernel that supports the call and the reference otherwise (f64, and CUDA until the CUDA kernel
+//! has passed on a GPU: [`cuda::AUTO_ROUTED`]).
 //!
 //! Size budget: the reference materialises `(B, H, L, S)` scores (a few copies of them). Before
 //! allocating anything, the dispatcher estimates that size (`3 × B·H·L·S` elements of the
@@ -46,6 +49,7 @@ use crate::config::{Backend, MaskedRowPolicy};
 use crate::mask::MaskPlan;
 
 pub mod cpu;
+pub mod cuda;
 pub mod reference;
 
 /// Per-call options of the attention core.
@@ -151,8 +155,24 @@ pub(crate) trait Kernel: Sync {
     fn forward(&self, call: &AttnCall) -> Result<AttnOutput>;
 }
 
-/// Fused kernels in order of preference for [`Backend::Auto`].
-const FUSED: &[&dyn Kernel] = &[&cpu::CpuFused];
+/// Fused kernels in order of preference for [`Backend::Auto`] (the CUDA kernel only once it has
+/// passed on a GPU: [`cuda::AUTO_ROUTED`]).
+fn fused() -> &'static [&'static dyn Kernel] {
+    if cuda::AUTO_ROUTED {
+        &[&cpu::CpuFused, &cuda::CudaFused]
+    } else {
+        &[&cpu::CpuFused]
+    }
+}
+
+/// The fused kernel that would serve calls on `call`'s device, to explain why it did not.
+fn fused_for_device(call: &AttnCall) -> &'static dyn Kernel {
+    if call.q.device().is_cuda() {
+        &cuda::CudaFused
+    } else {
+        &cpu::CpuFused
+    }
+}
 
 /// Which capability the call needs that `kernel` lacks, if any.
 fn missing_capability(kernel: &dyn Kernel, call: &AttnCall) -> Option<String> {
@@ -269,7 +289,7 @@ fn select(call: &AttnCall) -> Result<&'static dyn Kernel> {
         let why = match call.params.backend {
             Backend::Reference => "Backend::Reference was asked for".to_string(),
             _ => {
-                let k: &dyn Kernel = &cpu::CpuFused;
+                let k = fused_for_device(call);
                 missing_capability(k, call)
                     .or_else(|| k.unsupported_inputs(call))
                     .unwrap_or_else(|| "no fused kernel serves this call".into())
@@ -287,23 +307,26 @@ fn select_kernel(call: &AttnCall) -> Result<&'static dyn Kernel> {
     };
     Ok(match call.params.backend {
         Backend::Reference => &reference::Reference,
-        Backend::CpuFused => {
-            let k: &dyn Kernel = &cpu::CpuFused;
-            if missing_capability(k, call).is_some() {
-                // Weights and dropout always go to the reference (documented rule).
-                &reference::Reference
-            } else if let Some(reason) = k.unsupported_inputs(call) {
-                bail!("Backend::CpuFused: {reason}")
-            } else {
-                &cpu::CpuFused
-            }
-        }
-        Backend::Auto => FUSED
+        Backend::CpuFused => forced(&cpu::CpuFused, "Backend::CpuFused", call)?,
+        Backend::CudaFused => forced(&cuda::CudaFused, "Backend::CudaFused", call)?,
+        Backend::Auto => fused()
             .iter()
             .copied()
             .find(|k| eligible(*k))
             .unwrap_or(&reference::Reference),
     })
+}
+
+/// The kernel a forced backend gets: `kernel`, the reference for calls needing a capability it
+/// lacks (weights, dropout: the documented rule), or an error naming why it cannot run the call.
+fn forced(kernel: &'static dyn Kernel, what: &str, call: &AttnCall) -> Result<&'static dyn Kernel> {
+    if missing_capability(kernel, call).is_some() {
+        Ok(&reference::Reference)
+    } else if let Some(reason) = kernel.unsupported_inputs(call) {
+        bail!("{what}: {reason}")
+    } else {
+        Ok(kernel)
+    }
 }
 
 /// Scaled dot-product attention over heads.
@@ -442,6 +465,16 @@ fn dims4(name: &str, t: &Tensor) -> Result<(usize, usize, usize, usize)> {
 /// Hooks for the crate's own tests; not part of the API.
 #[doc(hidden)]
 pub mod test_support {
+    /// Tests: whether the fused CUDA kernel fills each output with NaN bytes before writing it
+    /// (an element it never writes then shows up as NaN instead of a stale value). A no-op
+    /// without the `cuda` feature.
+    pub fn set_cuda_poison(on: bool) {
+        #[cfg(feature = "cuda")]
+        super::cuda::set_poison(on);
+        #[cfg(not(feature = "cuda"))]
+        let _ = on;
+    }
+
     /// How many calls the fused CPU kernel has served in this process.
     pub fn cpu_calls() -> usize {
         super::cpu::calls()

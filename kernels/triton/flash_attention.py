@@ -1,0 +1,262 @@
+"""candle-mha's fused CUDA attention, written in Triton and compiled ahead of time.
+
+Three kernels, compiled by ``scripts/build_cuda_kernels.py`` into the PTX/cubin files under
+``src/kernels/cuda/bin/`` and launched by ``src/kernels/cuda/`` (see its module docs):
+
+* ``attn_fwd``: flash attention (online softmax, f32 accumulation, output written once) over
+  ``(B, L, H, D)`` queries and ``(B, S, Hkv, D)`` keys/values read in place through their
+  strides. One program computes ``BLOCK_M`` query rows of one head of one sequence.
+* ``attn_decode_split``: flash-decoding for few query rows and long key sequences. One program
+  takes a chunk of the keys of one KV head and *all* the query rows of the heads that share it
+  (GQA packing: the ``GROUP * L`` rows form the tile's M dimension), so K/V are read once; it
+  writes unnormalised partial results.
+* ``attn_decode_combine``: merges the partial results of every chunk into the output.
+
+The semantics are those of the crate's reference kernel (``src/kernels/reference.rs``): scores
+``scale * q.k + bias``; the keys a query row may see are the intersection of its sequence (packed
+offsets), its batch element's key range (key padding as a range), the causal band (top-left or
+bottom-right alignment, optional sliding window); fully masked rows (no visible key, or every
+visible score ``-inf``) give 0, or NaN under ``nan_rows``. Every mask is a runtime argument except
+whether a dense additive bias is read (``HAS_BIAS``, a compile-time constant: the mask-free
+variant has no bias code at all).
+
+Pointer arguments are assumed 16-byte aligned and the row/head strides of q, k, v and the output
+divisible by 16 elements (the compile attributes); the Rust launcher checks both and falls back
+to the reference kernel otherwise.
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def _tile_mask(offs_m, offs_n, lo, hi, diag, causal, window):
+    """Which (row, key) pairs of a tile are visible by the structured masks.
+
+    ``offs_m``: query rows relative to their sequence; ``offs_n``: keys relative to their
+    sequence; keys ``lo..hi`` are in range; row ``i`` sees keys ``j <= i + diag`` when causal,
+    and ``j > i + diag - window`` when a window is set (``window > 0``).
+    """
+    last = offs_m[:, None] + diag
+    keep = (offs_n[None, :] >= lo) & (offs_n[None, :] < hi)
+    keep = keep & ((causal == 0) | (offs_n[None, :] <= last))
+    keep = keep & ((causal == 0) | (window <= 0) | (offs_n[None, :] > last - window))
+    return keep
+
+
+@triton.jit
+def _online_step(qk, keep, m_i, l_i, acc, v):
+    """One online-softmax step: masks ``qk`` (already in log2 units), rescales the running
+    row max ``m_i``, sum ``l_i`` and accumulator ``acc`` and adds ``p @ v``."""
+    qk = tl.where(keep, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    # A row with nothing visible yet keeps m = -inf; subtract 0 instead (exp2(-inf) = 0).
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_use)
+    p = tl.math.exp2(qk - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def attn_fwd(
+    Q, K, V, O, Bias, KeyRange, CuQ, CuK,
+    stride_qb, stride_ql, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_ol, stride_oh,
+    stride_mb, stride_mh, stride_ml,
+    L, S, GROUP, scale,
+    causal, bottom_right, window, has_range, packed, nan_rows,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
+    """Grid ``(cdiv(max rows per sequence, BLOCK_M), sequences, H)``. Sequences are the batch
+    elements, or the packed sequences of batch element 0 (``packed``: offsets ``CuQ``/``CuK``).
+    ``KeyRange``: ``(B, 2)`` int32 visible key range per batch element (``has_range``)."""
+    pid_m = tl.program_id(0)
+    z = tl.program_id(1)
+    h = tl.program_id(2)
+    if packed != 0:
+        q0 = tl.load(CuQ + z)
+        lq = tl.load(CuQ + z + 1) - q0
+        k0 = tl.load(CuK + z)
+        lk = tl.load(CuK + z + 1) - k0
+        bz = 0
+    else:
+        q0 = 0
+        lq = L
+        k0 = 0
+        lk = S
+        bz = z
+    start_m = pid_m * BLOCK_M
+    if start_m < lq:
+        hk = h // GROUP
+        bz64 = bz.to(tl.int64)
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        rows = (q0 + offs_m).to(tl.int64)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < HEAD_DIM
+        row_ok = offs_m < lq
+        q = tl.load(
+            Q + bz64 * stride_qb + h * stride_qh + rows[:, None] * stride_ql + offs_d[None, :],
+            mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+        # Keys this tile may see, relative to the sequence's first key.
+        lo = 0
+        hi = lk
+        if has_range != 0:
+            lo = tl.maximum(lo, tl.load(KeyRange + 2 * bz) - k0)
+            hi = tl.minimum(hi, tl.load(KeyRange + 2 * bz + 1) - k0)
+        diag = 0
+        if bottom_right != 0:
+            diag = lk - lq
+        lo_t = lo
+        hi_t = hi
+        if causal != 0:
+            hi_t = tl.minimum(hi_t, tl.minimum(start_m + BLOCK_M, lq) + diag)
+            if window > 0:
+                lo_t = tl.maximum(lo_t, start_m + diag + 1 - window)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        qk_scale = scale * LOG2E
+        k_base = K + bz64 * stride_kb + hk * stride_kh
+        v_base = V + bz64 * stride_vb + hk * stride_vh
+        for start_n in range(lo_t, hi_t, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < hi_t
+            keys = (k0 + offs_n).to(tl.int64)
+            k = tl.load(k_base + keys[None, :] * stride_ks + offs_d[:, None],
+                        mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+            v = tl.load(v_base + keys[:, None] * stride_vs + offs_d[None, :],
+                        mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            qk = tl.dot(q, k) * qk_scale
+            keep = _tile_mask(offs_m, offs_n, lo_t, hi_t, diag, causal, window)
+            if HAS_BIAS:
+                bias = tl.load(
+                    Bias + bz64 * stride_mb + h * stride_mh + rows[:, None] * stride_ml + keys[None, :],
+                    mask=keep & row_ok[:, None], other=0.0)
+                qk = qk + bias * LOG2E
+            m_i, l_i, acc = _online_step(qk, keep, m_i, l_i, acc, v)
+
+        masked = l_i == 0.0
+        denom = tl.where(masked, 1.0, l_i)
+        out = acc / denom[:, None]
+        fill = 0.0
+        if nan_rows != 0:
+            fill = float("nan")
+        out = tl.where(masked[:, None], fill, out)
+        tl.store(O + bz64 * stride_ob + h * stride_oh + rows[:, None] * stride_ol + offs_d[None, :],
+                 out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def attn_decode_split(
+    Q, K, V, Bias, KeyRange, PartO, PartM, PartL,
+    stride_qb, stride_ql, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_mb, stride_mh, stride_ml,
+    L, S, H, GROUP, scale,
+    causal, bottom_right, window, has_range, has_bias, chunk, num_splits,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Grid ``(num_splits, B, Hkv)``; needs ``GROUP * L <= BLOCK_M``. Split ``s`` takes keys
+    ``s * chunk .. (s + 1) * chunk`` for the ``GROUP * L`` query rows of KV head ``hk``: row ``r``
+    is query head ``hk * GROUP + r // L``, position ``r % L``. Writes, per (b, h, i, split), the
+    row max (log2 units) to ``PartM``, the sum of exponentials to ``PartL`` and the unnormalised
+    ``p @ v`` to ``PartO`` (``(B, H, L, num_splits[, HEAD_DIM])``, f32)."""
+    split = tl.program_id(0)
+    b = tl.program_id(1)
+    hk = tl.program_id(2)
+    b64 = b.to(tl.int64)
+    r = tl.arange(0, BLOCK_M)
+    row_ok = r < GROUP * L
+    hq = hk * GROUP + r // L
+    offs_m = r % L
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q = tl.load(Q + b64 * stride_qb + hq[:, None] * stride_qh + offs_m[:, None].to(tl.int64) * stride_ql
+                + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+    lo = 0
+    hi = S
+    if has_range != 0:
+        lo = tl.maximum(lo, tl.load(KeyRange + 2 * b))
+        hi = tl.minimum(hi, tl.load(KeyRange + 2 * b + 1))
+    diag = 0
+    if bottom_right != 0:
+        diag = S - L
+    lo_t = tl.maximum(lo, split * chunk)
+    hi_t = tl.minimum(hi, split * chunk + chunk)
+    if causal != 0:
+        hi_t = tl.minimum(hi_t, L + diag)
+        if window > 0:
+            lo_t = tl.maximum(lo_t, diag + 1 - window)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    qk_scale = scale * LOG2E
+    k_base = K + b64 * stride_kb + hk * stride_kh
+    v_base = V + b64 * stride_vb + hk * stride_vh
+    for start_n in range(lo_t, hi_t, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < hi_t
+        keys = offs_n.to(tl.int64)
+        k = tl.load(k_base + keys[None, :] * stride_ks + offs_d[:, None],
+                    mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        v = tl.load(v_base + keys[:, None] * stride_vs + offs_d[None, :],
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        qk = tl.dot(q, k) * qk_scale
+        keep = _tile_mask(offs_m, offs_n, lo_t, hi_t, diag, causal, window) & row_ok[:, None]
+        if has_bias != 0:
+            bias = tl.load(Bias + b64 * stride_mb + hq[:, None] * stride_mh
+                           + offs_m[:, None].to(tl.int64) * stride_ml + keys[None, :],
+                           mask=keep, other=0.0)
+            qk = qk + bias * LOG2E
+        m_i, l_i, acc = _online_step(qk, keep, m_i, l_i, acc, v)
+
+    part = ((b64 * H + hq) * L + offs_m) * num_splits + split
+    tl.store(PartM + part, m_i, mask=row_ok)
+    tl.store(PartL + part, l_i, mask=row_ok)
+    tl.store(PartO + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def attn_decode_combine(
+    PartO, PartM, PartL, O,
+    stride_ob, stride_ol, stride_oh,
+    L, H, num_splits, nan_rows,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Grid ``(L, H, B)``: merges the ``num_splits`` partial results of one output row."""
+    i = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    base = ((b.to(tl.int64) * H + h) * L + i) * num_splits
+    m = float("-inf")
+    for s in range(0, num_splits):
+        m = tl.maximum(m, tl.load(PartM + base + s))
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    l = 0.0
+    for s in range(0, num_splits):
+        w = tl.math.exp2(tl.load(PartM + base + s) - m_use)
+        l += w * tl.load(PartL + base + s)
+        acc += w * tl.load(PartO + (base + s) * HEAD_DIM + offs_d, mask=d_ok, other=0.0)
+    masked = l == 0.0
+    out = acc / tl.where(masked, 1.0, l)
+    fill = 0.0
+    if nan_rows != 0:
+        fill = float("nan")
+    out = tl.where(masked, fill, out)
+    tl.store(O + b.to(tl.int64) * stride_ob + i.to(tl.int64) * stride_ol + h * stride_oh + offs_d,
+             out.to(O.dtype.element_ty), mask=d_ok)

@@ -1,0 +1,503 @@
+#!/usr/bin/env python3
+"""The fused CUDA kernel checked on the CPU, before any GPU: run by scripts/cuda-cpu-check.sh.
+
+1. The Triton kernels of kernels/triton/flash_attention.py under TRITON_INTERPRET=1 (numpy, no
+   torch, no GPU) against a float64 NumPy implementation of the crate's reference semantics, on a
+   sweep of random shapes and every mask kind: odd L and S, L = 1, S not a multiple of the tile,
+   GQA/MQA, both causal alignments, sliding windows, key ranges, packed sequences (empty ones
+   too), additive biases of every broadcast shape, fully masked rows under both policies, f16 and
+   bf16, each head size, the block shapes of both compiled architectures and a small one, and
+   the split-K decode path. Outputs are poisoned before each launch; a poisoned value left over
+   fails the case.
+2. The committed artifacts (src/kernels/cuda/kernels.ptx.xz, manifest.rs): each variant's PTX
+   hash, its `.entry` parameters (the kernel's own, then Triton's two scratch pointers) against
+   the manifest's parameter list, its thread count (.reqntid) against num_warps, zero scratch sizes; then a
+   fresh ahead-of-time compile compared with the committed files (scripts/build_cuda_kernels.py
+   --check), which also compares the shared-memory sizes.
+
+Ends with `N passed, M failed`; exits non-zero on any failure.
+
+The bf16 trap (triton issue 11584): the interpreter keeps bf16 as uint16 bit patterns and its
+`tl.dot` multiplies those bits. `patch_interpreter_bf16_dot` wraps the interpreter's `create_dot`
+to widen bf16 operands to f32 first (exact: bf16 is the top half of an f32), so the kernel source
+runs unchanged. The kernel's own bf16 casts (p before p @ v, the output) go through the
+interpreter's correct conversion path.
+"""
+
+import argparse
+import importlib.util
+import lzma
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import numpy as np  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCE = ROOT / "kernels" / "triton" / "flash_attention.py"
+MANIFEST = ROOT / "src" / "kernels" / "cuda" / "manifest.rs"
+BLOB = ROOT / "src" / "kernels" / "cuda" / "kernels.ptx.xz"
+
+# ---------------------------------------------------------------------------------------------
+# numpy arrays as the tensors Triton's interpreter expects (it wants torch's storage API).
+
+
+class _DType:
+    def __init__(self, name):
+        self.name = name
+
+    def __str__(self):
+        return "torch." + self.name
+
+    __repr__ = __str__
+
+
+# One object per dtype: Triton's specialisation cache keys on the dtype object, so a fresh one per
+# array could alias a freed one's cache entry and give a pointer a stale element type.
+_DTYPES = {k: _DType(v) for k, v in
+           {"f16": "float16", "bf16": "bfloat16", "f32": "float32", "i32": "int32"}.items()}
+
+
+class _Storage:
+    def __init__(self, buf):
+        self.buf = buf
+
+    def data_ptr(self):
+        return self.buf.arr.ctypes.data
+
+    def cpu(self):
+        return self
+
+    def copy_(self, other):
+        pass
+
+
+class Buf:
+    """A contiguous numpy array handed to the interpreter in place (its memory is the host
+    memory the interpreter reads and writes). bf16 is carried as uint16 bit patterns."""
+
+    def __init__(self, arr, dtype):
+        assert arr.flags.c_contiguous
+        self.arr = arr
+        self.dtype = _DTYPES[dtype]
+
+    def data_ptr(self):
+        return self.arr.ctypes.data
+
+    def untyped_storage(self):
+        return _Storage(self)
+
+    def new_empty(self, *args, **kwargs):
+        return self
+
+    def set_(self, *args):
+        return self
+
+    def storage_offset(self):
+        return 0
+
+    def size(self):
+        return self.arr.shape
+
+    def stride(self):
+        return tuple(s // self.arr.itemsize for s in self.arr.strides)
+
+    def copy_(self, other):
+        pass
+
+
+def patch_interpreter_bf16_dot():
+    from triton.runtime import interpreter as interp
+
+    original = interp.InterpreterBuilder.create_dot
+
+    def widen(t):
+        if t.dtype.scalar == tl.bfloat16 or getattr(t.dtype, "name", "") == "bf16":
+            bits = t.data.astype(np.uint32) << 16
+            return interp.TensorHandle(bits.view(np.float32), tl.float32)
+        return t
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return original(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    interp.InterpreterBuilder.create_dot = create_dot
+
+
+def to_dtype(x, dt):
+    """f32 array -> array in dt's storage (f16, or bf16 bits rounded to nearest even)."""
+    if dt == "f16":
+        return x.astype(np.float16)
+    bits = x.astype(np.float32).view(np.uint32)
+    rounded = bits + 0x7FFF + ((bits >> 16) & 1)
+    out = (rounded >> 16).astype(np.uint16)
+    nan = np.isnan(x)
+    out[nan] = 0x7FC0
+    return out
+
+
+def from_dtype(x, dt):
+    if dt == "f16":
+        return x.astype(np.float64)
+    return (x.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# The crate's reference semantics, in float64.
+
+
+def reference(q, k, v, bias, key_range, cu, causal, bottom_right, window, scale, nan_rows):
+    b_, l_, h_, d_ = q.shape
+    s_, hkv = k.shape[1], k.shape[2]
+    g = h_ // hkv
+    out = np.zeros(q.shape)
+    if cu is None:
+        seqs = [(b, 0, l_, 0, s_) for b in range(b_)]
+    else:
+        cq, ck = cu
+        seqs = [(0, cq[n], cq[n + 1], ck[n], ck[n + 1]) for n in range(len(cq) - 1)]
+    fill = np.nan if nan_rows else 0.0
+    for b, q0, q1, k0, k1 in seqs:
+        lq, lk = q1 - q0, k1 - k0
+        if lq == 0:
+            continue
+        diag = lk - lq if bottom_right else 0
+        i = np.arange(lq)[:, None]
+        j = np.arange(lk)[None, :]
+        vis = np.ones((lq, lk), bool)
+        if key_range is not None:
+            lo, hi = key_range[b]
+            vis &= (j + k0 >= lo) & (j + k0 < hi)
+        if causal:
+            vis &= j <= i + diag
+            if window > 0:
+                vis &= j > i + diag - window
+        for h in range(h_):
+            kh = h // g
+            sc = q[b, q0:q1, h] @ k[b, k0:k1, kh].T * scale
+            if bias is not None:
+                sc = sc + bias[b, h, q0:q1, k0:k1]
+            sc = np.where(vis, sc, -np.inf)
+            with np.errstate(invalid="ignore", over="ignore"):
+                m = sc.max(axis=1, initial=-np.inf, keepdims=True) if lk else np.full((lq, 1), -np.inf)
+                masked = np.isneginf(m[:, 0])
+                p = np.exp(sc - np.where(np.isneginf(m), 0.0, m))
+                o = p @ v[b, k0:k1, kh] / np.where(masked, 1.0, p.sum(axis=1))[:, None]
+            o[masked] = fill
+            out[b, q0:q1, h] = o
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The launcher, as src/kernels/cuda/ does it (grid, split choice, strides, flags).
+
+DECODE_MAX_ROWS = 16  # GROUP * L rows per decode program (BLOCK_M of attn_decode_split)
+
+
+def decode_splits(s, block_n, programs, num_sms):
+    """The Rust launcher's rule: enough splits for two waves over the SMs, whole blocks each."""
+    blocks = -(-s // block_n)
+    splits = max(1, min(blocks, -(-2 * num_sms // max(programs, 1))))
+    chunk = -(-blocks // splits) * block_n
+    return -(-s // chunk), chunk
+
+
+def launch(mod, case, cfg, use_decode, num_sms):
+    q, k, v = case["q"], case["k"], case["v"]
+    dt = case["dtype"]
+    b_, l_, h_, d = q.shape
+    s_, hkv = k.shape[1], k.shape[2]
+    g = h_ // hkv
+    bd = 1 << (d - 1).bit_length()
+    out = np.full(q.shape, 12345.0, np.float32)
+    out = to_dtype(out, dt)
+    bias = case["bias"]
+    if bias is None:
+        bias_arr = np.zeros(1, np.float32)
+        mstr = (0, 0, 0)
+    else:
+        bias_arr = np.ascontiguousarray(bias, np.float32)
+        full = bias_arr.shape
+        st = bias_arr.strides
+        mstr = tuple(0 if full[i] == 1 else st[i] // 4 for i in range(3))
+    kr = case["key_range"]
+    kr_arr = np.array(kr if kr is not None else [[0, 0]], np.int32).reshape(-1)
+    cu = case["cu"]
+    cq = np.array(cu[0] if cu is not None else [0], np.int32)
+    ck = np.array(cu[1] if cu is not None else [0], np.int32)
+    qb, kb, vb, ob = (Buf(q, dt), Buf(k, dt), Buf(v, dt), Buf(out, dt))
+    strides = lambda a: [a.strides[i] // a.itemsize for i in range(3)]  # noqa: E731
+    sq, sk, sv, so = strides(q), strides(k), strides(v), strides(out)
+    flags = dict(causal=int(case["causal"]), bottom_right=int(case["bottom_right"]),
+                 window=case["window"], has_range=int(kr is not None))
+    if use_decode:
+        bm, bn = DECODE_MAX_ROWS, cfg["decode_bn"]
+        splits, chunk = decode_splits(s_, bn, b_ * hkv, num_sms)
+        rows = b_ * h_ * l_ * splits
+        part_o = np.full(rows * d, np.nan, np.float32)
+        part_m = np.full(rows, np.nan, np.float32)
+        part_l = np.full(rows, np.nan, np.float32)
+        mod.attn_decode_split[(splits, b_, hkv)](
+            qb, kb, vb, Buf(bias_arr, "f32"), Buf(kr_arr, "i32"),
+            Buf(part_o, "f32"), Buf(part_m, "f32"), Buf(part_l, "f32"),
+            *sq, *sk, *sv, *mstr, l_, s_, h_, g, case["scale"],
+            flags["causal"], flags["bottom_right"], flags["window"], flags["has_range"],
+            int(bias is not None), chunk, splits,
+            HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=bn)
+        mod.attn_decode_combine[(l_, h_, b_)](
+            Buf(part_o, "f32"), Buf(part_m, "f32"), Buf(part_l, "f32"), ob, *so,
+            l_, h_, splits, int(case["nan_rows"]), HEAD_DIM=d, BLOCK_D=bd)
+    else:
+        bm, bn = cfg["bm"], cfg["bn"]
+        if cu is not None:
+            nseq = len(cu[0]) - 1
+            max_lq = max([cu[0][n + 1] - cu[0][n] for n in range(nseq)] + [0])
+        else:
+            nseq, max_lq = b_, l_
+        grid = (max(1, -(-max_lq // bm)), nseq, h_)
+        mod.attn_fwd[grid](
+            qb, kb, vb, ob, Buf(bias_arr, "f32"), Buf(kr_arr, "i32"), Buf(cq, "i32"), Buf(ck, "i32"),
+            *sq, *sk, *sv, *so, *mstr, l_, s_, g, case["scale"],
+            flags["causal"], flags["bottom_right"], flags["window"], flags["has_range"],
+            int(cu is not None), int(case["nan_rows"]),
+            HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=bn, HAS_BIAS=int(bias is not None))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The sweep.
+
+CONFIGS = {
+    "sm80": dict(bm=128, bn=64, decode_bn=64),
+    "sm90a": dict(bm=128, bn=128, decode_bn=64),
+    "small": dict(bm=16, bn=16, decode_bn=16),
+}
+
+
+def random_case(rng, i, kind, small):
+    dt = ["f16", "bf16"][i % 2]
+    d = [64, 80, 96, 128, 64, 256][i % 6] if not small else [64, 80, 96][i % 3]
+    hkv = int(rng.choice([1, 2, 3]))
+    g = int(rng.choice([1, 2, 4]))
+    h = hkv * g
+    b = int(rng.integers(1, 3))
+    decode = kind == "decode"
+    l_ = int(rng.choice([1, 2, 3])) if decode else int(rng.integers(1, 140))
+    s_ = int(rng.integers(100, 700)) if decode else int(rng.integers(1, 200))
+    if decode:
+        g = min(g, DECODE_MAX_ROWS // l_)
+        h = hkv * g
+    packed = (not decode) and rng.random() < 0.25
+    cu = None
+    if packed:
+        b = 1
+        n = int(rng.integers(1, 5))
+        lq = rng.integers(0, 60, n)
+        lk = lq.copy() if rng.random() < 0.5 else rng.integers(0, 70, n)
+        cu = ([0] + list(np.cumsum(lq)), [0] + list(np.cumsum(lk)))
+        cu = ([int(x) for x in cu[0]], [int(x) for x in cu[1]])
+        l_, s_ = cu[0][-1], cu[1][-1]
+        if l_ == 0:
+            l_, cu = 1, ([0, 1], [0, cu[1][-1]])
+        if s_ == 0:
+            return None
+    causal = rng.random() < 0.5
+    window = int(rng.integers(1, 40)) if causal and rng.random() < 0.3 else 0
+    bottom_right = rng.random() < 0.5
+    key_range = None
+    if rng.random() < 0.35:
+        key_range = []
+        for _ in range(b):
+            lo = int(rng.integers(0, max(1, s_ // 3)))
+            hi = int(rng.integers(lo, s_ + 1))
+            key_range.append([lo, hi])
+    bias = None
+    if rng.random() < 0.4:
+        shape = [(1, 1, l_, s_), (b, 1, 1, s_), (b, h, l_, s_), (1, h, 1, s_)][int(rng.integers(0, 4))]
+        bias = rng.standard_normal(shape).astype(np.float32)
+        if rng.random() < 0.5:
+            bias[rng.random(shape) < 0.3] = -np.inf
+        if rng.random() < 0.3:
+            bias[..., 0, :] = -np.inf  # a fully masked row (or more, with broadcasting)
+        bias = np.broadcast_to(bias, (b, h, l_, s_)) if shape[0] == b and shape[1] == h else bias
+    f = lambda *sh: rng.standard_normal(sh).astype(np.float32)  # noqa: E731
+    q = to_dtype(f(b, l_, h, d), dt)
+    kv_heads_first = rng.random() < 0.3  # (B, S, Hkv, D) views of a strided buffer
+    if kv_heads_first:
+        kbuf = to_dtype(f(b, s_, 2 * hkv, d), dt)
+        k = np.ascontiguousarray(kbuf[:, :, :hkv])
+        v = np.ascontiguousarray(kbuf[:, :, hkv:])
+    else:
+        k = to_dtype(f(b, s_, hkv, d), dt)
+        v = to_dtype(f(b, s_, hkv, d), dt)
+    return dict(q=q, k=k, v=v, dtype=dt, bias=None if bias is None else np.ascontiguousarray(
+        np.broadcast_to(bias, np.broadcast_shapes(bias.shape, (1, 1, l_, s_)))) if bias is not None and bias.shape[2] == 1 and False else bias,
+        key_range=key_range, cu=cu, causal=causal, bottom_right=bottom_right, window=window,
+        scale=float(d ** -0.5 * (1.0 if rng.random() < 0.7 else 2.0)), nan_rows=bool(rng.random() < 0.3))
+
+
+def describe(c, kind, cfg_name):
+    b, l_, h, d = c["q"].shape
+    s_, hkv = c["k"].shape[1], c["k"].shape[2]
+    parts = [f"{kind}/{cfg_name}", c["dtype"], f"B{b} L{l_} S{s_} H{h}/{hkv} D{d}"]
+    if c["causal"]:
+        parts.append(("causal-br" if c["bottom_right"] else "causal-tl") + (f" w{c['window']}" if c["window"] else ""))
+    if c["key_range"] is not None:
+        parts.append(f"ranges{c['key_range']}")
+    if c["cu"] is not None:
+        parts.append(f"packed{c['cu']}")
+    if c["bias"] is not None:
+        parts.append(f"bias{tuple(c['bias'].shape)}")
+    if c["nan_rows"]:
+        parts.append("nan-rows")
+    return " ".join(parts)
+
+
+def check_case(mod, c, kind, cfg_name):
+    cfg = CONFIGS[cfg_name]
+    dt = c["dtype"]
+    q, k, v = (from_dtype(c[n], dt) for n in "qkv")
+    bias = None if c["bias"] is None else np.broadcast_to(
+        c["bias"].astype(np.float64), (q.shape[0], q.shape[2], q.shape[1], k.shape[1]))
+    ref = reference(q, k, v, bias, c["key_range"], c["cu"], c["causal"], c["bottom_right"],
+                    c["window"], c["scale"], c["nan_rows"])
+    out = from_dtype(launch(mod, c, cfg, kind == "decode", num_sms=4), dt)
+    poison = from_dtype(to_dtype(np.array([12345.0], np.float32), dt), dt)[0]
+    if np.any(out == poison):
+        return f"{int(np.sum(out == poison))} output elements never written"
+    nan_ref, nan_out = np.isnan(ref), np.isnan(out)
+    if not np.array_equal(nan_ref, nan_out):
+        return f"NaN pattern differs: {int(nan_ref.sum())} NaN expected, {int(nan_out.sum())} got"
+    ok = ~nan_ref
+    err = np.abs(out[ok] - ref[ok])
+    tol = (4e-3 if dt == "f16" else 3e-2) + (4e-3 if dt == "f16" else 2e-2) * np.abs(ref[ok])
+    if err.size and np.any(err > tol):
+        w = int(np.argmax(err - tol))
+        return f"max |err| {err.max():.3e} (worst {err[w]:.3e} vs tol {tol[w]:.3e})"
+    return None
+
+
+def sweep(n_random, seed):
+    spec = importlib.util.spec_from_file_location("flash_attention", SOURCE)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rng = np.random.default_rng(seed)
+    passed = failed = 0
+    plan = []
+    for i in range(n_random):
+        plan.append(("fwd", ["sm80", "sm90a", "small"][i % 3], i))
+    for i in range(max(6, n_random // 4)):
+        plan.append(("decode", ["sm80", "small"][i % 2], i))
+    for kind, cfg_name, i in plan:
+        c = None
+        while c is None:
+            c = random_case(rng, i, kind, cfg_name == "small")
+        name = describe(c, kind, cfg_name)
+        try:
+            why = check_case(mod, c, kind, cfg_name)
+        except Exception as e:  # a kernel that fails to trace or run is a failed case
+            why = f"{type(e).__name__}: {e}"
+            if os.environ.get("CHECK_TRACEBACK"):
+                raise
+        if why is None:
+            passed += 1
+            print(f"ok   {name}", flush=True)
+        else:
+            failed += 1
+            print(f"FAIL {name}: {why}", flush=True)
+    return passed, failed
+
+
+# ---------------------------------------------------------------------------------------------
+# The committed artifacts against the manifest.
+
+PTX_TYPE = {"i32": ".u32", "i64": ".u64", "fp32": ".f32"}
+
+
+def check_artifacts():
+    passed = failed = 0
+    text = MANIFEST.read_text()
+    blob = lzma.decompress(BLOB.read_bytes())
+    import hashlib
+    src_sha = re.search(r'SOURCE_SHA256: &str = "([0-9a-f]+)"', text).group(1)
+    if src_sha != hashlib.sha256(SOURCE.read_bytes()).hexdigest():
+        print("FAIL manifest: SOURCE_SHA256 is not the hash of kernels/triton/flash_attention.py")
+        failed += 1
+    else:
+        passed += 1
+    if re.search(r'BLOB_SHA256: &str = "([0-9a-f]+)"', text).group(1) != hashlib.sha256(blob).hexdigest():
+        print("FAIL manifest: BLOB_SHA256 is not the hash of the committed blob")
+        failed += 1
+    else:
+        passed += 1
+    entries = re.findall(r"Artifact \{(.*?)\},\n", text)
+    for e in entries:
+        f = dict(re.findall(r'(\w+): ("[^"]*"|[\w:]+)', e))
+        name = f"{f['kind']} sm_{f['arch']} {f['dtype']} d{f['head_dim']} bias={f['has_bias']}"
+        off, n = int(f["ptx_offset"]), int(f["ptx_len"])
+        ptx = blob[off:off + n].decode()
+        problems = []
+        if hashlib.sha256(ptx.encode()).hexdigest() != f["ptx_sha256"].strip('"'):
+            problems.append("PTX hash differs from the manifest")
+        entry = f["entry"].strip('"')
+        m = re.search(r"\.entry\s+" + re.escape(entry) + r"\s*\((.*?)\)", ptx, re.S)
+        if m is None:
+            problems.append(f"no .entry {entry}")
+        else:
+            got = re.findall(r"\.param\s+(\.\w+)[^,]*?_param_\d+", m.group(1))
+            params = [p.split(":") for p in f["params"].strip('"').split(",")]
+            want = [".u64" if t.startswith("*") else PTX_TYPE[t] for _, t in params] + [".u64", ".u64"]
+            if got != want:
+                problems.append(f"entry parameters {got} != manifest {want}")
+            ntid = re.search(r"\.reqntid\s+(\d+)", ptx)
+            if ntid is None or int(ntid.group(1)) != 32 * int(f["num_warps"]):
+                problems.append(f".reqntid {ntid and ntid.group(1)} != 32 x num_warps {f['num_warps']}")
+            want_target = "sm_90a" if f["arch"] == "90" else "sm_80"
+            if f".target {want_target}" not in ptx:
+                problems.append(f"not compiled for {want_target}")
+        if int(f["global_scratch_bytes"]) or int(f["profile_scratch_bytes"]):
+            problems.append("needs scratch memory the launcher does not allocate")
+        if problems:
+            failed += 1
+            print(f"FAIL artifact {name}: {'; '.join(problems)}")
+        else:
+            passed += 1
+    print(f"artifacts: {len(entries)} variants read from the manifest")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile for real
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "build_cuda_kernels.py"), "--check"],
+                       capture_output=True, text=True, env=env)
+    print(r.stdout.strip())
+    if r.returncode == 0:
+        passed += 1
+    else:
+        failed += 1
+        print(f"FAIL fresh compile: {r.stderr.strip()[-2000:]}")
+    return passed, failed
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cases", type=int, default=48, help="random forward cases (decode: a quarter)")
+    ap.add_argument("--seed", type=int, default=11)
+    ap.add_argument("--skip-artifacts", action="store_true")
+    ap.add_argument("--skip-sweep", action="store_true")
+    args = ap.parse_args()
+    patch_interpreter_bf16_dot()
+    passed = failed = 0
+    if not args.skip_sweep:
+        p, f = sweep(args.cases, args.seed)
+        passed, failed = passed + p, failed + f
+    if not args.skip_artifacts:
+        p, f = check_artifacts()
+        passed, failed = passed + p, failed + f
+    print(f"{passed} passed, {failed} failed")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

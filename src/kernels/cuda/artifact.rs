@@ -1,0 +1,108 @@
+//! What the ahead-of-time compiler produced for each kernel variant ([`Artifact`]), and the
+//! choice of a variant for a call.
+
+use candle_core::DType;
+
+/// Which of the three Triton kernels an artifact holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum KernelKind {
+    /// `attn_fwd`: flash attention, one program per `BLOCK_M` query rows of one head.
+    Fwd,
+    /// `attn_decode_split`: flash-decoding partial results over a chunk of keys.
+    DecodeSplit,
+    /// `attn_decode_combine`: merges the partial results.
+    DecodeCombine,
+}
+
+/// Element type of q, k, v and the output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dt {
+    F16,
+    BF16,
+}
+
+impl Dt {
+    /// The artifact dtype for a candle dtype, if there is one.
+    pub(crate) fn of(dtype: DType) -> Option<Self> {
+        match dtype {
+            DType::F16 => Some(Dt::F16),
+            DType::BF16 => Some(Dt::BF16),
+            _ => None,
+        }
+    }
+}
+
+/// One compiled variant: a PTX module with one entry, and how to launch it. Some fields are
+/// read only by the tests that check the shipped PTX against this manifest.
+#[derive(Debug)]
+#[allow(dead_code)]
+pub(crate) struct Artifact {
+    pub kind: KernelKind,
+    /// 80: PTX for `sm_80` (JIT-compiled by the driver for any later GPU except `sm_90a`'s own);
+    /// 90: PTX for `sm_90a` (H100/H200 only: wgmma).
+    pub arch: u32,
+    pub dtype: Dt,
+    pub head_dim: usize,
+    /// Whether the variant reads a dense additive bias (`HAS_BIAS`).
+    pub has_bias: bool,
+    pub block_m: usize,
+    pub block_n: usize,
+    pub block_d: usize,
+    pub num_warps: u32,
+    pub num_stages: u32,
+    /// Dynamic shared memory per program (above 48 KiB the launcher raises the limit).
+    pub shared_bytes: u32,
+    /// Scratch sizes Triton asks for (the manifest holds only variants with none).
+    pub global_scratch_bytes: u32,
+    pub profile_scratch_bytes: u32,
+    /// PTX entry name.
+    pub entry: &'static str,
+    /// `name:type` of each kernel parameter, in order (Triton's two scratch pointers follow).
+    pub params: &'static str,
+    /// Byte range of the PTX in the uncompressed blob.
+    pub ptx_offset: usize,
+    pub ptx_len: usize,
+    pub ptx_sha256: &'static str,
+}
+
+/// The architecture whose artifacts a GPU of compute capability `major.minor` runs: `sm_90a`
+/// PTX on exactly 9.0, the `sm_80` PTX on every other capability from 8.0 (the driver compiles it
+/// for the GPU), none below 8.0.
+pub(crate) fn arch_for(major: i32, minor: i32) -> Option<u32> {
+    match (major, minor) {
+        (9, 0) => Some(90),
+        (m, _) if m >= 8 => Some(80),
+        _ => None,
+    }
+}
+
+/// The variant of `kind` for these parameters, if one was compiled.
+pub(crate) fn find(
+    kind: KernelKind,
+    arch: u32,
+    dtype: Dt,
+    head_dim: usize,
+    has_bias: bool,
+) -> Option<(usize, &'static Artifact)> {
+    super::manifest::ARTIFACTS
+        .iter()
+        .enumerate()
+        .find(|(_, a)| {
+            a.kind == kind
+                && a.arch == arch
+                && a.dtype == dtype
+                && a.head_dim == head_dim
+                && (kind != KernelKind::Fwd || a.has_bias == has_bias)
+        })
+}
+
+/// The head sizes the artifacts cover.
+pub(crate) fn head_dims() -> Vec<usize> {
+    let mut d: Vec<usize> = super::manifest::ARTIFACTS
+        .iter()
+        .map(|a| a.head_dim)
+        .collect();
+    d.sort_unstable();
+    d.dedup();
+    d
+}
