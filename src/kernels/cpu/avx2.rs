@@ -163,6 +163,9 @@ unsafe fn pv_block<const M: usize, const N: usize>(
         }
     }
     for j in 0..bk {
+        if j % 8 == 7 {
+            super::stream::step();
+        }
         let vrow = v.add(j * vs);
         let mut vv = [_mm256_setzero_ps(); N];
         for n in 0..N {
@@ -182,14 +185,34 @@ unsafe fn pv_block<const M: usize, const N: usize>(
     }
 }
 
-/// Horizontal sum of 8 lanes.
+/// The horizontal sums of 8 vectors in one: the sum of `acc[i / 4][i % 4]` lands in lane
+/// `(i % 2) · 4 + i / 2`. Three levels of shuffles and adds (21 instructions) instead of 8
+/// separate reductions.
 #[inline]
-#[target_feature(enable = "avx2")]
-unsafe fn hsum(v: __m256) -> f32 {
-    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    _mm_cvtss_f32(s)
+#[target_feature(enable = "avx2,fma")]
+unsafe fn reduce8(acc: &[[__m256; 4]; 2]) -> __m256 {
+    let x = |i: usize| acc[i / 4][i % 4];
+    // 8 → 4: [a.lo + a.hi | b.lo + b.hi] (128-bit halves).
+    let y: [__m256; 4] = std::array::from_fn(|p| {
+        let (a, b) = (x(2 * p), x(2 * p + 1));
+        _mm256_add_ps(
+            _mm256_permute2f128_ps::<0x20>(a, b),
+            _mm256_permute2f128_ps::<0x31>(a, b),
+        )
+    });
+    // 4 → 2: in each 128-bit half, [2 partials of c's item, 2 of d's item].
+    let z: [__m256; 2] = std::array::from_fn(|q| {
+        let (c, d) = (y[2 * q], y[2 * q + 1]);
+        _mm256_add_ps(
+            _mm256_shuffle_ps::<0b10_00_10_00>(c, d),
+            _mm256_shuffle_ps::<0b11_01_11_01>(c, d),
+        )
+    });
+    // 2 → 1: half h = [x[h], x[h + 2], x[h + 4], x[h + 6]].
+    _mm256_add_ps(
+        _mm256_shuffle_ps::<0b10_00_10_00>(z[0], z[1]),
+        _mm256_shuffle_ps::<0b11_01_11_01>(z[0], z[1]),
+    )
 }
 
 /// `out[r][j] = scale · Σ_x q[r][x] · k[j][x]` with `k` read in place (see the AVX-512
@@ -223,10 +246,16 @@ pub unsafe fn qk_rows(q: Mat, k: Mat, out: MatMut, scale: f32) {
                     }
                 }
             }
+            super::stream::step();
+            // The 8 dot products in one vector (see `reduce8` for the lane order).
+            let sums = _mm256_mul_ps(_mm256_set1_ps(scale), reduce8(&acc));
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), sums);
             for rr in 0..mr {
                 for jj in 0..mj {
+                    let i = 4 * rr + jj;
                     *out.data.get_unchecked_mut((r + rr) * out.stride + j + jj) =
-                        scale * hsum(acc[rr][jj]);
+                        lanes[(i % 2) * 4 + i / 2];
                 }
             }
             j += mj;

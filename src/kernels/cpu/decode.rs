@@ -12,6 +12,7 @@
 
 use rayon::prelude::*;
 
+use super::stream;
 use super::tile::{self, Ctx, Rows, Scratch};
 use super::{AttnCall, BLOCK_K, BLOCK_Q};
 
@@ -208,10 +209,33 @@ impl Ctx<'_> {
                          next: (usize, usize),
                          masked: bool,
                          sc: &mut Scratch| {
-            // The next sub-tile's key rows, every head (contiguous in each key row).
-            for j in next.0..next.1 {
-                ctx.k.prefetch(ctx.k.at(bi, j, 0), ctx.hkv * d);
-                ctx.v.prefetch(ctx.v.at(bi, j, 0), ctx.hkv * dv);
+            // The next sub-tile's key rows, every head: queued on the prefetch stream, which
+            // the micro-kernels drain a few lines at a time, when K's and V's rows of the
+            // sub-tile are each one contiguous run; else as one burst.
+            if next.0 < next.1 {
+                let run = |view: &super::tile::View, width: usize| {
+                    (view.strides[1] == ctx.hkv * width)
+                        .then(|| {
+                            view.byte_range(
+                                view.at(bi, next.0, 0),
+                                view.at(bi, next.1 - 1, 0) + ctx.hkv * width,
+                            )
+                        })
+                        .flatten()
+                };
+                match (run(&ctx.k, d), run(&ctx.v, dv)) {
+                    (Some(kr), Some(vr)) => {
+                        let lines = (kr.1 - kr.0 + vr.1 - vr.0).div_ceil(64);
+                        // About 32 micro-kernel steps per head and sub-tile (see `stream`).
+                        stream::queue([kr, vr], lines.div_ceil(32 * list.len()));
+                    }
+                    _ => {
+                        for j in next.0..next.1 {
+                            ctx.k.prefetch(ctx.k.at(bi, j, 0), ctx.hkv * d);
+                            ctx.v.prefetch(ctx.v.at(bi, j, 0), ctx.hkv * dv);
+                        }
+                    }
+                }
             }
             for (n, &(kh, r0, nr)) in list.iter().enumerate() {
                 let (a, b) = (n * s_nr, n * s_nr + nr);
@@ -230,6 +254,7 @@ impl Ctx<'_> {
                 };
                 ctx.tile(bi, kh, j0, j1, masked, &mut rows);
             }
+            stream::flush();
         };
         // Sub-tiles of `step` keys: every head's pass over one sub-tile finds it in L2
         // (`step · Hkv · (D + Dv)` values).

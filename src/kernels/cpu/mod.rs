@@ -92,6 +92,7 @@ mod op;
 mod portable;
 mod products;
 mod softmax;
+mod stream;
 mod tile;
 
 pub use decode::SPLIT_MIN_KEYS;

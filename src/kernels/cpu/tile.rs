@@ -96,6 +96,21 @@ impl<'a> View<'a> {
         let _ = (at, n);
     }
 
+    /// The byte address range of elements `a..b` when both exist (for the prefetch stream).
+    pub fn byte_range(&self, a: usize, b: usize) -> Option<(usize, usize)> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let start = self.ptr(a)? as usize;
+            let end = self.ptr(b.checked_sub(1)?)? as usize + 1;
+            Some((start, end))
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (a, b);
+            None
+        }
+    }
+
     /// Address of element `at`, if it exists (for prefetching).
     #[cfg(target_arch = "x86_64")]
     fn ptr(&self, at: usize) -> Option<*const u8> {
