@@ -71,3 +71,37 @@ fn prefetch(addr: usize) {
     #[cfg(not(target_arch = "x86_64"))]
     let _ = addr;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn left() -> usize {
+        QUEUE.with(|q| q.get().0.iter().map(|r| r.1.saturating_sub(r.0)).sum())
+    }
+
+    /// Each step issues `per_step` lines, the first range before the second; the queue
+    /// empties exactly, and `flush` issues the rest at once.
+    #[test]
+    fn steps_drain_the_queue_in_order() {
+        let buf = vec![0u8; 64 * 10];
+        let a = buf.as_ptr() as usize;
+        queue([(a, a + 64 * 4), (a + 64 * 6, a + 64 * 10)], 3);
+        assert_eq!(left(), 64 * 8);
+        step();
+        assert_eq!(left(), 64 * 5);
+        step(); // one line of the first range, two of the second
+        assert_eq!(QUEUE.with(|q| q.get().0[1].0), a + 64 * 8);
+        step();
+        assert_eq!(left(), 0);
+        assert_eq!(
+            QUEUE.with(|q| q.get().1),
+            0,
+            "an empty queue stops stepping"
+        );
+        queue([(a, a + 64 * 10), (0, 0)], 2);
+        step();
+        flush();
+        assert_eq!(left(), 0);
+    }
+}
