@@ -335,26 +335,20 @@ pub(crate) fn fwd_args(
     f: Flags,
     packed: bool,
 ) -> Vec<(&'static str, Arg)> {
-    let names = ["Q", "K", "V", "O", "Bias", "KeyRange", "CuQ", "CuK"];
-    let mut args: Vec<(&'static str, Arg)> = names
-        .iter()
-        .zip(ptrs)
-        .map(|(n, p)| (*n, Arg::Ptr(p)))
-        .collect();
-    push_strides(&mut args, ["stride_qb", "stride_ql", "stride_qh"], q);
-    push_strides(&mut args, ["stride_kb", "stride_ks", "stride_kh"], k);
-    push_strides(&mut args, ["stride_vb", "stride_vs", "stride_vh"], v);
+    let mut args = pointer_args(
+        &["Q", "K", "V", "O", "Bias", "KeyRange", "CuQ", "CuK"],
+        &ptrs,
+    );
+    qkv_strides(&mut args, q, k, v);
     push_strides(&mut args, ["stride_ob", "stride_ol", "stride_oh"], o);
     push_strides(&mut args, ["stride_mb", "stride_mh", "stride_ml"], m);
     args.extend([
         ("L", Arg::I32(l as i32)),
         ("S", Arg::I32(s as i32)),
         ("GROUP", Arg::I32(group as i32)),
-        ("scale", Arg::F32(f.scale)),
-        ("causal", Arg::I32(f.causal)),
-        ("bottom_right", Arg::I32(f.bottom_right)),
-        ("window", Arg::I32(f.window)),
-        ("has_range", Arg::I32(f.has_range)),
+    ]);
+    args.extend(mask_args(f));
+    args.extend([
         ("packed", Arg::I32(packed as i32)),
         ("nan_rows", Arg::I32(f.nan_rows)),
     ]);
@@ -375,25 +369,17 @@ pub(crate) fn decode_split_args(
     (chunk, splits): (usize, usize),
 ) -> Vec<(&'static str, Arg)> {
     let names = ["Q", "K", "V", "Bias", "KeyRange", "PartO", "PartM", "PartL"];
-    let mut args: Vec<(&'static str, Arg)> = names
-        .iter()
-        .zip(ptrs)
-        .map(|(n, p)| (*n, Arg::Ptr(p)))
-        .collect();
-    push_strides(&mut args, ["stride_qb", "stride_ql", "stride_qh"], q);
-    push_strides(&mut args, ["stride_kb", "stride_ks", "stride_kh"], k);
-    push_strides(&mut args, ["stride_vb", "stride_vs", "stride_vh"], v);
+    let mut args = pointer_args(&names, &ptrs);
+    qkv_strides(&mut args, q, k, v);
     push_strides(&mut args, ["stride_mb", "stride_mh", "stride_ml"], m);
     args.extend([
         ("L", Arg::I32(l as i32)),
         ("S", Arg::I32(s as i32)),
         ("H", Arg::I32(h as i32)),
         ("GROUP", Arg::I32(group as i32)),
-        ("scale", Arg::F32(f.scale)),
-        ("causal", Arg::I32(f.causal)),
-        ("bottom_right", Arg::I32(f.bottom_right)),
-        ("window", Arg::I32(f.window)),
-        ("has_range", Arg::I32(f.has_range)),
+    ]);
+    args.extend(mask_args(f));
+    args.extend([
         ("has_bias", Arg::I32(has_bias as i32)),
         ("chunk", Arg::I32(chunk as i32)),
         ("num_splits", Arg::I32(splits as i32)),
@@ -408,12 +394,7 @@ pub(crate) fn decode_combine_args(
     (l, h, splits): (usize, usize, usize),
     nan_rows: i32,
 ) -> Vec<(&'static str, Arg)> {
-    let names = ["PartO", "PartM", "PartL", "O"];
-    let mut args: Vec<(&'static str, Arg)> = names
-        .iter()
-        .zip(ptrs)
-        .map(|(n, p)| (*n, Arg::Ptr(p)))
-        .collect();
+    let mut args = pointer_args(&["PartO", "PartM", "PartL", "O"], &ptrs);
     push_strides(&mut args, ["stride_ob", "stride_ol", "stride_oh"], o);
     args.extend([
         ("L", Arg::I32(l as i32)),
@@ -422,6 +403,33 @@ pub(crate) fn decode_combine_args(
         ("nan_rows", Arg::I32(nan_rows)),
     ]);
     args
+}
+
+/// The pointer arguments, named.
+fn pointer_args(names: &[&'static str], ptrs: &[u64]) -> Vec<(&'static str, Arg)> {
+    names
+        .iter()
+        .zip(ptrs)
+        .map(|(n, p)| (*n, Arg::Ptr(*p)))
+        .collect()
+}
+
+/// q's, k's and v's strides, in the order both attention kernels take them.
+fn qkv_strides(args: &mut Vec<(&'static str, Arg)>, q: [usize; 3], k: [usize; 3], v: [usize; 3]) {
+    push_strides(args, ["stride_qb", "stride_ql", "stride_qh"], q);
+    push_strides(args, ["stride_kb", "stride_ks", "stride_kh"], k);
+    push_strides(args, ["stride_vb", "stride_vs", "stride_vh"], v);
+}
+
+/// The scale and the structured masks, in the order both attention kernels take them.
+fn mask_args(f: Flags) -> [(&'static str, Arg); 5] {
+    [
+        ("scale", Arg::F32(f.scale)),
+        ("causal", Arg::I32(f.causal)),
+        ("bottom_right", Arg::I32(f.bottom_right)),
+        ("window", Arg::I32(f.window)),
+        ("has_range", Arg::I32(f.has_range)),
+    ]
 }
 
 /// `(batch, row, head)` strides: the batch stride as i64, the others as i32.
