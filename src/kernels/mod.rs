@@ -263,10 +263,11 @@ fn reference_bytes(call: &AttnCall) -> u64 {
 }
 
 /// `Err` when the reference would materialise more than the budget.
-fn check_reference_budget(call: &AttnCall, why: &str) -> Result<()> {
+fn check_reference_budget(call: &AttnCall, why: impl FnOnce() -> String) -> Result<()> {
     let bytes = reference_bytes(call);
     let budget = reference_budget_bytes();
     if bytes > budget {
+        let why = why();
         let gib = |x: u64| x as f64 / (1u64 << 30) as f64;
         bail!(
             "reference attention would materialise 3 × (B, H, L, S) = 3 × ({}, {}, {}, {}) {:?} scores = {:.3} GiB, over the budget of {:.3} GiB ({why}); use a kernel that does not materialise the scores (the fused CPU kernel: no attention weights, no dropout), smaller chunks, or raise the budget with candle_mha::kernels::set_reference_budget_bytes",
@@ -286,7 +287,8 @@ fn check_reference_budget(call: &AttnCall, why: &str) -> Result<()> {
 fn select(call: &AttnCall) -> Result<&'static dyn Kernel> {
     let kernel = select_kernel(call)?;
     if kernel.name() == reference::Reference.name() {
-        let why = match call.params.backend {
+        // Why the reference serves it: worked out only for the error message.
+        check_reference_budget(call, || match call.params.backend {
             Backend::Reference => "Backend::Reference was asked for".to_string(),
             _ => {
                 let k = fused_for_device(call);
@@ -294,8 +296,7 @@ fn select(call: &AttnCall) -> Result<&'static dyn Kernel> {
                     .or_else(|| k.unsupported_inputs(call))
                     .unwrap_or_else(|| "no fused kernel serves this call".into())
             }
-        };
-        check_reference_budget(call, &why)?;
+        })?;
     }
     Ok(kernel)
 }
