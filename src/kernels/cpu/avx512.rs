@@ -3,7 +3,7 @@
 
 use std::arch::x86_64::*;
 
-use super::mat::{Mat, MatMut};
+use super::mat::{HalfMat, Mat, MatMut};
 
 /// Rows per register block.
 const MR: usize = 6;
@@ -100,6 +100,65 @@ unsafe fn qk_block<const M: usize, const N: usize>(
     }
 }
 
+/// Element kinds the micro-kernels read: f32, bf16, f16 (the last two widened in registers).
+const F32: u8 = 0;
+const BF16: u8 = 1;
+const F16: u8 = 2;
+
+/// 16 elements of kind `K` from `p` as f32 lanes: masked for f32; whole vectors for the half
+/// kinds (their callers take only multiples of 16 columns).
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn load16<const K: u8>(p: *const u8, m: u16) -> __m512 {
+    match K {
+        F32 => _mm512_maskz_loadu_ps(m, p.cast()),
+        BF16 => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
+            _mm256_loadu_si256(p.cast()),
+        ))),
+        _ => _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())),
+    }
+}
+
+/// Bytes per element of kind `K`.
+const fn size_of_kind(k: u8) -> usize {
+    if k == F32 {
+        4
+    } else {
+        2
+    }
+}
+
+/// [`pv`] with `v` in bf16 / f16, read in place (`v.cols` a multiple of 16).
+///
+/// # Safety
+/// avx512f must be available.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn pv_half(p: Mat, v: HalfMat, acc: MatMut) {
+    debug_assert!(v.cols % 16 == 0);
+    let vp = (v.data.as_ptr().cast::<u8>(), v.rows, v.cols, v.stride);
+    let pp = (p.data, p.rows, p.cols, p.stride, 1);
+    if v.bf16 {
+        pv_strided::<BF16>(pp, vp, acc)
+    } else {
+        pv_strided::<F16>(pp, vp, acc)
+    }
+}
+
+/// [`qk_rows`] with `k` in bf16 / f16, read in place (`k.cols` a multiple of 16).
+///
+/// # Safety
+/// avx512f must be available.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn qk_rows_half(q: Mat, k: HalfMat, out: MatMut, scale: f32) {
+    debug_assert!(k.cols % 16 == 0);
+    let kp = (k.data.as_ptr().cast::<u8>(), k.rows, k.cols, k.stride);
+    if k.bf16 {
+        qk_rows_kind::<BF16>(q, kp, out, scale)
+    } else {
+        qk_rows_kind::<F16>(q, kp, out, scale)
+    }
+}
+
 /// `acc[r][c] += Σ_{j < bk} p[r][j] · v[j][c]` for `r < p.rows`, `c < v.cols` (`p` is
 /// `nr × bk`, `v` is `bk × dv`, `acc` is `nr × dv`).
 ///
@@ -107,7 +166,12 @@ unsafe fn qk_block<const M: usize, const N: usize>(
 /// avx512f must be available.
 #[target_feature(enable = "avx512f")]
 pub unsafe fn pv(p: Mat, v: Mat, acc: MatMut) {
-    pv_strided((p.data, p.rows, p.cols, p.stride, 1), v, acc)
+    pv_strided::<F32>((p.data, p.rows, p.cols, p.stride, 1), raw(v), acc)
+}
+
+/// A matrix as (pointer, rows, cols, row stride in elements).
+fn raw(m: Mat) -> (*const u8, usize, usize, usize) {
+    (m.data.as_ptr().cast(), m.rows, m.cols, m.stride)
 }
 
 /// `acc[r][c] += Σ_j p[j][r] · v[j][c]`: [`pv`] with `p` transposed (`p` is stored `k × m`,
@@ -117,18 +181,17 @@ pub unsafe fn pv(p: Mat, v: Mat, acc: MatMut) {
 /// avx512f must be available.
 #[target_feature(enable = "avx512f")]
 pub unsafe fn pv_t(p: Mat, v: Mat, acc: MatMut) {
-    pv_strided((p.data, p.cols, p.rows, 1, p.stride), v, acc)
+    pv_strided::<F32>((p.data, p.cols, p.rows, 1, p.stride), raw(v), acc)
 }
 
 /// `acc += P · v` where `P` is `m × k` with element `(r, j)` at `data[r·rs + j·cs]`.
 #[target_feature(enable = "avx512f")]
-unsafe fn pv_strided(
+unsafe fn pv_strided<const K: u8>(
     (data, nr, bk, prs, pcs): (&[f32], usize, usize, usize, usize),
-    v: Mat,
+    (v, v_rows, dv, v_stride): (*const u8, usize, usize, usize),
     acc: MatMut,
 ) {
-    let dv = v.cols;
-    debug_assert!(v.rows == bk && acc.rows == nr && acc.cols == dv);
+    debug_assert!(v_rows == bk && acc.rows == nr && acc.cols == dv);
     debug_assert!(nr == 0 || bk == 0 || (nr - 1) * prs + (bk - 1) * pcs < data.len());
     let mut c = 0;
     while c < dv {
@@ -138,7 +201,7 @@ unsafe fn pv_strided(
         for (n, m) in masks.iter_mut().enumerate().take(nb) {
             *m = tail_mask(w - 16 * n);
         }
-        let vp = (v.data.as_ptr().add(c), v.stride);
+        let vp = (v.add(c * size_of_kind(K)), v_stride);
         let mut r = 0;
         while r < nr {
             let mr = (nr - r).min(MR);
@@ -147,10 +210,10 @@ unsafe fn pv_strided(
             macro_rules! go {
                 ($($m:literal),*) => {
                     match (mr, nb) {
-                        $(($m, 1) => pv_block::<$m, 1>(pp, bk, vp, op, masks),
-                          ($m, 2) => pv_block::<$m, 2>(pp, bk, vp, op, masks),
-                          ($m, 3) => pv_block::<$m, 3>(pp, bk, vp, op, masks),
-                          ($m, _) => pv_block::<$m, 4>(pp, bk, vp, op, masks),)*
+                        $(($m, 1) => pv_block::<$m, 1, K>(pp, bk, vp, op, masks),
+                          ($m, 2) => pv_block::<$m, 2, K>(pp, bk, vp, op, masks),
+                          ($m, 3) => pv_block::<$m, 3, K>(pp, bk, vp, op, masks),
+                          ($m, _) => pv_block::<$m, 4, K>(pp, bk, vp, op, masks),)*
                         _ => unreachable!(),
                     }
                 };
@@ -166,10 +229,10 @@ unsafe fn pv_strided(
 /// are (pointer, row stride).
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn pv_block<const M: usize, const N: usize>(
+unsafe fn pv_block<const M: usize, const N: usize, const K: u8>(
     (p, p_stride, p_cs): (*const f32, usize, usize),
     bk: usize,
-    (v, v_stride): (*const f32, usize),
+    (v, v_stride): (*const u8, usize),
     (out, out_stride): (*mut f32, usize),
     masks: [u16; 4],
 ) {
@@ -183,10 +246,10 @@ unsafe fn pv_block<const M: usize, const N: usize>(
         if j % 8 == 7 {
             super::stream::step();
         }
-        let vrow = v.add(j * v_stride);
+        let vrow = v.add(j * v_stride * size_of_kind(K));
         let mut vv = [_mm512_setzero_ps(); N];
         for n in 0..N {
-            vv[n] = _mm512_maskz_loadu_ps(masks[n], vrow.add(16 * n));
+            vv[n] = load16::<K>(vrow.add(16 * n * size_of_kind(K)), masks[n]);
         }
         for r in 0..M {
             let b = _mm512_set1_ps(*p.add(r * p_stride + j * p_cs));
@@ -249,8 +312,19 @@ unsafe fn reduce16(acc: &[[__m512; 4]; 4]) -> __m512 {
 /// avx512f must be available.
 #[target_feature(enable = "avx512f")]
 pub unsafe fn qk_rows(q: Mat, k: Mat, out: MatMut, scale: f32) {
-    let (nr, d, bk) = (q.rows, q.cols, k.rows);
-    debug_assert!(k.cols == d && out.rows == nr && out.cols == bk);
+    qk_rows_kind::<F32>(q, raw(k), out, scale)
+}
+
+/// [`qk_rows`] over key rows of kind `K`: (pointer, rows, cols, row stride in elements).
+#[target_feature(enable = "avx512f")]
+unsafe fn qk_rows_kind<const K: u8>(
+    q: Mat,
+    (kp, bk, kd, kstride): (*const u8, usize, usize, usize),
+    out: MatMut,
+    scale: f32,
+) {
+    let (nr, d) = (q.rows, q.cols);
+    debug_assert!(kd == d && out.rows == nr && out.cols == bk);
     let nv = d.div_ceil(16);
     let mut r = 0;
     while r < nr {
@@ -263,8 +337,8 @@ pub unsafe fn qk_rows(q: Mat, k: Mat, out: MatMut, scale: f32) {
                 let m = tail_mask(d - 16 * v);
                 let mut kv = [_mm512_setzero_ps(); 4];
                 for (jj, kv) in kv.iter_mut().enumerate().take(mj) {
-                    *kv =
-                        _mm512_maskz_loadu_ps(m, k.data.as_ptr().add((j + jj) * k.stride + 16 * v));
+                    let at = (j + jj) * kstride + 16 * v;
+                    *kv = load16::<K>(kp.add(at * size_of_kind(K)), m);
                 }
                 for rr in 0..mr {
                     let qv =

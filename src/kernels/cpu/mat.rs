@@ -53,3 +53,44 @@ impl<'a> MatMut<'a> {
         }
     }
 }
+
+/// A `rows × cols` matrix of bf16 or f16 elements whose rows start `stride` elements apart,
+/// read in place by the micro-kernels (each element widened to f32 in registers).
+#[derive(Clone, Copy)]
+pub(super) struct HalfMat<'a> {
+    /// The elements' bits.
+    pub data: &'a [u16],
+    /// Whether they are bf16 (else f16).
+    pub bf16: bool,
+    pub rows: usize,
+    pub cols: usize,
+    pub stride: usize,
+}
+
+impl<'a> HalfMat<'a> {
+    pub fn bf16(data: &'a [half::bf16], rows: usize, cols: usize, stride: usize) -> Self {
+        Self::new(bytemuck_u16(data), true, rows, cols, stride)
+    }
+
+    pub fn f16(data: &'a [half::f16], rows: usize, cols: usize, stride: usize) -> Self {
+        Self::new(bytemuck_u16(data), false, rows, cols, stride)
+    }
+
+    fn new(data: &'a [u16], bf16: bool, rows: usize, cols: usize, stride: usize) -> Self {
+        check(data.len(), rows, cols, stride, false);
+        Self {
+            data,
+            bf16,
+            rows,
+            cols,
+            stride,
+        }
+    }
+}
+
+/// The bits of a bf16 / f16 slice.
+fn bytemuck_u16<T: Copy>(data: &[T]) -> &[u16] {
+    assert_eq!(std::mem::size_of::<T>(), 2);
+    // SAFETY: `T` is bf16 or f16, 2-byte plain-old-data types with u16's alignment.
+    unsafe { std::slice::from_raw_parts(data.as_ptr().cast::<u16>(), data.len()) }
+}

@@ -5,7 +5,7 @@
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
-use super::mat::{Mat, MatMut};
+use super::mat::{HalfMat, Mat, MatMut};
 use super::portable::{self, matmul};
 
 /// An instruction set of the fused CPU kernel's products.
@@ -131,6 +131,40 @@ pub(super) fn qk_rows(isa: Isa, q: Mat, k: Mat, out: MatMut, scale: f32) {
         // SAFETY: as above.
         Isa::Avx2 => unsafe { super::avx2::qk_rows(q, k, out, scale) },
         _ => portable::qk(q, k, out, scale),
+    }
+}
+
+/// Whether `isa` reads bf16/f16 operands of `cols` columns in place ([`qk_rows_half`],
+/// [`pv_half`]): AVX-512 on multiples of 16 columns. Elsewhere half tiles are converted to f32
+/// first.
+pub(super) fn reads_half(isa: Isa, cols: usize) -> bool {
+    isa == Isa::Avx512 && cols.is_multiple_of(16)
+}
+
+/// [`qk_rows`] with bf16/f16 key rows read in place; only where [`reads_half`] says so.
+pub(super) fn qk_rows_half(isa: Isa, q: Mat, k: HalfMat, out: MatMut, scale: f32) {
+    assert!(
+        reads_half(isa, k.cols) && k.cols == q.cols && out.rows == q.rows && out.cols == k.rows
+    );
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa` is only ever a supported one (see `force`); every access is inside the
+        // checked matrices (whole vectors of 16 columns).
+        Isa::Avx512 => unsafe { super::avx512::qk_rows_half(q, k, out, scale) },
+        _ => unreachable!("reads_half is false for {isa:?}"),
+    }
+}
+
+/// [`pv`] with bf16/f16 rows of `v` read in place; only where [`reads_half`] says so.
+pub(super) fn pv_half(isa: Isa, p: Mat, v: HalfMat, acc: MatMut) {
+    assert!(
+        reads_half(isa, v.cols) && v.rows == p.cols && acc.rows == p.rows && acc.cols == v.cols
+    );
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx512 => unsafe { super::avx512::pv_half(p, v, acc) },
+        _ => unreachable!("reads_half is false for {isa:?}"),
     }
 }
 

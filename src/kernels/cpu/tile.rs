@@ -6,7 +6,7 @@ use std::cell::RefCell;
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 
-use super::mat::{Mat, MatMut};
+use super::mat::{HalfMat, Mat, MatMut};
 use super::products::{self, Isa};
 use super::softmax::softmax_step;
 use super::{BLOCK_K, BLOCK_Q, MAX_HEAD_DIM};
@@ -40,6 +40,24 @@ impl<'a> View<'a> {
         match self.data {
             Data::F32(s) => Some(s),
             _ => None,
+        }
+    }
+
+    /// `rows × cols` half elements from `at` (row stride `stride`), read in place, when the
+    /// tensor is bf16/f16 and `isa` reads such operands directly.
+    pub fn half_mat(
+        &self,
+        isa: Isa,
+        at: usize,
+        (rows, cols, stride): (usize, usize, usize),
+    ) -> Option<HalfMat<'a>> {
+        if !products::reads_half(isa, cols) {
+            return None;
+        }
+        match self.data {
+            Data::F32(_) => None,
+            Data::Bf16(s) => Some(HalfMat::bf16(&s[at..], rows, cols, stride)),
+            Data::F16(s) => Some(HalfMat::f16(&s[at..], rows, cols, stride)),
         }
     }
 
@@ -429,11 +447,20 @@ impl Ctx<'_> {
         let k0 = self.k.at(bi, j0, kh);
         let v0 = self.v.at(bi, j0, kh);
         let (kst, vst) = (self.k.strides[1], self.v.strides[1]);
-        // In place for f32; half tiles converted once here (K only when no kᵀ copy is used).
-        let vtile = self.v.mat(v0, (bk, dv, vst), rows.vtile);
-        let ktile = match self.kt {
+        // In place for f32, and for bf16/f16 where the instruction set reads them directly;
+        // else half tiles converted once here (K only when no kᵀ copy is used).
+        let vhalf = self.v.half_mat(self.isa, v0, (bk, dv, vst));
+        let vtile = match vhalf {
             Some(_) => None,
-            None => Some(self.k.mat(k0, (bk, d, kst), rows.ktile)),
+            None => Some(self.v.mat(v0, (bk, dv, vst), rows.vtile)),
+        };
+        let khalf = match self.kt {
+            Some(_) => None,
+            None => self.k.half_mat(self.isa, k0, (bk, d, kst)),
+        };
+        let ktile = match (self.kt, khalf) {
+            (None, None) => Some(self.k.mat(k0, (bk, d, kst), rows.ktile)),
+            _ => None,
         };
         let q = Mat::new(rows.q, nr, d, d);
         let scores = MatMut::new(rows.scores, nr, bk, BLOCK_K);
@@ -445,11 +472,11 @@ impl Ctx<'_> {
                 let kt = Mat::new(&kt[base + j0..base + d * self.s], d, bk, self.s);
                 products::qk_t(self.isa, q, kt, scores, self.scale);
             }
-            None => {
-                if let Some(ktile) = ktile {
-                    products::qk_rows(self.isa, q, ktile, scores, self.scale)
-                }
-            }
+            None => match (khalf, ktile) {
+                (Some(kh), _) => products::qk_rows_half(self.isa, q, kh, scores, self.scale),
+                (None, Some(ktile)) => products::qk_rows(self.isa, q, ktile, scores, self.scale),
+                (None, None) => unreachable!("a key tile is read or converted"),
+            },
         }
         let mut any = false;
         for r in 0..nr {
@@ -466,7 +493,11 @@ impl Ctx<'_> {
         }
         let p = Mat::new(rows.scores, nr, bk, BLOCK_K);
         let acc = MatMut::new(rows.acc, nr, dv, dv);
-        products::pv(self.isa, p, vtile, acc);
+        match (vhalf, vtile) {
+            (Some(vh), _) => products::pv_half(self.isa, p, vh, acc),
+            (None, Some(vtile)) => products::pv(self.isa, p, vtile, acc),
+            (None, None) => unreachable!("a value tile is read or converted"),
+        }
     }
 }
 
