@@ -134,7 +134,7 @@ const fn size_of_kind(k: u8) -> usize {
 /// avx512f must be available.
 #[target_feature(enable = "avx512f")]
 pub unsafe fn pv_half(p: Mat, v: HalfMat, acc: MatMut) {
-    debug_assert!(v.cols % 16 == 0);
+    debug_assert!(v.cols.is_multiple_of(16));
     let vp = (v.data.as_ptr().cast::<u8>(), v.rows, v.cols, v.stride);
     let pp = (p.data, p.rows, p.cols, p.stride, 1);
     if v.bf16 {
@@ -150,7 +150,7 @@ pub unsafe fn pv_half(p: Mat, v: HalfMat, acc: MatMut) {
 /// avx512f must be available.
 #[target_feature(enable = "avx512f")]
 pub unsafe fn qk_rows_half(q: Mat, k: HalfMat, out: MatMut, scale: f32) {
-    debug_assert!(k.cols % 16 == 0);
+    debug_assert!(k.cols.is_multiple_of(16));
     let kp = (k.data.as_ptr().cast::<u8>(), k.rows, k.cols, k.stride);
     if k.bf16 {
         qk_rows_kind::<BF16>(q, kp, out, scale)
