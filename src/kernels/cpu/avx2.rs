@@ -5,7 +5,7 @@
 
 use std::arch::x86_64::*;
 
-use super::mat::{Mat, MatMut};
+use super::mat::{HalfMat, Mat, MatMut};
 
 /// Rows per register block.
 const MR: usize = 6;
@@ -98,7 +98,45 @@ unsafe fn qk_block<const M: usize, const N: usize>(
 /// avx2 and fma must be available.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn pv(p: Mat, v: Mat, acc: MatMut) {
-    pv_strided((p.data, p.rows, p.cols, p.stride, 1), v, acc)
+    pv_strided::<false>((p.data, p.rows, p.cols, p.stride, 1), raw(v), acc)
+}
+
+/// [`pv`] with `v` in bf16, read in place (`v.cols` a multiple of 8).
+///
+/// # Safety
+/// avx2 and fma must be available.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn pv_bf16(p: Mat, v: HalfMat, acc: MatMut) {
+    debug_assert!(v.bf16 && v.cols.is_multiple_of(8));
+    let vp = (v.data.as_ptr().cast::<u8>(), v.rows, v.cols, v.stride);
+    pv_strided::<true>((p.data, p.rows, p.cols, p.stride, 1), vp, acc)
+}
+
+/// A matrix as (pointer, rows, cols, row stride in elements).
+fn raw(m: Mat) -> (*const u8, usize, usize, usize) {
+    (m.data.as_ptr().cast(), m.rows, m.cols, m.stride)
+}
+
+/// 8 elements from `p` as f32 lanes: f32 (masked), or bf16 (`BF16`: whole vectors, widened).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn load8<const BF16: bool>(p: *const u8, m: __m256i) -> __m256 {
+    if BF16 {
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(
+            _mm_loadu_si128(p.cast()),
+        )))
+    } else {
+        _mm256_maskload_ps(p.cast(), m)
+    }
+}
+
+/// Bytes per element (bf16 or f32).
+const fn elem(bf16: bool) -> usize {
+    if bf16 {
+        2
+    } else {
+        4
+    }
 }
 
 /// `acc += pᵀ · v` for `p` stored `k × m` (row stride `p.stride`), without a transposed copy.
@@ -107,25 +145,24 @@ pub unsafe fn pv(p: Mat, v: Mat, acc: MatMut) {
 /// avx2 and fma must be available.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn pv_t(p: Mat, v: Mat, acc: MatMut) {
-    pv_strided((p.data, p.cols, p.rows, 1, p.stride), v, acc)
+    pv_strided::<false>((p.data, p.cols, p.rows, 1, p.stride), raw(v), acc)
 }
 
 /// `acc += P · v` where `P` is `m × k` with element `(r, j)` at `data[r·rs + j·cs]`.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn pv_strided(
+unsafe fn pv_strided<const BF16: bool>(
     (data, nr, bk, prs, pcs): (&[f32], usize, usize, usize, usize),
-    v: Mat,
+    (v, v_rows, dv, v_stride): (*const u8, usize, usize, usize),
     acc: MatMut,
 ) {
-    let dv = v.cols;
-    debug_assert!(v.rows == bk && acc.rows == nr && acc.cols == dv);
+    debug_assert!(v_rows == bk && acc.rows == nr && acc.cols == dv);
     debug_assert!(nr == 0 || bk == 0 || (nr - 1) * prs + (bk - 1) * pcs < data.len());
     let mut c = 0;
     while c < dv {
         let w = (dv - c).min(8 * NV);
         let masks = [lanes(w), lanes(w.saturating_sub(8))];
         let nb = w.div_ceil(8);
-        let vp = (v.data.as_ptr().add(c), v.stride);
+        let vp = (v.add(c * elem(BF16)), v_stride);
         let mut r = 0;
         while r < nr {
             let mr = (nr - r).min(MR);
@@ -134,8 +171,8 @@ unsafe fn pv_strided(
             macro_rules! go {
                 ($($m:literal),*) => {
                     match (mr, nb) {
-                        $(($m, 1) => pv_block::<$m, 1>(pp, bk, vp, op, masks),
-                          ($m, _) => pv_block::<$m, 2>(pp, bk, vp, op, masks),)*
+                        $(($m, 1) => pv_block::<$m, 1, BF16>(pp, bk, vp, op, masks),
+                          ($m, _) => pv_block::<$m, 2, BF16>(pp, bk, vp, op, masks),)*
                         _ => unreachable!(),
                     }
                 };
@@ -149,10 +186,10 @@ unsafe fn pv_strided(
 
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn pv_block<const M: usize, const N: usize>(
+unsafe fn pv_block<const M: usize, const N: usize, const BF16: bool>(
     (p, prs, pcs): (*const f32, usize, usize),
     bk: usize,
-    (v, vs): (*const f32, usize),
+    (v, vs): (*const u8, usize),
     (out, os): (*mut f32, usize),
     masks: [__m256i; NV],
 ) {
@@ -166,10 +203,10 @@ unsafe fn pv_block<const M: usize, const N: usize>(
         if j % 8 == 7 {
             super::stream::step();
         }
-        let vrow = v.add(j * vs);
+        let vrow = v.add(j * vs * elem(BF16));
         let mut vv = [_mm256_setzero_ps(); N];
         for n in 0..N {
-            vv[n] = _mm256_maskload_ps(vrow.add(8 * n), masks[n]);
+            vv[n] = load8::<BF16>(vrow.add(8 * n * elem(BF16)), masks[n]);
         }
         for r in 0..M {
             let b = _mm256_broadcast_ss(&*p.add(r * prs + j * pcs));
@@ -222,8 +259,30 @@ unsafe fn reduce8(acc: &[[__m256; 4]; 2]) -> __m256 {
 /// avx2 and fma must be available.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn qk_rows(q: Mat, k: Mat, out: MatMut, scale: f32) {
-    let (nr, d, bk) = (q.rows, q.cols, k.rows);
-    debug_assert!(k.cols == d && out.rows == nr && out.cols == bk);
+    qk_rows_kind::<false>(q, raw(k), out, scale)
+}
+
+/// [`qk_rows`] with bf16 key rows read in place (`k.cols` a multiple of 8).
+///
+/// # Safety
+/// avx2 and fma must be available.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn qk_rows_bf16(q: Mat, k: HalfMat, out: MatMut, scale: f32) {
+    debug_assert!(k.bf16 && k.cols.is_multiple_of(8));
+    let kp = (k.data.as_ptr().cast::<u8>(), k.rows, k.cols, k.stride);
+    qk_rows_kind::<true>(q, kp, out, scale)
+}
+
+/// [`qk_rows`] over key rows (pointer, rows, cols, row stride in elements), f32 or bf16.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn qk_rows_kind<const BF16: bool>(
+    q: Mat,
+    (kp, bk, kd, kstride): (*const u8, usize, usize, usize),
+    out: MatMut,
+    scale: f32,
+) {
+    let (nr, d) = (q.rows, q.cols);
+    debug_assert!(kd == d && out.rows == nr && out.cols == bk);
     let nv = d.div_ceil(8);
     let mut r = 0;
     while r < nr {
@@ -236,7 +295,8 @@ pub unsafe fn qk_rows(q: Mat, k: Mat, out: MatMut, scale: f32) {
                 let m = lanes(d - 8 * v);
                 let mut kv = [_mm256_setzero_ps(); 4];
                 for (jj, kv) in kv.iter_mut().enumerate().take(mj) {
-                    *kv = _mm256_maskload_ps(k.data.as_ptr().add((j + jj) * k.stride + 8 * v), m);
+                    let at = (j + jj) * kstride + 8 * v;
+                    *kv = load8::<BF16>(kp.add(at * elem(BF16)), m);
                 }
                 for rr in 0..mr {
                     let qv =

@@ -134,23 +134,33 @@ pub(super) fn qk_rows(isa: Isa, q: Mat, k: Mat, out: MatMut, scale: f32) {
     }
 }
 
-/// Whether `isa` reads bf16/f16 operands of `cols` columns in place ([`qk_rows_half`],
-/// [`pv_half`]): AVX-512 on multiples of 16 columns. Elsewhere half tiles are converted to f32
-/// first.
-pub(super) fn reads_half(isa: Isa, cols: usize) -> bool {
-    isa == Isa::Avx512 && cols.is_multiple_of(16)
+/// Whether `isa` reads bf16 (`bf16`) or f16 operands of `cols` columns in place
+/// ([`qk_rows_half`], [`pv_half`]): AVX-512 both, on multiples of 16 columns; AVX2 bf16, on
+/// multiples of 8. Elsewhere half tiles are converted to f32 first.
+pub(super) fn reads_half(isa: Isa, bf16: bool, cols: usize) -> bool {
+    match isa {
+        Isa::Avx512 => cols.is_multiple_of(16),
+        Isa::Avx2 => bf16 && cols.is_multiple_of(8),
+        Isa::Portable => false,
+    }
 }
 
 /// [`qk_rows`] with bf16/f16 key rows read in place; only where [`reads_half`] says so.
 pub(super) fn qk_rows_half(isa: Isa, q: Mat, k: HalfMat, out: MatMut, scale: f32) {
     assert!(
-        reads_half(isa, k.cols) && k.cols == q.cols && out.rows == q.rows && out.cols == k.rows
+        reads_half(isa, k.bf16, k.cols)
+            && k.cols == q.cols
+            && out.rows == q.rows
+            && out.cols == k.rows
     );
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa` is only ever a supported one (see `force`); every access is inside the
         // checked matrices (whole vectors of 16 columns).
         Isa::Avx512 => unsafe { super::avx512::qk_rows_half(q, k, out, scale) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above (AVX2 takes bf16 only, asserted by `reads_half`).
+        Isa::Avx2 => unsafe { super::avx2::qk_rows_bf16(q, k, out, scale) },
         _ => unreachable!("reads_half is false for {isa:?}"),
     }
 }
@@ -158,12 +168,18 @@ pub(super) fn qk_rows_half(isa: Isa, q: Mat, k: HalfMat, out: MatMut, scale: f32
 /// [`pv`] with bf16/f16 rows of `v` read in place; only where [`reads_half`] says so.
 pub(super) fn pv_half(isa: Isa, p: Mat, v: HalfMat, acc: MatMut) {
     assert!(
-        reads_half(isa, v.cols) && v.rows == p.cols && acc.rows == p.rows && acc.cols == v.cols
+        reads_half(isa, v.bf16, v.cols)
+            && v.rows == p.cols
+            && acc.rows == p.rows
+            && acc.cols == v.cols
     );
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
         Isa::Avx512 => unsafe { super::avx512::pv_half(p, v, acc) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx2 => unsafe { super::avx2::pv_bf16(p, v, acc) },
         _ => unreachable!("reads_half is false for {isa:?}"),
     }
 }

@@ -51,13 +51,15 @@ impl<'a> View<'a> {
         at: usize,
         (rows, cols, stride): (usize, usize, usize),
     ) -> Option<HalfMat<'a>> {
-        if !products::reads_half(isa, cols) {
-            return None;
-        }
         match self.data {
             Data::F32(_) => None,
-            Data::Bf16(s) => Some(HalfMat::bf16(&s[at..], rows, cols, stride)),
-            Data::F16(s) => Some(HalfMat::f16(&s[at..], rows, cols, stride)),
+            Data::Bf16(s) if products::reads_half(isa, true, cols) => {
+                Some(HalfMat::bf16(&s[at..], rows, cols, stride))
+            }
+            Data::F16(s) if products::reads_half(isa, false, cols) => {
+                Some(HalfMat::f16(&s[at..], rows, cols, stride))
+            }
+            _ => None,
         }
     }
 
