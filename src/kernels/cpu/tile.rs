@@ -14,7 +14,9 @@ use crate::config::MaskedRowPolicy;
 use crate::mask::MaskPlan;
 
 /// The elements of a tensor the kernel reads in place, in their own dtype: f16/bf16 inputs are
-/// converted to f32 per row or per tile as they are read, never as whole tensors.
+/// read in place by the micro-kernels that take them (AVX-512: bf16 and f16; AVX2: bf16; widened
+/// to f32 in registers), else converted to f32 per row or per tile as they are read, never as
+/// whole tensors.
 #[derive(Clone, Copy)]
 pub(super) enum Data<'a> {
     F32(&'a [f32]),
