@@ -49,8 +49,8 @@
 //! contiguous last dimension (a narrowed packed projection, a KV cache buffer), in their own
 //! dtype: f16/bf16 query rows are converted to f32 as they are gathered, and K/V tiles are read
 //! in place by the micro-kernels (AVX-512: bf16 and f16, AVX2: bf16, widened in registers) or
-//! converted as they are visited (no whole-tensor f32 copy; a bf16 KV cache is streamed at half the bytes). The
-//! SIMD paths keep one transposed f32 copy of K when many query rows share each K tile.
+//! converted as they are visited (no whole-tensor f32 copy; a bf16 KV cache is streamed at half
+//! the bytes). The SIMD paths keep one transposed f32 copy of K when many query rows share each K tile.
 //! Memory beyond that: per worker thread a `BLOCK_Q × BLOCK_K` score tile, two `BLOCK_Q ×`
 //! [`MAX_HEAD_DIM`] row tiles (192 KiB) and, for half inputs, a converted K and V tile
 //! (512 KiB), independent of `S`. Nothing grows with `L · S`.
