@@ -57,6 +57,7 @@ impl<'a> MatMut<'a> {
 /// A `rows × cols` matrix of bf16 or f16 elements whose rows start `stride` elements apart,
 /// read in place by the micro-kernels (each element widened to f32 in registers).
 #[derive(Clone, Copy)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // read by the x86 micro-kernels
 pub(super) struct HalfMat<'a> {
     /// The elements' bits.
     pub data: &'a [u16],

@@ -161,7 +161,10 @@ pub(super) fn qk_rows_half(isa: Isa, q: Mat, k: HalfMat, out: MatMut, scale: f32
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above (AVX2 takes bf16 only, asserted by `reads_half`).
         Isa::Avx2 => unsafe { super::avx2::qk_rows_bf16(q, k, out, scale) },
-        _ => unreachable!("reads_half is false for {isa:?}"),
+        _ => {
+            let _ = (q, k, out, scale);
+            unreachable!("reads_half is false for {isa:?}")
+        }
     }
 }
 
@@ -180,7 +183,10 @@ pub(super) fn pv_half(isa: Isa, p: Mat, v: HalfMat, acc: MatMut) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
         Isa::Avx2 => unsafe { super::avx2::pv_bf16(p, v, acc) },
-        _ => unreachable!("reads_half is false for {isa:?}"),
+        _ => {
+            let _ = (p, v, acc);
+            unreachable!("reads_half is false for {isa:?}")
+        }
     }
 }
 
