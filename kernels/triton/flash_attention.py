@@ -47,6 +47,17 @@ def _tile_mask(offs_m, offs_n, lo, hi, diag, causal, window):
 
 
 @triton.jit
+def _kv_tile(k_base, v_base, keys, n_ok, offs_d, d_ok, stride_ks, stride_vs):
+    """The key tile transposed, ``(BLOCK_D, BLOCK_N)``, and the value tile, ``(BLOCK_N, BLOCK_D)``,
+    of rows ``keys`` (zeros where ``n_ok`` or ``d_ok`` is false)."""
+    k = tl.load(k_base + keys[None, :] * stride_ks + offs_d[:, None],
+                mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+    v = tl.load(v_base + keys[:, None] * stride_vs + offs_d[None, :],
+                mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+    return k, v
+
+
+@triton.jit
 def _online_step(qk, keep, m_i, l_i, acc, v):
     """One online-softmax step: masks ``qk`` (already in log2 units), rescales the running
     row max ``m_i``, sum ``l_i`` and accumulator ``acc`` and adds ``p @ v``."""
@@ -131,10 +142,7 @@ def attn_fwd(
             offs_n = start_n + tl.arange(0, BLOCK_N)
             n_ok = offs_n < hi_t
             keys = (k0 + offs_n).to(tl.int64)
-            k = tl.load(k_base + keys[None, :] * stride_ks + offs_d[:, None],
-                        mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-            v = tl.load(v_base + keys[:, None] * stride_vs + offs_d[None, :],
-                        mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            k, v = _kv_tile(k_base, v_base, keys, n_ok, offs_d, d_ok, stride_ks, stride_vs)
             qk = tl.dot(q, k) * qk_scale
             keep = _tile_mask(offs_m, offs_n, lo_t, hi_t, diag, causal, window)
             if HAS_BIAS:
@@ -209,10 +217,7 @@ def attn_decode_split(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < hi_t
         keys = offs_n.to(tl.int64)
-        k = tl.load(k_base + keys[None, :] * stride_ks + offs_d[:, None],
-                    mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-        v = tl.load(v_base + keys[:, None] * stride_vs + offs_d[None, :],
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        k, v = _kv_tile(k_base, v_base, keys, n_ok, offs_d, d_ok, stride_ks, stride_vs)
         qk = tl.dot(q, k) * qk_scale
         keep = _tile_mask(offs_m, offs_n, lo_t, hi_t, diag, causal, window) & row_ok[:, None]
         if has_bias != 0:

@@ -7,7 +7,7 @@ use super::artifact::{Artifact, Dt, KernelKind};
 pub const TRITON_VERSION: &str = "3.6.0";
 /// SHA-256 of the Triton source (`kernels/triton/flash_attention.py`) the shipped kernels
 /// were compiled from.
-pub const SOURCE_SHA256: &str = "8a5a1acc73fdffb849cf1e18fcc97bc8fd30b14fb9662116e6207556f19342ff";
+pub const SOURCE_SHA256: &str = "ebcb5fd86886a0f1f95189d16e501b471bb0e7a3a1d8e0d82840f5c518605128";
 /// SHA-256 of the uncompressed blob (every variant's PTX, concatenated).
 pub const BLOB_SHA256: &str = "2cb8cdec1066d1b62fbdc7cda024cf177da7ed3ae627be0202c6fb6caba57847";
 
