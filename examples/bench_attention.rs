@@ -28,7 +28,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use candle_mha::kernels::{attention, AttnParams};
+use candle_mha::kernels::{attention, test_support, AttnParams};
 use candle_mha::mask::{Causal, KeyPaddingMask, MaskDims, MaskPlan};
 use candle_mha::{Backend, CausalAlignment, MhaConfig, MhaInput, MultiHeadAttention};
 use candle_nn::{VarBuilder, VarMap};
@@ -487,6 +487,30 @@ fn rates(results: &[(Cfg, Vec<Row>)]) -> Result<()> {
     // A copy reads and writes every byte.
     let copy_rate = 2.0 * bytes as f64 / copy / 1e9;
     println!("\nMachine rates (measured now): f32 GEMM {n}³ (candle matmul, the `gemm` crate): {gemm_rate:.0} GFLOP/s; memory copy of 1 GiB: {copy_rate:.1} GB/s (read + write)\n");
+    if dtype() == DType::BF16 {
+        // The projections' bf16 matmul: ours (AVX512-BF16 where the CPU has it) and candle's.
+        let (x, w) = (a.to_dtype(DType::BF16)?, b.to_dtype(DType::BF16)?);
+        let lin = candle_nn::Linear::new(w, None);
+        let rate = |t: f64| 2.0 * (n as f64).powi(3) / t / 1e9;
+        let ours = median(time_it(3, || {
+            test_support::linear(&lin, &x).map(drop).map_err(Into::into)
+        })?);
+        let theirs = median(time_it(3, || {
+            candle_nn::Module::forward(&lin, &x)
+                .map(drop)
+                .map_err(Into::into)
+        })?);
+        let which = if test_support::bf16_gemm_enabled() {
+            "AVX512-BF16 GEMM"
+        } else {
+            "no AVX512-BF16 here: candle's path"
+        };
+        println!(
+            "bf16 projection GEMM {n}³: ours ({which}) {:.0} GFLOP/s, candle's matmul {:.0} GFLOP/s\n",
+            rate(ours),
+            rate(theirs)
+        );
+    }
     println!("| config | fused | achieved | of the machine's |");
     println!("|---|---|---|---|");
     let elem = dtype().size_in_bytes() as f64;

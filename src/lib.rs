@@ -73,6 +73,7 @@ pub mod mha;
 #[cfg(feature = "models")]
 #[cfg_attr(docsrs, doc(cfg(feature = "models")))]
 pub mod models;
+mod proj;
 pub mod rope;
 pub mod sdpa;
 

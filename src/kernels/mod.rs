@@ -508,6 +508,21 @@ pub mod test_support {
         super::cpu::isa_name()
     }
 
+    /// The projections' matmul, `lin.forward(x)`: the AVX512-BF16 GEMM for bf16 where the CPU
+    /// has it (and AVX-512 is the instruction set in use), else candle's (lets the benchmarks
+    /// time the projections alone).
+    pub fn linear(
+        lin: &candle_nn::Linear,
+        x: &candle_core::Tensor,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        crate::proj::linear(lin, x)
+    }
+
+    /// Whether bf16 projections use the AVX512-BF16 GEMM now.
+    pub fn bf16_gemm_enabled() -> bool {
+        super::cpu::bf16_gemm_enabled()
+    }
+
     /// Forces the fused CPU kernel's portable (`gemm`) products even where AVX-512 is
     /// available (process-wide), so that tests cover both paths on one machine.
     pub fn set_portable_only(on: bool) {

@@ -310,9 +310,10 @@ impl BertLayer {
         need: NeedWeights,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let (a, weights) = self.attend(xs, plan, need)?;
-        let ff = self
-            .output
-            .forward(&self.act.apply(&self.intermediate.forward(&a)?)?)?;
+        let inner = self
+            .act
+            .apply(&crate::proj::linear(&self.intermediate, &a)?)?;
+        let ff = crate::proj::linear(&self.output, &inner)?;
         Ok((self.output_norm.forward(&(ff + a)?)?, weights))
     }
 }

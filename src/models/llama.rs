@@ -150,8 +150,8 @@ struct Mlp {
 
 impl Module for Mlp {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let g = candle_nn::ops::silu(&self.gate.forward(xs)?)?;
-        self.down.forward(&(g * self.up.forward(xs)?)?)
+        let g = candle_nn::ops::silu(&crate::proj::linear(&self.gate, xs)?)?;
+        crate::proj::linear(&self.down, &(g * crate::proj::linear(&self.up, xs)?)?)
     }
 }
 
@@ -367,13 +367,13 @@ impl Llama {
     ) -> Result<Tensor> {
         let h = self.hidden_states(ids, left_padding, cache)?;
         let last = h.narrow(1, h.dim(1)? - 1, 1)?.squeeze(1)?;
-        self.lm_head.forward(&last)
+        crate::proj::linear(&self.lm_head, &last)
     }
 
     /// Logits `(B, L, vocab)` of every new position.
     pub fn forward_all(&self, ids: &Tensor, cache: &mut LlamaCache) -> Result<Tensor> {
         let h = self.hidden_states(ids, None, cache)?;
-        self.lm_head.forward(&h)
+        crate::proj::linear(&self.lm_head, &h)
     }
 
     /// Greedy next tokens `(B,)` from logits `(B, vocab)`.

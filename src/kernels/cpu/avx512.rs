@@ -270,7 +270,7 @@ unsafe fn pv_block<const M: usize, const N: usize, const K: u8>(
 /// shuffles and adds instead of 16 separate reductions (about 160).
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn reduce16(acc: &[[__m512; 4]; 4]) -> __m512 {
+pub(super) unsafe fn reduce16(acc: &[[__m512; 4]; 4]) -> __m512 {
     let x = |i: usize| acc[i / 4][i % 4];
     // 16 → 8: [a.lo256 + a.hi256 | b.lo256 + b.hi256].
     let y: [__m512; 8] = std::array::from_fn(|p| {

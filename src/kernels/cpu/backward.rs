@@ -27,7 +27,7 @@ use super::mat::{Mat, MatMut};
 use super::portable::matmul;
 use super::products::{self, Isa};
 use super::softmax::exp_sub;
-use super::tile::{Ctx, Data, OutPtr, View};
+use super::tile::{Ctx, Data, OutBuf, OutPtr, View};
 use super::{cpu_f32, f32_rows, strides3, transpose_heads, AttnCall, Inputs, MAX_HEAD_DIM};
 
 /// Query rows per block.
@@ -142,7 +142,7 @@ pub(super) fn backward(
     let (dk_p, dv_p) = (OutPtr(dk.as_mut_ptr()), OutPtr(dvv.as_mut_ptr()));
     let threads = rayon::current_num_threads().max(1);
     let dq_parts: Vec<Mutex<Vec<f32>>> = (0..threads).map(|_| Mutex::new(Vec::new())).collect();
-    let unused = OutPtr(std::ptr::null_mut());
+    let unused = OutBuf::F32(std::ptr::null_mut());
     inputs.with_ctx(c, false, unused, None, |ctx| -> Result<()> {
         let (kt, vt) = if ctx.isa != Isa::Portable {
             (

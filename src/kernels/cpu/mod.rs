@@ -88,6 +88,8 @@ mod avx2;
 mod avx512;
 mod backward;
 mod decode;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod gemm_bf16;
 mod mat;
 mod op;
 mod portable;
@@ -98,7 +100,7 @@ mod tile;
 
 pub use decode::SPLIT_MIN_KEYS;
 use products::Isa;
-use tile::{Bias, Ctx, Data, OutPtr, View};
+use tile::{Bias, Ctx, Data, OutBuf, OutPtr, View};
 
 /// Query rows per work item (after folding the query heads of a KV group into the rows).
 pub const BLOCK_Q: usize = 64;
@@ -153,6 +155,20 @@ pub(crate) fn force_isa(name: Option<&str>) -> std::result::Result<(), String> {
 /// The instruction set calls use now.
 pub(crate) fn isa_name() -> &'static str {
     products::current().name()
+}
+
+/// Whether bf16 projections may use the AVX512-BF16 GEMM ([`gemm_bf16`]): the CPU has it and
+/// the instruction set in use is AVX-512 (forcing AVX2 or the portable path turns it off, so
+/// that those paths are measured as they run on CPUs without it).
+pub(crate) fn bf16_gemm_enabled() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        products::current() == Isa::Avx512 && gemm_bf16::supported()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
 /// Forces the portable path (`gemm` crate products) even where SIMD micro-kernels are
@@ -279,12 +295,29 @@ fn strides3(t: &Tensor) -> [usize; 3] {
 /// log-sum-exp `(B, H, L)` (f32; `-inf` for fully masked rows) that the backward needs.
 fn forward(c: &AttnCall, want_lse: bool) -> Result<(Tensor, Option<Vec<f32>>)> {
     let (b, l, h, dv) = (c.b, c.l, c.h, c.dv);
-    let mut out = vec![0f32; b * l * h * dv];
+    let n = b * l * h * dv;
+    let shape = (b, l, h, dv);
+    let dev = c.q.device();
+    // The output is written in the inputs' dtype (f64 and other dtypes run in f32).
+    let (mut o32, mut obf, mut of16) = (Vec::new(), Vec::new(), Vec::new());
+    let out_buf = match c.q.dtype() {
+        DType::BF16 => {
+            obf = vec![half::bf16::ZERO; n];
+            OutBuf::Bf16(obf.as_mut_ptr())
+        }
+        DType::F16 => {
+            of16 = vec![half::f16::ZERO; n];
+            OutBuf::F16(of16.as_mut_ptr())
+        }
+        _ => {
+            o32 = vec![0f32; n];
+            OutBuf::F32(o32.as_mut_ptr())
+        }
+    };
     let mut lse = want_lse.then(|| vec![f32::NEG_INFINITY; b * h * l]);
-    let out_ptr = OutPtr(out.as_mut_ptr());
     let lse_ptr = lse.as_mut().map(|v| OutPtr(v.as_mut_ptr()));
     let inputs = Inputs::new(c, true)?;
-    inputs.with_ctx(c, true, out_ptr, lse_ptr, |ctx| {
+    inputs.with_ctx(c, true, out_buf, lse_ptr, |ctx| {
         let g = ctx.g;
         if decode::run(c, ctx) {
             return;
@@ -294,7 +327,11 @@ fn forward(c: &AttnCall, want_lse: bool) -> Result<(Tensor, Option<Vec<f32>>)> {
         };
         for_each_item(c, g, run);
     })?;
-    let t = Tensor::from_vec(out, (b, l, h, dv), c.q.device())?.to_dtype(c.q.dtype())?;
+    let t = match c.q.dtype() {
+        DType::BF16 => Tensor::from_vec(obf, shape, dev)?,
+        DType::F16 => Tensor::from_vec(of16, shape, dev)?,
+        dt => Tensor::from_vec(o32, shape, dev)?.to_dtype(dt)?,
+    };
     Ok((t, lse))
 }
 
@@ -354,7 +391,7 @@ impl Inputs {
         &self,
         c: &AttnCall,
         transpose_k: bool,
-        out: OutPtr,
+        out: OutBuf,
         lse: Option<OutPtr>,
         f: impl FnOnce(&Ctx) -> R,
     ) -> Result<R> {

@@ -70,7 +70,11 @@ impl<'a> View<'a> {
         let n = dst.len();
         match self.data {
             Data::F32(s) => dst.copy_from_slice(&s[at..at + n]),
-            Data::Bf16(s) => s[at..at + n].convert_to_f32_slice(dst),
+            // bf16 → f32 is a shift of the bits (a loop the compiler vectorises).
+            Data::Bf16(s) => dst
+                .iter_mut()
+                .zip(&s[at..at + n])
+                .for_each(|(o, x)| *o = f32::from_bits(u32::from(x.to_bits()) << 16)),
             Data::F16(s) => s[at..at + n].convert_to_f32_slice(dst),
         }
     }
@@ -163,6 +167,64 @@ pub(super) struct OutPtr(pub *mut f32);
 unsafe impl Sync for OutPtr {}
 unsafe impl Send for OutPtr {}
 
+/// The `(B, L, H, Dv)` output in the inputs' dtype (f32, bf16 or f16: half outputs are
+/// rounded as their rows are written, with no f32 copy of the whole output), written from many
+/// threads: every work item writes its own rows only.
+#[derive(Clone, Copy)]
+pub(super) enum OutBuf {
+    F32(*mut f32),
+    Bf16(*mut half::bf16),
+    F16(*mut half::f16),
+}
+
+// SAFETY: as for `OutPtr`.
+unsafe impl Sync for OutBuf {}
+unsafe impl Send for OutBuf {}
+
+impl OutBuf {
+    /// Writes `src[x] · scale` to elements `off + x`.
+    ///
+    /// # Safety
+    /// `off..off + src.len()` is inside the buffer and belongs to the calling work item.
+    unsafe fn write(self, off: usize, src: &[f32], scale: f32) {
+        let n = src.len();
+        match self {
+            OutBuf::F32(p) => {
+                let dst = std::slice::from_raw_parts_mut(p.add(off), n);
+                dst.iter_mut().zip(src).for_each(|(o, x)| *o = x * scale);
+            }
+            OutBuf::Bf16(p) => {
+                let dst = std::slice::from_raw_parts_mut(p.add(off), n);
+                dst.iter_mut()
+                    .zip(src)
+                    .for_each(|(o, x)| *o = half::bf16::from_f32(x * scale));
+            }
+            OutBuf::F16(p) => {
+                let dst = std::slice::from_raw_parts_mut(p.add(off), n);
+                dst.iter_mut()
+                    .zip(src)
+                    .for_each(|(o, x)| *o = half::f16::from_f32(x * scale));
+            }
+        }
+    }
+
+    /// Sets elements `off..off + n` to `v`.
+    ///
+    /// # Safety
+    /// As for [`OutBuf::write`].
+    unsafe fn fill(self, off: usize, n: usize, v: f32) {
+        match self {
+            OutBuf::F32(p) => std::slice::from_raw_parts_mut(p.add(off), n).fill(v),
+            OutBuf::Bf16(p) => {
+                std::slice::from_raw_parts_mut(p.add(off), n).fill(half::bf16::from_f32(v))
+            }
+            OutBuf::F16(p) => {
+                std::slice::from_raw_parts_mut(p.add(off), n).fill(half::f16::from_f32(v))
+            }
+        }
+    }
+}
+
 /// Everything one work item reads.
 pub(super) struct Ctx<'a> {
     pub q: View<'a>,
@@ -192,7 +254,7 @@ pub(super) struct Ctx<'a> {
     pub kt: Option<&'a [f32]>,
     /// The instruction set of the products.
     pub isa: Isa,
-    pub out: OutPtr,
+    pub out: OutBuf,
     /// Where to write each row's log-sum-exp, `(B, H, L)`, when the backward will need it.
     pub lse: Option<OutPtr>,
 }
@@ -377,9 +439,6 @@ impl Ctx<'_> {
         for r in 0..nr {
             let (gg, i) = ((r0 + r) / l, (r0 + r) % l);
             let off = ((bi * l + i) * self.h + kh * self.g + gg) * dv;
-            // SAFETY: `off..off + dv` is inside the (B, L, H, Dv) output, and row (bi, i, head)
-            // belongs to this work item only (see `OutPtr`).
-            let dst = unsafe { std::slice::from_raw_parts_mut(self.out.0.add(off), dv) };
             let src = &acc[r * dv..(r + 1) * dv];
             let sum = lsum[r];
             if let Some(lse) = self.lse {
@@ -393,14 +452,18 @@ impl Ctx<'_> {
                 // this work item only.
                 unsafe { *lse.0.add(at) = v };
             }
-            if sum == 0.0 {
-                match self.policy {
-                    MaskedRowPolicy::Zero => dst.fill(0.0),
-                    MaskedRowPolicy::Nan => dst.fill(f32::NAN),
+            // SAFETY: `off..off + dv` is inside the (B, L, H, Dv) output, and row (bi, i, head)
+            // belongs to this work item only (see `OutBuf`).
+            unsafe {
+                if sum == 0.0 {
+                    let v = match self.policy {
+                        MaskedRowPolicy::Zero => 0.0,
+                        MaskedRowPolicy::Nan => f32::NAN,
+                    };
+                    self.out.fill(off, dv, v);
+                } else {
+                    self.out.write(off, src, 1.0 / sum);
                 }
-            } else {
-                let inv = 1.0 / sum;
-                dst.iter_mut().zip(src).for_each(|(o, x)| *o = x * inv);
             }
         }
     }
