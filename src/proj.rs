@@ -1,13 +1,20 @@
-//! The projections' matrix product: [`candle_nn::Linear`]'s `forward`, except for bf16 on CPUs
-//! with AVX512-BF16, where candle's CPU matmul (no bf16 kernel: both operands widened to f32
-//! copies, single-threaded, and the product rounded back before the bias is added in bf16) is
-//! replaced by [`gemm_bf16`](crate::kernels::cpu::gemm_bf16): operands read in place, f32
-//! accumulation, the bias added in f32 and one rounding, as PyTorch's bf16 `nn.Linear` does.
+//! The projections' matrix product: [`candle_nn::Linear`]'s `forward`, computed on CPUs with
+//! AVX-512 by [`gemm`](crate::kernels::cpu::gemm) (operands read in place, 4 × 4 blocks of
+//! dot products, rayon's threads):
 //!
-//! The fast path is taken only when it computes the same function: CPU tensors, bf16 input,
-//! weight and bias, a weight stored row-major in `nn.Linear`'s `(out, in)` orientation (GPT-2's
-//! transposed `Conv1D` view keeps candle's path), and nothing tracked by autograd (the op has no
-//! backward). Everything else is `Linear::forward` unchanged.
+//! - **bf16**, where the CPU has AVX512-BF16: candle's CPU matmul has no bf16 kernel (both
+//!   operands widened to f32 copies, single-threaded, the product rounded back before the bias
+//!   is added in bf16); here f32 accumulation by `vdpbf16ps`, the bias added in f32 and one
+//!   rounding, as PyTorch's bf16 `nn.Linear` does;
+//! - **f32**: FMAs in the same loops, faster than the `gemm` crate candle's matmul uses on these
+//!   shapes.
+//!
+//! The fast path is taken only when it computes the same function: CPU tensors, input, weight
+//! and bias of one of those dtypes, a weight stored row-major in `nn.Linear`'s `(out, in)`
+//! orientation (GPT-2's transposed `Conv1D` view keeps candle's path), nothing tracked by
+//! autograd (the op has no backward), and AVX-512 the fused kernel's instruction set in use
+//! (forcing AVX2 or the portable path, as the tests and `bench_attention --isa` do, turns it
+//! off). Everything else is `Linear::forward` unchanged.
 
 use std::cell::Cell;
 
@@ -16,11 +23,11 @@ use candle_nn::Linear;
 use half::bf16;
 
 thread_local! {
-    /// Calls served by the bf16 GEMM from this thread (lets tests check which path ran).
+    /// Calls served by our GEMM from this thread (lets tests check which path ran).
     static FAST_CALLS: Cell<usize> = const { Cell::new(0) };
 }
 
-/// How many projections the AVX512-BF16 GEMM has computed for calls from this thread.
+/// How many projections our GEMM has computed for calls from this thread.
 #[cfg_attr(not(test), allow(dead_code))]
 pub(crate) fn fast_calls() -> usize {
     FAST_CALLS.with(Cell::get)
@@ -40,7 +47,7 @@ pub(crate) fn linear(lin: &Linear, x: &Tensor) -> Result<Tensor> {
         Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
         None => None,
     };
-    let y = flat.apply_op2_no_bwd(w, &Bf16Linear { bias })?;
+    let y = flat.apply_op2_no_bwd(w, &DotLinear { bias })?;
     FAST_CALLS.with(|c| c.set(c.get() + 1));
     if let Some(last) = dims.last_mut() {
         *last = n;
@@ -48,30 +55,36 @@ pub(crate) fn linear(lin: &Linear, x: &Tensor) -> Result<Tensor> {
     y.reshape(dims)
 }
 
-/// Whether [`linear`] can use the bf16 GEMM for this call (see the module docs).
+/// Whether [`linear`] can use our GEMM for this call (see the module docs).
 fn fast_path(lin: &Linear, x: &Tensor) -> bool {
     let w = lin.weight();
-    let bf16 = |t: &Tensor| t.dtype() == DType::BF16 && t.device().is_cpu() && !t.track_op();
+    let dtype = x.dtype();
+    let enabled = match dtype {
+        DType::BF16 => crate::kernels::cpu::bf16_gemm_enabled(),
+        DType::F32 => crate::kernels::cpu::f32_gemm_enabled(),
+        _ => false,
+    };
+    let ok = |t: &Tensor| t.dtype() == dtype && t.device().is_cpu() && !t.track_op();
     let shapes_ok = w.rank() == 2 && x.rank() >= 1 && x.dims().last() == w.dims().get(1);
-    crate::kernels::cpu::bf16_gemm_enabled()
+    enabled
         && shapes_ok
-        && bf16(x)
-        && bf16(w)
+        && ok(x)
+        && ok(w)
         && w.is_contiguous()
         && lin
             .bias()
-            .is_none_or(|b| bf16(b) && b.rank() == 1 && b.dim(0).ok() == w.dims().first().copied())
+            .is_none_or(|b| ok(b) && b.rank() == 1 && b.dim(0).ok() == w.dims().first().copied())
 }
 
-/// `(M, K) · (N, K)ᵀ + bias` in bf16 with f32 accumulation (no backward: only reached with
-/// nothing tracked).
-struct Bf16Linear {
+/// `(M, K) · (N, K)ᵀ + bias` with f32 accumulation, in bf16 or f32 (no backward: only reached
+/// with nothing tracked).
+struct DotLinear {
     bias: Option<Vec<f32>>,
 }
 
-impl CustomOp2 for Bf16Linear {
+impl CustomOp2 for DotLinear {
     fn name(&self) -> &'static str {
-        "candle-mha-bf16-linear"
+        "candle-mha-linear"
     }
 
     fn cpu_fwd(
@@ -81,53 +94,56 @@ impl CustomOp2 for Bf16Linear {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::BF16(x), CpuStorage::BF16(w)) = (xs, ws) else {
-            bail!("bf16 linear: expected a bf16 input and weight")
-        };
         let (m, k) = xl.shape().dims2()?;
         let (n, kw) = wl.shape().dims2()?;
         if k != kw {
-            bail!("bf16 linear: input has {k} features but the weight {kw} (weight shape ({n}, {kw}))")
+            bail!("linear: input has {k} features but the weight {kw} (weight shape ({n}, {kw}))")
         }
         let (Some((xa, xb)), Some((wa, wb))) = (xl.contiguous_offsets(), wl.contiguous_offsets())
         else {
-            bail!("bf16 linear: the input and the weight must be contiguous")
+            bail!("linear: the input and the weight must be contiguous")
         };
-        let mut out = vec![bf16::ZERO; m * n];
-        gemm(
-            &x[xa..xb],
-            &w[wa..wb],
-            self.bias.as_deref(),
-            &mut out,
-            (m, n, k),
-        )?;
-        Ok((CpuStorage::BF16(out), Shape::from((m, n))))
+        let bias = self.bias.as_deref();
+        let out = match (xs, ws) {
+            (CpuStorage::BF16(x), CpuStorage::BF16(w)) => {
+                let mut out = vec![bf16::ZERO; m * n];
+                gemm(&x[xa..xb], &w[wa..wb], bias, &mut out, (m, n, k))?;
+                CpuStorage::BF16(out)
+            }
+            (CpuStorage::F32(x), CpuStorage::F32(w)) => {
+                let mut out = vec![0f32; m * n];
+                gemm(&x[xa..xb], &w[wa..wb], bias, &mut out, (m, n, k))?;
+                CpuStorage::F32(out)
+            }
+            _ => bail!("linear: expected a bf16 or f32 input and weight of one dtype"),
+        };
+        Ok((out, Shape::from((m, n))))
     }
 }
 
-/// The AVX512-BF16 GEMM on x86-64.
+/// The AVX-512 GEMM on x86-64.
 #[cfg(target_arch = "x86_64")]
-fn gemm(
-    x: &[bf16],
-    w: &[bf16],
+fn gemm<T: crate::kernels::cpu::gemm::Elem>(
+    x: &[T],
+    w: &[T],
     bias: Option<&[f32]>,
-    out: &mut [bf16],
+    out: &mut [T],
     mnk: (usize, usize, usize),
 ) -> Result<()> {
-    crate::kernels::cpu::gemm_bf16::gemm_bt(x, w, bias, out, mnk);
+    crate::kernels::cpu::gemm::gemm_bt(x, w, bias, out, mnk);
     Ok(())
 }
 
 /// Elsewhere never reached ([`fast_path`] is false).
 #[cfg(not(target_arch = "x86_64"))]
-fn gemm(
-    _: &[bf16],
-    _: &[bf16],
+fn gemm<T>(
+    _: &[T],
+    _: &[T],
     _: Option<&[f32]>,
-    _: &mut [bf16],
+    _: &mut [T],
     _: (usize, usize, usize),
 ) -> Result<()> {
-    bail!("bf16 linear: no AVX512-BF16 on this architecture")
+    bail!("linear: no AVX-512 GEMM on this architecture")
 }
 
 #[cfg(test)]
@@ -149,14 +165,22 @@ mod tests {
             .collect()
     }
 
-    fn bf16_tensor(dims: &[usize], seed: u64) -> Result<Tensor> {
+    fn tensor(dims: &[usize], seed: u64, dtype: DType) -> Result<Tensor> {
         let n = dims.iter().product();
-        Tensor::from_vec(rand(n, seed), dims, &Device::Cpu)?.to_dtype(DType::BF16)
+        Tensor::from_vec(rand(n, seed), dims, &Device::Cpu)?.to_dtype(dtype)
     }
 
-    /// Checks `y` (`(M, N)` flattened) against a float64 product of the bf16 operands: within
-    /// one bf16 rounding of the exact value plus f32 accumulation error.
+    fn bf16_tensor(dims: &[usize], seed: u64) -> Result<Tensor> {
+        tensor(dims, seed, DType::BF16)
+    }
+
+    /// Checks `y` (`(M, N)` flattened) against a float64 product of the operands: within one
+    /// rounding to `y`'s dtype of the exact value plus f32 accumulation error.
     fn check(y: &Tensor, x: &Tensor, w: &Tensor, b: Option<&Tensor>, what: &str) -> Result<()> {
+        let unit = match y.dtype() {
+            DType::BF16 => 1.0 / 256.0,
+            _ => 1.0 / (1u64 << 24) as f64,
+        };
         let (n, k) = w.dims2()?;
         let f = |t: &Tensor| -> Result<Vec<f64>> {
             t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()
@@ -176,8 +200,7 @@ mod tests {
                     mag += (xv[r * k + x] * wv[j * k + x]).abs();
                 }
                 let got = yv[r * n + j];
-                let tol =
-                    exact.abs() / 256.0 + (k as f64 + 2.0) * mag / (1u64 << 24) as f64 + 1e-30;
+                let tol = exact.abs() * unit + (k as f64 + 2.0) * mag / (1u64 << 24) as f64 + 1e-30;
                 assert!(
                     (got - exact).abs() <= tol,
                     "{what}: y[{r}][{j}] = {got}, exact {exact} (tolerance {tol:e})"
@@ -188,49 +211,51 @@ mod tests {
     }
 
     #[test]
-    fn bf16_gemm_matches_float64_on_every_edge() -> Result<()> {
-        if !crate::kernels::cpu::bf16_gemm_enabled() {
-            eprintln!("this CPU has no AVX512-BF16: the bf16 GEMM cannot run here");
-            return Ok(());
-        }
-        // Rows and columns around the 4 × 4 register block and the 64 × 64 task; K around the
-        // 32-element step and the 1024-element block.
-        let shapes = [
-            (1, 1, 1),
-            (1, 5, 31),
-            (3, 4, 32),
-            (4, 7, 33),
-            (5, 3, 64),
-            (17, 66, 95),
-            (65, 70, 768),
-            (8, 9, 1024),
-            (6, 130, 1057),
-            (130, 2, 2080),
-        ];
-        for (i, &(m, n, k)) in shapes.iter().enumerate() {
-            let seed = 10 * i as u64;
-            let x = bf16_tensor(&[m, k], seed)?;
-            let w = bf16_tensor(&[n, k], seed + 1)?;
-            let b = bf16_tensor(&[n], seed + 2)?;
-            for bias in [None, Some(b)] {
-                let lin = Linear::new(w.clone(), bias.clone());
-                let before = fast_calls();
-                let y = linear(&lin, &x)?;
-                assert_eq!(
-                    fast_calls(),
-                    before + 1,
-                    "({m}, {n}, {k}) took the fast path"
-                );
-                assert_eq!(y.dtype(), DType::BF16);
-                check(
-                    &y,
-                    &x,
-                    &w,
-                    bias.as_ref(),
-                    &format!("({m}, {n}, {k}) bias {}", bias.is_some()),
-                )?;
+    fn gemm_matches_float64_on_every_edge_in_bf16_and_f32() -> Result<()> {
+        let mut ran = 0;
+        for dtype in [DType::BF16, DType::F32] {
+            let enabled = match dtype {
+                DType::BF16 => crate::kernels::cpu::bf16_gemm_enabled(),
+                _ => crate::kernels::cpu::f32_gemm_enabled(),
+            };
+            if !enabled {
+                eprintln!("this CPU cannot run the {dtype:?} GEMM (no AVX-512 / AVX512-BF16)");
+                continue;
+            }
+            ran += 1;
+            // Rows and columns around the 4 × 4 register block, the 16-row L1 block and the
+            // 64 × 256 task; K around the vector step (32 bf16 / 16 f32) and the 2 KiB block
+            // (1024 bf16 / 512 f32), including 1024 f32 (rows 4 KiB apart).
+            let shapes = [
+                (1, 1, 1),
+                (1, 5, 31),
+                (3, 4, 32),
+                (4, 7, 33),
+                (5, 3, 64),
+                (17, 66, 95),
+                (65, 70, 768),
+                (8, 9, 1024),
+                (70, 300, 600),
+                (6, 130, 1057),
+                (130, 2, 2080),
+            ];
+            for (i, &(m, n, k)) in shapes.iter().enumerate() {
+                let seed = 10 * i as u64;
+                let x = tensor(&[m, k], seed, dtype)?;
+                let w = tensor(&[n, k], seed + 1, dtype)?;
+                let b = tensor(&[n], seed + 2, dtype)?;
+                for bias in [None, Some(b)] {
+                    let lin = Linear::new(w.clone(), bias.clone());
+                    let before = fast_calls();
+                    let y = linear(&lin, &x)?;
+                    let what = format!("{dtype:?} ({m}, {n}, {k}) bias {}", bias.is_some());
+                    assert_eq!(fast_calls(), before + 1, "{what}: took the fast path");
+                    assert_eq!(y.dtype(), dtype);
+                    check(&y, &x, &w, bias.as_ref(), &what)?;
+                }
             }
         }
+        eprintln!("{ran} of 2 GEMM kernels ran");
         Ok(())
     }
 
@@ -266,11 +291,11 @@ mod tests {
             "differs from Linear::forward by {diff} (scale {scale})"
         );
 
-        // A transposed weight (GPT-2's Conv1D view), a tracked weight and an f32 call all keep
+        // A transposed weight (GPT-2's Conv1D view), a tracked weight and an f16 call all keep
         // candle's path and its results.
         let wt = w.t()?.contiguous()?.t()?;
         let var = Var::from_tensor(&w)?;
-        let x32 = x.to_dtype(DType::F32)?;
+        let x16 = x.to_dtype(DType::F16)?;
         let cases: [(&str, Linear, &Tensor); 3] = [
             ("transposed weight", Linear::new(wt, Some(b.clone())), &x),
             (
@@ -278,7 +303,7 @@ mod tests {
                 Linear::new(var.as_tensor().clone(), Some(b.clone())),
                 &x,
             ),
-            ("f32", Linear::new(w.to_dtype(DType::F32)?, None), &x32),
+            ("f16", Linear::new(w.to_dtype(DType::F16)?, None), &x16),
         ];
         for (what, lin, x) in cases {
             let before = fast_calls();

@@ -89,7 +89,7 @@ mod avx512;
 mod backward;
 mod decode;
 #[cfg(target_arch = "x86_64")]
-pub(crate) mod gemm_bf16;
+pub(crate) mod gemm;
 mod mat;
 mod op;
 mod portable;
@@ -157,13 +157,26 @@ pub(crate) fn isa_name() -> &'static str {
     products::current().name()
 }
 
-/// Whether bf16 projections may use the AVX512-BF16 GEMM ([`gemm_bf16`]): the CPU has it and
+/// Whether bf16 projections may use the AVX512-BF16 GEMM ([`gemm`]): the CPU has it and
 /// the instruction set in use is AVX-512 (forcing AVX2 or the portable path turns it off, so
 /// that those paths are measured as they run on CPUs without it).
 pub(crate) fn bf16_gemm_enabled() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        products::current() == Isa::Avx512 && gemm_bf16::supported()
+        products::current() == Isa::Avx512 && <half::bf16 as gemm::Elem>::supported()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether f32 projections may use the AVX-512 GEMM ([`gemm`]): the instruction set in use is
+/// AVX-512.
+pub(crate) fn f32_gemm_enabled() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        products::current() == Isa::Avx512
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

@@ -1,0 +1,369 @@
+//! `y = x · wᵀ (+ bias)` for `x` (`M × K`) and `w` (`N × K`, `nn.Linear`'s orientation), both
+//! row-major, on AVX-512: the projections' matrix product.
+//!
+//! - **bf16** (CPUs with AVX512-BF16): f32 accumulation by `vdpbf16ps` (two bf16 products per
+//!   f32 lane per instruction, the instruction PyTorch's oneDNN uses) and one rounding to bf16 at
+//!   the end, the bias added in f32 first. candle's CPU matmul has no bf16 kernel: it widens both
+//!   operands to f32 copies (single-threaded), multiplies in f32, rounds back, and adds the bias
+//!   in bf16.
+//! - **f32**: the same loops with FMAs, faster than the `gemm` crate candle's matmul uses on
+//!   the projections' shapes (README, "Module forward").
+//!
+//! The operands are read in place: rows of `x` and of `w` are both contiguous in `K`, so a block
+//! of 4 rows × 4 weight rows keeps 16 dot-product accumulators (the form of
+//! [`super::avx512::qk_rows`]), summed horizontally once per block of [`KC_BYTES`] bytes of `K` by the
+//! shuffle tree [`super::avx512::reduce16`].
+//!
+//! Work is cut into tasks of up to [`MB`] rows × [`NB`] weight rows, run on rayon's pool; inside
+//! a task the `K` range is walked in blocks of [`KC_BYTES`] per row, so that the task's block of `x`
+//! stays in L1 while its weight rows pass through 4 at a time.
+
+use std::arch::x86_64::*;
+
+use half::bf16;
+use rayon::prelude::*;
+
+use super::avx512::reduce16;
+
+/// Bytes of each row per `K` block (1024 bf16 or 512 f32 elements): a 4-row panel of either
+/// operand is 8 KiB.
+pub const KC_BYTES: usize = 2048;
+/// Rows of `x` per L1 block: `L1_ROWS × KC_BYTES` (32 KiB) stays in L1 while the task's weight
+/// rows pass it 4 at a time.
+pub const L1_ROWS: usize = 16;
+/// Rows of `x` per task: the task's block of weight rows (`NB × KC_BYTES`, 512 KiB) is read
+/// into L2 once and then passes each of the task's `MB / L1_ROWS` L1 blocks of rows.
+pub const MB: usize = 64;
+/// Rows of `w` (output columns) per task.
+pub const NB: usize = 256;
+
+/// Accumulator cells per task: one per 4 × 4 register block.
+pub const TILES: usize = (MB / 4) * (NB / 4);
+
+/// An element type of the GEMM: bf16 (AVX512-BF16 dot products) or f32 (AVX-512F FMAs).
+pub trait Elem: Copy + Default + Send + Sync + 'static {
+    /// Whether this CPU has the instructions of this element's kernel.
+    fn supported() -> bool;
+    /// The element nearest to `v`.
+    fn from_f32(v: f32) -> Self;
+    /// One `K` block of a task: [`bf16_kernel::task_block`] or [`f32_kernel::task_block`].
+    ///
+    /// # Safety
+    /// [`Elem::supported`]; the pointers cover `mr` (`nc`) rows of `kk` elements, `stride` apart.
+    unsafe fn task_block(
+        x: *const Self,
+        w: *const Self,
+        stride: usize,
+        dims: (usize, usize, usize),
+        acc: &mut [[f32; 16]; TILES],
+    );
+}
+
+impl Elem for bf16 {
+    fn supported() -> bool {
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512bf16")
+    }
+
+    fn from_f32(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+
+    unsafe fn task_block(
+        x: *const Self,
+        w: *const Self,
+        stride: usize,
+        dims: (usize, usize, usize),
+        acc: &mut [[f32; 16]; TILES],
+    ) {
+        bf16_kernel::task_block(x, w, stride, dims, acc)
+    }
+}
+
+impl Elem for f32 {
+    fn supported() -> bool {
+        is_x86_feature_detected!("avx512f")
+    }
+
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+
+    unsafe fn task_block(
+        x: *const Self,
+        w: *const Self,
+        stride: usize,
+        dims: (usize, usize, usize),
+        acc: &mut [[f32; 16]; TILES],
+    ) {
+        f32_kernel::task_block(x, w, stride, dims, acc)
+    }
+}
+
+/// The output, written from many tasks: each task writes its own `MB × NB` block only.
+#[derive(Clone, Copy)]
+struct OutPtr<T>(*mut T);
+// SAFETY: tasks write disjoint blocks of the buffer, which outlives the parallel loop.
+unsafe impl<T> Send for OutPtr<T> {}
+unsafe impl<T> Sync for OutPtr<T> {}
+
+impl<T> OutPtr<T> {
+    /// Element `i` of the output (a method, so that closures capture the whole `Sync` wrapper).
+    fn at(self, i: usize) -> *mut T {
+        self.0.wrapping_add(i)
+    }
+}
+
+/// `out[r][j] = bf16(Σ_x x[r][x]·w[j][x] + bias[j])` for `r < m`, `j < n`, on rayon's pool.
+///
+/// # Panics
+/// When the slices are shorter than `m·k`, `n·k`, `m·n` and `n` (bias), or when
+/// [`Elem::supported`] is false: callers check both.
+pub fn gemm_bt<T: Elem>(
+    x: &[T],
+    w: &[T],
+    bias: Option<&[f32]>,
+    out: &mut [T],
+    (m, n, k): (usize, usize, usize),
+) {
+    assert!(
+        T::supported(),
+        "gemm: the CPU lacks the kernel's instructions"
+    );
+    assert!(x.len() >= m * k && w.len() >= n * k && out.len() >= m * n);
+    assert!(bias.is_none_or(|b| b.len() >= n));
+    if m == 0 || n == 0 {
+        return;
+    }
+    let (tm, tn) = (m.div_ceil(MB), n.div_ceil(NB));
+    let dst = OutPtr(out.as_mut_ptr());
+    (0..tm * tn).into_par_iter().for_each(|t| {
+        let (r0, c0) = ((t / tn) * MB, (t % tn) * NB);
+        let (mr, nc) = ((m - r0).min(MB), (n - c0).min(NB));
+        // One 16-lane cell per 4 × 4 block, lane `4·jj + rr` (the layout of `dots`' sums).
+        let mut acc = [[0f32; 16]; TILES];
+        if let Some(b) = bias {
+            for (t, cell) in acc.iter_mut().enumerate() {
+                let j = c0 + 4 * (t % (NB / 4));
+                for (lane, a) in cell.iter_mut().enumerate() {
+                    *a = b.get(j + lane / 4).copied().unwrap_or(0.0);
+                }
+            }
+        }
+        let mut k0 = 0;
+        while k0 < k {
+            let kk = (k - k0).min(KC_BYTES / std::mem::size_of::<T>());
+            // SAFETY: the CPU has the features (asserted above); every pointer below stays in
+            // `x` (rows r0..r0+mr, columns k0..k0+kk) or `w` (rows c0..c0+nc, same columns).
+            unsafe {
+                T::task_block(
+                    x.as_ptr().add(r0 * k + k0),
+                    w.as_ptr().add(c0 * k + k0),
+                    k,
+                    (mr, nc, kk),
+                    &mut acc,
+                )
+            };
+            k0 += kk;
+        }
+        for r in 0..mr {
+            // SAFETY: row r0 + r < m and columns c0..c0+nc < n are this task's block alone.
+            let row = unsafe { std::slice::from_raw_parts_mut(dst.at((r0 + r) * n + c0), nc) };
+            for (j, o) in row.iter_mut().enumerate() {
+                *o = T::from_f32(acc[(r / 4) * (NB / 4) + j / 4][4 * (j % 4) + r % 4]);
+            }
+        }
+    });
+}
+
+/// One element type's kernel, as a module `$name`: `task_block` (one `K` block of a task) over
+/// `dots` (one register block) over `step` (one vector of each operand row), for element type
+/// `$t` in vectors `$v` of `$lanes` elements, with the element's loads, multiply-accumulate and
+/// target features.
+macro_rules! dot_kernel {
+    ($name:ident, $t:ty, $v:ty, $lanes:expr, $features:literal, $load:path, $load_tail:path, $mac:path) => {
+        /// The dot-product kernel of one element type (see [`dot_kernel`]).
+        pub mod $name {
+            #![allow(clippy::needless_range_loop)] // explicit indices name the register block's cells
+            use super::*;
+
+            /// Adds one `K` block of products to a task's accumulators: `Σ_{x < kk} x[r][x]·w[j][x]` for
+            /// `r < mr`, `j < nc` (rows of both operands `stride` apart) to lane `4·(j % 4) + r % 4` of cell
+            /// `(r / 4)·(super::NB / 4) + j / 4`. The task's rows go in blocks of `L1_ROWS` (held in L1),
+            /// each passed by every group of 4 weight rows.
+            #[target_feature(enable = $features)]
+            pub unsafe fn task_block(
+                x: *const $t,
+                w: *const $t,
+                stride: usize,
+                (mr, nc, kk): (usize, usize, usize),
+                acc: &mut [[f32; 16]; super::TILES],
+            ) {
+                // Blocks of L1_ROWS rows of `x` (held in L1), each passed by every group of 4
+                // weight rows (streamed from L2).
+                // Each L1 block is copied to `buf` first (rows `KCE` elements apart): rows of `x`
+                // a power of two of 4 KiB apart (K = 1024 in f32) would all map to the same L1
+                // sets and evict each other.
+                const KCE: usize = super::KC_BYTES / std::mem::size_of::<$t>();
+                let mut buf = [<$t>::default(); super::L1_ROWS * KCE];
+                debug_assert!(kk <= KCE);
+                let mut r0 = 0;
+                while r0 < mr {
+                    let r1 = (r0 + super::L1_ROWS).min(mr);
+                    for r in r0..r1 {
+                        let row = std::slice::from_raw_parts(x.add(r * stride), kk);
+                        buf[(r - r0) * KCE..(r - r0) * KCE + kk].copy_from_slice(row);
+                    }
+                    let mut j = 0;
+                    while j < nc {
+                        let nj = (nc - j).min(4);
+                        let mut r = r0;
+                        while r < r1 {
+                            let nr = (r1 - r).min(4);
+                            let xp = buf.as_ptr().add((r - r0) * KCE);
+                            let wp = w.add(j * stride);
+                            let sums = match (nr, nj) {
+                                (1, 2) => dots::<1, 2>(xp, KCE, wp, stride, kk),
+                                (1, 3) => dots::<1, 3>(xp, KCE, wp, stride, kk),
+                                (1, 4) => dots::<1, 4>(xp, KCE, wp, stride, kk),
+                                (2, 1) => dots::<2, 1>(xp, KCE, wp, stride, kk),
+                                (2, 2) => dots::<2, 2>(xp, KCE, wp, stride, kk),
+                                (2, 3) => dots::<2, 3>(xp, KCE, wp, stride, kk),
+                                (2, 4) => dots::<2, 4>(xp, KCE, wp, stride, kk),
+                                (3, 1) => dots::<3, 1>(xp, KCE, wp, stride, kk),
+                                (3, 2) => dots::<3, 2>(xp, KCE, wp, stride, kk),
+                                (3, 3) => dots::<3, 3>(xp, KCE, wp, stride, kk),
+                                (3, 4) => dots::<3, 4>(xp, KCE, wp, stride, kk),
+                                (4, 1) => dots::<4, 1>(xp, KCE, wp, stride, kk),
+                                (4, 2) => dots::<4, 2>(xp, KCE, wp, stride, kk),
+                                (4, 3) => dots::<4, 3>(xp, KCE, wp, stride, kk),
+                                (4, 4) => dots::<4, 4>(xp, KCE, wp, stride, kk),
+                                _ => dots::<1, 1>(xp, KCE, wp, stride, kk),
+                            };
+                            let cell = acc[(r / 4) * (super::NB / 4) + j / 4].as_mut_ptr();
+                            _mm512_storeu_ps(cell, _mm512_add_ps(_mm512_loadu_ps(cell), sums));
+                            r += nr;
+                        }
+                        j += nj;
+                    }
+                    r0 = r1;
+                }
+            }
+
+            /// The `R × C` dot products (`R, C ≤ 4`) of `R` rows of `x` (`xs` apart) with `C` rows of `w`
+            /// (`ws` apart) over `kk` elements, in one vector: lane `4·c + r` (other lanes 0). Operand rows beyond `R` / `C` are
+            /// not read, and the last partial step is a masked load (no element past `kk`).
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn dots<const R: usize, const C: usize>(
+                x: *const $t,
+                xs: usize,
+                w: *const $t,
+                ws: usize,
+                kk: usize,
+            ) -> __m512 {
+                let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+                let full = kk / $lanes;
+                for s in 0..full {
+                    step::<R, C, false>(&mut acc, (x, xs), (w, ws), $lanes * s, 0);
+                }
+                let tail = kk - $lanes * full;
+                if tail > 0 {
+                    step::<R, C, true>(&mut acc, (x, xs), (w, ws), $lanes * full, tail);
+                }
+                reduce16(&acc)
+            }
+
+            /// One step of [`dots`] (one vector of each operand row) at element `at`: whole vectors, or
+            /// (`MASKED`) the first `tail` elements only (the last, partial step).
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn step<const R: usize, const C: usize, const MASKED: bool>(
+                acc: &mut [[__m512; 4]; 4],
+                (x, xs): (*const $t, usize),
+                (w, ws): (*const $t, usize),
+                at: usize,
+                tail: usize,
+            ) {
+                let load = |p: *const $t| -> $v {
+                    if MASKED {
+                        $load_tail(p, tail)
+                    } else {
+                        $load(p)
+                    }
+                };
+                let wv: [$v; C] = std::array::from_fn(|c| load(w.add(c * ws + at)));
+                for r in 0..R {
+                    let xv = load(x.add(r * xs + at));
+                    for c in 0..C {
+                        acc[r][c] = $mac(acc[r][c], xv, wv[c]);
+                    }
+                }
+            }
+        }
+    };
+}
+
+dot_kernel!(
+    bf16_kernel,
+    bf16,
+    __m512bh,
+    32,
+    "avx512f,avx512bw,avx512bf16",
+    load_bf16,
+    load_bf16_tail,
+    dp_bf16
+);
+dot_kernel!(
+    f32_kernel,
+    f32,
+    __m512,
+    16,
+    "avx512f",
+    load_f32,
+    load_f32_tail,
+    fma_f32
+);
+
+/// 32 bf16 elements.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn load_bf16(p: *const bf16) -> __m512bh {
+    std::mem::transmute(_mm512_loadu_si512(p as *const __m512i))
+}
+
+/// The first `n < 32` of 32 bf16 elements, the rest 0 (nothing past them is read).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn load_bf16_tail(p: *const bf16, n: usize) -> __m512bh {
+    std::mem::transmute(_mm512_maskz_loadu_epi16((1u32 << n) - 1, p as *const i16))
+}
+
+/// `acc` plus the products of 16 pairs: `vdpbf16ps`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn dp_bf16(acc: __m512, a: __m512bh, b: __m512bh) -> __m512 {
+    _mm512_dpbf16_ps(acc, a, b)
+}
+
+/// 16 f32 elements.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn load_f32(p: *const f32) -> __m512 {
+    _mm512_loadu_ps(p)
+}
+
+/// The first `n < 16` of 16 f32 elements, the rest 0 (nothing past them is read).
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn load_f32_tail(p: *const f32, n: usize) -> __m512 {
+    _mm512_maskz_loadu_ps((1u16 << n) - 1, p)
+}
+
+/// `acc + a·b`: one FMA.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn fma_f32(acc: __m512, a: __m512, b: __m512) -> __m512 {
+    _mm512_fmadd_ps(a, b, acc)
+}
