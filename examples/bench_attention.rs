@@ -466,7 +466,7 @@ fn run_child(args: &[String]) -> Result<Value> {
     Ok(serde_json::from_slice(&out.stdout)?)
 }
 
-/// This machine's f32 GEMM rate and memory-copy bandwidth, measured now, and what the fused
+/// This machine's f32 GEMM rate, memory-copy bandwidth and streaming-read rate, measured now, and what the fused
 /// kernel achieved against them: GFLOP/s on the causal configs (`4·H·D·L(L+1)/2` per batch
 /// element), GB/s of K and V read on the decode config.
 fn rates(results: &[(Cfg, Vec<Row>)]) -> Result<()> {
@@ -486,7 +486,21 @@ fn rates(results: &[(Cfg, Vec<Row>)]) -> Result<()> {
     })?);
     // A copy reads and writes every byte.
     let copy_rate = 2.0 * bytes as f64 / copy / 1e9;
-    println!("\nMachine rates (measured now): f32 GEMM {n}³ (candle matmul, the `gemm` crate): {gemm_rate:.0} GFLOP/s; memory copy of 1 GiB: {copy_rate:.1} GB/s (read + write)\n");
+    // A plain streaming read on rayon's threads (what decode does with K and V): the sum of
+    // 1 GiB of u64 words, a loop the compiler vectorises.
+    let words = vec![1u64; bytes / 8];
+    let read = median(time_it(5, || {
+        use rayon::prelude::*;
+        let sum: u64 = words
+            .par_chunks(1 << 20)
+            .map(|c| c.iter().fold(0u64, |a, &x| a.wrapping_add(x)))
+            .sum();
+        std::hint::black_box(sum);
+        Ok(())
+    })?);
+    let read_rate = bytes as f64 / read / 1e9;
+    drop(words);
+    println!("\nMachine rates (measured now): f32 GEMM {n}³ (candle matmul, the `gemm` crate): {gemm_rate:.0} GFLOP/s; memory copy of 1 GiB: {copy_rate:.1} GB/s (read + write); streaming read of 1 GiB: {read_rate:.1} GB/s\n");
     if dtype() == DType::BF16 {
         // The projections' bf16 matmul: ours (AVX512-BF16 where the CPU has it) and candle's.
         let (x, w) = (a.to_dtype(DType::BF16)?, b.to_dtype(DType::BF16)?);
@@ -523,10 +537,11 @@ fn rates(results: &[(Cfg, Vec<Row>)]) -> Result<()> {
             let kv = 2.0 * (c.b * c.s * c.hkv * c.d) as f64 * elem;
             let rate = kv / t / 1e9;
             println!(
-                "| {} | {} | {rate:.1} GB/s of K/V | {:.0}% of copy bandwidth |",
+                "| {} | {} | {rate:.1} GB/s of K/V | {:.0}% of copy bandwidth, {:.0}% of the streaming read |",
                 c.name,
                 fmt_t(t),
-                100.0 * rate / copy_rate
+                100.0 * rate / copy_rate,
+                100.0 * rate / read_rate
             );
         } else if c.causal {
             let flops = 4.0 * (c.b * c.h * c.d) as f64 * (c.l * (c.l + 1) / 2) as f64;
