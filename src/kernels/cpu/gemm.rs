@@ -37,15 +37,15 @@ pub const MB: usize = 64;
 /// Rows of `w` (output columns) per task.
 pub const NB: usize = 256;
 
-/// Accumulator cells per task: one per 4 × 4 register block.
-pub const TILES: usize = (MB / 4) * (NB / 4);
+/// A task's f32 accumulators, row-major (`MB` rows of `NB`).
+pub type Acc = [f32; MB * NB];
 
 /// An element type of the GEMM: bf16 (AVX512-BF16 dot products) or f32 (AVX-512F FMAs).
 pub trait Elem: Copy + Default + Send + Sync + 'static {
     /// Whether this CPU has the instructions of this element's kernel.
     fn supported() -> bool;
-    /// The element nearest to `v`.
-    fn from_f32(v: f32) -> Self;
+    /// `dst[j]` = the element nearest to `src[j]`.
+    fn store_row(src: &[f32], dst: &mut [Self]);
     /// One `K` block of a task: [`bf16_kernel::task_block`] or [`f32_kernel::task_block`].
     ///
     /// # Safety
@@ -55,7 +55,7 @@ pub trait Elem: Copy + Default + Send + Sync + 'static {
         w: *const Self,
         stride: usize,
         dims: (usize, usize, usize),
-        acc: &mut [[f32; 16]; TILES],
+        acc: &mut Acc,
     );
 }
 
@@ -66,8 +66,15 @@ impl Elem for bf16 {
             && is_x86_feature_detected!("avx512bf16")
     }
 
-    fn from_f32(v: f32) -> Self {
-        bf16::from_f32(v)
+    fn store_row(src: &[f32], dst: &mut [Self]) {
+        // Round to nearest even, NaN kept quiet: a branch-free loop the compiler vectorises
+        // (`half`'s per-element conversion does not).
+        for (o, &x) in dst.iter_mut().zip(src) {
+            let b = x.to_bits();
+            let rounded = (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16;
+            let nan = ((b >> 16) as u16) | 0x40;
+            *o = bf16::from_bits(if x.is_nan() { nan } else { rounded });
+        }
     }
 
     unsafe fn task_block(
@@ -75,7 +82,7 @@ impl Elem for bf16 {
         w: *const Self,
         stride: usize,
         dims: (usize, usize, usize),
-        acc: &mut [[f32; 16]; TILES],
+        acc: &mut Acc,
     ) {
         bf16_kernel::task_block(x, w, stride, dims, acc)
     }
@@ -86,8 +93,8 @@ impl Elem for f32 {
         is_x86_feature_detected!("avx512f")
     }
 
-    fn from_f32(v: f32) -> Self {
-        v
+    fn store_row(src: &[f32], dst: &mut [Self]) {
+        dst.copy_from_slice(src);
     }
 
     unsafe fn task_block(
@@ -95,7 +102,7 @@ impl Elem for f32 {
         w: *const Self,
         stride: usize,
         dims: (usize, usize, usize),
-        acc: &mut [[f32; 16]; TILES],
+        acc: &mut Acc,
     ) {
         f32_kernel::task_block(x, w, stride, dims, acc)
     }
@@ -141,14 +148,10 @@ pub fn gemm_bt<T: Elem>(
     (0..tm * tn).into_par_iter().for_each(|t| {
         let (r0, c0) = ((t / tn) * MB, (t % tn) * NB);
         let (mr, nc) = ((m - r0).min(MB), (n - c0).min(NB));
-        // One 16-lane cell per 4 × 4 block, lane `4·jj + rr` (the layout of `dots`' sums).
-        let mut acc = [[0f32; 16]; TILES];
+        let mut acc: Acc = [0f32; MB * NB];
         if let Some(b) = bias {
-            for (t, cell) in acc.iter_mut().enumerate() {
-                let j = c0 + 4 * (t % (NB / 4));
-                for (lane, a) in cell.iter_mut().enumerate() {
-                    *a = b.get(j + lane / 4).copied().unwrap_or(0.0);
-                }
+            for row in acc.chunks_exact_mut(NB).take(mr) {
+                row[..nc].copy_from_slice(&b[c0..c0 + nc]);
             }
         }
         let mut k0 = 0;
@@ -170,9 +173,7 @@ pub fn gemm_bt<T: Elem>(
         for r in 0..mr {
             // SAFETY: row r0 + r < m and columns c0..c0+nc < n are this task's block alone.
             let row = unsafe { std::slice::from_raw_parts_mut(dst.at((r0 + r) * n + c0), nc) };
-            for (j, o) in row.iter_mut().enumerate() {
-                *o = T::from_f32(acc[(r / 4) * (NB / 4) + j / 4][4 * (j % 4) + r % 4]);
-            }
+            T::store_row(&acc[r * NB..r * NB + nc], row);
         }
     });
 }
@@ -189,8 +190,7 @@ macro_rules! dot_kernel {
             use super::*;
 
             /// Adds one `K` block of products to a task's accumulators: `Σ_{x < kk} x[r][x]·w[j][x]` for
-            /// `r < mr`, `j < nc` (rows of both operands `stride` apart) to lane `4·(j % 4) + r % 4` of cell
-            /// `(r / 4)·(super::NB / 4) + j / 4`. The task's rows go in blocks of `L1_ROWS` (held in L1),
+            /// `r < mr`, `j < nc` (rows of both operands `stride` apart) to `acc[r·NB + j]`. The task's rows go in blocks of `L1_ROWS` (held in L1),
             /// each passed by every group of 4 weight rows.
             #[target_feature(enable = $features)]
             pub unsafe fn task_block(
@@ -198,7 +198,7 @@ macro_rules! dot_kernel {
                 w: *const $t,
                 stride: usize,
                 (mr, nc, kk): (usize, usize, usize),
-                acc: &mut [[f32; 16]; super::TILES],
+                acc: &mut super::Acc,
             ) {
                 // Blocks of L1_ROWS rows of `x` (held in L1), each passed by every group of 4
                 // weight rows (streamed from L2).
@@ -241,8 +241,34 @@ macro_rules! dot_kernel {
                                 (4, 4) => dots::<4, 4>(xp, KCE, wp, stride, kk),
                                 _ => dots::<1, 1>(xp, KCE, wp, stride, kk),
                             };
-                            let cell = acc[(r / 4) * (super::NB / 4) + j / 4].as_mut_ptr();
-                            _mm512_storeu_ps(cell, _mm512_add_ps(_mm512_loadu_ps(cell), sums));
+                            // Lane 4·jj + rr → 4·rr + jj: row rr's sums are lanes 4·rr..4·rr + 4.
+                            let rows = _mm512_permutexvar_ps(
+                                _mm512_loadu_si512(TRANSPOSE_IDX.as_ptr() as *const __m512i),
+                                sums,
+                            );
+                            let at = acc.as_mut_ptr().add(r * super::NB + j);
+                            if nj == 4 {
+                                let row = |i: usize| -> __m128 {
+                                    match i {
+                                        0 => _mm512_extractf32x4_ps::<0>(rows),
+                                        1 => _mm512_extractf32x4_ps::<1>(rows),
+                                        2 => _mm512_extractf32x4_ps::<2>(rows),
+                                        _ => _mm512_extractf32x4_ps::<3>(rows),
+                                    }
+                                };
+                                for rr in 0..nr {
+                                    let p = at.add(rr * super::NB);
+                                    _mm_storeu_ps(p, _mm_add_ps(_mm_loadu_ps(p), row(rr)));
+                                }
+                            } else {
+                                let mut lanes = [0f32; 16];
+                                _mm512_storeu_ps(lanes.as_mut_ptr(), rows);
+                                for rr in 0..nr {
+                                    for jj in 0..nj {
+                                        *at.add(rr * super::NB + jj) += lanes[4 * rr + jj];
+                                    }
+                                }
+                            }
                             r += nr;
                         }
                         j += nj;
@@ -326,6 +352,9 @@ dot_kernel!(
     fma_f32
 );
 
+/// The 4 × 4 transpose of a vector's lanes: `dots`' lane `4·c + r` to `4·r + c`.
+const TRANSPOSE_IDX: [i32; 16] = [0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15];
+
 /// 32 bf16 elements.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
@@ -366,4 +395,44 @@ unsafe fn load_f32_tail(p: *const f32, n: usize) -> __m512 {
 #[target_feature(enable = "avx512f")]
 unsafe fn fma_f32(acc: __m512, a: __m512, b: __m512) -> __m512 {
     _mm512_fmadd_ps(a, b, acc)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The vectorisable bf16 rounding equals `half`'s (round to nearest even; NaN stays NaN,
+    /// infinities and overflow to infinity as in `half`).
+    #[test]
+    fn bf16_store_row_rounds_like_half() {
+        let mut src = vec![
+            0.0,
+            -0.0,
+            1.0,
+            -1.5,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MAX,
+            f32::MIN_POSITIVE,
+            1e-40,
+            f32::from_bits(0x3F80_8000), // a tie: 1 + 2^-8, rounds to even (1.0)
+            f32::from_bits(0x3F81_8000), // a tie that rounds up
+            f32::from_bits(0x7F7F_FFFF),
+        ];
+        let mut s = 0x9E37_79B9u32;
+        for _ in 0..4096 {
+            s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            src.push(f32::from_bits(s));
+        }
+        let mut got = vec![bf16::ZERO; src.len()];
+        <bf16 as Elem>::store_row(&src, &mut got);
+        for (x, g) in src.iter().zip(&got) {
+            let want = bf16::from_f32(*x);
+            if x.is_nan() {
+                assert!(g.is_nan(), "{x:e} ({:#x}) → {g}", x.to_bits());
+            } else {
+                assert_eq!(g.to_bits(), want.to_bits(), "{x:e} ({:#x})", x.to_bits());
+            }
+        }
+    }
 }
