@@ -514,10 +514,9 @@ fn rates(results: &[(Cfg, Vec<Row>)]) -> Result<()> {
                 .map(drop)
                 .map_err(Into::into)
         })?);
-        let which = if test_support::bf16_gemm_enabled() {
-            "AVX512-BF16 GEMM"
-        } else {
-            "no AVX512-BF16 here: candle's path"
+        let which = match test_support::bf16_gemm_kernel() {
+            Some(k) => format!("{k} GEMM"),
+            None => "candle's path".to_string(),
         };
         println!(
             "bf16 projection GEMM {n}³: ours ({which}) {:.0} GFLOP/s, candle's matmul {:.0} GFLOP/s\n",

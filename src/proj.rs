@@ -1,26 +1,30 @@
-//! The projections' matrix product: [`candle_nn::Linear`]'s `forward`, computed on CPUs with
-//! AVX-512 by [`gemm`](crate::kernels::cpu::gemm) (operands read in place, 4 × 4 blocks of
-//! dot products, rayon's threads):
+//! The projections' matrix product: [`candle_nn::Linear`]'s `forward`, computed on x86-64 CPUs
+//! by [`gemm`](crate::kernels::cpu::gemm) (operands read in place, blocks of dot products in
+//! registers, rayon's threads) where it beats candle's matmul:
 //!
-//! - **bf16**, where the CPU has AVX512-BF16: candle's CPU matmul has no bf16 kernel (both
-//!   operands widened to f32 copies, single-threaded, the product rounded back before the bias
-//!   is added in bf16); here f32 accumulation by `vdpbf16ps`, the bias added in f32 and one
-//!   rounding, as PyTorch's bf16 `nn.Linear` does;
-//! - **f32**: FMAs in the same loops, faster than the `gemm` crate candle's matmul uses on these
-//!   shapes.
+//! - **bf16**: candle's CPU matmul has no bf16 kernel (both operands widened to f32 copies,
+//!   single-threaded, the product rounded back before the bias is added in bf16). Ours
+//!   accumulates in f32 and adds the bias in f32 before one rounding, as PyTorch's bf16
+//!   `nn.Linear` does: by AVX512-BF16 `vdpbf16ps` where the CPU has it, else on AVX2 + FMA with
+//!   each 16-element load split into its even and odd halves in registers;
+//! - **f32** on AVX-512: FMAs in the same loops, faster than the `gemm` crate candle's matmul
+//!   uses on these shapes (on AVX2 the `gemm` crate stays).
 //!
 //! The fast path is taken only when it computes the same function: CPU tensors, input, weight
 //! and bias of one of those dtypes, a weight stored row-major in `nn.Linear`'s `(out, in)`
-//! orientation (GPT-2's transposed `Conv1D` view keeps candle's path), nothing tracked by
-//! autograd (the op has no backward), and AVX-512 the fused kernel's instruction set in use
-//! (forcing AVX2 or the portable path, as the tests and `bench_attention --isa` do, turns it
-//! off). Everything else is `Linear::forward` unchanged.
+//! orientation (GPT-2's transposed `Conv1D` view keeps candle's path), and nothing tracked by
+//! autograd (the op has no backward). The fused kernel's instruction set in use decides which
+//! kernel runs ([`proj_kernel`]): forcing AVX2, as the tests and `bench_attention --isa` do,
+//! picks what a CPU without AVX-512 runs, and the portable path turns ours off. Everything
+//! else is `Linear::forward` unchanged.
 
 use std::cell::Cell;
 
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::Linear;
 use half::bf16;
+
+use crate::kernels::cpu::{proj_kernel, ProjKernel};
 
 thread_local! {
     /// Calls served by our GEMM from this thread (lets tests check which path ran).
@@ -35,9 +39,9 @@ pub(crate) fn fast_calls() -> usize {
 
 /// `lin.forward(x)`: `x · Wᵀ + b` over the last dimension of `x`.
 pub(crate) fn linear(lin: &Linear, x: &Tensor) -> Result<Tensor> {
-    if !fast_path(lin, x) {
+    let Some(kernel) = fast_path(lin, x) else {
         return lin.forward(x);
-    }
+    };
     let w = lin.weight();
     let (n, k) = w.dims2()?;
     let mut dims = x.dims().to_vec();
@@ -47,7 +51,7 @@ pub(crate) fn linear(lin: &Linear, x: &Tensor) -> Result<Tensor> {
         Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
         None => None,
     };
-    let y = flat.apply_op2_no_bwd(w, &DotLinear { bias })?;
+    let y = flat.apply_op2_no_bwd(w, &DotLinear { bias, kernel })?;
     FAST_CALLS.with(|c| c.set(c.get() + 1));
     if let Some(last) = dims.last_mut() {
         *last = n;
@@ -55,31 +59,27 @@ pub(crate) fn linear(lin: &Linear, x: &Tensor) -> Result<Tensor> {
     y.reshape(dims)
 }
 
-/// Whether [`linear`] can use our GEMM for this call (see the module docs).
-fn fast_path(lin: &Linear, x: &Tensor) -> bool {
+/// The GEMM kernel [`linear`] can use for this call, if any (see the module docs).
+fn fast_path(lin: &Linear, x: &Tensor) -> Option<ProjKernel> {
     let w = lin.weight();
     let dtype = x.dtype();
-    let enabled = match dtype {
-        DType::BF16 => crate::kernels::cpu::bf16_gemm_enabled(),
-        DType::F32 => crate::kernels::cpu::f32_gemm_enabled(),
-        _ => false,
-    };
     let ok = |t: &Tensor| t.dtype() == dtype && t.device().is_cpu() && !t.track_op();
     let shapes_ok = w.rank() == 2 && x.rank() >= 1 && x.dims().last() == w.dims().get(1);
-    enabled
-        && shapes_ok
+    let usable = shapes_ok
         && ok(x)
         && ok(w)
         && w.is_contiguous()
         && lin
             .bias()
-            .is_none_or(|b| ok(b) && b.rank() == 1 && b.dim(0).ok() == w.dims().first().copied())
+            .is_none_or(|b| ok(b) && b.rank() == 1 && b.dim(0).ok() == w.dims().first().copied());
+    usable.then(|| proj_kernel(dtype)).flatten()
 }
 
 /// `(M, K) · (N, K)ᵀ + bias` with f32 accumulation, in bf16 or f32 (no backward: only reached
 /// with nothing tracked).
 struct DotLinear {
     bias: Option<Vec<f32>>,
+    kernel: ProjKernel,
 }
 
 impl CustomOp2 for DotLinear {
@@ -107,12 +107,19 @@ impl CustomOp2 for DotLinear {
         let out = match (xs, ws) {
             (CpuStorage::BF16(x), CpuStorage::BF16(w)) => {
                 let mut out = vec![bf16::ZERO; m * n];
-                gemm(&x[xa..xb], &w[wa..wb], bias, &mut out, (m, n, k))?;
+                gemm_bf16(
+                    &x[xa..xb],
+                    &w[wa..wb],
+                    bias,
+                    &mut out,
+                    (m, n, k),
+                    self.kernel,
+                )?;
                 CpuStorage::BF16(out)
             }
             (CpuStorage::F32(x), CpuStorage::F32(w)) => {
                 let mut out = vec![0f32; m * n];
-                gemm(&x[xa..xb], &w[wa..wb], bias, &mut out, (m, n, k))?;
+                gemm_f32(&x[xa..xb], &w[wa..wb], bias, &mut out, (m, n, k))?;
                 CpuStorage::F32(out)
             }
             _ => bail!("linear: expected a bf16 or f32 input and weight of one dtype"),
@@ -121,29 +128,60 @@ impl CustomOp2 for DotLinear {
     }
 }
 
-/// The AVX-512 GEMM on x86-64.
+/// The bf16 GEMM on x86-64: `kernel` picks AVX512-BF16 or AVX2.
 #[cfg(target_arch = "x86_64")]
-fn gemm<T: crate::kernels::cpu::gemm::Elem>(
-    x: &[T],
-    w: &[T],
+fn gemm_bf16(
+    x: &[bf16],
+    w: &[bf16],
     bias: Option<&[f32]>,
-    out: &mut [T],
+    out: &mut [bf16],
+    mnk: (usize, usize, usize),
+    kernel: ProjKernel,
+) -> Result<()> {
+    use crate::kernels::cpu::gemm;
+    match kernel {
+        ProjKernel::Avx2Bf16 => gemm::gemm_bt_avx2(x, w, bias, out, mnk),
+        _ => gemm::gemm_bt(x, w, bias, out, mnk),
+    }
+    Ok(())
+}
+
+/// The f32 GEMM on x86-64 (AVX-512).
+#[cfg(target_arch = "x86_64")]
+fn gemm_f32(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    out: &mut [f32],
     mnk: (usize, usize, usize),
 ) -> Result<()> {
     crate::kernels::cpu::gemm::gemm_bt(x, w, bias, out, mnk);
     Ok(())
 }
 
-/// Elsewhere never reached ([`fast_path`] is false).
+/// Elsewhere never reached ([`fast_path`] is `None`).
 #[cfg(not(target_arch = "x86_64"))]
-fn gemm<T>(
-    _: &[T],
-    _: &[T],
+fn gemm_bf16(
+    _: &[bf16],
+    _: &[bf16],
     _: Option<&[f32]>,
-    _: &mut [T],
+    _: &mut [bf16],
+    _: (usize, usize, usize),
+    _: ProjKernel,
+) -> Result<()> {
+    bail!("linear: no SIMD GEMM on this architecture")
+}
+
+/// Elsewhere never reached ([`fast_path`] is `None`).
+#[cfg(not(target_arch = "x86_64"))]
+fn gemm_f32(
+    _: &[f32],
+    _: &[f32],
+    _: Option<&[f32]>,
+    _: &mut [f32],
     _: (usize, usize, usize),
 ) -> Result<()> {
-    bail!("linear: no AVX-512 GEMM on this architecture")
+    bail!("linear: no SIMD GEMM on this architecture")
 }
 
 #[cfg(test)]
@@ -214,11 +252,7 @@ mod tests {
     fn gemm_matches_float64_on_every_edge_in_bf16_and_f32() -> Result<()> {
         let mut ran = 0;
         for dtype in [DType::BF16, DType::F32] {
-            let enabled = match dtype {
-                DType::BF16 => crate::kernels::cpu::bf16_gemm_enabled(),
-                _ => crate::kernels::cpu::f32_gemm_enabled(),
-            };
-            if !enabled {
+            if proj_kernel(dtype).is_none() {
                 eprintln!("this CPU cannot run the {dtype:?} GEMM (no AVX-512 / AVX512-BF16)");
                 continue;
             }
@@ -261,7 +295,7 @@ mod tests {
 
     #[test]
     fn bf16_linear_keeps_shapes_views_and_falls_back_where_it_must() -> Result<()> {
-        let fast = crate::kernels::cpu::bf16_gemm_enabled();
+        let fast = proj_kernel(DType::BF16).is_some();
         let (e, n) = (48, 40);
         let w = bf16_tensor(&[n, e], 1)?;
         let b = bf16_tensor(&[n], 2)?;

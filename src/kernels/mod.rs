@@ -518,9 +518,9 @@ pub mod test_support {
         crate::proj::linear(lin, x)
     }
 
-    /// Whether bf16 projections use the AVX512-BF16 GEMM now.
-    pub fn bf16_gemm_enabled() -> bool {
-        super::cpu::bf16_gemm_enabled()
+    /// The GEMM kernel bf16 projections use now (`None`: candle's matmul).
+    pub fn bf16_gemm_kernel() -> Option<&'static str> {
+        super::cpu::proj_kernel(candle_core::DType::BF16).map(|k| k.name())
     }
 
     /// Forces the fused CPU kernel's portable (`gemm`) products even where AVX-512 is

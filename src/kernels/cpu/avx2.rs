@@ -227,7 +227,7 @@ unsafe fn pv_block<const M: usize, const N: usize, const BF16: bool>(
 /// separate reductions.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn reduce8(acc: &[[__m256; 4]; 2]) -> __m256 {
+pub(super) unsafe fn reduce8(acc: &[[__m256; 4]; 2]) -> __m256 {
     let x = |i: usize| acc[i / 4][i % 4];
     // 8 → 4: [a.lo + a.hi | b.lo + b.hi] (128-bit halves).
     let y: [__m256; 4] = std::array::from_fn(|p| {

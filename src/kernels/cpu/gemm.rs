@@ -132,12 +132,49 @@ pub fn gemm_bt<T: Elem>(
     w: &[T],
     bias: Option<&[f32]>,
     out: &mut [T],
-    (m, n, k): (usize, usize, usize),
+    mnk: (usize, usize, usize),
 ) {
     assert!(
         T::supported(),
         "gemm: the CPU lacks the kernel's instructions"
     );
+    run(x, w, bias, out, mnk, T::task_block)
+}
+
+/// [`gemm_bt`] for bf16 on CPUs without AVX512-BF16: the AVX2 + FMA kernel
+/// ([`super::gemm_avx2`]).
+///
+/// # Panics
+/// As [`gemm_bt`], and when the CPU lacks AVX2 or FMA.
+pub fn gemm_bt_avx2(
+    x: &[bf16],
+    w: &[bf16],
+    bias: Option<&[f32]>,
+    out: &mut [bf16],
+    mnk: (usize, usize, usize),
+) {
+    assert!(avx2_supported(), "gemm: the CPU lacks AVX2 + FMA");
+    run(x, w, bias, out, mnk, super::gemm_avx2::task_block)
+}
+
+/// Whether this CPU has the instructions of [`gemm_bt_avx2`].
+pub fn avx2_supported() -> bool {
+    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+}
+
+/// One `K` block of a task (see [`Elem::task_block`]).
+type Block<T> = unsafe fn(*const T, *const T, usize, (usize, usize, usize), &mut Acc);
+
+/// The parallel driver: tasks of `MB × NB` on rayon's pool, each walking `K` in blocks with
+/// `block` (whose instructions the caller has checked), then rounding its rows out.
+fn run<T: Elem>(
+    x: &[T],
+    w: &[T],
+    bias: Option<&[f32]>,
+    out: &mut [T],
+    (m, n, k): (usize, usize, usize),
+    block: Block<T>,
+) {
     assert!(x.len() >= m * k && w.len() >= n * k && out.len() >= m * n);
     assert!(bias.is_none_or(|b| b.len() >= n));
     if m == 0 || n == 0 {
@@ -160,7 +197,7 @@ pub fn gemm_bt<T: Elem>(
             // SAFETY: the CPU has the features (asserted above); every pointer below stays in
             // `x` (rows r0..r0+mr, columns k0..k0+kk) or `w` (rows c0..c0+nc, same columns).
             unsafe {
-                T::task_block(
+                block(
                     x.as_ptr().add(r0 * k + k0),
                     w.as_ptr().add(c0 * k + k0),
                     k,
@@ -400,6 +437,61 @@ unsafe fn fma_f32(acc: __m512, a: __m512, b: __m512) -> __m512 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The AVX2 bf16 kernel (run directly: the dispatcher only picks it on CPUs without
+    /// AVX512-BF16, or when AVX2 is forced) against a float64 product of the bf16 operands, on
+    /// shapes around its 2 × 3 register block, the 16-element step, the 16-row L1 block, the
+    /// task and the 1024-element `K` block.
+    #[test]
+    fn avx2_bf16_kernel_matches_float64() {
+        if !avx2_supported() {
+            eprintln!("this CPU has no AVX2 + FMA: the AVX2 kernel cannot run here");
+            return;
+        }
+        let mut seed = 0x2545_F491u32;
+        let mut rand = |n: usize| -> Vec<bf16> {
+            (0..n)
+                .map(|_| {
+                    seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                    bf16::from_f32((seed >> 8) as f32 / (1u32 << 23) as f32 - 1.0)
+                })
+                .collect()
+        };
+        let shapes = [
+            (1, 1, 1),
+            (1, 5, 15),
+            (2, 4, 16),
+            (3, 7, 17),
+            (5, 3, 64),
+            (17, 66, 95),
+            (65, 70, 768),
+            (8, 9, 1024),
+            (70, 300, 600),
+            (6, 130, 1057),
+        ];
+        for (m, n, k) in shapes {
+            let (x, w, b) = (rand(m * k), rand(n * k), rand(n));
+            let bias: Vec<f32> = b.iter().map(|v| v.to_f32()).collect();
+            let mut out = vec![bf16::ZERO; m * n];
+            gemm_bt_avx2(&x, &w, Some(&bias), &mut out, (m, n, k));
+            for r in 0..m {
+                for j in 0..n {
+                    let (mut exact, mut mag) = (bias[j] as f64, bias[j].abs() as f64);
+                    for i in 0..k {
+                        let p = x[r * k + i].to_f64() * w[j * k + i].to_f64();
+                        exact += p;
+                        mag += p.abs();
+                    }
+                    let got = out[r * n + j].to_f64();
+                    let tol = exact.abs() / 256.0 + (k as f64 + 2.0) * mag / (1u64 << 24) as f64;
+                    assert!(
+                        (got - exact).abs() <= tol + 1e-30,
+                        "({m}, {n}, {k}): y[{r}][{j}] = {got}, exact {exact}"
+                    );
+                }
+            }
+        }
+    }
 
     /// The vectorisable bf16 rounding equals `half`'s (round to nearest even; NaN stays NaN,
     /// infinities and overflow to infinity as in `half`).

@@ -90,8 +90,11 @@ mod backward;
 mod decode;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod gemm;
+#[cfg(target_arch = "x86_64")]
+mod gemm_avx2;
 mod mat;
 mod op;
+mod out;
 mod portable;
 mod products;
 mod softmax;
@@ -157,30 +160,52 @@ pub(crate) fn isa_name() -> &'static str {
     products::current().name()
 }
 
-/// Whether bf16 projections may use the AVX512-BF16 GEMM ([`gemm`]): the CPU has it and
-/// the instruction set in use is AVX-512 (forcing AVX2 or the portable path turns it off, so
-/// that those paths are measured as they run on CPUs without it).
-pub(crate) fn bf16_gemm_enabled() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        products::current() == Isa::Avx512 && <half::bf16 as gemm::Elem>::supported()
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
+/// Which of our GEMM kernels ([`gemm`]) computes the projections of one dtype.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // only x86-64 has them
+pub(crate) enum ProjKernel {
+    /// bf16 by AVX512-BF16 dot products.
+    Avx512Bf16,
+    /// bf16 split into f32 halves in registers, AVX2 + FMA (CPUs without AVX512-BF16).
+    Avx2Bf16,
+    /// f32 by AVX-512 FMAs.
+    Avx512F32,
+}
+
+impl ProjKernel {
+    /// Short name.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            ProjKernel::Avx512Bf16 => "AVX512-BF16",
+            ProjKernel::Avx2Bf16 => "AVX2 bf16",
+            ProjKernel::Avx512F32 => "AVX-512 f32",
+        }
     }
 }
 
-/// Whether f32 projections may use the AVX-512 GEMM ([`gemm`]): the instruction set in use is
-/// AVX-512.
-pub(crate) fn f32_gemm_enabled() -> bool {
+/// The GEMM kernel for projections of `dtype` now, if any: bf16 on AVX512-BF16, else on
+/// AVX2 + FMA; f32 on AVX-512 (elsewhere candle's matmul, whose `gemm` crate is as good). The
+/// instruction set in use decides (forcing AVX2 or the portable path, as the tests and
+/// `bench_attention --isa` do, picks what CPUs without AVX-512 run).
+pub(crate) fn proj_kernel(dtype: DType) -> Option<ProjKernel> {
     #[cfg(target_arch = "x86_64")]
     {
-        products::current() == Isa::Avx512
+        let isa = products::current();
+        match dtype {
+            DType::BF16 if isa == Isa::Avx512 && <half::bf16 as gemm::Elem>::supported() => {
+                Some(ProjKernel::Avx512Bf16)
+            }
+            DType::BF16 if isa != Isa::Portable && gemm::avx2_supported() => {
+                Some(ProjKernel::Avx2Bf16)
+            }
+            DType::F32 if isa == Isa::Avx512 => Some(ProjKernel::Avx512F32),
+            _ => None,
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        false
+        let _ = dtype;
+        None
     }
 }
 
