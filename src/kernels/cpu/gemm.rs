@@ -67,13 +67,9 @@ impl Elem for bf16 {
     }
 
     fn store_row(src: &[f32], dst: &mut [Self]) {
-        // Round to nearest even, NaN kept quiet: a branch-free loop the compiler vectorises
-        // (`half`'s per-element conversion does not).
+        // `half`'s per-element conversion does not vectorise; this does.
         for (o, &x) in dst.iter_mut().zip(src) {
-            let b = x.to_bits();
-            let rounded = (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16;
-            let nan = ((b >> 16) as u16) | 0x40;
-            *o = bf16::from_bits(if x.is_nan() { nan } else { rounded });
+            *o = super::out::bf16_nearest(x);
         }
     }
 

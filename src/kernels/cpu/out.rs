@@ -41,7 +41,7 @@ impl OutBuf {
                 let dst = std::slice::from_raw_parts_mut(p.add(off), n);
                 dst.iter_mut()
                     .zip(src)
-                    .for_each(|(o, x)| *o = half::bf16::from_f32(x * scale));
+                    .for_each(|(o, x)| *o = bf16_nearest(x * scale));
             }
             OutBuf::F16(p) => {
                 let dst = std::slice::from_raw_parts_mut(p.add(off), n);
@@ -67,4 +67,14 @@ impl OutBuf {
             }
         }
     }
+}
+
+/// The bf16 nearest to `x` (ties to even; NaN stays a quiet NaN), as `half::bf16::from_f32`,
+/// but branch-free so that loops over it vectorise.
+#[inline]
+pub(super) fn bf16_nearest(x: f32) -> half::bf16 {
+    let b = x.to_bits();
+    let rounded = (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16;
+    let nan = ((b >> 16) as u16) | 0x40;
+    half::bf16::from_bits(if x.is_nan() { nan } else { rounded })
 }
