@@ -248,6 +248,55 @@ mod tests {
         Ok(())
     }
 
+    /// `(M, N, K)` around the register blocks (4 × 4; AVX2 2 × 3), the 16-row L1 block and the
+    /// 64 × 256 task; K around the vector steps (32 bf16 / 16 f32 / AVX2 16) and the 2 KiB block
+    /// (1024 bf16 / 512 f32), including 1024 f32 (rows 4 KiB apart).
+    const SHAPES: [(usize, usize, usize); 13] = [
+        (1, 1, 1),
+        (1, 5, 15),
+        (1, 5, 31),
+        (2, 4, 16),
+        (3, 4, 32),
+        (4, 7, 33),
+        (5, 3, 64),
+        (17, 66, 95),
+        (65, 70, 768),
+        (8, 9, 1024),
+        (70, 300, 600),
+        (6, 130, 1057),
+        (130, 2, 2080),
+    ];
+
+    /// The AVX2 bf16 kernel, called directly (the dispatcher only picks it on CPUs without
+    /// AVX512-BF16 or with AVX2 forced, a process-wide switch the parallel tests would race on).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_bf16_kernel_matches_float64() -> Result<()> {
+        use crate::kernels::cpu::gemm;
+        if !gemm::avx2_supported() {
+            eprintln!("this CPU has no AVX2 + FMA: the AVX2 kernel cannot run here");
+            return Ok(());
+        }
+        for (i, &(m, n, k)) in SHAPES.iter().enumerate() {
+            let seed = 10 * i as u64 + 5;
+            let x = bf16_tensor(&[m, k], seed)?;
+            let w = bf16_tensor(&[n, k], seed + 1)?;
+            let b = bf16_tensor(&[n], seed + 2)?;
+            let bias = b.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            let mut out = vec![bf16::ZERO; m * n];
+            gemm::gemm_bt_avx2(
+                &x.flatten_all()?.to_vec1::<bf16>()?,
+                &w.flatten_all()?.to_vec1::<bf16>()?,
+                Some(&bias),
+                &mut out,
+                (m, n, k),
+            );
+            let y = Tensor::from_vec(out, (m, n), &Device::Cpu)?;
+            check(&y, &x, &w, Some(&b), &format!("AVX2 ({m}, {n}, {k})"))?;
+        }
+        Ok(())
+    }
+
     #[test]
     fn gemm_matches_float64_on_every_edge_in_bf16_and_f32() -> Result<()> {
         let mut ran = 0;
@@ -257,23 +306,7 @@ mod tests {
                 continue;
             }
             ran += 1;
-            // Rows and columns around the 4 × 4 register block, the 16-row L1 block and the
-            // 64 × 256 task; K around the vector step (32 bf16 / 16 f32) and the 2 KiB block
-            // (1024 bf16 / 512 f32), including 1024 f32 (rows 4 KiB apart).
-            let shapes = [
-                (1, 1, 1),
-                (1, 5, 31),
-                (3, 4, 32),
-                (4, 7, 33),
-                (5, 3, 64),
-                (17, 66, 95),
-                (65, 70, 768),
-                (8, 9, 1024),
-                (70, 300, 600),
-                (6, 130, 1057),
-                (130, 2, 2080),
-            ];
-            for (i, &(m, n, k)) in shapes.iter().enumerate() {
+            for (i, &(m, n, k)) in SHAPES.iter().enumerate() {
                 let seed = 10 * i as u64;
                 let x = tensor(&[m, k], seed, dtype)?;
                 let w = tensor(&[n, k], seed + 1, dtype)?;
