@@ -427,7 +427,8 @@ fn vm_hwm() -> Result<u64> {
     Ok(kb * 1024)
 }
 
-/// `--child L WHAT`: one run in a fresh process; prints `{"secs", "peak_rss_bytes"}`.
+/// `--child L WHAT [DTYPE]`: one run in a fresh process, in the parent's `--dtype`; prints
+/// `{"secs", "peak_rss_bytes"}`.
 fn child(l: usize, what: &str) -> Result<()> {
     let c = long_causal(l);
     let with_module = what.starts_with("module");
@@ -601,8 +602,11 @@ fn crossover() -> Result<()> {
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("--child") {
-        let l: usize = args.get(1).context("--child L WHAT")?.parse()?;
-        return child(l, args.get(2).context("--child L WHAT")?);
+        let l: usize = args.get(1).context("--child L WHAT [DTYPE]")?.parse()?;
+        if args.get(3).map(String::as_str) == Some("bf16") {
+            DTYPE.set(DType::BF16).ok();
+        }
+        return child(l, args.get(2).context("--child L WHAT [DTYPE]")?);
     }
     if args.iter().any(|a| a == "--crossover") {
         return crossover();
@@ -678,7 +682,12 @@ fn main() -> Result<()> {
             if !big || (round == 0 && !no_ref8k) {
                 // The reference at L=8192 needs ~13 GB: a single run, in a child process.
                 if big {
-                    let v = run_child(&["--child".into(), c.l.to_string(), "reference".into()]);
+                    let v = run_child(&[
+                        "--child".into(),
+                        c.l.to_string(),
+                        "reference".into(),
+                        dtype_name().into(),
+                    ]);
                     if let Ok(v) = &v {
                         ref_peak = v["peak_rss_bytes"].as_f64();
                     }
@@ -798,7 +807,12 @@ fn main() -> Result<()> {
                 );
             }
             for what in ["fused", "module-fused"] {
-                match run_child(&["--child".into(), l.to_string(), what.into()]) {
+                match run_child(&[
+                    "--child".into(),
+                    l.to_string(),
+                    what.into(),
+                    dtype_name().into(),
+                ]) {
                     Ok(v) => println!(
                         "| {l} | {what} | {} | {} | {} |",
                         fmt_t(v["secs"].as_f64().unwrap_or(f64::NAN)),
