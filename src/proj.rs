@@ -22,7 +22,6 @@ use std::cell::Cell;
 
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::Linear;
-use half::bf16;
 
 use crate::kernels::cpu::{proj_kernel, ProjKernel};
 
@@ -103,84 +102,60 @@ impl CustomOp2 for DotLinear {
         else {
             bail!("linear: the input and the weight must be contiguous")
         };
-        let bias = self.bias.as_deref();
-        let out = match (xs, ws) {
-            (CpuStorage::BF16(x), CpuStorage::BF16(w)) => {
-                let mut out = vec![bf16::ZERO; m * n];
-                gemm_bf16(
-                    &x[xa..xb],
-                    &w[wa..wb],
-                    bias,
-                    &mut out,
-                    (m, n, k),
-                    self.kernel,
-                )?;
-                CpuStorage::BF16(out)
-            }
-            (CpuStorage::F32(x), CpuStorage::F32(w)) => {
-                let mut out = vec![0f32; m * n];
-                gemm_f32(&x[xa..xb], &w[wa..wb], bias, &mut out, (m, n, k))?;
-                CpuStorage::F32(out)
-            }
-            _ => bail!("linear: expected a bf16 or f32 input and weight of one dtype"),
-        };
+        let out = gemm(
+            self.kernel,
+            (xs, xa..xb),
+            (ws, wa..wb),
+            self.bias.as_deref(),
+            (m, n, k),
+        )?;
         Ok((out, Shape::from((m, n))))
     }
 }
 
-/// The bf16 GEMM on x86-64: `kernel` picks AVX512-BF16 or AVX2.
+/// One operand: its storage and the range of its contiguous elements.
+type Operand<'a> = (&'a CpuStorage, std::ops::Range<usize>);
+
+/// `(M, K) · (N, K)ᵀ + bias` by `kernel` (x86-64), into a new storage of the operands' dtype.
 #[cfg(target_arch = "x86_64")]
-fn gemm_bf16(
-    x: &[bf16],
-    w: &[bf16],
-    bias: Option<&[f32]>,
-    out: &mut [bf16],
-    mnk: (usize, usize, usize),
+fn gemm(
     kernel: ProjKernel,
-) -> Result<()> {
-    use crate::kernels::cpu::gemm;
-    match kernel {
-        ProjKernel::Avx2Bf16 => gemm::gemm_bt_avx2(x, w, bias, out, mnk),
-        _ => gemm::gemm_bt(x, w, bias, out, mnk),
-    }
-    Ok(())
-}
-
-/// The f32 GEMM on x86-64 (AVX-512).
-#[cfg(target_arch = "x86_64")]
-fn gemm_f32(
-    x: &[f32],
-    w: &[f32],
+    (xs, xr): Operand,
+    (ws, wr): Operand,
     bias: Option<&[f32]>,
-    out: &mut [f32],
-    mnk: (usize, usize, usize),
-) -> Result<()> {
-    crate::kernels::cpu::gemm::gemm_bt(x, w, bias, out, mnk);
-    Ok(())
+    (m, n, k): (usize, usize, usize),
+) -> Result<CpuStorage> {
+    use crate::kernels::cpu::gemm::{gemm_bt, gemm_bt_avx2};
+    use half::bf16;
+    let mnk = (m, n, k);
+    Ok(match (xs, ws) {
+        (CpuStorage::BF16(x), CpuStorage::BF16(w)) => {
+            let mut out = vec![bf16::ZERO; m * n];
+            let (x, w) = (&x[xr], &w[wr]);
+            match kernel {
+                ProjKernel::Avx2Bf16 => gemm_bt_avx2(x, w, bias, &mut out, mnk),
+                _ => gemm_bt(x, w, bias, &mut out, mnk),
+            }
+            CpuStorage::BF16(out)
+        }
+        (CpuStorage::F32(x), CpuStorage::F32(w)) => {
+            let mut out = vec![0f32; m * n];
+            gemm_bt(&x[xr], &w[wr], bias, &mut out, mnk);
+            CpuStorage::F32(out)
+        }
+        _ => bail!("linear: expected a bf16 or f32 input and weight of one dtype"),
+    })
 }
 
 /// Elsewhere never reached ([`fast_path`] is `None`).
 #[cfg(not(target_arch = "x86_64"))]
-fn gemm_bf16(
-    _: &[bf16],
-    _: &[bf16],
-    _: Option<&[f32]>,
-    _: &mut [bf16],
-    _: (usize, usize, usize),
+fn gemm(
     _: ProjKernel,
-) -> Result<()> {
-    bail!("linear: no SIMD GEMM on this architecture")
-}
-
-/// Elsewhere never reached ([`fast_path`] is `None`).
-#[cfg(not(target_arch = "x86_64"))]
-fn gemm_f32(
-    _: &[f32],
-    _: &[f32],
+    _: Operand,
+    _: Operand,
     _: Option<&[f32]>,
-    _: &mut [f32],
     _: (usize, usize, usize),
-) -> Result<()> {
+) -> Result<CpuStorage> {
     bail!("linear: no SIMD GEMM on this architecture")
 }
 
@@ -188,6 +163,7 @@ fn gemm_f32(
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+    use half::bf16;
 
     fn rand(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed

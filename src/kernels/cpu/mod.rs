@@ -102,6 +102,7 @@ mod stream;
 mod tile;
 
 pub use decode::SPLIT_MIN_KEYS;
+use out::OutVec;
 use products::Isa;
 use tile::{Bias, Ctx, Data, OutBuf, OutPtr, View};
 
@@ -333,25 +334,9 @@ fn strides3(t: &Tensor) -> [usize; 3] {
 /// log-sum-exp `(B, H, L)` (f32; `-inf` for fully masked rows) that the backward needs.
 fn forward(c: &AttnCall, want_lse: bool) -> Result<(Tensor, Option<Vec<f32>>)> {
     let (b, l, h, dv) = (c.b, c.l, c.h, c.dv);
-    let n = b * l * h * dv;
-    let shape = (b, l, h, dv);
-    let dev = c.q.device();
     // The output is written in the inputs' dtype (f64 and other dtypes run in f32).
-    let (mut o32, mut obf, mut of16) = (Vec::new(), Vec::new(), Vec::new());
-    let out_buf = match c.q.dtype() {
-        DType::BF16 => {
-            obf = vec![half::bf16::ZERO; n];
-            OutBuf::Bf16(obf.as_mut_ptr())
-        }
-        DType::F16 => {
-            of16 = vec![half::f16::ZERO; n];
-            OutBuf::F16(of16.as_mut_ptr())
-        }
-        _ => {
-            o32 = vec![0f32; n];
-            OutBuf::F32(o32.as_mut_ptr())
-        }
-    };
+    let mut out = OutVec::zeros(c.q.dtype(), b * l * h * dv);
+    let out_buf = out.buf();
     let mut lse = want_lse.then(|| vec![f32::NEG_INFINITY; b * h * l]);
     let lse_ptr = lse.as_mut().map(|v| OutPtr(v.as_mut_ptr()));
     let inputs = Inputs::new(c, true)?;
@@ -365,11 +350,7 @@ fn forward(c: &AttnCall, want_lse: bool) -> Result<(Tensor, Option<Vec<f32>>)> {
         };
         for_each_item(c, g, run);
     })?;
-    let t = match c.q.dtype() {
-        DType::BF16 => Tensor::from_vec(obf, shape, dev)?,
-        DType::F16 => Tensor::from_vec(of16, shape, dev)?,
-        dt => Tensor::from_vec(o32, shape, dev)?.to_dtype(dt)?,
-    };
+    let t = out.into_tensor((b, l, h, dv).into(), c.q.dtype(), c.q.device())?;
     Ok((t, lse))
 }
 

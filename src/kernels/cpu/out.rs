@@ -1,6 +1,8 @@
 //! The buffers work items write from many threads: raw pointers whose rows each belong to one
 //! work item.
 
+use candle_core::{DType, Device, Result, Shape, Tensor};
+
 /// An f32 buffer written from many threads (the `(B, L, H, Dv)` output, the `(B, H, L)`
 /// log-sum-exp, the gradients): every work item writes its own rows only.
 #[derive(Clone, Copy)]
@@ -24,6 +26,43 @@ pub(super) enum OutBuf {
 // SAFETY: as for `OutPtr`.
 unsafe impl Sync for OutBuf {}
 unsafe impl Send for OutBuf {}
+
+/// The owner of an [`OutBuf`]: the output's elements in the dtype they are written in.
+pub(super) enum OutVec {
+    F32(Vec<f32>),
+    Bf16(Vec<half::bf16>),
+    F16(Vec<half::f16>),
+}
+
+impl OutVec {
+    /// `n` zeros in `dtype` (f32 for every dtype but bf16 and f16).
+    pub(super) fn zeros(dtype: DType, n: usize) -> Self {
+        match dtype {
+            DType::BF16 => OutVec::Bf16(vec![half::bf16::ZERO; n]),
+            DType::F16 => OutVec::F16(vec![half::f16::ZERO; n]),
+            _ => OutVec::F32(vec![0f32; n]),
+        }
+    }
+
+    /// The buffer that work items write through.
+    pub(super) fn buf(&mut self) -> OutBuf {
+        match self {
+            OutVec::F32(v) => OutBuf::F32(v.as_mut_ptr()),
+            OutVec::Bf16(v) => OutBuf::Bf16(v.as_mut_ptr()),
+            OutVec::F16(v) => OutBuf::F16(v.as_mut_ptr()),
+        }
+    }
+
+    /// The elements as a tensor of `shape` in `dtype` (f32 elements converted when `dtype` is
+    /// another one).
+    pub(super) fn into_tensor(self, shape: Shape, dtype: DType, dev: &Device) -> Result<Tensor> {
+        match self {
+            OutVec::F32(v) => Tensor::from_vec(v, shape, dev)?.to_dtype(dtype),
+            OutVec::Bf16(v) => Tensor::from_vec(v, shape, dev),
+            OutVec::F16(v) => Tensor::from_vec(v, shape, dev),
+        }
+    }
+}
 
 impl OutBuf {
     /// Writes `src[x] · scale` to elements `off + x`.
