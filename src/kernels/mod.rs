@@ -491,8 +491,8 @@ pub mod test_support {
         super::cpu::bwd_calls()
     }
 
-    /// The instruction sets of the fused CPU kernel this CPU can run (`"avx512"`, `"avx2"`,
-    /// `"portable"`), best first.
+    /// The instruction sets of the fused CPU kernel this CPU can run (`"avx512bf16"`,
+    /// `"avx512"`, `"avx2"`, `"portable"`), best first.
     pub fn cpu_isas() -> Vec<&'static str> {
         super::cpu::isas()
     }

@@ -132,6 +132,8 @@ struct State {
     nr: usize,
     dv: usize,
     q: Vec<f32>,
+    /// The query rows as bf16 pairs (with `kᵀ` pairs).
+    qp: Vec<u32>,
     m: Vec<f32>,
     lsum: Vec<f32>,
     acc: Vec<f32>,
@@ -145,6 +147,7 @@ impl State {
             nr,
             dv,
             q: vec![0.0; heads * nr * d],
+            qp: vec![0; heads * nr * d / 2],
             m: vec![f32::NEG_INFINITY; heads * nr],
             lsum: vec![0.0; heads * nr],
             acc: vec![0.0; heads * nr * dv],
@@ -197,8 +200,8 @@ impl Ctx<'_> {
             for r in 0..nr {
                 let (gg, i) = ((r0 + r) / l, (r0 + r) % l);
                 let at = self.q.at(bi, i, kh * g + gg);
-                let row = (n * s_nr + r) * d;
-                self.q.row_into(at, &mut st.q[row..row + d]);
+                let row = n * s_nr + r;
+                self.query_row(at, row, &mut st.q, &mut st.qp);
             }
         }
         let (k_lo, k_hi) = (k_lo.max(chunk.0), k_hi.min(chunk.1));
@@ -243,6 +246,8 @@ impl Ctx<'_> {
                     r0,
                     nr,
                     q: &st.q[a * d..b * d],
+                    qp: &st.qp[a * d / 2..b * d / 2],
+                    pp: &mut sc.pp,
                     acc: &mut st.acc[a * dv..b * dv],
                     scores: &mut sc.scores[..nr * BLOCK_K],
                     m: &mut st.m[a..b],

@@ -95,3 +95,27 @@ fn bytemuck_u16<T: Copy>(data: &[T]) -> &[u16] {
     // SAFETY: `T` is bf16 or f16, 2-byte plain-old-data types with u16's alignment.
     unsafe { std::slice::from_raw_parts(data.as_ptr().cast::<u16>(), data.len()) }
 }
+
+/// A `rows × cols` matrix of bf16 pairs (two consecutive elements of a row of the unpaired
+/// matrix, the first in the low 16 bits) whose rows start `stride` pairs apart: the operands of
+/// the AVX512-BF16 dot products.
+#[derive(Clone, Copy)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // read by the x86 micro-kernels
+pub(super) struct PairMat<'a> {
+    pub data: &'a [u32],
+    pub rows: usize,
+    pub cols: usize,
+    pub stride: usize,
+}
+
+impl<'a> PairMat<'a> {
+    pub fn new(data: &'a [u32], rows: usize, cols: usize, stride: usize) -> Self {
+        check(data.len(), rows, cols, stride, false);
+        Self {
+            data,
+            rows,
+            cols,
+            stride,
+        }
+    }
+}

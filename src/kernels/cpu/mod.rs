@@ -50,14 +50,23 @@
 //! dtype: f16/bf16 query rows are converted to f32 as they are gathered, and K/V tiles are read
 //! in place by the micro-kernels (AVX-512: bf16 and f16, AVX2: bf16, widened in registers) or
 //! converted as they are visited (no whole-tensor f32 copy; a bf16 KV cache is streamed at half
-//! the bytes). The SIMD paths keep one transposed f32 copy of K when many query rows share each K tile.
+//! the bytes). The SIMD paths keep one transposed f32 copy of K when many query rows share each K
+//! tile (`kt.rs`).
+//!
+//! bf16 on CPUs with AVX512-BF16 (`avx512_bf16.rs`): both products run on `vdpbf16ps` (two bf16
+//! products per f32 lane, twice the work per instruction of f32 FMAs), as PyTorch's CPU flash
+//! attention does: `Q · Kᵀ` from the query rows read as bf16 pairs against a transposed copy of K
+//! kept in bf16 pairs (or, for decode-like items, K's rows in place), accumulated in f32; the
+//! probabilities rounded to bf16 (to nearest even) for `P · V`, V's rows read in place and two
+//! keys' rows interleaved in registers, accumulated in f32. The softmax's maxima and sums stay
+//! f32, from the unrounded probabilities.
 //! Memory beyond that: per worker thread a `BLOCK_Q × BLOCK_K` score tile, two `BLOCK_Q ×`
 //! [`MAX_HEAD_DIM`] row tiles (192 KiB) and, for half inputs, a converted K and V tile
 //! (512 KiB), independent of `S`. Nothing grows with `L · S`.
 //!
-//! Instruction sets (chosen at run time, `products.rs`): AVX-512 micro-kernels (`avx512.rs`),
-//! AVX2 + FMA micro-kernels (`avx2.rs`), or the `gemm` crate (`portable.rs`, any CPU; on
-//! aarch64 `gemm` uses NEON).
+//! Instruction sets (chosen at run time, `products.rs`): AVX-512 micro-kernels (`avx512.rs`)
+//! and, with AVX512-BF16, bf16 dot products (`avx512_bf16.rs`), AVX2 + FMA micro-kernels
+//! (`avx2.rs`), or the `gemm` crate (`portable.rs`, any CPU; on aarch64 `gemm` uses NEON).
 //!
 //! Training: when autograd tracks `q`, `k` or `v`, the forward also saves each row's
 //! log-sum-exp `(B, H, L)` and its output becomes a candle autograd node (`op.rs`, a
@@ -67,12 +76,15 @@
 //! `L × S` exists in either direction. Dropout is not implemented here (such calls go to the
 //! reference).
 //!
-//! Files: this one (eligibility, inputs, the parallel loop), `tile.rs` (one work item: masks,
-//! softmax step, products), `softmax.rs` (online softmax, `exp`), `backward.rs` and `op.rs`
-//! (the backward and its autograd node), `products.rs` (the run-time instruction set and the
-//! products dispatched on it), `avx512.rs`, `avx2.rs` and `portable.rs` (the products on
-//! AVX-512 or AVX2 registers or through `gemm`), `mat.rs` (their bounds-checked matrix
-//! operands).
+//! Files: this one (eligibility, inputs, the parallel loop), `view.rs` (the inputs read in
+//! place), `kt.rs` (transposed copies of K), `tile.rs` (one work item: masks, softmax step,
+//! products), `decode.rs` and `stream.rs` (decode-shaped calls, their prefetch stream),
+//! `softmax.rs` (online softmax, `exp`), `out.rs` (the output, written in its dtype),
+//! `backward.rs` and `op.rs` (the backward and its autograd node), `products.rs` (the run-time
+//! instruction set and the products dispatched on it), `avx512.rs`, `avx512_bf16.rs`,
+//! `avx2.rs` and `portable.rs` (the products on AVX-512 or AVX2 registers, as AVX512-BF16 dot
+//! products, or through `gemm`), `mat.rs` (their bounds-checked matrix operands), `gemm.rs` and
+//! `gemm_avx2.rs` (the projections' GEMM).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -86,12 +98,15 @@ use crate::config::MaskedRowPolicy;
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod avx512_bf16;
 mod backward;
 mod decode;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod gemm;
 #[cfg(target_arch = "x86_64")]
 mod gemm_avx2;
+mod kt;
 mod mat;
 mod op;
 mod out;
@@ -100,8 +115,10 @@ mod products;
 mod softmax;
 mod stream;
 mod tile;
+mod view;
 
 pub use decode::SPLIT_MIN_KEYS;
+use kt::{transpose_blocks, transpose_heads, KtBuf};
 use out::OutVec;
 use products::Isa;
 use tile::{Bias, Ctx, Data, OutBuf, OutPtr, View};
@@ -138,8 +155,8 @@ pub(crate) fn bwd_calls() -> usize {
     BWD_CALLS.load(Ordering::Relaxed)
 }
 
-/// The instruction sets of the fused kernel this CPU can run (`"avx512"`, `"avx2"`,
-/// `"portable"`), best first.
+/// The instruction sets of the fused kernel this CPU can run (`"avx512bf16"`, `"avx512"`,
+/// `"avx2"`, `"portable"`), best first.
 pub(crate) fn isas() -> Vec<&'static str> {
     products::available().into_iter().map(Isa::name).collect()
 }
@@ -148,6 +165,7 @@ pub(crate) fn isas() -> Vec<&'static str> {
 pub(crate) fn force_isa(name: Option<&str>) -> std::result::Result<(), String> {
     let isa = match name {
         None => None,
+        Some("avx512bf16") => Some(Isa::Avx512Bf16),
         Some("avx512") => Some(Isa::Avx512),
         Some("avx2") => Some(Isa::Avx2),
         Some("portable") => Some(Isa::Portable),
@@ -186,20 +204,18 @@ impl ProjKernel {
 
 /// The GEMM kernel for projections of `dtype` now, if any: bf16 on AVX512-BF16, else on
 /// AVX2 + FMA; f32 on AVX-512 (elsewhere candle's matmul, whose `gemm` crate is as good). The
-/// instruction set in use decides (forcing AVX2 or the portable path, as the tests and
-/// `bench_attention --isa` do, picks what CPUs without AVX-512 run).
+/// instruction set in use decides (forcing `avx512`, AVX2 or the portable path, as the tests
+/// and `bench_attention --isa` do, picks what CPUs without AVX512-BF16 or AVX-512 run).
 pub(crate) fn proj_kernel(dtype: DType) -> Option<ProjKernel> {
     #[cfg(target_arch = "x86_64")]
     {
         let isa = products::current();
         match dtype {
-            DType::BF16 if isa == Isa::Avx512 && <half::bf16 as gemm::Elem>::supported() => {
-                Some(ProjKernel::Avx512Bf16)
-            }
+            DType::BF16 if isa == Isa::Avx512Bf16 => Some(ProjKernel::Avx512Bf16),
             DType::BF16 if isa != Isa::Portable && gemm::avx2_supported() => {
                 Some(ProjKernel::Avx2Bf16)
             }
-            DType::F32 if isa == Isa::Avx512 => Some(ProjKernel::Avx512F32),
+            DType::F32 if isa.avx512() => Some(ProjKernel::Avx512F32),
             _ => None,
         }
     }
@@ -464,8 +480,20 @@ impl Inputs {
         let g = h / hkv;
         // The transposed copy of K pays off when each K tile serves many query rows;
         // decode-like calls (few rows per KV head) read K in place through `gemm` instead.
-        let kt = (transpose_k && isa != Isa::Portable && g * l >= MIN_ROWS_FOR_KT)
-            .then(|| transpose_heads(&kv, b, hkv, s, d));
+        let bf16 = |v: &View| matches!(v.data, Data::Bf16(_));
+        // With AVX512-BF16 dot products: Q · Kᵀ from bf16 pairs (even D), P · V reading V's
+        // rows in place (Dv a multiple of 32).
+        let pairs = products::dots_bf16(isa) && bf16(&qv) && bf16(&kv) && d.is_multiple_of(2);
+        let pv_pairs = products::dots_bf16(isa) && bf16(&vv) && dv.is_multiple_of(32);
+        let kt = (transpose_k && isa != Isa::Portable && g * l >= MIN_ROWS_FOR_KT).then(|| {
+            if pairs {
+                KtBuf::Pairs(transpose_blocks(&kv, (b, hkv, s, d / 2), 2, |at, dst| {
+                    kv.pairs_into(at, dst).expect("bf16 keys");
+                }))
+            } else {
+                KtBuf::F32(transpose_heads(&kv, b, hkv, s, d))
+            }
+        });
         let ctx = Ctx {
             q: qv,
             k: kv,
@@ -486,7 +514,9 @@ impl Inputs {
             dead_tiles,
             n_tiles,
             bias,
-            kt: kt.as_deref(),
+            kt: kt.as_ref().map(KtBuf::view),
+            pv_pairs,
+            q_pairs: pairs,
             isa,
             out,
             lse,
@@ -514,40 +544,4 @@ fn packed_items(
         }
     }
     items
-}
-
-/// K `(B, S, Hkv, D)` (strided) → `(B, Hkv, D, S)` contiguous, one `(D, S)` block per KV head,
-/// in parallel. Each 32 × 32 tile is transposed in a small buffer first, so that both the reads
-/// (key rows) and the writes (rows of kᵀ, `S` apart) are whole contiguous runs: scattering
-/// single floats to rows `S` apart thrashes the cache sets they all map to.
-fn transpose_heads(k: &View, b: usize, hkv: usize, s: usize, d: usize) -> Vec<f32> {
-    const T: usize = 32;
-    let mut out = vec![0f32; b * hkv * d * s];
-    if s * d == 0 {
-        return out;
-    }
-    let [sb, st, sh] = k.strides;
-    out.par_chunks_mut(s * d).enumerate().for_each(|(bk, o)| {
-        let base = (bk / hkv) * sb + (bk % hkv) * sh;
-        let mut buf = [0f32; T * T];
-        let mut row = [0f32; T];
-        for j0 in (0..s).step_by(T) {
-            let nj = T.min(s - j0);
-            for d0 in (0..d).step_by(T) {
-                let nd = T.min(d - d0);
-                for jj in 0..nj {
-                    // Half inputs are converted here: the copy is f32.
-                    k.row_into(base + (j0 + jj) * st + d0, &mut row[..nd]);
-                    for (dd, &x) in row[..nd].iter().enumerate() {
-                        buf[dd * T + jj] = x;
-                    }
-                }
-                for dd in 0..nd {
-                    let at = (d0 + dd) * s + j0;
-                    o[at..at + nj].copy_from_slice(&buf[dd * T..dd * T + nj]);
-                }
-            }
-        }
-    });
-    out
 }

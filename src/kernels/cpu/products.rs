@@ -5,12 +5,15 @@
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
-use super::mat::{HalfMat, Mat, MatMut};
+use super::mat::{HalfMat, Mat, MatMut, PairMat};
 use super::portable::{self, matmul};
 
 /// An instruction set of the fused CPU kernel's products.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Isa {
+    /// [`Isa::Avx512`], and for bf16 inputs AVX512-BF16 dot products (`vdpbf16ps`: two bf16
+    /// products per f32 lane) in both tile products.
+    Avx512Bf16,
     /// AVX-512F micro-kernels (16 lanes).
     Avx512,
     /// AVX2 + FMA micro-kernels (8 lanes).
@@ -20,9 +23,10 @@ pub enum Isa {
 }
 
 impl Isa {
-    /// Short name (`"avx512"`, `"avx2"`, `"portable"`).
+    /// Short name (`"avx512bf16"`, `"avx512"`, `"avx2"`, `"portable"`).
     pub fn name(self) -> &'static str {
         match self {
+            Isa::Avx512Bf16 => "avx512bf16",
             Isa::Avx512 => "avx512",
             Isa::Avx2 => "avx2",
             Isa::Portable => "portable",
@@ -34,12 +38,25 @@ impl Isa {
             Isa::Avx512 => 1,
             Isa::Avx2 => 2,
             Isa::Portable => 3,
+            Isa::Avx512Bf16 => 4,
         }
+    }
+
+    /// Whether this is one of the AVX-512 sets (16-lane micro-kernels).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // x86-only GEMM selection
+    pub fn avx512(self) -> bool {
+        matches!(self, Isa::Avx512 | Isa::Avx512Bf16)
     }
 
     fn supported(self) -> bool {
         match self {
             Isa::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Bf16 => {
+                is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512bf16")
+            }
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => is_x86_feature_detected!("avx512f"),
             #[cfg(target_arch = "x86_64")]
@@ -55,7 +72,7 @@ static FORCED: AtomicU8 = AtomicU8::new(0);
 
 /// The instruction sets this CPU can run, best first.
 pub fn available() -> Vec<Isa> {
-    [Isa::Avx512, Isa::Avx2, Isa::Portable]
+    [Isa::Avx512Bf16, Isa::Avx512, Isa::Avx2, Isa::Portable]
         .into_iter()
         .filter(|i| i.supported())
         .collect()
@@ -67,6 +84,7 @@ pub fn current() -> Isa {
         1 => Isa::Avx512,
         2 => Isa::Avx2,
         3 => Isa::Portable,
+        4 => Isa::Avx512Bf16,
         _ => available()[0],
     }
 }
@@ -90,7 +108,7 @@ pub(super) fn qk_t(isa: Isa, a: Mat, kt: Mat, out: MatMut, scale: f32) {
     assert!(kt.rows == a.cols && out.rows == nr && out.cols == bk);
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => {
+        Isa::Avx512 | Isa::Avx512Bf16 => {
             let padded = bk.div_ceil(16) * 16;
             assert!(
                 nr == 0
@@ -126,7 +144,7 @@ pub(super) fn qk_rows(isa: Isa, q: Mat, k: Mat, out: MatMut, scale: f32) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa` is only ever a supported one (see `force`); every access is inside the
         // checked matrices (masked loads past `d` touch nothing).
-        Isa::Avx512 => unsafe { super::avx512::qk_rows(q, k, out, scale) },
+        Isa::Avx512 | Isa::Avx512Bf16 => unsafe { super::avx512::qk_rows(q, k, out, scale) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
         Isa::Avx2 => unsafe { super::avx2::qk_rows(q, k, out, scale) },
@@ -139,7 +157,7 @@ pub(super) fn qk_rows(isa: Isa, q: Mat, k: Mat, out: MatMut, scale: f32) {
 /// multiples of 8. Elsewhere half tiles are converted to f32 first.
 pub(super) fn reads_half(isa: Isa, bf16: bool, cols: usize) -> bool {
     match isa {
-        Isa::Avx512 => cols.is_multiple_of(16),
+        Isa::Avx512 | Isa::Avx512Bf16 => cols.is_multiple_of(16),
         Isa::Avx2 => bf16 && cols.is_multiple_of(8),
         Isa::Portable => false,
     }
@@ -157,7 +175,7 @@ pub(super) fn qk_rows_half(isa: Isa, q: Mat, k: HalfMat, out: MatMut, scale: f32
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa` is only ever a supported one (see `force`); every access is inside the
         // checked matrices (whole vectors of 16 columns).
-        Isa::Avx512 => unsafe { super::avx512::qk_rows_half(q, k, out, scale) },
+        Isa::Avx512 | Isa::Avx512Bf16 => unsafe { super::avx512::qk_rows_half(q, k, out, scale) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above (AVX2 takes bf16 only, asserted by `reads_half`).
         Isa::Avx2 => unsafe { super::avx2::qk_rows_bf16(q, k, out, scale) },
@@ -179,7 +197,7 @@ pub(super) fn pv_half(isa: Isa, p: Mat, v: HalfMat, acc: MatMut) {
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        Isa::Avx512 => unsafe { super::avx512::pv_half(p, v, acc) },
+        Isa::Avx512 | Isa::Avx512Bf16 => unsafe { super::avx512::pv_half(p, v, acc) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
         Isa::Avx2 => unsafe { super::avx2::pv_bf16(p, v, acc) },
@@ -195,7 +213,7 @@ pub(super) fn pv(isa: Isa, p: Mat, v: Mat, acc: MatMut) {
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa` is only ever a supported one (see `force`).
-        Isa::Avx512 => unsafe { super::avx512::pv(p, v, acc) },
+        Isa::Avx512 | Isa::Avx512Bf16 => unsafe { super::avx512::pv(p, v, acc) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
         Isa::Avx2 => unsafe { super::avx2::pv(p, v, acc) },
@@ -208,7 +226,7 @@ pub(super) fn pv_t(isa: Isa, p: Mat, v: Mat, acc: MatMut) {
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa` is only ever a supported one (see `force`).
-        Isa::Avx512 => unsafe { super::avx512::pv_t(p, v, acc) },
+        Isa::Avx512 | Isa::Avx512Bf16 => unsafe { super::avx512::pv_t(p, v, acc) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
         Isa::Avx2 => unsafe { super::avx2::pv_t(p, v, acc) },
@@ -226,4 +244,69 @@ pub(super) fn pv_t(isa: Isa, p: Mat, v: Mat, acc: MatMut) {
             )
         }
     }
+}
+
+/// Whether `isa` multiplies bf16 operands by AVX512-BF16 dot products ([`qk_pairs`],
+/// [`to_pairs`], [`pv_pairs`]).
+pub(super) fn dots_bf16(isa: Isa) -> bool {
+    isa == Isa::Avx512Bf16
+}
+
+/// `out = scale · q · kᵀ` from bf16 pairs: `q` (`nr × D/2`) and the keys' pairs transposed
+/// (`kt`, `D/2 × bk`); only where [`dots_bf16`]. `out` rows must hold `round_up(bk, 16)`
+/// columns.
+pub(super) fn qk_pairs(isa: Isa, q: PairMat, kt: PairMat, out: MatMut, scale: f32) {
+    let (nr, bk) = (q.rows, kt.cols);
+    let padded = bk.div_ceil(16) * 16;
+    assert!(dots_bf16(isa) && kt.rows == q.cols && out.rows == nr && out.cols == bk);
+    assert!(nr == 0 || (out.stride >= padded && out.data.len() >= (nr - 1) * out.stride + padded));
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `isa` is only ever a supported one (see `force`), and AVX512-BF16 (asserted);
+    // rows of `out` hold the padded columns (asserted), the operands are checked matrices.
+    unsafe {
+        super::avx512_bf16::qk(q, kt, out, scale)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (q, kt, out, scale);
+}
+
+/// [`qk_rows`] with the query rows as bf16 pairs and bf16 key rows read in place (even `D`);
+/// only where [`dots_bf16`].
+pub(super) fn qk_rows_pairs(isa: Isa, q: PairMat, k: HalfMat, out: MatMut, scale: f32) {
+    assert!(dots_bf16(isa) && k.bf16 && k.cols == 2 * q.cols);
+    assert!(out.rows == q.rows && out.cols == k.rows);
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: as in `qk_pairs` (shapes asserted; `out` is written at `..bk` only).
+    unsafe {
+        super::avx512_bf16::qk_rows(q, k, out, scale)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (q, k, out, scale);
+}
+
+/// The rows of `p` rounded to bf16 pairs of consecutive columns into `out` (rows `stride`
+/// apart); only where [`dots_bf16`].
+pub(super) fn to_pairs(isa: Isa, p: Mat, out: &mut [u32], stride: usize) {
+    assert!(dots_bf16(isa));
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: as in `qk_pairs`; `to_pairs` checks that `out` holds the rows.
+    unsafe {
+        super::avx512_bf16::to_pairs(p, out, stride)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (p, out, stride);
+}
+
+/// `acc += p · v` with `p` as bf16 pairs of keys (from [`to_pairs`]) and bf16 rows of `v` read
+/// in place (`v.cols` a multiple of 32); only where [`dots_bf16`].
+pub(super) fn pv_pairs(isa: Isa, p: PairMat, v: HalfMat, acc: MatMut) {
+    assert!(dots_bf16(isa) && v.bf16 && v.cols.is_multiple_of(32));
+    assert!(p.cols == v.rows.div_ceil(2) && acc.rows == p.rows && acc.cols == v.cols);
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: as in `qk_pairs` (shapes asserted).
+    unsafe {
+        super::avx512_bf16::pv(p, v, acc)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (p, v, acc);
 }

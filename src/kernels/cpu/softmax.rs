@@ -14,7 +14,7 @@ pub(super) fn softmax_step(
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa` is only ever one the CPU supports (see `products::force`).
-        Isa::Avx512 => unsafe { softmax_step_avx512(row, m, lsum, acc) },
+        Isa::Avx512 | Isa::Avx512Bf16 => unsafe { softmax_step_avx512(row, m, lsum, acc) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above (AVX2 + FMA implies AVX).
         Isa::Avx2 => unsafe { softmax_step_avx(row, m, lsum, acc) },
@@ -47,26 +47,19 @@ fn softmax_step_impl<const FMA: bool, const W: usize>(
     lsum: &mut f32,
     acc: &mut [f32],
 ) -> bool {
+    // NaN wins and sticks (a NaN logit makes the row NaN, as in PyTorch).
+    let max = |a: f32, b: f32| if b > a || b.is_nan() { b } else { a };
     let mut mx = [f32::NEG_INFINITY; W];
     let mut chunks = row.chunks_exact(W);
     for c in &mut chunks {
         for t in 0..W {
-            // NaN wins and sticks (a NaN logit makes the row NaN, as in PyTorch).
-            mx[t] = if c[t] > mx[t] || c[t].is_nan() {
-                c[t]
-            } else {
-                mx[t]
-            };
+            mx[t] = max(mx[t], c[t]);
         }
     }
-    let mut tile_max = f32::NEG_INFINITY;
-    for &x in chunks.remainder().iter().chain(mx.iter()) {
-        tile_max = if x > tile_max || x.is_nan() {
-            x
-        } else {
-            tile_max
-        };
+    for (t, &x) in chunks.remainder().iter().enumerate() {
+        mx[t] = max(mx[t], x);
     }
+    let tile_max = tree(mx, max);
     let m_new = if tile_max > *m || tile_max.is_nan() {
         tile_max
     } else {
@@ -92,7 +85,7 @@ fn softmax_step_impl<const FMA: bool, const W: usize>(
         *x = e;
         sum += e;
     }
-    sum += sums.iter().sum::<f32>();
+    sum += tree(sums, |a, b| a + b);
     if m_new != *m {
         let corr = fast_exp::<FMA>(*m - m_new); // 0 when m was -inf
         if *lsum != 0.0 {
@@ -105,13 +98,27 @@ fn softmax_step_impl<const FMA: bool, const W: usize>(
     true
 }
 
+/// `op` over the `W` lanes (a power of two) as a tree of vector steps (a scalar loop over the
+/// lanes would be a chain of `W` dependent operations).
+#[inline(always)]
+fn tree<const W: usize>(mut x: [f32; W], op: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut half = W / 2;
+    while half > 0 {
+        for t in 0..half {
+            x[t] = op(x[t], x[t + half]);
+        }
+        half /= 2;
+    }
+    x[0]
+}
+
 /// `row[j] = exp(row[j] - shift)` for a row whose entries are at most `shift` (probabilities
 /// from logits and their log-sum-exp); `-inf` entries give 0.
 pub(super) fn exp_sub(isa: Isa, row: &mut [f32], shift: f32) {
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa` is only ever one the CPU supports (see `products::force`).
-        Isa::Avx512 => unsafe { exp_sub_avx512(row, shift) },
+        Isa::Avx512 | Isa::Avx512Bf16 => unsafe { exp_sub_avx512(row, shift) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above (AVX2 + FMA implies AVX).
         Isa::Avx2 => unsafe { exp_sub_avx(row, shift) },

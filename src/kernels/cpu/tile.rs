@@ -3,151 +3,14 @@
 
 use std::cell::RefCell;
 
-use half::slice::HalfFloatSliceExt;
-use half::{bf16, f16};
-
-use super::mat::{HalfMat, Mat, MatMut};
+use super::mat::{Mat, MatMut, PairMat};
 pub(super) use super::out::{OutBuf, OutPtr};
 use super::products::{self, Isa};
 use super::softmax::softmax_step;
+pub(super) use super::view::{Data, View};
 use super::{BLOCK_K, BLOCK_Q, MAX_HEAD_DIM};
 use crate::config::MaskedRowPolicy;
 use crate::mask::MaskPlan;
-
-/// The elements of a tensor the kernel reads in place, in their own dtype: f16/bf16 inputs are
-/// read in place by the micro-kernels that take them (AVX-512: bf16 and f16; AVX2: bf16; widened
-/// to f32 in registers), else converted to f32 per row or per tile as they are read, never as
-/// whole tensors.
-#[derive(Clone, Copy)]
-pub(super) enum Data<'a> {
-    F32(&'a [f32]),
-    Bf16(&'a [bf16]),
-    F16(&'a [f16]),
-}
-
-/// A `(B, T, heads, D)` tensor read in place: element `(b, t, h, x)` is
-/// `data[b·strides[0] + t·strides[1] + h·strides[2] + x]`.
-pub(super) struct View<'a> {
-    pub data: Data<'a>,
-    pub strides: [usize; 3],
-}
-
-impl<'a> View<'a> {
-    /// Offset of row `(b, t, h)`.
-    pub fn at(&self, b: usize, t: usize, h: usize) -> usize {
-        b * self.strides[0] + t * self.strides[1] + h * self.strides[2]
-    }
-
-    /// The f32 elements, for an f32 tensor.
-    pub fn f32s(&self) -> Option<&'a [f32]> {
-        match self.data {
-            Data::F32(s) => Some(s),
-            _ => None,
-        }
-    }
-
-    /// `rows × cols` half elements from `at` (row stride `stride`), read in place, when the
-    /// tensor is bf16/f16 and `isa` reads such operands directly.
-    pub fn half_mat(
-        &self,
-        isa: Isa,
-        at: usize,
-        (rows, cols, stride): (usize, usize, usize),
-    ) -> Option<HalfMat<'a>> {
-        match self.data {
-            Data::F32(_) => None,
-            Data::Bf16(s) if products::reads_half(isa, true, cols) => {
-                Some(HalfMat::bf16(&s[at..], rows, cols, stride))
-            }
-            Data::F16(s) if products::reads_half(isa, false, cols) => {
-                Some(HalfMat::f16(&s[at..], rows, cols, stride))
-            }
-            _ => None,
-        }
-    }
-
-    /// Elements `at..at + dst.len()` as f32, into `dst`.
-    pub fn row_into(&self, at: usize, dst: &mut [f32]) {
-        let n = dst.len();
-        match self.data {
-            Data::F32(s) => dst.copy_from_slice(&s[at..at + n]),
-            // bf16 → f32 is a shift of the bits (a loop the compiler vectorises).
-            Data::Bf16(s) => dst
-                .iter_mut()
-                .zip(&s[at..at + n])
-                .for_each(|(o, x)| *o = f32::from_bits(u32::from(x.to_bits()) << 16)),
-            Data::F16(s) => s[at..at + n].convert_to_f32_slice(dst),
-        }
-    }
-
-    /// `rows × cols` elements from `at` with row stride `stride` as an f32 matrix: the tensor
-    /// itself for f32, else converted into `buf` (row stride `cols`).
-    pub fn mat<'s>(
-        &'s self,
-        at: usize,
-        (rows, cols, stride): (usize, usize, usize),
-        buf: &'s mut [f32],
-    ) -> Mat<'s> {
-        match self.data {
-            Data::F32(s) => Mat::new(&s[at..], rows, cols, stride),
-            _ => {
-                for r in 0..rows {
-                    self.row_into(at + r * stride, &mut buf[r * cols..(r + 1) * cols]);
-                }
-                Mat::new(&buf[..rows * cols], rows, cols, cols)
-            }
-        }
-    }
-
-    /// Asks the CPU to start loading elements `at..at + n` (a hint; out-of-range addresses
-    /// are skipped).
-    pub fn prefetch(&self, at: usize, n: usize) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            let step = match self.data {
-                Data::F32(_) => 16,
-                _ => 32,
-            };
-            for c in (0..n).step_by(step) {
-                if let Some(x) = self.ptr(at + c) {
-                    // SAFETY: prefetching is a hint; `x` points into the tensor.
-                    unsafe {
-                        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                            x.cast(),
-                        )
-                    };
-                }
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = (at, n);
-    }
-
-    /// The byte address range of elements `a..b` when both exist (for the prefetch stream).
-    pub fn byte_range(&self, a: usize, b: usize) -> Option<(usize, usize)> {
-        #[cfg(target_arch = "x86_64")]
-        {
-            let start = self.ptr(a)? as usize;
-            let end = self.ptr(b.checked_sub(1)?)? as usize + 1;
-            Some((start, end))
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            let _ = (a, b);
-            None
-        }
-    }
-
-    /// Address of element `at`, if it exists (for prefetching).
-    #[cfg(target_arch = "x86_64")]
-    fn ptr(&self, at: usize) -> Option<*const u8> {
-        match self.data {
-            Data::F32(s) => s.get(at).map(|x| (x as *const f32).cast()),
-            Data::Bf16(s) => s.get(at).map(|x| (x as *const bf16).cast()),
-            Data::F16(s) => s.get(at).map(|x| (x as *const f16).cast()),
-        }
-    }
-}
 
 /// Additive bias, broadcast over B/H/L by zero strides; the key dim is contiguous.
 #[derive(Clone, Copy)]
@@ -183,8 +46,14 @@ pub(super) struct Ctx<'a> {
     pub dead_tiles: Option<Vec<bool>>,
     pub n_tiles: usize,
     pub bias: Option<Bias<'a>>,
-    /// `kᵀ` as `(B, Hkv, D, S)` when a SIMD `Q · Kᵀ` micro-kernel is used.
-    pub kt: Option<&'a [f32]>,
+    /// `kᵀ` when a SIMD `Q · Kᵀ` micro-kernel is used.
+    pub kt: Option<Kt<'a>>,
+    /// Whether `P · V` runs on AVX512-BF16 dot products (bf16 V, `Dv` a multiple of 32): the
+    /// probabilities are rounded to bf16 pairs first.
+    pub pv_pairs: bool,
+    /// Whether `Q · Kᵀ` runs on AVX512-BF16 dot products (bf16 Q and K, even `D`): the query
+    /// rows are read as bf16 pairs, K as [`Kt::Pairs`] or in place.
+    pub q_pairs: bool,
     /// The instruction set of the products.
     pub isa: Isa,
     pub out: OutBuf,
@@ -192,10 +61,24 @@ pub(super) struct Ctx<'a> {
     pub lse: Option<OutPtr>,
 }
 
+/// A transposed copy of K, one block per `(batch, KV head)`, for the `Q · Kᵀ` micro-kernels.
+#[derive(Clone, Copy)]
+pub(super) enum Kt<'a> {
+    /// f32 elements, `(B, Hkv, D, S)`.
+    F32(&'a [f32]),
+    /// bf16 pairs along the head dimension, `(B, Hkv, D/2, S)` (AVX512-BF16 dot products; the
+    /// query rows are read as pairs too).
+    Pairs(&'a [u32]),
+}
+
 /// Per-worker scratch.
 pub(super) struct Scratch {
     pub scores: Vec<f32>,
     q: Vec<f32>,
+    /// The query rows as bf16 pairs (with [`Ctx::q_pairs`]).
+    qp: Vec<u32>,
+    /// The probabilities as bf16 pairs (with [`Ctx::pv_pairs`]).
+    pub pp: Vec<u32>,
     acc: Vec<f32>,
     m: Vec<f32>,
     lsum: Vec<f32>,
@@ -216,6 +99,8 @@ impl Scratch {
         Self {
             scores: vec![0.0; BLOCK_Q * BLOCK_K],
             q: vec![0.0; BLOCK_Q * MAX_HEAD_DIM],
+            qp: vec![0; BLOCK_Q * MAX_HEAD_DIM / 2],
+            pp: vec![0; BLOCK_Q * BLOCK_K / 2],
             acc: vec![0.0; BLOCK_Q * MAX_HEAD_DIM],
             m: vec![0.0; BLOCK_Q],
             lsum: vec![0.0; BLOCK_Q],
@@ -233,6 +118,10 @@ pub(super) struct Rows<'s> {
     pub r0: usize,
     pub nr: usize,
     pub q: &'s [f32],
+    /// The query rows as bf16 pairs, with [`Ctx::q_pairs`].
+    pub qp: &'s [u32],
+    /// Room for the probabilities as bf16 pairs, `BLOCK_K / 2` per row.
+    pub pp: &'s mut [u32],
     pub acc: &'s mut [f32],
     pub scores: &'s mut [f32],
     pub m: &'s mut [f32],
@@ -279,6 +168,18 @@ impl Ctx<'_> {
         self.finish_rows(bi, kh, (r0, nr), &m, &lsum, &acc);
     }
 
+    /// The query row at `at` into row `r` of `q` (f32), or of `qp` (bf16 pairs) with
+    /// [`Ctx::q_pairs`].
+    pub(super) fn query_row(&self, at: usize, r: usize, q: &mut [f32], qp: &mut [u32]) {
+        let d = self.d;
+        if self.q_pairs {
+            let dst = &mut qp[r * d / 2..(r + 1) * d / 2];
+            self.q.pairs_into(at, dst).expect("bf16 queries");
+        } else {
+            self.q.row_into(at, &mut q[r * d..(r + 1) * d]);
+        }
+    }
+
     /// Half inputs: room in `sc` for one K and one V tile converted to f32.
     pub(super) fn half_tiles(&self, sc: &mut Scratch) {
         if self.q.f32s().is_none() && sc.vtile.is_empty() {
@@ -312,7 +213,7 @@ impl Ctx<'_> {
                 k_hi = k_hi.max(hi);
             }
             let at = self.q.at(bi, i, kh * self.g + gg);
-            self.q.row_into(at, &mut sc.q[r * d..(r + 1) * d]);
+            self.query_row(at, r, &mut sc.q, &mut sc.qp);
         }
         let (k_lo, k_hi) = (k_lo.max(chunk.0), k_hi.min(chunk.1));
         sc.m[..nr].fill(f32::NEG_INFINITY);
@@ -323,6 +224,8 @@ impl Ctx<'_> {
             r0,
             nr,
             q: &sc.q[..nr * d],
+            qp: &sc.qp[..nr * d / 2],
+            pp: &mut sc.pp,
             acc: &mut sc.acc[..nr * dv],
             scores: &mut sc.scores[..nr * BLOCK_K],
             m: &mut sc.m[..nr],
@@ -454,28 +357,32 @@ impl Ctx<'_> {
             Some(_) => None,
             None => Some(self.v.mat(v0, (bk, dv, vst), rows.vtile)),
         };
-        let khalf = match self.kt {
-            Some(_) => None,
-            None => self.k.half_mat(self.isa, k0, (bk, d, kst)),
-        };
-        let ktile = match (self.kt, khalf) {
-            (None, None) => Some(self.k.mat(k0, (bk, d, kst), rows.ktile)),
-            _ => None,
-        };
         let q = Mat::new(rows.q, nr, d, d);
+        let qp = PairMat::new(rows.qp, nr, d / 2, d / 2);
         let scores = MatMut::new(rows.scores, nr, bk, BLOCK_K);
+        // kᵀ of this KV head, (d × s), from column j0; the score tile has
+        // BLOCK_K >= round_up(bk, 16) columns per row.
+        let base = (bi * self.hkv + kh) * d * self.s;
         match self.kt {
-            Some(kt) => {
-                // kᵀ of this KV head, (d × s), from column j0; the score tile has
-                // BLOCK_K >= round_up(bk, 16) columns per row.
-                let base = (bi * self.hkv + kh) * d * self.s;
+            Some(Kt::F32(kt)) => {
                 let kt = Mat::new(&kt[base + j0..base + d * self.s], d, bk, self.s);
                 products::qk_t(self.isa, q, kt, scores, self.scale);
             }
-            None => match (khalf, ktile) {
-                (Some(kh), _) => products::qk_rows_half(self.isa, q, kh, scores, self.scale),
-                (None, Some(ktile)) => products::qk_rows(self.isa, q, ktile, scores, self.scale),
-                (None, None) => unreachable!("a key tile is read or converted"),
+            Some(Kt::Pairs(kt)) => {
+                let (base, dp) = (base / 2, d / 2);
+                let kt = PairMat::new(&kt[base + j0..base + dp * self.s], dp, bk, self.s);
+                products::qk_pairs(self.isa, qp, kt, scores, self.scale);
+            }
+            None if self.q_pairs => {
+                let k = self.k.bf16_mat(k0, (bk, d, kst)).expect("bf16 keys");
+                products::qk_rows_pairs(self.isa, qp, k, scores, self.scale);
+            }
+            None => match self.k.half_mat(self.isa, k0, (bk, d, kst)) {
+                Some(k) => products::qk_rows_half(self.isa, q, k, scores, self.scale),
+                None => {
+                    let k = self.k.mat(k0, (bk, d, kst), rows.ktile);
+                    products::qk_rows(self.isa, q, k, scores, self.scale)
+                }
             },
         }
         let mut any = false;
@@ -493,6 +400,11 @@ impl Ctx<'_> {
         }
         let p = Mat::new(rows.scores, nr, bk, BLOCK_K);
         let acc = MatMut::new(rows.acc, nr, dv, dv);
+        if let (true, Some(vh)) = (self.pv_pairs, vhalf) {
+            products::to_pairs(self.isa, p, rows.pp, BLOCK_K / 2);
+            let p = PairMat::new(rows.pp, nr, bk.div_ceil(2), BLOCK_K / 2);
+            return products::pv_pairs(self.isa, p, vh, acc);
+        }
         match (vhalf, vtile) {
             (Some(vh), _) => products::pv_half(self.isa, p, vh, acc),
             (None, Some(vtile)) => products::pv(self.isa, p, vtile, acc),

@@ -1,0 +1,169 @@
+//! The inputs the fused kernel reads in place: `(B, T, heads, D)` views of f32, bf16 or f16
+//! tensors.
+
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
+
+use super::mat::{HalfMat, Mat};
+use super::products::{self, Isa};
+
+/// The elements of a tensor the kernel reads in place, in their own dtype: f16/bf16 inputs are
+/// read in place by the micro-kernels that take them (AVX-512: bf16 and f16; AVX2: bf16; widened
+/// to f32 in registers), else converted to f32 per row or per tile as they are read, never as
+/// whole tensors.
+#[derive(Clone, Copy)]
+pub(super) enum Data<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [bf16]),
+    F16(&'a [f16]),
+}
+
+/// A `(B, T, heads, D)` tensor read in place: element `(b, t, h, x)` is
+/// `data[b·strides[0] + t·strides[1] + h·strides[2] + x]`.
+pub(super) struct View<'a> {
+    pub data: Data<'a>,
+    pub strides: [usize; 3],
+}
+
+impl<'a> View<'a> {
+    /// Offset of row `(b, t, h)`.
+    pub fn at(&self, b: usize, t: usize, h: usize) -> usize {
+        b * self.strides[0] + t * self.strides[1] + h * self.strides[2]
+    }
+
+    /// The f32 elements, for an f32 tensor.
+    pub fn f32s(&self) -> Option<&'a [f32]> {
+        match self.data {
+            Data::F32(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// `rows × cols` half elements from `at` (row stride `stride`), read in place, when the
+    /// tensor is bf16/f16 and `isa` reads such operands directly.
+    pub fn half_mat(
+        &self,
+        isa: Isa,
+        at: usize,
+        (rows, cols, stride): (usize, usize, usize),
+    ) -> Option<HalfMat<'a>> {
+        match self.data {
+            Data::F32(_) => None,
+            Data::Bf16(s) if products::reads_half(isa, true, cols) => {
+                Some(HalfMat::bf16(&s[at..], rows, cols, stride))
+            }
+            Data::F16(s) if products::reads_half(isa, false, cols) => {
+                Some(HalfMat::f16(&s[at..], rows, cols, stride))
+            }
+            _ => None,
+        }
+    }
+
+    /// `rows × cols` bf16 elements from `at` (row stride `stride`), read in place; `None` for
+    /// other dtypes.
+    pub fn bf16_mat(
+        &self,
+        at: usize,
+        (rows, cols, stride): (usize, usize, usize),
+    ) -> Option<HalfMat<'a>> {
+        match self.data {
+            Data::Bf16(s) => Some(HalfMat::bf16(&s[at..], rows, cols, stride)),
+            _ => None,
+        }
+    }
+
+    /// Elements `at..at + dst.len()` as f32, into `dst`.
+    pub fn row_into(&self, at: usize, dst: &mut [f32]) {
+        let n = dst.len();
+        match self.data {
+            Data::F32(s) => dst.copy_from_slice(&s[at..at + n]),
+            // bf16 → f32 is a shift of the bits (a loop the compiler vectorises).
+            Data::Bf16(s) => dst
+                .iter_mut()
+                .zip(&s[at..at + n])
+                .for_each(|(o, x)| *o = f32::from_bits(u32::from(x.to_bits()) << 16)),
+            Data::F16(s) => s[at..at + n].convert_to_f32_slice(dst),
+        }
+    }
+
+    /// Elements `at..at + 2·dst.len()` of a bf16 tensor as pairs (the first of each in the low
+    /// 16 bits); `None` for other dtypes.
+    pub fn pairs_into(&self, at: usize, dst: &mut [u32]) -> Option<()> {
+        let Data::Bf16(s) = self.data else {
+            return None;
+        };
+        let src = &s[at..at + 2 * dst.len()];
+        dst.iter_mut()
+            .zip(src.chunks_exact(2))
+            .for_each(|(o, x)| *o = u32::from(x[0].to_bits()) | u32::from(x[1].to_bits()) << 16);
+        Some(())
+    }
+
+    /// `rows × cols` elements from `at` with row stride `stride` as an f32 matrix: the tensor
+    /// itself for f32, else converted into `buf` (row stride `cols`).
+    pub fn mat<'s>(
+        &'s self,
+        at: usize,
+        (rows, cols, stride): (usize, usize, usize),
+        buf: &'s mut [f32],
+    ) -> Mat<'s> {
+        match self.data {
+            Data::F32(s) => Mat::new(&s[at..], rows, cols, stride),
+            _ => {
+                for r in 0..rows {
+                    self.row_into(at + r * stride, &mut buf[r * cols..(r + 1) * cols]);
+                }
+                Mat::new(&buf[..rows * cols], rows, cols, cols)
+            }
+        }
+    }
+
+    /// Asks the CPU to start loading elements `at..at + n` (a hint; out-of-range addresses
+    /// are skipped).
+    pub fn prefetch(&self, at: usize, n: usize) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let step = match self.data {
+                Data::F32(_) => 16,
+                _ => 32,
+            };
+            for c in (0..n).step_by(step) {
+                if let Some(x) = self.ptr(at + c) {
+                    // SAFETY: prefetching is a hint; `x` points into the tensor.
+                    unsafe {
+                        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                            x.cast(),
+                        )
+                    };
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (at, n);
+    }
+
+    /// The byte address range of elements `a..b` when both exist (for the prefetch stream).
+    pub fn byte_range(&self, a: usize, b: usize) -> Option<(usize, usize)> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let start = self.ptr(a)? as usize;
+            let end = self.ptr(b.checked_sub(1)?)? as usize + 1;
+            Some((start, end))
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (a, b);
+            None
+        }
+    }
+
+    /// Address of element `at`, if it exists (for prefetching).
+    #[cfg(target_arch = "x86_64")]
+    pub fn ptr(&self, at: usize) -> Option<*const u8> {
+        match self.data {
+            Data::F32(s) => s.get(at).map(|x| (x as *const f32).cast()),
+            Data::Bf16(s) => s.get(at).map(|x| (x as *const bf16).cast()),
+            Data::F16(s) => s.get(at).map(|x| (x as *const f16).cast()),
+        }
+    }
+}
