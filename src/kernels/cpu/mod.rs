@@ -113,6 +113,8 @@ mod out;
 mod portable;
 mod products;
 mod softmax;
+#[cfg(target_arch = "x86_64")]
+mod softmax_avx512;
 mod stream;
 mod tile;
 mod view;

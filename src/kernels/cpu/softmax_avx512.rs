@@ -1,0 +1,122 @@
+//! The online softmax step of one row on AVX-512 registers: the same function as
+//! `softmax.rs`'s portable step (NaN wins and sticks, `-inf` gives 0, the same `exp` polynomial),
+//! written with intrinsics so that the row's maximum and sum are single-vector reductions and the
+//! `exp` of 16 logits is one pass of vector instructions.
+
+use std::arch::x86_64::*;
+
+/// Lanes `0..n` (`n < 16`), or all.
+fn tail(n: usize) -> u16 {
+    if n >= 16 {
+        u16::MAX
+    } else {
+        (1u16 << n) - 1
+    }
+}
+
+/// `exp(x)` for `x <= 0` in 16 lanes: the Cephes polynomial of `softmax::fast_exp` (relative
+/// error ≈ 1e-7); 0 below the f32 normal range and for `-inf`; NaN stays NaN.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn exp16(x: __m512) -> __m512 {
+    let min = _mm512_set1_ps(-87.336_55);
+    let magic = _mm512_set1_ps(12_582_912.0);
+    // `max(min, x)` keeps x when it is NaN (the second operand wins on NaN).
+    let xc = _mm512_max_ps(min, x);
+    let z = _mm512_fmadd_ps(xc, _mm512_set1_ps(std::f32::consts::LOG2_E), magic);
+    let n = _mm512_sub_ps(z, magic);
+    let ni = _mm512_sub_epi32(_mm512_castps_si512(z), _mm512_castps_si512(magic));
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), xc);
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
+    let mut p = _mm512_set1_ps(1.987_569_1e-4);
+    for c in [
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        1.666_666_5e-1,
+        0.5,
+    ] {
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+    }
+    let one = _mm512_set1_ps(1.0);
+    let y = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, one));
+    let scale = _mm512_slli_epi32::<23>(_mm512_add_epi32(ni, _mm512_set1_epi32(127)));
+    let y = _mm512_mul_ps(y, _mm512_castsi512_ps(scale));
+    // 0 where x < min (false for NaN).
+    let under = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, min);
+    _mm512_mask_mov_ps(y, under, _mm512_setzero_ps())
+}
+
+/// `softmax::softmax_step` on AVX-512: `row` (logits) becomes `exp(row - m_new)`, `m`/`lsum`
+/// are updated and `acc` is rescaled; `false` (row zeroed, state unchanged) while nothing is
+/// visible.
+///
+/// # Safety
+/// avx512f must be available.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn softmax_step(
+    row: &mut [f32],
+    m: &mut f32,
+    lsum: &mut f32,
+    acc: &mut [f32],
+) -> bool {
+    let n = row.len();
+    let p = row.as_mut_ptr();
+    let neg_inf = _mm512_set1_ps(f32::NEG_INFINITY);
+    let mut mx = neg_inf;
+    let mut nan = 0u16;
+    let mut c = 0;
+    while c < n {
+        let x = _mm512_mask_loadu_ps(neg_inf, tail(n - c), p.add(c));
+        nan |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
+        mx = _mm512_max_ps(mx, x);
+        c += 16;
+    }
+    // NaN wins and sticks (a NaN logit makes the row NaN, as in PyTorch).
+    let tile_max = if nan != 0 {
+        f32::NAN
+    } else {
+        _mm512_reduce_max_ps(mx)
+    };
+    let m_new = if tile_max > *m || tile_max.is_nan() {
+        tile_max
+    } else {
+        *m
+    };
+    if m_new == f32::NEG_INFINITY {
+        // Nothing visible so far: probabilities 0, no state change.
+        row.fill(0.0);
+        return false;
+    }
+    let mv = _mm512_set1_ps(m_new);
+    let mut sv = _mm512_setzero_ps();
+    let mut c = 0;
+    while c < n {
+        let k = tail(n - c);
+        let x = _mm512_mask_loadu_ps(neg_inf, k, p.add(c));
+        let e = exp16(_mm512_sub_ps(x, mv));
+        _mm512_mask_storeu_ps(p.add(c), k, e);
+        sv = _mm512_add_ps(sv, _mm512_maskz_mov_ps(k, e));
+        c += 16;
+    }
+    let sum = _mm512_reduce_add_ps(sv);
+    if m_new != *m {
+        // exp(m - m_new): 0 when m was -inf.
+        let corr = _mm512_cvtss_f32(exp16(_mm512_set1_ps(*m - m_new)));
+        if *lsum != 0.0 {
+            let cv = _mm512_set1_ps(corr);
+            let (a, len) = (acc.as_mut_ptr(), acc.len());
+            let mut c = 0;
+            while c < len {
+                let k = tail(len - c);
+                let x = _mm512_maskz_loadu_ps(k, a.add(c));
+                _mm512_mask_storeu_ps(a.add(c), k, _mm512_mul_ps(x, cv));
+                c += 16;
+            }
+        }
+        *lsum *= corr;
+        *m = m_new;
+    }
+    *lsum += sum;
+    true
+}
