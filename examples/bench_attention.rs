@@ -17,9 +17,11 @@
 //! Options: `--python PY` (default `$CANDLE_MHA_BENCH_PYTHON` or `python3`), `--no-torch`,
 //! `--rounds N` (default 3), `--only SUBSTR` (configs whose name contains it), `--no-peak`,
 //! `--no-reference-8k` (skip the ~13 GB reference run at L=8192), `--dtype f32|bf16` (inputs,
-//! weights and PyTorch's side; candle-nn's flash_attn is f32 only), `--isa avx512|avx2|portable`
-//! (force the fused kernel's instruction set, e.g. to time the AVX2 path on an AVX-512 CPU),
-//! `--no-module` (attention core only).
+//! weights and PyTorch's side; candle-nn's flash_attn is f32 only), `--isa avx512bf16|avx512|avx2|portable`
+//! (force the fused kernel's instruction set, e.g. to time the AVX2 path on an AVX-512 CPU; with
+//! `avx2` PyTorch is held to AVX2 too, as on a CPU without AVX-512: `ATEN_CPU_CAPABILITY=avx2`,
+//! `ONEDNN_MAX_CPU_ISA=AVX2`, `MKL_ENABLE_INSTRUCTIONS=AVX2` in its environment, unless
+//! `--torch-native`), `--no-module` (attention core only).
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
@@ -151,6 +153,10 @@ fn long_causal(l: usize) -> Cfg {
         reps: 1,
     }
 }
+
+/// Environment of the PyTorch child processes (set by `--isa avx2`: PyTorch held to AVX2).
+static TORCH_ENV: std::sync::OnceLock<Vec<(&'static str, &'static str)>> =
+    std::sync::OnceLock::new();
 
 fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
@@ -331,6 +337,7 @@ struct Torch {
 impl Torch {
     fn spawn(python: &str, threads: usize) -> Result<(Self, Value)> {
         let mut child = Command::new(python)
+            .envs(TORCH_ENV.get().into_iter().flatten().copied())
             .arg(script())
             .args(["--threads", &threads.to_string()])
             .stdin(Stdio::piped())
@@ -615,7 +622,7 @@ fn main() -> Result<()> {
         std::env::var("CANDLE_MHA_BENCH_PYTHON").unwrap_or_else(|_| "python3".to_string());
     let (mut no_torch, mut no_peak, mut no_ref8k, mut rounds, mut only) =
         (false, false, false, 3usize, None::<String>);
-    let mut no_module = false;
+    let (mut no_module, mut torch_native, mut isa_avx2) = (false, false, false);
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -635,12 +642,23 @@ fn main() -> Result<()> {
                 DTYPE.set(d).ok();
             }
             "--isa" => {
-                let isa = it.next().context("--isa avx512|avx2|portable")?;
+                let isa = it.next().context("--isa avx512bf16|avx512|avx2|portable")?;
                 candle_mha::kernels::test_support::force_cpu_isa(Some(isa))
                     .map_err(anyhow::Error::msg)?;
+                isa_avx2 = isa == "avx2";
             }
+            "--torch-native" => torch_native = true,
             other => bail!("unknown option {other}"),
         }
+    }
+    if isa_avx2 && !torch_native {
+        TORCH_ENV
+            .set(vec![
+                ("ATEN_CPU_CAPABILITY", "avx2"),
+                ("ONEDNN_MAX_CPU_ISA", "AVX2"),
+                ("MKL_ENABLE_INSTRUCTIONS", "AVX2"),
+            ])
+            .ok();
     }
     let threads = rayon::current_num_threads();
     let mut torch = if no_torch {
@@ -648,6 +666,11 @@ fn main() -> Result<()> {
     } else {
         let (t, hello) = Torch::spawn(&python, threads)?;
         eprintln!("torch: {hello}");
+        println!(
+            "PyTorch {} CPU capability: {}",
+            hello["torch"].as_str().unwrap_or("?"),
+            hello["cpu_capability"].as_str().unwrap_or("?")
+        );
         Some(t)
     };
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
@@ -831,6 +854,7 @@ fn main() -> Result<()> {
                 for kind in kinds {
                     let c = long_causal(l);
                     let out = Command::new(&python)
+                        .envs(TORCH_ENV.get().into_iter().flatten().copied())
                         .arg(script())
                         .args(["--threads", &threads.to_string()])
                         .arg("--peak")

@@ -110,7 +110,8 @@ def main():
             run()
         print(json.dumps({"peak_rss_bytes": rss_peak_bytes(), "baseline_rss_bytes": base}))
         return
-    print(json.dumps({"ready": True, "threads": torch.get_num_threads(), "torch": torch.__version__}),
+    print(json.dumps({"ready": True, "threads": torch.get_num_threads(), "torch": torch.__version__,
+                      "cpu_capability": torch.backends.cpu.get_cpu_capability()}),
           flush=True)
     for line in sys.stdin:
         line = line.strip()
