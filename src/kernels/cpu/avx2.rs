@@ -40,11 +40,13 @@ pub unsafe fn qk(q: Mat, kt: Mat, out: MatMut, scale: f32) {
             let mr = (nr - r).min(MR);
             let qp = (q.data.as_ptr().add(r * q.stride), q.stride);
             let op = (out.data.as_mut_ptr().add(r * out.stride + c), out.stride);
+            // Whole 16-column blocks load and store without masks.
             macro_rules! go {
                 ($($m:literal),*) => {
-                    match (mr, nb) {
-                        $(($m, 1) => qk_block::<$m, 1>(qp, d, kp, op, scale, masks),
-                          ($m, _) => qk_block::<$m, 2>(qp, d, kp, op, scale, masks),)*
+                    match (mr, nb, w == 8 * NV) {
+                        $(($m, 1, _) => qk_block::<$m, 1, false>(qp, d, kp, op, scale, masks),
+                          ($m, _, false) => qk_block::<$m, 2, false>(qp, d, kp, op, scale, masks),
+                          ($m, _, true) => qk_block::<$m, 2, true>(qp, d, kp, op, scale, masks),)*
                         _ => unreachable!(),
                     }
                 };
@@ -58,7 +60,7 @@ pub unsafe fn qk(q: Mat, kt: Mat, out: MatMut, scale: f32) {
 
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn qk_block<const M: usize, const N: usize>(
+unsafe fn qk_block<const M: usize, const N: usize, const FULL: bool>(
     (q, qs): (*const f32, usize),
     d: usize,
     (kt, ks): (*const f32, usize),
@@ -71,7 +73,11 @@ unsafe fn qk_block<const M: usize, const N: usize>(
         let krow = kt.add(dd * ks);
         let mut kv = [_mm256_setzero_ps(); N];
         for n in 0..N {
-            kv[n] = _mm256_maskload_ps(krow.add(8 * n), masks[n]);
+            kv[n] = if FULL {
+                _mm256_loadu_ps(krow.add(8 * n))
+            } else {
+                _mm256_maskload_ps(krow.add(8 * n), masks[n])
+            };
         }
         for r in 0..M {
             let b = _mm256_broadcast_ss(&*q.add(r * qs + dd));
@@ -83,11 +89,12 @@ unsafe fn qk_block<const M: usize, const N: usize>(
     let sv = _mm256_set1_ps(scale);
     for r in 0..M {
         for n in 0..N {
-            _mm256_maskstore_ps(
-                out.add(r * os + 8 * n),
-                masks[n],
-                _mm256_mul_ps(acc[r][n], sv),
-            );
+            let x = _mm256_mul_ps(acc[r][n], sv);
+            if FULL {
+                _mm256_storeu_ps(out.add(r * os + 8 * n), x);
+            } else {
+                _mm256_maskstore_ps(out.add(r * os + 8 * n), masks[n], x);
+            }
         }
     }
 }
@@ -168,11 +175,13 @@ unsafe fn pv_strided<const BF16: bool>(
             let mr = (nr - r).min(MR);
             let pp = (data.as_ptr().add(r * prs), prs, pcs);
             let op = (acc.data.as_mut_ptr().add(r * acc.stride + c), acc.stride);
+            // Whole 16-column blocks load without masks (two registers fewer).
             macro_rules! go {
                 ($($m:literal),*) => {
-                    match (mr, nb) {
-                        $(($m, 1) => pv_block::<$m, 1, BF16>(pp, bk, vp, op, masks),
-                          ($m, _) => pv_block::<$m, 2, BF16>(pp, bk, vp, op, masks),)*
+                    match (mr, nb, w == 8 * NV) {
+                        $(($m, 1, _) => pv_block::<$m, 1, BF16, false>(pp, bk, vp, op, masks),
+                          ($m, _, false) => pv_block::<$m, 2, BF16, false>(pp, bk, vp, op, masks),
+                          ($m, _, true) => pv_block::<$m, 2, BF16, true>(pp, bk, vp, op, masks),)*
                         _ => unreachable!(),
                     }
                 };
@@ -186,38 +195,58 @@ unsafe fn pv_strided<const BF16: bool>(
 
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn pv_block<const M: usize, const N: usize, const BF16: bool>(
+unsafe fn pv_block<const M: usize, const N: usize, const BF16: bool, const FULL: bool>(
     (p, prs, pcs): (*const f32, usize, usize),
     bk: usize,
     (v, vs): (*const u8, usize),
     (out, os): (*mut f32, usize),
     masks: [__m256i; NV],
 ) {
+    let load = |at: *const f32, n: usize| {
+        if FULL {
+            _mm256_loadu_ps(at)
+        } else {
+            _mm256_maskload_ps(at, masks[n])
+        }
+    };
     let mut acc = [[_mm256_setzero_ps(); N]; M];
     for r in 0..M {
         for n in 0..N {
-            acc[r][n] = _mm256_maskload_ps(out.add(r * os + 8 * n), masks[n]);
+            acc[r][n] = load(out.add(r * os + 8 * n), n);
         }
     }
+    // Element (r, j) of P at `pj + r·prs`, `pj` stepping through the columns.
+    let mut pj = p;
+    let mut vrow = v;
     for j in 0..bk {
         if j % 8 == 7 {
             super::stream::step();
         }
-        let vrow = v.add(j * vs * elem(BF16));
         let mut vv = [_mm256_setzero_ps(); N];
         for n in 0..N {
-            vv[n] = load8::<BF16>(vrow.add(8 * n * elem(BF16)), masks[n]);
+            let at = vrow.add(8 * n * elem(BF16));
+            vv[n] = if BF16 || !FULL {
+                load8::<BF16>(at, masks[n])
+            } else {
+                _mm256_loadu_ps(at.cast())
+            };
         }
         for r in 0..M {
-            let b = _mm256_broadcast_ss(&*p.add(r * prs + j * pcs));
+            let b = _mm256_broadcast_ss(&*pj.add(r * prs));
             for n in 0..N {
                 acc[r][n] = _mm256_fmadd_ps(b, vv[n], acc[r][n]);
             }
         }
+        pj = pj.add(pcs);
+        vrow = vrow.add(vs * elem(BF16));
     }
     for r in 0..M {
         for n in 0..N {
-            _mm256_maskstore_ps(out.add(r * os + 8 * n), masks[n], acc[r][n]);
+            if FULL {
+                _mm256_storeu_ps(out.add(r * os + 8 * n), acc[r][n]);
+            } else {
+                _mm256_maskstore_ps(out.add(r * os + 8 * n), masks[n], acc[r][n]);
+            }
         }
     }
 }

@@ -230,7 +230,7 @@ impl Bwd<'_> {
         let (nr, w) = (a.rows, a.cols);
         match x.1 {
             Some(xt) => {
-                let s = self.ctx.s;
+                let s = super::kt::kt_stride(self.ctx.s);
                 let base = (bi * self.ctx.hkv + kh) * w * s;
                 let xt = Mat::new(&xt[base + j0..base + w * s], w, bk, s);
                 // The output rows hold BK >= round_up(bk, 16) columns.

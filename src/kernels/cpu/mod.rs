@@ -114,13 +114,13 @@ mod portable;
 mod products;
 mod softmax;
 #[cfg(target_arch = "x86_64")]
-mod softmax_avx512;
+mod softmax_x86;
 mod stream;
 mod tile;
 mod view;
 
 pub use decode::SPLIT_MIN_KEYS;
-use kt::{transpose_blocks, transpose_heads, KtBuf};
+use kt::{transpose_blocks, transpose_heads, KtBuf, Packed};
 use out::OutVec;
 use products::Isa;
 use tile::{Bias, Ctx, Data, OutBuf, OutPtr, View};
@@ -496,6 +496,14 @@ impl Inputs {
                 KtBuf::F32(transpose_heads(&kv, b, hkv, s, d))
             }
         });
+        // Prefill-like calls (each V tile read by many rows): V's heads made contiguous when
+        // they are strided.
+        let v_packed = (kt.is_some() && l >= BLOCK_Q && vv.strides[1] != dv)
+            .then(|| Packed::new(&vv, (b, hkv, s, dv)));
+        let vv = match &v_packed {
+            Some(p) => p.view(hkv, s, dv),
+            None => vv,
+        };
         let ctx = Ctx {
             q: qv,
             k: kv,

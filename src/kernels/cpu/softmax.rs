@@ -15,19 +15,13 @@ pub(super) fn softmax_step(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa` is only ever one the CPU supports (see `products::force`).
         Isa::Avx512 | Isa::Avx512Bf16 => unsafe {
-            super::softmax_avx512::softmax_step(row, m, lsum, acc)
+            super::softmax_x86::softmax_step_avx512(row, m, lsum, acc)
         },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above (AVX2 + FMA implies AVX).
-        Isa::Avx2 => unsafe { softmax_step_avx(row, m, lsum, acc) },
+        Isa::Avx2 => unsafe { super::softmax_x86::softmax_step_avx2(row, m, lsum, acc) },
         _ => softmax_step_impl::<false, 8>(row, m, lsum, acc),
     }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx,fma")]
-unsafe fn softmax_step_avx(row: &mut [f32], m: &mut f32, lsum: &mut f32, acc: &mut [f32]) -> bool {
-    softmax_step_impl::<true, 8>(row, m, lsum, acc)
 }
 
 #[allow(clippy::needless_range_loop)]
@@ -200,64 +194,69 @@ mod tests {
         assert_eq!(fast_exp::<false>(0.0), 1.0);
     }
 
-    /// The AVX-512 step computes what the portable one does: the same probabilities (bit for
-    /// bit: one polynomial), maxima, NaN and `-inf` handling; sums and rescaled rows to f32
-    /// rounding (the lanes are summed in another order).
+    /// The AVX-512 and AVX2 steps compute what the portable one does: the same probabilities
+    /// (bit for bit: one polynomial), maxima, NaN and `-inf` handling; sums and rescaled rows to
+    /// f32 rounding (the lanes are summed in another order).
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn avx512_step_matches_portable() {
-        if !is_x86_feature_detected!("avx512f") {
-            println!("skipped: no AVX-512 on this CPU");
-            return;
+    fn simd_steps_match_portable() {
+        type Step = unsafe fn(&mut [f32], &mut f32, &mut f32, &mut [f32]) -> bool;
+        let mut steps: Vec<(&str, Step)> = vec![];
+        if is_x86_feature_detected!("avx512f") {
+            steps.push(("avx512", super::super::softmax_x86::softmax_step_avx512));
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            steps.push(("avx2", super::super::softmax_x86::softmax_step_avx2));
+        }
+        if steps.is_empty() {
+            println!("skipped: neither AVX-512 nor AVX2 on this CPU");
         }
         let mut s = 0x1234_5678u32;
         let mut rnd = || {
             s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
             (s >> 8) as f32 / (1u32 << 24) as f32
         };
-        for n in [1, 2, 15, 16, 17, 31, 64, 100, 256] {
-            for case in 0..8 {
-                let mut row: Vec<f32> = (0..n).map(|_| rnd() * 40.0 - 30.0).collect();
-                match case {
-                    1 => row
-                        .iter_mut()
-                        .step_by(3)
-                        .for_each(|x| *x = f32::NEG_INFINITY),
-                    2 => row.fill(f32::NEG_INFINITY),
-                    3 => row[n / 2] = f32::NAN,
-                    4 => row[n - 1] = -100.0,
-                    _ => {}
+        for (name, step) in steps {
+            for n in [1, 2, 7, 8, 9, 15, 16, 17, 31, 64, 100, 256] {
+                for case in 0..9 {
+                    let mut row: Vec<f32> = (0..n).map(|_| rnd() * 40.0 - 30.0).collect();
+                    match case {
+                        1 => row
+                            .iter_mut()
+                            .step_by(3)
+                            .for_each(|x| *x = f32::NEG_INFINITY),
+                        2 => row.fill(f32::NEG_INFINITY),
+                        3 => row[n / 2] = f32::NAN,
+                        4 => row[n - 1] = -100.0,
+                        8 => row[n - 1] = f32::NAN,
+                        _ => {}
+                    }
+                    // Running state: fresh, or from an earlier tile (below, above the tile).
+                    let (m0, l0) = match case {
+                        5 => (-5.0, 2.5),
+                        6 => (50.0, 1.0),
+                        _ => (f32::NEG_INFINITY, 0.0),
+                    };
+                    let acc0: Vec<f32> = (0..40).map(|_| rnd()).collect();
+                    let (mut ra, mut ma, mut la, mut aa) = (row.clone(), m0, l0, acc0.clone());
+                    let (mut rb, mut mb, mut lb, mut ab) = (row.clone(), m0, l0, acc0.clone());
+                    let a = softmax_step_impl::<true, 16>(&mut ra, &mut ma, &mut la, &mut aa);
+                    // SAFETY: the CPU has the step's features (detected above).
+                    let b = unsafe { step(&mut rb, &mut mb, &mut lb, &mut ab) };
+                    let what = format!("{name} n={n} case={case}");
+                    assert_eq!(a, b, "{what}");
+                    let same =
+                        |x: f32, y: f32| x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan());
+                    assert!(ra.iter().zip(&rb).all(|(x, y)| same(*x, *y)), "{what}");
+                    assert!(same(ma, mb), "{what}: max {ma} vs {mb}");
+                    let close =
+                        |x: f32, y: f32| same(x, y) || (x - y).abs() <= 1e-6 * x.abs().max(1.0);
+                    assert!(close(la, lb), "{what}: sum {la} vs {lb}");
+                    assert!(
+                        aa.iter().zip(&ab).all(|(x, y)| close(*x, *y)),
+                        "{what}: rows"
+                    );
                 }
-                // Running state: fresh, or from an earlier tile (below, above, or -inf max).
-                let (m0, l0) = match case {
-                    5 => (-5.0, 2.5),
-                    6 => (50.0, 1.0),
-                    7 => (f32::NEG_INFINITY, 0.0),
-                    _ => (f32::NEG_INFINITY, 0.0),
-                };
-                let acc0: Vec<f32> = (0..40).map(|_| rnd()).collect();
-                let (mut ra, mut ma, mut la, mut aa) = (row.clone(), m0, l0, acc0.clone());
-                let (mut rb, mut mb, mut lb, mut ab) = (row.clone(), m0, l0, acc0.clone());
-                let a = softmax_step_impl::<true, 16>(&mut ra, &mut ma, &mut la, &mut aa);
-                // SAFETY: avx512f was detected above.
-                let b = unsafe {
-                    super::super::softmax_avx512::softmax_step(&mut rb, &mut mb, &mut lb, &mut ab)
-                };
-                let what = format!("n={n} case={case}");
-                assert_eq!(a, b, "{what}");
-                let same =
-                    |x: f32, y: f32| x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan());
-                assert!(
-                    ra.iter().zip(&rb).all(|(x, y)| same(*x, *y)),
-                    "{what}: {ra:?} vs {rb:?}"
-                );
-                assert!(same(ma, mb), "{what}: max {ma} vs {mb}");
-                let close = |x: f32, y: f32| same(x, y) || (x - y).abs() <= 1e-6 * x.abs().max(1.0);
-                assert!(close(la, lb), "{what}: sum {la} vs {lb}");
-                assert!(
-                    aa.iter().zip(&ab).all(|(x, y)| close(*x, *y)),
-                    "{what}: rows"
-                );
             }
         }
     }

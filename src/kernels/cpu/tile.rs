@@ -3,6 +3,7 @@
 
 use std::cell::RefCell;
 
+use super::kt::kt_stride;
 use super::mat::{Mat, MatMut, PairMat};
 pub(super) use super::out::{OutBuf, OutPtr};
 use super::products::{self, Isa};
@@ -46,7 +47,7 @@ pub(super) struct Ctx<'a> {
     pub dead_tiles: Option<Vec<bool>>,
     pub n_tiles: usize,
     pub bias: Option<Bias<'a>>,
-    /// `kᵀ` when a SIMD `Q · Kᵀ` micro-kernel is used.
+    /// `kᵀ` when a SIMD `Q · Kᵀ` micro-kernel is used (rows [`kt_stride`] apart).
     pub kt: Option<Kt<'a>>,
     /// Whether `P · V` runs on AVX512-BF16 dot products (bf16 V, `Dv` a multiple of 32): the
     /// probabilities are rounded to bf16 pairs first.
@@ -61,7 +62,8 @@ pub(super) struct Ctx<'a> {
     pub lse: Option<OutPtr>,
 }
 
-/// A transposed copy of K, one block per `(batch, KV head)`, for the `Q · Kᵀ` micro-kernels.
+/// A transposed copy of K, one block per `(batch, KV head)`, for the `Q · Kᵀ` micro-kernels;
+/// rows of `S` keys [`kt_stride`] apart.
 #[derive(Clone, Copy)]
 pub(super) enum Kt<'a> {
     /// f32 elements, `(B, Hkv, D, S)`.
@@ -360,17 +362,18 @@ impl Ctx<'_> {
         let q = Mat::new(rows.q, nr, d, d);
         let qp = PairMat::new(rows.qp, nr, d / 2, d / 2);
         let scores = MatMut::new(rows.scores, nr, bk, BLOCK_K);
-        // kᵀ of this KV head, (d × s), from column j0; the score tile has
+        // kᵀ of this KV head, (d × s) with rows `ks` apart, from column j0; the score tile has
         // BLOCK_K >= round_up(bk, 16) columns per row.
-        let base = (bi * self.hkv + kh) * d * self.s;
+        let ks = kt_stride(self.s);
+        let base = (bi * self.hkv + kh) * d * ks;
         match self.kt {
             Some(Kt::F32(kt)) => {
-                let kt = Mat::new(&kt[base + j0..base + d * self.s], d, bk, self.s);
+                let kt = Mat::new(&kt[base + j0..base + d * ks], d, bk, ks);
                 products::qk_t(self.isa, q, kt, scores, self.scale);
             }
             Some(Kt::Pairs(kt)) => {
                 let (base, dp) = (base / 2, d / 2);
-                let kt = PairMat::new(&kt[base + j0..base + dp * self.s], dp, bk, self.s);
+                let kt = PairMat::new(&kt[base + j0..base + dp * ks], dp, bk, ks);
                 products::qk_pairs(self.isa, qp, kt, scores, self.scale);
             }
             None if self.q_pairs => {

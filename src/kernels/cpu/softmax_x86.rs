@@ -1,0 +1,255 @@
+//! The online softmax step of one row on AVX-512 or AVX2 registers: the same function as
+//! `softmax.rs`'s portable step (NaN wins and sticks, `-inf` gives 0, the same `exp` polynomial),
+//! written with intrinsics so that the row's maximum and sum are single-vector reductions and the
+//! `exp` of 16 (8) logits is one pass of vector instructions. (The compiler's vectorisation of the
+//! portable step left scalar reductions and spent 2–3× the time.)
+
+use std::arch::x86_64::*;
+
+/// Lanes `0..n` (`n < 16`), or all.
+fn tail(n: usize) -> u16 {
+    if n >= 16 {
+        u16::MAX
+    } else {
+        (1u16 << n) - 1
+    }
+}
+
+/// `exp(x)` for `x <= 0` in 16 lanes: the Cephes polynomial of `softmax::fast_exp` (relative
+/// error ≈ 1e-7); 0 below the f32 normal range and for `-inf`; NaN stays NaN.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn exp16(x: __m512) -> __m512 {
+    let min = _mm512_set1_ps(-87.336_55);
+    let magic = _mm512_set1_ps(12_582_912.0);
+    // `max(min, x)` keeps x when it is NaN (the second operand wins on NaN).
+    let xc = _mm512_max_ps(min, x);
+    let z = _mm512_fmadd_ps(xc, _mm512_set1_ps(std::f32::consts::LOG2_E), magic);
+    let n = _mm512_sub_ps(z, magic);
+    let ni = _mm512_sub_epi32(_mm512_castps_si512(z), _mm512_castps_si512(magic));
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), xc);
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
+    let mut p = _mm512_set1_ps(1.987_569_1e-4);
+    for c in [
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        1.666_666_5e-1,
+        0.5,
+    ] {
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+    }
+    let one = _mm512_set1_ps(1.0);
+    let y = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, one));
+    let scale = _mm512_slli_epi32::<23>(_mm512_add_epi32(ni, _mm512_set1_epi32(127)));
+    let y = _mm512_mul_ps(y, _mm512_castsi512_ps(scale));
+    // 0 where x < min (false for NaN).
+    let under = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, min);
+    _mm512_mask_mov_ps(y, under, _mm512_setzero_ps())
+}
+
+/// `softmax::softmax_step` on AVX-512: `row` (logits) becomes `exp(row - m_new)`, `m`/`lsum`
+/// are updated and `acc` is rescaled; `false` (row zeroed, state unchanged) while nothing is
+/// visible.
+///
+/// # Safety
+/// avx512f must be available.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn softmax_step_avx512(
+    row: &mut [f32],
+    m: &mut f32,
+    lsum: &mut f32,
+    acc: &mut [f32],
+) -> bool {
+    let n = row.len();
+    let p = row.as_mut_ptr();
+    let neg_inf = _mm512_set1_ps(f32::NEG_INFINITY);
+    let mut mx = neg_inf;
+    let mut nan = 0u16;
+    let mut c = 0;
+    while c < n {
+        let x = _mm512_mask_loadu_ps(neg_inf, tail(n - c), p.add(c));
+        nan |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
+        mx = _mm512_max_ps(mx, x);
+        c += 16;
+    }
+    // NaN wins and sticks (a NaN logit makes the row NaN, as in PyTorch).
+    let tile_max = if nan != 0 {
+        f32::NAN
+    } else {
+        _mm512_reduce_max_ps(mx)
+    };
+    let m_new = if tile_max > *m || tile_max.is_nan() {
+        tile_max
+    } else {
+        *m
+    };
+    if m_new == f32::NEG_INFINITY {
+        // Nothing visible so far: probabilities 0, no state change.
+        row.fill(0.0);
+        return false;
+    }
+    let mv = _mm512_set1_ps(m_new);
+    let mut sv = _mm512_setzero_ps();
+    let mut c = 0;
+    while c < n {
+        let k = tail(n - c);
+        let x = _mm512_mask_loadu_ps(neg_inf, k, p.add(c));
+        let e = exp16(_mm512_sub_ps(x, mv));
+        _mm512_mask_storeu_ps(p.add(c), k, e);
+        sv = _mm512_add_ps(sv, _mm512_maskz_mov_ps(k, e));
+        c += 16;
+    }
+    let sum = _mm512_reduce_add_ps(sv);
+    if m_new != *m {
+        // exp(m - m_new): 0 when m was -inf.
+        let corr = _mm512_cvtss_f32(exp16(_mm512_set1_ps(*m - m_new)));
+        if *lsum != 0.0 {
+            let cv = _mm512_set1_ps(corr);
+            let (a, len) = (acc.as_mut_ptr(), acc.len());
+            let mut c = 0;
+            while c < len {
+                let k = tail(len - c);
+                let x = _mm512_maskz_loadu_ps(k, a.add(c));
+                _mm512_mask_storeu_ps(a.add(c), k, _mm512_mul_ps(x, cv));
+                c += 16;
+            }
+        }
+        *lsum *= corr;
+        *m = m_new;
+    }
+    *lsum += sum;
+    true
+}
+
+/// [`exp16`] in 8 lanes (AVX2 + FMA).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp8(x: __m256) -> __m256 {
+    let min = _mm256_set1_ps(-87.336_55);
+    let magic = _mm256_set1_ps(12_582_912.0);
+    // `max(min, x)` keeps x when it is NaN (the second operand wins on NaN).
+    let xc = _mm256_max_ps(min, x);
+    let z = _mm256_fmadd_ps(xc, _mm256_set1_ps(std::f32::consts::LOG2_E), magic);
+    let n = _mm256_sub_ps(z, magic);
+    let ni = _mm256_sub_epi32(_mm256_castps_si256(z), _mm256_castps_si256(magic));
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), xc);
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+    let mut p = _mm256_set1_ps(1.987_569_1e-4);
+    for c in [
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        1.666_666_5e-1,
+        0.5,
+    ] {
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+    }
+    let one = _mm256_set1_ps(1.0);
+    let y = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, one));
+    let scale = _mm256_slli_epi32::<23>(_mm256_add_epi32(ni, _mm256_set1_epi32(127)));
+    let y = _mm256_mul_ps(y, _mm256_castsi256_ps(scale));
+    // 0 where x < min (false for NaN).
+    _mm256_andnot_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(x, min), y)
+}
+
+/// The horizontal maximum of 8 lanes (no NaN among them).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn hmax8(x: __m256) -> f32 {
+    let m = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps::<1>(x));
+    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    let m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    _mm_cvtss_f32(m)
+}
+
+/// The horizontal sum of 8 lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn hsum8(x: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps::<1>(x));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+/// [`softmax_step_avx512`] on AVX2 + FMA: whole vectors of 8, the last `len % 8` elements one
+/// lane at a time (in a vector register, so with the same arithmetic).
+///
+/// # Safety
+/// avx2 and fma must be available.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn softmax_step_avx2(
+    row: &mut [f32],
+    m: &mut f32,
+    lsum: &mut f32,
+    acc: &mut [f32],
+) -> bool {
+    let n = row.len();
+    let full = n / 8 * 8;
+    let p = row.as_mut_ptr();
+    let neg_inf = _mm256_set1_ps(f32::NEG_INFINITY);
+    let mut mx = neg_inf;
+    let mut nan = _mm256_setzero_ps();
+    let mut c = 0;
+    while c < full {
+        let x = _mm256_loadu_ps(p.add(c));
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps::<_CMP_UNORD_Q>(x, x));
+        mx = _mm256_max_ps(mx, x);
+        c += 8;
+    }
+    let mut tile_max = hmax8(mx);
+    let mut any_nan = _mm256_movemask_ps(nan) != 0;
+    for &x in &row[full..] {
+        any_nan |= x.is_nan();
+        tile_max = tile_max.max(x);
+    }
+    // NaN wins and sticks (a NaN logit makes the row NaN, as in PyTorch).
+    if any_nan {
+        tile_max = f32::NAN;
+    }
+    let m_new = if tile_max > *m || tile_max.is_nan() {
+        tile_max
+    } else {
+        *m
+    };
+    if m_new == f32::NEG_INFINITY {
+        // Nothing visible so far: probabilities 0, no state change.
+        row.fill(0.0);
+        return false;
+    }
+    let mv = _mm256_set1_ps(m_new);
+    let mut sv = _mm256_setzero_ps();
+    let mut c = 0;
+    while c < full {
+        let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(c)), mv));
+        _mm256_storeu_ps(p.add(c), e);
+        sv = _mm256_add_ps(sv, e);
+        c += 8;
+    }
+    let mut sum = hsum8(sv);
+    for x in &mut row[full..] {
+        let e = _mm256_cvtss_f32(exp8(_mm256_set1_ps(*x - m_new)));
+        *x = e;
+        sum += e;
+    }
+    if m_new != *m {
+        // exp(m - m_new): 0 when m was -inf.
+        let corr = _mm256_cvtss_f32(exp8(_mm256_set1_ps(*m - m_new)));
+        if *lsum != 0.0 {
+            let cv = _mm256_set1_ps(corr);
+            let (a, len) = (acc.as_mut_ptr(), acc.len());
+            let full = len / 8 * 8;
+            let mut c = 0;
+            while c < full {
+                _mm256_storeu_ps(a.add(c), _mm256_mul_ps(_mm256_loadu_ps(a.add(c)), cv));
+                c += 8;
+            }
+            acc[full..].iter_mut().for_each(|x| *x *= corr);
+        }
+        *lsum *= corr;
+        *m = m_new;
+    }
+    *lsum += sum;
+    true
+}
