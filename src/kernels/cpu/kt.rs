@@ -5,6 +5,7 @@
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+use super::spare::{Spare, Word};
 use super::tile::Kt;
 use super::view::{Data, View};
 
@@ -20,14 +21,14 @@ pub(super) fn kt_stride(s: usize) -> usize {
 
 /// K `(B, S, Hkv, D)` (strided, any dtype) → `(B, Hkv, D, S)` f32, rows [`kt_stride`] apart (see
 /// [`transpose_blocks`]).
-pub(super) fn transpose_heads(k: &View, b: usize, hkv: usize, s: usize, d: usize) -> Vec<f32> {
+pub(super) fn transpose_heads(k: &View, b: usize, hkv: usize, s: usize, d: usize) -> Spare<f32> {
     transpose_blocks(k, (b, hkv, s, d), 1, |at, dst| k.row_into(at, dst))
 }
 
 /// The owner of a [`Kt`].
 pub(super) enum KtBuf {
-    F32(Vec<f32>),
-    Pairs(Vec<u32>),
+    F32(Spare<f32>),
+    Pairs(Spare<u32>),
 }
 
 /// K `(B, S, Hkv, D)` (strided) → `(B, Hkv, w, S)`, one `(w, S)` block per KV head with rows
@@ -36,15 +37,16 @@ pub(super) enum KtBuf {
 /// tile is transposed in a small buffer first, so that both the reads (key rows) and the writes
 /// (rows of kᵀ, `S` apart) are whole contiguous runs: scattering single values to rows `S`
 /// apart thrashes the cache sets they all map to.
-pub(super) fn transpose_blocks<T: Copy + Default + Send + Sync>(
+pub(super) fn transpose_blocks<T: Word + Default + Send + Sync>(
     k: &View,
     (b, hkv, s, w): (usize, usize, usize, usize),
     unit: usize,
     read: impl Fn(usize, &mut [T]) + Sync,
-) -> Vec<T> {
+) -> Spare<T> {
     const T: usize = 32;
     let ks = kt_stride(s);
-    let mut out = vec![T::default(); b * hkv * w * ks];
+    // The columns past `s` (stride padding) are never read.
+    let mut out = Spare::new(b * hkv * w * ks);
     if s * w == 0 {
         return out;
     }
@@ -89,9 +91,9 @@ impl KtBuf {
 /// few L1 sets, which cost the AVX2 `P · V` micro-kernel 40% of its speed (9% on AVX-512).
 /// Contiguous rows spread over every set.
 pub(super) enum Packed {
-    F32(Vec<f32>),
-    Bf16(Vec<bf16>),
-    F16(Vec<f16>),
+    F32(Spare<f32>),
+    Bf16(Spare<bf16>),
+    F16(Spare<f16>),
 }
 
 impl Packed {
@@ -118,12 +120,12 @@ impl Packed {
     }
 }
 
-fn pack<T: Copy + Default + Send + Sync>(
+fn pack<T: Word + Send + Sync>(
     x: &[T],
     [sb, st, sh]: [usize; 3],
     (b, hkv, s, dv): (usize, usize, usize, usize),
-) -> Vec<T> {
-    let mut out = vec![T::default(); b * hkv * s * dv];
+) -> Spare<T> {
+    let mut out = Spare::new(b * hkv * s * dv);
     if s * dv == 0 {
         return out;
     }

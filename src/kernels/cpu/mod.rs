@@ -115,6 +115,7 @@ mod products;
 mod softmax;
 #[cfg(target_arch = "x86_64")]
 mod softmax_x86;
+mod spare;
 mod stream;
 mod tile;
 mod view;
