@@ -7,11 +7,12 @@
 //! rayon's pool. For each item the kernel gathers its query rows into a contiguous tile and walks
 //! tiles of up to [`BLOCK_K`] keys:
 //!
-//! 1. `scores = scale · Q_tile · K_tileᵀ`: on CPUs with AVX-512, a register-blocked micro-kernel
-//!    (6 rows × 32 keys of accumulators) over a transposed copy of K made once per call (when an
-//!    item has at least [`MIN_ROWS_FOR_KT`] rows, i.e. every K tile is reused enough to pay for
-//!    the transpose); otherwise the `gemm` crate (the one candle's matmul uses) reading K in
-//!    place;
+//! 1. `scores = scale · Q_tile · K_tileᵀ`: on AVX-512 / AVX2 CPUs, a register-blocked
+//!    micro-kernel (6 rows × 64 / 16 keys of accumulators) over a transposed copy of K made once
+//!    per call (when an item has at least [`MIN_ROWS_FOR_KT`] rows, i.e. every K tile is reused
+//!    enough to pay for the transpose; its rows an odd number of cache lines apart, `kt.rs`), or
+//!    dot products of query rows with K's rows read in place (decode-like items); the `gemm`
+//!    crate elsewhere;
 //! 2. the masks of the tile are applied in place: keys outside each row's structured range
 //!    ([`MaskPlan::row_range`](crate::mask::MaskPlan::row_range): causal / sliding window, key
 //!    ranges, packed sequences) become
@@ -19,8 +20,10 @@
 //! 3. online softmax in f32: per row a running max `m` and sum `l`; the tile's scores become
 //!    `exp(score - m_new)` (a vectorised polynomial `exp`, relative error ≈ 1e-7) and the
 //!    accumulator row is rescaled by `exp(m_old - m_new)`;
-//! 4. `acc += P · V_tile`, V read in place (AVX-512 micro-kernel of 6 rows × 64 columns, or the
-//!    `gemm` crate).
+//! 4. `acc += P · V_tile` (AVX-512 micro-kernel of 6 rows × 64 columns, AVX2 of 6 × 16, or the
+//!    `gemm` crate), V read in place, or, for prefill-like calls with strided heads, from a copy
+//!    with each head's rows contiguous (rows a power-of-two multiple of 1 KiB apart fall into a
+//!    few L1 sets). The per-call copies live in buffers reused across calls (`spare.rs`).
 //!
 //! Finally each row is divided by `l` and written to its place in the `(B, L, H, Dv)` output; a
 //! row that saw no finite logit (`l == 0`: fully masked) gets the
@@ -77,9 +80,10 @@
 //! reference).
 //!
 //! Files: this one (eligibility, inputs, the parallel loop), `view.rs` (the inputs read in
-//! place), `kt.rs` (transposed copies of K), `tile.rs` (one work item: masks, softmax step,
-//! products), `decode.rs` and `stream.rs` (decode-shaped calls, their prefetch stream),
-//! `softmax.rs` (online softmax, `exp`), `out.rs` (the output, written in its dtype),
+//! place), `kt.rs` (the per-call copies of K and V) and `spare.rs` (their reused buffers),
+//! `tile.rs` (one work item: masks, softmax step, products), `decode.rs` and `stream.rs`
+//! (decode-shaped calls, their prefetch stream), `softmax.rs` and `softmax_x86.rs` (online
+//! softmax, `exp`; its AVX-512 / AVX2 step), `out.rs` (the output, written in its dtype),
 //! `backward.rs` and `op.rs` (the backward and its autograd node), `products.rs` (the run-time
 //! instruction set and the products dispatched on it), `avx512.rs`, `avx512_bf16.rs`,
 //! `avx2.rs` and `portable.rs` (the products on AVX-512 or AVX2 registers, as AVX512-BF16 dot
