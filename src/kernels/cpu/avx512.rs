@@ -5,10 +5,11 @@ use std::arch::x86_64::*;
 
 use super::mat::{HalfMat, Mat, MatMut};
 
-/// Rows per register block.
-const MR: usize = 6;
+/// Rows per register block (here and in `avx512_bf16.rs`).
+pub(super) const MR: usize = 6;
 
-fn tail_mask(n: usize) -> u16 {
+/// The mask of lanes `0..n` of a 16-lane vector (all of them from 16 on).
+pub(super) fn tail_mask(n: usize) -> u16 {
     if n >= 16 {
         u16::MAX
     } else {
@@ -27,36 +28,49 @@ pub unsafe fn qk(q: Mat, kt: Mat, out: MatMut, scale: f32) {
     let (nr, d, bk) = (q.rows, q.cols, kt.cols);
     debug_assert!(kt.rows == d && out.rows == nr && out.cols == bk);
     debug_assert!(nr == 0 || out.data.len() >= (nr - 1) * out.stride + bk.div_ceil(16) * 16);
+    score_blocks(nr, bk, |r, mr, c, nb, masks| {
+        let kp = (kt.data.as_ptr().add(16 * c), kt.stride);
+        let qp = (q.data.as_ptr().add(r * q.stride), q.stride);
+        let op = (
+            out.data.as_mut_ptr().add(r * out.stride + 16 * c),
+            out.stride,
+        );
+        macro_rules! go {
+            ($($m:literal),*) => {
+                match (mr, nb) {
+                    $(($m, 1) => qk_block::<$m, 1>(qp, d, kp, op, scale, masks),
+                      ($m, 2) => qk_block::<$m, 2>(qp, d, kp, op, scale, masks),
+                      ($m, 3) => qk_block::<$m, 3>(qp, d, kp, op, scale, masks),
+                      ($m, _) => qk_block::<$m, 4>(qp, d, kp, op, scale, masks),)*
+                    _ => unreachable!(),
+                }
+            };
+        }
+        go!(1, 2, 3, 4, 5, 6);
+    });
+}
+
+/// The register blocks of an `nr × bk` score tile (`Q · Kᵀ` against a transposed K, here and in
+/// `avx512_bf16.rs`): column blocks of up to 4 vectors (64 keys: 6 × 4 accumulators, 10 loads per
+/// 24 products) with their lanes' masks, each cut into blocks of up to [`MR`] rows;
+/// `block(r, mr, c, nb, masks)` computes rows `r..r + mr` × vectors `c..c + nb`.
+pub(super) fn score_blocks(
+    nr: usize,
+    bk: usize,
+    mut block: impl FnMut(usize, usize, usize, usize, [u16; 4]),
+) {
     let nv = bk.div_ceil(16);
     let mut c = 0;
     while c < nv {
-        // Up to 4 vectors (64 keys) per block: 6 × 4 accumulators, 10 loads per 24 FMAs.
         let nb = (nv - c).min(4);
         let mut masks = [0u16; 4];
         for (n, m) in masks.iter_mut().enumerate().take(nb) {
             *m = tail_mask(bk - 16 * (c + n));
         }
-        let kp = (kt.data.as_ptr().add(16 * c), kt.stride);
         let mut r = 0;
         while r < nr {
             let mr = (nr - r).min(MR);
-            let qp = (q.data.as_ptr().add(r * q.stride), q.stride);
-            let op = (
-                out.data.as_mut_ptr().add(r * out.stride + 16 * c),
-                out.stride,
-            );
-            macro_rules! go {
-                ($($m:literal),*) => {
-                    match (mr, nb) {
-                        $(($m, 1) => qk_block::<$m, 1>(qp, d, kp, op, scale, masks),
-                          ($m, 2) => qk_block::<$m, 2>(qp, d, kp, op, scale, masks),
-                          ($m, 3) => qk_block::<$m, 3>(qp, d, kp, op, scale, masks),
-                          ($m, _) => qk_block::<$m, 4>(qp, d, kp, op, scale, masks),)*
-                        _ => unreachable!(),
-                    }
-                };
-            }
-            go!(1, 2, 3, 4, 5, 6);
+            block(r, mr, c, nb, masks);
             r += mr;
         }
         c += nb;

@@ -15,18 +15,8 @@
 
 use std::arch::x86_64::*;
 
+use super::avx512::{tail_mask, MR};
 use super::mat::{HalfMat, Mat, MatMut, PairMat};
-
-/// Rows per register block.
-const MR: usize = 6;
-
-fn tail_mask(n: usize) -> u16 {
-    if n >= 16 {
-        u16::MAX
-    } else {
-        (1u16 << n) - 1
-    }
-}
 
 /// 32 bf16 elements (16 pairs) as the dot product's operand type.
 #[inline]
@@ -48,40 +38,26 @@ pub unsafe fn qk(q: PairMat, kt: PairMat, out: MatMut, scale: f32) {
     let (nr, dp, bk) = (q.rows, q.cols, kt.cols);
     debug_assert!(kt.rows == dp && out.rows == nr && out.cols == bk);
     debug_assert!(nr == 0 || out.data.len() >= (nr - 1) * out.stride + bk.div_ceil(16) * 16);
-    let nv = bk.div_ceil(16);
-    let mut c = 0;
-    while c < nv {
-        // Up to 4 vectors (64 keys) per block: 6 × 4 accumulators, 10 loads per 24 products.
-        let nb = (nv - c).min(4);
-        let mut masks = [0u16; 4];
-        for (n, m) in masks.iter_mut().enumerate().take(nb) {
-            *m = tail_mask(bk - 16 * (c + n));
-        }
+    super::avx512::score_blocks(nr, bk, |r, mr, c, nb, masks| {
         let kp = (kt.data.as_ptr().add(16 * c), kt.stride);
-        let mut r = 0;
-        while r < nr {
-            let mr = (nr - r).min(MR);
-            let qp = (q.data.as_ptr().add(r * q.stride), q.stride);
-            let op = (
-                out.data.as_mut_ptr().add(r * out.stride + 16 * c),
-                out.stride,
-            );
-            macro_rules! go {
-                ($($m:literal),*) => {
-                    match (mr, nb) {
-                        $(($m, 1) => qk_block::<$m, 1>(qp, dp, kp, op, scale, masks),
-                          ($m, 2) => qk_block::<$m, 2>(qp, dp, kp, op, scale, masks),
-                          ($m, 3) => qk_block::<$m, 3>(qp, dp, kp, op, scale, masks),
-                          ($m, _) => qk_block::<$m, 4>(qp, dp, kp, op, scale, masks),)*
-                        _ => unreachable!(),
-                    }
-                };
-            }
-            go!(1, 2, 3, 4, 5, 6);
-            r += mr;
+        let qp = (q.data.as_ptr().add(r * q.stride), q.stride);
+        let op = (
+            out.data.as_mut_ptr().add(r * out.stride + 16 * c),
+            out.stride,
+        );
+        macro_rules! go {
+            ($($m:literal),*) => {
+                match (mr, nb) {
+                    $(($m, 1) => qk_block::<$m, 1>(qp, dp, kp, op, scale, masks),
+                      ($m, 2) => qk_block::<$m, 2>(qp, dp, kp, op, scale, masks),
+                      ($m, 3) => qk_block::<$m, 3>(qp, dp, kp, op, scale, masks),
+                      ($m, _) => qk_block::<$m, 4>(qp, dp, kp, op, scale, masks),)*
+                    _ => unreachable!(),
+                }
+            };
         }
-        c += nb;
-    }
+        go!(1, 2, 3, 4, 5, 6);
+    });
 }
 
 /// One `M × 16N` block of [`qk`]: `q`, `kt` and `out` are (pointer, row stride), `dp` the

@@ -1,15 +1,21 @@
-//! Row-major f32 matrices inside slices: the operands of a tile's two products. The
-//! constructors check that every element lies in the slice, which is what the products'
-//! unchecked (SIMD or `gemm`) accesses rely on.
+//! Row-major matrices inside slices (f32, bf16 pairs, bf16/f16): the operands of a tile's two
+//! products. The constructors check that every element lies in the slice, which is what the
+//! products' unchecked (SIMD or `gemm`) accesses rely on.
 
-/// A `rows × cols` matrix whose rows start `stride` elements apart.
+/// A `rows × cols` matrix whose rows start `stride` elements apart (f32 elements unless said).
 #[derive(Clone, Copy)]
-pub(super) struct Mat<'a> {
-    pub data: &'a [f32],
+pub(super) struct Mat<'a, T = f32> {
+    pub data: &'a [T],
     pub rows: usize,
     pub cols: usize,
     pub stride: usize,
 }
+
+/// A `rows × cols` matrix of bf16 pairs (two consecutive elements of a row of the unpaired
+/// matrix, the first in the low 16 bits) whose rows start `stride` pairs apart: the operands of
+/// the AVX512-BF16 dot products.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // read by the x86 micro-kernels
+pub(super) type PairMat<'a> = Mat<'a, u32>;
 
 /// A mutable `rows × cols` matrix whose rows start `stride` elements apart.
 pub(super) struct MatMut<'a> {
@@ -30,8 +36,8 @@ fn check(len: usize, rows: usize, cols: usize, stride: usize, disjoint: bool) {
     );
 }
 
-impl<'a> Mat<'a> {
-    pub fn new(data: &'a [f32], rows: usize, cols: usize, stride: usize) -> Self {
+impl<'a, T> Mat<'a, T> {
+    pub fn new(data: &'a [T], rows: usize, cols: usize, stride: usize) -> Self {
         check(data.len(), rows, cols, stride, false);
         Self {
             data,
@@ -94,28 +100,4 @@ fn bytemuck_u16<T: Copy>(data: &[T]) -> &[u16] {
     assert_eq!(std::mem::size_of::<T>(), 2);
     // SAFETY: `T` is bf16 or f16, 2-byte plain-old-data types with u16's alignment.
     unsafe { std::slice::from_raw_parts(data.as_ptr().cast::<u16>(), data.len()) }
-}
-
-/// A `rows × cols` matrix of bf16 pairs (two consecutive elements of a row of the unpaired
-/// matrix, the first in the low 16 bits) whose rows start `stride` pairs apart: the operands of
-/// the AVX512-BF16 dot products.
-#[derive(Clone, Copy)]
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // read by the x86 micro-kernels
-pub(super) struct PairMat<'a> {
-    pub data: &'a [u32],
-    pub rows: usize,
-    pub cols: usize,
-    pub stride: usize,
-}
-
-impl<'a> PairMat<'a> {
-    pub fn new(data: &'a [u32], rows: usize, cols: usize, stride: usize) -> Self {
-        check(data.len(), rows, cols, stride, false);
-        Self {
-            data,
-            rows,
-            cols,
-            stride,
-        }
-    }
 }

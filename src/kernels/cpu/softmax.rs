@@ -45,11 +45,7 @@ fn softmax_step_impl<const FMA: bool, const W: usize>(
         mx[t] = max(mx[t], x);
     }
     let tile_max = tree(mx, max);
-    let m_new = if tile_max > *m || tile_max.is_nan() {
-        tile_max
-    } else {
-        *m
-    };
+    let m_new = running_max(tile_max, *m);
     if m_new == f32::NEG_INFINITY {
         // Nothing visible so far: probabilities 0, no state change.
         row.fill(0.0);
@@ -141,27 +137,52 @@ fn fma<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     }
 }
 
+/// The constants of [`fast_exp`] and of its SIMD versions in `softmax_x86.rs` (one polynomial,
+/// so that every instruction set computes the same probabilities).
+pub(super) mod exp_poly {
+    pub const LOG2E: f32 = std::f32::consts::LOG2_E;
+    /// ln 2 in two parts (Cody–Waite), for an exact `x - n·ln 2`.
+    pub const LN2_HI: f32 = 0.693_359_4;
+    pub const LN2_LO: f32 = -2.121_944_4e-4;
+    /// 1.5 · 2^23: adding it rounds to an integer.
+    pub const MAGIC: f32 = 12_582_912.0;
+    /// exp(MIN) ≈ the smallest normal f32.
+    pub const MIN: f32 = -87.336_55;
+    /// The polynomial's coefficients, highest degree first (Cephes `expf`).
+    pub const P: [f32; 6] = [
+        1.987_569_1e-4,
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        1.666_666_5e-1,
+        0.5,
+    ];
+}
+
+/// The running maximum after a tile whose maximum is `tile_max` (NaN wins and sticks).
+pub(super) fn running_max(tile_max: f32, m: f32) -> f32 {
+    if tile_max > m || tile_max.is_nan() {
+        tile_max
+    } else {
+        m
+    }
+}
+
 /// `exp(x)` for `x <= 0` (Cephes polynomial, relative error ≈ 1e-7); 0 below the f32 normal
 /// range and for `-inf`. Branch-free so that it vectorises.
 #[inline(always)]
 fn fast_exp<const FMA: bool>(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23: adding it rounds to an integer
-    const MIN: f32 = -87.336_55; // exp(MIN) ≈ smallest normal f32
+    use exp_poly::{LN2_HI, LN2_LO, LOG2E, MAGIC, MIN, P};
     let xc = if x < MIN { MIN } else { x };
     let z = fma::<FMA>(xc, LOG2E, MAGIC);
     let n = z - MAGIC;
     let ni = z.to_bits().wrapping_sub(MAGIC.to_bits()) as i32;
     let r = fma::<FMA>(n, -LN2_HI, xc);
     let r = fma::<FMA>(n, -LN2_LO, r);
-    let mut p = 1.987_569_1e-4f32;
-    p = fma::<FMA>(p, r, 1.398_199_9e-3);
-    p = fma::<FMA>(p, r, 8.333_452e-3);
-    p = fma::<FMA>(p, r, 4.166_579_6e-2);
-    p = fma::<FMA>(p, r, 1.666_666_5e-1);
-    p = fma::<FMA>(p, r, 0.5);
+    let mut p = P[0];
+    for c in &P[1..] {
+        p = fma::<FMA>(p, r, *c);
+    }
     let y = fma::<FMA>(p, r * r, r + 1.0);
     let scale = f32::from_bits(((ni + 127) as u32) << 23);
     let y = y * scale;

@@ -6,38 +6,27 @@
 
 use std::arch::x86_64::*;
 
-/// Lanes `0..n` (`n < 16`), or all.
-fn tail(n: usize) -> u16 {
-    if n >= 16 {
-        u16::MAX
-    } else {
-        (1u16 << n) - 1
-    }
-}
+use super::avx512::tail_mask as tail;
+use super::softmax::exp_poly::{LN2_HI, LN2_LO, LOG2E, MAGIC, MIN, P};
+use super::softmax::running_max;
 
 /// `exp(x)` for `x <= 0` in 16 lanes: the Cephes polynomial of `softmax::fast_exp` (relative
 /// error ≈ 1e-7); 0 below the f32 normal range and for `-inf`; NaN stays NaN.
 #[inline]
 #[target_feature(enable = "avx512f")]
 unsafe fn exp16(x: __m512) -> __m512 {
-    let min = _mm512_set1_ps(-87.336_55);
-    let magic = _mm512_set1_ps(12_582_912.0);
+    let min = _mm512_set1_ps(MIN);
+    let magic = _mm512_set1_ps(MAGIC);
     // `max(min, x)` keeps x when it is NaN (the second operand wins on NaN).
     let xc = _mm512_max_ps(min, x);
-    let z = _mm512_fmadd_ps(xc, _mm512_set1_ps(std::f32::consts::LOG2_E), magic);
+    let z = _mm512_fmadd_ps(xc, _mm512_set1_ps(LOG2E), magic);
     let n = _mm512_sub_ps(z, magic);
     let ni = _mm512_sub_epi32(_mm512_castps_si512(z), _mm512_castps_si512(magic));
-    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), xc);
-    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
-    let mut p = _mm512_set1_ps(1.987_569_1e-4);
-    for c in [
-        1.398_199_9e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        1.666_666_5e-1,
-        0.5,
-    ] {
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), xc);
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
+    let mut p = _mm512_set1_ps(P[0]);
+    for c in &P[1..] {
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(*c));
     }
     let one = _mm512_set1_ps(1.0);
     let y = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, one));
@@ -79,11 +68,7 @@ pub(super) unsafe fn softmax_step_avx512(
     } else {
         _mm512_reduce_max_ps(mx)
     };
-    let m_new = if tile_max > *m || tile_max.is_nan() {
-        tile_max
-    } else {
-        *m
-    };
+    let m_new = running_max(tile_max, *m);
     if m_new == f32::NEG_INFINITY {
         // Nothing visible so far: probabilities 0, no state change.
         row.fill(0.0);
@@ -126,24 +111,18 @@ pub(super) unsafe fn softmax_step_avx512(
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn exp8(x: __m256) -> __m256 {
-    let min = _mm256_set1_ps(-87.336_55);
-    let magic = _mm256_set1_ps(12_582_912.0);
+    let min = _mm256_set1_ps(MIN);
+    let magic = _mm256_set1_ps(MAGIC);
     // `max(min, x)` keeps x when it is NaN (the second operand wins on NaN).
     let xc = _mm256_max_ps(min, x);
-    let z = _mm256_fmadd_ps(xc, _mm256_set1_ps(std::f32::consts::LOG2_E), magic);
+    let z = _mm256_fmadd_ps(xc, _mm256_set1_ps(LOG2E), magic);
     let n = _mm256_sub_ps(z, magic);
     let ni = _mm256_sub_epi32(_mm256_castps_si256(z), _mm256_castps_si256(magic));
-    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), xc);
-    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
-    let mut p = _mm256_set1_ps(1.987_569_1e-4);
-    for c in [
-        1.398_199_9e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        1.666_666_5e-1,
-        0.5,
-    ] {
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), xc);
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
+    let mut p = _mm256_set1_ps(P[0]);
+    for c in &P[1..] {
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(*c));
     }
     let one = _mm256_set1_ps(1.0);
     let y = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, one));
@@ -208,11 +187,7 @@ pub(super) unsafe fn softmax_step_avx2(
     if any_nan {
         tile_max = f32::NAN;
     }
-    let m_new = if tile_max > *m || tile_max.is_nan() {
-        tile_max
-    } else {
-        *m
-    };
+    let m_new = running_max(tile_max, *m);
     if m_new == f32::NEG_INFINITY {
         // Nothing visible so far: probabilities 0, no state change.
         row.fill(0.0);
