@@ -142,6 +142,19 @@ fn fused_decode_gqa_and_long_causal() {
         (2, 8, 2, 1, 1000, 128, CausalAlignment::BottomRight, None),
         (1, 4, 4, 300, 700, 64, CausalAlignment::TopLeft, Some(300)),
         (1, 2, 1, 333, 333, 256, CausalAlignment::BottomRight, None),
+        // Value rows 4 KiB apart (H16 D64 f32), and S ≥ 2048: the kernel copies V with each
+        // head's rows contiguous for these.
+        (1, 16, 16, 130, 130, 64, CausalAlignment::TopLeft, None),
+        (
+            1,
+            2,
+            2,
+            70,
+            2100,
+            32,
+            CausalAlignment::BottomRight,
+            Some(900),
+        ),
     ] {
         let q = Tensor::from_vec(rng.normal_vec(b * h * l * d), (b, l, h, d), &dev).unwrap();
         let k = Tensor::from_vec(rng.normal_vec(b * hkv * s * d), (b, s, hkv, d), &dev).unwrap();
