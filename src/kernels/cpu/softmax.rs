@@ -32,8 +32,8 @@ fn softmax_step_impl<const FMA: bool, const W: usize>(
     lsum: &mut f32,
     acc: &mut [f32],
 ) -> bool {
-    // NaN wins and sticks (a NaN logit makes the row NaN, as in PyTorch).
-    let max = |a: f32, b: f32| if b > a || b.is_nan() { b } else { a };
+    // The running-max rule lane by lane: NaN wins and sticks.
+    let max = |m: f32, x: f32| running_max(x, m);
     let mut mx = [f32::NEG_INFINITY; W];
     let mut chunks = row.chunks_exact(W);
     for c in &mut chunks {

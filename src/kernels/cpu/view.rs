@@ -49,8 +49,8 @@ impl<'a> View<'a> {
     ) -> Option<HalfMat<'a>> {
         match self.data {
             Data::F32(_) => None,
-            Data::Bf16(s) if products::reads_half(isa, true, cols) => {
-                Some(HalfMat::bf16(&s[at..], rows, cols, stride))
+            Data::Bf16(_) if products::reads_half(isa, true, cols) => {
+                self.bf16_mat(at, (rows, cols, stride))
             }
             Data::F16(s) if products::reads_half(isa, false, cols) => {
                 Some(HalfMat::f16(&s[at..], rows, cols, stride))
