@@ -14,6 +14,12 @@
 //! in fresh child processes (this example re-run with `--child`, or the torch script with
 //! `--peak`), one run each, as the process's high-water mark (`VmHWM` / `ru_maxrss`).
 //!
+//! At the end, the machine's rates: candle's f32 GEMM (the causal configs' GFLOP/s are put
+//! against it) and a 1 GiB copy and streaming read of random bytes. Decode configs are also
+//! held to a copy (one thread, and rayon's threads) and a streaming read of K's and V's own
+//! bytes, timed in the same rounds right after the fused runs: on a VM a buffer's rate depends
+//! on its pages and its contents (constant bytes can copy twice as fast).
+//!
 //! Options: `--python PY` (default `$CANDLE_MHA_BENCH_PYTHON` or `python3`), `--no-torch`,
 //! `--rounds N` (default 3), `--only SUBSTR` (configs whose name contains it), `--no-peak`,
 //! `--no-reference-8k` (skip the ~13 GB reference run at L=8192), `--dtype f32|bf16` (inputs,
@@ -382,6 +388,73 @@ fn torch_req(c: &Cfg, kind: &str) -> Value {
            "d": c.d, "causal": c.causal, "pad": c.pad, "reps": c.reps, "dtype": dtype_name()})
 }
 
+/// Bytes of K and V in a config (what decode reads).
+fn kv_bytes(c: &Cfg) -> usize {
+    2 * c.b * c.s * c.hkv * c.d * dtype().size_in_bytes()
+}
+
+/// A memory copy and a streaming read of K's and V's own bytes: their pages and contents (on a
+/// VM a buffer's rate depends on both), the copy into a new buffer.
+struct MemProbe<'a> {
+    src: [&'a [u8]; 2],
+    dst: Vec<u8>,
+}
+
+/// The bytes of a contiguous CPU tensor's storage.
+fn storage_bytes(t: &Tensor) -> Result<&[u8]> {
+    use candle_core::{CpuStorage, Storage};
+    let (st, layout) = t.storage_and_layout();
+    let Some((a, b)) = layout.contiguous_offsets() else {
+        bail!("not contiguous")
+    };
+    let (ptr, size) = match &*st {
+        Storage::Cpu(CpuStorage::F32(v)) => (v[a..b].as_ptr().cast::<u8>(), 4),
+        Storage::Cpu(CpuStorage::BF16(v)) => (v[a..b].as_ptr().cast::<u8>(), 2),
+        _ => bail!("an f32 or bf16 CPU tensor"),
+    };
+    // SAFETY: the storage outlives the borrow of `t` (the tensor holds it), and `b - a`
+    // elements of `size` bytes start at `ptr`.
+    Ok(unsafe { std::slice::from_raw_parts(ptr, (b - a) * size) })
+}
+
+impl<'a> MemProbe<'a> {
+    fn new(k: &'a Tensor, v: &'a Tensor) -> Result<Self> {
+        let src = [storage_bytes(k)?, storage_bytes(v)?];
+        let dst = vec![0; src[0].len() + src[1].len()];
+        Ok(Self { src, dst })
+    }
+
+    /// One single-threaded copy (`copy_from_slice`, the libc `memmove`).
+    fn copy(&mut self) -> Result<()> {
+        let n = self.src[0].len();
+        self.dst[..n].copy_from_slice(self.src[0]);
+        self.dst[n..].copy_from_slice(self.src[1]);
+        std::hint::black_box(&self.dst);
+        Ok(())
+    }
+
+    /// The same copy on rayon's threads, 1 MiB each.
+    fn copy_par(&mut self) -> Result<()> {
+        use rayon::prelude::*;
+        let n = self.src[0].len();
+        let (d0, d1) = self.dst.split_at_mut(n);
+        for (src, dst) in [(self.src[0], d0), (self.src[1], d1)] {
+            dst.par_chunks_mut(1 << 20)
+                .zip(src.par_chunks(1 << 20))
+                .for_each(|(d, s)| d.copy_from_slice(s));
+        }
+        std::hint::black_box(&self.dst);
+        Ok(())
+    }
+
+    /// The sum of the bytes as u64 words on rayon's threads, 1 MiB each (a loop the compiler
+    /// vectorises).
+    fn read(&self) -> Result<()> {
+        std::hint::black_box(sum_words(self.src[0]).wrapping_add(sum_words(self.src[1])));
+        Ok(())
+    }
+}
+
 /// Rows of the result table: label → samples (None: not applicable / refused, with a reason).
 #[derive(Default)]
 struct Row {
@@ -474,6 +547,45 @@ fn run_child(args: &[String]) -> Result<Value> {
     Ok(serde_json::from_slice(&out.stdout)?)
 }
 
+/// `n` pseudo-random bytes (xorshift64).
+fn random_bytes(n: usize) -> Vec<u8> {
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let mut v = vec![0u8; n];
+    for c in v.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
+    }
+    v
+}
+
+/// GB/s (read + write) of a single-threaded copy of `src` into a new buffer, median of 5.
+fn copy_rate_of(src: &[u8]) -> Result<f64> {
+    let mut dst = vec![0u8; src.len()];
+    let t = median(time_it(5, || {
+        dst.copy_from_slice(src);
+        std::hint::black_box(&dst);
+        Ok(())
+    })?);
+    Ok(2.0 * src.len() as f64 / t / 1e9)
+}
+
+/// The wrapping sum of `bytes` as u64 words (the bytes outside whole words added one by one),
+/// on rayon's threads, 1 MiB each.
+fn sum_words(bytes: &[u8]) -> u64 {
+    use rayon::prelude::*;
+    bytes
+        .par_chunks(1 << 20)
+        .map(|c| {
+            // SAFETY: every bit pattern is a valid u64.
+            let (head, words, tail) = unsafe { c.align_to::<u64>() };
+            let rest = head.iter().chain(tail).fold(0u64, |a, &x| a + x as u64);
+            words.iter().fold(rest, |a, &x| a.wrapping_add(x))
+        })
+        .sum()
+}
+
 /// This machine's f32 GEMM rate, memory-copy bandwidth and streaming-read rate, measured now, and what the fused
 /// kernel achieved against them: GFLOP/s on the causal configs (`4·H·D·L(L+1)/2` per batch
 /// element), GB/s of K and V read on the decode config.
@@ -485,30 +597,21 @@ fn rates(results: &[(Cfg, Vec<Row>)]) -> Result<()> {
     let gemm = median(time_it(3, || a.matmul(&b).map(drop).map_err(Into::into))?);
     let gemm_rate = 2.0 * (n as f64).powi(3) / gemm / 1e9;
     let bytes = 1usize << 30;
-    let src = vec![1u8; bytes];
-    let mut dst = vec![0u8; bytes];
-    let copy = median(time_it(5, || {
-        dst.copy_from_slice(&src);
-        std::hint::black_box(&dst);
-        Ok(())
-    })?);
-    // A copy reads and writes every byte.
-    let copy_rate = 2.0 * bytes as f64 / copy / 1e9;
+    // Random bytes, like K's and V's: on this VM a buffer of constant bytes (`vec![1; n]`)
+    // was often copied about twice as fast as random bytes (66–70 vs 36 GB/s in one process),
+    // a rate no real tensor gets; the constant rate is printed for comparison.
+    let src = random_bytes(bytes);
+    let copy_rate = copy_rate_of(&src)?;
+    let constant_copy_rate = copy_rate_of(&vec![1u8; bytes])?;
     // A plain streaming read on rayon's threads (what decode does with K and V): the sum of
     // 1 GiB of u64 words, a loop the compiler vectorises.
-    let words = vec![1u64; bytes / 8];
     let read = median(time_it(5, || {
-        use rayon::prelude::*;
-        let sum: u64 = words
-            .par_chunks(1 << 20)
-            .map(|c| c.iter().fold(0u64, |a, &x| a.wrapping_add(x)))
-            .sum();
-        std::hint::black_box(sum);
+        std::hint::black_box(sum_words(&src));
         Ok(())
     })?);
     let read_rate = bytes as f64 / read / 1e9;
-    drop(words);
-    println!("\nMachine rates (measured now): f32 GEMM {n}³ (candle matmul, the `gemm` crate): {gemm_rate:.0} GFLOP/s; memory copy of 1 GiB: {copy_rate:.1} GB/s (read + write); streaming read of 1 GiB: {read_rate:.1} GB/s\n");
+    drop(src);
+    println!("\nMachine rates (measured now): f32 GEMM {n}³ (candle matmul, the `gemm` crate): {gemm_rate:.0} GFLOP/s; memory copy of 1 GiB of random bytes: {copy_rate:.1} GB/s (read + write; of constant bytes: {constant_copy_rate:.1}); streaming read of 1 GiB: {read_rate:.1} GB/s\n");
     if dtype() == DType::BF16 {
         // The projections' bf16 matmul: ours (AVX512-BF16 where the CPU has it) and candle's.
         let (x, w) = (a.to_dtype(DType::BF16)?, b.to_dtype(DType::BF16)?);
@@ -534,21 +637,30 @@ fn rates(results: &[(Cfg, Vec<Row>)]) -> Result<()> {
     }
     println!("| config | fused | achieved | of the machine's |");
     println!("|---|---|---|---|");
-    let elem = dtype().size_in_bytes() as f64;
     for (c, rows) in results {
         let t = rows[1].med();
         if t.is_nan() {
             continue;
         }
         if c.l == 1 {
-            let kv = 2.0 * (c.b * c.s * c.hkv * c.d) as f64 * elem;
+            let kv = kv_bytes(c) as f64;
             let rate = kv / t / 1e9;
+            let (copy1, copy2) = (
+                2.0 * kv / rows[7].med() / 1e9,
+                2.0 * kv / rows[9].med() / 1e9,
+            );
+            let read = kv / rows[8].med() / 1e9;
+            let pct = |x: f64| 100.0 * rate / x;
             println!(
-                "| {} | {} | {rate:.1} GB/s of K/V | {:.0}% of copy bandwidth, {:.0}% of the streaming read |",
+                "| {} | {} | {rate:.1} GB/s of K/V | {:.0}% of a copy of 1 GiB; of K's and V's own {:.0} MB timed in the same rounds: {:.0}% of a copy ({copy1:.1} GB/s), {:.0}% of a copy on {} threads ({copy2:.1} GB/s), {:.0}% of a streaming read ({read:.1} GB/s) |",
                 c.name,
                 fmt_t(t),
-                100.0 * rate / copy_rate,
-                100.0 * rate / read_rate
+                pct(copy_rate),
+                kv / 1e6,
+                pct(copy1),
+                pct(copy2),
+                rayon::current_num_threads(),
+                pct(read),
             );
         } else if c.causal {
             let flops = 4.0 * (c.b * c.h * c.d) as f64 * (c.l * (c.l + 1) / 2) as f64;
@@ -681,7 +793,7 @@ fn main() -> Result<()> {
         candle_mha::kernels::test_support::cpu_isas(),
         load.trim()
     );
-    const COLS: [&str; 8] = [
+    const COLS: [&str; 10] = [
         "reference",
         "fused",
         "candle flash_attn",
@@ -689,7 +801,9 @@ fn main() -> Result<()> {
         "module reference",
         "module fused (Auto)",
         "torch MHA",
-        "",
+        "copy of K/V's bytes",
+        "streaming read of K/V's bytes",
+        "parallel copy of K/V's bytes",
     ];
     let mut results = vec![];
     let mut ref_peak: Option<f64> = None;
@@ -699,7 +813,7 @@ fn main() -> Result<()> {
         }
         eprintln!("== {}", c.name);
         let inp = Inputs::new(&c, !no_module)?;
-        let mut rows: Vec<Row> = (0..7).map(|_| Row::default()).collect();
+        let mut rows: Vec<Row> = (0..COLS.len()).map(|_| Row::default()).collect();
         let big = c.l >= 8192;
         for round in 0..rounds {
             if !big || (round == 0 && !no_ref8k) {
@@ -724,6 +838,16 @@ fn main() -> Result<()> {
             rows[1].add(time_it(c.reps, || {
                 inp.core(&c, Backend::CpuFused).map(drop)
             }));
+            if c.l == 1 {
+                // Decode reads K and V once: the memory rates it is held to, measured on K's
+                // and V's own bytes (their pages, their random contents) right after the fused
+                // runs: a copy into a new buffer each round, on one thread and on rayon's, and
+                // a streaming read.
+                let mut probe = MemProbe::new(&inp.k, &inp.v)?;
+                rows[7].add(time_it(c.reps, || probe.copy()));
+                rows[9].add(time_it(c.reps, || probe.copy_par()));
+                rows[8].add(time_it(c.reps, || probe.read()));
+            }
             if !big {
                 rows[2].add(time_it(c.reps, || inp.flash(&c).map(drop)));
             } else if round == 0 {
