@@ -22,7 +22,7 @@
 //!
 //! Options: `--python PY` (default `$CANDLE_MHA_BENCH_PYTHON` or `python3`), `--no-torch`,
 //! `--rounds N` (default 3), `--only SUBSTR` (configs whose name contains it), `--no-peak`,
-//! `--no-reference-8k` (skip the ~13 GB reference run at L=8192), `--dtype f32|bf16` (inputs,
+//! `--no-reference-8k` (skip the ~13 GB reference run at L=8192), `--dtype f32|bf16|f16` (inputs,
 //! weights and PyTorch's side; candle-nn's flash_attn is f32 only), `--isa avx512bf16|avx512|avx2|portable`
 //! (force the fused kernel's instruction set, e.g. to time the AVX2 path on an AVX-512 CPU; with
 //! `avx2` PyTorch is held to AVX2 too, as on a CPU without AVX-512: `ATEN_CPU_CAPABILITY=avx2`,
@@ -50,10 +50,10 @@ fn dtype() -> DType {
 }
 
 fn dtype_name() -> &'static str {
-    if dtype() == DType::BF16 {
-        "bf16"
-    } else {
-        "f32"
+    match dtype() {
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        _ => "f32",
     }
 }
 
@@ -410,7 +410,8 @@ fn storage_bytes(t: &Tensor) -> Result<&[u8]> {
     let (ptr, size) = match &*st {
         Storage::Cpu(CpuStorage::F32(v)) => (v[a..b].as_ptr().cast::<u8>(), 4),
         Storage::Cpu(CpuStorage::BF16(v)) => (v[a..b].as_ptr().cast::<u8>(), 2),
-        _ => bail!("an f32 or bf16 CPU tensor"),
+        Storage::Cpu(CpuStorage::F16(v)) => (v[a..b].as_ptr().cast::<u8>(), 2),
+        _ => bail!("an f32, bf16 or f16 CPU tensor"),
     };
     // SAFETY: the storage outlives the borrow of `t` (the tensor holds it), and `b - a`
     // elements of `size` bytes start at `ptr`.
@@ -612,29 +613,34 @@ fn rates(results: &[(Cfg, Vec<Row>)]) -> Result<()> {
     let read_rate = bytes as f64 / read / 1e9;
     drop(src);
     println!("\nMachine rates (measured now): f32 GEMM {n}³ (candle matmul, the `gemm` crate): {gemm_rate:.0} GFLOP/s; memory copy of 1 GiB of random bytes: {copy_rate:.1} GB/s (read + write; of constant bytes: {constant_copy_rate:.1}); streaming read of 1 GiB: {read_rate:.1} GB/s\n");
-    if dtype() == DType::BF16 {
-        // The projections' bf16 matmul: ours (AVX512-BF16 where the CPU has it) and candle's.
-        let (x, w) = (a.to_dtype(DType::BF16)?, b.to_dtype(DType::BF16)?);
+    // The projections' matmul in the bench's dtype: ours (see `proj.rs`) and candle's, at
+    // 4096³ and at a BERT-base projection's shape (B8 L128 E768).
+    let which = match test_support::proj_gemm_kernel(dtype()) {
+        Some(k) => format!("{k} GEMM"),
+        None => "candle's path".to_string(),
+    };
+    for (m, k, nn) in [(n, n, n), (1024, 768, 768), (8, 4096, 4096)] {
+        let x = Tensor::randn(0f32, 1., (m, k), &dev)?.to_dtype(dtype())?;
+        let w = Tensor::randn(0f32, 1., (nn, k), &dev)?.to_dtype(dtype())?;
         let lin = candle_nn::Linear::new(w, None);
-        let rate = |t: f64| 2.0 * (n as f64).powi(3) / t / 1e9;
-        let ours = median(time_it(3, || {
+        let rate = |t: f64| 2.0 * (m * k * nn) as f64 / t / 1e9;
+        let reps = if m == n { 3 } else { 10 };
+        let ours = median(time_it(reps, || {
             test_support::linear(&lin, &x).map(drop).map_err(Into::into)
         })?);
-        let theirs = median(time_it(3, || {
+        let theirs = median(time_it(reps, || {
             candle_nn::Module::forward(&lin, &x)
                 .map(drop)
                 .map_err(Into::into)
         })?);
-        let which = match test_support::bf16_gemm_kernel() {
-            Some(k) => format!("{k} GEMM"),
-            None => "candle's path".to_string(),
-        };
         println!(
-            "bf16 projection GEMM {n}³: ours ({which}) {:.0} GFLOP/s, candle's matmul {:.0} GFLOP/s\n",
+            "{} projection GEMM ({m}, {k}) · ({nn}, {k})ᵀ: ours ({which}) {:.0} GFLOP/s, candle's matmul {:.0} GFLOP/s",
+            dtype_name(),
             rate(ours),
             rate(theirs)
         );
     }
+    println!();
     println!("| config | fused | achieved | of the machine's |");
     println!("|---|---|---|---|");
     for (c, rows) in results {
@@ -722,9 +728,11 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("--child") {
         let l: usize = args.get(1).context("--child L WHAT [DTYPE]")?.parse()?;
-        if args.get(3).map(String::as_str) == Some("bf16") {
-            DTYPE.set(DType::BF16).ok();
-        }
+        match args.get(3).map(String::as_str) {
+            Some("bf16") => DTYPE.set(DType::BF16).ok(),
+            Some("f16") => DTYPE.set(DType::F16).ok(),
+            _ => None,
+        };
         return child(l, args.get(2).context("--child L WHAT [DTYPE]")?);
     }
     if args.iter().any(|a| a == "--crossover") {
@@ -746,10 +754,11 @@ fn main() -> Result<()> {
             "--rounds" => rounds = it.next().context("--rounds N")?.parse()?,
             "--only" => only = Some(it.next().context("--only SUBSTR")?.clone()),
             "--dtype" => {
-                let d = match it.next().context("--dtype f32|bf16")?.as_str() {
+                let d = match it.next().context("--dtype f32|bf16|f16")?.as_str() {
                     "f32" => DType::F32,
                     "bf16" => DType::BF16,
-                    other => bail!("--dtype: f32 or bf16, got {other}"),
+                    "f16" => DType::F16,
+                    other => bail!("--dtype: f32, bf16 or f16, got {other}"),
                 };
                 DTYPE.set(d).ok();
             }

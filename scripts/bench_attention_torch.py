@@ -5,7 +5,7 @@ Server mode (default): reads one JSON request per line on stdin, answers one JSO
 stdout, so that the Rust bench can interleave its own runs with PyTorch's (A/B/A/B) in one
 session. Request fields:
 
-    dtype  "f32" (default) or "bf16"
+    dtype  "f32" (default), "bf16" or "f16"
     kind   "sdpa" (F.scaled_dot_product_attention, the attention core)
            or "mha" (nn.MultiheadAttention forward, need_weights=False, batch_first, eval)
     b, l, s, e, h, hkv, d   shapes (s = key length; hkv < h: GQA, SDPA only)
@@ -48,7 +48,9 @@ def build(req):
     torch.manual_seed(0)
     b, l, s, e, h, hkv, d = (req[k] for k in ("b", "l", "s", "e", "h", "hkv", "d"))
     causal, pad = req["causal"], req.get("pad")
-    dt = {"f32": torch.float32, "bf16": torch.bfloat16}[req.get("dtype", "f32")]
+    dt = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[
+        req.get("dtype", "f32")
+    ]
     if req["kind"] == "sdpa":
         q = torch.randn(b, h, l, d, dtype=dt)
         k = torch.randn(b, hkv, s, d, dtype=dt)

@@ -7,6 +7,9 @@
 //!   accumulates in f32 and adds the bias in f32 before one rounding, as PyTorch's bf16
 //!   `nn.Linear` does: by AVX512-BF16 `vdpbf16ps` where the CPU has it, else on AVX2 + FMA with
 //!   each 16-element load split into its even and odd halves in registers;
+//! - **f16**: each 16-element load widened to f32 in registers (`vcvtph2ps`, AVX-512 or
+//!   AVX2 + F16C), f32 accumulation, the bias added in f32 before one rounding (candle's path,
+//!   the `gemm` crate's f16 product, adds the bias in f16, and ran at about half our f32 speed);
 //! - **f32** on AVX-512: FMAs in the same loops, faster than the `gemm` crate candle's matmul
 //!   uses on these shapes (on AVX2 the `gemm` crate stays).
 //!
@@ -126,7 +129,7 @@ fn gemm(
     (m, n, k): (usize, usize, usize),
 ) -> Result<CpuStorage> {
     use crate::kernels::cpu::gemm::{gemm_bt, gemm_bt_avx2};
-    use half::bf16;
+    use half::{bf16, f16};
     let mnk = (m, n, k);
     Ok(match (xs, ws) {
         (CpuStorage::BF16(x), CpuStorage::BF16(w)) => {
@@ -138,12 +141,21 @@ fn gemm(
             }
             CpuStorage::BF16(out)
         }
+        (CpuStorage::F16(x), CpuStorage::F16(w)) => {
+            let mut out = vec![f16::ZERO; m * n];
+            let (x, w) = (&x[xr], &w[wr]);
+            match kernel {
+                ProjKernel::Avx2F16 => gemm_bt_avx2(x, w, bias, &mut out, mnk),
+                _ => gemm_bt(x, w, bias, &mut out, mnk),
+            }
+            CpuStorage::F16(out)
+        }
         (CpuStorage::F32(x), CpuStorage::F32(w)) => {
             let mut out = vec![0f32; m * n];
             gemm_bt(&x[xr], &w[wr], bias, &mut out, mnk);
             CpuStorage::F32(out)
         }
-        _ => bail!("linear: expected a bf16 or f32 input and weight of one dtype"),
+        _ => bail!("linear: expected a bf16, f16 or f32 input and weight of one dtype"),
     })
 }
 
@@ -193,6 +205,7 @@ mod tests {
     fn check(y: &Tensor, x: &Tensor, w: &Tensor, b: Option<&Tensor>, what: &str) -> Result<()> {
         let unit = match y.dtype() {
             DType::BF16 => 1.0 / 256.0,
+            DType::F16 => 1.0 / 2048.0,
             _ => 1.0 / (1u64 << 24) as f64,
         };
         let (n, k) = w.dims2()?;
@@ -214,7 +227,13 @@ mod tests {
                     mag += (xv[r * k + x] * wv[j * k + x]).abs();
                 }
                 let got = yv[r * n + j];
-                let tol = exact.abs() * unit + (k as f64 + 2.0) * mag / (1u64 << 24) as f64 + 1e-30;
+                // f16 also rounds tiny values to its subnormal spacing, 2^-24.
+                let floor = if y.dtype() == DType::F16 {
+                    0.5f64.powi(25)
+                } else {
+                    1e-30
+                };
+                let tol = exact.abs() * unit + (k as f64 + 2.0) * mag / (1u64 << 24) as f64 + floor;
                 assert!(
                     (got - exact).abs() <= tol,
                     "{what}: y[{r}][{j}] = {got}, exact {exact} (tolerance {tol:e})"
@@ -243,40 +262,55 @@ mod tests {
         (130, 2, 2080),
     ];
 
-    /// The AVX2 bf16 kernel, called directly (the dispatcher only picks it on CPUs without
-    /// AVX512-BF16 or with AVX2 forced, a process-wide switch the parallel tests would race on).
+    /// The AVX2 bf16 and f16 kernels, called directly (the dispatcher only picks them on CPUs
+    /// without AVX-512 (bf16: without AVX512-BF16) or with AVX2 forced, a process-wide switch
+    /// the parallel tests would race on).
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn avx2_bf16_kernel_matches_float64() -> Result<()> {
-        use crate::kernels::cpu::gemm;
+    fn avx2_half_kernels_match_float64() -> Result<()> {
+        use crate::kernels::cpu::gemm::{self, gemm_bt_avx2};
+        use crate::kernels::cpu::gemm_avx2::Half;
+        use half::f16;
+
+        fn run<T: Half + candle_core::WithDType>(dtype: DType) -> Result<()> {
+            for (i, &(m, n, k)) in SHAPES.iter().enumerate() {
+                let seed = 10 * i as u64 + 5;
+                let x = tensor(&[m, k], seed, dtype)?;
+                let w = tensor(&[n, k], seed + 1, dtype)?;
+                let b = tensor(&[n], seed + 2, dtype)?;
+                let bias = b.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                let mut out = vec![T::default(); m * n];
+                gemm_bt_avx2(
+                    &x.flatten_all()?.to_vec1::<T>()?,
+                    &w.flatten_all()?.to_vec1::<T>()?,
+                    Some(&bias),
+                    &mut out,
+                    (m, n, k),
+                );
+                let y = Tensor::from_vec(out, (m, n), &Device::Cpu)?;
+                check(
+                    &y,
+                    &x,
+                    &w,
+                    Some(&b),
+                    &format!("AVX2 {dtype:?} ({m}, {n}, {k})"),
+                )?;
+            }
+            Ok(())
+        }
+
         if !gemm::avx2_supported() {
-            eprintln!("this CPU has no AVX2 + FMA: the AVX2 kernel cannot run here");
+            eprintln!("this CPU has no AVX2 + FMA + F16C: the AVX2 kernels cannot run here");
             return Ok(());
         }
-        for (i, &(m, n, k)) in SHAPES.iter().enumerate() {
-            let seed = 10 * i as u64 + 5;
-            let x = bf16_tensor(&[m, k], seed)?;
-            let w = bf16_tensor(&[n, k], seed + 1)?;
-            let b = bf16_tensor(&[n], seed + 2)?;
-            let bias = b.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-            let mut out = vec![bf16::ZERO; m * n];
-            gemm::gemm_bt_avx2(
-                &x.flatten_all()?.to_vec1::<bf16>()?,
-                &w.flatten_all()?.to_vec1::<bf16>()?,
-                Some(&bias),
-                &mut out,
-                (m, n, k),
-            );
-            let y = Tensor::from_vec(out, (m, n), &Device::Cpu)?;
-            check(&y, &x, &w, Some(&b), &format!("AVX2 ({m}, {n}, {k})"))?;
-        }
-        Ok(())
+        run::<bf16>(DType::BF16)?;
+        run::<f16>(DType::F16)
     }
 
     #[test]
-    fn gemm_matches_float64_on_every_edge_in_bf16_and_f32() -> Result<()> {
+    fn gemm_matches_float64_on_every_edge_in_bf16_f16_and_f32() -> Result<()> {
         let mut ran = 0;
-        for dtype in [DType::BF16, DType::F32] {
+        for dtype in [DType::BF16, DType::F16, DType::F32] {
             if proj_kernel(dtype).is_none() {
                 eprintln!("this CPU cannot run the {dtype:?} GEMM (no AVX-512 / AVX512-BF16)");
                 continue;
@@ -298,7 +332,7 @@ mod tests {
                 }
             }
         }
-        eprintln!("{ran} of 2 GEMM kernels ran");
+        eprintln!("{ran} of 3 GEMM kernels ran");
         Ok(())
     }
 
@@ -334,11 +368,11 @@ mod tests {
             "differs from Linear::forward by {diff} (scale {scale})"
         );
 
-        // A transposed weight (GPT-2's Conv1D view), a tracked weight and an f16 call all keep
+        // A transposed weight (GPT-2's Conv1D view), a tracked weight and an f64 call all keep
         // candle's path and its results.
         let wt = w.t()?.contiguous()?.t()?;
         let var = Var::from_tensor(&w)?;
-        let x16 = x.to_dtype(DType::F16)?;
+        let x64 = x.to_dtype(DType::F64)?;
         let cases: [(&str, Linear, &Tensor); 3] = [
             ("transposed weight", Linear::new(wt, Some(b.clone())), &x),
             (
@@ -346,7 +380,7 @@ mod tests {
                 Linear::new(var.as_tensor().clone(), Some(b.clone())),
                 &x,
             ),
-            ("f16", Linear::new(w.to_dtype(DType::F16)?, None), &x16),
+            ("f64", Linear::new(w.to_dtype(DType::F64)?, None), &x64),
         ];
         for (what, lin, x) in cases {
             let before = fast_calls();

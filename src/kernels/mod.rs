@@ -518,9 +518,9 @@ pub mod test_support {
         crate::proj::linear(lin, x)
     }
 
-    /// The GEMM kernel bf16 projections use now (`None`: candle's matmul).
-    pub fn bf16_gemm_kernel() -> Option<&'static str> {
-        super::cpu::proj_kernel(candle_core::DType::BF16).map(|k| k.name())
+    /// The GEMM kernel projections of `dtype` use now (`None`: candle's matmul).
+    pub fn proj_gemm_kernel(dtype: candle_core::DType) -> Option<&'static str> {
+        super::cpu::proj_kernel(dtype).map(|k| k.name())
     }
 
     /// Forces the fused CPU kernel's portable (`gemm`) products even where AVX-512 is

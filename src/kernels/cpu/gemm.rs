@@ -8,6 +8,9 @@
 //!   in bf16.
 //! - **f32**: the same loops with FMAs, faster than the `gemm` crate candle's matmul uses on
 //!   the projections' shapes (README, "Module forward").
+//! - **f16**: 16 elements per load widened to f32 in registers (`vcvtph2ps`), then the f32
+//!   loops; one rounding to f16 at the end, the bias added in f32 first. candle's f16 matmul
+//!   goes through the `gemm` crate's f16 path and adds the bias in f16.
 //!
 //! The operands are read in place: rows of `x` and of `w` are both contiguous in `K`, so a block
 //! of 4 rows × 4 weight rows keeps 16 dot-product accumulators (the form of
@@ -20,7 +23,7 @@
 
 use std::arch::x86_64::*;
 
-use half::bf16;
+use half::{bf16, f16};
 use rayon::prelude::*;
 
 use super::avx512::reduce16;
@@ -40,7 +43,8 @@ pub const NB: usize = 256;
 /// A task's f32 accumulators, row-major (`MB` rows of `NB`).
 pub type Acc = [f32; MB * NB];
 
-/// An element type of the GEMM: bf16 (AVX512-BF16 dot products) or f32 (AVX-512F FMAs).
+/// An element type of the GEMM: bf16 (AVX512-BF16 dot products), f32 (AVX-512F FMAs) or f16
+/// (widened to f32 in registers, AVX-512F FMAs).
 pub trait Elem: Copy + Default + Send + Sync + 'static {
     /// Whether this CPU has the instructions of this element's kernel.
     fn supported() -> bool;
@@ -80,6 +84,22 @@ impl Elem for f32 {
     const BLOCK: Block<Self> = f32_kernel::task_block;
 }
 
+impl Elem for f16 {
+    fn supported() -> bool {
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+    }
+
+    fn store_row(src: &[f32], dst: &mut [Self]) {
+        // `half`'s slice conversion (F16C) rounds to nearest even, as `f16::from_f32`.
+        use half::slice::HalfFloatSliceExt;
+        dst.convert_from_f32_slice(src);
+    }
+
+    const BLOCK: Block<Self> = f16_kernel::task_block;
+}
+
 /// The output, written from many tasks: each task writes its own `MB × NB` block only.
 #[derive(Clone, Copy)]
 struct OutPtr<T>(*mut T);
@@ -113,25 +133,27 @@ pub fn gemm_bt<T: Elem>(
     run(x, w, bias, out, mnk, T::BLOCK)
 }
 
-/// [`gemm_bt`] for bf16 on CPUs without AVX512-BF16: the AVX2 + FMA kernel
-/// ([`super::gemm_avx2`]).
+/// [`gemm_bt`] for bf16 or f16 on CPUs without AVX-512 (or, for bf16, without AVX512-BF16):
+/// the AVX2 + FMA kernels ([`super::gemm_avx2`]).
 ///
 /// # Panics
-/// As [`gemm_bt`], and when the CPU lacks AVX2 or FMA.
-pub fn gemm_bt_avx2(
-    x: &[bf16],
-    w: &[bf16],
+/// As [`gemm_bt`], and when the CPU lacks AVX2, FMA or F16C.
+pub fn gemm_bt_avx2<T: super::gemm_avx2::Half>(
+    x: &[T],
+    w: &[T],
     bias: Option<&[f32]>,
-    out: &mut [bf16],
+    out: &mut [T],
     mnk: (usize, usize, usize),
 ) {
-    assert!(avx2_supported(), "gemm: the CPU lacks AVX2 + FMA");
-    run(x, w, bias, out, mnk, super::gemm_avx2::task_block)
+    assert!(avx2_supported(), "gemm: the CPU lacks AVX2 + FMA + F16C");
+    run(x, w, bias, out, mnk, T::AVX2_BLOCK)
 }
 
 /// Whether this CPU has the instructions of [`gemm_bt_avx2`].
 pub fn avx2_supported() -> bool {
-    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
 }
 
 /// One `K` block of a task: `(x, w, row stride, (rows, weight rows, K elements), accumulators)`.
@@ -354,6 +376,16 @@ dot_kernel!(
     dp_bf16
 );
 dot_kernel!(
+    f16_kernel,
+    f16,
+    __m512,
+    16,
+    "avx512f,avx512bw,avx512vl",
+    load_f16,
+    load_f16_tail,
+    fma_f32
+);
+dot_kernel!(
     f32_kernel,
     f32,
     __m512,
@@ -400,6 +432,21 @@ unsafe fn load_f32(p: *const f32) -> __m512 {
 #[target_feature(enable = "avx512f")]
 unsafe fn load_f32_tail(p: *const f32, n: usize) -> __m512 {
     _mm512_maskz_loadu_ps((1u16 << n) - 1, p)
+}
+
+/// 16 f16 elements, widened to f32.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn load_f16(p: *const f16) -> __m512 {
+    _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+}
+
+/// The first `n < 16` of 16 f16 elements widened to f32, the rest 0 (nothing past them is
+/// read).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn load_f16_tail(p: *const f16, n: usize) -> __m512 {
+    _mm512_cvtph_ps(_mm256_maskz_loadu_epi16((1u16 << n) - 1, p as *const i16))
 }
 
 /// `acc + a·b`: one FMA.

@@ -109,7 +109,7 @@ mod decode;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod gemm;
 #[cfg(target_arch = "x86_64")]
-mod gemm_avx2;
+pub(crate) mod gemm_avx2;
 mod kt;
 mod mat;
 mod op;
@@ -196,6 +196,10 @@ pub(crate) enum ProjKernel {
     Avx2Bf16,
     /// f32 by AVX-512 FMAs.
     Avx512F32,
+    /// f16 widened to f32 in registers, AVX-512 FMAs.
+    Avx512F16,
+    /// f16 widened to f32 in registers (F16C), AVX2 + FMA (CPUs without AVX-512).
+    Avx2F16,
 }
 
 impl ProjKernel {
@@ -205,12 +209,15 @@ impl ProjKernel {
             ProjKernel::Avx512Bf16 => "AVX512-BF16",
             ProjKernel::Avx2Bf16 => "AVX2 bf16",
             ProjKernel::Avx512F32 => "AVX-512 f32",
+            ProjKernel::Avx512F16 => "AVX-512 f16",
+            ProjKernel::Avx2F16 => "AVX2 f16",
         }
     }
 }
 
 /// The GEMM kernel for projections of `dtype` now, if any: bf16 on AVX512-BF16, else on
-/// AVX2 + FMA; f32 on AVX-512 (elsewhere candle's matmul, whose `gemm` crate is as good). The
+/// AVX2 + FMA; f16 on AVX-512, else on AVX2 + FMA + F16C; f32 on AVX-512 (elsewhere candle's
+/// matmul, whose `gemm` crate is as good). The
 /// instruction set in use decides (forcing `avx512`, AVX2 or the portable path, as the tests
 /// and `bench_attention --isa` do, picks what CPUs without AVX512-BF16 or AVX-512 run).
 pub(crate) fn proj_kernel(dtype: DType) -> Option<ProjKernel> {
@@ -223,6 +230,10 @@ pub(crate) fn proj_kernel(dtype: DType) -> Option<ProjKernel> {
                 Some(ProjKernel::Avx2Bf16)
             }
             DType::F32 if isa.avx512() => Some(ProjKernel::Avx512F32),
+            DType::F16 if isa.avx512() => Some(ProjKernel::Avx512F16),
+            DType::F16 if isa != Isa::Portable && gemm::avx2_supported() => {
+                Some(ProjKernel::Avx2F16)
+            }
             _ => None,
         }
     }
