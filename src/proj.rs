@@ -243,7 +243,7 @@ mod tests {
         Ok(())
     }
 
-    /// `(M, N, K)` around the register blocks (4 × 4; AVX2 2 × 3), the 16-row L1 block and the
+    /// `(M, N, K)` around the register blocks (4 × 4; AVX2 2 × 4), the 16-row L1 block and the
     /// 64 × 256 task; K around the vector steps (32 bf16 / 16 f32 / AVX2 16) and the 2 KiB block
     /// (1024 bf16 / 512 f32), including 1024 f32 (rows 4 KiB apart).
     const SHAPES: [(usize, usize, usize); 13] = [

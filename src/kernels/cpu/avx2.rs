@@ -24,8 +24,8 @@ unsafe fn lanes(n: usize) -> __m256i {
 /// `kt` is `d × bk`). Only the `bk` columns of `out` are written.
 ///
 /// # Safety
-/// avx2 and fma must be available.
-#[target_feature(enable = "avx2,fma")]
+/// avx2, fma and f16c must be available.
+#[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn qk(q: Mat, kt: Mat, out: MatMut, scale: f32) {
     let (nr, d, bk) = (q.rows, q.cols, kt.cols);
     debug_assert!(kt.rows == d && out.rows == nr && out.cols == bk);
@@ -59,7 +59,7 @@ pub unsafe fn qk(q: Mat, kt: Mat, out: MatMut, scale: f32) {
 }
 
 #[inline]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn qk_block<const M: usize, const N: usize, const FULL: bool>(
     (q, qs): (*const f32, usize),
     d: usize,
@@ -102,21 +102,26 @@ unsafe fn qk_block<const M: usize, const N: usize, const FULL: bool>(
 /// `acc += p · v` (`p` is `nr × bk`, `v` is `bk × dv`, `acc` is `nr × dv`).
 ///
 /// # Safety
-/// avx2 and fma must be available.
-#[target_feature(enable = "avx2,fma")]
+/// avx2, fma and f16c must be available.
+#[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn pv(p: Mat, v: Mat, acc: MatMut) {
-    pv_strided::<false>((p.data, p.rows, p.cols, p.stride, 1), raw(v), acc)
+    pv_strided::<F32>((p.data, p.rows, p.cols, p.stride, 1), raw(v), acc)
 }
 
-/// [`pv`] with `v` in bf16, read in place (`v.cols` a multiple of 8).
+/// [`pv`] with `v` in bf16 or f16, read in place (`v.cols` a multiple of 8).
 ///
 /// # Safety
-/// avx2 and fma must be available.
-#[target_feature(enable = "avx2,fma")]
-pub unsafe fn pv_bf16(p: Mat, v: HalfMat, acc: MatMut) {
-    debug_assert!(v.bf16 && v.cols.is_multiple_of(8));
+/// avx2, fma and f16c must be available.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn pv_half(p: Mat, v: HalfMat, acc: MatMut) {
+    debug_assert!(v.cols.is_multiple_of(8));
     let vp = (v.data.as_ptr().cast::<u8>(), v.rows, v.cols, v.stride);
-    pv_strided::<true>((p.data, p.rows, p.cols, p.stride, 1), vp, acc)
+    let pp = (p.data, p.rows, p.cols, p.stride, 1);
+    if v.bf16 {
+        pv_strided::<BF16>(pp, vp, acc)
+    } else {
+        pv_strided::<F16>(pp, vp, acc)
+    }
 }
 
 /// A matrix as (pointer, rows, cols, row stride in elements).
@@ -124,40 +129,46 @@ fn raw(m: Mat) -> (*const u8, usize, usize, usize) {
     (m.data.as_ptr().cast(), m.rows, m.cols, m.stride)
 }
 
-/// 8 elements from `p` as f32 lanes: f32 (masked), or bf16 (`BF16`: whole vectors, widened).
+/// Element kinds of the operands the micro-kernels read in place.
+const F32: u8 = 0;
+const BF16: u8 = 1;
+const F16: u8 = 2;
+
+/// 8 elements from `p` as f32 lanes: f32 (masked), or bf16 / f16 (whole vectors, widened by a
+/// shift / by `vcvtph2ps`).
 #[inline]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn load8<const BF16: bool>(p: *const u8, m: __m256i) -> __m256 {
-    if BF16 {
-        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load8<const KIND: u8>(p: *const u8, m: __m256i) -> __m256 {
+    match KIND {
+        BF16 => _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(
             _mm_loadu_si128(p.cast()),
-        )))
-    } else {
-        _mm256_maskload_ps(p.cast(), m)
+        ))),
+        F16 => _mm256_cvtph_ps(_mm_loadu_si128(p.cast())),
+        _ => _mm256_maskload_ps(p.cast(), m),
     }
 }
 
-/// Bytes per element (bf16 or f32).
-const fn elem(bf16: bool) -> usize {
-    if bf16 {
-        2
-    } else {
+/// Bytes per element of a kind.
+const fn elem(kind: u8) -> usize {
+    if kind == F32 {
         4
+    } else {
+        2
     }
 }
 
 /// `acc += pᵀ · v` for `p` stored `k × m` (row stride `p.stride`), without a transposed copy.
 ///
 /// # Safety
-/// avx2 and fma must be available.
-#[target_feature(enable = "avx2,fma")]
+/// avx2, fma and f16c must be available.
+#[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn pv_t(p: Mat, v: Mat, acc: MatMut) {
-    pv_strided::<false>((p.data, p.cols, p.rows, 1, p.stride), raw(v), acc)
+    pv_strided::<F32>((p.data, p.cols, p.rows, 1, p.stride), raw(v), acc)
 }
 
 /// `acc += P · v` where `P` is `m × k` with element `(r, j)` at `data[r·rs + j·cs]`.
-#[target_feature(enable = "avx2,fma")]
-unsafe fn pv_strided<const BF16: bool>(
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn pv_strided<const KIND: u8>(
     (data, nr, bk, prs, pcs): (&[f32], usize, usize, usize, usize),
     (v, v_rows, dv, v_stride): (*const u8, usize, usize, usize),
     acc: MatMut,
@@ -169,7 +180,7 @@ unsafe fn pv_strided<const BF16: bool>(
         let w = (dv - c).min(8 * NV);
         let masks = [lanes(w), lanes(w.saturating_sub(8))];
         let nb = w.div_ceil(8);
-        let vp = (v.add(c * elem(BF16)), v_stride);
+        let vp = (v.add(c * elem(KIND)), v_stride);
         let mut r = 0;
         while r < nr {
             let mr = (nr - r).min(MR);
@@ -179,9 +190,9 @@ unsafe fn pv_strided<const BF16: bool>(
             macro_rules! go {
                 ($($m:literal),*) => {
                     match (mr, nb, w == 8 * NV) {
-                        $(($m, 1, _) => pv_block::<$m, 1, BF16, false>(pp, bk, vp, op, masks),
-                          ($m, _, false) => pv_block::<$m, 2, BF16, false>(pp, bk, vp, op, masks),
-                          ($m, _, true) => pv_block::<$m, 2, BF16, true>(pp, bk, vp, op, masks),)*
+                        $(($m, 1, _) => pv_block::<$m, 1, KIND, false>(pp, bk, vp, op, masks),
+                          ($m, _, false) => pv_block::<$m, 2, KIND, false>(pp, bk, vp, op, masks),
+                          ($m, _, true) => pv_block::<$m, 2, KIND, true>(pp, bk, vp, op, masks),)*
                         _ => unreachable!(),
                     }
                 };
@@ -194,8 +205,8 @@ unsafe fn pv_strided<const BF16: bool>(
 }
 
 #[inline]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn pv_block<const M: usize, const N: usize, const BF16: bool, const FULL: bool>(
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn pv_block<const M: usize, const N: usize, const KIND: u8, const FULL: bool>(
     (p, prs, pcs): (*const f32, usize, usize),
     bk: usize,
     (v, vs): (*const u8, usize),
@@ -224,9 +235,9 @@ unsafe fn pv_block<const M: usize, const N: usize, const BF16: bool, const FULL:
         }
         let mut vv = [_mm256_setzero_ps(); N];
         for n in 0..N {
-            let at = vrow.add(8 * n * elem(BF16));
-            vv[n] = if BF16 || !FULL {
-                load8::<BF16>(at, masks[n])
+            let at = vrow.add(8 * n * elem(KIND));
+            vv[n] = if KIND != F32 || !FULL {
+                load8::<KIND>(at, masks[n])
             } else {
                 _mm256_loadu_ps(at.cast())
             };
@@ -238,7 +249,7 @@ unsafe fn pv_block<const M: usize, const N: usize, const BF16: bool, const FULL:
             }
         }
         pj = pj.add(pcs);
-        vrow = vrow.add(vs * elem(BF16));
+        vrow = vrow.add(vs * elem(KIND));
     }
     for r in 0..M {
         for n in 0..N {
@@ -255,7 +266,7 @@ unsafe fn pv_block<const M: usize, const N: usize, const BF16: bool, const FULL:
 /// `(i % 2) · 4 + i / 2`. Three levels of shuffles and adds (21 instructions) instead of 8
 /// separate reductions.
 #[inline]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn reduce8(acc: &[[__m256; 4]; 2]) -> __m256 {
     let x = |i: usize| acc[i / 4][i % 4];
     // 8 → 4: [a.lo + a.hi | b.lo + b.hi] (128-bit halves).
@@ -285,26 +296,30 @@ pub(super) unsafe fn reduce8(acc: &[[__m256; 4]; 2]) -> __m256 {
 /// `qk_rows`): blocks of 2 rows × 4 keys (8 accumulators).
 ///
 /// # Safety
-/// avx2 and fma must be available.
-#[target_feature(enable = "avx2,fma")]
+/// avx2, fma and f16c must be available.
+#[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn qk_rows(q: Mat, k: Mat, out: MatMut, scale: f32) {
-    qk_rows_kind::<false>(q, raw(k), out, scale)
+    qk_rows_kind::<F32>(q, raw(k), out, scale)
 }
 
-/// [`qk_rows`] with bf16 key rows read in place (`k.cols` a multiple of 8).
+/// [`qk_rows`] with bf16 or f16 key rows read in place (`k.cols` a multiple of 8).
 ///
 /// # Safety
-/// avx2 and fma must be available.
-#[target_feature(enable = "avx2,fma")]
-pub unsafe fn qk_rows_bf16(q: Mat, k: HalfMat, out: MatMut, scale: f32) {
-    debug_assert!(k.bf16 && k.cols.is_multiple_of(8));
+/// avx2, fma and f16c must be available.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn qk_rows_half(q: Mat, k: HalfMat, out: MatMut, scale: f32) {
+    debug_assert!(k.cols.is_multiple_of(8));
     let kp = (k.data.as_ptr().cast::<u8>(), k.rows, k.cols, k.stride);
-    qk_rows_kind::<true>(q, kp, out, scale)
+    if k.bf16 {
+        qk_rows_kind::<BF16>(q, kp, out, scale)
+    } else {
+        qk_rows_kind::<F16>(q, kp, out, scale)
+    }
 }
 
-/// [`qk_rows`] over key rows (pointer, rows, cols, row stride in elements), f32 or bf16.
-#[target_feature(enable = "avx2,fma")]
-unsafe fn qk_rows_kind<const BF16: bool>(
+/// [`qk_rows`] over key rows (pointer, rows, cols, row stride in elements) of a kind.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn qk_rows_kind<const KIND: u8>(
     q: Mat,
     (kp, bk, kd, kstride): (*const u8, usize, usize, usize),
     out: MatMut,
@@ -325,7 +340,7 @@ unsafe fn qk_rows_kind<const BF16: bool>(
                 let mut kv = [_mm256_setzero_ps(); 4];
                 for (jj, kv) in kv.iter_mut().enumerate().take(mj) {
                     let at = (j + jj) * kstride + 8 * v;
-                    *kv = load8::<BF16>(kp.add(at * elem(BF16)), m);
+                    *kv = load8::<KIND>(kp.add(at * elem(KIND)), m);
                 }
                 for rr in 0..mr {
                     let qv =

@@ -51,7 +51,7 @@
 //! Inputs are read where they are: `q`, `k`, `v` in any strided `(B, T, heads, D)` layout with a
 //! contiguous last dimension (a narrowed packed projection, a KV cache buffer), in their own
 //! dtype: f16/bf16 query rows are converted to f32 as they are gathered, and K/V tiles are read
-//! in place by the micro-kernels (AVX-512: bf16 and f16, AVX2: bf16, widened in registers) or
+//! in place by the micro-kernels (AVX-512 and AVX2: bf16 and f16, widened in registers) or
 //! converted as they are visited (no whole-tensor f32 copy; a bf16 KV cache is streamed at half
 //! the bytes). The SIMD paths keep one transposed f32 copy of K when many query rows share each K
 //! tile (`kt.rs`).

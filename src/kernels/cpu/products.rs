@@ -60,7 +60,11 @@ impl Isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => is_x86_feature_detected!("avx512f"),
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            Isa::Avx2 => {
+                is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c")
+            }
             #[cfg(not(target_arch = "x86_64"))]
             _ => false,
         }
@@ -152,13 +156,13 @@ pub(super) fn qk_rows(isa: Isa, q: Mat, k: Mat, out: MatMut, scale: f32) {
     }
 }
 
-/// Whether `isa` reads bf16 (`bf16`) or f16 operands of `cols` columns in place
-/// ([`qk_rows_half`], [`pv_half`]): AVX-512 both, on multiples of 16 columns; AVX2 bf16, on
-/// multiples of 8. Elsewhere half tiles are converted to f32 first.
-pub(super) fn reads_half(isa: Isa, bf16: bool, cols: usize) -> bool {
+/// Whether `isa` reads bf16 or f16 operands of `cols` columns in place
+/// ([`qk_rows_half`], [`pv_half`]): AVX-512 on multiples of 16 columns, AVX2 on multiples of
+/// 8. Elsewhere half tiles are converted to f32 first.
+pub(super) fn reads_half(isa: Isa, cols: usize) -> bool {
     match isa {
         Isa::Avx512 | Isa::Avx512Bf16 => cols.is_multiple_of(16),
-        Isa::Avx2 => bf16 && cols.is_multiple_of(8),
+        Isa::Avx2 => cols.is_multiple_of(8),
         Isa::Portable => false,
     }
 }
@@ -166,10 +170,7 @@ pub(super) fn reads_half(isa: Isa, bf16: bool, cols: usize) -> bool {
 /// [`qk_rows`] with bf16/f16 key rows read in place; only where [`reads_half`] says so.
 pub(super) fn qk_rows_half(isa: Isa, q: Mat, k: HalfMat, out: MatMut, scale: f32) {
     assert!(
-        reads_half(isa, k.bf16, k.cols)
-            && k.cols == q.cols
-            && out.rows == q.rows
-            && out.cols == k.rows
+        reads_half(isa, k.cols) && k.cols == q.cols && out.rows == q.rows && out.cols == k.rows
     );
     match isa {
         #[cfg(target_arch = "x86_64")]
@@ -177,8 +178,8 @@ pub(super) fn qk_rows_half(isa: Isa, q: Mat, k: HalfMat, out: MatMut, scale: f32
         // checked matrices (whole vectors of 16 columns).
         Isa::Avx512 | Isa::Avx512Bf16 => unsafe { super::avx512::qk_rows_half(q, k, out, scale) },
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above (AVX2 takes bf16 only, asserted by `reads_half`).
-        Isa::Avx2 => unsafe { super::avx2::qk_rows_bf16(q, k, out, scale) },
+        // SAFETY: as above (multiples of 8 columns, asserted by `reads_half`).
+        Isa::Avx2 => unsafe { super::avx2::qk_rows_half(q, k, out, scale) },
         _ => {
             let _ = (q, k, out, scale);
             unreachable!("reads_half is false for {isa:?}")
@@ -189,10 +190,7 @@ pub(super) fn qk_rows_half(isa: Isa, q: Mat, k: HalfMat, out: MatMut, scale: f32
 /// [`pv`] with bf16/f16 rows of `v` read in place; only where [`reads_half`] says so.
 pub(super) fn pv_half(isa: Isa, p: Mat, v: HalfMat, acc: MatMut) {
     assert!(
-        reads_half(isa, v.bf16, v.cols)
-            && v.rows == p.cols
-            && acc.rows == p.rows
-            && acc.cols == v.cols
+        reads_half(isa, v.cols) && v.rows == p.cols && acc.rows == p.rows && acc.cols == v.cols
     );
     match isa {
         #[cfg(target_arch = "x86_64")]
@@ -200,7 +198,7 @@ pub(super) fn pv_half(isa: Isa, p: Mat, v: HalfMat, acc: MatMut) {
         Isa::Avx512 | Isa::Avx512Bf16 => unsafe { super::avx512::pv_half(p, v, acc) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        Isa::Avx2 => unsafe { super::avx2::pv_bf16(p, v, acc) },
+        Isa::Avx2 => unsafe { super::avx2::pv_half(p, v, acc) },
         _ => {
             let _ = (p, v, acc);
             unreachable!("reads_half is false for {isa:?}")

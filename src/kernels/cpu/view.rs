@@ -8,7 +8,7 @@ use super::mat::{HalfMat, Mat};
 use super::products::{self, Isa};
 
 /// The elements of a tensor the kernel reads in place, in their own dtype: f16/bf16 inputs are
-/// read in place by the micro-kernels that take them (AVX-512: bf16 and f16; AVX2: bf16; widened
+/// read in place by the micro-kernels that take them (AVX-512 and AVX2: bf16 and f16; widened
 /// to f32 in registers), else converted to f32 per row or per tile as they are read, never as
 /// whole tensors.
 #[derive(Clone, Copy)]
@@ -49,10 +49,10 @@ impl<'a> View<'a> {
     ) -> Option<HalfMat<'a>> {
         match self.data {
             Data::F32(_) => None,
-            Data::Bf16(_) if products::reads_half(isa, true, cols) => {
+            Data::Bf16(_) if products::reads_half(isa, cols) => {
                 self.bf16_mat(at, (rows, cols, stride))
             }
-            Data::F16(s) if products::reads_half(isa, false, cols) => {
+            Data::F16(s) if products::reads_half(isa, cols) => {
                 Some(HalfMat::f16(&s[at..], rows, cols, stride))
             }
             _ => None,
