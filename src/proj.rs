@@ -128,27 +128,16 @@ fn gemm(
     bias: Option<&[f32]>,
     (m, n, k): (usize, usize, usize),
 ) -> Result<CpuStorage> {
-    use crate::kernels::cpu::gemm::{gemm_bt, gemm_bt_avx2};
-    use half::{bf16, f16};
+    use crate::kernels::cpu::gemm::gemm_bt;
     let mnk = (m, n, k);
     Ok(match (xs, ws) {
         (CpuStorage::BF16(x), CpuStorage::BF16(w)) => {
-            let mut out = vec![bf16::ZERO; m * n];
-            let (x, w) = (&x[xr], &w[wr]);
-            match kernel {
-                ProjKernel::Avx2Bf16 => gemm_bt_avx2(x, w, bias, &mut out, mnk),
-                _ => gemm_bt(x, w, bias, &mut out, mnk),
-            }
-            CpuStorage::BF16(out)
+            let avx2 = kernel == ProjKernel::Avx2Bf16;
+            CpuStorage::BF16(half_gemm(&x[xr], &w[wr], bias, mnk, avx2))
         }
         (CpuStorage::F16(x), CpuStorage::F16(w)) => {
-            let mut out = vec![f16::ZERO; m * n];
-            let (x, w) = (&x[xr], &w[wr]);
-            match kernel {
-                ProjKernel::Avx2F16 => gemm_bt_avx2(x, w, bias, &mut out, mnk),
-                _ => gemm_bt(x, w, bias, &mut out, mnk),
-            }
-            CpuStorage::F16(out)
+            let avx2 = kernel == ProjKernel::Avx2F16;
+            CpuStorage::F16(half_gemm(&x[xr], &w[wr], bias, mnk, avx2))
         }
         (CpuStorage::F32(x), CpuStorage::F32(w)) => {
             let mut out = vec![0f32; m * n];
@@ -157,6 +146,25 @@ fn gemm(
         }
         _ => bail!("linear: expected a bf16, f16 or f32 input and weight of one dtype"),
     })
+}
+
+/// A half dtype's product into a new vector: the AVX2 kernel (`avx2`) or the AVX-512 one.
+#[cfg(target_arch = "x86_64")]
+fn half_gemm<T: crate::kernels::cpu::gemm_avx2::Half>(
+    x: &[T],
+    w: &[T],
+    bias: Option<&[f32]>,
+    mnk: (usize, usize, usize),
+    avx2: bool,
+) -> Vec<T> {
+    use crate::kernels::cpu::gemm::{gemm_bt, gemm_bt_avx2};
+    let mut out = vec![T::default(); mnk.0 * mnk.1];
+    if avx2 {
+        gemm_bt_avx2(x, w, bias, &mut out, mnk)
+    } else {
+        gemm_bt(x, w, bias, &mut out, mnk)
+    }
+    out
 }
 
 /// Elsewhere never reached ([`fast_path`] is `None`).
