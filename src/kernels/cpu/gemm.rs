@@ -50,8 +50,8 @@ pub trait Elem: Copy + Default + Send + Sync + 'static {
     fn supported() -> bool;
     /// `dst[j]` = the element nearest to `src[j]`.
     fn store_row(src: &[f32], dst: &mut [Self]);
-    /// One `K` block of a task: [`bf16_kernel::task_block`] or [`f32_kernel::task_block`]
-    /// (callable once [`Elem::supported`] holds).
+    /// One `K` block of a task: [`bf16_kernel::task_block`], [`f16_kernel::task_block`] or
+    /// [`f32_kernel::task_block`] (callable once [`Elem::supported`] holds).
     const BLOCK: Block<Self>;
 }
 

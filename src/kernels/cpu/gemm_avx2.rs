@@ -27,24 +27,25 @@ const KCE: usize = KC_BYTES / 2;
 
 /// A 16-bit element type of the AVX2 kernels: bf16 or f16.
 pub trait Half: Elem {
+    /// Whether the elements are f16 (else bf16): how [`split`] widens them.
+    const F16: bool;
     /// One `K` block of a task on AVX2 + FMA + F16C.
-    const AVX2_BLOCK: Block<Self>;
+    const AVX2_BLOCK: Block<Self> = task_block::<Self>;
 }
 
 impl Half for bf16 {
-    const AVX2_BLOCK: Block<Self> = task_block::<bf16, false>;
+    const F16: bool = false;
 }
 
 impl Half for f16 {
-    const AVX2_BLOCK: Block<Self> = task_block::<f16, true>;
+    const F16: bool = true;
 }
 
-/// 16 elements (`F16`: f16, else bf16) as two vectors of 8 f32 lanes, each element in exactly
-/// one of them.
+/// 16 elements of `T` as two vectors of 8 f32 lanes, each element in exactly one of them.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn split<const F16: bool>(v: __m256i) -> (__m256, __m256) {
-    if F16 {
+unsafe fn split<T: Half>(v: __m256i) -> (__m256, __m256) {
+    if T::F16 {
         (
             _mm256_cvtph_ps(_mm256_castsi256_si128(v)),
             _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(v)),
@@ -67,7 +68,7 @@ unsafe fn split<const F16: bool>(v: __m256i) -> (__m256, __m256) {
 /// avx2, fma and f16c must be available; the pointers cover `mr` (`nc`) rows of `kk ≤ KCE`
 /// elements, `stride` apart.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn task_block<T: Half, const F16: bool>(
+pub unsafe fn task_block<T: Half>(
     x: *const T,
     w: *const T,
     stride: usize,
@@ -96,14 +97,14 @@ pub unsafe fn task_block<T: Half, const F16: bool>(
                 let xp = buf.as_ptr().add((r - r0) * KCE);
                 let wp = w.add(j * stride);
                 let sums = match (nr, nj) {
-                    (1, 1) => dots::<T, F16, 1, 1>(xp, wp, stride, kk),
-                    (1, 2) => dots::<T, F16, 1, 2>(xp, wp, stride, kk),
-                    (1, 3) => dots::<T, F16, 1, 3>(xp, wp, stride, kk),
-                    (1, 4) => dots::<T, F16, 1, 4>(xp, wp, stride, kk),
-                    (2, 1) => dots::<T, F16, 2, 1>(xp, wp, stride, kk),
-                    (2, 2) => dots::<T, F16, 2, 2>(xp, wp, stride, kk),
-                    (2, 3) => dots::<T, F16, 2, 3>(xp, wp, stride, kk),
-                    _ => dots::<T, F16, 2, 4>(xp, wp, stride, kk),
+                    (1, 1) => dots::<T, 1, 1>(xp, wp, stride, kk),
+                    (1, 2) => dots::<T, 1, 2>(xp, wp, stride, kk),
+                    (1, 3) => dots::<T, 1, 3>(xp, wp, stride, kk),
+                    (1, 4) => dots::<T, 1, 4>(xp, wp, stride, kk),
+                    (2, 1) => dots::<T, 2, 1>(xp, wp, stride, kk),
+                    (2, 2) => dots::<T, 2, 2>(xp, wp, stride, kk),
+                    (2, 3) => dots::<T, 2, 3>(xp, wp, stride, kk),
+                    _ => dots::<T, 2, 4>(xp, wp, stride, kk),
                 };
                 let mut lanes = [0f32; 8];
                 _mm256_storeu_ps(lanes.as_mut_ptr(), sums);
@@ -127,7 +128,7 @@ pub unsafe fn task_block<T: Half, const F16: bool>(
 /// through a zero-padded copy), as [`reduce8`] lays them out.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dots<T: Half, const F16: bool, const R: usize, const C: usize>(
+unsafe fn dots<T: Half, const R: usize, const C: usize>(
     x: *const T,
     w: *const T,
     ws: usize,
@@ -136,7 +137,7 @@ unsafe fn dots<T: Half, const F16: bool, const R: usize, const C: usize>(
     let mut acc = [[_mm256_setzero_ps(); 4]; 2];
     let full = kk / 16;
     for s in 0..full {
-        step::<T, F16, R, C>(&mut acc, x, w, ws, 16 * s);
+        step::<T, R, C>(&mut acc, x, w, ws, 16 * s);
     }
     let tail = kk - 16 * full;
     if tail > 0 {
@@ -147,7 +148,7 @@ unsafe fn dots<T: Half, const F16: bool, const R: usize, const C: usize>(
             pad[c][..tail].copy_from_slice(row);
         }
         let rows = [0, 1, 2, 3].map(|c| pad[c].as_ptr());
-        step_rows::<T, F16, R, C>(&mut acc, x.add(16 * full), rows);
+        step_rows::<T, R, C>(&mut acc, x.add(16 * full), rows);
     }
     reduce8(&acc)
 }
@@ -155,7 +156,7 @@ unsafe fn dots<T: Half, const F16: bool, const R: usize, const C: usize>(
 /// One 16-element step at element `at` of `x` (rows `KCE` apart) and `w` (rows `ws` apart).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn step<T: Half, const F16: bool, const R: usize, const C: usize>(
+unsafe fn step<T: Half, const R: usize, const C: usize>(
     acc: &mut [[__m256; 4]; 2],
     x: *const T,
     w: *const T,
@@ -164,7 +165,7 @@ unsafe fn step<T: Half, const F16: bool, const R: usize, const C: usize>(
 ) {
     // Rows past `C` are never loaded.
     let rows = [0, 1, 2, 3].map(|c| w.wrapping_add(c * ws + at));
-    step_rows::<T, F16, R, C>(acc, x.add(at), rows);
+    step_rows::<T, R, C>(acc, x.add(at), rows);
 }
 
 /// One 16-element step over `x` rows `KCE` apart and the given weight rows: each vector loaded
@@ -172,12 +173,12 @@ unsafe fn step<T: Half, const F16: bool, const R: usize, const C: usize>(
 /// operand's matching half.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn step_rows<T: Half, const F16: bool, const R: usize, const C: usize>(
+unsafe fn step_rows<T: Half, const R: usize, const C: usize>(
     acc: &mut [[__m256; 4]; 2],
     x: *const T,
     w: [*const T; 4],
 ) {
-    let load = |p: *const T| split::<F16>(_mm256_loadu_si256(p as *const __m256i));
+    let load = |p: *const T| split::<T>(_mm256_loadu_si256(p as *const __m256i));
     // The rows of `x` split once; each weight row split in turn (8 accumulators, 2R + 2
     // operand halves: 14 of the 16 registers).
     let xv: [(__m256, __m256); R] = std::array::from_fn(|r| load(x.add(r * KCE)));
