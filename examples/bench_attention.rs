@@ -30,8 +30,7 @@
 //! `--torch-native`), `--no-module` (attention core only).
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
-use std::process::{ChildStdin, ChildStdout, Command, Stdio};
+use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -40,7 +39,11 @@ use candle_mha::kernels::{attention, test_support, AttnParams};
 use candle_mha::mask::{Causal, KeyPaddingMask, MaskDims, MaskPlan};
 use candle_mha::{Backend, CausalAlignment, MhaConfig, MhaInput, MultiHeadAttention};
 use candle_nn::{VarBuilder, VarMap};
+
+#[path = "common/torch.rs"]
+mod torch;
 use serde_json::{json, Value};
+use torch::{script, Torch};
 
 /// The dtype of every input, weight and module (`--dtype`).
 static DTYPE: std::sync::OnceLock<DType> = std::sync::OnceLock::new();
@@ -333,54 +336,6 @@ impl Inputs {
         };
         Ok(m.attend(&input)?.output)
     }
-}
-
-struct Torch {
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-}
-
-impl Torch {
-    fn spawn(python: &str, threads: usize) -> Result<(Self, Value)> {
-        let mut child = Command::new(python)
-            .envs(TORCH_ENV.get().into_iter().flatten().copied())
-            .arg(script())
-            .args(["--threads", &threads.to_string()])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("spawning {python}"))?;
-        let stdin = child.stdin.take().context("stdin")?;
-        let stdout = BufReader::new(child.stdout.take().context("stdout")?);
-        let mut t = Self { stdin, stdout };
-        let hello = t.read()?;
-        Ok((t, hello))
-    }
-
-    fn read(&mut self) -> Result<Value> {
-        let mut line = String::new();
-        if self.stdout.read_line(&mut line)? == 0 {
-            bail!("the torch script exited")
-        }
-        Ok(serde_json::from_str(&line)?)
-    }
-
-    fn times(&mut self, req: &Value) -> Result<Vec<f64>> {
-        writeln!(self.stdin, "{req}")?;
-        self.stdin.flush()?;
-        let v = self.read()?;
-        if let Some(e) = v.get("error") {
-            bail!("torch: {e}")
-        }
-        Ok(serde_json::from_value(v["times"].clone())?)
-    }
-}
-
-fn script() -> String {
-    format!(
-        "{}/scripts/bench_attention_torch.py",
-        env!("CARGO_MANIFEST_DIR")
-    )
 }
 
 fn torch_req(c: &Cfg, kind: &str) -> Value {
@@ -785,7 +740,11 @@ fn main() -> Result<()> {
     let mut torch = if no_torch {
         None
     } else {
-        let (t, hello) = Torch::spawn(&python, threads)?;
+        let (t, hello) = Torch::spawn(
+            &python,
+            threads,
+            TORCH_ENV.get().map_or(&[], |v| v.as_slice()),
+        )?;
         eprintln!("torch: {hello}");
         println!(
             "PyTorch {} CPU capability: {}",

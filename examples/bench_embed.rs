@@ -15,6 +15,12 @@
 //! length first, as sentence-transformers does) and packed batches (the sentences in their own
 //! order, packed without padding: `SentenceEmbedder::embed_token_ids_packed`). Prints the median
 //! times, their ratios, and the largest differences between the embeddings.
+//!
+//! ONNX Runtime runs in the same Python process and rounds (unless `--no-ort`; needs the
+//! `onnxruntime`, `onnx` and `onnxscript` packages): the encoder exported once by
+//! `torch.onnx.export`, plain and rewritten by `onnxruntime.transformers.optimizer`
+//! (`model_type="bert"`), `--threads` intra-op threads, tokenisation and pooling as
+//! sentence-transformers does them; the faster of the two is the one compared.
 
 #[path = "common/minilm.rs"]
 mod minilm;
@@ -35,7 +41,7 @@ use model_files::find_minilm_dir;
 use serde_json::Value;
 
 const USAGE: &str = "usage: bench_embed [--model-dir DIR] [--device cpu|cuda] [--python PY] \
-[--sentences N] [--batch-size N] [--repeat N] [--no-torch]";
+[--sentences N] [--batch-size N] [--repeat N] [--no-torch] [--no-ort]";
 
 /// `n` deterministic English sentences of varied length.
 fn sentences(n: usize) -> Vec<String> {
@@ -180,6 +186,7 @@ fn main() -> Result<()> {
     let mut device = "cpu".to_string();
     let mut python = std::env::var("CANDLE_MHA_BENCH_PYTHON").unwrap_or_else(|_| "python3".into());
     let (mut n, mut batch_size, mut repeat, mut torch) = (256usize, 32usize, 5usize, true);
+    let mut ort = true;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = || {
@@ -194,6 +201,7 @@ fn main() -> Result<()> {
             "--batch-size" => batch_size = value()?.parse()?,
             "--repeat" => repeat = value()?.parse()?,
             "--no-torch" => torch = false,
+            "--no-ort" => ort = false,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return Ok(());
@@ -228,7 +236,8 @@ fn main() -> Result<()> {
         std::fs::write(&sentences_path, texts.join("\n") + "\n")?;
         let (bs, th) = (batch_size.to_string(), threads.to_string());
         let py_device = if dev.is_cpu() { "cpu" } else { "cuda" };
-        let args: Vec<&OsStr> = vec![
+        let ort_dir = tmp.join("onnx");
+        let mut args: Vec<&OsStr> = vec![
             "--model-dir".as_ref(),
             dir.as_os_str(),
             "--sentences".as_ref(),
@@ -240,12 +249,19 @@ fn main() -> Result<()> {
             "--device".as_ref(),
             py_device.as_ref(),
         ];
+        if ort && dev.is_cpu() {
+            args.extend(["--ort".as_ref(), ort_dir.as_os_str()]);
+        }
         torch_side = Some(TorchSide::spawn(&python, &args, tmp.join("stderr.txt"))?);
     }
 
     // Interleave the timed passes so that both sides see the same machine load.
     let (mut candle_times, mut packed_times, mut torch_times) =
         (Vec::new(), Vec::new(), Vec::new());
+    let (mut ort_plain, mut ort_opt) = (Vec::new(), Vec::new());
+    let with_ort = torch_side
+        .as_ref()
+        .is_some_and(|(_, info)| info.get("onnxruntime").is_some());
     for _ in 0..repeat {
         let t0 = Instant::now();
         emb = model.embed(&texts, batch_size, |_| {})?;
@@ -258,6 +274,11 @@ fn main() -> Result<()> {
         if let Some((side, _)) = torch_side.as_mut() {
             let r = side.command("run")?;
             torch_times.push(r["time_s"].as_f64().context("time_s")?);
+            if with_ort {
+                let r = side.command("run_ort")?;
+                ort_plain.push(r["plain_s"].as_f64().context("plain_s")?);
+                ort_opt.push(r["optimized_s"].as_f64().context("optimized_s")?);
+            }
         }
     }
     let (candle_s, candle_best) = (median(&candle_times), min(&candle_times));
@@ -314,6 +335,32 @@ fn main() -> Result<()> {
             med / torch_s,
             verdict(med, torch_s)
         );
+    }
+    if with_ort {
+        let (plain, opt) = (median(&ort_plain), median(&ort_opt));
+        println!(
+            "ONNX Runtime {}: plain median {plain:.3} s (runs {}), optimized median {opt:.3} s (runs {})",
+            info["onnxruntime"].as_str().unwrap_or("?"),
+            fmt_times(&ort_plain),
+            fmt_times(&ort_opt)
+        );
+        let best = plain.min(opt);
+        for (what, med) in [("padded", candle_s), ("packed", packed_s)] {
+            println!(
+                "ratio candle-mha {what} / ONNX Runtime (faster of the two): median {:.2} ({})",
+                med / best,
+                verdict(med, best)
+            );
+        }
+        let npy = tmp.join("ort.npy");
+        side.command(&format!("save_ort {}", npy.display()))?;
+        let theirs = Tensor::read_npy(&npy)?.to_vec2::<f32>()?;
+        let diff = emb
+            .iter()
+            .zip(&theirs)
+            .flat_map(|(a, b)| a.iter().zip(b).map(|(x, y)| (x - y).abs()))
+            .fold(0f32, f32::max);
+        println!("max |candle-mha - ONNX Runtime optimized| over all embeddings: {diff:.2e}");
     }
     let npy = tmp.join("torch.npy");
     side.command(&format!("save {}", npy.display()))?;

@@ -6,9 +6,11 @@ stdout, so that the Rust bench can interleave its own runs with PyTorch's (A/B/A
 session. Request fields:
 
     dtype  "f32" (default), "bf16" or "f16"
-    kind   "sdpa" (F.scaled_dot_product_attention, the attention core)
-           or "mha" (nn.MultiheadAttention forward, need_weights=False, batch_first, eval)
+    kind   "sdpa" (F.scaled_dot_product_attention, the attention core),
+           "mha" (nn.MultiheadAttention forward, need_weights=False, batch_first, eval)
+           or "linear" (F.linear(x, w, bias): x (m, k), w (n, k), bias (n))
     b, l, s, e, h, hkv, d   shapes (s = key length; hkv < h: GQA, SDPA only)
+    m, n, k                 shapes of "linear"
     causal  bool (top-left; L == S or L == 1 in the bench configs)
     pad     list of per-batch valid key lengths, or null
     reps    timed repetitions (after one warm-up)
@@ -46,6 +48,13 @@ def rss_peak_bytes():
 
 def build(req):
     torch.manual_seed(0)
+    if req["kind"] == "linear":
+        dt = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[
+            req.get("dtype", "f32")
+        ]
+        m, n, k = req["m"], req["n"], req["k"]
+        x, w, b = torch.randn(m, k, dtype=dt), torch.randn(n, k, dtype=dt), torch.randn(n, dtype=dt)
+        return lambda: F.linear(x, w, b)
     b, l, s, e, h, hkv, d = (req[k] for k in ("b", "l", "s", "e", "h", "hkv", "d"))
     causal, pad = req["causal"], req.get("pad")
     dt = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[

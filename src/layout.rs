@@ -23,6 +23,8 @@ use std::sync::Arc;
 use candle_core::{Error, Result, Shape, Tensor};
 use candle_nn::{Init, Linear, VarBuilder};
 
+use crate::proj::Proj;
+
 use crate::config::MhaConfig;
 
 type RenameFn = Arc<dyn Fn(&str) -> String + Send + Sync>;
@@ -219,11 +221,11 @@ impl WeightLayout {
                     None
                 };
                 Projections {
-                    q: Linear::new(q, bq),
-                    k: Linear::new(k, bk),
-                    v: Linear::new(v, bv),
-                    o: Linear::new(o, bo),
-                    qkv,
+                    q: Linear::new(q, bq).into(),
+                    k: Linear::new(k, bk).into(),
+                    v: Linear::new(v, bv).into(),
+                    o: Linear::new(o, bo).into(),
+                    qkv: qkv.map(Proj::from),
                     bias_k: None,
                     bias_v: None,
                 }
@@ -236,7 +238,7 @@ impl WeightLayout {
                     } else {
                         None
                     };
-                    Ok::<_, Error>(Linear::new(w, b))
+                    Ok::<_, Error>(Proj::from(Linear::new(w, b)))
                 };
                 Projections {
                     q: linear(q, qd, e, q_init, cfg.qkv_bias)?,
@@ -276,11 +278,11 @@ impl WeightLayout {
                     None
                 };
                 Projections {
-                    q: Linear::new(wq, bq),
-                    k: Linear::new(wk, bk),
-                    v: Linear::new(wv, bv),
-                    o: Linear::new(o, bo),
-                    qkv: Some(Linear::new(w, b)),
+                    q: Linear::new(wq, bq).into(),
+                    k: Linear::new(wk, bk).into(),
+                    v: Linear::new(wv, bv).into(),
+                    o: Linear::new(o, bo).into(),
+                    qkv: Some(Linear::new(w, b).into()),
                     bias_k: None,
                     bias_v: None,
                 }
@@ -311,13 +313,13 @@ fn full_name(vb: &VarBuilder, name: &str) -> String {
 /// The loaded projections of one attention layer, in `nn.Linear` orientation.
 #[derive(Clone, Debug)]
 pub(crate) struct Projections {
-    pub q: Linear,
-    pub k: Linear,
-    pub v: Linear,
-    pub o: Linear,
+    pub q: Proj,
+    pub k: Proj,
+    pub v: Proj,
+    pub o: Proj,
     /// The packed `[q; k; v]` projection when the checkpoint stores one (one GEMM for
     /// self-attention).
-    pub qkv: Option<Linear>,
+    pub qkv: Option<Proj>,
     pub bias_k: Option<Tensor>,
     pub bias_v: Option<Tensor>,
 }
@@ -325,7 +327,7 @@ pub(crate) struct Projections {
 impl Projections {
     /// The same projections with every weight detached from autograd (sharing storage).
     pub fn detached(&self) -> Self {
-        let lin = |l: &Linear| Linear::new(l.weight().detach(), l.bias().map(Tensor::detach));
+        let lin = Proj::detached;
         Self {
             q: lin(&self.q),
             k: lin(&self.k),
@@ -339,7 +341,7 @@ impl Projections {
 
     /// Whether any weight is tracked by autograd (a `Var` or derived from one).
     pub fn tracked(&self) -> bool {
-        let lin = |l: &Linear| l.weight().track_op() || l.bias().is_some_and(Tensor::track_op);
+        let lin = |l: &Proj| l.weight().track_op() || l.bias().is_some_and(Tensor::track_op);
         [&self.q, &self.k, &self.v, &self.o].into_iter().any(lin)
             || self.qkv.as_ref().is_some_and(lin)
             || self.bias_k.as_ref().is_some_and(Tensor::track_op)

@@ -66,6 +66,7 @@ pub mod case;
 pub mod config;
 #[doc(hidden)]
 pub mod fuzz_support;
+mod gemm;
 pub mod kernels;
 pub mod layout;
 pub mod mask;

@@ -518,9 +518,50 @@ pub mod test_support {
         crate::proj::linear(lin, x)
     }
 
-    /// The GEMM kernel projections of `dtype` use now (`None`: candle's matmul).
+    /// The GEMM kernel projections of `dtype` use now for calls of few rows (`None`: candle's
+    /// matmul).
     pub fn proj_gemm_kernel(dtype: candle_core::DType) -> Option<&'static str> {
         super::cpu::proj_kernel(dtype).map(|k| k.name())
+    }
+
+    /// The packed GEMM kernel projections of `dtype` use now for calls of at least
+    /// [`packed_min_rows`] rows (`None`: the dot-product kernels or candle's matmul).
+    pub fn packed_gemm_kernel(dtype: candle_core::DType) -> Option<&'static str> {
+        crate::proj::packed_kernel(dtype).map(|k| k.name())
+    }
+
+    /// Rows from which projections take the packed GEMM.
+    pub fn packed_min_rows() -> usize {
+        crate::proj::PACK_MIN_ROWS
+    }
+
+    /// The machine's register-only peak rates ([`PeakKind`]).
+    pub use crate::gemm::peak::{peak_gflops, PeakKind};
+
+    /// The CPU's L1d and L2 sizes in bytes as the packed GEMM reads them.
+    pub fn cache_sizes() -> (usize, usize) {
+        crate::gemm::cache_sizes()
+    }
+
+    /// A projection that keeps its weight packed (as the module's own projections do).
+    #[derive(Clone, Debug)]
+    pub struct PackedLinear(crate::proj::Proj);
+
+    impl PackedLinear {
+        /// Wraps `lin`.
+        pub fn new(lin: candle_nn::Linear) -> Self {
+            Self(crate::proj::Proj::new(lin))
+        }
+
+        /// `x · Wᵀ + b`.
+        pub fn forward(&self, x: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+            self.0.forward(x)
+        }
+
+        /// Bytes of the packed weight kept (0 before the first call that packs).
+        pub fn packed_bytes(&self) -> usize {
+            self.0.packed_bytes()
+        }
     }
 
     /// Forces the fused CPU kernel's portable (`gemm`) products even where AVX-512 is

@@ -157,8 +157,8 @@ impl MultiHeadAttention {
         }
         let (hkv, d) = (cfg.kv_heads(), cfg.head_dim());
         Ok(StaticKv {
-            k: crate::proj::linear(&self.proj.k, &m)?.reshape((b, s, hkv, d))?,
-            v: crate::proj::linear(&self.proj.v, &m)?.reshape((b, s, hkv, d))?,
+            k: self.proj.k.forward(&m)?.reshape((b, s, hkv, d))?,
+            v: self.proj.v.forward(&m)?.reshape((b, s, hkv, d))?,
         })
     }
 

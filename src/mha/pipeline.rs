@@ -12,7 +12,6 @@ use super::{MhaInput, MhaOutput, MultiHeadAttention, NeedWeights};
 use crate::cache::{KvCache, StaticKv};
 use crate::kernels::{self, compute_dtype, AttnOutput, AttnParams};
 use crate::mask::{Causal, CausalAlignment, MaskDims, MaskPlan};
-use crate::proj::linear;
 
 /// Where a call's keys and values come from.
 #[derive(Clone, Copy)]
@@ -367,11 +366,11 @@ impl MultiHeadAttention {
             t.reshape((b, len, n, d))
         };
         if !with_kv {
-            return Ok((heads(linear(&self.proj.q, &p.q)?, h)?, None));
+            return Ok((heads(self.proj.q.forward(&p.q)?, h)?, None));
         }
         if let (Some(qkv), true) = (&self.proj.qkv, p.self_attn) {
             // One GEMM; q, k and v are narrowed views of its (B, L, H + 2·Hkv, D) output.
-            let all = heads(linear(qkv, &p.q)?, h + 2 * hkv)?;
+            let all = heads(qkv.forward(&p.q)?, h + 2 * hkv)?;
             return Ok((
                 all.narrow(2, 0, h)?,
                 Some((all.narrow(2, h, hkv)?, all.narrow(2, h + hkv, hkv)?)),
@@ -382,10 +381,10 @@ impl MultiHeadAttention {
             None => (&p.q, &p.q),
         };
         Ok((
-            heads(linear(&self.proj.q, &p.q)?, h)?,
+            heads(self.proj.q.forward(&p.q)?, h)?,
             Some((
-                heads(linear(&self.proj.k, k_in)?, hkv)?,
-                heads(linear(&self.proj.v, v_in)?, hkv)?,
+                heads(self.proj.k.forward(k_in)?, hkv)?,
+                heads(self.proj.v.forward(v_in)?, hkv)?,
             )),
         ))
     }
@@ -394,7 +393,7 @@ impl MultiHeadAttention {
     /// the weights as asked.
     fn merge(&self, att: AttnOutput, p: &Prepared, need: NeedWeights) -> Result<MhaOutput> {
         let o = att.output.reshape((p.b, p.l, self.cfg.q_dim()))?;
-        let o = linear(&self.proj.o, &o)?;
+        let o = self.proj.o.forward(&o)?;
         let output = if p.unbatched {
             o.squeeze(0)?
         } else if self.cfg.batch_first {

@@ -30,9 +30,10 @@
 use std::path::Path;
 
 use candle_core::{bail, Error, Module, Result, Tensor};
-use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, VarBuilder};
 use serde::Deserialize;
 
+use crate::proj::Proj;
 use crate::{
     KeyPaddingMask, MaskPlan, MhaConfig, MhaInput, MultiHeadAttention, NeedWeights, SeqOffsets,
     WeightLayout,
@@ -240,8 +241,8 @@ impl BertEmbeddings {
 pub struct BertLayer {
     attention: MultiHeadAttention,
     attention_norm: LayerNorm,
-    intermediate: Linear,
-    output: Linear,
+    intermediate: Proj,
+    output: Proj,
     output_norm: LayerNorm,
     act: HiddenAct,
 }
@@ -260,8 +261,8 @@ impl BertLayer {
                 vb.clone(),
             )?,
             attention_norm: layer_norm(h, cfg.layer_norm_eps, vb.pp("attention.output.LayerNorm"))?,
-            intermediate: linear(h, i, vb.pp("intermediate.dense"))?,
-            output: linear(i, h, vb.pp("output.dense"))?,
+            intermediate: linear(h, i, vb.pp("intermediate.dense"))?.into(),
+            output: linear(i, h, vb.pp("output.dense"))?.into(),
             output_norm: layer_norm(h, cfg.layer_norm_eps, vb.pp("output.LayerNorm"))?,
             act: cfg.hidden_act,
         })
@@ -310,10 +311,8 @@ impl BertLayer {
         need: NeedWeights,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let (a, weights) = self.attend(xs, plan, need)?;
-        let inner = self
-            .act
-            .apply(&crate::proj::linear(&self.intermediate, &a)?)?;
-        let ff = crate::proj::linear(&self.output, &inner)?;
+        let inner = self.act.apply(&self.intermediate.forward(&a)?)?;
+        let ff = self.output.forward(&inner)?;
         Ok((self.output_norm.forward(&(ff + a)?)?, weights))
     }
 }

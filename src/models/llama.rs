@@ -36,6 +36,7 @@ use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
 
 use crate::cache::KvCache;
 use crate::mha::{MhaInput, MultiHeadAttention, NeedWeights};
+use crate::proj::Proj;
 use crate::rope::{Rope, RopeStyle};
 use crate::{MhaConfig, WeightLayout};
 
@@ -143,15 +144,15 @@ impl LlamaConfig {
 /// The SwiGLU MLP: `down(silu(gate(x)) * up(x))`.
 #[derive(Debug, Clone)]
 struct Mlp {
-    gate: Linear,
-    up: Linear,
-    down: Linear,
+    gate: Proj,
+    up: Proj,
+    down: Proj,
 }
 
 impl Module for Mlp {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let g = candle_nn::ops::silu(&crate::proj::linear(&self.gate, xs)?)?;
-        crate::proj::linear(&self.down, &(g * crate::proj::linear(&self.up, xs)?)?)
+        let g = candle_nn::ops::silu(&self.gate.forward(xs)?)?;
+        self.down.forward(&(g * self.up.forward(xs)?)?)
     }
 }
 
@@ -163,11 +164,11 @@ struct Block {
     mlp: Mlp,
 }
 
-fn linear(vb: &VarBuilder, name: &str, out: usize, inp: usize) -> Result<Linear> {
-    Ok(Linear::new(
+fn linear(vb: &VarBuilder, name: &str, out: usize, inp: usize) -> Result<Proj> {
+    Ok(Proj::new(Linear::new(
         vb.get((out, inp), &format!("{name}.weight"))?,
         None,
-    ))
+    )))
 }
 
 /// Per-layer KV caches of one [`Llama`] generation (batch of sequences).
@@ -217,7 +218,7 @@ pub struct Llama {
     embed: Embedding,
     blocks: Vec<Block>,
     norm: RmsNorm,
-    lm_head: Linear,
+    lm_head: Proj,
     rope: Rope,
 }
 
@@ -259,7 +260,7 @@ impl Llama {
             })
             .collect::<Result<Vec<_>>>()?;
         let lm_head = if cfg.tie_word_embeddings {
-            Linear::new(emb.clone(), None)
+            Proj::new(Linear::new(emb.clone(), None))
         } else {
             linear(&vb, "output", v, h)?
         };
@@ -367,13 +368,13 @@ impl Llama {
     ) -> Result<Tensor> {
         let h = self.hidden_states(ids, left_padding, cache)?;
         let last = h.narrow(1, h.dim(1)? - 1, 1)?.squeeze(1)?;
-        crate::proj::linear(&self.lm_head, &last)
+        self.lm_head.forward(&last)
     }
 
     /// Logits `(B, L, vocab)` of every new position.
     pub fn forward_all(&self, ids: &Tensor, cache: &mut LlamaCache) -> Result<Tensor> {
         let h = self.hidden_states(ids, None, cache)?;
-        crate::proj::linear(&self.lm_head, &h)
+        self.lm_head.forward(&h)
     }
 
     /// Greedy next tokens `(B,)` from logits `(B, vocab)`.

@@ -126,8 +126,9 @@ mod view;
 
 pub use decode::SPLIT_MIN_KEYS;
 use kt::{transpose_blocks, transpose_heads, KtBuf, Packed};
+pub(crate) use out::bf16_nearest;
 use out::OutVec;
-use products::Isa;
+pub(crate) use products::{current as current_isa, Isa};
 use tile::{Bias, Ctx, Data, OutBuf, OutPtr, View};
 
 /// Query rows per work item (after folding the query heads of a KV group into the rows).

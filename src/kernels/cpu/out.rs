@@ -118,7 +118,7 @@ impl OutBuf {
 /// The bf16 nearest to `x` (ties to even; NaN stays a quiet NaN), as `half::bf16::from_f32`,
 /// but branch-free so that loops over it vectorise.
 #[inline]
-pub(super) fn bf16_nearest(x: f32) -> half::bf16 {
+pub(crate) fn bf16_nearest(x: f32) -> half::bf16 {
     let b = x.to_bits();
     let rounded = (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16;
     let nan = ((b >> 16) as u16) | 0x40;

@@ -1,0 +1,551 @@
+//! The projections' matrix product `y = x · wᵀ (+ bias)` on packed panels: `x` is `M × K`
+//! row-major, `w` is `N × K` (`nn.Linear`'s orientation, any strides), f32 accumulation, the bias
+//! added in f32, one rounding to the output dtype (PyTorch's numerics in every dtype).
+//!
+//! The design is BLIS's: the weight is packed once into panels of `NR` columns
+//! ([`PackedWeight`]; the module packs its own weights on first use and keeps them), the rows
+//! of `x` are packed per `MC × KC` block into slivers of `MR` rows, and register-tiled
+//! micro-kernels ([`ukr`]) broadcast `x` against vectors of the weight panel into `MR × NR`
+//! accumulators. Block sizes come from this CPU's L1 and L2 ([`blocking`]): a sliver of `x`
+//! (`MR × KC`) stays in L1, a block of weight panels (`KC × NC`) and the block of `x` in L2.
+//!
+//! Which kernel multiplies each dtype is one decision per process ([`kernel_for`]):
+//!
+//! | dtype | AVX-512 | AVX2 + FMA |
+//! |---|---|---|
+//! | f32 | f32 14 × 32 | f32 6 × 16 |
+//! | f16 | widened to f32 while packing, f32 14 × 32 | widened, f32 6 × 16 |
+//! | bf16 | `vdpbf16ps` 14 × 32 on bf16 pairs **or** widened to f32, by measurement | widened, f32 6 × 16 |
+//!
+//! For bf16 the faster of the two is chosen once per process by timing both instructions
+//! ([`bf16_strategy`]): on AMD Zen 4/5 `vdpbf16ps` does twice the f32 FMA's work per cycle, on
+//! Intel's Xeons of family 6 model 207 half of it. `CANDLE_MHA_BF16_GEMM=dot|widen` overrides.
+
+pub(crate) mod pack;
+pub mod peak;
+pub(crate) mod ukr;
+
+#[cfg(test)]
+mod tests;
+
+use std::cell::RefCell;
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+pub(crate) use pack::Elem;
+use pack::{Form, Src};
+
+/// A micro-kernel with its tile shape and operand form.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kernel {
+    /// f32 FMAs, AVX-512F, 14 × 32 (also f16 and bf16 widened).
+    Avx512F32,
+    /// `vdpbf16ps` on bf16 pairs, AVX512-BF16, 14 × 32.
+    Avx512Bf16,
+    /// f32 FMAs, AVX2 + FMA, 6 × 16 (also f16 and bf16 widened).
+    Avx2F32,
+}
+
+impl Kernel {
+    /// Rows × columns of the register tile.
+    pub(crate) fn tile(self) -> (usize, usize) {
+        match self {
+            Kernel::Avx512F32 | Kernel::Avx512Bf16 => (ukr::MR_512, ukr::NR_512),
+            Kernel::Avx2F32 => (ukr::MR_256, ukr::NR_256),
+        }
+    }
+
+    /// How both operands are packed.
+    pub(crate) fn form(self) -> Form {
+        match self {
+            Kernel::Avx512Bf16 => Form::Bf16Pairs,
+            _ => Form::F32,
+        }
+    }
+
+    /// Short name.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Kernel::Avx512F32 => "packed AVX-512 f32 14x32",
+            Kernel::Avx512Bf16 => "packed AVX512-BF16 14x32",
+            Kernel::Avx2F32 => "packed AVX2 f32 6x16",
+        }
+    }
+
+    /// Whether this CPU has the kernel's instructions (the only way a kernel is run).
+    pub(crate) fn supported(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            match self {
+                Kernel::Avx512F32 => is_x86_feature_detected!("avx512f"),
+                Kernel::Avx512Bf16 => {
+                    is_x86_feature_detected!("avx512f")
+                        && is_x86_feature_detected!("avx512bw")
+                        && is_x86_feature_detected!("avx512bf16")
+                }
+                Kernel::Avx2F32 => {
+                    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    }
+
+    /// The micro-kernel (call only when [`Kernel::supported`]).
+    #[cfg(target_arch = "x86_64")]
+    fn ukr(self) -> ukr::Ukr {
+        match self {
+            Kernel::Avx512F32 => ukr::f32_avx512,
+            Kernel::Avx512Bf16 => ukr::bf16_avx512,
+            Kernel::Avx2F32 => ukr::f32_avx2,
+        }
+    }
+}
+
+/// How bf16 products are computed on AVX-512 CPUs with AVX512-BF16.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Bf16Strategy {
+    /// `vdpbf16ps` on bf16 pairs.
+    Dot,
+    /// Widened to f32 while packing, f32 FMAs.
+    Widen,
+}
+
+/// The bf16 strategy of this process: `CANDLE_MHA_BF16_GEMM` (`dot` or `widen`) when set, else
+/// measured once: `vdpbf16ps` when its register-only rate beats the f32 FMA's by 10%.
+pub(crate) fn bf16_strategy() -> Bf16Strategy {
+    static S: OnceLock<Bf16Strategy> = OnceLock::new();
+    *S.get_or_init(|| {
+        match std::env::var("CANDLE_MHA_BF16_GEMM").as_deref() {
+            Ok("dot") => return Bf16Strategy::Dot,
+            Ok("widen") => return Bf16Strategy::Widen,
+            _ => {}
+        }
+        let dot = peak::peak_gflops(peak::PeakKind::Avx512Bf16Dot, 1, 3);
+        let fma = peak::peak_gflops(peak::PeakKind::Avx512Fma, 1, 3);
+        match (dot, fma) {
+            (Some(d), Some(f)) if d > 1.1 * f => Bf16Strategy::Dot,
+            _ => Bf16Strategy::Widen,
+        }
+    })
+}
+
+/// The packed kernel for `dtype` when the fused kernel's instruction set is `isa` (`None`:
+/// none; candle's matmul then), see the module docs.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn kernel_for(
+    dtype: candle_core::DType,
+    isa: crate::kernels::cpu::Isa,
+) -> Option<Kernel> {
+    use crate::kernels::cpu::Isa;
+    use candle_core::DType;
+    if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+        return None;
+    }
+    let k = match isa {
+        Isa::Avx512Bf16 if dtype == DType::BF16 => match bf16_strategy() {
+            Bf16Strategy::Dot => Kernel::Avx512Bf16,
+            Bf16Strategy::Widen => Kernel::Avx512F32,
+        },
+        Isa::Avx512Bf16 | Isa::Avx512 => Kernel::Avx512F32,
+        Isa::Avx2 => Kernel::Avx2F32,
+        Isa::Portable => return None,
+    };
+    k.supported().then_some(k)
+}
+
+/// Cache-blocking sizes of one kernel: `kc` packed steps per block of `K`, `mc` rows of `x`
+/// per block (a multiple of `MR`), `nc` weight columns per block (a multiple of `NR`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Blocking {
+    /// Packed steps of `K` per block (a sliver of `x`, `MR × kc` packed elements, fills half of L1).
+    pub kc: usize,
+    /// Rows of `x` per block (its packed block fills a quarter of L2).
+    pub mc: usize,
+    /// Weight columns per block (its panels, `kc × nc`, fill half of L2).
+    pub nc: usize,
+}
+
+/// The data cache sizes of this CPU in bytes (L1d, L2), read once from Linux's sysfs; 32 KiB
+/// and 1 MiB where they cannot be read.
+pub(crate) fn cache_sizes() -> (usize, usize) {
+    static C: OnceLock<(usize, usize)> = OnceLock::new();
+    *C.get_or_init(|| {
+        let mut l1 = None;
+        let mut l2 = None;
+        for i in 0..8 {
+            let dir = format!("/sys/devices/system/cpu/cpu0/cache/index{i}");
+            let read = |f: &str| std::fs::read_to_string(format!("{dir}/{f}")).ok();
+            let (Some(level), Some(ty), Some(size)) = (read("level"), read("type"), read("size"))
+            else {
+                continue;
+            };
+            let size = size.trim();
+            let bytes = match size.strip_suffix('K') {
+                Some(k) => k.parse::<usize>().ok().map(|k| k * 1024),
+                None => match size.strip_suffix('M') {
+                    Some(m) => m.parse::<usize>().ok().map(|m| m << 20),
+                    None => size.parse().ok(),
+                },
+            };
+            match (level.trim(), ty.trim()) {
+                ("1", "Data") => l1 = bytes,
+                ("2", "Unified") => l2 = bytes,
+                _ => {}
+            }
+        }
+        (
+            l1.unwrap_or(32 << 10).clamp(16 << 10, 128 << 10),
+            l2.unwrap_or(1 << 20).clamp(256 << 10, 8 << 20),
+        )
+    })
+}
+
+/// The blocking of `kernel` on this CPU (see [`Blocking`]'s fields): a sliver of `x`
+/// (`MR × kc`) fills about two thirds of L1, the packed block of `x` (`mc × kc`) a third of L2,
+/// and a block of weight panels (`kc × nc`) up to 8 MiB: the panels stream through L2 from L3
+/// (the hardware prefetcher follows them; a block sized to L2 repacked `x` 9 times at N = 4096
+/// and ran 5% slower on Zen 4).
+pub(crate) fn blocking(kernel: Kernel) -> Blocking {
+    let (l1, l2) = cache_sizes();
+    let (mr, nr) = kernel.tile();
+    let kc = (l1 * 2 / 3 / (mr * 4) / 32 * 32).clamp(64, 512);
+    let mc = (l2 / 3 / (kc * 4) / mr * mr).max(mr);
+    let nc = ((8 << 20) / (kc * 4) / nr * nr).max(nr);
+    Blocking { kc, mc, nc }
+}
+
+/// A 64-byte aligned line of packed elements.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u32; 16]);
+
+/// Aligned storage of packed elements.
+#[derive(Clone, Default)]
+struct Lines(Vec<Line>);
+
+impl Lines {
+    /// At least `n` elements (zeros where newly grown).
+    fn reserve(&mut self, n: usize) {
+        let lines = n.div_ceil(16);
+        if self.0.len() < lines {
+            self.0.resize(lines, Line([0; 16]));
+        }
+    }
+
+    fn as_slice(&self) -> &[u32] {
+        // SAFETY: `Line` is 16 u32 with no padding.
+        unsafe { std::slice::from_raw_parts(self.0.as_ptr() as *const u32, self.0.len() * 16) }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u32] {
+        // SAFETY: as `as_slice`, uniquely borrowed.
+        unsafe {
+            std::slice::from_raw_parts_mut(self.0.as_mut_ptr() as *mut u32, self.0.len() * 16)
+        }
+    }
+}
+
+/// A weight (`N × K`) packed for one kernel: panels of `NR` columns, each `units` packed steps
+/// of `NR` elements (`units` = `K`, or `⌈K / 2⌉` bf16 pairs).
+#[derive(Clone)]
+pub(crate) struct PackedWeight {
+    kernel: Kernel,
+    n: usize,
+    k: usize,
+    units: usize,
+    data: Lines,
+}
+
+impl std::fmt::Debug for PackedWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackedWeight")
+            .field("kernel", &self.kernel)
+            .field("n", &self.n)
+            .field("k", &self.k)
+            .finish()
+    }
+}
+
+impl PackedWeight {
+    /// Packs `w` (`n` rows of `k` elements, rows `stride` apart) for `kernel`, on rayon's pool.
+    ///
+    /// # Panics
+    /// When `w` is shorter than its rows, or `kernel` packs pairs and `T` is not bf16.
+    pub(crate) fn new<T: Elem>(
+        kernel: Kernel,
+        w: &[T],
+        (n, k): (usize, usize),
+        stride: usize,
+    ) -> Self {
+        assert!(
+            n == 0 || w.len() >= (n - 1) * stride + k,
+            "pack: weight too short"
+        );
+        let (_, nr) = kernel.tile();
+        let form = kernel.form();
+        let units = k.div_ceil(form.k_per_unit());
+        let panels = n.div_ceil(nr);
+        let mut data = Lines::default();
+        data.reserve(panels * units * nr);
+        let src = Src {
+            data: w,
+            stride,
+            rows: n,
+            k,
+        };
+        let per_panel = units * nr;
+        if per_panel > 0 {
+            data.as_mut_slice()[..panels * per_panel]
+                .par_chunks_mut(per_panel)
+                .enumerate()
+                .for_each(|(p, dst)| {
+                    pack::pack(form, src, p * nr, 1, nr, (0, units), dst, per_panel)
+                });
+        }
+        Self {
+            kernel,
+            n,
+            k,
+            units,
+            data,
+        }
+    }
+
+    /// The kernel this weight is packed for.
+    pub(crate) fn kernel(&self) -> Kernel {
+        self.kernel
+    }
+
+    /// Output columns (`N`).
+    pub(crate) fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Bytes of packed storage.
+    pub(crate) fn bytes(&self) -> usize {
+        self.data.0.len() * 64
+    }
+}
+
+/// Per-thread scratch: the packed block of `x` and (half outputs) the block's f32 sums. At most
+/// `mc × kc` + `mc × nc` f32 per thread (about 0.5–1 MiB), kept for the thread's life.
+#[derive(Default)]
+struct Scratch {
+    a: Lines,
+    c: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// The output, written from many tasks: each task writes its own block of rows × columns.
+#[derive(Clone, Copy)]
+struct OutPtr<T>(*mut T);
+// SAFETY: tasks write disjoint blocks of the buffer, which outlives the parallel loop.
+unsafe impl<T> Send for OutPtr<T> {}
+// SAFETY: as above.
+unsafe impl<T> Sync for OutPtr<T> {}
+
+impl<T> OutPtr<T> {
+    /// Element `i` (a method, so that closures capture the whole `Sync` wrapper).
+    fn at(self, i: usize) -> *mut T {
+        self.0.wrapping_add(i)
+    }
+}
+
+/// `out[r][j] = round(Σ_k x[r][k]·w[j][k] + bias[j])` for `r < m`, `j < w.n`, on rayon's pool:
+/// `x` is `m` rows of `K` elements, contiguous.
+///
+/// # Panics
+/// When `x`, `out` or `bias` are shorter than `m·K`, `m·N`, `N`, when the CPU lacks the
+/// weight's kernel, or when `T` does not match the packed form (pairs are bf16 only).
+pub(crate) fn gemm<T: Elem>(
+    x: &[T],
+    m: usize,
+    w: &PackedWeight,
+    bias: Option<&[f32]>,
+    out: &mut [T],
+) {
+    let (n, k) = (w.n, w.k);
+    assert!(
+        x.len() >= m * k,
+        "gemm: x has {} elements, needs {m}·{k}",
+        x.len()
+    );
+    assert!(
+        out.len() >= m * n,
+        "gemm: out has {} elements, needs {m}·{n}",
+        out.len()
+    );
+    assert!(
+        bias.is_none_or(|b| b.len() >= n),
+        "gemm: bias shorter than {n}"
+    );
+    assert!(
+        w.kernel.supported(),
+        "gemm: the CPU lacks {}",
+        w.kernel.name()
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    run(x, m, w, bias, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+fn run<T: Elem>(x: &[T], m: usize, w: &PackedWeight, bias: Option<&[f32]>, out: &mut [T]) {
+    let (n, k, units) = (w.n, w.k, w.units);
+    let kernel = w.kernel;
+    let (mr, nr) = kernel.tile();
+    let form = kernel.form();
+    let ukr = kernel.ukr();
+    let Blocking { kc, mc, nc } = blocking(kernel);
+    // Row blocks of equal size, at least 8 tasks per thread where there are enough slivers,
+    // a whole number per thread: a sliver is packed once per task whatever the task count,
+    // so small tasks only cost the balance they buy.
+    let threads = rayon::current_num_threads().max(1);
+    let tn = n.div_ceil(nc);
+    let slivers = m.div_ceil(mr);
+    let mut tm = slivers
+        .div_ceil(mc / mr)
+        .max((8 * threads).div_ceil(tn))
+        .min(slivers);
+    if tn < threads {
+        tm = (tm.div_ceil(threads) * threads).min(slivers);
+    }
+    let mc = slivers.div_ceil(tm) * mr;
+    let tm = m.div_ceil(mc);
+    let dst = OutPtr(out.as_mut_ptr());
+    let src = Src {
+        data: x,
+        stride: k,
+        rows: m,
+        k,
+    };
+    let wdata = w.data.as_slice();
+    let per_panel = units * nr;
+    (0..tm * tn).into_par_iter().for_each(|t| {
+        let (r0, c0) = ((t / tn) * mc, (t % tn) * nc);
+        let (mv, nv) = ((m - r0).min(mc), (n - c0).min(nc));
+        let a_panels = mv.div_ceil(mr);
+        SCRATCH.with(|s| {
+            let mut s = s.borrow_mut();
+            let Scratch { a: abuf, c: cbuf } = &mut *s;
+            abuf.reserve(a_panels * mr * kc.min(units).max(1));
+            // The f32 sums: the output itself (f32) or the scratch block (rounded at the end).
+            let (cptr, ldc) = if T::IS_F32 {
+                (dst.at(r0 * n + c0) as *mut f32, n)
+            } else {
+                if cbuf.len() < mv * nv {
+                    cbuf.resize(mv * nv, 0.0);
+                }
+                (cbuf.as_mut_ptr(), nv)
+            };
+            if units == 0 {
+                for r in 0..mv {
+                    // SAFETY: row r of this task's block (output or scratch) has nv elements.
+                    let row = unsafe { std::slice::from_raw_parts_mut(cptr.add(r * ldc), nv) };
+                    match bias {
+                        Some(b) => row.copy_from_slice(&b[c0..c0 + nv]),
+                        None => row.fill(0.0),
+                    }
+                }
+            }
+            let mut u0 = 0;
+            while u0 < units {
+                let kcv = (units - u0).min(kc);
+                let init = u0 == 0;
+                let apanel = kcv * mr;
+                pack::pack(
+                    form,
+                    src,
+                    r0,
+                    a_panels,
+                    mr,
+                    (u0, kcv),
+                    abuf.as_mut_slice(),
+                    apanel,
+                );
+                let a = abuf.as_slice().as_ptr();
+                // Each sliver of x (L1) passes every weight panel of the block (streamed).
+                for ip in 0..a_panels {
+                    let rows = (mv - ip * mr).min(mr);
+                    for jp in 0..nv.div_ceil(nr) {
+                        let cols = (nv - jp * nr).min(nr);
+                        let j = c0 + jp * nr;
+                        let b = wdata[(j / nr) * per_panel + u0 * nr..].as_ptr();
+                        // SAFETY: the tile's C block lies in this task's block of rows
+                        // ip·mr.., columns jp·nr.. (output or scratch); a and b cover kcv steps
+                        // of a packed sliver and panel; the CPU has the kernel (asserted).
+                        unsafe {
+                            let c = cptr.add(ip * mr * ldc + jp * nr);
+                            let a = a.add(ip * apanel);
+                            let bias_at = bias.map(|bb| bb.as_ptr().add(j));
+                            if rows == mr && cols == nr {
+                                let bp = bias_at.unwrap_or(std::ptr::null());
+                                ukr(kcv, a, b, c, ldc, bp, init);
+                            } else {
+                                edge_tile(ukr, (kcv, a, b), (c, ldc), bias_at, init, (rows, cols));
+                            }
+                        }
+                    }
+                }
+                u0 += kcv;
+            }
+            if !T::IS_F32 {
+                for r in 0..mv {
+                    // SAFETY: row r0 + r < m and columns c0..c0+nv < n are this task's alone.
+                    let row =
+                        unsafe { std::slice::from_raw_parts_mut(dst.at((r0 + r) * n + c0), nv) };
+                    T::store(&cbuf[r * nv..r * nv + nv], row);
+                }
+            }
+        });
+    });
+}
+
+/// Largest tile (`MR × NR`) of any kernel.
+const MAX_TILE: usize = ukr::MR_512 * ukr::NR_512;
+
+/// A partial tile (`rows × cols` of the kernel's `MR × NR`) through a scratch tile.
+///
+/// # Safety
+/// As the kernel's, with `c` covering `rows` rows of `cols` f32 `ldc` apart and `bias` (when
+/// given) `cols` f32.
+#[cfg(target_arch = "x86_64")]
+unsafe fn edge_tile(
+    ukr: ukr::Ukr,
+    (kc, a, b): (usize, *const u32, *const u32),
+    (c, ldc): (*mut f32, usize),
+    bias: Option<*const f32>,
+    init: bool,
+    (rows, cols): (usize, usize),
+) {
+    let nr = ukr::NR_512; // the scratch tile's stride: wide enough for every kernel
+    let mut tile = [0f32; MAX_TILE];
+    let mut b_tile = [0f32; ukr::NR_512];
+    // SAFETY: as the caller promised; the scratch tile holds MR_512 rows of NR_512.
+    unsafe {
+        if !init {
+            for r in 0..rows {
+                std::ptr::copy_nonoverlapping(c.add(r * ldc), tile.as_mut_ptr().add(r * nr), cols);
+            }
+        }
+        let bp = match bias {
+            Some(bb) => {
+                std::ptr::copy_nonoverlapping(bb, b_tile.as_mut_ptr(), cols);
+                b_tile.as_ptr()
+            }
+            None => std::ptr::null(),
+        };
+        ukr(kc, a, b, tile.as_mut_ptr(), nr, bp, init);
+        for r in 0..rows {
+            std::ptr::copy_nonoverlapping(tile.as_ptr().add(r * nr), c.add(r * ldc), cols);
+        }
+    }
+}

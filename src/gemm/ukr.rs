@@ -1,0 +1,231 @@
+//! The register-tiled micro-kernels: one `MR × NR` tile of `C` (f32) from a packed sliver of `A`
+//! (`MR` rows, `kc` steps: `A[k][i]` at `a + k·MR + i`) and a packed panel of `B` (`kc` steps of
+//! `NR` columns: `B[k][j]` at `b + k·NR + j`), in the broadcast formulation of BLIS and oneDNN:
+//! each step broadcasts one element of each of the `MR` rows of `A` against the `NR / lanes`
+//! vectors of `B`'s step, into `MR · NR / lanes` accumulators that stay in registers for the
+//! whole `kc` loop.
+//!
+//! | kernel | tile | accumulators | per step |
+//! |---|---|---|---|
+//! | [`f32_avx512`] | 14 × 32 | 28 zmm | 2 loads, 14 broadcasts (folded into the FMAs), 28 FMAs |
+//! | [`bf16_avx512`] | 14 × 32 | 28 zmm | 2 loads, 14 pair broadcasts, 28 `vdpbf16ps` (2 `k` each) |
+//! | [`f32_avx2`] | 6 × 16 | 12 ymm | 2 loads, 6 broadcasts, 12 FMAs (BLIS haswell's shape) |
+//!
+//! In [`bf16_avx512`] a packed element is a pair of bf16 values (`k` even in the low half, `k + 1`
+//! in the high half) and a step covers two `k`: `vdpbf16ps` adds both products to each f32 lane.
+//!
+//! Every kernel computes a whole tile; the driver sends partial tiles through a scratch tile.
+//! `C` is written as `C = bias + AB` (`init`, bias optional) or `C += AB`.
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+/// Rows of the AVX-512 tiles.
+pub(crate) const MR_512: usize = 14;
+/// Columns of the AVX-512 tiles (two vectors of 16 lanes).
+pub(crate) const NR_512: usize = 32;
+/// Rows of the AVX2 tile.
+pub(crate) const MR_256: usize = 6;
+/// Columns of the AVX2 tile (two vectors of 8 lanes).
+pub(crate) const NR_256: usize = 16;
+
+/// Writes the tile of accumulators `$acc` (rows of two vectors) to `C`: `C = bias + acc`
+/// (`init`; bias null: zero) or `C += acc`, with the vector type's `$load`, `$store`, `$add`,
+/// `$zero` and `$lanes`. A macro so that it inlines into each kernel (a function would receive
+/// the accumulators through memory).
+macro_rules! store_tile {
+    ($acc:expr, $c:expr, $ldc:expr, $bias:expr, $init:expr, $lanes:expr, $load:ident, $store:ident, $add:ident, $zero:ident) => {{
+        let (c, ldc, bias): (*mut f32, usize, *const f32) = ($c, $ldc, $bias);
+        let add = if !$init {
+            None
+        } else if bias.is_null() {
+            Some(($zero(), $zero()))
+        } else {
+            Some(($load(bias), $load(bias.add($lanes))))
+        };
+        for (i, row) in $acc.iter().enumerate() {
+            let p = c.add(i * ldc);
+            let (c0, c1) = match add {
+                Some(b) => b,
+                None => ($load(p), $load(p.add($lanes))),
+            };
+            $store(p, $add(c0, row[0]));
+            $store(p.add($lanes), $add(c1, row[1]));
+        }
+    }};
+}
+
+/// One micro-kernel: `(kc, a, b, c, ldc, bias, init)`.
+///
+/// # Safety
+/// The CPU has the kernel's instructions; `a` covers `kc · MR` packed elements, `b` `kc · NR`,
+/// `c` `MR` rows of `NR` f32 `ldc` apart, and `bias` (when not null) `NR` f32.
+pub(crate) type Ukr = unsafe fn(usize, *const u32, *const u32, *mut f32, usize, *const f32, bool);
+
+/// The f32 AVX-512 kernel (14 × 32). Packed elements are f32 bit patterns.
+///
+/// # Safety
+/// See [`Ukr`]; AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn f32_avx512(
+    kc: usize,
+    a: *const u32,
+    b: *const u32,
+    c: *mut f32,
+    ldc: usize,
+    bias: *const f32,
+    init: bool,
+) {
+    let (a, b) = (a as *const f32, b as *const f32);
+    // SAFETY: a prefetch of the tile's own rows (never faults).
+    unsafe { prefetch_c(c, ldc, MR_512) };
+    let mut acc = [[_mm512_setzero_ps(); 2]; MR_512];
+    for k in 0..kc {
+        // SAFETY (whole loop): step k of both packed operands is inside what the caller named.
+        unsafe {
+            let bp = b.add(k * NR_512);
+            let b0 = _mm512_loadu_ps(bp);
+            let b1 = _mm512_loadu_ps(bp.add(16));
+            let ap = a.add(k * MR_512);
+            for (i, row) in acc.iter_mut().enumerate() {
+                let av = _mm512_set1_ps(*ap.add(i));
+                row[0] = _mm512_fmadd_ps(av, b0, row[0]);
+                row[1] = _mm512_fmadd_ps(av, b1, row[1]);
+            }
+        }
+    }
+    // SAFETY: the caller's `c` / `bias` cover the tile.
+    unsafe {
+        store_tile!(
+            acc,
+            c,
+            ldc,
+            bias,
+            init,
+            16,
+            _mm512_loadu_ps,
+            _mm512_storeu_ps,
+            _mm512_add_ps,
+            _mm512_setzero_ps
+        )
+    }
+}
+
+/// The bf16 AVX512-BF16 kernel (14 × 32). Packed elements are pairs of bf16 along `k`.
+///
+/// # Safety
+/// See [`Ukr`] (`kc` counts pairs); AVX-512F, BW and BF16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+pub(crate) unsafe fn bf16_avx512(
+    kc: usize,
+    a: *const u32,
+    b: *const u32,
+    c: *mut f32,
+    ldc: usize,
+    bias: *const f32,
+    init: bool,
+) {
+    // SAFETY: a prefetch of the tile's own rows (never faults).
+    unsafe { prefetch_c(c, ldc, MR_512) };
+    let mut acc = [[_mm512_setzero_ps(); 2]; MR_512];
+    for k in 0..kc {
+        // SAFETY (whole loop): step k of both packed operands is inside what the caller named.
+        unsafe {
+            let bp = b.add(k * NR_512) as *const __m512i;
+            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp));
+            let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(1)));
+            let ap = a.add(k * MR_512);
+            for (i, row) in acc.iter_mut().enumerate() {
+                let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ap.add(i) as i32));
+                row[0] = _mm512_dpbf16_ps(row[0], av, b0);
+                row[1] = _mm512_dpbf16_ps(row[1], av, b1);
+            }
+        }
+    }
+    // SAFETY: the caller's `c` / `bias` cover the tile.
+    unsafe {
+        store_tile!(
+            acc,
+            c,
+            ldc,
+            bias,
+            init,
+            16,
+            _mm512_loadu_ps,
+            _mm512_storeu_ps,
+            _mm512_add_ps,
+            _mm512_setzero_ps
+        )
+    }
+}
+
+/// Asks for the first 128 bytes of each of `rows` rows of `C` (`ldc` apart) to be brought to
+/// L1 while the kernel's loop runs: the tile is read (or written) only after it, and a block of
+/// `C` is too large to stay in cache between two passes over `K`.
+///
+/// # Safety
+/// None needed for the prefetch itself (it never faults); `unsafe` for the pointer arithmetic.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn prefetch_c(c: *mut f32, ldc: usize, rows: usize) {
+    for i in 0..rows {
+        let p = c.wrapping_add(i * ldc) as *const i8;
+        // SAFETY: prefetches do not fault, whatever the address.
+        unsafe {
+            _mm_prefetch::<_MM_HINT_T0>(p);
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64));
+        }
+    }
+}
+
+/// The f32 AVX2 + FMA kernel (6 × 16). Packed elements are f32 bit patterns.
+///
+/// # Safety
+/// See [`Ukr`]; AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn f32_avx2(
+    kc: usize,
+    a: *const u32,
+    b: *const u32,
+    c: *mut f32,
+    ldc: usize,
+    bias: *const f32,
+    init: bool,
+) {
+    let (a, b) = (a as *const f32, b as *const f32);
+    // SAFETY: a prefetch of the tile's own rows (never faults).
+    unsafe { prefetch_c(c, ldc, MR_256) };
+    let mut acc = [[_mm256_setzero_ps(); 2]; MR_256];
+    for k in 0..kc {
+        // SAFETY (whole loop): step k of both packed operands is inside what the caller named.
+        unsafe {
+            let bp = b.add(k * NR_256);
+            let b0 = _mm256_loadu_ps(bp);
+            let b1 = _mm256_loadu_ps(bp.add(8));
+            let ap = a.add(k * MR_256);
+            for (i, row) in acc.iter_mut().enumerate() {
+                let av = _mm256_broadcast_ss(&*ap.add(i));
+                row[0] = _mm256_fmadd_ps(av, b0, row[0]);
+                row[1] = _mm256_fmadd_ps(av, b1, row[1]);
+            }
+        }
+    }
+    // SAFETY: the caller's `c` / `bias` cover the tile.
+    unsafe {
+        store_tile!(
+            acc,
+            c,
+            ldc,
+            bias,
+            init,
+            8,
+            _mm256_loadu_ps,
+            _mm256_storeu_ps,
+            _mm256_add_ps,
+            _mm256_setzero_ps
+        )
+    }
+}
