@@ -20,6 +20,7 @@ optimized model's last embeddings.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -137,7 +138,9 @@ def main() -> None:
     emb = run()  # warm-up
     ort_runs, ort_info = ({}, {})
     if args.ort:
-        ort_runs, ort_info = ort_sessions(model, sentences, args)
+        # The exporter and the optimizer print progress: keep stdout for the JSON replies.
+        with contextlib.redirect_stdout(sys.stderr):
+            ort_runs, ort_info = ort_sessions(model, sentences, args)
     ort_emb = None
     reply({
         **ort_info,

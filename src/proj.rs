@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::Linear;
 
-use crate::gemm::{Kernel as Packed, PackedWeight};
+use crate::gemm::{Kernel as Packed, PackedWeight, RowFn};
 use crate::kernels::cpu::{proj_kernel, ProjKernel};
 
 /// Rows of `x` from which a call takes the packed GEMM: below, the dot-product kernels read the
@@ -110,6 +110,19 @@ impl Proj {
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         linear_impl(&self.lin, self.frozen.then_some(&*self.packed), x)
     }
+
+    /// `x · Wᵀ + b` with each row of the result (f32, before any rounding; index into the rows
+    /// of `x` flattened to 2-D) passed through `epilogue` inside the GEMM, or `None` where the
+    /// packed GEMM does not serve this call (the caller then applies it by other means).
+    #[cfg_attr(not(feature = "models"), allow(dead_code))]
+    pub(crate) fn forward_fused(&self, x: &Tensor, epilogue: RowFn) -> Result<Option<Tensor>> {
+        linear_fused(
+            &self.lin,
+            self.frozen.then_some(&*self.packed),
+            x,
+            Some(epilogue),
+        )
+    }
 }
 
 impl From<Linear> for Proj {
@@ -128,9 +141,26 @@ pub(crate) fn linear(lin: &Linear, x: &Tensor) -> Result<Tensor> {
 type PackCache = Mutex<Option<Arc<PackedWeight>>>;
 
 fn linear_impl(lin: &Linear, cache: Option<&PackCache>, x: &Tensor) -> Result<Tensor> {
+    match linear_fused(lin, cache, x, None)? {
+        Some(y) => Ok(y),
+        None => lin.forward(x),
+    }
+}
+
+/// `x · Wᵀ + b` by our GEMMs, each row through `epilogue` (which needs the packed GEMM), or
+/// `None` where they cannot compute it.
+fn linear_fused(
+    lin: &Linear,
+    cache: Option<&PackCache>,
+    x: &Tensor,
+    epilogue: Option<RowFn>,
+) -> Result<Option<Tensor>> {
     let Some(plan) = fast_path(lin, x, cache.is_some()) else {
-        return lin.forward(x);
+        return Ok(None);
     };
+    if epilogue.is_some() && !matches!(plan, Plan::Packed(_)) {
+        return Ok(None);
+    }
     let w = lin.weight();
     let (n, k) = w.dims2()?;
     let mut dims = x.dims().to_vec();
@@ -154,7 +184,13 @@ fn linear_impl(lin: &Linear, cache: Option<&PackCache>, x: &Tensor) -> Result<Te
         }
         _ => None,
     };
-    let y = flat.apply_op2_no_bwd(w, &DotLinear { bias, plan, packed })?;
+    let op = DotLinear {
+        bias,
+        plan,
+        packed,
+        epilogue,
+    };
+    let y = flat.apply_op2_no_bwd(w, &op)?;
     FAST_CALLS.with(|c| c.set(c.get() + 1));
     if matches!(plan, Plan::Packed(_)) {
         PACKED_CALLS.with(|c| c.set(c.get() + 1));
@@ -162,7 +198,7 @@ fn linear_impl(lin: &Linear, cache: Option<&PackCache>, x: &Tensor) -> Result<Te
     if let Some(last) = dims.last_mut() {
         *last = n;
     }
-    y.reshape(dims)
+    y.reshape(dims).map(Some)
 }
 
 /// Which of our GEMMs computes a call.
@@ -249,14 +285,16 @@ fn pack_storage(kernel: Packed, (ws, wr): Operand, (n, k): (usize, usize)) -> Re
 
 /// `(M, K) · (N, K)ᵀ + bias` with f32 accumulation, in bf16, f16 or f32 (no backward: only
 /// reached with nothing tracked).
-struct DotLinear {
+struct DotLinear<'a> {
     bias: Option<Vec<f32>>,
     plan: Plan,
     /// The weight already packed for the plan's kernel (else packed here, for this call).
     packed: Option<Arc<PackedWeight>>,
+    /// Applied to each row of sums (packed plan only).
+    epilogue: Option<RowFn<'a>>,
 }
 
-impl CustomOp2 for DotLinear {
+impl CustomOp2 for DotLinear<'_> {
     fn name(&self) -> &'static str {
         "candle-mha-linear"
     }
@@ -289,7 +327,7 @@ impl CustomOp2 for DotLinear {
                         &fresh
                     }
                 };
-                packed_gemm((xs, xa..xb), pw, bias, m)?
+                packed_gemm((xs, xa..xb), pw, bias, m, self.epilogue)?
             }
         };
         Ok((out, Shape::from((m, n))))
@@ -302,23 +340,24 @@ fn packed_gemm(
     w: &PackedWeight,
     bias: Option<&[f32]>,
     m: usize,
+    epilogue: Option<RowFn>,
 ) -> Result<CpuStorage> {
     use crate::gemm::gemm as run;
     let n = w.n();
     Ok(match xs {
         CpuStorage::BF16(x) => {
             let mut out = vec![half::bf16::ZERO; m * n];
-            run(&x[xr], m, w, bias, &mut out);
+            run(&x[xr], m, w, bias, &mut out, epilogue);
             CpuStorage::BF16(out)
         }
         CpuStorage::F16(x) => {
             let mut out = vec![half::f16::ZERO; m * n];
-            run(&x[xr], m, w, bias, &mut out);
+            run(&x[xr], m, w, bias, &mut out, epilogue);
             CpuStorage::F16(out)
         }
         CpuStorage::F32(x) => {
             let mut out = vec![0f32; m * n];
-            run(&x[xr], m, w, bias, &mut out);
+            run(&x[xr], m, w, bias, &mut out, epilogue);
             CpuStorage::F32(out)
         }
         _ => bail!("linear: expected a bf16, f16 or f32 input"),

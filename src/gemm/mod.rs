@@ -357,8 +357,14 @@ impl<T> OutPtr<T> {
     }
 }
 
+/// A function applied to each finished row of the product, in f32 before the rounding to the
+/// output dtype: `(row index, the row's N values)`. Fuses an activation or a residual add and
+/// layer norm into the GEMM while the row is still in cache.
+pub(crate) type RowFn<'a> = &'a (dyn Fn(usize, &mut [f32]) + Sync);
+
 /// `out[r][j] = round(Σ_k x[r][k]·w[j][k] + bias[j])` for `r < m`, `j < w.n`, on rayon's pool:
-/// `x` is `m` rows of `K` elements, contiguous.
+/// `x` is `m` rows of `K` elements, contiguous. With `epilogue`, each whole row of sums
+/// goes through it before the rounding (tasks then span whole rows).
 ///
 /// # Panics
 /// When `x`, `out` or `bias` are shorter than `m·K`, `m·N`, `N`, when the CPU lacks the
@@ -369,6 +375,7 @@ pub(crate) fn gemm<T: Elem>(
     w: &PackedWeight,
     bias: Option<&[f32]>,
     out: &mut [T],
+    epilogue: Option<RowFn>,
 ) {
     let (n, k) = (w.n, w.k);
     assert!(
@@ -394,17 +401,30 @@ pub(crate) fn gemm<T: Elem>(
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    run(x, m, w, bias, out);
+    run(x, m, w, bias, out, epilogue);
 }
 
 #[cfg(target_arch = "x86_64")]
-fn run<T: Elem>(x: &[T], m: usize, w: &PackedWeight, bias: Option<&[f32]>, out: &mut [T]) {
+fn run<T: Elem>(
+    x: &[T],
+    m: usize,
+    w: &PackedWeight,
+    bias: Option<&[f32]>,
+    out: &mut [T],
+    epilogue: Option<RowFn>,
+) {
     let (n, k, units) = (w.n, w.k, w.units);
     let kernel = w.kernel;
     let (mr, nr) = kernel.tile();
     let form = kernel.form();
     let ukr = kernel.ukr();
     let Blocking { kc, mc, nc } = blocking(kernel);
+    // An epilogue sees whole rows: one column block.
+    let nc = if epilogue.is_some() {
+        nc.max(n.div_ceil(nr) * nr)
+    } else {
+        nc
+    };
     // Row blocks of equal size, at least 8 tasks per thread where there are enough slivers,
     // a whole number per thread: a sliver is packed once per task whatever the task count,
     // so small tasks only cost the balance they buy.
@@ -496,6 +516,13 @@ fn run<T: Elem>(x: &[T], m: usize, w: &PackedWeight, bias: Option<&[f32]>, out: 
                     }
                 }
                 u0 += kcv;
+            }
+            if let Some(f) = epilogue {
+                for r in 0..mv {
+                    // SAFETY: row r of this task's block (output or scratch) has nv = n elements.
+                    let row = unsafe { std::slice::from_raw_parts_mut(cptr.add(r * ldc), nv) };
+                    f(r0 + r, row);
+                }
             }
             if !T::IS_F32 {
                 for r in 0..mv {

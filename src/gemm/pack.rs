@@ -96,9 +96,10 @@ impl Elem for f16 {
     }
 }
 
-/// Steps of `k` packed per chunk: a chunk of one panel (`CHUNK × R` elements, ≤ 8 KiB) stays in
-/// L1 while its `R` rows are read into it.
-const CHUNK: usize = 64;
+/// Steps of `k` packed per chunk: each of the `R` rows is read 1 KiB (f32) at a time into a
+/// staging block (`R × CHUNK`, at most 32 KiB) that is then transposed into the panel (64-step
+/// chunks packed 2–8% slower: shorter row streams).
+const CHUNK: usize = 256;
 
 /// A row-major source operand: `rows` rows of `k` elements, `stride` apart.
 #[derive(Clone, Copy)]

@@ -83,7 +83,7 @@ fn check<T: TestElem>(kernel: Kernel, what: &str) {
         for bias in [None, Some(&b[..])] {
             let pw = PackedWeight::new(kernel, &w, (n, k), k);
             let mut out = vec![T::from_f32(f32::NAN); m * n];
-            gemm(&x, m, &pw, bias, &mut out);
+            gemm(&x, m, &pw, bias, &mut out, None);
             for r in 0..m {
                 for j in 0..n {
                     let b0 = bias.map_or(0.0, |b| b[j] as f64);

@@ -29,10 +29,11 @@
 
 use std::path::Path;
 
-use candle_core::{bail, Error, Module, Result, Tensor};
+use candle_core::{bail, CpuStorage, DType, Error, Module, Result, Storage, Tensor};
 use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, VarBuilder};
 use serde::Deserialize;
 
+use super::norm::{add_layer_norm, LnRows};
 use crate::proj::Proj;
 use crate::{
     KeyPaddingMask, MaskPlan, MhaConfig, MhaInput, MultiHeadAttention, NeedWeights, SeqOffsets,
@@ -245,6 +246,10 @@ pub struct BertLayer {
     output: Proj,
     output_norm: LayerNorm,
     act: HiddenAct,
+    /// `attention_norm` / `output_norm` as f32 rows for the fused residual + layer norm (f32
+    /// CPU weights only).
+    attention_rows: Option<LnRows>,
+    output_rows: Option<LnRows>,
 }
 
 impl BertLayer {
@@ -254,16 +259,21 @@ impl BertLayer {
     /// `output.LayerNorm`.
     pub fn load(cfg: &BertConfig, vb: VarBuilder) -> Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let attention_norm =
+            layer_norm(h, cfg.layer_norm_eps, vb.pp("attention.output.LayerNorm"))?;
+        let output_norm = layer_norm(h, cfg.layer_norm_eps, vb.pp("output.LayerNorm"))?;
         Ok(Self {
             attention: MultiHeadAttention::load(
                 cfg.mha_config(),
                 &WeightLayout::bert(),
                 vb.clone(),
             )?,
-            attention_norm: layer_norm(h, cfg.layer_norm_eps, vb.pp("attention.output.LayerNorm"))?,
+            attention_rows: LnRows::of(&attention_norm)?,
+            output_rows: LnRows::of(&output_norm)?,
+            attention_norm,
             intermediate: linear(h, i, vb.pp("intermediate.dense"))?.into(),
             output: linear(i, h, vb.pp("output.dense"))?.into(),
-            output_norm: layer_norm(h, cfg.layer_norm_eps, vb.pp("output.LayerNorm"))?,
+            output_norm,
             act: cfg.hidden_act,
         })
     }
@@ -298,7 +308,12 @@ impl BertLayer {
         }
         let out = self.attention.attend(&input)?;
         Ok((
-            self.attention_norm.forward(&(out.output + xs)?)?,
+            add_layer_norm(
+                &out.output,
+                xs,
+                &self.attention_norm,
+                self.attention_rows.as_ref(),
+            )?,
             out.weights,
         ))
     }
@@ -311,9 +326,40 @@ impl BertLayer {
         need: NeedWeights,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let (a, weights) = self.attend(xs, plan, need)?;
-        let inner = self.act.apply(&self.intermediate.forward(&a)?)?;
+        Ok((self.feed_forward(&a)?, weights))
+    }
+
+    /// The feed-forward block, HF `BertIntermediate` + `BertOutput`:
+    /// `LayerNorm(a + output(act(intermediate(a))))`. In f32 on the CPU the activation and the
+    /// residual + layer norm run inside the two GEMMs, on each row as it is finished.
+    fn feed_forward(&self, a: &Tensor) -> Result<Tensor> {
+        let f32_cpu = a.dtype() == DType::F32 && a.device().is_cpu() && !a.track_op();
+        let gelu = |_: usize, row: &mut [f32]| super::gelu::gelu_in_place(row);
+        let fused = match self.act {
+            HiddenAct::Gelu if f32_cpu => self.intermediate.forward_fused(a, &gelu)?,
+            _ => None,
+        };
+        let inner = match fused {
+            Some(t) => t,
+            None => self.act.apply(&self.intermediate.forward(a)?)?,
+        };
+        if let (Some(rows), true) = (&self.output_rows, f32_cpu) {
+            let a = a.contiguous()?;
+            let (storage, layout) = a.storage_and_layout();
+            if let (Storage::Cpu(CpuStorage::F32(v)), Some((o0, o1))) =
+                (&*storage, layout.contiguous_offsets())
+            {
+                let (res, n) = (&v[o0..o1], rows.dim());
+                let add_norm = |r: usize, row: &mut [f32]| {
+                    rows.add_norm(row, &res[r * n..(r + 1) * n]);
+                };
+                if let Some(y) = self.output.forward_fused(&inner, &add_norm)? {
+                    return Ok(y);
+                }
+            }
+        }
         let ff = self.output.forward(&inner)?;
-        Ok((self.output_norm.forward(&(ff + a)?)?, weights))
+        add_layer_norm(&ff, a, &self.output_norm, self.output_rows.as_ref())
     }
 }
 

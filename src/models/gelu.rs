@@ -53,6 +53,22 @@ fn gelu_slice(src: &[f32], out: &mut [f32]) {
         .for_each(|(o, &x)| *o = gelu::<false>(x));
 }
 
+/// `x[i] = gelu(x[i])` in place (the GEMM epilogue of a feed-forward layer's first projection).
+pub(crate) fn gelu_in_place(x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports the enabled features (checked just above).
+        return unsafe { gelu_in_place_fma(x) };
+    }
+    x.iter_mut().for_each(|v| *v = gelu::<false>(*v));
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gelu_in_place_fma(x: &mut [f32]) {
+    x.iter_mut().for_each(|v| *v = gelu::<true>(*v));
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn gelu_slice_fma(src: &[f32], out: &mut [f32]) {

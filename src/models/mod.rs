@@ -19,4 +19,5 @@
 pub mod bert;
 pub mod gelu;
 pub mod llama;
+mod norm;
 pub mod sentence;
