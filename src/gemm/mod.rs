@@ -21,6 +21,7 @@
 //! ([`bf16_strategy`]): on AMD Zen 4/5 `vdpbf16ps` does twice the f32 FMA's work per cycle, on
 //! Intel's Xeons of family 6 model 207 half of it. `CANDLE_MHA_BF16_GEMM=dot|widen` overrides.
 
+mod driver;
 pub(crate) mod pack;
 pub mod peak;
 pub(crate) mod ukr;
@@ -28,11 +29,11 @@ pub(crate) mod ukr;
 #[cfg(test)]
 mod tests;
 
-use std::cell::RefCell;
 use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
+pub(crate) use driver::{gemm, mlp, ResidualFn, RowFn};
 pub(crate) use pack::Elem;
 use pack::{Form, Src};
 
@@ -324,255 +325,13 @@ impl PackedWeight {
         self.n
     }
 
+    /// Elements per row (`K`).
+    pub(crate) fn k(&self) -> usize {
+        self.k
+    }
+
     /// Bytes of packed storage.
     pub(crate) fn bytes(&self) -> usize {
         self.data.0.len() * 64
-    }
-}
-
-/// Per-thread scratch: the packed block of `x` and (half outputs) the block's f32 sums. At most
-/// `mc × kc` + `mc × nc` f32 per thread (about 0.5–1 MiB), kept for the thread's life.
-#[derive(Default)]
-struct Scratch {
-    a: Lines,
-    c: Vec<f32>,
-}
-
-thread_local! {
-    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
-}
-
-/// The output, written from many tasks: each task writes its own block of rows × columns.
-#[derive(Clone, Copy)]
-struct OutPtr<T>(*mut T);
-// SAFETY: tasks write disjoint blocks of the buffer, which outlives the parallel loop.
-unsafe impl<T> Send for OutPtr<T> {}
-// SAFETY: as above.
-unsafe impl<T> Sync for OutPtr<T> {}
-
-impl<T> OutPtr<T> {
-    /// Element `i` (a method, so that closures capture the whole `Sync` wrapper).
-    fn at(self, i: usize) -> *mut T {
-        self.0.wrapping_add(i)
-    }
-}
-
-/// A function applied to each finished row of the product, in f32 before the rounding to the
-/// output dtype: `(row index, the row's N values)`. Fuses an activation or a residual add and
-/// layer norm into the GEMM while the row is still in cache.
-pub(crate) type RowFn<'a> = &'a (dyn Fn(usize, &mut [f32]) + Sync);
-
-/// `out[r][j] = round(Σ_k x[r][k]·w[j][k] + bias[j])` for `r < m`, `j < w.n`, on rayon's pool:
-/// `x` is `m` rows of `K` elements, contiguous. With `epilogue`, each whole row of sums
-/// goes through it before the rounding (tasks then span whole rows).
-///
-/// # Panics
-/// When `x`, `out` or `bias` are shorter than `m·K`, `m·N`, `N`, when the CPU lacks the
-/// weight's kernel, or when `T` does not match the packed form (pairs are bf16 only).
-pub(crate) fn gemm<T: Elem>(
-    x: &[T],
-    m: usize,
-    w: &PackedWeight,
-    bias: Option<&[f32]>,
-    out: &mut [T],
-    epilogue: Option<RowFn>,
-) {
-    let (n, k) = (w.n, w.k);
-    assert!(
-        x.len() >= m * k,
-        "gemm: x has {} elements, needs {m}·{k}",
-        x.len()
-    );
-    assert!(
-        out.len() >= m * n,
-        "gemm: out has {} elements, needs {m}·{n}",
-        out.len()
-    );
-    assert!(
-        bias.is_none_or(|b| b.len() >= n),
-        "gemm: bias shorter than {n}"
-    );
-    assert!(
-        w.kernel.supported(),
-        "gemm: the CPU lacks {}",
-        w.kernel.name()
-    );
-    if m == 0 || n == 0 {
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    run(x, m, w, bias, out, epilogue);
-}
-
-#[cfg(target_arch = "x86_64")]
-fn run<T: Elem>(
-    x: &[T],
-    m: usize,
-    w: &PackedWeight,
-    bias: Option<&[f32]>,
-    out: &mut [T],
-    epilogue: Option<RowFn>,
-) {
-    let (n, k, units) = (w.n, w.k, w.units);
-    let kernel = w.kernel;
-    let (mr, nr) = kernel.tile();
-    let form = kernel.form();
-    let ukr = kernel.ukr();
-    let Blocking { kc, mc, nc } = blocking(kernel);
-    // An epilogue sees whole rows: one column block.
-    let nc = if epilogue.is_some() {
-        nc.max(n.div_ceil(nr) * nr)
-    } else {
-        nc
-    };
-    // Row blocks of equal size, at least 8 tasks per thread where there are enough slivers,
-    // a whole number per thread: a sliver is packed once per task whatever the task count,
-    // so small tasks only cost the balance they buy.
-    let threads = rayon::current_num_threads().max(1);
-    let tn = n.div_ceil(nc);
-    let slivers = m.div_ceil(mr);
-    let mut tm = slivers
-        .div_ceil(mc / mr)
-        .max((8 * threads).div_ceil(tn))
-        .min(slivers);
-    if tn < threads {
-        tm = (tm.div_ceil(threads) * threads).min(slivers);
-    }
-    let mc = slivers.div_ceil(tm) * mr;
-    let tm = m.div_ceil(mc);
-    let dst = OutPtr(out.as_mut_ptr());
-    let src = Src {
-        data: x,
-        stride: k,
-        rows: m,
-        k,
-    };
-    let wdata = w.data.as_slice();
-    let per_panel = units * nr;
-    (0..tm * tn).into_par_iter().for_each(|t| {
-        let (r0, c0) = ((t / tn) * mc, (t % tn) * nc);
-        let (mv, nv) = ((m - r0).min(mc), (n - c0).min(nc));
-        let a_panels = mv.div_ceil(mr);
-        SCRATCH.with(|s| {
-            let mut s = s.borrow_mut();
-            let Scratch { a: abuf, c: cbuf } = &mut *s;
-            abuf.reserve(a_panels * mr * kc.min(units).max(1));
-            // The f32 sums: the output itself (f32) or the scratch block (rounded at the end).
-            let (cptr, ldc) = if T::IS_F32 {
-                (dst.at(r0 * n + c0) as *mut f32, n)
-            } else {
-                if cbuf.len() < mv * nv {
-                    cbuf.resize(mv * nv, 0.0);
-                }
-                (cbuf.as_mut_ptr(), nv)
-            };
-            if units == 0 {
-                for r in 0..mv {
-                    // SAFETY: row r of this task's block (output or scratch) has nv elements.
-                    let row = unsafe { std::slice::from_raw_parts_mut(cptr.add(r * ldc), nv) };
-                    match bias {
-                        Some(b) => row.copy_from_slice(&b[c0..c0 + nv]),
-                        None => row.fill(0.0),
-                    }
-                }
-            }
-            let mut u0 = 0;
-            while u0 < units {
-                let kcv = (units - u0).min(kc);
-                let init = u0 == 0;
-                let apanel = kcv * mr;
-                pack::pack(
-                    form,
-                    src,
-                    r0,
-                    a_panels,
-                    mr,
-                    (u0, kcv),
-                    abuf.as_mut_slice(),
-                    apanel,
-                );
-                let a = abuf.as_slice().as_ptr();
-                // Each sliver of x (L1) passes every weight panel of the block (streamed).
-                for ip in 0..a_panels {
-                    let rows = (mv - ip * mr).min(mr);
-                    for jp in 0..nv.div_ceil(nr) {
-                        let cols = (nv - jp * nr).min(nr);
-                        let j = c0 + jp * nr;
-                        let b = wdata[(j / nr) * per_panel + u0 * nr..].as_ptr();
-                        // SAFETY: the tile's C block lies in this task's block of rows
-                        // ip·mr.., columns jp·nr.. (output or scratch); a and b cover kcv steps
-                        // of a packed sliver and panel; the CPU has the kernel (asserted).
-                        unsafe {
-                            let c = cptr.add(ip * mr * ldc + jp * nr);
-                            let a = a.add(ip * apanel);
-                            let bias_at = bias.map(|bb| bb.as_ptr().add(j));
-                            if rows == mr && cols == nr {
-                                let bp = bias_at.unwrap_or(std::ptr::null());
-                                ukr(kcv, a, b, c, ldc, bp, init);
-                            } else {
-                                edge_tile(ukr, (kcv, a, b), (c, ldc), bias_at, init, (rows, cols));
-                            }
-                        }
-                    }
-                }
-                u0 += kcv;
-            }
-            if let Some(f) = epilogue {
-                for r in 0..mv {
-                    // SAFETY: row r of this task's block (output or scratch) has nv = n elements.
-                    let row = unsafe { std::slice::from_raw_parts_mut(cptr.add(r * ldc), nv) };
-                    f(r0 + r, row);
-                }
-            }
-            if !T::IS_F32 {
-                for r in 0..mv {
-                    // SAFETY: row r0 + r < m and columns c0..c0+nv < n are this task's alone.
-                    let row =
-                        unsafe { std::slice::from_raw_parts_mut(dst.at((r0 + r) * n + c0), nv) };
-                    T::store(&cbuf[r * nv..r * nv + nv], row);
-                }
-            }
-        });
-    });
-}
-
-/// Largest tile (`MR × NR`) of any kernel.
-const MAX_TILE: usize = ukr::MR_512 * ukr::NR_512;
-
-/// A partial tile (`rows × cols` of the kernel's `MR × NR`) through a scratch tile.
-///
-/// # Safety
-/// As the kernel's, with `c` covering `rows` rows of `cols` f32 `ldc` apart and `bias` (when
-/// given) `cols` f32.
-#[cfg(target_arch = "x86_64")]
-unsafe fn edge_tile(
-    ukr: ukr::Ukr,
-    (kc, a, b): (usize, *const u32, *const u32),
-    (c, ldc): (*mut f32, usize),
-    bias: Option<*const f32>,
-    init: bool,
-    (rows, cols): (usize, usize),
-) {
-    let nr = ukr::NR_512; // the scratch tile's stride: wide enough for every kernel
-    let mut tile = [0f32; MAX_TILE];
-    let mut b_tile = [0f32; ukr::NR_512];
-    // SAFETY: as the caller promised; the scratch tile holds MR_512 rows of NR_512.
-    unsafe {
-        if !init {
-            for r in 0..rows {
-                std::ptr::copy_nonoverlapping(c.add(r * ldc), tile.as_mut_ptr().add(r * nr), cols);
-            }
-        }
-        let bp = match bias {
-            Some(bb) => {
-                std::ptr::copy_nonoverlapping(bb, b_tile.as_mut_ptr(), cols);
-                b_tile.as_ptr()
-            }
-            None => std::ptr::null(),
-        };
-        ukr(kc, a, b, tile.as_mut_ptr(), nr, bp, init);
-        for r in 0..rows {
-            std::ptr::copy_nonoverlapping(tile.as_ptr().add(r * nr), c.add(r * ldc), cols);
-        }
     }
 }

@@ -182,3 +182,50 @@ fn proj_packs_a_var_per_call_and_a_constant_once() -> candle_core::Result<()> {
     assert_eq!(d, 0.0);
     Ok(())
 }
+
+/// The fused two-layer product equals the two products run one after the other, bit for bit
+/// (the same kernels sum each element in the same order), for every f32 kernel, with an
+/// activation and a residual epilogue, on row counts around the row blocks.
+#[test]
+fn mlp_equals_two_gemms() {
+    let act = |_: usize, row: &mut [f32]| row.iter_mut().for_each(|v| *v = v.max(0.0) * 0.5);
+    let residual = |row: &mut [f32], input: &[f32]| {
+        row.iter_mut()
+            .zip(input)
+            .for_each(|(o, i)| *o = *o * 2.0 + i)
+    };
+    for kernel in [Kernel::Avx512F32, Kernel::Avx2F32] {
+        if !kernel.supported() {
+            continue;
+        }
+        for &(m, k, n1) in &[
+            (1usize, 24usize, 40usize),
+            (15, 33, 70),
+            (250, 64, 200),
+            (700, 16, 48),
+        ] {
+            let x = rand(m * k, 11);
+            let w1 = rand(n1 * k, 12);
+            let w2 = rand(k * n1, 13);
+            let (b1, b2) = (rand(n1, 14), rand(k, 15));
+            let p1 = PackedWeight::new(kernel, &w1, (n1, k), k);
+            let p2 = PackedWeight::new(kernel, &w2, (k, n1), n1);
+            let mut fused = vec![f32::NAN; m * k];
+            mlp(
+                &x,
+                m,
+                (&p1, Some(&b1), &act),
+                (&p2, Some(&b2), Some(&residual)),
+                &mut fused,
+            );
+            let mut h = vec![0f32; m * n1];
+            gemm(&x, m, &p1, Some(&b1), &mut h, Some(&act));
+            let mut want = vec![0f32; m * k];
+            gemm(&h, m, &p2, Some(&b2), &mut want, None);
+            for (r, row) in want.chunks_exact_mut(k).enumerate() {
+                residual(row, &x[r * k..(r + 1) * k]);
+            }
+            assert_eq!(fused, want, "{kernel:?} ({m}, {k}, {n1})");
+        }
+    }
+}

@@ -29,7 +29,7 @@
 
 use std::path::Path;
 
-use candle_core::{bail, CpuStorage, DType, Error, Module, Result, Storage, Tensor};
+use candle_core::{bail, DType, Error, Module, Result, Tensor};
 use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, VarBuilder};
 use serde::Deserialize;
 
@@ -335,29 +335,20 @@ impl BertLayer {
     fn feed_forward(&self, a: &Tensor) -> Result<Tensor> {
         let f32_cpu = a.dtype() == DType::F32 && a.device().is_cpu() && !a.track_op();
         let gelu = |_: usize, row: &mut [f32]| super::gelu::gelu_in_place(row);
-        let fused = match self.act {
-            HiddenAct::Gelu if f32_cpu => self.intermediate.forward_fused(a, &gelu)?,
-            _ => None,
-        };
-        let inner = match fused {
-            Some(t) => t,
-            None => self.act.apply(&self.intermediate.forward(a)?)?,
-        };
-        if let (Some(rows), true) = (&self.output_rows, f32_cpu) {
-            let a = a.contiguous()?;
-            let (storage, layout) = a.storage_and_layout();
-            if let (Storage::Cpu(CpuStorage::F32(v)), Some((o0, o1))) =
-                (&*storage, layout.contiguous_offsets())
-            {
-                let (res, n) = (&v[o0..o1], rows.dim());
-                let add_norm = |r: usize, row: &mut [f32]| {
-                    rows.add_norm(row, &res[r * n..(r + 1) * n]);
-                };
-                if let Some(y) = self.output.forward_fused(&inner, &add_norm)? {
-                    return Ok(y);
-                }
+        if let (HiddenAct::Gelu, Some(rows), true) = (self.act, &self.output_rows, f32_cpu) {
+            // Both products in one pass over blocks of rows, the GELU and the residual + layer
+            // norm applied to each row as it is finished (the input row is the residual).
+            let add_norm = |row: &mut [f32], input: &[f32]| rows.add_norm(row, input);
+            let fused = crate::proj::mlp(
+                a,
+                (&self.intermediate, &gelu),
+                (&self.output, Some(&add_norm)),
+            )?;
+            if let Some(y) = fused {
+                return Ok(y);
             }
         }
+        let inner = self.act.apply(&self.intermediate.forward(a)?)?;
         let ff = self.output.forward(&inner)?;
         add_layer_norm(&ff, a, &self.output_norm, self.output_rows.as_ref())
     }
