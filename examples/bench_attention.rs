@@ -35,6 +35,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
+use candle_mha::kernels::test_support::{peak_gflops, PeakKind};
 use candle_mha::kernels::{attention, test_support, AttnParams};
 use candle_mha::mask::{Causal, KeyPaddingMask, MaskDims, MaskPlan};
 use candle_mha::{Backend, CausalAlignment, MhaConfig, MhaInput, MultiHeadAttention};
@@ -567,21 +568,60 @@ fn rates(results: &[(Cfg, Vec<Row>)]) -> Result<()> {
     })?);
     let read_rate = bytes as f64 / read / 1e9;
     drop(src);
-    println!("\nMachine rates (measured now): f32 GEMM {n}³ (candle matmul, the `gemm` crate): {gemm_rate:.0} GFLOP/s; memory copy of 1 GiB of random bytes: {copy_rate:.1} GB/s (read + write; of constant bytes: {constant_copy_rate:.1}); streaming read of 1 GiB: {read_rate:.1} GB/s\n");
-    // The projections' matmul in the bench's dtype: ours (see `proj.rs`) and candle's, at
-    // 4096³ and at a BERT-base projection's shape (B8 L128 E768).
-    let which = match test_support::proj_gemm_kernel(dtype()) {
-        Some(k) => format!("{k} GEMM"),
-        None => "candle's path".to_string(),
+    // The compute limit: register-only loops of the product instructions the kernels use, on
+    // rayon's threads at once (the f32 FMA of the instruction set in use; vdpbf16ps too when
+    // the bf16 kernels use it).
+    let threads = rayon::current_num_threads();
+    let isa = test_support::cpu_isa();
+    let fma_kind = if isa.starts_with("avx512") {
+        PeakKind::Avx512Fma
+    } else {
+        PeakKind::Avx2Fma
     };
+    let fma_peak = peak_gflops(fma_kind, threads, 200);
+    let dot_peak = (isa == "avx512bf16")
+        .then(|| peak_gflops(PeakKind::Avx512Bf16Dot, threads, 200))
+        .flatten();
+    println!("\nMachine rates (measured now): f32 GEMM {n}³ (candle matmul, the `gemm` crate): {gemm_rate:.0} GFLOP/s; memory copy of 1 GiB of random bytes: {copy_rate:.1} GB/s (read + write; of constant bytes: {constant_copy_rate:.1}); streaming read of 1 GiB: {read_rate:.1} GB/s");
+    println!(
+        "Peak ({threads} threads, register-only loops): {} {}{}\n",
+        fma_kind.name(),
+        fma_peak.map_or("—".into(), |p| format!("{p:.0} GFLOP/s")),
+        dot_peak.map_or(String::new(), |p| format!(
+            "; {} {p:.0} GFLOP/s",
+            PeakKind::Avx512Bf16Dot.name()
+        ))
+    );
+    let of_peak = |rate: f64| -> String {
+        let mut v = vec![];
+        if let Some(p) = fma_peak {
+            v.push(format!("{:.0}% of the f32 FMA peak", 100.0 * rate / p));
+        }
+        if let (Some(p), DType::BF16) = (dot_peak, dtype()) {
+            v.push(format!("{:.0}% of the vdpbf16ps peak", 100.0 * rate / p));
+        }
+        v.join(", ")
+    };
+    // The projections' matmul in the bench's dtype: ours (the weight packed once, as the
+    // module keeps it) and candle's, at 4096³, a BERT-base projection's shape (B8 L128 E768)
+    // and a decode step's.
     for (m, k, nn) in [(n, n, n), (1024, 768, 768), (8, 4096, 4096)] {
+        let which = match (
+            m >= test_support::packed_min_rows(),
+            test_support::packed_gemm_kernel(dtype()),
+            test_support::proj_gemm_kernel(dtype()),
+        ) {
+            (true, Some(k), _) | (false, _, Some(k)) => k.to_string(),
+            _ => "candle's path".to_string(),
+        };
         let x = Tensor::randn(0f32, 1., (m, k), &dev)?.to_dtype(dtype())?;
         let w = Tensor::randn(0f32, 1., (nn, k), &dev)?.to_dtype(dtype())?;
         let lin = candle_nn::Linear::new(w, None);
+        let packed = test_support::PackedLinear::new(lin.clone());
         let rate = |t: f64| 2.0 * (m * k * nn) as f64 / t / 1e9;
         let reps = if m == n { 3 } else { 10 };
         let ours = median(time_it(reps, || {
-            test_support::linear(&lin, &x).map(drop).map_err(Into::into)
+            packed.forward(&x).map(drop).map_err(Into::into)
         })?);
         let theirs = median(time_it(reps, || {
             candle_nn::Module::forward(&lin, &x)
@@ -589,9 +629,10 @@ fn rates(results: &[(Cfg, Vec<Row>)]) -> Result<()> {
                 .map_err(Into::into)
         })?);
         println!(
-            "{} projection GEMM ({m}, {k}) · ({nn}, {k})ᵀ: ours ({which}) {:.0} GFLOP/s, candle's matmul {:.0} GFLOP/s",
+            "{} projection GEMM ({m}, {k}) · ({nn}, {k})ᵀ: ours ({which}) {:.0} GFLOP/s ({}), candle's matmul {:.0} GFLOP/s",
             dtype_name(),
             rate(ours),
+            of_peak(rate(ours)),
             rate(theirs)
         );
     }
@@ -627,9 +668,10 @@ fn rates(results: &[(Cfg, Vec<Row>)]) -> Result<()> {
             let flops = 4.0 * (c.b * c.h * c.d) as f64 * (c.l * (c.l + 1) / 2) as f64;
             let rate = flops / t / 1e9;
             println!(
-                "| {} | {} | {rate:.0} GFLOP/s | {:.0}% of GEMM |",
+                "| {} | {} | {rate:.0} GFLOP/s | {}; {:.0}% of candle's GEMM |",
                 c.name,
                 fmt_t(t),
+                of_peak(rate),
                 100.0 * rate / gemm_rate
             );
         }
@@ -705,6 +747,14 @@ fn main() -> Result<()> {
             "--no-torch" => no_torch = true,
             "--no-peak" => no_peak = true,
             "--no-module" => no_module = true,
+            "-h" | "--help" => {
+                println!(
+                    "usage: bench_attention [--python PY] [--no-torch] [--rounds N] [--only SUBSTR] \
+                     [--no-peak] [--no-reference-8k] [--dtype f32|bf16|f16] \
+                     [--isa avx512bf16|avx512|avx2|portable] [--torch-native] [--no-module] | --crossover"
+                );
+                return Ok(());
+            }
             "--no-reference-8k" => no_ref8k = true,
             "--rounds" => rounds = it.next().context("--rounds N")?.parse()?,
             "--only" => only = Some(it.next().context("--only SUBSTR")?.clone()),
