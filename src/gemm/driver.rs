@@ -7,7 +7,8 @@ use std::cell::RefCell;
 use rayon::prelude::*;
 
 use super::pack::{self, Elem, Form, Src};
-use super::{blocking, ukr, Blocking, Lines, PackedWeight};
+use super::ukr::{Half, Out};
+use super::{blocking, ukr, Blocking, Kernel, Lines, PackedWeight};
 
 /// Per-thread scratch: the packed block of `x` and (half outputs) the block's f32 sums. At most
 /// `mc × kc` + `mc × nc` f32 per thread (about 0.5–1 MiB), kept for the thread's life.
@@ -100,7 +101,8 @@ unsafe fn block<T: Elem>(
     (cptr, ldc): (*mut f32, usize),
     row_base: usize,
     abuf: &mut Lines,
-) {
+    direct: Option<(Half, *mut u16, usize)>,
+) -> bool {
     let w = job.w;
     let kernel = w.kernel;
     let (mr, nr) = kernel.tile();
@@ -119,10 +121,16 @@ unsafe fn block<T: Elem>(
             }
         }
     }
+    let direct = direct.filter(|_| units > 0 && job.epilogue.is_none());
     let mut u0 = 0;
     while u0 < units {
         let kcv = (units - u0).min(kc);
         let init = u0 == 0;
+        // The last block of K writes the rounded output itself.
+        let (half, h, ldh) = match direct {
+            Some(d) if u0 + kcv == units => d,
+            _ => (Half::No, std::ptr::null_mut(), 0),
+        };
         let apanel = kcv * mr;
         pack::pack(
             form,
@@ -146,14 +154,24 @@ unsafe fn block<T: Elem>(
                 // columns jp·nr..); a and b cover kcv steps of a packed sliver and panel; the
                 // CPU has the kernel (the caller's promise).
                 unsafe {
-                    let c = cptr.add(ip * mr * ldc + jp * nr);
+                    let out = Out {
+                        c: cptr.add(ip * mr * ldc + jp * nr),
+                        ldc,
+                        bias: job.bias.map_or(std::ptr::null(), |bb| bb.as_ptr().add(j)),
+                        init,
+                        half,
+                        h: if h.is_null() {
+                            h
+                        } else {
+                            h.add(ip * mr * ldh + jp * nr)
+                        },
+                        ldh,
+                    };
                     let a = a.add(ip * apanel);
-                    let bias_at = job.bias.map(|bb| bb.as_ptr().add(j));
                     if rows == mr && cols == nr {
-                        let bp = bias_at.unwrap_or(std::ptr::null());
-                        ukr(kcv, a, b, c, ldc, bp, init);
+                        ukr(kcv, a, b, out);
                     } else {
-                        edge_tile(ukr, (kcv, a, b), (c, ldc), bias_at, init, (rows, cols));
+                        edge_tile(ukr, (kcv, a, b), out, (rows, cols));
                     }
                 }
             }
@@ -167,6 +185,7 @@ unsafe fn block<T: Elem>(
             f(row_base + r, row);
         }
     }
+    direct.is_some()
 }
 
 /// One product's operands: `x` (as a packing source), the packed weight, the bias, the `K`
@@ -247,10 +266,14 @@ fn run<T: Elem>(
                 }
                 (cbuf.as_mut_ptr(), nv)
             };
+            // Half outputs of the AVX-512 kernels are rounded and written by the kernel itself.
+            let direct = (T::HALF != Half::No && w.kernel != Kernel::Avx2F32)
+                .then(|| (T::HALF, dst.at(r0 * n + c0) as *mut u16, n));
             // SAFETY: rows r0.. and columns c0.. of the output (or the scratch block) are this
-            // task's alone; the CPU has the kernel (asserted by `gemm`); c0 is a multiple of NR.
-            unsafe { block(&job, (r0, mv), (c0, nv), (cptr, ldc), r0, abuf) };
-            if !T::IS_F32 {
+            // task's alone; the CPU has the kernel (asserted by `gemm`); c0 is a multiple of NR;
+            // with `direct`, T is a 16-bit type and the pointer covers the same block of `out`.
+            let wrote = unsafe { block(&job, (r0, mv), (c0, nv), (cptr, ldc), r0, abuf, direct) };
+            if !T::IS_F32 && !wrote {
                 for r in 0..mv {
                     // SAFETY: row r0 + r < m and columns c0..c0+nv < n are this task's alone.
                     let row =
@@ -335,6 +358,7 @@ pub(crate) fn mlp(
                         (hidden.as_mut_ptr(), n1),
                         r0,
                         abuf,
+                        None,
                     )
                 };
                 let with_input = |r: usize, row: &mut [f32]| {
@@ -355,7 +379,17 @@ pub(crate) fn mlp(
                     epilogue: epilogue.map(|_| &with_input as RowFn),
                 };
                 // SAFETY: output rows r0..r0+mv are this task's alone; kernels checked.
-                unsafe { block(&second, (0, mv), (0, n2), (dst.at(r0 * n2), n2), r0, abuf) };
+                unsafe {
+                    block(
+                        &second,
+                        (0, mv),
+                        (0, n2),
+                        (dst.at(r0 * n2), n2),
+                        r0,
+                        abuf,
+                        None,
+                    )
+                };
             });
         });
     }
@@ -364,18 +398,16 @@ pub(crate) fn mlp(
 /// Largest tile (`MR × NR`) of any kernel.
 const MAX_TILE: usize = ukr::MR_512 * ukr::NR_512;
 
-/// A partial tile (`rows × cols` of the kernel's `MR × NR`) through a scratch tile.
+/// A partial tile (`rows × cols` of the kernel's `MR × NR`) through a scratch tile: `out` as
+/// for a whole tile, but only its first `rows × cols` elements exist (bias: `cols`).
 ///
 /// # Safety
-/// As the kernel's, with `c` covering `rows` rows of `cols` f32 `ldc` apart and `bias` (when
-/// given) `cols` f32.
+/// As the kernel's, for the partial tile.
 #[cfg(target_arch = "x86_64")]
 unsafe fn edge_tile(
     ukr: ukr::Ukr,
     (kc, a, b): (usize, *const u32, *const u32),
-    (c, ldc): (*mut f32, usize),
-    bias: Option<*const f32>,
-    init: bool,
+    out: Out,
     (rows, cols): (usize, usize),
 ) {
     let nr = ukr::NR_512; // the scratch tile's stride: wide enough for every kernel
@@ -383,21 +415,45 @@ unsafe fn edge_tile(
     let mut b_tile = [0f32; ukr::NR_512];
     // SAFETY: as the caller promised; the scratch tile holds MR_512 rows of NR_512.
     unsafe {
-        if !init {
+        if !out.init {
             for r in 0..rows {
-                std::ptr::copy_nonoverlapping(c.add(r * ldc), tile.as_mut_ptr().add(r * nr), cols);
+                let src = out.c.add(r * out.ldc);
+                std::ptr::copy_nonoverlapping(src, tile.as_mut_ptr().add(r * nr), cols);
             }
         }
-        let bp = match bias {
-            Some(bb) => {
-                std::ptr::copy_nonoverlapping(bb, b_tile.as_mut_ptr(), cols);
-                b_tile.as_ptr()
-            }
-            None => std::ptr::null(),
+        let bias = if out.bias.is_null() {
+            std::ptr::null()
+        } else {
+            std::ptr::copy_nonoverlapping(out.bias, b_tile.as_mut_ptr(), cols);
+            b_tile.as_ptr()
         };
-        ukr(kc, a, b, tile.as_mut_ptr(), nr, bp, init);
+        let scratch = Out {
+            c: tile.as_mut_ptr(),
+            ldc: nr,
+            bias,
+            half: Half::No,
+            ..out
+        };
+        ukr(kc, a, b, scratch);
         for r in 0..rows {
-            std::ptr::copy_nonoverlapping(tile.as_ptr().add(r * nr), c.add(r * ldc), cols);
+            let sums = &tile[r * nr..r * nr + cols];
+            match out.half {
+                Half::No => {
+                    std::ptr::copy_nonoverlapping(sums.as_ptr(), out.c.add(r * out.ldc), cols)
+                }
+                Half::Bf16 => {
+                    let h = std::slice::from_raw_parts_mut(out.h.add(r * out.ldh), cols);
+                    for (d, &x) in h.iter_mut().zip(sums) {
+                        *d = crate::kernels::cpu::bf16_nearest(x).to_bits();
+                    }
+                }
+                Half::F16 => {
+                    let h = std::slice::from_raw_parts_mut(out.h.add(r * out.ldh), cols);
+                    for (d, &x) in h.iter_mut().zip(sums) {
+                        *d = half::f16::from_f32(x).to_bits();
+                    }
+                }
+            }
         }
     }
 }

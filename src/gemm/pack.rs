@@ -32,6 +32,8 @@ impl Form {
 pub(crate) trait Elem: Copy + Default + Send + Sync + 'static {
     /// Whether this is f32 (the output is then accumulated in place).
     const IS_F32: bool;
+    /// The 16-bit format of this type, if it is one (AVX-512 kernels round into it directly).
+    const HALF: super::ukr::Half;
     /// `dst[i] = src[i]` widened to f32 (exact).
     fn widen(src: &[Self], dst: &mut [f32]);
     /// `dst[i]` = the pair `(src[2i], src[2i + 1])` as bf16 bits (low half first), the missing
@@ -43,6 +45,7 @@ pub(crate) trait Elem: Copy + Default + Send + Sync + 'static {
 
 impl Elem for f32 {
     const IS_F32: bool = true;
+    const HALF: super::ukr::Half = super::ukr::Half::No;
     fn widen(src: &[Self], dst: &mut [f32]) {
         dst.copy_from_slice(src);
     }
@@ -56,6 +59,7 @@ impl Elem for f32 {
 
 impl Elem for bf16 {
     const IS_F32: bool = false;
+    const HALF: super::ukr::Half = super::ukr::Half::Bf16;
     fn widen(src: &[Self], dst: &mut [f32]) {
         // A shift: vectorises (half's per-element conversion does not).
         for (d, s) in dst.iter_mut().zip(src) {
@@ -82,6 +86,7 @@ impl Elem for bf16 {
 
 impl Elem for f16 {
     const IS_F32: bool = false;
+    const HALF: super::ukr::Half = super::ukr::Half::F16;
     fn widen(src: &[Self], dst: &mut [f32]) {
         // half's slice conversion (F16C where the CPU has it).
         use half::slice::HalfFloatSliceExt;

@@ -229,3 +229,76 @@ fn mlp_equals_two_gemms() {
         }
     }
 }
+
+/// The AVX-512 kernels round bf16 / f16 outputs themselves: bit for bit what rounding the f32
+/// product with `half` gives, including NaN, infinities, overflow, ties and subnormals (from
+/// the bias), on whole and partial tiles, one and several blocks of `K`.
+#[test]
+fn half_outputs_round_like_half() {
+    let kernel = Kernel::Avx512F32;
+    if !kernel.supported() {
+        eprintln!("no AVX-512 on this CPU");
+        return;
+    }
+    let special = [
+        f32::NAN,
+        f32::from_bits(0x7FFF_FFFF), // a NaN whose rounding would carry into the sign
+        f32::from_bits(0x3F80_8000), // bf16 ties: to even (down) ...
+        f32::from_bits(0x3F81_8000), // ... and up
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        3.0e38,
+        -3.3e38,
+        1e-40,
+        -3e-39,
+        6e-8,
+        1.0 + 1.0 / 256.0,
+        1.0 + 3.0 / 256.0,
+        65520.0,
+        0.0,
+    ];
+    for &(m, n, k) in &[(20usize, 40usize, 3usize), (15, 33, 1000), (3, 100, 0)] {
+        // The first two rows of x are zero: their outputs are the bias values exactly.
+        let x: Vec<f32> = rand(m * k, 5)
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                if i < 2 * k {
+                    0.0
+                } else {
+                    bf16::from_f32(*v).to_f32()
+                }
+            })
+            .collect();
+        let w: Vec<f32> = rand(n * k, 6)
+            .iter()
+            .map(|v| bf16::from_f32(*v).to_f32())
+            .collect();
+        let bias: Vec<f32> = (0..n).map(|j| special[j % special.len()]).collect();
+        let pw = PackedWeight::new(kernel, &w, (n, k), k);
+        let mut sums = vec![0f32; m * n];
+        gemm(&x, m, &pw, Some(&bias), &mut sums, None);
+
+        let xb: Vec<bf16> = x.iter().map(|v| bf16::from_f32(*v)).collect();
+        let wb: Vec<bf16> = w.iter().map(|v| bf16::from_f32(*v)).collect();
+        let pwb = PackedWeight::new(kernel, &wb, (n, k), k);
+        let mut got = vec![bf16::ZERO; m * n];
+        gemm(&xb, m, &pwb, Some(&bias), &mut got, None);
+        for (i, (g, s)) in got.iter().zip(&sums).enumerate() {
+            let want = bf16::from_f32(*s);
+            let same = g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan());
+            assert!(same, "bf16 ({m}, {n}, {k}) [{i}]: {s:e} -> {g} want {want}");
+        }
+
+        let xh: Vec<f16> = x.iter().map(|v| f16::from_f32(*v)).collect();
+        let wh: Vec<f16> = w.iter().map(|v| f16::from_f32(*v)).collect();
+        let pwh = PackedWeight::new(kernel, &wh, (n, k), k);
+        let mut goth = vec![f16::ZERO; m * n];
+        gemm(&xh, m, &pwh, Some(&bias), &mut goth, None);
+        for (i, (g, s)) in goth.iter().zip(&sums).enumerate() {
+            let want = f16::from_f32(*s);
+            let same = g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan());
+            assert!(same, "f16 ({m}, {n}, {k}) [{i}]: {s:e} -> {g} want {want}");
+        }
+    }
+}

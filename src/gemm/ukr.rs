@@ -15,7 +15,8 @@
 //! in the high half) and a step covers two `k`: `vdpbf16ps` adds both products to each f32 lane.
 //!
 //! Every kernel computes a whole tile; the driver sends partial tiles through a scratch tile.
-//! `C` is written as `C = bias + AB` (`init`, bias optional) or `C += AB`.
+//! `C` is written as `C = bias + AB` (`init`, bias optional) or `C += AB`, or (AVX-512, the last
+//! block of `K` of a bf16 / f16 product) rounded to 16 bits straight into the output ([`Out`]).
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -29,38 +30,78 @@ pub(crate) const MR_256: usize = 6;
 /// Columns of the AVX2 tile (two vectors of 8 lanes).
 pub(crate) const NR_256: usize = 16;
 
-/// Writes the tile of accumulators `$acc` (rows of two vectors) to `C`: `C = bias + acc`
-/// (`init`; bias null: zero) or `C += acc`, with the vector type's `$load`, `$store`, `$add`,
-/// `$zero` and `$lanes`. A macro so that it inlines into each kernel (a function would receive
-/// the accumulators through memory).
+/// Writes the tile of accumulators `$acc` (rows of two vectors) as [`Out`] says, with the
+/// vector type's `$load`, `$store`, `$add`, `$zero`, `$lanes` and 16-bit rounding `$round`
+/// (`(vector, Half) -> 16-bit vector`, `$store16` to write it; unused by kernels given
+/// `Half::No` only). A macro so that it inlines into each kernel (a function would receive the
+/// accumulators through memory).
 macro_rules! store_tile {
-    ($acc:expr, $c:expr, $ldc:expr, $bias:expr, $init:expr, $lanes:expr, $load:ident, $store:ident, $add:ident, $zero:ident) => {{
-        let (c, ldc, bias): (*mut f32, usize, *const f32) = ($c, $ldc, $bias);
-        let add = if !$init {
+    ($acc:expr, $out:expr, $lanes:expr, $load:ident, $store:ident, $add:ident, $zero:ident, $round:expr, $store16:expr) => {{
+        let o: Out = $out;
+        let add = if !o.init {
             None
-        } else if bias.is_null() {
+        } else if o.bias.is_null() {
             Some(($zero(), $zero()))
         } else {
-            Some(($load(bias), $load(bias.add($lanes))))
+            Some(($load(o.bias), $load(o.bias.add($lanes))))
         };
         for (i, row) in $acc.iter().enumerate() {
-            let p = c.add(i * ldc);
+            let p = o.c.add(i * o.ldc);
             let (c0, c1) = match add {
                 Some(b) => b,
                 None => ($load(p), $load(p.add($lanes))),
             };
-            $store(p, $add(c0, row[0]));
-            $store(p.add($lanes), $add(c1, row[1]));
+            let (v0, v1) = ($add(c0, row[0]), $add(c1, row[1]));
+            if o.half == Half::No {
+                $store(p, v0);
+                $store(p.add($lanes), v1);
+            } else {
+                let h = o.h.add(i * o.ldh);
+                $store16(h, $round(v0, o.half));
+                $store16(h.add($lanes), $round(v1, o.half));
+            }
         }
     }};
 }
 
-/// One micro-kernel: `(kc, a, b, c, ldc, bias, init)`.
+/// How a kernel's tile is written: the f32 sums to `c` (`C = bias + AB` when `init`, bias null
+/// meaning zero, else `C += AB`), or, with `half`, those sums rounded to 16 bits at `h` instead
+/// (`C` then only read, when not `init`): the last block of `K` of a bf16 or f16 product writes
+/// its output directly.
+#[derive(Clone, Copy)]
+pub(crate) struct Out {
+    /// The tile's f32 sums, rows `ldc` apart.
+    pub c: *mut f32,
+    pub ldc: usize,
+    /// `NR` f32 of bias for the first block of `K` (null: none).
+    pub bias: *const f32,
+    /// Whether this is the first block of `K`.
+    pub init: bool,
+    /// The rounded output (AVX-512 kernels only).
+    pub half: Half,
+    /// The rounded output's rows, `ldh` apart.
+    pub h: *mut u16,
+    pub ldh: usize,
+}
+
+/// The 16-bit output of [`Out`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Half {
+    /// None: write the f32 sums.
+    No,
+    /// bf16, rounded to nearest even (NaN stays NaN, quietened), as `half::bf16::from_f32`.
+    Bf16,
+    /// f16, rounded to nearest even (`vcvtps2ph`), as `half::f16::from_f32`.
+    F16,
+}
+
+/// One micro-kernel: `(kc, a, b, out)`.
 ///
 /// # Safety
 /// The CPU has the kernel's instructions; `a` covers `kc · MR` packed elements, `b` `kc · NR`,
-/// `c` `MR` rows of `NR` f32 `ldc` apart, and `bias` (when not null) `NR` f32.
-pub(crate) type Ukr = unsafe fn(usize, *const u32, *const u32, *mut f32, usize, *const f32, bool);
+/// `out.c` `MR` rows of `NR` f32 `out.ldc` apart, `out.bias` (when not null) `NR` f32, and
+/// `out.h` (with `out.half`) `MR` rows of `NR` 16-bit elements `out.ldh` apart.
+pub(crate) type Ukr = unsafe fn(usize, *const u32, *const u32, Out);
 
 /// The f32 AVX-512 kernel (14 × 32). Packed elements are f32 bit patterns.
 ///
@@ -68,18 +109,10 @@ pub(crate) type Ukr = unsafe fn(usize, *const u32, *const u32, *mut f32, usize, 
 /// See [`Ukr`]; AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-pub(crate) unsafe fn f32_avx512(
-    kc: usize,
-    a: *const u32,
-    b: *const u32,
-    c: *mut f32,
-    ldc: usize,
-    bias: *const f32,
-    init: bool,
-) {
+pub(crate) unsafe fn f32_avx512(kc: usize, a: *const u32, b: *const u32, out: Out) {
     let (a, b) = (a as *const f32, b as *const f32);
     // SAFETY: a prefetch of the tile's own rows (never faults).
-    unsafe { prefetch_c(c, ldc, MR_512) };
+    unsafe { prefetch_c(out.c, out.ldc, MR_512) };
     let mut acc = [[_mm512_setzero_ps(); 2]; MR_512];
     for k in 0..kc {
         // SAFETY (whole loop): step k of both packed operands is inside what the caller named.
@@ -95,19 +128,18 @@ pub(crate) unsafe fn f32_avx512(
             }
         }
     }
-    // SAFETY: the caller's `c` / `bias` cover the tile.
+    // SAFETY: the caller's `out` covers the tile.
     unsafe {
         store_tile!(
             acc,
-            c,
-            ldc,
-            bias,
-            init,
+            out,
             16,
             _mm512_loadu_ps,
             _mm512_storeu_ps,
             _mm512_add_ps,
-            _mm512_setzero_ps
+            _mm512_setzero_ps,
+            round16_512,
+            store16_512
         )
     }
 }
@@ -118,17 +150,9 @@ pub(crate) unsafe fn f32_avx512(
 /// See [`Ukr`] (`kc` counts pairs); AVX-512F, BW and BF16.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-pub(crate) unsafe fn bf16_avx512(
-    kc: usize,
-    a: *const u32,
-    b: *const u32,
-    c: *mut f32,
-    ldc: usize,
-    bias: *const f32,
-    init: bool,
-) {
+pub(crate) unsafe fn bf16_avx512(kc: usize, a: *const u32, b: *const u32, out: Out) {
     // SAFETY: a prefetch of the tile's own rows (never faults).
-    unsafe { prefetch_c(c, ldc, MR_512) };
+    unsafe { prefetch_c(out.c, out.ldc, MR_512) };
     let mut acc = [[_mm512_setzero_ps(); 2]; MR_512];
     for k in 0..kc {
         // SAFETY (whole loop): step k of both packed operands is inside what the caller named.
@@ -144,21 +168,54 @@ pub(crate) unsafe fn bf16_avx512(
             }
         }
     }
-    // SAFETY: the caller's `c` / `bias` cover the tile.
+    // SAFETY: the caller's `out` covers the tile.
     unsafe {
         store_tile!(
             acc,
-            c,
-            ldc,
-            bias,
-            init,
+            out,
             16,
             _mm512_loadu_ps,
             _mm512_storeu_ps,
             _mm512_add_ps,
-            _mm512_setzero_ps
+            _mm512_setzero_ps,
+            round16_512,
+            store16_512
         )
     }
+}
+
+/// 16 f32 lanes rounded to bf16 or f16 (to nearest even; see [`Half`]).
+///
+/// # Safety
+/// AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn round16_512(v: __m512, half: Half) -> __m256i {
+    if half == Half::F16 {
+        return _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
+    }
+    // bf16: the integer rounding of `bf16_nearest`, 16 lanes at a time.
+    let b = _mm512_castps_si512(v);
+    let hi = _mm512_srli_epi32::<16>(b);
+    let lsb = _mm512_and_si512(hi, _mm512_set1_epi32(1));
+    let bias = _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF));
+    let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(b, bias));
+    let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+    let quiet = _mm512_or_si512(hi, _mm512_set1_epi32(0x40));
+    _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, rounded, quiet))
+}
+
+/// Stores 16 16-bit elements.
+///
+/// # Safety
+/// AVX-512F; `p` covers 16 elements.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn store16_512(p: *mut u16, v: __m256i) {
+    // SAFETY: as the caller promised.
+    unsafe { _mm256_storeu_si256(p as *mut __m256i, v) }
 }
 
 /// Asks for the first 128 bytes of each of `rows` rows of `C` (`ldc` apart) to be brought to
@@ -186,18 +243,10 @@ unsafe fn prefetch_c(c: *mut f32, ldc: usize, rows: usize) {
 /// See [`Ukr`]; AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-pub(crate) unsafe fn f32_avx2(
-    kc: usize,
-    a: *const u32,
-    b: *const u32,
-    c: *mut f32,
-    ldc: usize,
-    bias: *const f32,
-    init: bool,
-) {
+pub(crate) unsafe fn f32_avx2(kc: usize, a: *const u32, b: *const u32, out: Out) {
     let (a, b) = (a as *const f32, b as *const f32);
     // SAFETY: a prefetch of the tile's own rows (never faults).
-    unsafe { prefetch_c(c, ldc, MR_256) };
+    unsafe { prefetch_c(out.c, out.ldc, MR_256) };
     let mut acc = [[_mm256_setzero_ps(); 2]; MR_256];
     for k in 0..kc {
         // SAFETY (whole loop): step k of both packed operands is inside what the caller named.
@@ -213,19 +262,19 @@ pub(crate) unsafe fn f32_avx2(
             }
         }
     }
-    // SAFETY: the caller's `c` / `bias` cover the tile.
+    debug_assert_eq!(out.half, Half::No, "the AVX2 kernel writes f32 only");
+    // SAFETY: the caller's `out` covers the tile.
     unsafe {
         store_tile!(
             acc,
-            c,
-            ldc,
-            bias,
-            init,
+            out,
             8,
             _mm256_loadu_ps,
             _mm256_storeu_ps,
             _mm256_add_ps,
-            _mm256_setzero_ps
+            _mm256_setzero_ps,
+            |v: __m256, _: Half| v,
+            |_: *mut u16, _: __m256| ()
         )
     }
 }
