@@ -17,6 +17,7 @@ struct Scratch {
     a: Lines,
     c: Vec<f32>,
     /// [`mlp`]'s block of the hidden layer.
+    #[cfg_attr(not(feature = "models"), allow(dead_code))]
     hidden: Vec<f32>,
 }
 
@@ -285,6 +286,7 @@ fn run<T: Elem>(
     });
 }
 
+#[cfg_attr(not(feature = "models"), allow(dead_code))]
 /// A function given each finished output row of [`mlp`] with the input row it came from (for a
 /// residual connection): `(output row, input row)`.
 pub(crate) type ResidualFn<'a> = &'a (dyn Fn(&mut [f32], &[f32]) + Sync);
@@ -298,7 +300,7 @@ pub(crate) type ResidualFn<'a> = &'a (dyn Fn(&mut [f32], &[f32]) + Sync);
 /// # Panics
 /// When the shapes disagree (`w2`'s `K` must be `w1`'s `N`), the slices are short, a weight is
 /// not packed as f32, or the CPU lacks a kernel.
-#[allow(clippy::too_many_arguments)]
+#[cfg_attr(not(feature = "models"), allow(dead_code))]
 pub(crate) fn mlp(
     x: &[f32],
     m: usize,

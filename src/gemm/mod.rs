@@ -21,6 +21,13 @@
 //! ([`bf16_strategy`]): on AMD Zen 4/5 `vdpbf16ps` does twice the f32 FMA's work per cycle, on
 //! Intel's Xeons of family 6 model 207 half of it. `CANDLE_MHA_BF16_GEMM=dot|widen` overrides.
 
+// Off x86-64 no kernel exists: the module compiles (its peak probe answers `None`) and is never
+// reached (`kernel_for` is x86-64 only, so projections keep candle's matmul).
+#![cfg_attr(
+    not(target_arch = "x86_64"),
+    allow(dead_code, unused_imports, unused_macros, unused_variables)
+)]
+
 mod driver;
 pub(crate) mod pack;
 pub mod peak;
@@ -33,7 +40,10 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-pub(crate) use driver::{gemm, mlp, ResidualFn, RowFn};
+pub(crate) use driver::gemm;
+// Row epilogues and the fused two-layer product serve the models only.
+#[cfg_attr(not(feature = "models"), allow(unused_imports))]
+pub(crate) use driver::{mlp, ResidualFn, RowFn};
 pub(crate) use pack::Elem;
 use pack::{Form, Src};
 
@@ -334,6 +344,7 @@ impl PackedWeight {
     }
 
     /// Elements per row (`K`).
+    #[cfg_attr(not(feature = "models"), allow(dead_code))]
     pub(crate) fn k(&self) -> usize {
         self.k
     }

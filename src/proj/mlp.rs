@@ -14,7 +14,6 @@ use crate::gemm::{PackedWeight, ResidualFn, RowFn};
 /// layer computed and consumed one block of rows at a time, never written out whole), or
 /// `None` where the packed f32 GEMM does not serve both products (then the caller runs them
 /// one by one).
-#[cfg_attr(not(feature = "models"), allow(dead_code))]
 pub(crate) fn mlp(
     x: &Tensor,
     (up, act): (&Proj, RowFn),

@@ -393,8 +393,10 @@ fn gemm(
     bail!("linear: no SIMD GEMM on this architecture")
 }
 
+#[cfg(feature = "models")]
 mod mlp;
 
+#[cfg(feature = "models")]
 pub(crate) use mlp::mlp;
 
 #[cfg(test)]

@@ -128,6 +128,7 @@ pub use decode::SPLIT_MIN_KEYS;
 use kt::{transpose_blocks, transpose_heads, KtBuf, Packed};
 pub(crate) use out::bf16_nearest;
 use out::OutVec;
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_imports))]
 pub(crate) use products::{current as current_isa, Isa};
 use tile::{Bias, Ctx, Data, OutBuf, OutPtr, View};
 
