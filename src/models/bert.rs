@@ -1,7 +1,9 @@
 //! A BERT encoder (Hugging Face `BertModel`, without the pooler) whose attention is
 //! [`MultiHeadAttention`] loaded with [`WeightLayout::bert`].
 //!
-//! Everything else is plain candle-nn: [`Embedding`]s, [`LayerNorm`]s and [`Linear`]s, under the
+//! Everything else is plain candle-nn: [`Embedding`]s, [`LayerNorm`]s and
+//! [`Linear`](candle_nn::Linear)s (run on the crate's packed GEMM; in f32 the feed-forward
+//! block's two projections, GELU and residual + layer norm in one fused pass), under the
 //! checkpoint's own tensor names, so any `BertModel` checkpoint (`model.safetensors` with
 //! `embeddings.*` and `encoder.layer.N.*`) loads as it is. The hyper-parameters come from the
 //! checkpoint's `config.json` ([`BertConfig`]).
