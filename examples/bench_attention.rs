@@ -41,6 +41,10 @@ use candle_mha::mask::{Causal, KeyPaddingMask, MaskDims, MaskPlan};
 use candle_mha::{Backend, CausalAlignment, MhaConfig, MhaInput, MultiHeadAttention};
 use candle_nn::{VarBuilder, VarMap};
 
+#[path = "common/timing.rs"]
+mod timing;
+use timing::{median, time_it};
+
 #[path = "common/torch.rs"]
 mod torch;
 use serde_json::{json, Value};
@@ -167,26 +171,6 @@ fn long_causal(l: usize) -> Cfg {
 /// Environment of the PyTorch child processes (set by `--isa avx2`: PyTorch held to AVX2).
 static TORCH_ENV: std::sync::OnceLock<Vec<(&'static str, &'static str)>> =
     std::sync::OnceLock::new();
-
-fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
-/// Runs `f` once to warm up, then `reps` timed times.
-fn time_it(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
-    f()?;
-    let mut out = vec![];
-    for _ in 0..reps {
-        let t = Instant::now();
-        f()?;
-        out.push(t.elapsed().as_secs_f64());
-    }
-    Ok(out)
-}
 
 /// The inputs of one config on the candle side.
 struct Inputs {

@@ -122,6 +122,14 @@ fn min(xs: &[f64]) -> f64 {
     xs.iter().copied().fold(f64::INFINITY, f64::min)
 }
 
+/// The largest absolute difference between two sets of embeddings.
+fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    a.iter()
+        .zip(b)
+        .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
+        .fold(0f32, f32::max)
+}
+
 fn fmt_times(xs: &[f64]) -> String {
     let v: Vec<String> = xs.iter().map(|t| format!("{t:.3}")).collect();
     v.join(" ")
@@ -305,11 +313,7 @@ fn main() -> Result<()> {
         packed_s / candle_s,
         verdict(packed_s, candle_s)
     );
-    let packed_diff = emb
-        .iter()
-        .zip(&emb_packed)
-        .flat_map(|(a, b)| a.iter().zip(b).map(|(x, y)| (x - y).abs()))
-        .fold(0f32, f32::max);
+    let packed_diff = max_abs_diff(&emb, &emb_packed);
     println!("max |packed - padded| over all embeddings: {packed_diff:.2e}");
     let Some((mut side, info)) = torch_side else {
         return Ok(());
@@ -355,11 +359,7 @@ fn main() -> Result<()> {
         let npy = tmp.join("ort.npy");
         side.command(&format!("save_ort {}", npy.display()))?;
         let theirs = Tensor::read_npy(&npy)?.to_vec2::<f32>()?;
-        let diff = emb
-            .iter()
-            .zip(&theirs)
-            .flat_map(|(a, b)| a.iter().zip(b).map(|(x, y)| (x - y).abs()))
-            .fold(0f32, f32::max);
+        let diff = max_abs_diff(&emb, &theirs);
         println!("max |candle-mha - ONNX Runtime optimized| over all embeddings: {diff:.2e}");
     }
     let npy = tmp.join("torch.npy");
@@ -367,11 +367,7 @@ fn main() -> Result<()> {
     drop(side.stdin);
     side.child.wait()?;
     let theirs = Tensor::read_npy(&npy)?.to_vec2::<f32>()?;
-    let diff = emb
-        .iter()
-        .zip(&theirs)
-        .flat_map(|(a, b)| a.iter().zip(b).map(|(x, y)| (x - y).abs()))
-        .fold(0f32, f32::max);
+    let diff = max_abs_diff(&emb, &theirs);
     println!("max |candle-mha - PyTorch| over all embeddings: {diff:.2e}");
     std::fs::remove_dir_all(&tmp).ok();
     Ok(())

@@ -20,13 +20,15 @@
 //! name contains it), `--isa avx512bf16|avx512|avx2` (the kernels of that instruction set; with
 //! `avx2` PyTorch is held to AVX2 too), `--no-candle`.
 
-use std::time::Instant;
-
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_mha::kernels::test_support::{self as ts, peak_gflops, PackedLinear, PeakKind};
 use candle_nn::Linear;
 use serde_json::json;
+
+#[path = "common/timing.rs"]
+mod timing;
+use timing::{median, time_it};
 
 #[path = "common/torch.rs"]
 mod torch;
@@ -78,26 +80,6 @@ const SHAPES: [Shape; 6] = [
         k: 4096,
     },
 ];
-
-fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
-/// `reps` timed runs of `f` after one warm-up.
-fn time_it(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
-    f()?;
-    (0..reps)
-        .map(|_| {
-            let t = Instant::now();
-            f()?;
-            Ok(t.elapsed().as_secs_f64())
-        })
-        .collect()
-}
 
 fn dtype_name(d: DType) -> &'static str {
     match d {

@@ -25,9 +25,10 @@ thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
-/// The output, written from many tasks: each task writes its own block of rows × columns.
+/// An output written from many tasks, each writing its own block of rows × columns (also the
+/// dot-product GEMM's, `kernels/cpu/gemm.rs`).
 #[derive(Clone, Copy)]
-struct OutPtr<T>(*mut T);
+pub(crate) struct OutPtr<T>(pub(crate) *mut T);
 // SAFETY: tasks write disjoint blocks of the buffer, which outlives the parallel loop.
 unsafe impl<T> Send for OutPtr<T> {}
 // SAFETY: as above.
@@ -35,7 +36,7 @@ unsafe impl<T> Sync for OutPtr<T> {}
 
 impl<T> OutPtr<T> {
     /// Element `i` (a method, so that closures capture the whole `Sync` wrapper).
-    fn at(self, i: usize) -> *mut T {
+    pub(crate) fn at(self, i: usize) -> *mut T {
         self.0.wrapping_add(i)
     }
 }

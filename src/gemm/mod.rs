@@ -40,7 +40,7 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-pub(crate) use driver::gemm;
+pub(crate) use driver::{gemm, OutPtr};
 // Row epilogues and the fused two-layer product serve the models only.
 #[cfg_attr(not(feature = "models"), allow(unused_imports))]
 pub(crate) use driver::{mlp, ResidualFn, RowFn};

@@ -100,19 +100,7 @@ impl Elem for f16 {
     const BLOCK: Block<Self> = f16_kernel::task_block;
 }
 
-/// The output, written from many tasks: each task writes its own `MB × NB` block only.
-#[derive(Clone, Copy)]
-struct OutPtr<T>(*mut T);
-// SAFETY: tasks write disjoint blocks of the buffer, which outlives the parallel loop.
-unsafe impl<T> Send for OutPtr<T> {}
-unsafe impl<T> Sync for OutPtr<T> {}
-
-impl<T> OutPtr<T> {
-    /// Element `i` of the output (a method, so that closures capture the whole `Sync` wrapper).
-    fn at(self, i: usize) -> *mut T {
-        self.0.wrapping_add(i)
-    }
-}
+use crate::gemm::OutPtr;
 
 /// `out[r][j] = bf16(Σ_x x[r][x]·w[j][x] + bias[j])` for `r < m`, `j < n`, on rayon's pool.
 ///
