@@ -10,8 +10,11 @@ use super::pack::{self, Elem, Form, Src};
 use super::ukr::{Half, Out};
 use super::{blocking, ukr, Blocking, Kernel, Lines, PackedWeight};
 
-/// Per-thread scratch: the packed block of `x` and (half outputs) the block's f32 sums. At most
-/// `mc × kc` + `mc × nc` f32 per thread (about 0.5–1 MiB), kept for the thread's life.
+/// Per-thread scratch, kept for the thread's life and grown to the largest call: the packed
+/// block of `x` (`mc × kc` f32, about 0.35 MiB on a 1 MiB-L2 CPU), for half outputs the f32
+/// sums of a task's block while `K` has more than one block (`mc × min(N, nc)` f32: 3.4 MiB at
+/// N = 4096), and [`mlp`]'s hidden block (`mc × N1` f32: 1.3 MiB for a BERT-base
+/// feed-forward).
 #[derive(Default)]
 struct Scratch {
     a: Lines,
