@@ -225,14 +225,6 @@ pub(crate) fn blocking(kernel: Kernel) -> Blocking {
     let kc = (l1 * 2 / 3 / (mr * 4) / 32 * 32).clamp(64, 512);
     let mc = (l2 / 3 / (kc * 4) / mr * mr).max(mr);
     let nc = ((8 << 20) / (kc * 4) / nr * nr).max(nr);
-    if let Ok(v) = std::env::var("TMP_BLOCK") {
-        let v: Vec<usize> = v.split(',').map(|x| x.parse().unwrap()).collect();
-        return Blocking {
-            kc: v[0],
-            mc: v[1] / mr * mr,
-            nc: v[2] / nr * nr,
-        };
-    }
     Blocking { kc, mc, nc }
 }
 
