@@ -80,7 +80,8 @@ fn run(kind: PeakKind, iters: u64) -> f64 {
 }
 
 /// The peak rate of `kind` in GFLOP/s on `threads` threads at once (each timing its own loop of
-/// about `millis` ms; the rate is the sum of theirs), or `None` when the CPU lacks it.
+/// about `millis` ms; the rate is the sum of theirs; at most 256 threads), or `None` when the CPU
+/// lacks it.
 pub fn peak_gflops(kind: PeakKind, threads: usize, millis: u64) -> Option<f64> {
     if !kind.supported() {
         return None;
@@ -97,7 +98,7 @@ pub fn peak_gflops(kind: PeakKind, threads: usize, millis: u64) -> Option<f64> {
         }
         iters *= 4;
     }
-    let threads = threads.max(1);
+    let threads = threads.clamp(1, 256);
     let rates: Vec<f64> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..threads)
             .map(|_| {
