@@ -206,7 +206,9 @@ impl MultiHeadAttention {
 
     /// A view of this module for inference: the same weights (sharing storage, so later
     /// optimizer steps on the `Var`s are visible) detached from autograd, so that calls record
-    /// no graph. See the [module docs](self#inference-and-training).
+    /// no graph. See the [module docs](self#inference-and-training). Because those weights can
+    /// still change, the CPU projections of a view of `Var`s repack them on every call; weights
+    /// loaded from a checkpoint are packed once and kept.
     pub fn inference(&self) -> Self {
         Self {
             proj: self.proj.detached(),
