@@ -186,7 +186,12 @@ fn fast_path(lin: &Linear, x: &Tensor, keeps_packed: bool) -> Option<Plan> {
     let w = lin.weight();
     let dtype = x.dtype();
     let ok = |t: &Tensor| t.dtype() == dtype && t.device().is_cpu() && !t.track_op();
-    let shapes_ok = w.rank() == 2 && x.rank() >= 1 && x.dims().last() == w.dims().get(1);
+    // K = 0 (no input features) keeps candle's path: the rows of x cannot be counted from its
+    // elements.
+    let shapes_ok = w.rank() == 2
+        && x.rank() >= 1
+        && x.dims().last() == w.dims().get(1)
+        && w.dims().get(1).is_some_and(|&k| k > 0);
     let usable = shapes_ok
         && ok(x)
         && ok(w)

@@ -222,3 +222,20 @@ fn bf16_linear_keeps_shapes_views_and_falls_back_where_it_must() -> Result<()> {
     }
     Ok(())
 }
+
+/// No input features (K = 0): the output is the bias, through candle's path (the rows of `x`
+/// cannot be counted from its elements), for a kept-packed projection too.
+#[test]
+fn zero_features_give_the_bias() -> Result<()> {
+    let dev = Device::Cpu;
+    let x = Tensor::zeros((3, 20, 0), DType::F32, &dev)?;
+    let w = Tensor::zeros((5, 0), DType::F32, &dev)?;
+    let b = Tensor::new(&[1f32, 2., 3., 4., 5.], &dev)?;
+    let p = Proj::new(Linear::new(w, Some(b.clone())));
+    let y = p.forward(&x)?;
+    assert_eq!(y.dims(), &[3, 20, 5]);
+    let want = b.broadcast_as((3, 20, 5))?;
+    let d = (y - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    assert_eq!(d, 0.0);
+    Ok(())
+}
