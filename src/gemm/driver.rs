@@ -8,7 +8,7 @@ use rayon::prelude::*;
 
 use super::pack::{self, Elem, Form, Src};
 use super::ukr::{Half, Out};
-use super::{blocking, ukr, Blocking, Kernel, Lines, PackedWeight};
+use super::{blocking, ukr, Blocking, Lines, PackedWeight};
 
 /// Per-thread scratch, kept for the thread's life and grown to the largest call: the packed
 /// block of `x` (`mc × kc` f32, about 0.35 MiB on a 1 MiB-L2 CPU), for half outputs the f32
@@ -271,9 +271,9 @@ fn run<T: Elem>(
                 }
                 (cbuf.as_mut_ptr(), nv)
             };
-            // Half outputs of the AVX-512 kernels are rounded and written by the kernel itself.
-            let direct = (T::HALF != Half::No && w.kernel != Kernel::Avx2F32)
-                .then(|| (T::HALF, dst.at(r0 * n + c0) as *mut u16, n));
+            // Half outputs are rounded and written by the kernel itself.
+            let direct =
+                (T::HALF != Half::No).then(|| (T::HALF, dst.at(r0 * n + c0) as *mut u16, n));
             // SAFETY: rows r0.. and columns c0.. of the output (or the scratch block) are this
             // task's alone; the CPU has the kernel (asserted by `gemm`); c0 is a multiple of NR;
             // with `direct`, T is a 16-bit type and the pointer covers the same block of `out`.

@@ -54,7 +54,7 @@ pub(crate) enum Kernel {
     Avx512F32,
     /// `vdpbf16ps` on bf16 pairs, AVX512-BF16, 14 × 32.
     Avx512Bf16,
-    /// f32 FMAs, AVX2 + FMA, 6 × 16 (also f16 and bf16 widened).
+    /// f32 FMAs, AVX2 + FMA (+ F16C for its f16 outputs), 6 × 16 (also f16 and bf16 widened).
     Avx2F32,
 }
 
@@ -96,7 +96,9 @@ impl Kernel {
                         && is_x86_feature_detected!("avx512bf16")
                 }
                 Kernel::Avx2F32 => {
-                    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+                    is_x86_feature_detected!("avx2")
+                        && is_x86_feature_detected!("fma")
+                        && is_x86_feature_detected!("f16c")
                 }
             }
         }

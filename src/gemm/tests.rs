@@ -230,16 +230,21 @@ fn mlp_equals_two_gemms() {
     }
 }
 
-/// The AVX-512 kernels round bf16 / f16 outputs themselves: bit for bit what rounding the f32
+/// The f32 kernels round bf16 / f16 outputs themselves: bit for bit what rounding the f32
 /// product with `half` gives, including NaN, infinities, overflow, ties and subnormals (from
 /// the bias), on whole and partial tiles, one and several blocks of `K`.
 #[test]
 fn half_outputs_round_like_half() {
-    let kernel = Kernel::Avx512F32;
-    if !kernel.supported() {
-        eprintln!("no AVX-512 on this CPU");
-        return;
+    for kernel in [Kernel::Avx512F32, Kernel::Avx2F32] {
+        if kernel.supported() {
+            half_outputs_of(kernel);
+        } else {
+            eprintln!("{}: not on this CPU", kernel.name());
+        }
     }
+}
+
+fn half_outputs_of(kernel: Kernel) {
     let special = [
         f32::NAN,
         f32::from_bits(0x7FFF_FFFF), // a NaN whose rounding would carry into the sign
@@ -287,7 +292,10 @@ fn half_outputs_round_like_half() {
         for (i, (g, s)) in got.iter().zip(&sums).enumerate() {
             let want = bf16::from_f32(*s);
             let same = g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan());
-            assert!(same, "bf16 ({m}, {n}, {k}) [{i}]: {s:e} -> {g} want {want}");
+            assert!(
+                same,
+                "{kernel:?} bf16 ({m}, {n}, {k}) [{i}]: {s:e} -> {g} want {want}"
+            );
         }
 
         let xh: Vec<f16> = x.iter().map(|v| f16::from_f32(*v)).collect();
@@ -298,7 +306,10 @@ fn half_outputs_round_like_half() {
         for (i, (g, s)) in goth.iter().zip(&sums).enumerate() {
             let want = f16::from_f32(*s);
             let same = g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan());
-            assert!(same, "f16 ({m}, {n}, {k}) [{i}]: {s:e} -> {g} want {want}");
+            assert!(
+                same,
+                "{kernel:?} f16 ({m}, {n}, {k}) [{i}]: {s:e} -> {g} want {want}"
+            );
         }
     }
 }

@@ -15,8 +15,8 @@
 //! in the high half) and a step covers two `k`: `vdpbf16ps` adds both products to each f32 lane.
 //!
 //! Every kernel computes a whole tile; the driver sends partial tiles through a scratch tile.
-//! `C` is written as `C = bias + AB` (`init`, bias optional) or `C += AB`, or (AVX-512, the last
-//! block of `K` of a bf16 / f16 product) rounded to 16 bits straight into the output ([`Out`]).
+//! `C` is written as `C = bias + AB` (`init`, bias optional) or `C += AB`, or (the last block of
+//! `K` of a bf16 / f16 product) rounded to 16 bits straight into the output ([`Out`]).
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -77,7 +77,7 @@ pub(crate) struct Out {
     pub bias: *const f32,
     /// Whether this is the first block of `K`.
     pub init: bool,
-    /// The rounded output (AVX-512 kernels only).
+    /// The rounded output, if any.
     pub half: Half,
     /// The rounded output's rows, `ldh` apart.
     pub h: *mut u16,
@@ -240,9 +240,9 @@ unsafe fn prefetch_c(c: *mut f32, ldc: usize, rows: usize) {
 /// The f32 AVX2 + FMA kernel (6 × 16). Packed elements are f32 bit patterns.
 ///
 /// # Safety
-/// See [`Ukr`]; AVX2 and FMA.
+/// See [`Ukr`]; AVX2, FMA and F16C.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn f32_avx2(kc: usize, a: *const u32, b: *const u32, out: Out) {
     let (a, b) = (a as *const f32, b as *const f32);
     // SAFETY: a prefetch of the tile's own rows (never faults).
@@ -262,7 +262,6 @@ pub(crate) unsafe fn f32_avx2(kc: usize, a: *const u32, b: *const u32, out: Out)
             }
         }
     }
-    debug_assert_eq!(out.half, Half::No, "the AVX2 kernel writes f32 only");
     // SAFETY: the caller's `out` covers the tile.
     unsafe {
         store_tile!(
@@ -273,8 +272,45 @@ pub(crate) unsafe fn f32_avx2(kc: usize, a: *const u32, b: *const u32, out: Out)
             _mm256_storeu_ps,
             _mm256_add_ps,
             _mm256_setzero_ps,
-            |v: __m256, _: Half| v,
-            |_: *mut u16, _: __m256| ()
+            round16_256,
+            store16_256
         )
     }
+}
+
+/// 8 f32 lanes rounded to bf16 or f16 (to nearest even; see [`Half`]).
+///
+/// # Safety
+/// AVX2 and F16C.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn round16_256(v: __m256, half: Half) -> __m128i {
+    if half == Half::F16 {
+        return _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
+    }
+    // bf16: the integer rounding of `bf16_nearest`, 8 lanes at a time.
+    let b = _mm256_castps_si256(v);
+    let hi = _mm256_srli_epi32::<16>(b);
+    let lsb = _mm256_and_si256(hi, _mm256_set1_epi32(1));
+    let bias = _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF));
+    let rounded = _mm256_srli_epi32::<16>(_mm256_add_epi32(b, bias));
+    let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
+    let quiet = _mm256_or_si256(hi, _mm256_set1_epi32(0x40));
+    let r = _mm256_blendv_epi8(rounded, quiet, nan);
+    // Every lane is below 2^16: pack them (within 128-bit halves), then join the halves.
+    let packed = _mm256_packus_epi32(r, r);
+    _mm256_castsi256_si128(_mm256_permute4x64_epi64::<0b1000>(packed))
+}
+
+/// Stores 8 16-bit elements.
+///
+/// # Safety
+/// AVX2; `p` covers 8 elements.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn store16_256(p: *mut u16, v: __m128i) {
+    // SAFETY: as the caller promised.
+    unsafe { _mm_storeu_si128(p as *mut __m128i, v) }
 }
