@@ -5,9 +5,7 @@ use std::sync::Arc;
 
 use candle_core::{bail, CpuStorage, DType, Layout, Result, Shape, Tensor};
 
-use super::{
-    cached, fast_path, pack_weight, packed_kernel, Packed, Plan, Proj, FAST_CALLS, PACKED_CALLS,
-};
+use super::{bias_f32, fast_path, packed_kernel, Plan, Proj, FAST_CALLS, PACKED_CALLS};
 use crate::gemm::{PackedWeight, ResidualFn, RowFn};
 
 /// `epilogue(act(x · upᵀ + b_up) · downᵀ + b_down, x)` in f32 by [`crate::gemm::mlp`] (the hidden
@@ -39,24 +37,12 @@ pub(crate) fn mlp(
     if k1.form() != Form::F32 || k2.form() != Form::F32 {
         return Ok(None);
     }
-    let pack = |p: &Proj, kernel: Packed| -> Result<Arc<PackedWeight>> {
-        if p.frozen {
-            cached(kernel, p.weight(), &p.packed)
-        } else {
-            Ok(Arc::new(pack_weight(kernel, p.weight())?))
-        }
-    };
-    let bias = |p: &Proj| -> Result<Option<Vec<f32>>> {
-        p.bias()
-            .map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>())
-            .transpose()
-    };
     let op = Mlp {
-        w1: pack(up, k1)?,
-        b1: bias(up)?,
+        w1: up.packed_for(k1)?,
+        b1: bias_f32(&up.lin)?,
         act,
-        w2: pack(down, k2)?,
-        b2: bias(down)?,
+        w2: down.packed_for(k2)?,
+        b2: bias_f32(&down.lin)?,
         epilogue,
     };
     let mut dims = x.dims().to_vec();

@@ -63,7 +63,7 @@ pub(crate) struct Proj {
     lin: Linear,
     /// Whether the weight can never change (not a `Var` when the projection was made).
     frozen: bool,
-    packed: Arc<Mutex<Option<Arc<PackedWeight>>>>,
+    packed: Arc<PackCache>,
 }
 
 impl Proj {
@@ -110,6 +110,17 @@ impl Proj {
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         linear_impl(&self.lin, self.frozen.then_some(&*self.packed), x)
     }
+
+    /// The weight packed for `kernel`: the kept copy (packed now if there is none yet), or,
+    /// for a weight that may change, a fresh one.
+    #[cfg_attr(not(feature = "models"), allow(dead_code))]
+    pub(crate) fn packed_for(&self, kernel: Packed) -> Result<Arc<PackedWeight>> {
+        if self.frozen {
+            cached(kernel, self.weight(), &self.packed)
+        } else {
+            Ok(Arc::new(pack_weight(kernel, self.weight())?))
+        }
+    }
 }
 
 impl From<Linear> for Proj {
@@ -136,10 +147,7 @@ fn linear_impl(lin: &Linear, cache: Option<&PackCache>, x: &Tensor) -> Result<Te
     let mut dims = x.dims().to_vec();
     let m = x.elem_count() / k.max(1);
     let flat = x.contiguous()?.reshape((m, k))?;
-    let bias = match lin.bias() {
-        Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
-        None => None,
-    };
+    let bias = bias_f32(lin)?;
     let packed = match (plan, cache) {
         (Plan::Packed(kernel), Some(cache)) => Some(cached(kernel, w, cache)?),
         _ => None,
@@ -154,6 +162,13 @@ fn linear_impl(lin: &Linear, cache: Option<&PackCache>, x: &Tensor) -> Result<Te
         *last = n;
     }
     y.reshape(dims)
+}
+
+/// `lin`'s bias as f32 (the GEMMs add it in f32), if it has one.
+fn bias_f32(lin: &Linear) -> Result<Option<Vec<f32>>> {
+    lin.bias()
+        .map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>())
+        .transpose()
 }
 
 /// `w` packed for `kernel`: the copy kept in `cache` when it was packed for that kernel, else
