@@ -96,8 +96,10 @@ pub(crate) fn gemm<T: Elem>(
 /// then `job.epilogue` on each row (index `row_base + r`; whole rows only: `nv = N`).
 ///
 /// # Safety
-/// `c` covers `mv` rows of `nv` f32, `ldc` apart, written by nobody else meanwhile; the CPU has
-/// the weight's kernel; `c0` is a multiple of the kernel's `NR`.
+/// `c` covers `mv` rows of `nv` f32, `ldc` apart, written by nobody else meanwhile (with
+/// `direct` and a single block of `K` it is never read or written and may dangle: only
+/// addresses are formed from it); the CPU has the weight's kernel; `c0` is a multiple of the
+/// kernel's `NR`.
 #[cfg(target_arch = "x86_64")]
 unsafe fn block<T: Elem>(
     job: &Job<T>,
@@ -160,7 +162,8 @@ unsafe fn block<T: Elem>(
                 // CPU has the kernel (the caller's promise).
                 unsafe {
                     let out = Out {
-                        c: cptr.add(ip * mr * ldc + jp * nr),
+                        // Wrapping: `cptr` may dangle (see the safety section).
+                        c: cptr.wrapping_add(ip * mr * ldc + jp * nr),
                         ldc,
                         bias: job.bias.map_or(std::ptr::null(), |bb| bb.as_ptr().add(j)),
                         init,
@@ -262,14 +265,19 @@ fn run<T: Elem>(
             let Scratch {
                 a: abuf, c: cbuf, ..
             } = &mut *s;
-            // The f32 sums: the output itself (f32) or the scratch block (rounded at the end).
+            // The f32 sums: the output itself (f32), or for half outputs the scratch block,
+            // needed only when K has several blocks (partial sums), none (the bias alone) or the
+            // rows go through an epilogue: otherwise the kernels round straight into `out`.
+            let sums = w.units == 0 || w.units > kc || epilogue.is_some();
             let (cptr, ldc) = if T::IS_F32 {
                 (dst.at(r0 * n + c0) as *mut f32, n)
-            } else {
+            } else if sums {
                 if cbuf.len() < mv * nv {
                     cbuf.resize(mv * nv, 0.0);
                 }
                 (cbuf.as_mut_ptr(), nv)
+            } else {
+                (std::ptr::NonNull::<f32>::dangling().as_ptr(), nv)
             };
             // Half outputs are rounded and written by the kernel itself.
             let direct =

@@ -46,7 +46,8 @@ macro_rules! store_tile {
             Some(($load(o.bias), $load(o.bias.add($lanes))))
         };
         for (i, row) in $acc.iter().enumerate() {
-            let p = o.c.add(i * o.ldc);
+            // Wrapping: with `half` and `init`, `c` is never dereferenced and may dangle.
+            let p = o.c.wrapping_add(i * o.ldc);
             let (c0, c1) = match add {
                 Some(b) => b,
                 None => ($load(p), $load(p.add($lanes))),
@@ -70,7 +71,8 @@ macro_rules! store_tile {
 /// its output directly.
 #[derive(Clone, Copy)]
 pub(crate) struct Out {
-    /// The tile's f32 sums, rows `ldc` apart.
+    /// The tile's f32 sums, rows `ldc` apart (with `half` and `init` never dereferenced: it
+    /// may then dangle).
     pub c: *mut f32,
     pub ldc: usize,
     /// `NR` f32 of bias for the first block of `K` (null: none).
