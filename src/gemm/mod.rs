@@ -136,11 +136,20 @@ pub(crate) fn bf16_strategy() -> Bf16Strategy {
             Ok("widen") => return Bf16Strategy::Widen,
             _ => {}
         }
-        let dot = peak::peak_gflops(peak::PeakKind::Avx512Bf16Dot, 1, 3);
-        let fma = peak::peak_gflops(peak::PeakKind::Avx512Fma, 1, 3);
-        match (dot, fma) {
-            (Some(d), Some(f)) if d > 1.1 * f => Bf16Strategy::Dot,
-            _ => Bf16Strategy::Widen,
+        // The best of three alternating samples of each: a busy neighbour (these are often
+        // shared VMs) only ever slows a sample down, and one slowed sample must not flip the
+        // choice.
+        let (mut dot, mut fma) = (0f64, 0f64);
+        for _ in 0..3 {
+            let dp = peak::peak_gflops(peak::PeakKind::Avx512Bf16Dot, 1, 2);
+            dot = dot.max(dp.unwrap_or(0.0));
+            let fp = peak::peak_gflops(peak::PeakKind::Avx512Fma, 1, 2);
+            fma = fma.max(fp.unwrap_or(0.0));
+        }
+        if fma > 0.0 && dot > 1.1 * fma {
+            Bf16Strategy::Dot
+        } else {
+            Bf16Strategy::Widen
         }
     })
 }
@@ -158,10 +167,9 @@ pub(crate) fn kernel_for(
         return None;
     }
     let k = match isa {
-        Isa::Avx512Bf16 if dtype == DType::BF16 => match bf16_strategy() {
-            Bf16Strategy::Dot => Kernel::Avx512Bf16,
-            Bf16Strategy::Widen => Kernel::Avx512F32,
-        },
+        Isa::Avx512Bf16 if dtype == DType::BF16 && crate::kernels::cpu::bf16_dots(isa) => {
+            Kernel::Avx512Bf16
+        }
         Isa::Avx512Bf16 | Isa::Avx512 => Kernel::Avx512F32,
         Isa::Avx2 => Kernel::Avx2F32,
         Isa::Portable => return None,

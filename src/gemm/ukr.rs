@@ -193,7 +193,7 @@ pub(crate) unsafe fn bf16_avx512(kc: usize, a: *const u32, b: *const u32, out: O
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn round16_512(v: __m512, half: Half) -> __m256i {
+pub(crate) unsafe fn round16_512(v: __m512, half: Half) -> __m256i {
     if half == Half::F16 {
         return _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
     }

@@ -491,6 +491,11 @@ pub mod test_support {
         super::cpu::bwd_calls()
     }
 
+    /// How many of those computed their products on bf16 pairs (AVX512-BF16 dot products).
+    pub fn cpu_pair_backward_calls() -> usize {
+        super::cpu::pair_bwd_calls()
+    }
+
     /// The instruction sets of the fused CPU kernel this CPU can run (`"avx512bf16"`,
     /// `"avx512"`, `"avx2"`, `"portable"`), best first.
     pub fn cpu_isas() -> Vec<&'static str> {

@@ -82,7 +82,7 @@ unsafe fn qk_block<const M: usize, const N: usize>(
         for r in 0..M {
             let b = bh(_mm512_set1_epi32(*q.add(r * qs + x) as i32));
             for n in 0..N {
-                acc[r][n] = _mm512_dpbf16_ps(acc[r][n], b, bh(kv[n]));
+                acc[r][n] = _mm512_dpbf16_ps(acc[r][n], bh(kv[n]), b);
             }
         }
     }
@@ -135,9 +135,33 @@ pub unsafe fn to_pairs(p: Mat, out: &mut [u32], stride: usize) {
 /// avx512f, avx512bw and avx512bf16 must be available.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 pub unsafe fn pv(p: PairMat, v: HalfMat, acc: MatMut) {
-    let (nr, bk, dv) = (p.rows, v.rows, v.cols);
-    assert!(v.bf16 && dv.is_multiple_of(32) && p.cols == bk.div_ceil(2));
+    assert!(p.cols == v.rows.div_ceil(2) && acc.rows == p.rows);
+    pv_strided((p.data, p.rows, p.stride, 1), v, acc)
+}
+
+/// `acc[r][c] += Σ_j p[j][r] · v[j][c]`: [`pv`] with `p` transposed, as pairs of its rows.
+/// `pt` holds `⌈k/2⌉ × m` pairs (from [`interleave`]: pair `(jp, r)` is `p[2jp][r]` and
+/// `p[2jp + 1][r]`), `v` the `k × dv` bf16 rows read in place (`dv` a multiple of 32), `acc`
+/// f32 (`m × dv`). The backward's `Pᵀ · dO` and `dSᵀ · Q`.
+///
+/// # Safety
+/// avx512f, avx512bw and avx512bf16 must be available.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+pub unsafe fn pv_t(pt: PairMat, v: HalfMat, acc: MatMut) {
+    assert!(pt.rows == v.rows.div_ceil(2) && acc.rows == pt.cols);
+    assert!(pt.rows == 0 || pt.cols == 0 || pt.stride >= pt.cols);
+    pv_strided((pt.data, pt.cols, 1, pt.stride), v, acc)
+}
+
+/// `acc += P · v` where `P` (`nr` rows of `⌈bk/2⌉` pairs) has pair `(r, jp)` at
+/// `data[r·rs + jp·cs]`.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn pv_strided((data, nr, rs, cs): (&[u32], usize, usize, usize), v: HalfMat, acc: MatMut) {
+    let (bk, dv) = (v.rows, v.cols);
+    assert!(v.bf16 && dv.is_multiple_of(32));
     assert!(acc.rows == nr && acc.cols == dv);
+    let np = bk.div_ceil(2);
+    assert!(nr == 0 || np == 0 || (nr - 1) * rs + (np - 1) * cs < data.len());
     let mut c = 0;
     while c < dv {
         let w = (dv - c).min(64);
@@ -145,7 +169,7 @@ pub unsafe fn pv(p: PairMat, v: HalfMat, acc: MatMut) {
         let mut r = 0;
         while r < nr {
             let mr = (nr - r).min(MR);
-            let pp = (p.data.as_ptr().add(r * p.stride), p.stride);
+            let pp = (data.as_ptr().add(r * rs), rs, cs);
             let op = (acc.data.as_mut_ptr().add(r * acc.stride + c), acc.stride);
             macro_rules! go {
                 ($($m:literal),*) => {
@@ -163,6 +187,42 @@ pub unsafe fn pv(p: PairMat, v: HalfMat, acc: MatMut) {
     }
 }
 
+/// Pairs of consecutive rows of `p` (f32, `k × m`) rounded to bf16 (to nearest even) and
+/// interleaved: `out` gets `⌈k/2⌉ × m` pairs, rows `stride` apart, pair `(jp, c)` holding
+/// `p[2jp][c]` (low half) and `p[2jp + 1][c]` (0 past the last row). What [`pv_t`] reads.
+///
+/// # Safety
+/// avx512f, avx512bw and avx512bf16 must be available.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+pub unsafe fn interleave(p: Mat, out: &mut [u32], stride: usize) {
+    let (k, m) = (p.rows, p.cols);
+    let np = k.div_ceil(2);
+    assert!(np == 0 || m == 0 || (stride >= m && out.len() >= (np - 1) * stride + m));
+    // Word 2i of the result is word i of the first row, word 2i + 1 word i of the second.
+    let idx: [i16; 32] = std::array::from_fn(|w| ((w % 2) * 16 + w / 2) as i16);
+    let idx = _mm512_loadu_si512(idx.as_ptr().cast());
+    for jp in 0..np {
+        let a = p.data.as_ptr().add(2 * jp * p.stride);
+        let second = 2 * jp + 1 < k;
+        let dst = out.as_mut_ptr().add(jp * stride);
+        let mut c = 0;
+        while c < m {
+            let mask = tail_mask(m - c);
+            let lo = _mm512_maskz_loadu_ps(mask, a.add(c));
+            let hi = if second {
+                _mm512_maskz_loadu_ps(mask, a.add(p.stride + c))
+            } else {
+                _mm512_setzero_ps()
+            };
+            // Words 0..16: the first row's 16 values, 16..32: the second's.
+            let halves: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+            let pairs = _mm512_permutexvar_epi16(idx, halves);
+            _mm512_mask_storeu_epi32(dst.add(c).cast(), mask, pairs);
+            c += 16;
+        }
+    }
+}
+
 /// Within 32 columns, the order of [`pv_block`]'s accumulators: vector `2h` lane `4k + i` is
 /// column `8k + i`, vector `2h + 1` lane `4k + i` column `8k + 4 + i` (what `vpunpcklwd` /
 /// `vpunpckhwd` make of two rows). Indices into the two 16-column halves of a row.
@@ -176,12 +236,13 @@ const TO_ROW: [[i32; 16]; 2] = [
     [8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31],
 ];
 
-/// One `M × 32H` block of [`pv`]: `p`, `v` and `out` are (pointer, row stride). Per pair of
+/// One `M × 32H` block of [`pv`] / [`pv_t`]: `p` is (pointer, row step, pair step), `v` and
+/// `out` are (pointer, row stride). Per pair of
 /// keys, each 32 columns of their two value rows are interleaved into two vectors of pairs.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 unsafe fn pv_block<const M: usize, const H: usize>(
-    (p, p_stride): (*const u32, usize),
+    (p, p_rs, p_cs): (*const u32, usize, usize),
     bk: usize,
     (v, v_stride): (*const u16, usize),
     (out, out_stride): (*mut f32, usize),
@@ -215,9 +276,9 @@ unsafe fn pv_block<const M: usize, const H: usize>(
             vv[2 * h + 1] = _mm512_unpackhi_epi16(a, b);
         }
         for r in 0..M {
-            let b = bh(_mm512_set1_epi32(*p.add(r * p_stride + jp) as i32));
+            let b = bh(_mm512_set1_epi32(*p.add(r * p_rs + jp * p_cs) as i32));
             for n in 0..2 * H {
-                acc[r][n] = _mm512_dpbf16_ps(acc[r][n], b, bh(vv[n]));
+                acc[r][n] = _mm512_dpbf16_ps(acc[r][n], bh(vv[n]), b);
             }
         }
     }

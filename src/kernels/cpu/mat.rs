@@ -83,6 +83,17 @@ impl<'a> HalfMat<'a> {
         Self::new(bytemuck_u16(data), false, rows, cols, stride)
     }
 
+    /// The bf16 elements of a matrix of pairs (`rows × 2·cols`, row stride `2·stride`): the
+    /// same memory, each pair's low half first.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // the pair products are x86-only
+    pub fn from_pairs(p: Mat<'a, u32>) -> Self {
+        // SAFETY: a `u32` slice is also a valid `u16` slice of twice the length (alignment 4
+        // ≥ 2, every bit pattern valid); on little-endian targets the low half comes first.
+        let halves =
+            unsafe { std::slice::from_raw_parts(p.data.as_ptr().cast::<u16>(), 2 * p.data.len()) };
+        Self::new(halves, true, p.rows, 2 * p.cols, 2 * p.stride)
+    }
+
     fn new(data: &'a [u16], bf16: bool, rows: usize, cols: usize, stride: usize) -> Self {
         check(data.len(), rows, cols, stride, false);
         Self {

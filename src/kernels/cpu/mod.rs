@@ -147,6 +147,8 @@ static CALLS: AtomicUsize = AtomicUsize::new(0);
 pub(super) static SPLITS: AtomicUsize = AtomicUsize::new(0);
 /// Backward calls served by the fused backward.
 pub(super) static BWD_CALLS: AtomicUsize = AtomicUsize::new(0);
+/// Backward calls whose products ran on bf16 pairs.
+static PAIR_BWD_CALLS: AtomicUsize = AtomicUsize::new(0);
 
 /// How many calls the fused CPU kernel has served in this process (lets tests check that a
 /// path really went through it).
@@ -162,6 +164,11 @@ pub(crate) fn split_calls() -> usize {
 /// How many backward passes the fused CPU backward has served in this process.
 pub(crate) fn bwd_calls() -> usize {
     BWD_CALLS.load(Ordering::Relaxed)
+}
+
+/// How many of those ran their products on bf16 pairs (AVX512-BF16 dot products).
+pub(crate) fn pair_bwd_calls() -> usize {
+    PAIR_BWD_CALLS.load(Ordering::Relaxed)
 }
 
 /// The instruction sets of the fused kernel this CPU can run (`"avx512bf16"`, `"avx512"`,
@@ -183,6 +190,13 @@ pub(crate) fn force_isa(name: Option<&str>) -> std::result::Result<(), String> {
     products::force(isa)
 }
 
+/// Whether bf16 products on `isa` use AVX512-BF16 dot products (forced, or measured faster
+/// than widening to f32; see `products::dots_bf16`): the fused kernel and the GEMM decide alike.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // the GEMM's choice, x86-only
+pub(crate) fn bf16_dots(isa: Isa) -> bool {
+    products::dots_bf16(isa)
+}
+
 /// The instruction set calls use now.
 pub(crate) fn isa_name() -> &'static str {
     products::current().name()
@@ -194,7 +208,8 @@ pub(crate) fn isa_name() -> &'static str {
 pub(crate) enum ProjKernel {
     /// bf16 by AVX512-BF16 dot products.
     Avx512Bf16,
-    /// bf16 split into f32 halves in registers, AVX2 + FMA (CPUs without AVX512-BF16).
+    /// bf16 split into f32 halves in registers, AVX2 + FMA (CPUs without AVX512-BF16, or where
+    /// its dot products are slower than f32 FMAs).
     Avx2Bf16,
     /// f32 by AVX-512 FMAs.
     Avx512F32,
@@ -227,7 +242,7 @@ pub(crate) fn proj_kernel(dtype: DType) -> Option<ProjKernel> {
     {
         let isa = products::current();
         match dtype {
-            DType::BF16 if isa == Isa::Avx512Bf16 => Some(ProjKernel::Avx512Bf16),
+            DType::BF16 if products::dots_bf16(isa) => Some(ProjKernel::Avx512Bf16),
             DType::BF16 if isa != Isa::Portable && gemm::avx2_supported() => {
                 Some(ProjKernel::Avx2Bf16)
             }
@@ -304,7 +319,9 @@ impl Kernel for CpuFused {
             let (out, lse) = forward(c, true)?;
             op::attach(c, out, lse.unwrap_or_default())?
         } else {
-            forward(c, false)?.0
+            let (b, l, h, dv) = (c.b, c.l, c.h, c.dv);
+            let (out, _) = forward(c, false)?;
+            out.into_tensor((b, l, h, dv).into(), c.q.dtype(), c.q.device())?
         };
         Ok(AttnOutput {
             output,
@@ -366,9 +383,10 @@ fn strides3(t: &Tensor) -> [usize; 3] {
     [s[0], s[1], s[2]]
 }
 
-/// The forward pass: `(B, L, H, Dv)` in the input dtype, and with `want_lse` the per-row
-/// log-sum-exp `(B, H, L)` (f32; `-inf` for fully masked rows) that the backward needs.
-fn forward(c: &AttnCall, want_lse: bool) -> Result<(Tensor, Option<Vec<f32>>)> {
+/// The forward pass: the `(B, L, H, Dv)` elements (in the input dtype where it is f32, bf16 or
+/// f16, else f32), and with `want_lse` the per-row log-sum-exp `(B, H, L)` (f32; `-inf` for
+/// fully masked rows) that the backward needs.
+fn forward(c: &AttnCall, want_lse: bool) -> Result<(OutVec, Option<Vec<f32>>)> {
     let (b, l, h, dv) = (c.b, c.l, c.h, c.dv);
     // The output is written in the inputs' dtype (f64 and other dtypes run in f32).
     let mut out = OutVec::zeros(c.q.dtype(), b * l * h * dv);
@@ -386,8 +404,7 @@ fn forward(c: &AttnCall, want_lse: bool) -> Result<(Tensor, Option<Vec<f32>>)> {
         };
         for_each_item(c, g, run);
     })?;
-    let t = out.into_tensor((b, l, h, dv).into(), c.q.dtype(), c.q.device())?;
-    Ok((t, lse))
+    Ok((out, lse))
 }
 
 /// Runs `run` on every work item `(batch, KV head, first folded row, rows)` of the call, in

@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 
+use super::out::OutVec;
 use super::{backward, AttnCall, BWD_CALLS};
 use crate::kernels::AttnParams;
 use crate::mask::MaskPlan;
@@ -79,27 +80,35 @@ impl CustomOp3 for FusedAttention {
     }
 }
 
-/// `out` (the fused forward's output for `c`, contiguous) as the output of an autograd node over
-/// `c`'s `q`, `k`, `v`, whose backward is the fused backward using `lse`.
-pub(super) fn attach(c: &AttnCall, out: Tensor, lse: Vec<f32>) -> Result<Tensor> {
-    let storage = {
-        let (st, layout) = out.storage_and_layout();
-        let Storage::Cpu(cpu) = &*st else {
-            bail!("fused attention: the output is not on the CPU")
-        };
-        if !layout.is_contiguous() || layout.start_offset() != 0 {
-            bail!("fused attention: the output must be a fresh contiguous tensor")
+/// `out` (the fused forward's output for `c`, `(B, L, H, Dv)` elements) as the output of an
+/// autograd node over `c`'s `q`, `k`, `v`, whose backward is the fused backward using `lse`.
+/// The elements are handed to candle as they are (no copy) when they already are in `q`'s
+/// dtype.
+pub(super) fn attach(c: &AttnCall, out: OutVec, lse: Vec<f32>) -> Result<Tensor> {
+    let dtype = c.q.dtype();
+    let shape = Shape::from((c.b, c.l, c.h, c.dv));
+    let storage = match out.into_storage(dtype) {
+        Ok(storage) => storage,
+        // Other dtypes ran in f32: converted, then copied out of the tensor once.
+        Err(out) => {
+            let t = out.into_tensor(shape.clone(), dtype, c.q.device())?;
+            let (st, layout) = t.storage_and_layout();
+            let Storage::Cpu(cpu) = &*st else {
+                bail!("fused attention: the output is not on the CPU")
+            };
+            if !layout.is_contiguous() || layout.start_offset() != 0 {
+                bail!("fused attention: the output must be a fresh contiguous tensor")
+            }
+            cpu.clone()
         }
-        cpu.clone()
     };
     let op = FusedAttention {
         plan: c.mask.clone(),
         params: *c.params,
         extra_keys: c.extra_keys,
         out: Mutex::new(Some(storage)),
-        shape: out.shape().clone(),
+        shape,
         lse,
     };
-    drop(out);
     c.q.apply_op3_arc(c.k, c.v, Arc::new(Box::new(op)))
 }

@@ -12,7 +12,8 @@ use super::portable::{self, matmul};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Isa {
     /// [`Isa::Avx512`], and for bf16 inputs AVX512-BF16 dot products (`vdpbf16ps`: two bf16
-    /// products per f32 lane) in both tile products.
+    /// products per f32 lane) in the tile products where they are faster than widening to f32
+    /// (measured once per process, see `dots_bf16`).
     Avx512Bf16,
     /// AVX-512F micro-kernels (16 lanes).
     Avx512,
@@ -245,9 +246,15 @@ pub(super) fn pv_t(isa: Isa, p: Mat, v: Mat, acc: MatMut) {
 }
 
 /// Whether `isa` multiplies bf16 operands by AVX512-BF16 dot products ([`qk_pairs`],
-/// [`to_pairs`], [`pv_pairs`]).
-pub(super) fn dots_bf16(isa: Isa) -> bool {
+/// [`to_pairs`], [`pv_pairs`]): on AVX512-BF16 when it was forced (tests, `--isa`), or when
+/// the process's measured bf16 strategy ([`crate::gemm::bf16_strategy`]) prefers `vdpbf16ps`.
+/// Where it is slower than widening to f32 FMAs (Intel family 6 model 207 issues it at a
+/// quarter of the FMA rate), bf16 operands are widened in registers instead, as on
+/// [`Isa::Avx512`].
+pub(crate) fn dots_bf16(isa: Isa) -> bool {
     isa == Isa::Avx512Bf16
+        && (FORCED.load(Ordering::Relaxed) == Isa::Avx512Bf16.code()
+            || crate::gemm::bf16_strategy() == crate::gemm::Bf16Strategy::Dot)
 }
 
 /// `out = scale · q · kᵀ` from bf16 pairs: `q` (`nr × D/2`) and the keys' pairs transposed
@@ -307,4 +314,31 @@ pub(super) fn pv_pairs(isa: Isa, p: PairMat, v: HalfMat, acc: MatMut) {
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (p, v, acc);
+}
+
+/// `acc += pᵀ · v` for `p` given as pairs of its rows (`pt`, from [`interleave_pairs`]) and the
+/// bf16 rows of `v` read in place (`v.cols` a multiple of 32); only where [`dots_bf16`].
+pub(super) fn pv_t_pairs(isa: Isa, pt: PairMat, v: HalfMat, acc: MatMut) {
+    assert!(dots_bf16(isa) && v.bf16 && v.cols.is_multiple_of(32));
+    assert!(pt.rows == v.rows.div_ceil(2) && acc.rows == pt.cols && acc.cols == v.cols);
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: as in `qk_pairs` (shapes asserted).
+    unsafe {
+        super::avx512_bf16::pv_t(pt, v, acc)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (pt, v, acc);
+}
+
+/// Pairs of consecutive rows of `p` rounded to bf16 into `out` (rows `stride` apart), the
+/// operand of [`pv_t_pairs`]; only where [`dots_bf16`].
+pub(super) fn interleave_pairs(isa: Isa, p: Mat, out: &mut [u32], stride: usize) {
+    assert!(dots_bf16(isa));
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: as in `qk_pairs`; `interleave` checks that `out` holds the rows.
+    unsafe {
+        super::avx512_bf16::interleave(p, out, stride)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (p, out, stride);
 }

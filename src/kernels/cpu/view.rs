@@ -4,7 +4,7 @@
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 
-use super::mat::{HalfMat, Mat};
+use super::mat::{HalfMat, Mat, PairMat};
 use super::products::{self, Isa};
 
 /// The elements of a tensor the kernel reads in place, in their own dtype: f16/bf16 inputs are
@@ -97,6 +97,37 @@ impl<'a> View<'a> {
             .zip(src.chunks_exact(2))
             .for_each(|(o, x)| *o = u32::from(x[0].to_bits()) | u32::from(x[1].to_bits()) << 16);
         Some(())
+    }
+
+    /// `rows × 2·pairs` bf16 elements from `at` (row stride `stride`) read in place as a
+    /// matrix of pairs (`rows × pairs`), when the tensor is bf16, `stride` is even and element
+    /// `at` is 4-byte aligned; `None` otherwise (the caller gathers the rows instead).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // the pair products are x86-only
+    pub fn pairs_mat(
+        &self,
+        at: usize,
+        (rows, pairs, stride): (usize, usize, usize),
+    ) -> Option<PairMat<'a>> {
+        let Data::Bf16(s) = self.data else {
+            return None;
+        };
+        if !stride.is_multiple_of(2) || !cfg!(target_endian = "little") {
+            return None;
+        }
+        let s = s.get(at..)?;
+        // SAFETY: every bit pattern is a valid u32; `align_to` hands out only the aligned,
+        // whole words of the slice, and the bf16 pairs of a little-endian target are exactly
+        // those words (first element in the low half).
+        let (head, words, _) = unsafe { s.align_to::<u32>() };
+        if !head.is_empty() {
+            return None;
+        }
+        let needed = if rows == 0 || pairs == 0 {
+            0
+        } else {
+            (rows - 1) * (stride / 2) + pairs
+        };
+        (words.len() >= needed).then(|| PairMat::new(words, rows, pairs, stride / 2))
     }
 
     /// `rows × cols` elements from `at` with row stride `stride` as an f32 matrix: the tensor

@@ -1,0 +1,465 @@
+//! The fused backward, FlashAttention-2 style: from `q`, `k`, `v`, the output `o`, its gradient
+//! `dO` and the per-row log-sum-exp saved by the forward, recompute each score tile and
+//! accumulate `dV = Pᵀ·dO`, `dS = P ∘ (dO·Vᵀ − Δ)` with `Δᵢ = dOᵢ·oᵢ`, `dK = scale·dSᵀ·Q` and
+//! `dQ = scale·dS·K`, accumulated in f32, without materialising anything of size `L × S`.
+//!
+//! One parallel pass over work items `(batch, KV head, run of key tiles of` [`BK`] `keys)`: an
+//! item owns the `dK` and `dV` rows of its keys, summed over every query row of every query
+//! head sharing the KV head (GQA) that may see them (query rows in blocks of [`BQ`]). When there
+//! are enough `(batch, KV head)` pairs to share out evenly, an item takes all of its head's key
+//! tiles and so owns that head's `dQ` rows too: it sums them in a buffer of its own and writes
+//! them once, in the output dtype. Otherwise a head's key tiles are split over several items,
+//! whose `dQ` contributions go to the running thread's own `(B, L, H, D)` accumulator (one per
+//! worker thread, summed at the end). Either way no two threads write the same memory and
+//! nothing is recomputed.
+//!
+//! The five products per (query block, key tile) run on the forward's micro-kernels
+//! ([`wide`]: f32, where the CPU has AVX-512 or AVX2 `Q·Kᵀ` and `dO·Vᵀ` against transposed
+//! copies of K and V made once, `Pᵀ·dO` and `dSᵀ·Q` reading the score tile transposed, `dS·K`
+//! directly; the `gemm` crate elsewhere), or, for bf16 inputs where the forward uses
+//! AVX512-BF16 dot products, on bf16 pairs ([`pairs`]: `P` and `dS` rounded to bf16 before
+//! their products, as PyTorch's CPU flash backward does, f32 accumulation). The masks are
+//! applied exactly as in the forward ([`Ctx::mask_row`]: the same structured ranges, key
+//! padding and bias; keys after `kv_len` never masked), so a fully masked row has `P = 0` and
+//! contributes nothing.
+
+mod pairs;
+mod wide;
+
+use std::cell::RefCell;
+use std::sync::Mutex;
+
+use candle_core::{DType, Result, Tensor};
+use rayon::prelude::*;
+
+use super::kt::{transpose_blocks, transpose_heads, KtBuf};
+use super::out::OutVec;
+use super::products::{self, Isa};
+use super::softmax::exp_sub;
+use super::spare::Spare;
+use super::tile::{Ctx, Data, Kt, OutBuf, View};
+use super::{f32_rows, native_rows, strides3, AttnCall, Inputs, MAX_HEAD_DIM};
+
+/// Query rows per block.
+pub const BQ: usize = 64;
+/// Keys per tile.
+pub const BK: usize = 128;
+
+struct Scratch {
+    /// Gathered query rows and their output gradients: f32 ([`wide`]) or bf16 pairs
+    /// ([`pairs`]).
+    q: Vec<f32>,
+    go: Vec<f32>,
+    qp: Vec<u32>,
+    gop: Vec<u32>,
+    /// `P` (`BQ × BK`).
+    p: Vec<f32>,
+    /// `dP`, then `scale · dS` (`BQ × BK`).
+    ds: Vec<f32>,
+    /// `P` or `dS` as pairs of rows (`BQ/2 × BK`), and `dS` as pairs of columns (`BQ × BK/2`).
+    pt: Vec<u32>,
+    dsp: Vec<u32>,
+    dk: Vec<f32>,
+    dv: Vec<f32>,
+    dq: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch {
+        q: vec![0.0; BQ * MAX_HEAD_DIM],
+        go: vec![0.0; BQ * MAX_HEAD_DIM],
+        qp: vec![0; BQ * MAX_HEAD_DIM / 2],
+        gop: vec![0; BQ * MAX_HEAD_DIM / 2],
+        p: vec![0.0; BQ * BK],
+        ds: vec![0.0; BQ * BK],
+        pt: vec![0; BQ / 2 * BK],
+        dsp: vec![0; BQ * BK / 2],
+        dk: vec![0.0; BK * MAX_HEAD_DIM],
+        dv: vec![0.0; BK * MAX_HEAD_DIM],
+        dq: vec![0.0; BQ * MAX_HEAD_DIM],
+    });
+}
+
+/// What the pass reads besides the forward's context.
+struct Bwd<'a> {
+    ctx: &'a Ctx<'a>,
+    /// The gradient of the output, `(B, L, H, Dv)`: f32, or bf16 with [`Bwd::pairs`].
+    go: View<'a>,
+    /// `(B, H, L)`.
+    lse: &'a [f32],
+    delta: &'a [f32],
+    /// Structured visible key range of every query row `(b, i)`.
+    ranges: &'a [(usize, usize)],
+    /// Kᵀ `(B, Hkv, D, S)` and Vᵀ `(B, Hkv, Dv, S)` (f32, or bf16 pairs along D with
+    /// [`Bwd::pairs`]) for the SIMD products.
+    kt: Option<Kt<'a>>,
+    vt: Option<Kt<'a>>,
+    /// Whether the products run on bf16 pairs ([`pairs`]).
+    pairs: bool,
+    /// The gradients of k and v, `(B, S, Hkv, D | Dv)`, and of q `(B, L, H, D)` when items own
+    /// whole heads.
+    dk: OutBuf,
+    dv: OutBuf,
+    dq: OutBuf,
+}
+
+// SAFETY: `dk` / `dv` (and `dq` for whole-head items) are written at rows owned by one work
+// item each (see `item`), and the buffers outlive the parallel loop.
+unsafe impl Sync for Bwd<'_> {}
+
+/// Where an item sums its `dQ` rows: row `(gg, i)` of the item's KV head at
+/// `base + gg · head + i · row`.
+struct DqAcc<'a> {
+    data: &'a mut [f32],
+    base: usize,
+    head: usize,
+    row: usize,
+}
+
+impl DqAcc<'_> {
+    fn at(&self, gg: usize, i: usize) -> usize {
+        self.base + gg * self.head + i * self.row
+    }
+}
+
+/// The query rows of one (query block, key tile) step: `(folded row g·L + i, i)` of head `hh`.
+struct Block<'r> {
+    bi: usize,
+    kh: usize,
+    gg: usize,
+    hh: usize,
+    j0: usize,
+    bk: usize,
+    rows: &'r [(usize, usize)],
+    /// Index of `(bi, hh, 0)` in the `(B, H, L)` statistics.
+    stats: usize,
+    /// Whether the tile's keys are subject to the mask plan.
+    masked: bool,
+    /// Whether the rows are consecutive queries (read and written in place).
+    consecutive: bool,
+}
+
+/// Whether the fused backward computes this call's products on bf16 pairs: bf16 q, k, v and
+/// gradient where the forward's instruction set uses AVX512-BF16 dot products, and head sizes
+/// that the pair micro-kernels read in place (multiples of 32).
+fn pair_products(c: &AttnCall, grad: &Tensor, isa: Isa) -> bool {
+    let bf16 = |t: &Tensor| t.dtype() == DType::BF16;
+    products::dots_bf16(isa)
+        && bf16(c.q)
+        && bf16(c.k)
+        && bf16(c.v)
+        && bf16(grad)
+        && c.d.is_multiple_of(32)
+        && c.dv.is_multiple_of(32)
+}
+
+/// `(dq, dk, dv)` for the call `c` whose forward returned `out` with log-sum-exp `lse`, given
+/// the output's gradient `grad`; in the dtypes (and shapes) of `q`, `k`, `v`.
+pub(super) fn backward(
+    c: &AttnCall,
+    out: &Tensor,
+    grad: &Tensor,
+    lse: &[f32],
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, l, h, hkv, s, d, dv) = (c.b, c.l, c.h, c.hkv, c.s, c.d, c.dv);
+    let pairs = pair_products(c, grad, products::current());
+    if pairs {
+        super::PAIR_BWD_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    // f32 inputs, or bf16 ones kept as they are for the pair products.
+    let inputs = Inputs::new(c, pairs)?;
+    let (o, go) = if pairs {
+        (native_rows(out)?, native_rows(grad)?)
+    } else {
+        (native_rows(out)?, f32_rows(grad)?)
+    };
+    let (og, _) = o.storage_and_layout();
+    let (gg, _) = go.storage_and_layout();
+    let ov = View {
+        data: super::cpu_data(&og, &o)?,
+        strides: strides3(&o),
+    };
+    let gov = View {
+        data: super::cpu_data(&gg, &go)?,
+        strides: strides3(&go),
+    };
+    let delta = deltas(&ov, &gov, (b, l, h, dv));
+    let real_s = s - c.extra_keys;
+    let ranges: Vec<(usize, usize)> = if c.mask.is_empty() {
+        vec![(0, real_s); b * l]
+    } else {
+        (0..b * l).map(|x| c.mask.row_range(x / l, x % l)).collect()
+    };
+    let mut dk = OutVec::zeros(c.k.dtype(), b * s * hkv * d);
+    let mut dvv = OutVec::zeros(c.v.dtype(), b * s * hkv * dv);
+    let mut dq_out = OutVec::zeros(c.q.dtype(), b * l * h * d);
+    let threads = rayon::current_num_threads().max(1);
+    let mut tiles = Vec::new();
+    for (from, to) in [(0, real_s), (real_s, s)] {
+        for j0 in (from..to).step_by(BK) {
+            tiles.push((j0, (j0 + BK).min(to)));
+        }
+    }
+    // Whole heads per item when they share out evenly; else each head's tiles in runs.
+    let heads = b * hkv;
+    let whole = heads >= 4 * threads || heads.is_multiple_of(threads);
+    let runs = if whole {
+        1
+    } else {
+        (4 * threads)
+            .div_ceil(heads.max(1))
+            .clamp(1, tiles.len().max(1))
+    };
+    let per_run = tiles.len().div_ceil(runs).max(1);
+    let dq_parts: Vec<Mutex<Vec<f32>>> = (0..threads).map(|_| Mutex::new(Vec::new())).collect();
+    let unused = OutBuf::F32(std::ptr::null_mut());
+    inputs.with_ctx(c, false, unused, None, |ctx| -> Result<()> {
+        let (kt, vt) = match ctx.isa {
+            Isa::Portable => (None, None),
+            _ if pairs => {
+                let t = |x: &View, w: usize| {
+                    KtBuf::Pairs(transpose_blocks(x, (b, hkv, s, w / 2), 2, |at, dst| {
+                        x.pairs_into(at, dst).expect("bf16 keys and values");
+                    }))
+                };
+                (Some(t(&ctx.k, d)), Some(t(&ctx.v, dv)))
+            }
+            _ => (
+                Some(KtBuf::F32(transpose_heads(&ctx.k, b, hkv, s, d))),
+                Some(KtBuf::F32(transpose_heads(&ctx.v, b, hkv, s, dv))),
+            ),
+        };
+        let bw = Bwd {
+            ctx,
+            go: View {
+                data: gov.data,
+                strides: gov.strides,
+            },
+            lse,
+            delta: &delta,
+            ranges: &ranges,
+            kt: kt.as_ref().map(KtBuf::view),
+            vt: vt.as_ref().map(KtBuf::view),
+            pairs,
+            dk: dk.buf(),
+            dv: dvv.buf(),
+            dq: dq_out.buf(),
+        };
+        let items: Vec<_> = (0..heads)
+            .flat_map(|x| (0..runs).map(move |r| (x / hkv, x % hkv, r)))
+            .filter(|&(_, _, r)| r * per_run < tiles.len())
+            .collect();
+        items.into_par_iter().for_each(|(bi, kh, r)| {
+            let run = &tiles[r * per_run..((r + 1) * per_run).min(tiles.len())];
+            SCRATCH.with(|sc| {
+                let sc = &mut sc.borrow_mut();
+                if whole {
+                    bw.whole_head(bi, kh, run, sc);
+                } else {
+                    let slot = rayon::current_thread_index().unwrap_or(0) % threads;
+                    // Uncontended: a worker only takes its own slot.
+                    let mut dq = dq_parts[slot].lock().unwrap_or_else(|e| e.into_inner());
+                    if dq.is_empty() {
+                        dq.resize(b * l * h * d, 0.0);
+                    }
+                    let g = ctx.g;
+                    let mut acc = DqAcc {
+                        data: &mut dq,
+                        base: bi * l * h * d + kh * g * d,
+                        head: d,
+                        row: h * d,
+                    };
+                    for &t in run {
+                        bw.key_tile(bi, kh, t, &mut acc, sc);
+                    }
+                }
+            })
+        });
+        Ok(())
+    })??;
+    drop((og, gg));
+    let dev = c.q.device();
+    let dq = if whole {
+        dq_out.into_tensor((b, l, h, d).into(), c.q.dtype(), dev)?
+    } else {
+        // dQ: the sum of the per-thread accumulators.
+        let mut parts: Vec<Vec<f32>> = dq_parts
+            .into_iter()
+            .map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner()))
+            .filter(|v| !v.is_empty())
+            .collect();
+        let mut dq = parts.pop().unwrap_or_else(|| vec![0f32; b * l * h * d]);
+        for p in &parts {
+            dq.par_chunks_mut(1 << 14)
+                .zip(p.par_chunks(1 << 14))
+                .for_each(|(a, x)| a.iter_mut().zip(x).for_each(|(a, x)| *a += x));
+        }
+        Tensor::from_vec(dq, (b, l, h, d), dev)?.to_dtype(c.q.dtype())?
+    };
+    Ok((
+        dq,
+        dk.into_tensor((b, s, hkv, d).into(), c.k.dtype(), dev)?,
+        dvv.into_tensor((b, s, hkv, dv).into(), c.v.dtype(), dev)?,
+    ))
+}
+
+/// `Δ = rowsum(dO ∘ O)` per `(b, head, i)`, in f32 from rows of any dtype.
+fn deltas(o: &View, go: &View, (b, l, h, dv): (usize, usize, usize, usize)) -> Vec<f32> {
+    let mut delta = vec![0f32; b * h * l];
+    delta
+        .par_chunks_mut(l.max(1))
+        .enumerate()
+        .for_each(|(bh, row)| {
+            let (bi, hh) = (bh / h, bh % h);
+            let (mut a, mut g) = ([0f32; MAX_HEAD_DIM], [0f32; MAX_HEAD_DIM]);
+            for (i, x) in row.iter_mut().enumerate() {
+                o.row_into(o.at(bi, i, hh), &mut a[..dv]);
+                go.row_into(go.at(bi, i, hh), &mut g[..dv]);
+                *x = a[..dv].iter().zip(&g[..dv]).map(|(p, q)| p * q).sum();
+            }
+        });
+    delta
+}
+
+impl Bwd<'_> {
+    /// Every key tile of KV head `kh` in batch `bi`, owning the head's `dQ` rows: summed in a
+    /// buffer of the item's own, then written once.
+    fn whole_head(&self, bi: usize, kh: usize, run: &[(usize, usize)], sc: &mut Scratch) {
+        let ctx = self.ctx;
+        let (g, l, d, h) = (ctx.g, ctx.l, ctx.d, ctx.h);
+        let mut buf = Spare::<f32>::new(g * l * d);
+        buf.fill(0.0);
+        let mut acc = DqAcc {
+            data: &mut buf,
+            base: 0,
+            head: l * d,
+            row: d,
+        };
+        for &t in run {
+            self.key_tile(bi, kh, t, &mut acc, sc);
+        }
+        for gg in 0..g {
+            for i in 0..l {
+                let src = &buf[(gg * l + i) * d..(gg * l + i + 1) * d];
+                let off = ((bi * l + i) * h + kh * g + gg) * d;
+                // SAFETY: row (bi, i, kh·G + gg) of the (B, L, H, D) gradient belongs to this
+                // item only (whole heads are never split), and lies inside it.
+                unsafe { self.dq.write(off, src, 1.0) };
+            }
+        }
+    }
+
+    /// One key tile `j0..j1` of KV head `kh` in batch `bi`: its `dK`, `dV` rows, and their
+    /// `dQ` contributions added to `dq`.
+    fn key_tile(
+        &self,
+        bi: usize,
+        kh: usize,
+        (j0, j1): (usize, usize),
+        dq: &mut DqAcc,
+        sc: &mut Scratch,
+    ) {
+        let ctx = self.ctx;
+        let (d, dv, l, g, h, bk) = (ctx.d, ctx.dv, ctx.l, ctx.g, ctx.h, j1 - j0);
+        sc.dk[..bk * d].fill(0.0);
+        sc.dv[..bk * dv].fill(0.0);
+        let masked = j0 < ctx.real_s && ctx.masked;
+        let mut rows: Vec<(usize, usize)> = Vec::with_capacity(BQ);
+        for gg in 0..g {
+            let hh = kh * g + gg;
+            let stats = (bi * h + hh) * l;
+            for i0 in (0..l).step_by(BQ) {
+                rows.clear();
+                for i in i0..(i0 + BQ).min(l) {
+                    let (lo, hi) = self.ranges[bi * l + i];
+                    let sees = !masked || (lo < hi && lo < j1 && hi > j0);
+                    if sees && self.lse[stats + i] != f32::NEG_INFINITY {
+                        rows.push((gg * l + i, i));
+                    }
+                }
+                let nr = rows.len();
+                if nr == 0 {
+                    continue;
+                }
+                let blk = Block {
+                    bi,
+                    kh,
+                    gg,
+                    hh,
+                    j0,
+                    bk,
+                    rows: &rows,
+                    stats,
+                    masked,
+                    consecutive: rows[nr - 1].1 - rows[0].1 + 1 == nr,
+                };
+                if self.pairs {
+                    self.block_pairs(&blk, dq, sc);
+                } else {
+                    self.block_wide(&blk, dq, sc);
+                }
+            }
+        }
+        let (s, hkv) = (ctx.s, ctx.hkv);
+        for j in 0..bk {
+            let row = (bi * s + j0 + j) * hkv + kh;
+            // SAFETY: key row (bi, j0 + j, kh) of the contiguous (B, S, Hkv, D|Dv) gradients
+            // belongs to this item only, and lies inside them.
+            unsafe {
+                self.dk.write(row * d, &sc.dk[j * d..(j + 1) * d], 1.0);
+                self.dv.write(row * dv, &sc.dv[j * dv..(j + 1) * dv], 1.0);
+            }
+        }
+    }
+
+    /// `P = exp(S + masks − lse)` in place over the score rows of `blk` (rows `BK` apart);
+    /// rows that see no key of the tile become 0. Returns whether any row sees one.
+    fn probabilities(&self, blk: &Block, p: &mut [f32]) -> bool {
+        let (ctx, l) = (self.ctx, self.ctx.l);
+        let mut any = false;
+        for (r, &(fr, i)) in blk.rows.iter().enumerate() {
+            let row = &mut p[r * BK..r * BK + blk.bk];
+            let range = self.ranges[blk.bi * l + i];
+            if blk.masked && !ctx.mask_row(blk.bi, blk.kh, fr, range, blk.j0, row) {
+                row.fill(0.0);
+                continue;
+            }
+            exp_sub(ctx.isa, row, self.lse[blk.stats + i]);
+            any = true;
+        }
+        any
+    }
+
+    /// `ds ← scale · P ∘ (ds − Δ)` over the rows of `blk` (`ds` holds `dO · Vᵀ`).
+    fn score_grads(&self, blk: &Block, p: &[f32], ds: &mut [f32]) {
+        let scale = self.ctx.scale;
+        for (r, &(_, i)) in blk.rows.iter().enumerate() {
+            let delta = self.delta[blk.stats + i];
+            let p = &p[r * BK..r * BK + blk.bk];
+            let ds = &mut ds[r * BK..r * BK + blk.bk];
+            ds.iter_mut()
+                .zip(p)
+                .for_each(|(x, &pp)| *x = scale * pp * (*x - delta));
+        }
+    }
+
+    /// Adds the gathered `dQ` rows `part` (`nr × D`) to their rows of `dq`.
+    fn scatter_dq(&self, blk: &Block, part: &[f32], dq: &mut DqAcc) {
+        let d = self.ctx.d;
+        for (r, &(_, i)) in blk.rows.iter().enumerate() {
+            let at = dq.at(blk.gg, i);
+            dq.data[at..at + d]
+                .iter_mut()
+                .zip(&part[r * d..(r + 1) * d])
+                .for_each(|(a, x)| *a += x);
+        }
+    }
+}
+
+/// The data of a view, for the variants the backward reads.
+fn f32_data<'a>(v: &View<'a>) -> &'a [f32] {
+    match v.data {
+        Data::F32(s) => s,
+        _ => unreachable!("the f32 products read f32 inputs"),
+    }
+}

@@ -1,0 +1,100 @@
+//! The backward's five products in f32: the forward's AVX-512 / AVX2 micro-kernels (`Q·Kᵀ` and
+//! `dO·Vᵀ` against the transposed copies of K and V, `Pᵀ·dO` and `dSᵀ·Q` reading the score tile
+//! transposed, `dS·K` directly), or the `gemm` crate where the CPU has neither.
+
+use super::super::kt::kt_stride;
+use super::super::mat::{Mat, MatMut};
+use super::super::portable::matmul;
+use super::super::products;
+use super::super::tile::{Kt, View};
+use super::{f32_data, Block, Bwd, DqAcc, Scratch, BK};
+
+impl Bwd<'_> {
+    /// `out (nr × bk, row stride BK) = scale · a · Xᵀ` for `a` (`nr × w`) and the key rows
+    /// `j0..j0 + bk` of `x` (K or V of KV head `kh`), through the micro-kernel against its
+    /// transposed copy `xt`, or in place through `gemm`.
+    fn times_keys_t(
+        &self,
+        a: Mat,
+        (x, xt): (&View, Option<Kt>),
+        (bi, kh, j0, bk): (usize, usize, usize, usize),
+        out: &mut [f32],
+        scale: f32,
+    ) {
+        let (nr, w) = (a.rows, a.cols);
+        match xt {
+            Some(Kt::F32(xt)) => {
+                let s = kt_stride(self.ctx.s);
+                let base = (bi * self.ctx.hkv + kh) * w * s;
+                let xt = Mat::new(&xt[base + j0..base + w * s], w, bk, s);
+                // The output rows hold BK >= round_up(bk, 16) columns.
+                let o = MatMut::new(&mut out[..nr * BK], nr, bk, BK);
+                products::qk_t(self.ctx.isa, a, xt, o, scale);
+            }
+            _ => {
+                let at = x.at(bi, j0, kh);
+                matmul(
+                    (nr, bk, w),
+                    out,
+                    BK,
+                    false,
+                    (a.data, a.stride, 1),
+                    (&f32_data(x)[at..], 1, x.strides[1]),
+                    scale,
+                );
+            }
+        }
+    }
+
+    /// One (query block, key tile) step on f32 operands.
+    pub(super) fn block_wide(&self, blk: &Block, dq: &mut DqAcc, sc: &mut Scratch) {
+        let ctx = self.ctx;
+        let (d, dv, bk, nr, hh) = (ctx.d, ctx.dv, blk.bk, blk.rows.len(), blk.hh);
+        let (qs, gs) = (f32_data(&ctx.q), f32_data(&self.go));
+        // Consecutive queries are read (and their dQ written) in place; others are gathered
+        // into the scratch.
+        let first = blk.rows[0].1;
+        let (q, go) = if blk.consecutive {
+            let (qa, ga) = (ctx.q.at(blk.bi, first, hh), self.go.at(blk.bi, first, hh));
+            (
+                Mat::new(&qs[qa..], nr, d, ctx.q.strides[1]),
+                Mat::new(&gs[ga..], nr, dv, self.go.strides[1]),
+            )
+        } else {
+            for (r, &(_, i)) in blk.rows.iter().enumerate() {
+                let at = ctx.q.at(blk.bi, i, hh);
+                sc.q[r * d..(r + 1) * d].copy_from_slice(&qs[at..at + d]);
+                let at = self.go.at(blk.bi, i, hh);
+                sc.go[r * dv..(r + 1) * dv].copy_from_slice(&gs[at..at + dv]);
+            }
+            (Mat::new(&sc.q, nr, d, d), Mat::new(&sc.go, nr, dv, dv))
+        };
+        let tile = (blk.bi, blk.kh, blk.j0, bk);
+        // P = exp(scale · Q · Kᵀ + masks − lse)
+        self.times_keys_t(q, (&ctx.k, self.kt), tile, &mut sc.p, ctx.scale);
+        if !self.probabilities(blk, &mut sc.p) {
+            return;
+        }
+        // scale · dS = scale · P ∘ (dO · Vᵀ − Δ)
+        self.times_keys_t(go, (&ctx.v, self.vt), tile, &mut sc.ds, 1.0);
+        self.score_grads(blk, &sc.p, &mut sc.ds);
+        // dV += Pᵀ · dO ; dK += (scale · dS)ᵀ · Q
+        let isa = ctx.isa;
+        let p = Mat::new(&sc.p, nr, bk, BK);
+        products::pv_t(isa, p, go, MatMut::new(&mut sc.dv, bk, dv, dv));
+        let ds = Mat::new(&sc.ds, nr, bk, BK);
+        products::pv_t(isa, ds, q, MatMut::new(&mut sc.dk, bk, d, d));
+        // dQ += (scale · dS) · K
+        let (k0, kst) = (ctx.k.at(blk.bi, blk.j0, blk.kh), ctx.k.strides[1]);
+        let k = Mat::new(&f32_data(&ctx.k)[k0..], bk, d, kst);
+        if blk.consecutive {
+            let at = dq.at(blk.gg, first);
+            let row = dq.row;
+            products::pv(isa, ds, k, MatMut::new(&mut dq.data[at..], nr, d, row));
+        } else {
+            sc.dq[..nr * d].fill(0.0);
+            products::pv(isa, ds, k, MatMut::new(&mut sc.dq, nr, d, d));
+            self.scatter_dq(blk, &sc.dq[..nr * d], dq);
+        }
+    }
+}
