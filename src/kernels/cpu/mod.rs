@@ -73,9 +73,11 @@
 //!
 //! Training: when autograd tracks `q`, `k` or `v`, the forward also saves each row's
 //! log-sum-exp `(B, H, L)` and its output becomes a candle autograd node (`op.rs`, a
-//! `CustomOp3`) whose backward is the fused backward (`backward.rs`, FlashAttention-2 style:
-//! scores recomputed per tile from q, k and the saved statistics; dV, dP, dS, dK, dQ per tile in
-//! f32; dK/dV summed over the query heads sharing a KV head; the same masks). Nothing of size
+//! `CustomOp3`) whose backward is the fused backward (`backward/`, FlashAttention-2 style:
+//! scores recomputed per tile from q, k and the saved statistics; dV, dP, dS, dK, dQ per tile
+//! with f32 accumulation, on f32 operands (`backward/wide.rs`) or bf16 pairs
+//! (`backward/pairs.rs`); dK/dV summed over the query heads sharing a KV head; the same masks).
+//! Nothing of size
 //! `L × S` exists in either direction. Dropout is not implemented here (such calls go to the
 //! reference).
 //!
@@ -84,7 +86,7 @@
 //! `tile.rs` (one work item: masks, softmax step, products), `decode.rs` and `stream.rs`
 //! (decode-shaped calls, their prefetch stream), `softmax.rs` and `softmax_x86.rs` (online
 //! softmax, `exp`; its AVX-512 / AVX2 step), `out.rs` (the output, written in its dtype),
-//! `backward.rs` and `op.rs` (the backward and its autograd node), `products.rs` (the run-time
+//! `backward/` and `op.rs` (the backward and its autograd node), `products.rs` (the run-time
 //! instruction set and the products dispatched on it), `avx512.rs`, `avx512_bf16.rs`,
 //! `avx2.rs` and `portable.rs` (the products on AVX-512 or AVX2 registers, as AVX512-BF16 dot
 //! products, or through `gemm`), `mat.rs` (their bounds-checked matrix operands), `gemm.rs` and
