@@ -18,7 +18,9 @@
 //! autograd (the op has no backward). The fused kernel's instruction set in use decides which
 //! kernels run ([`proj_kernel`], [`packed_kernel`]): forcing AVX2, as the tests and
 //! `bench_attention --isa` do, picks what a CPU without AVX-512 runs, and the portable path
-//! turns ours off. Everything else is `Linear::forward` unchanged.
+//! turns ours off. Everything else is `Linear::forward`, with f16 / bf16 CPU tensors widened
+//! to f32 around it so that the numerics stay PyTorch's (aarch64, tracked tensors, other weight
+//! layouts; see `half_in_f32`).
 
 use std::cell::Cell;
 use std::sync::{Arc, Mutex};
@@ -140,7 +142,10 @@ type PackCache = Mutex<Option<Arc<PackedWeight>>>;
 
 fn linear_impl(lin: &Linear, cache: Option<&PackCache>, x: &Tensor) -> Result<Tensor> {
     let Some(plan) = fast_path(lin, x, cache.is_some()) else {
-        return lin.forward(x);
+        return match half_in_f32(lin, x)? {
+            Some(y) => Ok(y),
+            None => lin.forward(x),
+        };
     };
     let w = lin.weight();
     let (n, k) = w.dims2()?;
@@ -162,6 +167,26 @@ fn linear_impl(lin: &Linear, cache: Option<&PackCache>, x: &Tensor) -> Result<Te
         *last = n;
     }
     y.reshape(dims)
+}
+
+/// `lin.forward(x)` with PyTorch's numerics for f16 / bf16 CPU tensors that our GEMMs do not
+/// serve (CPUs without AVX2 / AVX-512, e.g. aarch64; the portable instruction set; tensors
+/// tracked by autograd; weights in other layouts): operands widened to f32 (exact), the
+/// product accumulated in f32 (candle's f32 matmul), the bias added in f32, one rounding to
+/// the input dtype. candle's own half matmul rounds twice in bf16 and adds the bias in f16.
+/// Built from candle ops, so gradients flow. `None` for other dtypes and devices.
+fn half_in_f32(lin: &Linear, x: &Tensor) -> Result<Option<Tensor>> {
+    let dtype = x.dtype();
+    let w = lin.weight();
+    let half = matches!(dtype, DType::F16 | DType::BF16);
+    if !half || !x.device().is_cpu() || w.dtype() != dtype {
+        return Ok(None);
+    }
+    let b32 = lin.bias().map(|b| b.to_dtype(DType::F32)).transpose()?;
+    let wide = Linear::new(w.to_dtype(DType::F32)?, b32);
+    Ok(Some(
+        wide.forward(&x.to_dtype(DType::F32)?)?.to_dtype(dtype)?,
+    ))
 }
 
 /// `lin`'s bias as f32 (the GEMMs add it in f32), if it has one.
