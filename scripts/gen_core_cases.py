@@ -22,6 +22,12 @@ How expectations are computed
   window applied with its own lengths); a sequence with no keys gives zero rows.
 * Every expectation is recomputed by an independent float64 softmax reference written here and
   must agree with torch to 1e-12.
+* Score modifiers (spec section "Score modifiers": ``softcap`` metadata, ``alibi_slopes`` and
+  ``sinks`` tensors, listed in ``score_modifiers``): torch's SDPA has none, so the expectation is
+  the float64 reference below with them applied (scale, soft-cap, ALiBi, masks, softmax with the
+  sink); without soft-capping it is checked against float64 SDPA too (ALiBi as an additive
+  mask, the sink as the factor ``1 / (1 + exp(sink - logsumexp))`` on SDPA's output). The half
+  dtypes' "torch's own error" is that reference run in the half dtype.
 * Fully masked query rows (no key allowed) are 0 in ``expected.output`` (metadata
   ``fully_masked_rows=zero``), whatever torch returns there.
 * Tolerances: float32 1e-5 / rtol 1e-4, asserted against torch's own float32 run; float64
@@ -76,6 +82,9 @@ class Sdpa:
     via_is_causal: bool = False  # metadata says is_causal=true instead of causal_alignment
     window: Optional[int] = None
     scale: Optional[float] = None
+    softcap: Optional[float] = None
+    alibi: Optional[str] = None  # "h": slopes (H,), "bh": (B, H)
+    sinks: bool = False
 
 
 @dataclass
@@ -91,6 +100,9 @@ class Varlen:
     causal: str = "none"
     window: Optional[int] = None
     scale: Optional[float] = None
+    softcap: Optional[float] = None
+    alibi: Optional[str] = None  # "h": slopes (H,), "bh": (sequences, H)
+    sinks: bool = False
 
 
 def sdpa_cases() -> list[Sdpa]:
@@ -136,6 +148,32 @@ def sdpa_cases() -> list[Sdpa]:
         Sdpa("sdpa_long_window", B=1, H=2, Hkv=2, L=300, S=300, D=16, causal="bottom_right",
              window=70),
     ]
+    # score modifiers
+    c += [
+        Sdpa("sdpa_softcap", softcap=2.0),
+        Sdpa("sdpa_softcap_causal_gqa", H=8, Hkv=2, L=6, S=9, causal="bottom_right",
+             softcap=1.5, scale=0.7),
+        Sdpa("sdpa_alibi_h_causal", L=6, S=6, causal="top_left", via_is_causal=True, alibi="h"),
+        Sdpa("sdpa_alibi_bh_cross_l3_s9", L=3, S=9, alibi="bh", mask="float",
+             mask_shape=(2, 1, 1, 9), mask_fill="keypad"),
+        Sdpa("sdpa_alibi_l7_s4_bottom_right", L=7, S=4, causal="bottom_right", alibi="h"),
+        Sdpa("sdpa_sinks", sinks=True),
+        Sdpa("sdpa_sinks_full_rows", mask="bool", mask_shape=(2, 4, 5, 7), mask_fill="rows",
+             sinks=True),
+        Sdpa("sdpa_sinks_window_gqa", H=8, Hkv=2, L=10, S=10, causal="top_left", window=3,
+             sinks=True),
+        Sdpa("sdpa_all_modifiers", H=8, Hkv=2, L=6, S=8, causal="bottom_right", mask="bool",
+             mask_shape=(2, 1, 1, 8), mask_fill="keypad", softcap=3.0, alibi="bh", sinks=True),
+        Sdpa("sdpa_all_modifiers_long", B=1, H=2, Hkv=1, L=270, S=270, D=16, causal="top_left",
+             window=100, softcap=5.0, alibi="h", sinks=True),
+        Sdpa("sdpa_all_modifiers_f64", L=6, S=8, causal="bottom_right", softcap=3.0, alibi="bh",
+             sinks=True, dtype="float64"),
+    ]
+    for dt, tag in (("float16", "f16"), ("bfloat16", "bf16")):
+        c += [
+            Sdpa(f"sdpa_{tag}_all_modifiers", H=8, Hkv=2, L=6, S=8, causal="bottom_right",
+                 D=64, softcap=3.0, alibi="bh", sinks=True, dtype=dt),
+        ]
     for dt, tag in (("float16", "f16"), ("bfloat16", "bf16")):
         c += [
             Sdpa(f"sdpa_{tag}_basic", dtype=dt),
@@ -170,6 +208,17 @@ def varlen_cases() -> list[Varlen]:
         Varlen("varlen_scale_dv", q_lens=[4, 6], D=16, Dv=8, scale=0.25),
         Varlen("varlen_single_seq", q_lens=[9], causal="top_left"),
         Varlen("varlen_long_causal", q_lens=[300, 70, 200], H=2, Hkv=1, D=16, causal="top_left"),
+        Varlen("varlen_softcap", q_lens=[3, 5, 1, 4], softcap=1.0),
+        Varlen("varlen_alibi_h_cross", q_lens=[2, 4, 3], k_lens=[5, 4, 6], causal="bottom_right",
+               alibi="h"),
+        Varlen("varlen_alibi_per_seq", q_lens=[4, 2, 5], k_lens=[6, 2, 5], alibi="bh"),
+        Varlen("varlen_sinks_zero_keys", q_lens=[3, 2, 4], k_lens=[5, 0, 3], sinks=True),
+        Varlen("varlen_sinks_masked_rows", q_lens=[5, 2], k_lens=[3, 4], causal="bottom_right",
+               sinks=True),
+        Varlen("varlen_all_modifiers_gqa", q_lens=[6, 3, 8], k_lens=[9, 3, 8], H=8, Hkv=2,
+               causal="bottom_right", window=4, softcap=2.5, alibi="bh", sinks=True),
+        Varlen("varlen_bf16_all_modifiers", q_lens=[6, 3], k_lens=[7, 5], causal="bottom_right",
+               D=64, softcap=2.5, alibi="bh", sinks=True, dtype="bfloat16"),
     ]
     for dt, tag in (("float16", "f16"), ("bfloat16", "bf16")):
         c += [
@@ -272,6 +321,98 @@ def reference_sdpa(q, k, v, mask, scale) -> torch.Tensor:
     return p @ v
 
 
+def alibi_distance(L: int, S: int) -> torch.Tensor:
+    """(L, S) |i + S - L - j|: queries aligned to the end of the keys (flash-attn)."""
+    i = torch.arange(L, dtype=F64).unsqueeze(1)
+    j = torch.arange(S, dtype=F64).unsqueeze(0)
+    return (i + S - L - j).abs()
+
+
+def modifier_inputs(c, g, rows: int):
+    """(slopes (rows or 1, H) f32 or None, sinks (H,) f32 or None) for a case."""
+    slopes = sinks = None
+    if c.alibi is not None:
+        n = rows if c.alibi == "bh" else 1
+        slopes = torch.rand(n, c.H, generator=g, dtype=F64) * 0.6
+        slopes[..., 1] = 0.0  # a head with slope 0
+        slopes = slopes.to(torch.float32)
+        if c.alibi == "h":
+            slopes = slopes[0]
+    if c.sinks:
+        sinks = (randn(g, c.H) * 1.5).to(torch.float32)
+        sinks[0] = 4.0  # a sink that takes most of the weight
+    return slopes, sinks
+
+
+def reference_mod(q, k, v, mask, scale, softcap, alibi, sinks, dtype=F64) -> torch.Tensor:
+    """The spec's order in `dtype`: scale, soft-cap, ALiBi (`alibi`: (B|1, H, L, S) bias to
+    subtract), masks (bool True = attend, or additive), softmax with the sink (H,); a row with no
+    key gives 0."""
+    B, H, L, D = q.shape
+    G = H // k.shape[1]
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    k = k.repeat_interleave(G, dim=1)
+    v = v.repeat_interleave(G, dim=1)
+    s = (q @ k.transpose(-1, -2)) * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    if alibi is not None:
+        s = s - alibi.to(dtype)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            s = s.masked_fill(~mask, -math.inf)
+        else:
+            s = s + mask.to(dtype)
+    if sinks is not None:
+        s = torch.cat([sinks.to(dtype).view(1, H, 1, 1).expand(B, H, L, 1), s], -1)
+    m = s.amax(-1, keepdim=True)
+    dead = torch.isneginf(m)
+    e = torch.exp(s - torch.where(dead, torch.zeros_like(m), m))
+    p = e / e.sum(-1, keepdim=True).clamp_min(1e-300 if dtype == F64 else 1e-30)
+    p = torch.where(dead, torch.zeros_like(p), p)
+    if sinks is not None:
+        p = p[..., 1:]
+    return p @ v
+
+
+def modifiers_via_sdpa(q, k, v, mask, scale, alibi, sinks) -> torch.Tensor:
+    """Without soft-capping, the same through float64 SDPA: ALiBi in an additive mask, the
+    sink as the factor 1 / (1 + exp(sink - logsumexp)) on SDPA's output."""
+    B, H, L, _ = q.shape
+    S = k.shape[2]
+    add = torch.zeros(B, H, L, S, dtype=F64)
+    if alibi is not None:
+        add = add - alibi
+    if mask is not None:
+        add = add + (torch.where(mask, 0.0, -math.inf) if mask.dtype == torch.bool else mask)
+    o = torch_sdpa(q, k, v, add, False, scale)
+    G = H // k.shape[1]
+    s = (q @ k.repeat_interleave(G, dim=1).transpose(-1, -2)) * scale + add
+    lse = torch.logsumexp(s, -1, keepdim=True)
+    dead = torch.isneginf(lse)
+    o = torch.where(dead, torch.zeros_like(o), o)
+    if sinks is not None:
+        factor = torch.where(dead, torch.zeros_like(lse),
+                             1.0 / (1.0 + torch.exp(sinks.to(F64).view(1, H, 1, 1) - lse)))
+        o = o * factor
+    return o
+
+
+def modifier_meta(c, meta: dict, tensors: dict, slopes, sinks) -> None:
+    names = []
+    if c.softcap is not None:
+        meta["softcap"] = repr(c.softcap)
+        names.append("softcap")
+    if slopes is not None:
+        tensors["alibi_slopes"] = slopes
+        names.append("alibi")
+    if sinks is not None:
+        tensors["sinks"] = sinks
+        names.append("sinks")
+    if names:
+        meta["score_modifiers"] = ",".join(names)
+
+
 def dead_rows(mask, shape) -> torch.Tensor:
     """(B,H,L,1) bool: rows with no allowed key."""
     if mask is None:
@@ -318,16 +459,33 @@ def build_sdpa(c: Sdpa) -> tuple[dict, dict]:
             m = (mask if mask.dtype == torch.bool else mask.to(dtype)).expand(*shape)
         return torch_sdpa(qq, kk, vv, m, only_is_causal, scale)
 
+    slopes, sinks = modifier_inputs(c, g, c.B)
+    alibi = None
+    if slopes is not None:
+        alibi = slopes.to(F64).view(-1, c.H, 1, 1) * alibi_distance(c.L, c.S)
+    mods = c.softcap is not None or slopes is not None or sinks is not None
+
     with torch.no_grad():
-        exp = run(F64)
         dead = dead_rows(mask, shape)
-        exp = torch.where(dead, torch.zeros_like(exp), exp)
-        ref = reference_sdpa(q.to(F64), k.to(F64), v.to(F64), mask, scale)
-        assert (ref - exp).abs().max() < 1e-12, c.name
+        if mods:
+            q64, k64, v64 = (t.to(F64) for t in (q, k, v))
+            exp = reference_mod(q64, k64, v64, mask, scale, c.softcap, alibi, sinks)
+            if c.softcap is None:
+                via = modifiers_via_sdpa(q64, k64, v64, mask, scale, alibi, sinks)
+                assert (via - exp).abs().max() < 1e-12, c.name
+        else:
+            exp = run(F64)
+            exp = torch.where(dead, torch.zeros_like(exp), exp)
+            ref = reference_sdpa(q.to(F64), k.to(F64), v.to(F64), mask, scale)
+            assert (ref - exp).abs().max() < 1e-12, c.name
         own = 0.0
         if c.dtype != "float64":
-            mine = run(dt).to(F64)
-            mine = torch.where(dead, torch.zeros_like(mine), mine)
+            if mods:
+                mine = reference_mod(q, k, v, mask, scale, c.softcap, alibi, sinks, dtype=dt)
+                mine = mine.to(F64)
+            else:
+                mine = run(dt).to(F64)
+                mine = torch.where(dead, torch.zeros_like(mine), mine)
             own = float((mine - exp).abs().max()) if mine.numel() else 0.0
     atol, rtol = tolerance(c.dtype, own)
     tensors = {"q": q, "k": k, "v": v,
@@ -349,6 +507,7 @@ def build_sdpa(c: Sdpa) -> tuple[dict, dict]:
         meta["attn_mask_kind"] = "bool_u8_1_means_attend" if c.mask == "bool" else "float_additive"
     else:
         meta["attn_mask_kind"] = "none"
+    modifier_meta(c, meta, tensors, slopes, sinks)
     return tensors, meta
 
 
@@ -369,6 +528,9 @@ def build_varlen(c: Varlen) -> tuple[dict, dict]:
         cu_q.append(cu_q[-1] + a)
         cu_k.append(cu_k[-1] + b)
 
+    slopes, sinks = modifier_inputs(c, g, len(c.q_lens))
+    mods = c.softcap is not None or slopes is not None or sinks is not None
+
     def run(dtype, reference=False):
         out = torch.zeros(tq, c.H, Dv, dtype=F64)
         dead_all = torch.zeros(tq, c.H, 1, dtype=torch.bool)
@@ -384,7 +546,16 @@ def build_varlen(c: Varlen) -> tuple[dict, dict]:
             vs = v[k0:k1].to(dtype).transpose(0, 1).unsqueeze(0)
             m = allowed_structure(q1 - q0, k1 - k0, c.causal, c.window)
             m = None if c.causal == "none" else m
-            if reference:
+            if mods:
+                alibi = None
+                if slopes is not None:
+                    sl = slopes[n] if slopes.dim() == 2 else slopes
+                    alibi = sl.to(F64).view(1, c.H, 1, 1) * alibi_distance(q1 - q0, k1 - k0)
+                if reference and c.softcap is None:
+                    o = modifiers_via_sdpa(qs, ks, vs, m, scale, alibi, sinks)
+                else:
+                    o = reference_mod(qs, ks, vs, m, scale, c.softcap, alibi, sinks, dtype=dtype)
+            elif reference:
                 o = reference_sdpa(qs, ks, vs, m, scale)
             else:
                 o = torch_sdpa(qs, ks, vs, m, False, scale)
@@ -416,6 +587,7 @@ def build_varlen(c: Varlen) -> tuple[dict, dict]:
         meta["window"] = str(c.window)
     if c.scale is not None:
         meta["scale"] = repr(c.scale)
+    modifier_meta(c, meta, tensors, slopes, sinks)
     return tensors, meta
 
 

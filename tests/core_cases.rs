@@ -52,8 +52,18 @@ fn every_core_case_passes_with_every_backend() {
         };
         for f in &files {
             let r = run_case(f, &opts);
-            let is_f64 =
-                Case::load(f).unwrap().meta.get("dtype").map(String::as_str) == Some("float64");
+            let case = Case::load(f).unwrap();
+            let is_f64 = case.meta.get("dtype").map(String::as_str) == Some("float64");
+            if backend == Backend::CpuFused && case.meta.contains_key("score_modifiers") {
+                // The fused kernel does not apply them yet: forcing it is an error saying so.
+                let e = r.error.clone().unwrap_or_default();
+                assert!(
+                    e.contains("score modifiers"),
+                    "{}: expected the score-modifier refusal, got {r}",
+                    r.name
+                );
+                continue;
+            }
             if backend == Backend::CpuFused && is_f64 && opts.device.is_cpu() {
                 // The fused kernel has no f64 path: forcing it is an error naming the reason.
                 let e = r.error.clone().unwrap_or_default();
@@ -86,9 +96,52 @@ fn core_case_set_covers_every_option() {
         let cu = c.tensors[t].to_vec1::<i32>().unwrap();
         cu.windows(2).map(|w| w[1] - w[0]).collect()
     };
+    let modifier = |c: &Case, m: &str| {
+        c.meta
+            .get("score_modifiers")
+            .is_some_and(|l| l.split(',').any(|x| x == m))
+    };
+    let half = |c: &Case| meta(c, "dtype", "float16") || meta(c, "dtype", "bfloat16");
     let checks: Vec<(&str, usize)> = vec![
         ("sdpa", count(&sdpa)),
         ("varlen", count(&varlen)),
+        (
+            "sdpa softcap",
+            count(&|c| sdpa(c) && modifier(c, "softcap")),
+        ),
+        (
+            "varlen softcap",
+            count(&|c| varlen(c) && modifier(c, "softcap")),
+        ),
+        (
+            "sdpa alibi (H,)",
+            count(&|c| sdpa(c) && rank(c, "alibi_slopes") == Some(1)),
+        ),
+        (
+            "sdpa alibi (B, H)",
+            count(&|c| sdpa(c) && rank(c, "alibi_slopes") == Some(2)),
+        ),
+        (
+            "varlen alibi per sequence",
+            count(&|c| varlen(c) && rank(c, "alibi_slopes") == Some(2)),
+        ),
+        ("sdpa sinks", count(&|c| sdpa(c) && modifier(c, "sinks"))),
+        (
+            "sinks with fully masked rows",
+            count(&|c| modifier(c, "sinks") && meta(c, "has_fully_masked_rows", "true")),
+        ),
+        (
+            "varlen sinks",
+            count(&|c| varlen(c) && modifier(c, "sinks")),
+        ),
+        (
+            "all three modifiers",
+            count(&|c| modifier(c, "softcap") && modifier(c, "alibi") && modifier(c, "sinks")),
+        ),
+        (
+            "half-precision modifiers",
+            count(&|c| half(c) && c.meta.contains_key("score_modifiers")),
+        ),
         (
             "sdpa bool mask",
             count(&|c| meta(c, "attn_mask_kind", "bool_u8_1_means_attend")),

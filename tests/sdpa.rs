@@ -629,3 +629,106 @@ fn bad_inputs_get_errors_naming_tensors_and_shapes() -> Result<()> {
     assert!(msg.contains("key_padding_mask"), "{msg}");
     Ok(())
 }
+
+/// Score modifiers on the reference: gradients of a float64 loss with respect to q and to the
+/// sink logits equal central finite differences (soft-cap's tanh and ALiBi in the path, a
+/// causal mask with a fully masked row); the fused kernels refuse the modifiers, by name; bad
+/// modifier inputs are errors naming the tensor and the shapes.
+#[test]
+fn score_modifiers_differentiate_and_refuse_clearly() -> Result<()> {
+    let dev = Device::Cpu;
+    let (b, h, l, s, d) = (1, 2, 4, 5, 3);
+    let f64s = |t: Tensor| t.to_dtype(DType::F64).unwrap();
+    let q = Var::from_tensor(&f64s(randn(&[b, h, l, d], 1)))?;
+    let k = f64s(randn(&[b, h, s, d], 2));
+    let v = f64s(randn(&[b, h, s, d], 3));
+    let g = f64s(randn(&[b, h, l, d], 4));
+    let sinks = Var::from_tensor(&Tensor::new(&[0.3f64, -1.2], &dev)?)?;
+    let slopes = Tensor::new(&[0.25f64, 0.0], &dev)?;
+    // Top-left causal with L < S leaves no row fully masked; a window of 1 on bottom-right
+    // alignment keeps one key per row, so hide query 0's key with an additive mask instead.
+    let mut mask = vec![0f64; l * s];
+    mask[1] = f64::NEG_INFINITY; // query 0, key 1: its only key under bottom-right + window 1
+    let mask = Tensor::from_vec(mask, (l, s), &dev)?;
+    let opts = |sinks: &Tensor| {
+        SdpaOptions::new()
+            .causal(CausalAlignment::BottomRight)
+            .sliding_window(1)
+            .attn_mask(SdpaMask::Additive(mask.clone()))
+            .softcap(0.8)
+            .alibi_slopes(slopes.clone())
+            .sinks(sinks.clone())
+            .backend(Backend::Reference)
+    };
+    let loss = |q: &Tensor, sinks: &Tensor| -> Result<f64> {
+        let out = sdpa_with_kernel(q, &k, &v, &opts(sinks))?.output;
+        (out * &g)?.sum_all()?.to_scalar::<f64>()
+    };
+    let out = sdpa_with_kernel(q.as_tensor(), &k, &v, &opts(sinks.as_tensor()))?;
+    assert_eq!(out.kernel, "reference");
+    // Query 0 sees no key: only the sink, so its output is 0.
+    let row0 = out
+        .output
+        .narrow(2, 0, 1)?
+        .abs()?
+        .max_all()?
+        .to_scalar::<f64>()?;
+    assert_eq!(row0, 0.0);
+    let grads = (out.output * &g)?.sum_all()?.backward()?;
+    let eps = 1e-6;
+    for (var, n) in [(&q, b * h * l * d), (&sinks, h)] {
+        let analytic = grads
+            .get(var.as_tensor())
+            .expect("gradient")
+            .flatten_all()?;
+        let analytic = analytic.to_vec1::<f64>()?;
+        let base = var.as_tensor().flatten_all()?.to_vec1::<f64>()?;
+        for i in 0..n {
+            let at = |delta: f64| -> Result<f64> {
+                let mut x = base.clone();
+                x[i] += delta;
+                let t = Tensor::from_vec(x, var.as_tensor().dims(), &dev)?;
+                if n == h {
+                    loss(q.as_tensor(), &t)
+                } else {
+                    loss(&t, sinks.as_tensor())
+                }
+            };
+            let numeric = (at(eps)? - at(-eps)?) / (2.0 * eps);
+            assert!(
+                (numeric - analytic[i]).abs() <= 1e-6 * (1.0 + numeric.abs()),
+                "element {i} of a {n}-element input: analytic {} vs numeric {numeric}",
+                analytic[i]
+            );
+        }
+    }
+    // The fused CPU kernel says it does not apply them (no silent fallback when forced).
+    let f32s = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+    let forced = opts(&f32s(sinks.as_tensor()))
+        .alibi_slopes(f32s(&slopes))
+        .backend(Backend::CpuFused);
+    let e = sdpa_with_kernel(&f32s(q.as_tensor()), &f32s(&k), &f32s(&v), &forced)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("score modifiers") && e.contains("softcap, alibi, sinks"),
+        "{e}"
+    );
+    // Bad inputs: named, with the shapes.
+    let (q32, k32) = (f32s(q.as_tensor()), f32s(&k));
+    let bad = |o: SdpaOptions| {
+        sdpa_with_kernel(&q32, &k32, &k32, &o)
+            .unwrap_err()
+            .to_string()
+    };
+    let e = bad(SdpaOptions::new().alibi_slopes(Tensor::zeros(3, DType::F32, &dev)?));
+    assert!(
+        e.contains("alibi_slopes") && e.contains("[3]") && e.contains("(2,)"),
+        "{e}"
+    );
+    let e = bad(SdpaOptions::new().sinks(Tensor::zeros((1, 2), DType::F32, &dev)?));
+    assert!(e.contains("sinks") && e.contains("[1, 2]"), "{e}");
+    let e = bad(SdpaOptions::new().softcap(0.0));
+    assert!(e.contains("softcap") && e.contains("> 0"), "{e}");
+    Ok(())
+}

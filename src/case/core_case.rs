@@ -1,7 +1,7 @@
 //! Attention-core cases (`case_kind=sdpa`) through [`crate::sdpa()`](fn@crate::sdpa) and packed
 //! variable-length cases (`case_kind=varlen`) through [`crate::sdpa_varlen`].
 
-use candle_core::{bail, Result, Tensor};
+use candle_core::{bail, DType, Device, Result, Tensor};
 
 use super::check::{compare, Check};
 use super::run::RunOptions;
@@ -75,6 +75,49 @@ impl Case {
         };
         if nan_rows {
             o = o.masked_rows(MaskedRowPolicy::Nan);
+        }
+        self.score_modifiers(o, &opts.device)
+    }
+
+    /// The score modifiers (spec section "Score modifiers"): `softcap` metadata, `alibi_slopes`
+    /// and `sinks` tensors, listed in `score_modifiers`. A listed modifier this runner does not
+    /// know, or one listed without its data, fails the case; data present is applied (listed or
+    /// not).
+    fn score_modifiers(&self, mut o: SdpaOptions, dev: &Device) -> Result<SdpaOptions> {
+        let listed: Vec<String> = self
+            .meta_str("score_modifiers")
+            .unwrap_or_default()
+            .split(',')
+            .map(|m| m.trim().to_ascii_lowercase())
+            .filter(|m| !m.is_empty() && m != "none")
+            .collect();
+        for m in &listed {
+            if !matches!(m.as_str(), "softcap" | "alibi" | "sinks") {
+                bail!("metadata `score_modifiers`: unknown modifier {m:?} (softcap, alibi, sinks)")
+            }
+        }
+        let present = [
+            ("softcap", self.meta_str("softcap").is_some()),
+            ("alibi", self.tensors.contains_key("alibi_slopes")),
+            ("sinks", self.tensors.contains_key("sinks")),
+        ];
+        for (name, has) in present {
+            if listed.iter().any(|m| m == name) && !has {
+                bail!(
+                    "score modifier {name}: listed in `score_modifiers` ({:?}) but its data is missing",
+                    self.meta_str("score_modifiers").unwrap_or_default()
+                )
+            }
+        }
+        if let Some(c) = self.meta_num::<f64>("softcap")? {
+            o = o.softcap(c);
+        }
+        let f32_on = |t: &Tensor| t.to_dtype(DType::F32)?.to_device(dev);
+        if let Some(t) = self.tensors.get("alibi_slopes") {
+            o = o.alibi_slopes(f32_on(t)?);
+        }
+        if let Some(t) = self.tensors.get("sinks") {
+            o = o.sinks(f32_on(t)?);
         }
         Ok(o)
     }

@@ -405,6 +405,15 @@ pub fn attention(
         }
     }
     if b * h * l * dv == 0 || s == 0 {
+        // With attention sinks a row without keys keeps only the sink: 0 under any policy.
+        let params = if mask.sinks().is_some() {
+            &AttnParams {
+                masked_rows: MaskedRowPolicy::Zero,
+                ..*params
+            }
+        } else {
+            params
+        };
         return empty_call(q, (b, l, h, dv), s, params);
     }
     let call = AttnCall {

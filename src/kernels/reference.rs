@@ -46,10 +46,28 @@ impl Kernel for Reference {
         let v = c.v.to_dtype(cd)?.transpose(1, 2)?.contiguous()?;
         let scores = q.matmul(&k.t()?)?.reshape((b, h, l, s))?;
         let mut scores = (scores * params.scale)?;
+        if let Some(cap) = c.mask.softcap() {
+            scores = ((scores / cap)?.tanh()? * cap)?;
+        }
+        if let Some(slopes) = c.mask.alibi_slopes() {
+            scores = scores.broadcast_sub(&alibi_bias(c, slopes, cd)?)?;
+        }
         if let Some(bias) = c.mask.materialize(c.extra_keys, cd, q.device())? {
             scores = scores.broadcast_add(&bias)?;
         }
-        let mut probs = softmax(&scores, params.masked_rows)?;
+        let mut probs = match c.mask.sinks() {
+            // The sink joins every row's softmax as a first column, then leaves it: a row with
+            // every key masked keeps only the sink (probabilities 0, output 0).
+            Some(sinks) => {
+                let sink = sinks
+                    .to_dtype(cd)?
+                    .reshape((1, h, 1, 1))?
+                    .broadcast_as((b, h, l, 1))?;
+                let all = Tensor::cat(&[&sink, &scores], 3)?;
+                softmax(&all, params.masked_rows)?.narrow(3, 1, s)?
+            }
+            None => softmax(&scores, params.masked_rows)?,
+        };
         if params.dropout > 0.0 {
             probs = candle_nn::ops::dropout(&probs, params.dropout)?;
         }
@@ -66,6 +84,35 @@ impl Kernel for Reference {
             kernel: self.name(),
         })
     }
+}
+
+/// `m · |i + S − L − j|` broadcastable to `(B, H, L, S)` (see [`crate::mask::MaskPlan::with_alibi_slopes`]):
+/// the slopes `(B or 1, H)` (per sequence for packed ones) times the distances.
+fn alibi_bias(c: &AttnCall, slopes: &Tensor, cd: candle_core::DType) -> Result<Tensor> {
+    let (l, s, h) = (c.l, c.s, c.h);
+    let dev = c.q.device();
+    let packed = c.mask.packed_offsets();
+    // Keys appended after the plan's (`add_bias_kv` / `add_zero_attn`) are at distance 0.
+    let real = s - c.extra_keys;
+    let mut dist = crate::mask::alibi_distances((l, real), packed, cd, dev)?;
+    if c.extra_keys > 0 {
+        dist = dist.pad_with_zeros(3, 0, c.extra_keys)?;
+    }
+    let slopes = slopes.to_dtype(cd)?.to_device(dev)?;
+    let per_row = match packed {
+        // Packed: row i takes the slopes of its own sequence.
+        Some((cu_q, _)) if slopes.dim(0)? > 1 => {
+            let mut seq = vec![0u32; l];
+            for (n, w) in cu_q.windows(2).enumerate() {
+                seq[w[0]..w[1]].fill(n as u32);
+            }
+            let idx = Tensor::from_vec(seq, l, dev)?;
+            // (L, H) -> (1, H, L, 1)
+            slopes.index_select(&idx, 0)?.t()?.reshape((1, h, l, 1))?
+        }
+        _ => slopes.reshape((slopes.dim(0)?, h, 1, 1))?,
+    };
+    per_row.broadcast_mul(&dist)
 }
 
 /// The reference kernel alone, bypassing the dispatcher's routing (same contract as

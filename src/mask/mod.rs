@@ -34,8 +34,10 @@
 
 use candle_core::{bail, Result, Tensor};
 
+mod modifiers;
 mod plan;
 
+pub(crate) use modifiers::alibi_distances;
 pub use plan::{MaskDims, MaskPlan};
 
 /// Which way a causal mask is aligned when the query and key lengths differ.

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use candle_core::{bail, DType, Device, Result, Tensor, D};
 
+use super::modifiers::{check_alibi, check_sinks, check_softcap, ScoreMods};
 use super::{AttnMask, Causal, KeyPaddingMask};
 
 /// The shapes a [`MaskPlan`] is built for.
@@ -86,6 +87,7 @@ pub struct MaskPlan {
     key_bias: Option<Tensor>,
     bias: Option<Tensor>,
     packed: Option<Arc<Packed>>,
+    mods: ScoreMods,
 }
 
 impl MaskPlan {
@@ -98,7 +100,57 @@ impl MaskPlan {
             key_bias: None,
             bias: None,
             packed: None,
+            mods: ScoreMods::default(),
         }
+    }
+
+    /// Logit soft-capping: `s ← c · tanh(s / c)` on the scaled logits, before ALiBi and the
+    /// masks (Gemma 2's `attn_logit_softcapping`). `c` must be finite and positive.
+    pub fn with_softcap(mut self, c: f64) -> Result<Self> {
+        self.mods.softcap = Some(check_softcap(c)?);
+        Ok(self)
+    }
+
+    /// ALiBi: `s_ij ← s_ij − m · |i + S − L − j|` with `m` the slope of the query head, from
+    /// `slopes` of shape `(H,)` or `(B, H)` (queries aligned to the end of the keys). With packed
+    /// sequences (set them first) `B` counts sequences and `L`, `S`, `i`, `j` are each
+    /// sequence's own. Added after soft-capping, before the masks.
+    pub fn with_alibi_slopes(mut self, slopes: &Tensor) -> Result<Self> {
+        let seqs = self.packed.as_deref().map(|p| p.cu_q.len() - 1);
+        self.mods.alibi = Some(check_alibi(slopes, self.dims, seqs)?);
+        Ok(self)
+    }
+
+    /// Attention sinks: one logit per query head (`(H,)`) joined to every row's softmax as a key
+    /// without a value. A row whose keys are all masked then gives 0.
+    pub fn with_sinks(mut self, sinks: &Tensor) -> Result<Self> {
+        self.mods.sinks = Some(check_sinks(sinks, self.dims)?);
+        Ok(self)
+    }
+
+    /// The soft-cap, if any.
+    pub fn softcap(&self) -> Option<f64> {
+        self.mods.softcap
+    }
+
+    /// The ALiBi slopes as `(B or 1, H)` (`B`: sequences, for packed ones), if any.
+    pub fn alibi_slopes(&self) -> Option<&Tensor> {
+        self.mods.alibi.as_ref()
+    }
+
+    /// The sink logits `(H,)`, if any.
+    pub fn sinks(&self) -> Option<&Tensor> {
+        self.mods.sinks.as_ref()
+    }
+
+    /// Whether any score modifier (soft-cap, ALiBi, sinks) is set.
+    pub fn has_score_modifiers(&self) -> bool {
+        self.mods.any()
+    }
+
+    /// The score modifiers set, by name (`"softcap, alibi, sinks"`), for messages.
+    pub(crate) fn score_modifier_names(&self) -> String {
+        self.mods.names()
     }
 
     /// Validates and merges the user's masks (any may be `None`), converting tensors to additive
@@ -360,7 +412,7 @@ impl MaskPlan {
         self.packed.as_deref().map(|p| (&p.cu_q[..], &p.cu_k[..]))
     }
 
-    /// Whether nothing is masked.
+    /// Whether nothing is masked (score modifiers aside: see [`MaskPlan::has_score_modifiers`]).
     pub fn is_empty(&self) -> bool {
         !self.has_structure() && self.key_bias.is_none() && self.bias.is_none()
     }

@@ -8,7 +8,9 @@
 //!   the `(B, L, H, D)` layout candle projections produce ([`SdpaLayout::Blhd`]), with
 //!   [`SdpaOptions`]: an attention mask, `is_causal` (top-left, as PyTorch) or an explicit
 //!   [`CausalAlignment`], a sliding window, the scale, grouped-query attention without repeating
-//!   K/V, dropout;
+//!   K/V, dropout, and the score modifiers soft-capping, ALiBi and attention sinks
+//!   ([`SdpaOptions::softcap`], [`SdpaOptions::alibi_slopes`], [`SdpaOptions::sinks`]; on the
+//!   reference kernel);
 //! - [`sdpa_varlen`]: sequences of different lengths packed one after the other, as
 //!   flash-attn's `flash_attn_varlen_func` takes them: `q (total_q, H, D)`, cumulative offsets
 //!   ([`SeqOffsets`]);
@@ -121,6 +123,9 @@ pub struct SdpaOptions {
     masked_rows: MaskedRowPolicy,
     dropout: f32,
     backend: Backend,
+    softcap: Option<f64>,
+    alibi_slopes: Option<Tensor>,
+    sinks: Option<Tensor>,
 }
 
 impl SdpaOptions {
@@ -189,6 +194,56 @@ impl SdpaOptions {
     pub fn backend(mut self, backend: Backend) -> Self {
         self.backend = backend;
         self
+    }
+
+    /// Logit soft-capping (Gemma 2, Grok): `s ← c · tanh(s / c)` on the scaled logits, before
+    /// ALiBi and the masks. `c` must be finite and positive (checked by the call).
+    pub fn softcap(mut self, c: f64) -> Self {
+        self.softcap = Some(c);
+        self
+    }
+
+    /// ALiBi (BLOOM, MPT, Baichuan): `s_ij ← s_ij − m · |i + S − L − j|`, `m` the slope of
+    /// the query head, from a float tensor of shape `(H,)` or `(B, H)` (for [`sdpa_varlen`]:
+    /// `(H,)` or `(sequences, H)`, with each sequence's own `L`, `S`, `i`, `j`). Queries are
+    /// aligned to the end of the keys, as in flash-attn. A slope may be 0.
+    pub fn alibi_slopes(mut self, slopes: Tensor) -> Self {
+        self.alibi_slopes = Some(slopes);
+        self
+    }
+
+    /// Attention sinks (gpt-oss, StreamingLLM): one logit per query head, a float tensor of
+    /// shape `(H,)`, joined to every row's softmax as a key without a value:
+    /// `p_ij = exp(s_ij) / (exp(σ_h) + Σ_j' exp(s_ij'))`. A row whose keys are all masked then
+    /// gives 0, whatever [`SdpaOptions::masked_rows`] says. Gradients flow to a tracked tensor.
+    pub fn sinks(mut self, sinks: Tensor) -> Self {
+        self.sinks = Some(sinks);
+        self
+    }
+
+    /// `plan` with the score modifiers set here, each tensor checked against `q`'s device.
+    fn with_modifiers(&self, mut plan: MaskPlan, q: &Tensor) -> Result<MaskPlan> {
+        for (name, t) in [("alibi_slopes", &self.alibi_slopes), ("sinks", &self.sinks)] {
+            if let Some(t) = t {
+                if !t.device().same_device(q.device()) {
+                    bail!(
+                        "sdpa: {name} is on {:?} but q is on {:?}",
+                        t.device(),
+                        q.device()
+                    )
+                }
+            }
+        }
+        if let Some(c) = self.softcap {
+            plan = plan.with_softcap(c)?;
+        }
+        if let Some(t) = &self.alibi_slopes {
+            plan = plan.with_alibi_slopes(t)?;
+        }
+        if let Some(t) = &self.sinks {
+            plan = plan.with_sinks(t)?;
+        }
+        Ok(plan)
     }
 
     fn causal_mask(&self) -> Result<Option<Causal>> {
@@ -346,7 +401,7 @@ pub fn sdpa_with_kernel(
 /// The mask plan of an SDPA call: the causal structure, and the mask as key padding when it
 /// only varies along the keys (so that fused kernels skip padded tiles), else as a dense bias.
 fn build_plan(dims: MaskDims, opts: &SdpaOptions, q: &Tensor) -> Result<MaskPlan> {
-    let mut plan = MaskPlan::new(dims);
+    let mut plan = opts.with_modifiers(MaskPlan::new(dims), q)?;
     if let Some(c) = opts.causal_mask()? {
         plan = plan.with_causal(c)?;
     }

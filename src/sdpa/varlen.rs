@@ -130,6 +130,7 @@ pub fn sdpa_varlen_with_kernel(
     if let Some(c) = opts.causal_mask()? {
         plan = plan.with_causal(c)?;
     }
+    let plan = opts.with_modifiers(plan, q)?;
     let out = kernels::attention(
         &q.unsqueeze(0)?,
         &k.unsqueeze(0)?,

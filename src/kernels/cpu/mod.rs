@@ -118,6 +118,7 @@ mod op;
 mod out;
 mod portable;
 mod products;
+mod proj_kernel;
 mod softmax;
 #[cfg(target_arch = "x86_64")]
 mod softmax_x86;
@@ -132,6 +133,7 @@ pub(crate) use out::bf16_nearest;
 use out::OutVec;
 #[cfg_attr(not(target_arch = "x86_64"), allow(unused_imports))]
 pub(crate) use products::{current as current_isa, Isa};
+pub(crate) use proj_kernel::{proj_kernel, ProjKernel};
 use tile::{Bias, Ctx, Data, OutBuf, OutPtr, View};
 
 /// Query rows per work item (after folding the query heads of a KV group into the rows).
@@ -204,65 +206,6 @@ pub(crate) fn isa_name() -> &'static str {
     products::current().name()
 }
 
-/// Which of our GEMM kernels ([`gemm`]) computes the projections of one dtype.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // only x86-64 has them
-pub(crate) enum ProjKernel {
-    /// bf16 by AVX512-BF16 dot products.
-    Avx512Bf16,
-    /// bf16 split into f32 halves in registers, AVX2 + FMA (CPUs without AVX512-BF16, or where
-    /// its dot products are slower than f32 FMAs).
-    Avx2Bf16,
-    /// f32 by AVX-512 FMAs.
-    Avx512F32,
-    /// f16 widened to f32 in registers, AVX-512 FMAs.
-    Avx512F16,
-    /// f16 widened to f32 in registers (F16C), AVX2 + FMA (CPUs without AVX-512).
-    Avx2F16,
-}
-
-impl ProjKernel {
-    /// Short name.
-    pub(crate) fn name(self) -> &'static str {
-        match self {
-            ProjKernel::Avx512Bf16 => "AVX512-BF16",
-            ProjKernel::Avx2Bf16 => "AVX2 bf16",
-            ProjKernel::Avx512F32 => "AVX-512 f32",
-            ProjKernel::Avx512F16 => "AVX-512 f16",
-            ProjKernel::Avx2F16 => "AVX2 f16",
-        }
-    }
-}
-
-/// The GEMM kernel for projections of `dtype` now, if any: bf16 on AVX512-BF16, else on
-/// AVX2 + FMA; f16 on AVX-512, else on AVX2 + FMA + F16C; f32 on AVX-512 (elsewhere candle's
-/// matmul, whose `gemm` crate is as good). The
-/// instruction set in use decides (forcing `avx512`, AVX2 or the portable path, as the tests
-/// and `bench_attention --isa` do, picks what CPUs without AVX512-BF16 or AVX-512 run).
-pub(crate) fn proj_kernel(dtype: DType) -> Option<ProjKernel> {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let isa = products::current();
-        match dtype {
-            DType::BF16 if products::dots_bf16(isa) => Some(ProjKernel::Avx512Bf16),
-            DType::BF16 if isa != Isa::Portable && gemm::avx2_supported() => {
-                Some(ProjKernel::Avx2Bf16)
-            }
-            DType::F32 if isa.avx512() => Some(ProjKernel::Avx512F32),
-            DType::F16 if isa.avx512() => Some(ProjKernel::Avx512F16),
-            DType::F16 if isa != Isa::Portable && gemm::avx2_supported() => {
-                Some(ProjKernel::Avx2F16)
-            }
-            _ => None,
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = dtype;
-        None
-    }
-}
-
 /// Forces the portable path (`gemm` crate products) even where SIMD micro-kernels are
 /// available (process-wide), so that tests cover both paths on one machine.
 pub(crate) fn set_portable_only(on: bool) {
@@ -290,6 +233,12 @@ impl Kernel for CpuFused {
             return Some(format!(
                 "the fused CPU kernel needs CPU tensors, got {:?}",
                 c.q.device().location()
+            ));
+        }
+        if c.mask.has_score_modifiers() {
+            return Some(format!(
+                "the fused CPU kernel does not apply score modifiers yet ({}): the reference does",
+                c.mask.score_modifier_names()
             ));
         }
         if !matches!(c.q.dtype(), DType::F32 | DType::F16 | DType::BF16) {

@@ -295,6 +295,12 @@ impl Kernel for CudaFused {
                 c.q.device().location()
             ));
         }
+        if c.mask.has_score_modifiers() {
+            return Some(format!(
+                "the fused CUDA kernel does not apply score modifiers yet ({}): the reference does",
+                c.mask.score_modifier_names()
+            ));
+        }
         #[cfg(not(feature = "cuda"))]
         {
             Some("candle-mha was built without the `cuda` feature".into())
