@@ -33,6 +33,7 @@ use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
 
 use super::kt::{transpose_blocks, transpose_heads, KtBuf};
+use super::mat::MatMut;
 use super::out::OutVec;
 use super::products::{self, Isa};
 use super::softmax::exp_sub;
@@ -443,9 +444,24 @@ impl Bwd<'_> {
         }
     }
 
-    /// Adds the gathered `dQ` rows `part` (`nr × D`) to their rows of `dq`.
-    fn scatter_dq(&self, blk: &Block, part: &[f32], dq: &mut DqAcc) {
-        let d = self.ctx.d;
+    /// Adds the block's `dQ` contribution, which `product` accumulates into the matrix it is
+    /// given (`nr × D`), to the block's rows of `dq`: in place for consecutive rows, else into
+    /// `scratch` first and then added row by row.
+    fn add_dq(
+        &self,
+        blk: &Block,
+        dq: &mut DqAcc,
+        scratch: &mut [f32],
+        product: impl FnOnce(MatMut),
+    ) {
+        let (nr, d) = (blk.rows.len(), self.ctx.d);
+        if blk.consecutive {
+            let (at, row) = (dq.at(blk.gg, blk.rows[0].1), dq.row);
+            return product(MatMut::new(&mut dq.data[at..], nr, d, row));
+        }
+        let part = &mut scratch[..nr * d];
+        part.fill(0.0);
+        product(MatMut::new(part, nr, d, d));
         for (r, &(_, i)) in blk.rows.iter().enumerate() {
             let at = dq.at(blk.gg, i);
             dq.data[at..at + d]

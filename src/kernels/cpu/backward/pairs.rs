@@ -96,14 +96,8 @@ impl Bwd<'_> {
         let dsp = PairMat::new(&sc.dsp, nr, bk.div_ceil(2), BK / 2);
         let (k0, kst) = (ctx.k.at(blk.bi, blk.j0, blk.kh), ctx.k.strides[1]);
         let k = ctx.k.bf16_mat(k0, (bk, d, kst)).expect("bf16 keys");
-        if blk.consecutive {
-            let at = dq.at(blk.gg, first);
-            let row = dq.row;
-            products::pv_pairs(isa, dsp, k, MatMut::new(&mut dq.data[at..], nr, d, row));
-        } else {
-            sc.dq[..nr * d].fill(0.0);
-            products::pv_pairs(isa, dsp, k, MatMut::new(&mut sc.dq, nr, d, d));
-            self.scatter_dq(blk, &sc.dq[..nr * d], dq);
-        }
+        self.add_dq(blk, dq, &mut sc.dq, |acc| {
+            products::pv_pairs(isa, dsp, k, acc)
+        });
     }
 }

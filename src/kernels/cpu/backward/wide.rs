@@ -87,14 +87,6 @@ impl Bwd<'_> {
         // dQ += (scale · dS) · K
         let (k0, kst) = (ctx.k.at(blk.bi, blk.j0, blk.kh), ctx.k.strides[1]);
         let k = Mat::new(&f32_data(&ctx.k)[k0..], bk, d, kst);
-        if blk.consecutive {
-            let at = dq.at(blk.gg, first);
-            let row = dq.row;
-            products::pv(isa, ds, k, MatMut::new(&mut dq.data[at..], nr, d, row));
-        } else {
-            sc.dq[..nr * d].fill(0.0);
-            products::pv(isa, ds, k, MatMut::new(&mut sc.dq, nr, d, d));
-            self.scatter_dq(blk, &sc.dq[..nr * d], dq);
-        }
+        self.add_dq(blk, dq, &mut sc.dq, |acc| products::pv(isa, ds, k, acc));
     }
 }
