@@ -328,6 +328,14 @@ fn cpu_f32<'a>(storage: &'a Storage, t: &Tensor) -> Result<&'a [f32]> {
     Ok(&cpu.as_slice::<f32>()?[t.layout().start_offset()..])
 }
 
+/// The `(B, T, heads, D)` tensor `t`, whose storage is `g`, as a view read in place.
+fn view<'a>(g: &'a Storage, t: &Tensor) -> Result<View<'a>> {
+    Ok(View {
+        data: cpu_data(g, t)?,
+        strides: strides3(t),
+    })
+}
+
 /// Element strides of dims 0..3 of a 4-D tensor.
 fn strides3(t: &Tensor) -> [usize; 3] {
     let s = t.layout().stride();
@@ -425,12 +433,6 @@ impl Inputs {
         let (vg, _) = self.v.storage_and_layout();
         let bg = self.bias.as_ref().map(|t| t.storage_and_layout().0);
         let pg = self.key_bias.as_ref().map(|t| t.storage_and_layout().0);
-        fn view<'a>(g: &'a Storage, t: &Tensor) -> Result<View<'a>> {
-            Ok(View {
-                data: cpu_data(g, t)?,
-                strides: strides3(t),
-            })
-        }
         let (qv, kv, vv) = (
             view(&qg, &self.q)?,
             view(&kg, &self.k)?,

@@ -39,7 +39,7 @@ use super::products::{self, Isa};
 use super::softmax::exp_sub;
 use super::spare::Spare;
 use super::tile::{Ctx, Data, Kt, OutBuf, View};
-use super::{f32_rows, native_rows, strides3, AttnCall, Inputs, MAX_HEAD_DIM};
+use super::{f32_rows, native_rows, view, AttnCall, Inputs, MAX_HEAD_DIM};
 
 /// Query rows per block.
 pub const BQ: usize = 64;
@@ -169,21 +169,15 @@ pub(super) fn backward(
     }
     // f32 inputs, or bf16 ones kept as they are for the pair products.
     let inputs = Inputs::new(c, pairs)?;
-    let (o, go) = if pairs {
-        (native_rows(out)?, native_rows(grad)?)
+    let o = native_rows(out)?;
+    let go = if pairs {
+        native_rows(grad)?
     } else {
-        (native_rows(out)?, f32_rows(grad)?)
+        f32_rows(grad)?
     };
     let (og, _) = o.storage_and_layout();
     let (gg, _) = go.storage_and_layout();
-    let ov = View {
-        data: super::cpu_data(&og, &o)?,
-        strides: strides3(&o),
-    };
-    let gov = View {
-        data: super::cpu_data(&gg, &go)?,
-        strides: strides3(&go),
-    };
+    let (ov, gov) = (view(&og, &o)?, view(&gg, &go)?);
     let delta = deltas(&ov, &gov, (b, l, h, dv));
     let real_s = s - c.extra_keys;
     let ranges: Vec<(usize, usize)> = if c.mask.is_empty() {
@@ -193,7 +187,7 @@ pub(super) fn backward(
     };
     let mut dk = OutVec::zeros(c.k.dtype(), b * s * hkv * d);
     let mut dvv = OutVec::zeros(c.v.dtype(), b * s * hkv * dv);
-    let mut dq_out = OutVec::zeros(c.q.dtype(), b * l * h * d);
+
     let threads = rayon::current_num_threads().max(1);
     let mut tiles = Vec::new();
     for (from, to) in [(0, real_s), (real_s, s)] {
@@ -212,6 +206,8 @@ pub(super) fn backward(
             .clamp(1, tiles.len().max(1))
     };
     let per_run = tiles.len().div_ceil(runs).max(1);
+    // The dQ that whole-head items write; split items sum into `dq_parts` instead.
+    let mut dq_out = whole.then(|| OutVec::zeros(c.q.dtype(), b * l * h * d));
     let dq_parts: Vec<Mutex<Vec<f32>>> = (0..threads).map(|_| Mutex::new(Vec::new())).collect();
     let unused = OutBuf::F32(std::ptr::null_mut());
     inputs.with_ctx(c, false, unused, None, |ctx| -> Result<()> {
@@ -232,10 +228,7 @@ pub(super) fn backward(
         };
         let bw = Bwd {
             ctx,
-            go: View {
-                data: gov.data,
-                strides: gov.strides,
-            },
+            go: gov,
             lse,
             delta: &delta,
             ranges: &ranges,
@@ -244,7 +237,7 @@ pub(super) fn backward(
             pairs,
             dk: dk.buf(),
             dv: dvv.buf(),
-            dq: dq_out.buf(),
+            dq: dq_out.as_mut().map_or(unused, OutVec::buf),
         };
         let items: Vec<_> = (0..heads)
             .flat_map(|x| (0..runs).map(move |r| (x / hkv, x % hkv, r)))
@@ -280,8 +273,8 @@ pub(super) fn backward(
     })??;
     drop((og, gg));
     let dev = c.q.device();
-    let dq = if whole {
-        dq_out.into_tensor((b, l, h, d).into(), c.q.dtype(), dev)?
+    let dq = if let Some(dq) = dq_out {
+        dq.into_tensor((b, l, h, d).into(), c.q.dtype(), dev)?
     } else {
         // dQ: the sum of the per-thread accumulators.
         let mut parts: Vec<Vec<f32>> = dq_parts
