@@ -5,6 +5,7 @@
 //! ```text
 //! cargo run --release --example bench_attention -- --python /root/.venv-torch/bin/python
 //! cargo run --release --example bench_attention -- --crossover   # Backend::Auto's threshold
+//! cargo run --release --example bench_attention -- --modifiers   # softcap / ALiBi / sinks costs
 //! ```
 //!
 //! PyTorch runs in `scripts/bench_attention_torch.py`, a child process kept alive for the whole
@@ -663,6 +664,109 @@ fn rates(results: &[(Cfg, Vec<Row>)]) -> Result<()> {
     Ok(())
 }
 
+/// `--modifiers`: what the score modifiers cost the fused kernel on long causal attention (B1
+/// H12 D64, the bench's dtype): plain, soft-capping (Gemma 2's 50), ALiBi (the usual slopes),
+/// sinks, all three; alternating rounds, medians, each as a ratio to plain and a share of the
+/// f32 FMA peak measured in the same run. Forward only, then forward + backward.
+fn modifier_costs(rounds: usize) -> Result<()> {
+    let dev = Device::Cpu;
+    let (h, d) = (12usize, 64usize);
+    let threads = rayon::current_num_threads();
+    let isa = test_support::cpu_isa();
+    let kind = if isa.starts_with("avx512") {
+        PeakKind::Avx512Fma
+    } else {
+        PeakKind::Avx2Fma
+    };
+    let slopes: Vec<f32> = candle_mha::alibi_slopes(h)
+        .iter()
+        .map(|&m| m as f32)
+        .collect();
+    let slopes = Tensor::new(slopes, &dev)?;
+    let sinks = Tensor::randn(0f32, 1., h, &dev)?;
+    let names = ["plain", "softcap 50", "alibi", "sinks", "all three"];
+    println!(
+        "dtype {}, {threads} threads, fused kernel ISA {isa}, load at start: {}",
+        dtype_name(),
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+    );
+    let mut table = vec![];
+    for l in [2048usize, 8192] {
+        let dt = dtype();
+        let t =
+            |shape| -> Result<Tensor> { Ok(Tensor::randn(0f32, 1., shape, &dev)?.to_dtype(dt)?) };
+        let (q, k, v) = (t((1, l, h, d))?, t((1, l, h, d))?, t((1, l, h, d))?);
+        let g = t((1, l, h, d))?;
+        let base =
+            MaskPlan::new(MaskDims::new(1, h, l, l)).with_causal(CausalAlignment::TopLeft)?;
+        let plans = [
+            base.clone(),
+            base.clone().with_softcap(50.0)?,
+            base.clone().with_alibi_slopes(&slopes)?,
+            base.clone().with_sinks(&sinks)?,
+            base.with_softcap(50.0)?
+                .with_alibi_slopes(&slopes)?
+                .with_sinks(&sinks)?,
+        ];
+        let mut p = AttnParams::new(d);
+        p.backend = Backend::CpuFused;
+        let reps = if l >= 8192 { 2 } else { 5 };
+        let (mut fwd, mut train) = (vec![vec![]; plans.len()], vec![vec![]; plans.len()]);
+        for _ in 0..rounds {
+            for (i, plan) in plans.iter().enumerate() {
+                fwd[i].extend(time_it(reps, || {
+                    attention(&q, &k, &v, plan, &p).map(drop)?;
+                    Ok(())
+                })?);
+                let (qv, kv, vv) = (
+                    candle_core::Var::from_tensor(&q)?,
+                    candle_core::Var::from_tensor(&k)?,
+                    candle_core::Var::from_tensor(&v)?,
+                );
+                train[i].extend(time_it(1, || {
+                    let o = attention(qv.as_tensor(), kv.as_tensor(), vv.as_tensor(), plan, &p)?;
+                    (o.output * &g)?.sum_all()?.backward()?;
+                    Ok(())
+                })?);
+            }
+        }
+        let fwd: Vec<f64> = fwd.into_iter().map(median).collect();
+        let train: Vec<f64> = train.into_iter().map(median).collect();
+        table.push((l, fwd, train));
+    }
+    let peak = peak_gflops(kind, threads, 200);
+    println!(
+        "peak ({threads} threads, register-only): {} {}\n",
+        kind.name(),
+        peak.map_or("—".into(), |p| format!("{p:.0} GFLOP/s"))
+    );
+    println!("| causal B1 H12 D64 | modifiers | forward | / plain | GFLOP/s (share of peak) | forward + backward | / plain |");
+    println!("|---|---|---|---|---|---|---|");
+    for (l, fwd, train) in &table {
+        let flops = 4.0 * (h * d) as f64 * (*l as f64) * (*l as f64 + 1.0) / 2.0;
+        for (i, name) in names.iter().enumerate() {
+            let rate = flops / fwd[i] / 1e9;
+            println!(
+                "| L{l} | {name} | {} | {:.3} | {rate:.0} ({}) | {} | {:.3} |",
+                fmt_t(fwd[i]),
+                fwd[i] / fwd[0],
+                peak.map_or("—".into(), |p| format!("{:.0}%", 100.0 * rate / p)),
+                fmt_t(train[i]),
+                train[i] / train[0]
+            );
+        }
+    }
+    println!(
+        "load at end: {}",
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+    );
+    Ok(())
+}
+
 fn crossover() -> Result<()> {
     println!("| B·H | L=S | D | reference | fused | ref/fused |");
     println!("|---|---|---|---|---|---|");
@@ -719,6 +823,26 @@ fn main() -> Result<()> {
     if args.iter().any(|a| a == "--crossover") {
         return crossover();
     }
+    if args.iter().any(|a| a == "--modifiers") {
+        // `--dtype` and `--rounds` apply.
+        let mut rounds = 3;
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            match a.as_str() {
+                "--rounds" => rounds = it.next().context("--rounds N")?.parse()?,
+                "--dtype" => {
+                    let d = match it.next().context("--dtype f32|bf16|f16")?.as_str() {
+                        "bf16" => DType::BF16,
+                        "f16" => DType::F16,
+                        _ => DType::F32,
+                    };
+                    DTYPE.set(d).ok();
+                }
+                _ => {}
+            }
+        }
+        return modifier_costs(rounds);
+    }
     let mut python =
         std::env::var("CANDLE_MHA_BENCH_PYTHON").unwrap_or_else(|_| "python3".to_string());
     let (mut no_torch, mut no_peak, mut no_ref8k, mut rounds, mut only) =
@@ -735,7 +859,8 @@ fn main() -> Result<()> {
                 println!(
                     "usage: bench_attention [--python PY] [--no-torch] [--rounds N] [--only SUBSTR] \
                      [--no-peak] [--no-reference-8k] [--dtype f32|bf16|f16] \
-                     [--isa avx512bf16|avx512|avx2|portable] [--torch-native] [--no-module] | --crossover"
+                     [--isa avx512bf16|avx512|avx2|portable] [--torch-native] [--no-module] | --crossover \
+                     | --modifiers [--dtype D] [--rounds N]"
                 );
                 return Ok(());
             }

@@ -92,6 +92,43 @@ pub struct MhaConfig {
     pub masked_rows: MaskedRowPolicy,
     /// Which attention implementation to use.
     pub backend: Backend,
+    /// Logit soft-capping `s ← c · tanh(s / c)` (Gemma 2's `attn_logit_softcapping`, Grok), applied
+    /// to the scaled logits before the masks. `None`: off. Must be finite and positive.
+    pub softcap: Option<f64>,
+    /// ALiBi slopes, one per query head (BLOOM, MPT, Baichuan): `s_ij ← s_ij − m_h · |i + S − L −
+    /// j|`. `None`: off. [`alibi_slopes`] gives the usual ones.
+    pub alibi_slopes: Option<Vec<f64>>,
+    /// Attention sinks (gpt-oss, StreamingLLM): a learnt logit per query head joined to every
+    /// row's softmax as a key with no value, loaded as the `(num_heads,)` tensor `sinks` of the
+    /// layout (renamable with [`WeightLayout::with_rename`](crate::WeightLayout::with_rename);
+    /// zeros when a `VarMap` creates it).
+    pub sinks: bool,
+}
+
+/// The ALiBi slopes of `num_heads` heads as BLOOM and MPT compute them (Press et al.): the
+/// geometric sequence `2^(−8k/n)`, `k = 1..=n`, for the largest power of two `n ≤ num_heads`,
+/// then, for the heads beyond it, every other slope of the sequence for `2n` heads.
+///
+/// ```
+/// let m = candle_mha::alibi_slopes(8);
+/// assert_eq!(m[0], 0.5);
+/// assert_eq!(m[7], 1.0 / 256.0);
+/// assert_eq!(candle_mha::alibi_slopes(12).len(), 12);
+/// ```
+pub fn alibi_slopes(num_heads: usize) -> Vec<f64> {
+    if num_heads == 0 {
+        return vec![];
+    }
+    let n = 1usize << (usize::BITS - 1 - num_heads.leading_zeros());
+    let geometric = |n: usize| -> Vec<f64> {
+        let base = 2f64.powf(-8.0 / n as f64);
+        (1..=n).map(|k| base.powi(k as i32)).collect()
+    };
+    let mut slopes = geometric(n);
+    if n < num_heads {
+        slopes.extend(geometric(2 * n).into_iter().step_by(2).take(num_heads - n));
+    }
+    slopes
 }
 
 impl MhaConfig {
@@ -114,6 +151,9 @@ impl MhaConfig {
             batch_first: false,
             masked_rows: MaskedRowPolicy::Zero,
             backend: Backend::Auto,
+            softcap: None,
+            alibi_slopes: None,
+            sinks: false,
         }
     }
 
@@ -217,6 +257,30 @@ impl MhaConfig {
         self
     }
 
+    /// Sets logit soft-capping at `c` (see [`MhaConfig::softcap`]).
+    pub fn with_softcap(mut self, c: f64) -> Self {
+        self.softcap = Some(c);
+        self
+    }
+
+    /// Turns on ALiBi with the usual slopes for `num_heads` ([`alibi_slopes`]).
+    pub fn with_alibi(mut self) -> Self {
+        self.alibi_slopes = Some(alibi_slopes(self.num_heads));
+        self
+    }
+
+    /// Turns on ALiBi with the given slopes, one per query head.
+    pub fn with_alibi_slopes(mut self, slopes: Vec<f64>) -> Self {
+        self.alibi_slopes = Some(slopes);
+        self
+    }
+
+    /// Turns attention sinks on or off (see [`MhaConfig::sinks`]).
+    pub fn with_sinks(mut self, on: bool) -> Self {
+        self.sinks = on;
+        self
+    }
+
     /// Number of key/value heads.
     pub fn kv_heads(&self) -> usize {
         self.num_kv_heads.unwrap_or(self.num_heads)
@@ -310,6 +374,19 @@ impl MhaConfig {
         if let Some(s) = self.softmax_scale {
             if !s.is_finite() || s <= 0.0 {
                 bail!("softmax_scale must be finite and positive, got {s}")
+            }
+        }
+        if let Some(c) = self.softcap {
+            if !c.is_finite() || c <= 0.0 {
+                bail!("softcap must be finite and positive, got {c}")
+            }
+        }
+        if let Some(m) = &self.alibi_slopes {
+            if m.len() != self.num_heads || m.iter().any(|x| !x.is_finite()) {
+                bail!(
+                    "alibi_slopes: expected {} finite slopes (one per query head), got {m:?}",
+                    self.num_heads
+                )
             }
         }
         Ok(())

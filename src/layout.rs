@@ -14,6 +14,9 @@
 //! | [`WeightLayout::separate`] | `q_proj`, `k_proj`, `v_proj`, `out_proj` |
 //! | [`WeightLayout::gpt2`] | `c_attn.weight` (E, q+2kv) — GPT-2's `Conv1D`, transposed against `nn.Linear` — `c_attn.bias`, `c_proj.{weight,bias}` |
 //!
+//! Every layout: `sinks` `(num_heads,)` with [`MhaConfig::sinks`](crate::MhaConfig::sinks)
+//! (gpt-oss's name under `self_attn`).
+//!
 //! Any other naming: [`WeightLayout::custom`] with four projection prefixes, and/or
 //! [`WeightLayout::with_rename`] to map every tensor name the layout asks for.
 
@@ -228,6 +231,7 @@ impl WeightLayout {
                     qkv: qkv.map(Proj::from),
                     bias_k: None,
                     bias_v: None,
+                    sinks: None,
                 }
             }
             Kind::Separate { q, k, v, o } => {
@@ -248,6 +252,7 @@ impl WeightLayout {
                     qkv: None,
                     bias_k: None,
                     bias_v: None,
+                    sinks: None,
                 }
             }
             Kind::Gpt2Conv1D => {
@@ -285,6 +290,7 @@ impl WeightLayout {
                     qkv: Some(Linear::new(w, b).into()),
                     bias_k: None,
                     bias_v: None,
+                    sinks: None,
                 }
             }
         };
@@ -296,6 +302,9 @@ impl WeightLayout {
             };
             p.bias_k = Some(get((1, 1, kvd).into(), "bias_k", init)?);
             p.bias_v = Some(get((1, 1, kvd).into(), "bias_v", init)?);
+        }
+        if cfg.sinks {
+            p.sinks = Some(get(cfg.num_heads.into(), "sinks", zero)?);
         }
         Ok(p)
     }
@@ -322,6 +331,8 @@ pub(crate) struct Projections {
     pub qkv: Option<Proj>,
     pub bias_k: Option<Tensor>,
     pub bias_v: Option<Tensor>,
+    /// The attention sinks `(num_heads,)`, with [`MhaConfig::sinks`].
+    pub sinks: Option<Tensor>,
 }
 
 impl Projections {
@@ -336,6 +347,7 @@ impl Projections {
             qkv: self.qkv.as_ref().map(lin),
             bias_k: self.bias_k.as_ref().map(Tensor::detach),
             bias_v: self.bias_v.as_ref().map(Tensor::detach),
+            sinks: self.sinks.as_ref().map(Tensor::detach),
         }
     }
 
@@ -346,5 +358,6 @@ impl Projections {
             || self.qkv.as_ref().is_some_and(lin)
             || self.bias_k.as_ref().is_some_and(Tensor::track_op)
             || self.bias_v.as_ref().is_some_and(Tensor::track_op)
+            || self.sinks.as_ref().is_some_and(Tensor::track_op)
     }
 }

@@ -79,7 +79,7 @@ pub mod rope;
 pub mod sdpa;
 
 pub use cache::{KvCache, StaticKv};
-pub use config::{Backend, MaskedRowPolicy, MhaConfig};
+pub use config::{alibi_slopes, Backend, MaskedRowPolicy, MhaConfig};
 pub use layout::WeightLayout;
 pub use mask::{AttnMask, Causal, CausalAlignment, KeyPaddingMask, MaskPlan};
 pub use mha::{MhaInput, MhaOutput, MultiHeadAttention, NeedWeights};

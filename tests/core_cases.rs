@@ -54,16 +54,6 @@ fn every_core_case_passes_with_every_backend() {
             let r = run_case(f, &opts);
             let case = Case::load(f).unwrap();
             let is_f64 = case.meta.get("dtype").map(String::as_str) == Some("float64");
-            if backend == Backend::CpuFused && case.meta.contains_key("score_modifiers") {
-                // The fused kernel does not apply them yet: forcing it is an error saying so.
-                let e = r.error.clone().unwrap_or_default();
-                assert!(
-                    e.contains("score modifiers"),
-                    "{}: expected the score-modifier refusal, got {r}",
-                    r.name
-                );
-                continue;
-            }
             if backend == Backend::CpuFused && is_f64 && opts.device.is_cpu() {
                 // The fused kernel has no f64 path: forcing it is an error naming the reason.
                 let e = r.error.clone().unwrap_or_default();

@@ -13,7 +13,7 @@ use candle_mha::mask::{Causal, CausalAlignment, KeyPaddingMask, MaskDims, MaskPl
 use candle_mha::{Backend, MaskedRowPolicy};
 
 mod support;
-use support::{check_close, random_mask, tolerances, Rng};
+use support::{check_close, random_mask, random_modifiers, tolerances, Rng};
 
 fn run_random(seed: u64, n: usize, big: bool) {
     let mut rng = Rng(seed);
@@ -57,6 +57,11 @@ fn run_random(seed: u64, n: usize, big: bool) {
             MaskPlan::new(MaskDims::new(b, h, l, real_s))
         } else {
             random_mask(&mut rng, b, h, l, real_s, &mut desc, &dev)
+        };
+        let mask = if rng.below(3) == 0 {
+            random_modifiers(&mut rng, mask, &mut desc, &dev)
+        } else {
+            mask
         };
         let t = |shape: (usize, usize, usize, usize), rng: &mut Rng| {
             let n = shape.0 * shape.1 * shape.2 * shape.3;
@@ -138,7 +143,7 @@ fn fused_decode_gqa_and_long_causal() {
     let mut rng = Rng(7);
     // Decode: L = 1, S = 1000, H = 8 sharing 2 KV heads, D = 128, bottom-right causal + lengths.
     // Long causal top-left with sliding window over several key tiles.
-    for (b, h, hkv, l, s, d, causal, window) in [
+    for (n, (b, h, hkv, l, s, d, causal, window)) in [
         (2, 8, 2, 1, 1000, 128, CausalAlignment::BottomRight, None),
         (1, 4, 4, 300, 700, 64, CausalAlignment::TopLeft, Some(300)),
         (1, 2, 1, 333, 333, 256, CausalAlignment::BottomRight, None),
@@ -155,7 +160,10 @@ fn fused_decode_gqa_and_long_causal() {
             CausalAlignment::BottomRight,
             Some(900),
         ),
-    ] {
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let q = Tensor::from_vec(rng.normal_vec(b * h * l * d), (b, l, h, d), &dev).unwrap();
         let k = Tensor::from_vec(rng.normal_vec(b * hkv * s * d), (b, s, hkv, d), &dev).unwrap();
         let v = Tensor::from_vec(rng.normal_vec(b * hkv * s * d), (b, s, hkv, d), &dev).unwrap();
@@ -177,6 +185,19 @@ fn fused_decode_gqa_and_long_causal() {
             &dev,
         )
         .unwrap();
+        // Every other one with all three score modifiers.
+        let mask = if n % 2 == 1 {
+            let slopes: Vec<f32> = (0..h).map(|x| 0.01 / (x + 1) as f32).collect();
+            let sinks: Vec<f32> = (0..h).map(|x| x as f32 - 1.5).collect();
+            mask.with_softcap(4.0)
+                .unwrap()
+                .with_alibi_slopes(&Tensor::new(slopes, &dev).unwrap())
+                .unwrap()
+                .with_sinks(&Tensor::new(sinks, &dev).unwrap())
+                .unwrap()
+        } else {
+            mask
+        };
         let mut params = AttnParams::new(d);
         let want = reference::attention(&q, &k, &v, &mask, &params).unwrap();
         params.backend = Backend::CpuFused;
@@ -193,12 +214,17 @@ fn fused_decode_gqa_and_long_causal() {
 fn split_over_keys_decoding_matches_reference() {
     let dev = Device::Cpu;
     let mut rng = Rng(11);
-    for (b, h, hkv, l, s, extra, window, dtype) in [
+    for (n, (b, h, hkv, l, s, extra, window, dtype)) in [
         (1, 4, 1, 1, 5000, 0, None, DType::F32),
         (1, 8, 2, 2, 4097, 1, Some(3000), DType::F32),
         (1, 2, 1, 1, 9000, 2, None, DType::BF16),
         (1, 1, 1, 1, 2048, 0, Some(100), DType::F16),
-    ] {
+        (1, 4, 1, 1, 5000, 0, None, DType::F32),
+        (1, 8, 2, 2, 4097, 1, Some(3000), DType::BF16),
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let d = 64;
         let mut t = |n: usize, shape: (usize, usize, usize, usize)| {
             Tensor::from_vec(rng.normal_vec(n), shape, &dev)
@@ -221,6 +247,19 @@ fn split_over_keys_decoding_matches_reference() {
             &dev,
         )
         .unwrap();
+        // The last two with all three score modifiers: the sink joins the merged chunks once.
+        let mask = if n >= 4 {
+            let slopes: Vec<f32> = (0..h).map(|x| 0.01 / (x + 1) as f32).collect();
+            let sinks: Vec<f32> = (0..h).map(|x| x as f32 - 1.5).collect();
+            mask.with_softcap(4.0)
+                .unwrap()
+                .with_alibi_slopes(&Tensor::new(slopes, &dev).unwrap())
+                .unwrap()
+                .with_sinks(&Tensor::new(sinks, &dev).unwrap())
+                .unwrap()
+        } else {
+            mask
+        };
         let mut params = AttnParams::new(d);
         let want = reference::attention(&q, &k, &v, &mask, &params).unwrap();
         params.backend = Backend::CpuFused;
@@ -300,13 +339,10 @@ fn all_parity_cases_pass_through_fused() {
     for f in &files {
         let case = Case::load(f).unwrap();
         let f64_case = case.dtype().unwrap() == DType::F64;
-        // Score modifiers are the reference's for now (forcing the fused kernel is an error
-        // saying so: tests/core_cases.rs); Auto must still serve them.
-        let modifiers = case.meta.contains_key("score_modifiers");
         let opts = RunOptions {
             device: Device::Cpu,
             grad: false,
-            backend: if f64_case || modifiers {
+            backend: if f64_case {
                 Backend::Auto
             } else {
                 Backend::CpuFused

@@ -103,6 +103,15 @@ fn cases() -> Vec<Case> {
             steps: prefill(2, 7),
         },
         Case {
+            name: "gqa with soft-capping, ALiBi and sinks, batch 2 left-padded, prefill 3 + 1s",
+            cfg: gqa().with_softcap(2.5).with_alibi().with_sinks(true),
+            style: None,
+            window: None,
+            pad: vec![0, 2],
+            len: 8,
+            steps: prefill(3, 8),
+        },
+        Case {
             name: "plain MHA without hook, sequence-first layout, window 2",
             cfg: MhaConfig::new(16, 4),
             style: None,

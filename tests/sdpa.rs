@@ -632,10 +632,11 @@ fn bad_inputs_get_errors_naming_tensors_and_shapes() -> Result<()> {
 
 /// Score modifiers on the reference: gradients of a float64 loss with respect to q and to the
 /// sink logits equal central finite differences (soft-cap's tanh and ALiBi in the path, a
-/// causal mask with a fully masked row); the fused kernels refuse the modifiers, by name; bad
-/// modifier inputs are errors naming the tensor and the shapes.
+/// causal mask with a fully masked row); the fused CPU kernel, forced, gives the same output and
+/// gradients (d(sinks) included) in f32, and refuses tracked ALiBi slopes by name; bad modifier
+/// inputs are errors naming the tensor and the shapes.
 #[test]
-fn score_modifiers_differentiate_and_refuse_clearly() -> Result<()> {
+fn score_modifiers_differentiate_on_every_kernel() -> Result<()> {
     let dev = Device::Cpu;
     let (b, h, l, s, d) = (1, 2, 4, 5, 3);
     let f64s = |t: Tensor| t.to_dtype(DType::F64).unwrap();
@@ -674,7 +675,7 @@ fn score_modifiers_differentiate_and_refuse_clearly() -> Result<()> {
         .max_all()?
         .to_scalar::<f64>()?;
     assert_eq!(row0, 0.0);
-    let grads = (out.output * &g)?.sum_all()?.backward()?;
+    let grads = (&out.output * &g)?.sum_all()?.backward()?;
     let eps = 1e-6;
     for (var, n) in [(&q, b * h * l * d), (&sinks, h)] {
         let analytic = grads
@@ -702,18 +703,50 @@ fn score_modifiers_differentiate_and_refuse_clearly() -> Result<()> {
             );
         }
     }
-    // The fused CPU kernel says it does not apply them (no silent fallback when forced).
+    // The fused CPU kernel (forced) in f32: the same output and gradients, d(sinks) included.
     let f32s = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
-    let forced = opts(&f32s(sinks.as_tensor()))
+    let (q32, s32) = (
+        Var::from_tensor(&f32s(q.as_tensor()))?,
+        Var::from_tensor(&f32s(sinks.as_tensor()))?,
+    );
+    let forced = opts(s32.as_tensor())
         .alibi_slopes(f32s(&slopes))
         .backend(Backend::CpuFused);
-    let e = sdpa_with_kernel(&f32s(q.as_tensor()), &f32s(&k), &f32s(&v), &forced)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("score modifiers") && e.contains("softcap, alibi, sinks"),
-        "{e}"
-    );
+    let fused = sdpa_with_kernel(q32.as_tensor(), &f32s(&k), &f32s(&v), &forced)?;
+    assert_eq!(fused.kernel, "cpu");
+    let fg = (fused.output.to_dtype(DType::F64)? * &g)?
+        .sum_all()?
+        .backward()?;
+    let close = |a: &Tensor, b: &Tensor, what: &str| -> Result<()> {
+        let err = (a.to_dtype(DType::F64)? - b)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f64>()?;
+        assert!(err <= 2e-6, "fused {what} off by {err}");
+        Ok(())
+    };
+    close(&fused.output, &out.output, "output")?;
+    close(
+        fg.get(q32.as_tensor()).unwrap(),
+        grads.get(q.as_tensor()).unwrap(),
+        "dq",
+    )?;
+    close(
+        fg.get(s32.as_tensor()).unwrap(),
+        grads.get(sinks.as_tensor()).unwrap(),
+        "d(sinks)",
+    )?;
+    // ALiBi slopes that autograd tracks: the fused kernel has no gradient for them and says so.
+    let tracked = Var::from_tensor(&f32s(&slopes))?;
+    let e = sdpa_with_kernel(
+        &f32s(q.as_tensor()),
+        &f32s(&k),
+        &f32s(&v),
+        &forced.alibi_slopes(tracked.as_tensor().clone()),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("ALiBi slopes"), "{e}");
     // Bad inputs: named, with the shapes.
     let (q32, k32) = (f32s(q.as_tensor()), f32s(&k));
     let bad = |o: SdpaOptions| {

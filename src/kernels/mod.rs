@@ -126,9 +126,14 @@ pub(crate) struct AttnCall<'a> {
 }
 
 impl AttnCall<'_> {
-    /// Whether candle's autograd tracks any input.
+    /// Whether candle's autograd tracks any input (q, k, v, the sinks or the ALiBi slopes).
     pub(crate) fn tracked(&self) -> bool {
-        self.q.track_op() || self.k.track_op() || self.v.track_op()
+        let tracked = |t: Option<&Tensor>| t.is_some_and(Tensor::track_op);
+        self.q.track_op()
+            || self.k.track_op()
+            || self.v.track_op()
+            || tracked(self.mask.sinks())
+            || tracked(self.mask.alibi_slopes())
     }
 }
 

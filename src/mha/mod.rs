@@ -50,6 +50,8 @@ use pipeline::{KvSource, Prepared};
 pub struct MultiHeadAttention {
     cfg: MhaConfig,
     proj: Projections,
+    /// The config's ALiBi slopes as an f32 `(H,)` tensor on the module's device.
+    alibi: Option<Tensor>,
     dtype: DType,
     device: Device,
 }
@@ -64,9 +66,17 @@ impl MultiHeadAttention {
     pub fn load(cfg: MhaConfig, layout: &WeightLayout, vb: VarBuilder) -> Result<Self> {
         cfg.validate()?;
         let proj = layout.load(&vb, &cfg)?;
+        let alibi = match &cfg.alibi_slopes {
+            Some(m) => {
+                let m: Vec<f32> = m.iter().map(|&x| x as f32).collect();
+                Some(Tensor::new(m, vb.device())?)
+            }
+            None => None,
+        };
         Ok(Self {
             cfg,
             proj,
+            alibi,
             dtype: vb.dtype(),
             device: vb.device().clone(),
         })
@@ -173,6 +183,9 @@ impl MultiHeadAttention {
     /// The mask plan [`Self::attend`] builds for `input` (validated against its shapes). A
     /// model builds it once per forward and hands it to every layer with
     /// [`MhaInput::mask_plan`], instead of every layer converting and checking the same masks.
+    /// It holds the masks only: each layer adds its own score modifiers (soft-cap, ALiBi,
+    /// sinks) when it is called; modifiers set on a plan by hand are kept by layers that have
+    /// none.
     ///
     /// ```
     /// use candle_core::{DType, Device, Tensor};
@@ -193,7 +206,7 @@ impl MultiHeadAttention {
     /// ```
     pub fn mask_plan(&self, input: &MhaInput) -> Result<MaskPlan> {
         let p = Prepared::new(self, input, KvSource::Fresh)?;
-        self.plan_for(input, &p)
+        self.masks_for(input, &p)
     }
 
     /// The mask plan [`Self::attend_cached`] builds for `input` against `cache` (keys: the cached
@@ -201,7 +214,7 @@ impl MultiHeadAttention {
     /// per step, before any layer appends to its cache (all layers' caches have the same length).
     pub fn mask_plan_cached(&self, input: &MhaInput, cache: &KvCache) -> Result<MaskPlan> {
         let p = Prepared::new(self, input, KvSource::Cached(cache))?;
-        self.plan_for(input, &p)
+        self.masks_for(input, &p)
     }
 
     /// A view of this module for inference: the same weights (sharing storage, so later

@@ -308,8 +308,28 @@ impl MultiHeadAttention {
     }
 
     /// The mask plan of a call: the input's own, checked against the call's shapes, or one
-    /// built from its masks.
+    /// built from its masks; with the layer's score modifiers (soft-cap, ALiBi, sinks).
     pub(super) fn plan_for(&self, input: &MhaInput, p: &Prepared) -> Result<MaskPlan> {
+        let plan = self.masks_for(input, p)?;
+        self.with_modifiers(plan)
+    }
+
+    /// The layer's score modifiers set on `plan` (replacing any the plan has).
+    fn with_modifiers(&self, mut plan: MaskPlan) -> Result<MaskPlan> {
+        if let Some(c) = self.cfg.softcap {
+            plan = plan.with_softcap(c)?;
+        }
+        if let Some(m) = &self.alibi {
+            plan = plan.with_alibi_slopes(m)?;
+        }
+        if let Some(s) = &self.proj.sinks {
+            plan = plan.with_sinks(s)?;
+        }
+        Ok(plan)
+    }
+
+    /// The masks of a call as a plan (see [`Self::plan_for`]).
+    pub(super) fn masks_for(&self, input: &MhaInput, p: &Prepared) -> Result<MaskPlan> {
         let h = self.cfg.num_heads;
         if let Some(plan) = &input.plan {
             let own = [

@@ -235,3 +235,43 @@ pub fn random_mask(
     }
     plan
 }
+
+/// `plan` with random score modifiers (each about half the time): a soft-cap, ALiBi slopes of
+/// shape `(H,)` or `(B, H)` (some 0), sinks (the plan must not be packed).
+pub fn random_modifiers(
+    rng: &mut Rng,
+    plan: MaskPlan,
+    desc: &mut String,
+    dev: &Device,
+) -> MaskPlan {
+    let dims = plan.dims();
+    let (b, h) = (dims.batch, dims.heads);
+    let mut plan = plan;
+    if rng.below(2) == 0 {
+        let c = 0.5 + rng.unit() as f64 * 10.0;
+        *desc += &format!(" softcap={c:.2}");
+        plan = plan.with_softcap(c).unwrap();
+    }
+    if rng.below(2) == 0 {
+        let rows = rng.pick(&[1, b]);
+        let v: Vec<f32> = (0..rows * h)
+            .map(|_| {
+                if rng.below(4) == 0 {
+                    0.0
+                } else {
+                    rng.unit() * 0.3
+                }
+            })
+            .collect();
+        *desc += &format!(" alibi=({rows},{h})");
+        plan = plan
+            .with_alibi_slopes(&Tensor::from_vec(v, (rows, h), dev).unwrap())
+            .unwrap();
+    }
+    if rng.below(2) == 0 {
+        let v: Vec<f32> = (0..h).map(|_| rng.unit() * 6.0 - 3.0).collect();
+        *desc += " sinks";
+        plan = plan.with_sinks(&Tensor::new(v, dev).unwrap()).unwrap();
+    }
+    plan
+}

@@ -25,6 +25,10 @@
 //!    with each head's rows contiguous (rows a power-of-two multiple of 1 KiB apart fall into a
 //!    few L1 sets). The per-call copies live in buffers reused across calls (`spare.rs`).
 //!
+//! Score modifiers (`modifiers.rs`): soft-capping and ALiBi are applied to each score row
+//! between 1. and 2.; a sink joins a row's softmax state when the row is finished (after the
+//! flash-decoding merge too).
+//!
 //! Finally each row is divided by `l` and written to its place in the `(B, L, H, Dv)` output; a
 //! row that saw no finite logit (`l == 0`: fully masked) gets the
 //! [`MaskedRowPolicy`]: zeros or NaN, exactly as
@@ -83,7 +87,8 @@
 //!
 //! Files: this one (eligibility, inputs, the parallel loop), `view.rs` (the inputs read in
 //! place), `kt.rs` (the per-call copies of K and V) and `spare.rs` (their reused buffers),
-//! `tile.rs` (one work item: masks, softmax step, products), `decode.rs` and `stream.rs`
+//! `tile.rs` (one work item: masks, softmax step, products), `modifiers.rs` (soft-cap, ALiBi,
+//! sinks), `decode.rs` and `stream.rs`
 //! (decode-shaped calls, their prefetch stream), `softmax.rs` and `softmax_x86.rs` (online
 //! softmax, `exp`; its AVX-512 / AVX2 step), `out.rs` (the output, written in its dtype),
 //! `backward/` and `op.rs` (the backward and its autograd node), `products.rs` (the run-time
@@ -114,6 +119,7 @@ pub(crate) mod gemm;
 pub(crate) mod gemm_avx2;
 mod kt;
 mod mat;
+mod modifiers;
 mod op;
 mod out;
 mod portable;
@@ -235,11 +241,11 @@ impl Kernel for CpuFused {
                 c.q.device().location()
             ));
         }
-        if c.mask.has_score_modifiers() {
-            return Some(format!(
-                "the fused CPU kernel does not apply score modifiers yet ({}): the reference does",
-                c.mask.score_modifier_names()
-            ));
+        if c.mask.alibi_slopes().is_some_and(|t| t.track_op()) {
+            return Some(
+                "the fused CPU kernel has no gradient for ALiBi slopes that autograd tracks: the reference has"
+                    .into(),
+            );
         }
         if !matches!(c.q.dtype(), DType::F32 | DType::F16 | DType::BF16) {
             return Some(format!(
@@ -266,9 +272,17 @@ impl Kernel for CpuFused {
         CALLS.fetch_add(1, Ordering::Relaxed);
         let output = if c.tracked() {
             // Autograd: the output becomes a node whose backward is the fused backward, fed by
-            // the log-sum-exp this forward saves.
+            // the log-sum-exp this forward saves (and, for tracked sinks, their own path).
             let (out, lse) = forward(c, true)?;
-            op::attach(c, out, lse.unwrap_or_default())?
+            let lse = lse.unwrap_or_default();
+            let qkv = c.q.track_op() || c.k.track_op() || c.v.track_op();
+            let out = if qkv {
+                op::attach(c, out, lse.clone())?
+            } else {
+                let (b, l, h, dv) = (c.b, c.l, c.h, c.dv);
+                out.into_tensor((b, l, h, dv).into(), c.q.dtype(), c.q.device())?
+            };
+            modifiers::sink_gradient_path(c, out, &lse)?
         } else {
             let (b, l, h, dv) = (c.b, c.l, c.h, c.dv);
             let (out, _) = forward(c, false)?;
@@ -467,6 +481,7 @@ impl Inputs {
             dead
         });
         let isa = products::current();
+        let mods = modifiers::Mods::new(c.mask)?;
         let g = h / hkv;
         // The transposed copy of K pays off when each K tile serves many query rows;
         // decode-like calls (few rows per KV head) read K in place through `gemm` instead.
@@ -513,6 +528,7 @@ impl Inputs {
             dead_tiles,
             n_tiles,
             bias,
+            mods: &mods,
             kt: kt.as_ref().map(KtBuf::view),
             pv_pairs,
             q_pairs: pairs,

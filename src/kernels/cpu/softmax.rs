@@ -128,6 +128,44 @@ fn exp_sub_impl<const FMA: bool>(row: &mut [f32], shift: f32) {
     }
 }
 
+/// `row[j] = c · tanh(row[j] / c)` (logit soft-capping), vectorised: `tanh|y| = (1 − e) / (1 + e)`
+/// with `e = exp(−2|y|)` from the softmax's `exp`; absolute error about `c · 1e-7`, which is
+/// what the logits' own f32 rounding is at `|s| ≈ c`.
+pub(super) fn softcap(isa: Isa, row: &mut [f32], c: f32) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa` is only ever one the CPU supports (see `products::force`).
+        Isa::Avx512 | Isa::Avx512Bf16 => unsafe { softcap_avx512(row, c) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above (AVX2 + FMA implies AVX).
+        Isa::Avx2 => unsafe { softcap_avx(row, c) },
+        _ => softcap_impl::<false>(row, c),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx,fma")]
+unsafe fn softcap_avx512(row: &mut [f32], c: f32) {
+    softcap_impl::<true>(row, c)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,fma")]
+unsafe fn softcap_avx(row: &mut [f32], c: f32) {
+    softcap_impl::<true>(row, c)
+}
+
+#[inline(always)]
+fn softcap_impl<const FMA: bool>(row: &mut [f32], c: f32) {
+    let (inv2, cap) = (-2.0 / c, c);
+    for x in row.iter_mut() {
+        let e = fast_exp::<FMA>(x.abs() * inv2);
+        let t = (1.0 - e) / (1.0 + e);
+        // tanh keeps the sign (and NaN stays NaN through `e`).
+        *x = (cap * t).copysign(*x);
+    }
+}
+
 #[inline(always)]
 fn fma<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     if FMA {
@@ -213,6 +251,28 @@ mod tests {
         }
         assert_eq!(fast_exp::<false>(f32::NEG_INFINITY), 0.0);
         assert_eq!(fast_exp::<false>(0.0), 1.0);
+    }
+
+    /// Soft-capping against `c · tanh(x / c)` in f64, on every instruction set of this CPU:
+    /// within `c · 2e-7` absolute, odd, saturating at ±c, NaN kept.
+    #[test]
+    fn softcap_matches_tanh() {
+        for isa in super::super::products::available() {
+            for c in [0.5f32, 5.0, 30.0, 50.0] {
+                let xs: Vec<f32> = (-4000..4000).map(|k| k as f32 * 0.037 * c / 10.0).collect();
+                let mut row = xs.clone();
+                row.push(f32::NAN);
+                row.push(f32::INFINITY);
+                softcap(isa, &mut row, c);
+                for (x, y) in xs.iter().zip(&row) {
+                    let want = c as f64 * (*x as f64 / c as f64).tanh();
+                    let err = (*y as f64 - want).abs();
+                    assert!(err <= 2e-7 * c as f64, "{isa:?} c={c} x={x}: {y} vs {want}");
+                }
+                assert!(row[xs.len()].is_nan());
+                assert_eq!(row[xs.len() + 1], c);
+            }
+        }
     }
 
     /// The AVX-512 and AVX2 steps compute what the portable one does: the same probabilities

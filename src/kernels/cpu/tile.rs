@@ -5,6 +5,7 @@ use std::cell::RefCell;
 
 use super::kt::kt_stride;
 use super::mat::{Mat, MatMut, PairMat};
+use super::modifiers::{join_sink, Mods};
 pub(super) use super::out::{OutBuf, OutPtr};
 use super::products::{self, Isa};
 use super::softmax::softmax_step;
@@ -47,6 +48,8 @@ pub(super) struct Ctx<'a> {
     pub dead_tiles: Option<Vec<bool>>,
     pub n_tiles: usize,
     pub bias: Option<Bias<'a>>,
+    /// Soft-capping, ALiBi and sinks.
+    pub mods: &'a Mods,
     /// `kᵀ` when a SIMD `Q · Kᵀ` micro-kernel is used (rows [`kt_stride`] apart).
     pub kt: Option<Kt<'a>>,
     /// Whether `P · V` runs on AVX512-BF16 dot products (bf16 V, `Dv` a multiple of 32): the
@@ -276,15 +279,21 @@ impl Ctx<'_> {
         let (dv, l) = (self.dv, self.l);
         for r in 0..nr {
             let (gg, i) = ((r0 + r) / l, (r0 + r) % l);
-            let off = ((bi * l + i) * self.h + kh * self.g + gg) * dv;
+            let hh = kh * self.g + gg;
+            let off = ((bi * l + i) * self.h + hh) * dv;
             let src = &acc[r * dv..(r + 1) * dv];
-            let sum = lsum[r];
+            // The sink joins the row's softmax last (a row with no visible key keeps only it:
+            // output 0).
+            let (mr, sum, corr) = match self.mods.sink(hh) {
+                Some(sink) => join_sink(m[r], lsum[r], sink),
+                None => (m[r], lsum[r], 1.0),
+            };
             if let Some(lse) = self.lse {
-                let at = (bi * self.h + kh * self.g + gg) * l + i;
+                let at = (bi * self.h + hh) * l + i;
                 let v = if sum == 0.0 {
                     f32::NEG_INFINITY
                 } else {
-                    m[r] + sum.ln()
+                    mr + sum.ln()
                 };
                 // SAFETY: `at` is inside the (B, H, L) buffer and row (bi, head, i) belongs to
                 // this work item only.
@@ -299,8 +308,10 @@ impl Ctx<'_> {
                         MaskedRowPolicy::Nan => f32::NAN,
                     };
                     self.out.fill(off, dv, v);
+                } else if corr == 0.0 {
+                    self.out.fill(off, dv, 0.0);
                 } else {
-                    self.out.write(off, src, 1.0 / sum);
+                    self.out.write(off, src, corr / sum);
                 }
             }
         }
@@ -391,7 +402,8 @@ impl Ctx<'_> {
         let mut any = false;
         for r in 0..nr {
             let row = &mut rows.scores[r * BLOCK_K..r * BLOCK_K + bk];
-            if masked && !self.mask_row(bi, kh, rows.r0 + r, (rows.lo[r], rows.hi[r]), j0, row) {
+            let range = (rows.lo[r], rows.hi[r]);
+            if !self.score_row((bi, kh, rows.r0 + r), (range, masked), j0, row, None) {
                 row.fill(0.0);
                 continue;
             }
@@ -417,11 +429,44 @@ impl Ctx<'_> {
 }
 
 impl Ctx<'_> {
+    /// The score modifiers, then (with `masked`) the masks ([`Ctx::mask_row`]), on the scores
+    /// `row` of keys `j0..j0 + row.len()` for folded row `fr` of KV head `kh` in batch `bi`,
+    /// whose structured range is `range`. With `capped`, the soft-capped scores are also copied
+    /// there (before ALiBi and the masks; the backward's `tanh` derivative). Returns `false`
+    /// (row untouched) when no key of the tile is visible.
+    pub fn score_row(
+        &self,
+        (bi, kh, fr): (usize, usize, usize),
+        (range, masked): ((usize, usize), bool),
+        j0: usize,
+        row: &mut [f32],
+        capped: Option<&mut [f32]>,
+    ) -> bool {
+        if masked {
+            let j1 = j0 + row.len();
+            if range.0.clamp(j0, j1) >= range.1.clamp(j0, j1) {
+                return false;
+            }
+        }
+        if self.mods.any_score() {
+            self.mods.cap(self.isa, row);
+            if let Some(t) = capped {
+                t[..row.len()].copy_from_slice(row);
+            }
+            // ALiBi over the first `kv_len` keys only (appended keys are at distance 0).
+            if j0 < self.real_s {
+                let (hh, i) = (kh * self.g + fr / self.l, fr % self.l);
+                self.mods.alibi(self.plan, (bi, hh, i), j0, row);
+            }
+        }
+        !masked || self.mask_row(bi, kh, fr, range, j0, row)
+    }
+
     /// Masks the scores `row` of keys `j0..j0 + row.len()` (all among the first `real_s`) for
     /// folded row `fr` of KV head `kh`, whose structured range is `range`: `-inf` outside it,
     /// the dense key padding and attention bias added inside. Returns `false` (row untouched)
     /// when no key of the tile is visible.
-    pub fn mask_row(
+    fn mask_row(
         &self,
         bi: usize,
         kh: usize,

@@ -19,9 +19,11 @@
 //! directly; the `gemm` crate elsewhere), or, for bf16 inputs where the forward uses
 //! AVX512-BF16 dot products, on bf16 pairs ([`pairs`]: `P` and `dS` rounded to bf16 before
 //! their products, as PyTorch's CPU flash backward does, f32 accumulation). The masks are
-//! applied exactly as in the forward ([`Ctx::mask_row`]: the same structured ranges, key
+//! applied exactly as in the forward ([`Ctx::score_row`]: the same structured ranges, key
 //! padding and bias; keys after `kv_len` never masked), so a fully masked row has `P = 0` and
-//! contributes nothing.
+//! contributes nothing. So are the score modifiers: soft-capping multiplies `dS` by its
+//! derivative `1 − (s / c)²`, ALiBi is a constant, and the sinks enter through the saved
+//! log-sum-exp (which includes them) alone.
 
 mod pairs;
 mod wide;
@@ -57,6 +59,8 @@ struct Scratch {
     p: Vec<f32>,
     /// `dP`, then `scale · dS` (`BQ × BK`).
     ds: Vec<f32>,
+    /// The soft-capped scores (`BQ × BK`, with soft-capping).
+    cap: Vec<f32>,
     /// `P` or `dS` as pairs of rows (`BQ/2 × BK`), and `dS` as pairs of columns (`BQ × BK/2`).
     pt: Vec<u32>,
     dsp: Vec<u32>,
@@ -73,6 +77,7 @@ thread_local! {
         gop: vec![0; BQ * MAX_HEAD_DIM / 2],
         p: vec![0.0; BQ * BK],
         ds: vec![0.0; BQ * BK],
+        cap: vec![0.0; BQ * BK],
         pt: vec![0; BQ / 2 * BK],
         dsp: vec![0; BQ * BK / 2],
         dk: vec![0.0; BK * MAX_HEAD_DIM],
@@ -406,15 +411,19 @@ impl Bwd<'_> {
         }
     }
 
-    /// `P = exp(S + masks − lse)` in place over the score rows of `blk` (rows `BK` apart);
-    /// rows that see no key of the tile become 0. Returns whether any row sees one.
-    fn probabilities(&self, blk: &Block, p: &mut [f32]) -> bool {
+    /// `P = exp(modified S + masks − lse)` in place over the score rows of `blk` (rows `BK`
+    /// apart); rows that see no key of the tile become 0. With soft-capping the capped scores
+    /// go to `cap`. Returns whether any row sees a key.
+    fn probabilities(&self, blk: &Block, p: &mut [f32], cap: &mut [f32]) -> bool {
         let (ctx, l) = (self.ctx, self.ctx.l);
+        let keep = ctx.mods.softcap.is_some();
         let mut any = false;
         for (r, &(fr, i)) in blk.rows.iter().enumerate() {
             let row = &mut p[r * BK..r * BK + blk.bk];
             let range = self.ranges[blk.bi * l + i];
-            if blk.masked && !ctx.mask_row(blk.bi, blk.kh, fr, range, blk.j0, row) {
+            let capped = keep.then(|| &mut cap[r * BK..(r + 1) * BK]);
+            let (at, masks) = ((blk.bi, blk.kh, fr), (range, blk.masked));
+            if !ctx.score_row(at, masks, blk.j0, row, capped) {
                 row.fill(0.0);
                 continue;
             }
@@ -424,8 +433,9 @@ impl Bwd<'_> {
         any
     }
 
-    /// `ds ← scale · P ∘ (ds − Δ)` over the rows of `blk` (`ds` holds `dO · Vᵀ`).
-    fn score_grads(&self, blk: &Block, p: &[f32], ds: &mut [f32]) {
+    /// `ds ← scale · P ∘ (ds − Δ)` over the rows of `blk` (`ds` holds `dO · Vᵀ`), times
+    /// soft-capping's derivative `1 − (s / c)²` from the capped scores `cap`.
+    fn score_grads(&self, blk: &Block, p: &[f32], ds: &mut [f32], cap: &[f32]) {
         let scale = self.ctx.scale;
         for (r, &(_, i)) in blk.rows.iter().enumerate() {
             let delta = self.delta[blk.stats + i];
@@ -434,6 +444,14 @@ impl Bwd<'_> {
             ds.iter_mut()
                 .zip(p)
                 .for_each(|(x, &pp)| *x = scale * pp * (*x - delta));
+            if let Some(c) = self.ctx.mods.softcap {
+                let inv = 1.0 / c;
+                let t = &cap[r * BK..r * BK + blk.bk];
+                ds.iter_mut().zip(t).for_each(|(x, &t)| {
+                    let y = t * inv;
+                    *x *= 1.0 - y * y;
+                });
+            }
         }
     }
 

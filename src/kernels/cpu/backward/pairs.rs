@@ -74,12 +74,12 @@ impl Bwd<'_> {
         let tile = (blk.bi, blk.kh, blk.j0, bk);
         // P = exp(scale · Q · Kᵀ + masks − lse)
         self.pairs_times_keys_t(q, self.kt, tile, &mut sc.p, ctx.scale);
-        if !self.probabilities(blk, &mut sc.p) {
+        if !self.probabilities(blk, &mut sc.p, &mut sc.cap) {
             return;
         }
         // scale · dS = scale · P ∘ (dO · Vᵀ − Δ)
         self.pairs_times_keys_t(go, self.vt, tile, &mut sc.ds, 1.0);
-        self.score_grads(blk, &sc.p, &mut sc.ds);
+        self.score_grads(blk, &sc.p, &mut sc.ds, &sc.cap);
         // dV += Pᵀ · dO ; dK += (scale · dS)ᵀ · Q, with P and dS as pairs of their rows.
         let np = nr.div_ceil(2);
         let go_rows = HalfMat::from_pairs(go);

@@ -72,12 +72,12 @@ impl Bwd<'_> {
         let tile = (blk.bi, blk.kh, blk.j0, bk);
         // P = exp(scale · Q · Kᵀ + masks − lse)
         self.times_keys_t(q, (&ctx.k, self.kt), tile, &mut sc.p, ctx.scale);
-        if !self.probabilities(blk, &mut sc.p) {
+        if !self.probabilities(blk, &mut sc.p, &mut sc.cap) {
             return;
         }
         // scale · dS = scale · P ∘ (dO · Vᵀ − Δ)
         self.times_keys_t(go, (&ctx.v, self.vt), tile, &mut sc.ds, 1.0);
-        self.score_grads(blk, &sc.p, &mut sc.ds);
+        self.score_grads(blk, &sc.p, &mut sc.ds, &sc.cap);
         // dV += Pᵀ · dO ; dK += (scale · dS)ᵀ · Q
         let isa = ctx.isa;
         let p = Mat::new(&sc.p, nr, bk, BK);

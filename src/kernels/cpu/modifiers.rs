@@ -1,0 +1,160 @@
+//! The score modifiers in the fused kernel (see `crate::mask` for their semantics): soft-capping
+//! and ALiBi applied to each score row before the masks, and the attention sink joined to each
+//! row's softmax when the row is finished.
+//!
+//! - Soft-capping: `s ← c · tanh(s / c)` over the row's visible keys, vectorised
+//!   ([`softmax::softcap`]); the backward multiplies `dS` by `1 − (s / c)²` from the capped
+//!   scores it keeps.
+//! - ALiBi: `s_ij ← s_ij − m · |i + S − L − j|` over the visible keys of the first `kv_len`
+//!   (keys appended after them are at distance 0), with the row's own sequence's lengths for
+//!   packed sequences. A constant per score: no gradient beyond the softmax's.
+//! - Sinks: a row's online softmax runs over its keys as usual; when the row is finished the
+//!   sink `σ_h` joins its running max and sum (`l ← l · e^{m − m'} + e^{σ − m'}`), so that the
+//!   output and the saved log-sum-exp are the sink's. The same merge covers the flash-decoding
+//!   split (the sink joins once, after the chunks). A row with no visible key keeps only the
+//!   sink: output 0, log-sum-exp `σ_h`. The backward needs nothing more (`P = exp(S − lse)` with
+//!   the sink's `lse`, and `Δ = dO · O` is unchanged because the sink has no value); the sinks'
+//!   own gradient is `−Σ_i p_sink,i Δ_i`, which [`sink_gradient_path`] gives autograd.
+
+use candle_core::{DType, Result, Tensor};
+
+use super::products::Isa;
+use super::softmax;
+use super::AttnCall;
+use crate::mask::MaskPlan;
+
+/// The modifiers of one call, read once into plain numbers.
+#[derive(Default)]
+pub(super) struct Mods {
+    /// The soft-cap `c`.
+    pub softcap: Option<f32>,
+    /// ALiBi slopes, `(rows, H)` row-major: one row for all, or one per batch element (per
+    /// sequence when packed).
+    alibi: Option<(Vec<f32>, usize)>,
+    /// Sink logits `(H,)`.
+    sinks: Option<Vec<f32>>,
+}
+
+/// The f32 values of a small tensor (slopes, sinks), flattened.
+fn values(t: &Tensor) -> Result<Vec<f32>> {
+    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()
+}
+
+impl Mods {
+    /// The modifiers of `plan`.
+    pub fn new(plan: &MaskPlan) -> Result<Self> {
+        let alibi = match plan.alibi_slopes() {
+            Some(t) => Some((values(t)?, t.dim(0)?)),
+            None => None,
+        };
+        Ok(Self {
+            softcap: plan.softcap().map(|c| c as f32),
+            alibi,
+            sinks: plan.sinks().map(values).transpose()?,
+        })
+    }
+
+    /// Whether soft-capping or ALiBi changes the scores.
+    pub fn any_score(&self) -> bool {
+        self.softcap.is_some() || self.alibi.is_some()
+    }
+
+    /// The sink logit of query head `hh`, when the call has sinks (a `-inf` sink is none).
+    pub fn sink(&self, hh: usize) -> Option<f32> {
+        self.sinks
+            .as_ref()
+            .map(|s| s[hh])
+            .filter(|&x| x != f32::NEG_INFINITY)
+    }
+
+    /// Soft-caps the scores of `row` (all of them: masked keys are overwritten afterwards).
+    pub fn cap(&self, isa: Isa, row: &mut [f32]) {
+        if let Some(c) = self.softcap {
+            softmax::softcap(isa, row, c);
+        }
+    }
+
+    /// Subtracts ALiBi's `m · |i + off − j|` from `row`, the scores of keys `j0..` of query `i`
+    /// of head `hh` in batch `bi` (keys among the first `kv_len`).
+    pub fn alibi(
+        &self,
+        plan: &MaskPlan,
+        (bi, hh, i): (usize, usize, usize),
+        j0: usize,
+        row: &mut [f32],
+    ) {
+        let Some((slopes, rows)) = &self.alibi else {
+            return;
+        };
+        let h = slopes.len() / rows;
+        let (l, s) = (plan.dims().q_len as i64, plan.dims().kv_len as i64);
+        let (slot, off) = match plan.packed_offsets() {
+            None => (bi, s - l),
+            Some((cu_q, cu_k)) => {
+                // The row's sequence: the last whose first query is at or before i.
+                let n = cu_q.partition_point(|&x| x <= i).saturating_sub(1);
+                let n = n.min(cu_q.len().saturating_sub(2));
+                (n, cu_k[n + 1] as i64 - cu_q[n + 1] as i64)
+            }
+        };
+        let m = slopes[if *rows == 1 { hh } else { slot * h + hh }];
+        if m == 0.0 {
+            return;
+        }
+        // Distances are integers: exact in f32 up to 2^24 keys.
+        let centre = (i as i64 + off - j0 as i64) as f32;
+        for (k, x) in row.iter_mut().enumerate() {
+            *x -= m * (centre - k as f32).abs();
+        }
+    }
+}
+
+/// Finishes a row's online softmax state `(m, l)` with the sink `σ`: the new `(m, l)` and the
+/// factor by which the row's unnormalised output is rescaled. A row with no visible key
+/// (`l == 0`) keeps only the sink.
+pub(super) fn join_sink(m: f32, l: f32, sink: f32) -> (f32, f32, f32) {
+    if l == 0.0 {
+        return (sink, 1.0, 0.0);
+    }
+    let m2 = if sink > m { sink } else { m };
+    let corr = (m - m2).exp();
+    (m2, l * corr + (sink - m2).exp(), corr)
+}
+
+/// The output `out` of a fused call `c` with sinks that autograd tracks, given the saved
+/// log-sum-exp `(B, H, L)`: `out + (out' ∘ w) ∘ (σ − σ')`, where `'` means detached and
+/// `w = −exp(σ_h − lse)` (minus the sink's probability) per row. Its value is `out` exactly (the
+/// last factor is 0) and its gradient with respect to `σ` is `−Σ p_sink Δ`, the sinks'
+/// gradient, while `q`, `k`, `v` keep the fused backward's.
+pub(super) fn sink_gradient_path(c: &AttnCall, out: Tensor, lse: &[f32]) -> Result<Tensor> {
+    let Some(sinks) = c.mask.sinks().filter(|s| s.track_op()) else {
+        return Ok(out);
+    };
+    let (b, l, h) = (c.b, c.l, c.h);
+    let sig = values(sinks)?;
+    if sig.iter().any(|x| !x.is_finite()) {
+        // σ − σ' would be NaN; an infinite sink has no useful gradient anyway.
+        return Ok(out);
+    }
+    let mut w = vec![0f32; b * l * h];
+    for bi in 0..b {
+        for hh in 0..h {
+            for i in 0..l {
+                // Rows without sink or keys (lse −inf) and infinite sinks: no path.
+                let p = (sig[hh] - lse[(bi * h + hh) * l + i]).exp();
+                w[(bi * l + i) * h + hh] = if p.is_finite() { -p } else { 0.0 };
+            }
+        }
+    }
+    let dev = out.device();
+    let w = Tensor::from_vec(w, (b, l, h, 1), dev)?;
+    let zero = (sinks.to_dtype(DType::F32)? - sinks.detach().to_dtype(DType::F32)?)?;
+    let zero = zero.to_device(dev)?.reshape((1, 1, h, 1))?;
+    let path = out
+        .detach()
+        .to_dtype(DType::F32)?
+        .broadcast_mul(&w)?
+        .broadcast_mul(&zero)?;
+    let path = path.to_dtype(out.dtype())?;
+    out + path
+}
