@@ -4,6 +4,7 @@
 //! ```text
 //! scripts/fetch-smollm2.sh
 //! cargo run --release --example bench_decode -- [--tokens 64] [--threads 2] [--python PY] [--no-torch]
+//! cargo run --release --example bench_decode -- --kv-formats [--tokens 64]   # bf16 vs int8 cache at S ≥ 2048
 //! ```
 //!
 //! Greedy generation of `--tokens` tokens after a fixed chat prompt, f32 on CPU:
@@ -37,6 +38,7 @@ struct Args {
     threads: usize,
     python: String,
     torch: bool,
+    kv_formats: bool,
 }
 
 fn parse_args() -> Result<Args> {
@@ -45,6 +47,7 @@ fn parse_args() -> Result<Args> {
         threads: 2,
         python: std::env::var("PYTHON").unwrap_or_else(|_| "python3".into()),
         torch: true,
+        kv_formats: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -54,8 +57,11 @@ fn parse_args() -> Result<Args> {
             "--threads" => a.threads = value("--threads")?.parse()?,
             "--python" => a.python = value("--python")?,
             "--no-torch" => a.torch = false,
+            "--kv-formats" => a.kv_formats = true,
             "--bench" => {} // cargo bench passes this
-            other => bail!("unknown option {other}: --tokens N --threads N --python PY --no-torch"),
+            other => bail!(
+                "unknown option {other}: --tokens N --threads N --python PY --no-torch --kv-formats"
+            ),
         }
     }
     if a.tokens < 2 {
@@ -163,10 +169,93 @@ struct TorchRun {
     generated_ids: Vec<u32>,
 }
 
+/// `--kv-formats`: bf16 SmolLM2 decoding `tokens` tokens after a prompt of S ≥ 2048 tokens with a
+/// bf16 and an int8 cache (alternating, 3 rounds, medians): decode tokens/s, the cache's memory,
+/// and the first greedy token where the two generations differ (the prompt is synthetic, so the
+/// model is often near a tie).
+fn kv_formats(model_path: &std::path::Path, tokens: usize, dev: &Device) -> Result<()> {
+    use candle_mha::KvFormat;
+    let model = Llama::from_gguf(model_path, DType::BF16, dev)?;
+    println!(
+        "SmolLM2-135M-Instruct in bf16, {} threads, load at start: {}",
+        rayon::current_num_threads(),
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+    );
+    println!(
+        "\n| prompt S | cache | decode tokens/s | vs bf16 | cache memory | greedy tokens equal |"
+    );
+    println!("|---:|---|---:|---:|---:|---:|");
+    for s_len in [2048usize, 4096] {
+        // A long prompt: the ids of a few hundred distinct tokens, repeated.
+        let prompt: Vec<u32> = (0..s_len as u32)
+            .map(|i| 1000 + (i * 7919) % 20000)
+            .collect();
+        let run = |format: KvFormat| -> Result<(f64, usize, Vec<u32>)> {
+            let mut cache = LlamaCache::with_format(&model, format);
+            let ids = Tensor::new(&prompt[..], dev)?.unsqueeze(0)?;
+            let mut next = Llama::argmax(&model.forward(&ids, &mut cache)?)?[0];
+            let mut out = vec![next];
+            let t = Instant::now();
+            while out.len() < tokens {
+                let step = Tensor::new(&[[next]], dev)?;
+                next = Llama::argmax(&model.forward(&step, &mut cache)?)?[0];
+                out.push(next);
+            }
+            Ok((
+                (tokens - 1) as f64 / t.elapsed().as_secs_f64(),
+                cache.memory_bytes(),
+                out,
+            ))
+        };
+        let (mut t16, mut t8) = (vec![], vec![]);
+        let (mut m16, mut m8, mut ids16, mut ids8) = (0, 0, vec![], vec![]);
+        for _ in 0..3 {
+            let (t, m, ids) = run(KvFormat::Native)?;
+            (m16, ids16) = (m, ids);
+            t16.push(t);
+            let (t, m, ids) = run(KvFormat::Int8)?;
+            (m8, ids8) = (m, ids);
+            t8.push(t);
+        }
+        let med = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let (t16, t8) = (med(t16), med(t8));
+        let first_diff = ids16
+            .iter()
+            .zip(&ids8)
+            .position(|(a, b)| a != b)
+            .map_or("none".to_string(), |i| format!("token {}", i + 1));
+        let mib = |b: usize| b as f64 / (1u64 << 20) as f64;
+        println!(
+            "| {s_len} | bf16 | {t16:.1} | 1.00 | {:.1} MiB | |",
+            mib(m16)
+        );
+        println!(
+            "| {s_len} | int8 | {t8:.1} | {:.2} | {:.1} MiB | {first_diff} |",
+            t8 / t16,
+            mib(m8)
+        );
+    }
+    println!(
+        "load at end: {}",
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let a = parse_args()?;
     let dev = Device::Cpu;
     let gguf = find_smollm2_gguf(None)?;
+    if a.kv_formats {
+        return kv_formats(&gguf, a.tokens, &dev);
+    }
     let tok = tokenizers::Tokenizer::from_file(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/smollm2-tokenizer.json"),
     )

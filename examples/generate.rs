@@ -49,6 +49,7 @@ options:
   --tokenizer PATH     tokenizer.json (default: weights/smollm2-tokenizer.json of this crate)
   --device DEV         cpu (default), cuda or cuda:N
   --dtype DT           f32 (default) or bf16
+  --kv FORMAT          KV cache storage: native (the model's dtype, default) or int8
   --json               print only one JSON line: {\"prompt_ids\", \"generated_ids\", \"text\"}
   -h, --help           this help";
 
@@ -63,6 +64,7 @@ struct Args {
     tokenizer: PathBuf,
     device: String,
     dtype: DType,
+    kv: candle_mha::KvFormat,
     json: bool,
 }
 
@@ -78,6 +80,7 @@ fn parse_args() -> Result<Option<Args>> {
         tokenizer: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("weights/smollm2-tokenizer.json"),
         device: "cpu".into(),
         dtype: DType::F32,
+        kv: candle_mha::KvFormat::Native,
         json: false,
     };
     let mut it = std::env::args().skip(1);
@@ -114,6 +117,13 @@ fn parse_args() -> Result<Option<Args>> {
             "--model" => a.model = Some(value("--model")?.into()),
             "--tokenizer" => a.tokenizer = value("--tokenizer")?.into(),
             "--device" => a.device = value("--device")?,
+            "--kv" => {
+                a.kv = match value("--kv")?.as_str() {
+                    "native" => candle_mha::KvFormat::Native,
+                    "int8" => candle_mha::KvFormat::Int8,
+                    other => bail!("--kv: native or int8, got {other}"),
+                }
+            }
             "--dtype" => {
                 a.dtype = match value("--dtype")?.as_str() {
                     "f32" => DType::F32,
@@ -219,7 +229,7 @@ fn run(a: Args) -> Result<()> {
         bail!("the prompt is empty")
     }
     let mut rng = Rng(a.seed);
-    let mut cache = LlamaCache::new(&model);
+    let mut cache = LlamaCache::with_format(&model, a.kv);
     let mut generated: Vec<u32> = Vec::new();
     let mut printed = String::new();
     let mut stdout = std::io::stdout().lock();

@@ -78,7 +78,7 @@ mod proj;
 pub mod rope;
 pub mod sdpa;
 
-pub use cache::{KvCache, StaticKv};
+pub use cache::{KvCache, KvFormat, StaticKv};
 pub use config::{alibi_slopes, Backend, MaskedRowPolicy, MhaConfig};
 pub use layout::WeightLayout;
 pub use mask::{AttnMask, Causal, CausalAlignment, KeyPaddingMask, MaskPlan};

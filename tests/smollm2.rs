@@ -106,3 +106,59 @@ fn smollm2_matches_transformers() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// An int8 KV cache against the bf16 cache (bf16 model, greedy): for three prompts, the
+/// largest logit difference over 64 generated positions (both caches fed the bf16 cache's
+/// tokens) and how many of the 64 greedy tokens agree; and half the cache memory.
+#[test]
+fn int8_cache_keeps_greedy_tokens() -> anyhow::Result<()> {
+    let gguf = model_files::smollm2_gguf_or_fetch();
+    let dev = Device::Cpu;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tok = tokenizers::Tokenizer::from_file(root.join("weights/smollm2-tokenizer.json"))
+        .map_err(anyhow::Error::msg)?;
+    let model = Llama::from_gguf(&gguf, DType::BF16, &dev)?;
+    let prompts = [
+        smollm2_chat_prompt("What is the capital of France?"),
+        "Once upon a time".to_string(),
+        smollm2_chat_prompt(MESSAGE),
+    ];
+    for prompt in &prompts {
+        let ids = tok
+            .encode(prompt.as_str(), false)
+            .map_err(anyhow::Error::msg)?;
+        let ids = Tensor::new(ids.get_ids(), &dev)?.unsqueeze(0)?;
+        let mut dense = LlamaCache::new(&model);
+        let mut int8 = LlamaCache::with_format(&model, candle_mha::KvFormat::Int8);
+        let (mut a, mut b) = (
+            model.forward(&ids, &mut dense)?,
+            model.forward(&ids, &mut int8)?,
+        );
+        let (mut worst, mut agree) = (0f32, 0usize);
+        for _ in 0..64 {
+            let d = (a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
+            worst = worst.max(d);
+            let (ta, tb) = (Llama::argmax(&a)?[0], Llama::argmax(&b)?[0]);
+            agree += usize::from(ta == tb);
+            // Both caches continue with the bf16 cache's token (teacher forcing).
+            let step = Tensor::new(&[[ta]], &dev)?;
+            a = model.forward(&step, &mut dense)?;
+            b = model.forward(&step, &mut int8)?;
+        }
+        let ratio = int8.memory_bytes() as f64 / dense.memory_bytes() as f64;
+        println!(
+            "{:?}: max logit diff {worst:.3e}, greedy agreement {agree}/64, int8 / bf16 cache memory {ratio:.3}",
+            prompt.chars().rev().take(40).collect::<String>().chars().rev().collect::<String>()
+        );
+        assert!(
+            agree >= 60,
+            "{prompt:?}: only {agree}/64 greedy tokens agree"
+        );
+        assert!(worst <= 4.0, "{prompt:?}: logits differ by {worst}");
+        assert!(ratio < 0.55, "int8 cache memory {ratio} of bf16");
+    }
+    Ok(())
+}

@@ -123,6 +123,9 @@ pub(crate) struct AttnCall<'a> {
     pub dv: usize,
     /// Keys after the plan's `kv_len`, never masked (`add_bias_kv`, `add_zero_attn`).
     pub extra_keys: usize,
+    /// With an int8 KV cache: `k` and `v` are its `U8` rows (value + 128) and these their
+    /// `(B, S, Hkv)` f32 scales (only the fused CPU kernel gets such calls).
+    pub kv_scales: Option<(&'a Tensor, &'a Tensor)>,
 }
 
 impl AttnCall<'_> {
@@ -435,8 +438,62 @@ pub fn attention(
         d,
         dv,
         extra_keys: s - md.kv_len,
+        kv_scales: None,
     };
     select(&call)?.forward(&call)
+}
+
+/// [`attention`] over the int8 keys and values of a quantized cache: read in place by the fused
+/// CPU kernel when it can serve the call (CPU, [`Backend::Auto`] or [`Backend::CpuFused`], not
+/// tracked by autograd, no weights or dropout), else dequantized to `q`'s dtype for
+/// [`attention`].
+pub(crate) fn attention_int8(
+    q: &Tensor,
+    kv: &crate::cache::QuantKv,
+    mask: &MaskPlan,
+    params: &AttnParams,
+) -> Result<AttnOutput> {
+    let (b, l, h, d) = dims4("q", q)?;
+    let (bk, s, hkv, dk) = dims4("k", &kv.k)?;
+    let dv = kv.v.dim(3)?;
+    let md = mask.dims();
+    let shapes_ok = bk == b
+        && dk == d
+        && hkv > 0
+        && h.is_multiple_of(hkv)
+        && md.kv_len == s
+        && kv.v.dims()[..3] == kv.k.dims()[..3]
+        && b * h * l * dv > 0;
+    let call = AttnCall {
+        q,
+        k: &kv.k,
+        v: &kv.v,
+        mask,
+        params,
+        b,
+        l,
+        h,
+        hkv,
+        s,
+        d,
+        dv,
+        extra_keys: 0,
+        kv_scales: Some((&kv.k_scale, &kv.v_scale)),
+    };
+    let fused = shapes_ok
+        && matches!(params.backend, Backend::Auto | Backend::CpuFused)
+        && q.device().is_cpu()
+        && !call.tracked()
+        && cpu::int8_rows(&kv.k, &kv.k_scale)
+        && cpu::int8_rows(&kv.v, &kv.v_scale)
+        && missing_capability(&cpu::CpuFused, &call).is_none()
+        && cpu::CpuFused.unsupported_inputs(&call).is_none();
+    if fused {
+        mask.check_dims("attention", b, h, l, s)?;
+        return cpu::CpuFused.forward(&call);
+    }
+    let (k, v) = kv.dequantize(q.dtype())?;
+    attention(q, &k, &v, mask, params)
 }
 
 /// A call with nothing to compute (`B`, `H`, `L` or `Dv` is 0), or no key at all (`S = 0`: every row
@@ -488,6 +545,22 @@ pub mod test_support {
         super::cuda::set_poison(on);
         #[cfg(not(feature = "cuda"))]
         let _ = on;
+    }
+
+    /// [`super::attention`] of `q` over everything `cache` holds, as it is stored (an int8
+    /// cache's rows read in place by the fused CPU kernel where it serves the call): what a
+    /// cached decode step runs, without the projections (lets the benchmarks time it alone).
+    pub fn attention_over_cache(
+        q: &candle_core::Tensor,
+        cache: &crate::cache::KvCache,
+        mask: &crate::mask::MaskPlan,
+        params: &super::AttnParams,
+    ) -> candle_core::Result<super::AttnOutput> {
+        match cache.stored()? {
+            None => candle_core::bail!("attention_over_cache: the cache is empty"),
+            Some(crate::cache::CachedKv::Dense(k, v)) => super::attention(q, &k, &v, mask, params),
+            Some(crate::cache::CachedKv::Int8(kv)) => super::attention_int8(q, &kv, mask, params),
+        }
     }
 
     /// How many calls the fused CPU kernel has served in this process.

@@ -9,7 +9,7 @@
 use candle_core::{bail, Result, Tensor};
 
 use super::{MhaInput, MhaOutput, MultiHeadAttention, NeedWeights};
-use crate::cache::{KvCache, StaticKv};
+use crate::cache::{CachedKv, KvCache, StaticKv};
 use crate::kernels::{self, compute_dtype, AttnOutput, AttnParams};
 use crate::mask::{Causal, CausalAlignment, MaskDims, MaskPlan};
 
@@ -271,18 +271,37 @@ impl MultiHeadAttention {
                 new_kv = Some((hook.apply(&k, &k_starts)?, v));
             }
         }
-        let (mut k, mut v, next_cache) = match (src, new_kv) {
-            (KvSource::Static(memory), _) => (memory.k.clone(), memory.v.clone(), None),
+        let extra_keys = self.proj.bias_k.is_some() || cfg.add_zero_attn;
+        let (stored, next_cache) = match (src, new_kv) {
+            (KvSource::Static(memory), _) => {
+                (CachedKv::Dense(memory.k.clone(), memory.v.clone()), None)
+            }
             (KvSource::Cached(cache), Some((k, v))) => {
                 let mut next = cache.clone();
-                let (k, v) = next.append(&k, &v)?;
+                let stored = next.append_stored(&k, &v)?;
                 if p.past == 0 {
                     next.set_left_padding(p.pad.clone());
                 }
-                (k, v, Some(next))
+                (stored, Some(next))
             }
-            (_, Some((k, v))) => (k, v, None),
+            (_, Some((k, v))) => (CachedKv::Dense(k, v), None),
             (_, None) => bail!("attention: no keys and values were projected for this call"),
+        };
+        let params = AttnParams {
+            scale: cfg.scale(),
+            masked_rows: cfg.masked_rows,
+            dropout: if train { cfg.dropout } else { 0.0 },
+            need_weights: input.need_weights != NeedWeights::No,
+            backend: cfg.backend,
+        };
+        let (mut k, mut v) = match stored {
+            CachedKv::Dense(k, v) => (k, v),
+            // An int8 cache: read as stored unless keys are appended after it.
+            CachedKv::Int8(q8) if !extra_keys => {
+                let att = kernels::attention_int8(&q, &q8, &plan, &params)?;
+                return Ok((self.merge(att, &p, input.need_weights)?, next_cache));
+            }
+            CachedKv::Int8(q8) => q8.dequantize(q.dtype())?,
         };
         // Keys appended after the maskable ones: bias_k / bias_v, then a zero key.
         let (b, hkv, d) = (p.b, cfg.kv_heads(), cfg.head_dim());
@@ -296,13 +315,6 @@ impl MultiHeadAttention {
             k = Tensor::cat(&[&k, &z], 1)?;
             v = Tensor::cat(&[&v, &z], 1)?;
         }
-        let params = AttnParams {
-            scale: cfg.scale(),
-            masked_rows: cfg.masked_rows,
-            dropout: if train { cfg.dropout } else { 0.0 },
-            need_weights: input.need_weights != NeedWeights::No,
-            backend: cfg.backend,
-        };
         let att = kernels::attention(&q, &k, &v, &plan, &params)?;
         Ok((self.merge(att, &p, input.need_weights)?, next_cache))
     }

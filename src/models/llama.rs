@@ -185,6 +185,19 @@ impl LlamaCache {
         }
     }
 
+    /// Empty caches for every layer of `model`, storing keys and values in `format` (e.g.
+    /// [`KvFormat::Int8`](crate::KvFormat::Int8): half the memory of bf16).
+    pub fn with_format(model: &Llama, format: crate::KvFormat) -> Self {
+        Self {
+            layers: vec![KvCache::new().with_format(format); model.cfg.num_layers],
+        }
+    }
+
+    /// Bytes allocated for every layer's keys and values (and scales).
+    pub fn memory_bytes(&self) -> usize {
+        self.layers.iter().map(KvCache::memory_bytes).sum()
+    }
+
     /// Cached positions (slots, left padding included).
     pub fn len(&self) -> usize {
         self.layers.first().map_or(0, KvCache::len)

@@ -5,7 +5,7 @@
 
 use std::arch::x86_64::*;
 
-use super::mat::{HalfMat, Mat, MatMut};
+use super::mat::{HalfMat, Int8Mat, Mat, MatMut};
 
 /// Rows per register block.
 const MR: usize = 6;
@@ -133,6 +133,8 @@ fn raw(m: Mat) -> (*const u8, usize, usize, usize) {
 const F32: u8 = 0;
 const BF16: u8 = 1;
 const F16: u8 = 2;
+/// Int8 offset by 128 (`u8`).
+const I8: u8 = 3;
 
 /// 8 elements from `p` as f32 lanes: f32 (masked), or bf16 / f16 (whole vectors, widened by a
 /// shift / by `vcvtph2ps`).
@@ -144,17 +146,44 @@ unsafe fn load8<const KIND: u8>(p: *const u8, m: __m256i) -> __m256 {
             _mm_loadu_si128(p.cast()),
         ))),
         F16 => _mm256_cvtph_ps(_mm_loadu_si128(p.cast())),
+        I8 => _mm256_sub_ps(
+            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(p.cast()))),
+            _mm256_set1_ps(128.0),
+        ),
         _ => _mm256_maskload_ps(p.cast(), m),
     }
 }
 
 /// Bytes per element of a kind.
 const fn elem(kind: u8) -> usize {
-    if kind == F32 {
-        4
-    } else {
-        2
+    match kind {
+        F32 => 4,
+        I8 => 1,
+        _ => 2,
     }
+}
+
+/// [`pv`] with `v` int8 (offset by 128), read in place (`v.cols` a multiple of 8; the rows'
+/// scales are folded into `p` by the caller).
+///
+/// # Safety
+/// avx2, fma and f16c must be available.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn pv_i8(p: Mat, v: Int8Mat, acc: MatMut) {
+    debug_assert!(v.cols.is_multiple_of(8));
+    let vp = (v.data.as_ptr(), v.rows, v.cols, v.stride);
+    pv_strided::<I8>((p.data, p.rows, p.cols, p.stride, 1), vp, acc)
+}
+
+/// [`qk_rows`] with `k` int8 (offset by 128), read in place (`k.cols` a multiple of 8; the rows'
+/// scales are applied to `out` by the caller).
+///
+/// # Safety
+/// avx2, fma and f16c must be available.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn qk_rows_i8(q: Mat, k: Int8Mat, out: MatMut, scale: f32) {
+    debug_assert!(k.cols.is_multiple_of(8));
+    qk_rows_kind::<I8>(q, (k.data.as_ptr(), k.rows, k.cols, k.stride), out, scale)
 }
 
 /// `acc += pᵀ · v` for `p` stored `k × m` (row stride `p.stride`), without a transposed copy.

@@ -3,7 +3,7 @@
 
 use std::arch::x86_64::*;
 
-use super::mat::{HalfMat, Mat, MatMut};
+use super::mat::{HalfMat, Int8Mat, Mat, MatMut};
 
 /// Rows per register block (here and in `avx512_bf16.rs`).
 pub(super) const MR: usize = 6;
@@ -118,9 +118,11 @@ unsafe fn qk_block<const M: usize, const N: usize>(
 const F32: u8 = 0;
 const BF16: u8 = 1;
 const F16: u8 = 2;
+/// Int8 offset by 128 (`u8`).
+const I8: u8 = 3;
 
 /// 16 elements of kind `K` from `p` as f32 lanes: masked for f32; whole vectors for the half
-/// kinds (their callers take only multiples of 16 columns).
+/// and int8 kinds (their callers take only multiples of 16 columns).
 #[inline]
 #[target_feature(enable = "avx512f")]
 unsafe fn load16<const K: u8>(p: *const u8, m: u16) -> __m512 {
@@ -129,17 +131,44 @@ unsafe fn load16<const K: u8>(p: *const u8, m: u16) -> __m512 {
         BF16 => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
             _mm256_loadu_si256(p.cast()),
         ))),
-        _ => _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())),
+        F16 => _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())),
+        _ => _mm512_sub_ps(
+            _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(p.cast()))),
+            _mm512_set1_ps(128.0),
+        ),
     }
 }
 
 /// Bytes per element of kind `K`.
 const fn size_of_kind(k: u8) -> usize {
-    if k == F32 {
-        4
-    } else {
-        2
+    match k {
+        F32 => 4,
+        I8 => 1,
+        _ => 2,
     }
+}
+
+/// [`pv`] with `v` int8 (offset by 128), read in place (`v.cols` a multiple of 16; the rows'
+/// scales are folded into `p` by the caller).
+///
+/// # Safety
+/// avx512f must be available.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn pv_i8(p: Mat, v: Int8Mat, acc: MatMut) {
+    debug_assert!(v.cols.is_multiple_of(16));
+    let vp = (v.data.as_ptr(), v.rows, v.cols, v.stride);
+    pv_strided::<I8>((p.data, p.rows, p.cols, p.stride, 1), vp, acc)
+}
+
+/// [`qk_rows`] with `k` int8 (offset by 128), read in place (`k.cols` a multiple of 16; the
+/// rows' scales are applied to `out` by the caller).
+///
+/// # Safety
+/// avx512f must be available.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn qk_rows_i8(q: Mat, k: Int8Mat, out: MatMut, scale: f32) {
+    debug_assert!(k.cols.is_multiple_of(16));
+    qk_rows_kind::<I8>(q, (k.data.as_ptr(), k.rows, k.cols, k.stride), out, scale)
 }
 
 /// [`pv`] with `v` in bf16 / f16, read in place (`v.cols` a multiple of 16).

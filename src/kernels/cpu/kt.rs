@@ -97,12 +97,15 @@ pub(super) enum Packed {
 }
 
 impl Packed {
-    /// Copies `v`, `(b, hkv, s, dv)`, one `(S, Dv)` block per KV head, in parallel.
+    /// Copies `v`, `(b, hkv, s, dv)`, one `(S, Dv)` block per KV head, in parallel (f32 or
+    /// half values; int8 ones are not packed).
     pub(super) fn new(v: &View, dims: (usize, usize, usize, usize)) -> Self {
         match v.data {
             Data::F32(x) => Packed::F32(pack(x, v.strides, dims)),
             Data::Bf16(x) => Packed::Bf16(pack(x, v.strides, dims)),
             Data::F16(x) => Packed::F16(pack(x, v.strides, dims)),
+            // Int8 rows keep their cache layout (their scales are numbered by it).
+            Data::Int8 { .. } => unreachable!("int8 values are read in place, never packed"),
         }
     }
 

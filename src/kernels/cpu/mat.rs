@@ -106,6 +106,30 @@ impl<'a> HalfMat<'a> {
     }
 }
 
+/// A `rows × cols` matrix of int8 values stored offset by 128 (an int8 KV cache's rows), whose
+/// rows start `stride` elements apart, read in place by the micro-kernels (widened to f32 in
+/// registers, 128 subtracted; the rows' scales are applied by the caller).
+#[derive(Clone, Copy)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // read by the x86 micro-kernels
+pub(super) struct Int8Mat<'a> {
+    pub data: &'a [u8],
+    pub rows: usize,
+    pub cols: usize,
+    pub stride: usize,
+}
+
+impl<'a> Int8Mat<'a> {
+    pub fn new(data: &'a [u8], rows: usize, cols: usize, stride: usize) -> Self {
+        check(data.len(), rows, cols, stride, false);
+        Self {
+            data,
+            rows,
+            cols,
+            stride,
+        }
+    }
+}
+
 /// The bits of a bf16 / f16 slice.
 fn bytemuck_u16<T: Copy>(data: &[T]) -> &[u16] {
     assert_eq!(std::mem::size_of::<T>(), 2);

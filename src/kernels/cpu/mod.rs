@@ -350,6 +350,43 @@ fn view<'a>(g: &'a Storage, t: &Tensor) -> Result<View<'a>> {
     })
 }
 
+/// Whether `rows` (`U8`, `(B, S, H, D)`) and `scales` (f32, `(B, S, H)`) are an int8 cache's
+/// views that the kernel reads in place: CPU tensors from the start of contiguous
+/// `(B, capacity, H, D)` and `(B, capacity, H)` buffers, so that row `r` (`at / D`) has scale
+/// `r` of the same numbering.
+pub(crate) fn int8_rows(rows: &Tensor, scales: &Tensor) -> bool {
+    let (Ok((_, _, h, d)), Ok((_, _, hs))) = (rows.dims4(), scales.dims3()) else {
+        return false;
+    };
+    let (r, sc) = (rows.layout(), scales.layout());
+    let cap = r.stride()[0] / (h * d).max(1);
+    rows.device().is_cpu()
+        && scales.device().is_cpu()
+        && rows.dtype() == DType::U8
+        && scales.dtype() == DType::F32
+        && hs == h
+        && r.start_offset() == 0
+        && sc.start_offset() == 0
+        && r.stride() == [cap * h * d, h * d, d, 1]
+        && sc.stride() == [cap * h, h, 1]
+}
+
+/// The view of int8 rows `t` (storage `g`) with their scales `s` (storage `sg`), checked by
+/// [`int8_rows`].
+fn int8_view<'a>(g: &'a Storage, t: &Tensor, sg: &'a Storage) -> Result<View<'a>> {
+    let (Storage::Cpu(rows), Storage::Cpu(scales)) = (g, sg) else {
+        bail!("fused CPU attention: int8 rows are not on the CPU")
+    };
+    Ok(View {
+        data: Data::Int8 {
+            vals: rows.as_slice::<u8>()?,
+            scales: scales.as_slice::<f32>()?,
+            row: t.dim(3)?,
+        },
+        strides: strides3(t),
+    })
+}
+
 /// Element strides of dims 0..3 of a 4-D tensor.
 fn strides3(t: &Tensor) -> [usize; 3] {
     let s = t.layout().stride();
@@ -411,6 +448,8 @@ struct Inputs {
     v: Tensor,
     bias: Option<Tensor>,
     key_bias: Option<Tensor>,
+    /// The scales of int8 `k` and `v` (an int8 KV cache, read in place).
+    kv_scales: Option<(Tensor, Tensor)>,
 }
 
 impl Inputs {
@@ -420,12 +459,18 @@ impl Inputs {
         let dense =
             |t: Option<&Tensor>| t.map(|t| t.to_dtype(DType::F32)?.contiguous()).transpose();
         let rows = |t: &Tensor| if native { native_rows(t) } else { f32_rows(t) };
+        let (k, v) = match c.kv_scales {
+            // The cache's buffers, checked by `int8_rows`.
+            Some(_) => (c.k.clone(), c.v.clone()),
+            None => (rows(c.k)?, rows(c.v)?),
+        };
         Ok(Self {
             q: rows(c.q)?,
-            k: rows(c.k)?,
-            v: rows(c.v)?,
+            k,
+            v,
             bias: dense(c.mask.bias())?,
             key_bias: dense(c.mask.key_bias())?,
+            kv_scales: c.kv_scales.map(|(a, b)| (a.clone(), b.clone())),
         })
     }
 
@@ -447,11 +492,22 @@ impl Inputs {
         let (vg, _) = self.v.storage_and_layout();
         let bg = self.bias.as_ref().map(|t| t.storage_and_layout().0);
         let pg = self.key_bias.as_ref().map(|t| t.storage_and_layout().0);
-        let (qv, kv, vv) = (
-            view(&qg, &self.q)?,
-            view(&kg, &self.k)?,
-            view(&vg, &self.v)?,
-        );
+        let scale_g = self
+            .kv_scales
+            .as_ref()
+            .map(|(a, b)| (a.storage_and_layout().0, b.storage_and_layout().0));
+        let (qv, kv, vv) = match &scale_g {
+            Some((ks, vs)) => (
+                view(&qg, &self.q)?,
+                int8_view(&kg, &self.k, ks)?,
+                int8_view(&vg, &self.v, vs)?,
+            ),
+            None => (
+                view(&qg, &self.q)?,
+                view(&kg, &self.k)?,
+                view(&vg, &self.v)?,
+            ),
+        };
         let bias = match (&self.bias, &bg) {
             (Some(t), Some(g)) => {
                 let (mb, mh, ml, ms) = t.dims4()?;
@@ -502,7 +558,8 @@ impl Inputs {
         // Prefill-like calls (each V tile read by many rows): V's heads made contiguous when
         // their rows are a multiple of 2 KiB apart (they would share a few L1 sets), or when there
         // are many keys (each strided row of a tile on its own page: 5% at S = 8192).
-        let v_packed = (kt.is_some() && l >= BLOCK_Q && (v_rows_alias(&vv) || s >= 2048))
+        let int8 = matches!(vv.data, Data::Int8 { .. });
+        let v_packed = (!int8 && kt.is_some() && l >= BLOCK_Q && (v_rows_alias(&vv) || s >= 2048))
             .then(|| Packed::new(&vv, (b, hkv, s, dv)));
         let vv = match &v_packed {
             Some(p) => p.view(hkv, s, dv),
@@ -546,6 +603,7 @@ impl Inputs {
 fn v_rows_alias(v: &View) -> bool {
     let elem = match v.data {
         Data::F32(_) => 4,
+        Data::Int8 { .. } => 1,
         _ => 2,
     };
     let bytes = v.strides[1] * elem;

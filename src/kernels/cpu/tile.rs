@@ -185,9 +185,10 @@ impl Ctx<'_> {
         }
     }
 
-    /// Half inputs: room in `sc` for one K and one V tile converted to f32.
+    /// Half or int8 inputs: room in `sc` for one K and one V tile converted to f32.
     pub(super) fn half_tiles(&self, sc: &mut Scratch) {
-        if self.q.f32s().is_none() && sc.vtile.is_empty() {
+        let f32s = self.q.f32s().is_some() && self.k.f32s().is_some() && self.v.f32s().is_some();
+        if !f32s && sc.vtile.is_empty() {
             sc.ktile = vec![0.0; BLOCK_K * MAX_HEAD_DIM];
             sc.vtile = vec![0.0; BLOCK_K * MAX_HEAD_DIM];
         }
@@ -366,9 +367,10 @@ impl Ctx<'_> {
         // In place for f32, and for bf16/f16 where the instruction set reads them directly;
         // else half tiles converted once here (K only when no kᵀ copy is used).
         let vhalf = self.v.half_mat(self.isa, v0, (bk, dv, vst));
-        let vtile = match vhalf {
-            Some(_) => None,
-            None => Some(self.v.mat(v0, (bk, dv, vst), rows.vtile)),
+        let v8 = self.v.int8_mat(self.isa, v0, (bk, dv, vst));
+        let vtile = match (vhalf, v8) {
+            (None, None) => Some(self.v.mat(v0, (bk, dv, vst), rows.vtile)),
+            _ => None,
         };
         let q = Mat::new(rows.q, nr, d, d);
         let qp = PairMat::new(rows.qp, nr, d / 2, d / 2);
@@ -391,9 +393,16 @@ impl Ctx<'_> {
                 let k = self.k.bf16_mat(k0, (bk, d, kst)).expect("bf16 keys");
                 products::qk_rows_pairs(self.isa, qp, k, scores, self.scale);
             }
-            None => match self.k.half_mat(self.isa, k0, (bk, d, kst)) {
-                Some(k) => products::qk_rows_half(self.isa, q, k, scores, self.scale),
-                None => {
+            None => match (
+                self.k.half_mat(self.isa, k0, (bk, d, kst)),
+                self.k.int8_mat(self.isa, k0, (bk, d, kst)),
+            ) {
+                (Some(k), _) => products::qk_rows_half(self.isa, q, k, scores, self.scale),
+                (None, Some((k, sc, first, step))) => {
+                    products::qk_rows_i8(self.isa, q, k, scores, self.scale);
+                    scale_columns(rows.scores, (nr, bk), (sc, first, step));
+                }
+                (None, None) => {
                     let k = self.k.mat(k0, (bk, d, kst), rows.ktile);
                     products::qk_rows(self.isa, q, k, scores, self.scale)
                 }
@@ -420,10 +429,17 @@ impl Ctx<'_> {
             let p = PairMat::new(rows.pp, nr, bk.div_ceil(2), BLOCK_K / 2);
             return products::pv_pairs(self.isa, p, vh, acc);
         }
-        match (vhalf, vtile) {
-            (Some(vh), _) => products::pv_half(self.isa, p, vh, acc),
-            (None, Some(vtile)) => products::pv(self.isa, p, vtile, acc),
-            (None, None) => unreachable!("a value tile is read or converted"),
+        match (vhalf, v8, vtile) {
+            (Some(vh), _, _) => products::pv_half(self.isa, p, vh, acc),
+            (None, Some((v, sc, first, step)), _) => {
+                // The values' scales folded into the probabilities (the softmax's sums are
+                // already taken).
+                scale_columns(rows.scores, (nr, bk), (sc, first, step));
+                let p = Mat::new(rows.scores, nr, bk, BLOCK_K);
+                products::pv_i8(self.isa, p, v, acc)
+            }
+            (None, None, Some(vtile)) => products::pv(self.isa, p, vtile, acc),
+            (None, None, None) => unreachable!("a value tile is read or converted"),
         }
     }
 }
@@ -492,6 +508,25 @@ impl Ctx<'_> {
             add_assign(vis, &bias.data[base + lo..base + hi]);
         }
         true
+    }
+}
+
+/// Multiplies column `j < bk` of the `nr` rows of `m` (`BLOCK_K` apart) by
+/// `scales[first + j · step]` (int8 rows' scales).
+fn scale_columns(
+    m: &mut [f32],
+    (nr, bk): (usize, usize),
+    (scales, first, step): (&[f32], usize, usize),
+) {
+    let mut col = [0f32; BLOCK_K];
+    for (j, c) in col[..bk].iter_mut().enumerate() {
+        *c = scales[first + j * step];
+    }
+    for r in 0..nr {
+        m[r * BLOCK_K..r * BLOCK_K + bk]
+            .iter_mut()
+            .zip(&col[..bk])
+            .for_each(|(x, s)| *x *= s);
     }
 }
 

@@ -4,7 +4,7 @@
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 
-use super::mat::{HalfMat, Mat, PairMat};
+use super::mat::{HalfMat, Int8Mat, Mat, PairMat};
 use super::products::{self, Isa};
 
 /// The elements of a tensor the kernel reads in place, in their own dtype: f16/bf16 inputs are
@@ -16,6 +16,13 @@ pub(super) enum Data<'a> {
     F32(&'a [f32]),
     Bf16(&'a [bf16]),
     F16(&'a [f16]),
+    /// Int8 rows of `row` values offset by 128, each with its scale: element `at` is
+    /// `(vals[at] − 128) · scales[at / row]` (a KV cache's contiguous buffer).
+    Int8 {
+        vals: &'a [u8],
+        scales: &'a [f32],
+        row: usize,
+    },
 }
 
 /// A `(B, T, heads, D)` tensor read in place: element `(b, t, h, x)` is
@@ -48,12 +55,33 @@ impl<'a> View<'a> {
         (rows, cols, stride): (usize, usize, usize),
     ) -> Option<HalfMat<'a>> {
         match self.data {
-            Data::F32(_) => None,
+            Data::F32(_) | Data::Int8 { .. } => None,
             Data::Bf16(_) if products::reads_half(isa, cols) => {
                 self.bf16_mat(at, (rows, cols, stride))
             }
             Data::F16(s) if products::reads_half(isa, cols) => {
                 Some(HalfMat::f16(&s[at..], rows, cols, stride))
+            }
+            _ => None,
+        }
+    }
+
+    /// `rows × cols` int8 elements from `at` (row stride `stride`, a multiple of the row
+    /// length), read in place where `isa` reads them ([`products::reads_half`]), with their
+    /// rows' scales: `(matrix, scales, first, step)`, row `r`'s scale being
+    /// `scales[first + r · step]`. `None` for other dtypes.
+    pub fn int8_mat(
+        &self,
+        isa: Isa,
+        at: usize,
+        (rows, cols, stride): (usize, usize, usize),
+    ) -> Option<(Int8Mat<'a>, &'a [f32], usize, usize)> {
+        match self.data {
+            Data::Int8 { vals, scales, row }
+                if products::reads_half(isa, cols) && stride.is_multiple_of(row) =>
+            {
+                let m = Int8Mat::new(&vals[at..], rows, cols, stride);
+                Some((m, scales, at / row, stride / row))
             }
             _ => None,
         }
@@ -83,6 +111,13 @@ impl<'a> View<'a> {
                 .zip(&s[at..at + n])
                 .for_each(|(o, x)| *o = f32::from_bits(u32::from(x.to_bits()) << 16)),
             Data::F16(s) => s[at..at + n].convert_to_f32_slice(dst),
+            Data::Int8 { vals, scales, row } => {
+                // A row never straddles two scales (callers read whole rows or parts of one).
+                let scale = scales[at / row];
+                dst.iter_mut()
+                    .zip(&vals[at..at + n])
+                    .for_each(|(o, &x)| *o = (f32::from(x) - 128.0) * scale);
+            }
         }
     }
 
@@ -156,6 +191,7 @@ impl<'a> View<'a> {
         {
             let step = match self.data {
                 Data::F32(_) => 16,
+                Data::Int8 { .. } => 64,
                 _ => 32,
             };
             for c in (0..n).step_by(step) {
@@ -195,6 +231,7 @@ impl<'a> View<'a> {
             Data::F32(s) => s.get(at).map(|x| (x as *const f32).cast()),
             Data::Bf16(s) => s.get(at).map(|x| (x as *const bf16).cast()),
             Data::F16(s) => s.get(at).map(|x| (x as *const f16).cast()),
+            Data::Int8 { vals, .. } => vals.get(at).map(|x| x as *const u8),
         }
     }
 }

@@ -21,12 +21,29 @@
 //! the RoPE hook and the sliding window see). All sequences then advance in lock-step (one new
 //! row each per decode step), so the bottom-right causal alignment is shared.
 //!
+//! ## Quantized storage
+//!
+//! [`KvCache::with_format`]`(`[`KvFormat::Int8`]`)` stores keys and values as int8 with one f32
+//! scale per `(position, KV head)` row (`s = max|x| / 127`, quantized once when appended): about
+//! half the memory of bf16 and a quarter of f32, and half the bytes a decode step reads. The
+//! fused CPU kernel reads the int8 rows where they are and widens them as it goes; the
+//! reference (and a call it cannot serve: tracked by autograd, asking for weights, with
+//! `bias_k` / `add_zero_attn`) reads them dequantized. Each value is off by at most half its
+//! row's scale (0.4% of the row's largest magnitude); what that does to outputs and to a real
+//! model's tokens is measured in `tests/quantized_cache.rs` and the README.
+//!
 //! Query rows that are padding see no key at all: with the default
 //! [`MaskedRowPolicy::Zero`](crate::MaskedRowPolicy::Zero) they produce zeros, and they must not
 //! produce NaN (a NaN key would poison every query through `0 · NaN`), so decoding with left
 //! padding needs `MaskedRowPolicy::Zero`.
 
-use candle_core::{bail, Result, Tensor};
+use candle_core::{bail, DType, Result, Tensor};
+
+mod quant;
+
+use quant::quantize_int8;
+pub use quant::KvFormat;
+pub(crate) use quant::QuantKv;
 
 /// The default growth step of a [`KvCache`], in positions.
 pub const DEFAULT_CHUNK: usize = 256;
@@ -53,11 +70,25 @@ pub const DEFAULT_CHUNK: usize = 256;
 /// ```
 #[derive(Debug, Clone)]
 pub struct KvCache {
+    /// The stored keys and values `(B, capacity, Hkv, D | Dv)`: in the inputs' dtype, or int8
+    /// offset by 128 (`U8`).
     k: Option<Tensor>,
     v: Option<Tensor>,
+    /// The int8 rows' scales `(B, capacity, Hkv)` (f32).
+    k_scale: Option<Tensor>,
+    v_scale: Option<Tensor>,
+    /// The dtype of the keys and values appended (and handed back).
+    dtype: Option<DType>,
+    format: KvFormat,
     len: usize,
     chunk: usize,
     left_padding: Option<Vec<usize>>,
+}
+
+/// The keys and values a cached call attends to.
+pub(crate) enum CachedKv {
+    Dense(Tensor, Tensor),
+    Int8(QuantKv),
 }
 
 impl Default for KvCache {
@@ -78,10 +109,46 @@ impl KvCache {
         Self {
             k: None,
             v: None,
+            k_scale: None,
+            v_scale: None,
+            dtype: None,
+            format: KvFormat::Native,
             len: 0,
             chunk: chunk.max(1),
             left_padding: None,
         }
+    }
+
+    /// The same (empty) cache storing its keys and values in `format` (see the
+    /// [module docs](self#quantized-storage)).
+    ///
+    /// ```
+    /// use candle_mha::{KvCache, KvFormat};
+    /// let cache = KvCache::new().with_format(KvFormat::Int8);
+    /// assert_eq!(cache.format(), KvFormat::Int8);
+    /// ```
+    pub fn with_format(self, format: KvFormat) -> Self {
+        if format == self.format {
+            return self;
+        }
+        Self {
+            format,
+            ..Self::with_chunk(self.chunk)
+        }
+    }
+
+    /// How keys and values are stored.
+    pub fn format(&self) -> KvFormat {
+        self.format
+    }
+
+    /// Bytes allocated for the keys, the values and their scales (the whole capacity).
+    pub fn memory_bytes(&self) -> usize {
+        [&self.k, &self.v, &self.k_scale, &self.v_scale]
+            .into_iter()
+            .flatten()
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum()
     }
 
     /// Number of cached positions (slots, padding included).
@@ -137,14 +204,37 @@ impl KvCache {
         Ok(())
     }
 
-    /// The cached keys and values `(B, len, Hkv, D)` (views into the buffer), `None` if empty.
+    /// The cached keys and values `(B, len, Hkv, D)` in the dtype they were appended in (views
+    /// into the buffer; for an int8 cache, dequantized copies), `None` if empty.
     pub fn kv(&self) -> Result<Option<(Tensor, Tensor)>> {
-        match (&self.k, &self.v) {
-            (Some(k), Some(v)) if self.len > 0 => {
-                Ok(Some((k.narrow(1, 0, self.len)?, v.narrow(1, 0, self.len)?)))
+        match self.stored()? {
+            None => Ok(None),
+            Some(CachedKv::Dense(k, v)) => Ok(Some((k, v))),
+            Some(CachedKv::Int8(q)) => {
+                let dtype = self.dtype.unwrap_or(DType::F32);
+                Ok(Some(q.dequantize(dtype)?))
             }
-            _ => Ok(None),
         }
+    }
+
+    /// The first `len` stored positions, as stored (views into the buffers).
+    pub(crate) fn stored(&self) -> Result<Option<CachedKv>> {
+        let n = self.len;
+        let (Some(k), Some(v)) = (&self.k, &self.v) else {
+            return Ok(None);
+        };
+        if n == 0 {
+            return Ok(None);
+        }
+        Ok(Some(match (&self.k_scale, &self.v_scale) {
+            (Some(ks), Some(vs)) => CachedKv::Int8(QuantKv {
+                k: k.narrow(1, 0, n)?,
+                k_scale: ks.narrow(1, 0, n)?,
+                v: v.narrow(1, 0, n)?,
+                v_scale: vs.narrow(1, 0, n)?,
+            }),
+            _ => CachedKv::Dense(k.narrow(1, 0, n)?, v.narrow(1, 0, n)?),
+        }))
     }
 
     pub(crate) fn set_left_padding(&mut self, pad: Option<Vec<usize>>) {
@@ -152,8 +242,20 @@ impl KvCache {
     }
 
     /// Appends `k` `(B, L, Hkv, D)` and `v` `(B, L, Hkv, Dv)` and returns all cached keys and
-    /// values including them (views of length `len + L`).
+    /// values including them (views of length `len + L`; dequantized copies for an int8 cache).
     pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.store(k, v)?;
+        Ok(self.kv()?.expect("non-empty after append"))
+    }
+
+    /// Appends like [`Self::append`] and returns everything cached as stored (int8 rows are not
+    /// dequantized).
+    pub(crate) fn append_stored(&mut self, k: &Tensor, v: &Tensor) -> Result<CachedKv> {
+        self.store(k, v)?;
+        Ok(self.stored()?.expect("non-empty after append"))
+    }
+
+    fn store(&mut self, k: &Tensor, v: &Tensor) -> Result<()> {
         let (b, l, hkv, d) = k.dims4()?;
         let (bv, lv, hv, dv) = v.dims4()?;
         if (bv, hv, lv) != (b, hkv, l) {
@@ -163,16 +265,23 @@ impl KvCache {
                 v.dims()
             )
         }
+        if k.dtype() != v.dtype() || !k.device().same_device(v.device()) {
+            bail!(
+                "KvCache::append: keys ({:?}) and values ({:?}) must share dtype and device",
+                k.dtype(),
+                v.dtype()
+            )
+        }
         if let (Some(ck), Some(cv)) = (&self.k, &self.v) {
             let (cb, _, ch, cd) = ck.dims4()?;
             let cdv = cv.dims()[3];
             let compatible = (cb, ch, cd, cdv) == (b, hkv, d, dv)
-                && ck.dtype() == k.dtype()
+                && self.dtype == Some(k.dtype())
                 && ck.device().same_device(k.device());
             if !compatible && self.len > 0 {
                 bail!(
                     "KvCache::append: the cache holds (B, Hkv, D) = ({cb}, {ch}, {cd}) {:?} keys, got {:?} {:?} (reset the cache to change batch size or model)",
-                    ck.dtype(),
+                    self.dtype.unwrap_or(ck.dtype()),
                     k.dims(),
                     k.dtype()
                 )
@@ -182,23 +291,58 @@ impl KvCache {
                 self.v = None;
             }
         }
+        // What is stored: the rows themselves, or int8 rows and their scales.
+        let (k_rows, v_rows, scales) = match self.format {
+            KvFormat::Native => (k.contiguous()?, v.contiguous()?, None),
+            KvFormat::Int8 => {
+                let (qk, sk) = quantize_int8(k)?;
+                let (qv, sv) = quantize_int8(v)?;
+                (qk, qv, Some((sk, sv)))
+            }
+        };
         let needed = self.len + l;
-        if needed > self.capacity() {
+        if needed > self.capacity() || self.k.is_none() {
             let cap = needed.div_ceil(self.chunk) * self.chunk;
-            let nk = Tensor::zeros((b, cap, hkv, d), k.dtype(), k.device())?;
-            let nv = Tensor::zeros((b, cap, hkv, dv), v.dtype(), v.device())?;
-            if let Some((ok, ov)) = self.kv()? {
-                nk.slice_set(&ok.contiguous()?, 1, 0)?;
-                nv.slice_set(&ov.contiguous()?, 1, 0)?;
+            let dev = k.device();
+            let nk = Tensor::zeros((b, cap, hkv, d), k_rows.dtype(), dev)?;
+            let nv = Tensor::zeros((b, cap, hkv, dv), v_rows.dtype(), dev)?;
+            let ns = match &scales {
+                Some(_) => Some((
+                    Tensor::zeros((b, cap, hkv), DType::F32, dev)?,
+                    Tensor::zeros((b, cap, hkv), DType::F32, dev)?,
+                )),
+                None => None,
+            };
+            match (self.stored()?, &ns) {
+                (Some(CachedKv::Dense(ok, ov)), _) => {
+                    nk.slice_set(&ok.contiguous()?, 1, 0)?;
+                    nv.slice_set(&ov.contiguous()?, 1, 0)?;
+                }
+                (Some(CachedKv::Int8(q)), Some((nks, nvs))) => {
+                    nk.slice_set(&q.k.contiguous()?, 1, 0)?;
+                    nv.slice_set(&q.v.contiguous()?, 1, 0)?;
+                    nks.slice_set(&q.k_scale.contiguous()?, 1, 0)?;
+                    nvs.slice_set(&q.v_scale.contiguous()?, 1, 0)?;
+                }
+                _ => {}
             }
             self.k = Some(nk);
             self.v = Some(nv);
+            (self.k_scale, self.v_scale) = match ns {
+                Some((a, b)) => (Some(a), Some(b)),
+                None => (None, None),
+            };
+            self.dtype = Some(k.dtype());
         }
         let (ck, cv) = (self.k.as_ref().unwrap(), self.v.as_ref().unwrap());
-        ck.slice_set(&k.contiguous()?, 1, self.len)?;
-        cv.slice_set(&v.contiguous()?, 1, self.len)?;
+        ck.slice_set(&k_rows, 1, self.len)?;
+        cv.slice_set(&v_rows, 1, self.len)?;
+        if let (Some((sk, sv)), Some(cks), Some(cvs)) = (&scales, &self.k_scale, &self.v_scale) {
+            cks.slice_set(&sk.contiguous()?, 1, self.len)?;
+            cvs.slice_set(&sv.contiguous()?, 1, self.len)?;
+        }
         self.len = needed;
-        Ok(self.kv()?.expect("non-empty after append"))
+        Ok(())
     }
 }
 
