@@ -237,3 +237,29 @@ fn shared_limit(arch: u32) -> u32 {
         99 * 1024
     }
 }
+
+/// The layouts the artifacts were compiled for: batch, row and head strides multiples of 16
+/// elements (0 where a dimension has size 1) and a 16-byte aligned start; anything else is
+/// refused with the reason.
+#[test]
+fn layouts_the_artifacts_assume() {
+    let ok = Layout::contiguous((2, 70, 4, 64));
+    assert_eq!(layout_problem("q", &ok, 2), None);
+    // A qkv buffer narrowed to q: row stride 3 * 4 * 64, batch stride 70 times that.
+    let qkv = Layout::contiguous((2, 70, 12, 64)).narrow(2, 0, 4).unwrap();
+    assert_eq!(layout_problem("q", &qkv, 2), None);
+    let batch = Layout::new((2, 70, 4, 64).into(), vec![70 * 256 + 8, 256, 64, 1], 0);
+    assert!(layout_problem("q", &batch, 2)
+        .unwrap()
+        .contains("batch, row and head strides"));
+    let one = Layout::new((1, 70, 4, 64).into(), vec![8, 256, 64, 1], 0);
+    assert_eq!(
+        layout_problem("q", &one, 2),
+        None,
+        "size-1 batch: never stepped over"
+    );
+    let odd = Layout::contiguous_with_offset((2, 70, 4, 64), 1);
+    assert!(layout_problem("q", &odd, 2)
+        .unwrap()
+        .contains("16-byte aligned"));
+}
