@@ -255,7 +255,7 @@ def rust_manifest(results, source_sha, ptx_sha, cubin_sha, ptxas):
             f' num_warps: {r["warps"]}, num_stages: {r["stages"]}, shared_bytes: {r["shared"]},'
             f' registers: {r["registers"]}, spill_store_bytes: {r["spill_stores"]},'
             f' spill_load_bytes: {r["spill_loads"]}, stack_bytes: {r["stack"]},'
-            f' static_shared_bytes: {r["static_shared"]},'
+            f' static_shared_bytes: {r["static_shared"]}, ptxas_version: PTXAS_VERSION,'
             f' global_scratch_bytes: {r["global_scratch"]}, profile_scratch_bytes: {r["profile_scratch"]},'
             f' entry: "{r["entry"]}", params: "{params}", ptx_offset: {ptx_off}, ptx_len: {n},'
             f' ptx_sha256: "{sha256(r["ptx"].encode()) if n else ""}",'

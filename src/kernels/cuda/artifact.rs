@@ -62,6 +62,8 @@ pub(crate) struct Artifact {
     pub stack_bytes: u32,
     /// Static shared memory (ptxas), besides `shared_bytes`.
     pub static_shared_bytes: u32,
+    /// The ptxas that assembled the cubin and reported these numbers (`PTXAS_VERSION`).
+    pub ptxas_version: &'static str,
     /// Scratch sizes Triton asks for (the manifest holds only variants with none).
     pub global_scratch_bytes: u32,
     pub profile_scratch_bytes: u32,

@@ -226,6 +226,9 @@ fn shipped_cubins_match_the_manifest() {
     }
     assert_eq!(end, blob.len());
     assert!(PTXAS_VERSION.starts_with("12.8."));
+    assert!(manifest::ARTIFACTS
+        .iter()
+        .all(|a| a.ptxas_version == PTXAS_VERSION));
 }
 
 /// The shared memory a block may use on every GPU an architecture's cubins run on: 99 KiB on
