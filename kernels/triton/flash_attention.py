@@ -21,9 +21,10 @@ visible score ``-inf``) give 0, or NaN under ``nan_rows``. Every mask is a runti
 whether a dense additive bias is read (``HAS_BIAS``, a compile-time constant: the mask-free
 variant has no bias code at all).
 
-Pointer arguments are assumed 16-byte aligned and the row/head strides of q, k, v and the output
-divisible by 16 elements (the compile attributes); the Rust launcher checks both and falls back
-to the reference kernel otherwise.
+The q, k, v and output pointers are assumed 16-byte aligned and their batch, row and head strides
+divisible by 16 elements (the compile attributes: they let every q, k and v load be a 16-byte
+vector); the Rust launcher checks both and falls back to the reference kernel otherwise. The
+bias is read with scalar loads and assumes nothing.
 """
 
 import triton

@@ -10,7 +10,7 @@ pub const TRITON_VERSION: &str = "3.6.0";
 pub const PTXAS_VERSION: &str = "12.8.93";
 /// SHA-256 of the Triton source (`kernels/triton/flash_attention.py`) the shipped kernels
 /// were compiled from.
-pub const SOURCE_SHA256: &str = "3fc4d3664b2064e421ac47bc778885313518e1fa75b70564be1ff360fcba5348";
+pub const SOURCE_SHA256: &str = "f32dc48fea671cff149ef812ab1e2b450d522d92ea3be5ebf4a1cc850e5e4383";
 /// SHA-256 of the uncompressed PTX blob (the shipped PTX, concatenated).
 pub const BLOB_SHA256: &str = "f5e11a1381d6a360bcbce3465b8f6958e6a6a3704f0d542dcd33de778a9be9f1";
 /// SHA-256 of the uncompressed cubin blob (every variant's cubin, concatenated).
