@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The fused CUDA kernel checked on this CPU-only machine, before any GPU (scripts/cuda_cpu_check.py):
 # the Triton kernels under TRITON_INTERPRET=1 against the reference semantics on a sweep of shapes
-# and masks, the shipped PTX against the launcher's manifest, and a fresh ahead-of-time compile
-# compared with the committed artifacts. Ends with "N passed, M failed".
+# and masks (with the shipped variants' tile shapes), the shipped cubins and PTX against the
+# launcher's manifest, and a fresh ahead-of-time compile, assembled by the ptxas bundled in the
+# triton wheel, compared byte for byte with the committed artifacts; any register spill fails it.
+# Ends with "N passed, M failed".
 #
 #   bash scripts/cuda-cpu-check.sh [--cases N] [--seed S] [--skip-sweep] [--skip-artifacts]
 #

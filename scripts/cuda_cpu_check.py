@@ -9,11 +9,13 @@
    bf16, each head size, the block shapes of both compiled architectures and a small one, and
    the split-K decode path. Outputs are poisoned before each launch; a poisoned value left over
    fails the case.
-2. The committed artifacts (src/kernels/cuda/kernels.ptx.xz, manifest.rs): each variant's PTX
-   hash, its `.entry` parameters (the kernel's own, then Triton's two scratch pointers) against
-   the manifest's parameter list, its thread count (.reqntid) against num_warps, zero scratch sizes; then a
-   fresh ahead-of-time compile compared with the committed files (scripts/build_cuda_kernels.py
-   --check), which also compares the shared-memory sizes.
+2. The committed artifacts (src/kernels/cuda/kernels.cubin.xz, kernels.ptx.xz, manifest.rs):
+   each variant's cubin hash, that it is an ELF image holding the entry, and that the manifest
+   records no spill for it; its PTX (sm_80) hash, `.entry` parameters (the kernel's own, then
+   Triton's two scratch pointers) against the manifest's parameter list, its thread count
+   (.reqntid) against num_warps; zero scratch sizes. Then a fresh ahead-of-time compile, assembled
+   by the pinned ptxas, compared byte for byte with the committed files
+   (scripts/build_cuda_kernels.py --check), which fails on any spill.
 
 Ends with `N passed, M failed`; exits non-zero on any failure.
 
@@ -43,6 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "kernels" / "triton" / "flash_attention.py"
 MANIFEST = ROOT / "src" / "kernels" / "cuda" / "manifest.rs"
 BLOB = ROOT / "src" / "kernels" / "cuda" / "kernels.ptx.xz"
+CUBIN_BLOB = ROOT / "src" / "kernels" / "cuda" / "kernels.cubin.xz"
 
 # ---------------------------------------------------------------------------------------------
 # numpy arrays as the tensors Triton's interpreter expects (it wants torch's storage API).
@@ -272,11 +275,24 @@ def launch(mod, case, cfg, use_decode, num_sms):
 # ---------------------------------------------------------------------------------------------
 # The sweep.
 
-CONFIGS = {
-    "sm80": dict(bm=128, bn=64, decode_bn=64),
-    "sm90a": dict(bm=128, bn=128, decode_bn=64),
-    "small": dict(bm=16, bn=16, decode_bn=16),
-}
+def _build_script():
+    spec = importlib.util.spec_from_file_location("build_cuda_kernels", ROOT / "scripts" / "build_cuda_kernels.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+BUILD = _build_script()
+
+
+def tile_config(cfg_name, d, has_bias):
+    """The tile shapes a case runs with: those of the shipped sm_80 or sm_90a variant for its head
+    size and bias (scripts/build_cuda_kernels.py's tables), or small 16x16 tiles."""
+    if cfg_name == "small":
+        return dict(bm=16, bn=16, decode_bn=16)
+    arch = 90 if cfg_name == "sm90a" else 80
+    bm, bn, _, _ = BUILD.fwd_config(arch, d, int(has_bias))
+    return dict(bm=bm, bn=bn, decode_bn=BUILD.decode_config(arch, d)[0])
 
 
 def random_case(rng, i, kind, small):
@@ -344,7 +360,9 @@ def random_case(rng, i, kind, small):
 def describe(c, kind, cfg_name):
     b, l_, h, d = c["q"].shape
     s_, hkv = c["k"].shape[1], c["k"].shape[2]
-    parts = [f"{kind}/{cfg_name}", c["dtype"], f"B{b} L{l_} S{s_} H{h}/{hkv} D{d}"]
+    t = tile_config(cfg_name, d, c["bias"] is not None)
+    tiles = f"{DECODE_MAX_ROWS}x{t['decode_bn']}" if kind == "decode" else f"{t['bm']}x{t['bn']}"
+    parts = [f"{kind}/{cfg_name}({tiles})", c["dtype"], f"B{b} L{l_} S{s_} H{h}/{hkv} D{d}"]
     if c["causal"]:
         parts.append(("causal-br" if c["bottom_right"] else "causal-tl") + (f" w{c['window']}" if c["window"] else ""))
     if c["key_range"] is not None:
@@ -359,7 +377,7 @@ def describe(c, kind, cfg_name):
 
 
 def check_case(mod, c, kind, cfg_name):
-    cfg = CONFIGS[cfg_name]
+    cfg = tile_config(cfg_name, c["q"].shape[3], c["bias"] is not None)
     dt = c["dtype"]
     q, k, v = (from_dtype(c[n], dt) for n in "qkv")
     bias = None if c["bias"] is None else np.broadcast_to(
@@ -423,6 +441,7 @@ def check_artifacts():
     passed = failed = 0
     text = MANIFEST.read_text()
     blob = lzma.decompress(BLOB.read_bytes())
+    cubins = lzma.decompress(CUBIN_BLOB.read_bytes())
     import hashlib
     src_sha = re.search(r'SOURCE_SHA256: &str = "([0-9a-f]+)"', text).group(1)
     if src_sha != hashlib.sha256(SOURCE.read_bytes()).hexdigest():
@@ -430,25 +449,38 @@ def check_artifacts():
         failed += 1
     else:
         passed += 1
-    if re.search(r'BLOB_SHA256: &str = "([0-9a-f]+)"', text).group(1) != hashlib.sha256(blob).hexdigest():
-        print("FAIL manifest: BLOB_SHA256 is not the hash of the committed blob")
-        failed += 1
-    else:
-        passed += 1
+    for key, data, what in [("BLOB_SHA256", blob, "PTX"), ("CUBIN_BLOB_SHA256", cubins, "cubin")]:
+        if re.search(r"\b" + key + r': &str = "([0-9a-f]+)"', text).group(1) != hashlib.sha256(data).hexdigest():
+            print(f"FAIL manifest: {key} is not the hash of the committed {what} blob")
+            failed += 1
+        else:
+            passed += 1
     entries = re.findall(r"Artifact \{(.*?)\},\n", text)
     for e in entries:
         f = dict(re.findall(r'(\w+): ("[^"]*"|[\w:]+)', e))
         name = f"{f['kind']} sm_{f['arch']} {f['dtype']} d{f['head_dim']} bias={f['has_bias']}"
-        off, n = int(f["ptx_offset"]), int(f["ptx_len"])
-        ptx = blob[off:off + n].decode()
         problems = []
-        if hashlib.sha256(ptx.encode()).hexdigest() != f["ptx_sha256"].strip('"'):
+        off, n = int(f["cubin_offset"]), int(f["cubin_len"])
+        cubin = cubins[off:off + n]
+        if hashlib.sha256(cubin).hexdigest() != f["cubin_sha256"].strip('"'):
+            problems.append("cubin hash differs from the manifest")
+        if cubin[:4] != b"\x7fELF" or f["entry"].strip('"').encode() not in cubin:
+            problems.append("the cubin is not an ELF image holding the entry")
+        spills = [int(f[k]) for k in ("spill_store_bytes", "spill_load_bytes", "stack_bytes")]
+        if any(spills):
+            problems.append(f"spills: {spills[0]} bytes of spill stores, {spills[1]} of spill loads,"
+                            f" {spills[2]} of stack")
+        off, n = int(f["ptx_offset"]), int(f["ptx_len"])
+        if (n == 0) != (f["arch"] == "90"):
+            problems.append("PTX shipped for sm_90a, or missing for sm_80")
+        ptx = blob[off:off + n].decode()
+        if n and hashlib.sha256(ptx.encode()).hexdigest() != f["ptx_sha256"].strip('"'):
             problems.append("PTX hash differs from the manifest")
         entry = f["entry"].strip('"')
         m = re.search(r"\.entry\s+" + re.escape(entry) + r"\s*\((.*?)\)", ptx, re.S)
-        if m is None:
+        if n and m is None:
             problems.append(f"no .entry {entry}")
-        else:
+        elif n:
             got = re.findall(r"\.param\s+(\.\w+)[^,]*?_param_\d+", m.group(1))
             params = [p.split(":") for p in f["params"].strip('"').split(",")]
             want = [".u64" if t.startswith("*") else PTX_TYPE[t] for _, t in params] + [".u64", ".u64"]
@@ -457,9 +489,8 @@ def check_artifacts():
             ntid = re.search(r"\.reqntid\s+(\d+)", ptx)
             if ntid is None or int(ntid.group(1)) != 32 * int(f["num_warps"]):
                 problems.append(f".reqntid {ntid and ntid.group(1)} != 32 x num_warps {f['num_warps']}")
-            want_target = "sm_90a" if f["arch"] == "90" else "sm_80"
-            if f".target {want_target}" not in ptx:
-                problems.append(f"not compiled for {want_target}")
+            if ".target sm_80" not in ptx:
+                problems.append("not compiled for sm_80")
         if int(f["global_scratch_bytes"]) or int(f["profile_scratch_bytes"]):
             problems.append("needs scratch memory the launcher does not allocate")
         if problems:

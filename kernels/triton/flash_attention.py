@@ -1,7 +1,8 @@
 """candle-mha's fused CUDA attention, written in Triton and compiled ahead of time.
 
-Three kernels, compiled by ``scripts/build_cuda_kernels.py`` into the PTX/cubin files under
-``src/kernels/cuda/bin/`` and launched by ``src/kernels/cuda/`` (see its module docs):
+Three kernels, compiled by ``scripts/build_cuda_kernels.py`` into the PTX and cubins shipped in
+``src/kernels/cuda/`` (``kernels.ptx.xz``, ``kernels.cubin.xz``) and launched from there (see its
+module docs):
 
 * ``attn_fwd``: flash attention (online softmax, f32 accumulation, output written once) over
   ``(B, L, H, D)`` queries and ``(B, S, Hkv, D)`` keys/values read in place through their
@@ -20,9 +21,10 @@ visible score ``-inf``) give 0, or NaN under ``nan_rows``. Every mask is a runti
 whether a dense additive bias is read (``HAS_BIAS``, a compile-time constant: the mask-free
 variant has no bias code at all).
 
-Pointer arguments are assumed 16-byte aligned and the row/head strides of q, k, v and the output
-divisible by 16 elements (the compile attributes); the Rust launcher checks both and falls back
-to the reference kernel otherwise.
+The q, k, v and output pointers are assumed 16-byte aligned and their batch, row and head strides
+divisible by 16 elements (the compile attributes: they let every q, k and v load be a 16-byte
+vector); the Rust launcher checks both and falls back to the reference kernel otherwise. The
+bias is read with scalar loads and assumes nothing.
 """
 
 import triton
@@ -146,9 +148,11 @@ def attn_fwd(
             qk = tl.dot(q, k) * qk_scale
             keep = _tile_mask(offs_m, offs_n, lo_t, hi_t, diag, causal, window)
             if HAS_BIAS:
+                # Masked by rows and keys only (a key outside the causal band is read, then
+                # dropped by `keep`): per-element predicates here cost registers that spilled.
                 bias = tl.load(
                     Bias + bz64 * stride_mb + h * stride_mh + rows[:, None] * stride_ml + keys[None, :],
-                    mask=keep & row_ok[:, None], other=0.0)
+                    mask=row_ok[:, None] & n_ok[None, :], other=0.0)
                 qk = qk + bias * LOG2E
             m_i, l_i, acc = _online_step(qk, keep, m_i, l_i, acc, v)
 
@@ -223,7 +227,7 @@ def attn_decode_split(
         if has_bias != 0:
             bias = tl.load(Bias + b64 * stride_mb + hq[:, None] * stride_mh
                            + offs_m[:, None].to(tl.int64) * stride_ml + keys[None, :],
-                           mask=keep, other=0.0)
+                           mask=row_ok[:, None] & n_ok[None, :], other=0.0)
             qk = qk + bias * LOG2E
         m_i, l_i, acc = _online_step(qk, keep, m_i, l_i, acc, v)
 

@@ -32,14 +32,15 @@ impl Dt {
     }
 }
 
-/// One compiled variant: a PTX module with one entry, and how to launch it. Some fields are
-/// read only by the tests that check the shipped PTX against this manifest.
+/// One compiled variant: a cubin (and, for `sm_80`, the PTX) with one entry, how to launch it,
+/// and what ptxas reported when it assembled the cubin. Some fields are read only by the tests
+/// that check the shipped blobs against this manifest.
 #[derive(Debug)]
 #[allow(dead_code)]
 pub(crate) struct Artifact {
     pub kind: KernelKind,
-    /// 80: PTX for `sm_80` (JIT-compiled by the driver for any later GPU except `sm_90a`'s own);
-    /// 90: PTX for `sm_90a` (H100/H200 only: wgmma).
+    /// 80: compiled for `sm_80` (a cubin that every 8.x GPU runs, and PTX the driver compiles
+    /// for later GPUs); 90: for `sm_90a` (a cubin for H100/H200 only: wgmma).
     pub arch: u32,
     pub dtype: Dt,
     pub head_dim: usize,
@@ -52,26 +53,59 @@ pub(crate) struct Artifact {
     pub num_stages: u32,
     /// Dynamic shared memory per program (above 48 KiB the launcher raises the limit).
     pub shared_bytes: u32,
+    /// Registers per thread, as ptxas reported for the shipped cubin.
+    pub registers: u32,
+    /// Spill stores and loads per thread (ptxas): the build refuses a variant with any.
+    pub spill_store_bytes: u32,
+    pub spill_load_bytes: u32,
+    /// Stack frame per thread (ptxas): 0, like the spills.
+    pub stack_bytes: u32,
+    /// Static shared memory (ptxas), besides `shared_bytes`.
+    pub static_shared_bytes: u32,
+    /// The ptxas that assembled the cubin and reported these numbers (`PTXAS_VERSION`).
+    pub ptxas_version: &'static str,
     /// Scratch sizes Triton asks for (the manifest holds only variants with none).
     pub global_scratch_bytes: u32,
     pub profile_scratch_bytes: u32,
-    /// PTX entry name.
+    /// Entry name.
     pub entry: &'static str,
     /// `name:type` of each kernel parameter, in order (Triton's two scratch pointers follow).
     pub params: &'static str,
-    /// Byte range of the PTX in the uncompressed blob.
+    /// Byte range of the PTX in the uncompressed PTX blob (empty for `sm_90a`: no GPU but the
+    /// one its cubin is for could run it).
     pub ptx_offset: usize,
     pub ptx_len: usize,
     pub ptx_sha256: &'static str,
+    /// Byte range of the cubin in the uncompressed cubin blob.
+    pub cubin_offset: usize,
+    pub cubin_len: usize,
+    pub cubin_sha256: &'static str,
 }
 
-/// The architecture whose artifacts a GPU of compute capability `major.minor` runs: `sm_90a`
-/// PTX on exactly 9.0, the `sm_80` PTX on every other capability from 8.0 (the driver compiles it
-/// for the GPU), none below 8.0.
+/// What a GPU loads of an artifact: its cubin, or its PTX for the driver to compile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Image {
+    Cubin,
+    Ptx,
+}
+
+/// The architecture whose artifacts a GPU of compute capability `major.minor` runs: `sm_90a` on
+/// exactly 9.0, `sm_80` on every other capability from 8.0, none below 8.0.
 pub(crate) fn arch_for(major: i32, minor: i32) -> Option<u32> {
     match (major, minor) {
         (9, 0) => Some(90),
         (m, _) if m >= 8 => Some(80),
+        _ => None,
+    }
+}
+
+/// How a GPU of compute capability `major.minor` loads an artifact of `arch`: the cubin where the
+/// GPU runs it (`sm_80` cubins on every 8.x GPU, `sm_90a` ones on 9.0), else the PTX (`sm_80`'s,
+/// on any later GPU), `None` where neither fits.
+pub(crate) fn image_for(arch: u32, major: i32, minor: i32) -> Option<Image> {
+    match (arch, major, minor) {
+        (80, 8, _) | (90, 9, 0) => Some(Image::Cubin),
+        (80, m, _) if m >= 8 => Some(Image::Ptx),
         _ => None,
     }
 }

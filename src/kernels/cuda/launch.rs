@@ -1,4 +1,4 @@
-//! Loading the shipped PTX and launching it (the `cuda` feature).
+//! Loading the shipped cubins (or PTX) and launching them (the `cuda` feature).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,19 +32,72 @@ pub(crate) fn set_poison(on: bool) {
     POISON.store(on, Ordering::Relaxed);
 }
 
+/// An xz blob, decompressed.
+fn decompress(mut input: &[u8], what: &str) -> std::result::Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    lzma_rs::xz_decompress(&mut input, &mut out)
+        .map(|_| out)
+        .map_err(|e| format!("cannot decompress the shipped CUDA {what}: {e}"))
+}
+
 /// The uncompressed PTX blob, decompressed once.
-fn blob() -> Result<&'static [u8]> {
+fn ptx_blob() -> Result<&'static [u8]> {
     static BLOB: OnceLock<std::result::Result<Vec<u8>, String>> = OnceLock::new();
-    let b = BLOB.get_or_init(|| {
-        let mut input: &[u8] = include_bytes!("kernels.ptx.xz");
-        let mut out = Vec::new();
-        lzma_rs::xz_decompress(&mut input, &mut out)
-            .map(|_| out)
-            .map_err(|e| format!("cannot decompress the shipped CUDA kernels: {e}"))
-    });
-    match b {
+    match BLOB.get_or_init(|| decompress(include_bytes!("kernels.ptx.xz"), "PTX")) {
         Ok(v) => Ok(v),
         Err(e) => bail!("{e}"),
+    }
+}
+
+/// The uncompressed cubin blob, decompressed once.
+fn cubin_blob() -> Result<&'static [u8]> {
+    static BLOB: OnceLock<std::result::Result<Vec<u8>, String>> = OnceLock::new();
+    match BLOB.get_or_init(|| decompress(include_bytes!("kernels.cubin.xz"), "cubins")) {
+        Ok(v) => Ok(v),
+        Err(e) => bail!("{e}"),
+    }
+}
+
+/// The variant's module on this GPU: its cubin where the GPU runs it, else its PTX (compiled by
+/// the driver, which caches it); an `sm_80` cubin the driver refuses falls back to the PTX.
+fn load_module(
+    dev: &CudaDevice,
+    info: &DeviceInfo,
+    a: &Artifact,
+) -> Result<Arc<candle_core::cuda_backend::cudarc::driver::CudaModule>> {
+    let ctx = dev.cuda_stream().context().clone();
+    let load_ptx = || -> Result<_> {
+        if a.ptx_len == 0 {
+            bail!("no PTX shipped for the sm_{} {}", a.arch, a.entry)
+        }
+        let bytes = &ptx_blob()?[a.ptx_offset..a.ptx_offset + a.ptx_len];
+        let Ok(src) = std::str::from_utf8(bytes) else {
+            bail!("the shipped PTX of {} is not text", a.entry)
+        };
+        ctx.load_module(Ptx::from_src(src)).w()
+    };
+    match artifact::image_for(a.arch, info.major, info.minor) {
+        Some(artifact::Image::Cubin) => {
+            let bytes = &cubin_blob()?[a.cubin_offset..a.cubin_offset + a.cubin_len];
+            match ctx.load_module(Ptx::from_binary(bytes.to_vec())).w() {
+                Ok(m) => Ok(m),
+                Err(e) if a.ptx_len > 0 => load_ptx().map_err(|p| {
+                    candle_core::Error::Msg(format!(
+                        "the sm_{} cubin of {} failed to load ({e}), and its PTX too ({p})",
+                        a.arch, a.entry
+                    ))
+                }),
+                Err(e) => Err(e),
+            }
+        }
+        Some(artifact::Image::Ptx) => load_ptx(),
+        None => bail!(
+            "no sm_{} image of {} runs on compute capability {}.{}",
+            a.arch,
+            a.entry,
+            info.major,
+            info.minor
+        ),
     }
 }
 
@@ -80,8 +133,8 @@ fn device_info(dev: &CudaDevice) -> Result<DeviceInfo> {
     Ok(info)
 }
 
-/// The variant's function on `dev`, its module loaded (the driver compiles the PTX) and its
-/// shared-memory limit raised once.
+/// The variant's function on `dev`, its module loaded ([`load_module`]) and its shared-memory
+/// limit raised once.
 fn function(dev: &CudaDevice, index: usize, a: &Artifact) -> Result<CudaFunction> {
     type Cache = HashMap<(candle_core::cuda_backend::DeviceId, usize), CudaFunction>;
     static FUNCS: OnceLock<Mutex<Cache>> = OnceLock::new();
@@ -90,12 +143,7 @@ fn function(dev: &CudaDevice, index: usize, a: &Artifact) -> Result<CudaFunction
     if let Some(f) = map.lock().ok().and_then(|m| m.get(&key).cloned()) {
         return Ok(f);
     }
-    let bytes = &blob()?[a.ptx_offset..a.ptx_offset + a.ptx_len];
-    let Ok(src) = std::str::from_utf8(bytes) else {
-        bail!("the shipped PTX of {} is not text", a.entry)
-    };
-    let stream = dev.cuda_stream();
-    let module = stream.context().load_module(Ptx::from_src(src)).w()?;
+    let module = load_module(dev, &device_info(dev)?, a)?;
     let func = module.load_function(a.entry).w()?;
     if a.shared_bytes > 48 * 1024 {
         func.set_attribute(
@@ -159,11 +207,13 @@ pub(super) fn unsupported_device(c: &AttnCall) -> Option<String> {
         Err(why) => Some(why),
         Ok(vs) => vs
             .iter()
-            .find(|(_, a)| a.shared_bytes > info.max_shared)
+            .find(|(_, a)| a.shared_bytes + a.static_shared_bytes > info.max_shared)
             .map(|(_, a)| {
                 format!(
                     "the {:?} variant needs {} bytes of shared memory a block, this GPU allows {}",
-                    a.kind, a.shared_bytes, info.max_shared
+                    a.kind,
+                    a.shared_bytes + a.static_shared_bytes,
+                    info.max_shared
                 )
             }),
     }

@@ -1,28 +1,35 @@
 //! The fused CUDA kernel: flash attention written in Triton (`kernels/triton/flash_attention.py`),
-//! compiled ahead of time to PTX that ships inside the crate, launched through candle's
+//! compiled ahead of time to cubins and PTX that ship inside the crate, launched through candle's
 //! [`CustomOp3`](candle_core::CustomOp3) API behind the `cuda` feature.
 //!
 //! **Status: opt-in, not yet run on a GPU.** [`Backend::CudaFused`](crate::Backend::CudaFused)
 //! forces it; [`Backend::Auto`](crate::Backend::Auto) keeps the reference on CUDA until
 //! `scripts/gpu-check.sh` has passed on a real GPU ([`AUTO_ROUTED`] is `false`). What has been
 //! checked without a GPU: the Triton source under Triton's interpreter against the reference
-//! semantics on a sweep of shapes and masks, and the shipped PTX against the launcher's manifest
-//! (`scripts/cuda-cpu-check.sh`); the launcher's argument lists against the manifest (tests).
+//! semantics on a sweep of shapes and masks, every shipped cubin assembled with no register spill,
+//! and the shipped PTX and cubins against the launcher's manifest (`scripts/cuda-cpu-check.sh`);
+//! the launcher's argument lists against the manifest (tests).
 //!
-//! - **Artifacts.** `kernels.ptx.xz` holds every variant's PTX (f16 and bf16; head sizes 64, 80,
-//!   96, 128, 256; with and without a dense bias; for `sm_80`, which the driver also compiles for
-//!   later GPUs, and for `sm_90a`, H100/H200 with wgmma), xz-compressed (11 MB of PTX, about
-//!   0.2 MB). `manifest.rs`, generated with it by `scripts/build_cuda_kernels.py`, gives each
-//!   variant's entry, parameters, launch shape, shared memory and hashes. A build needs no nvcc,
-//!   no Python and no extra time; the driver compiles a variant's PTX the first time it is used
-//!   (and caches it).
+//! - **Artifacts.** Every variant (f16 and bf16; head sizes 64, 80, 96, 128, 256; with and
+//!   without a dense bias; the forward and the two decode kernels) is compiled for `sm_80` and for
+//!   `sm_90a` (H100/H200, wgmma) and assembled by the ptxas that Triton bundles
+//!   ([`PTXAS_VERSION`]): `kernels.cubin.xz` holds the cubins (2.1 MB, about 0.14 MB
+//!   xz-compressed), `kernels.ptx.xz` the `sm_80` PTX (2 MB, about 0.06 MB). `manifest.rs`,
+//!   generated with them by `scripts/build_cuda_kernels.py`, gives each variant's entry,
+//!   parameters, launch shape, shared memory, registers and spills (none), and hashes. A build
+//!   needs no nvcc, no Python and no extra time.
+//! - **Loading.** A GPU of compute capability 8.x loads the `sm_80` cubins, 9.0 the `sm_90a`
+//!   ones; any other GPU from 8.0 on gets the `sm_80` PTX, which its driver compiles the first
+//!   time a variant is used (and caches). An `sm_80` cubin the driver refuses falls back to its
+//!   PTX.
 //! - **What a call needs** (otherwise it gets a reason and, under `Auto`, the reference): f16 or
 //!   bf16 (f32 stays on the reference: a tensor-core kernel would compute it in TF32); head size
 //!   64, 80, 96, 128 or 256, equal for k and v; no appended keys (`add_bias_kv`,
-//!   `add_zero_attn`); q, k, v with a contiguous last dimension, row and head strides that are
-//!   multiples of 16 elements and 16-byte aligned starts (the alignment the artifacts were
-//!   compiled for); sizes within `i32`; a GPU of compute capability 8.0 or later with the shared
-//!   memory the variant needs; no autograd, attention weights or dropout.
+//!   `add_zero_attn`); q, k, v with a contiguous last dimension, batch, row and head strides that
+//!   are multiples of 16 elements and 16-byte aligned starts (the alignment the artifacts were
+//!   compiled for: it lets every q, k and v load be vectorised); sizes within `i32`; a GPU of
+//!   compute capability 8.0 or later with the shared memory the variant needs; no autograd,
+//!   attention weights or dropout.
 //! - **Masks.** Causal in both alignments and sliding windows (tiles outside the band are never
 //!   loaded), key padding as per-batch key ranges, packed sequences (`cu_seqlens`), a dense
 //!   additive bias of any broadcast shape (read per tile, in its own compiled variant), GQA/MQA
@@ -49,7 +56,7 @@ mod launch;
 pub(crate) use launch::set_poison;
 
 use artifact::{Dt, KernelKind};
-pub use manifest::{BLOB_SHA256, SOURCE_SHA256, TRITON_VERSION};
+pub use manifest::{BLOB_SHA256, CUBIN_BLOB_SHA256, PTXAS_VERSION, SOURCE_SHA256, TRITON_VERSION};
 
 /// Whether [`Backend::Auto`](crate::Backend::Auto) routes CUDA calls to this kernel. `false`
 /// until `scripts/gpu-check.sh` has passed on a real GPU: until then `Auto` keeps the reference
@@ -131,10 +138,10 @@ pub(crate) fn layout_problem(name: &str, layout: &Layout, elem: usize) -> Option
         ));
     }
     let [sb, sr, sh] = strides3(layout);
-    if !sr.is_multiple_of(16) || !sh.is_multiple_of(16) {
+    if !sb.is_multiple_of(16) || !sr.is_multiple_of(16) || !sh.is_multiple_of(16) {
         return Some(format!(
-            "{name}'s row and head strides {:?} must be multiples of 16 elements for the CUDA kernel",
-            [sr, sh]
+            "{name}'s batch, row and head strides {:?} must be multiples of 16 elements for the CUDA kernel",
+            [sb, sr, sh]
         ));
     }
     if !(layout.start_offset() * elem).is_multiple_of(16) {

@@ -68,6 +68,35 @@ fn every_variant_the_launcher_can_pick_exists() {
     assert_eq!(artifact::arch_for(7, 5), None);
 }
 
+/// Each GPU loads the image that runs on it: the `sm_80` cubins on every 8.x GPU, the `sm_90a`
+/// ones on 9.0 only, the `sm_80` PTX on any later GPU; every artifact the launcher can pick for
+/// a GPU has that image.
+#[test]
+fn each_gpu_loads_a_cubin_it_runs_or_the_ptx() {
+    use artifact::{image_for, Image};
+    for (cc, want) in [
+        ((8, 0), Image::Cubin),
+        ((8, 6), Image::Cubin),
+        ((8, 9), Image::Cubin),
+        ((9, 0), Image::Cubin),
+        ((10, 0), Image::Ptx),
+        ((12, 0), Image::Ptx),
+    ] {
+        let arch = artifact::arch_for(cc.0, cc.1).unwrap();
+        assert_eq!(image_for(arch, cc.0, cc.1), Some(want), "{cc:?}");
+        for a in manifest::ARTIFACTS.iter().filter(|a| a.arch == arch) {
+            let len = match want {
+                Image::Cubin => a.cubin_len,
+                Image::Ptx => a.ptx_len,
+            };
+            assert!(len > 0, "{cc:?}: {a:?}");
+        }
+    }
+    assert_eq!(image_for(90, 9, 1), None);
+    assert_eq!(image_for(90, 10, 0), None);
+    assert_eq!(image_for(80, 7, 5), None);
+}
+
 /// Splits cover every key once, in whole tiles, and never exceed the tiles there are.
 #[test]
 fn decode_splits_cover_the_keys() {
@@ -91,16 +120,14 @@ fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
-fn shipped_ptx() -> Vec<u8> {
+fn shipped(file: &str) -> Vec<u8> {
+    let path = format!("{}/src/kernels/cuda/{file}", env!("CARGO_MANIFEST_DIR"));
     let mut xz = Vec::new();
-    std::fs::File::open(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/src/kernels/cuda/kernels.ptx.xz"
-    ))
-    .and_then(|mut f| f.read_to_end(&mut xz))
-    .expect("read kernels.ptx.xz");
+    std::fs::File::open(&path)
+        .and_then(|mut f| f.read_to_end(&mut xz))
+        .unwrap_or_else(|e| panic!("read {path}: {e}"));
     let mut out = Vec::new();
-    lzma_rs::xz_decompress(&mut xz.as_slice(), &mut out).expect("decompress kernels.ptx.xz");
+    lzma_rs::xz_decompress(&mut xz.as_slice(), &mut out).expect("decompress");
     out
 }
 
@@ -126,12 +153,17 @@ fn artifacts_match_the_triton_source() {
 /// thread count (`.reqntid`) and the right target.
 #[test]
 fn shipped_ptx_matches_the_manifest() {
-    let blob = shipped_ptx();
+    let blob = shipped("kernels.ptx.xz");
     assert_eq!(sha256_hex(&blob), manifest::BLOB_SHA256);
     let mut end = 0;
     for a in manifest::ARTIFACTS {
         assert_eq!(a.ptx_offset, end, "{a:?}");
         end += a.ptx_len;
+        // sm_90a ships as a cubin only: no other GPU could run its PTX.
+        assert_eq!(a.ptx_len == 0, a.arch == 90, "{a:?}");
+        if a.ptx_len == 0 {
+            continue;
+        }
         let ptx = std::str::from_utf8(&blob[a.ptx_offset..end]).expect("PTX is text");
         assert_eq!(sha256_hex(ptx.as_bytes()), a.ptx_sha256, "{a:?}");
         let target = if a.arch == 90 { "sm_90a" } else { "sm_80" };
@@ -163,4 +195,74 @@ fn shipped_ptx_matches_the_manifest() {
         assert!(a.block_m > 0 && a.block_n > 0 && a.block_d >= a.head_dim && a.num_stages > 0);
     }
     assert_eq!(end, blob.len());
+}
+
+/// Each variant's cubin is where the manifest says, with the manifest's hash: an ELF image for
+/// the variant's GPU holding its entry, and ptxas reported no spill, no stack and at most 255
+/// registers for it.
+#[test]
+fn shipped_cubins_match_the_manifest() {
+    let blob = shipped("kernels.cubin.xz");
+    assert_eq!(sha256_hex(&blob), manifest::CUBIN_BLOB_SHA256);
+    let mut end = 0;
+    for a in manifest::ARTIFACTS {
+        assert_eq!(a.cubin_offset, end, "{a:?}");
+        end += a.cubin_len;
+        let cubin = &blob[a.cubin_offset..end];
+        assert_eq!(sha256_hex(cubin), a.cubin_sha256, "{a:?}");
+        assert_eq!(&cubin[..4], b"\x7fELF", "{a:?}");
+        let entry = a.entry.as_bytes();
+        assert!(cubin.windows(entry.len()).any(|w| w == entry), "{a:?}");
+        assert_eq!(
+            (a.spill_store_bytes, a.spill_load_bytes, a.stack_bytes),
+            (0, 0, 0),
+            "{a:?}"
+        );
+        assert!(a.registers > 0 && a.registers <= 255, "{a:?}");
+        assert!(
+            a.shared_bytes + a.static_shared_bytes <= shared_limit(a.arch),
+            "{a:?}"
+        );
+    }
+    assert_eq!(end, blob.len());
+    assert!(PTXAS_VERSION.starts_with("12.8."));
+    assert!(manifest::ARTIFACTS
+        .iter()
+        .all(|a| a.ptxas_version == PTXAS_VERSION));
+}
+
+/// The shared memory a block may use on every GPU an architecture's cubins run on: 99 KiB on
+/// sm_86/sm_89 (A100 allows 163), 227 KiB on H100/H200.
+fn shared_limit(arch: u32) -> u32 {
+    if arch == 90 {
+        227 * 1024
+    } else {
+        99 * 1024
+    }
+}
+
+/// The layouts the artifacts were compiled for: batch, row and head strides multiples of 16
+/// elements (0 where a dimension has size 1) and a 16-byte aligned start; anything else is
+/// refused with the reason.
+#[test]
+fn layouts_the_artifacts_assume() {
+    let ok = Layout::contiguous((2, 70, 4, 64));
+    assert_eq!(layout_problem("q", &ok, 2), None);
+    // A qkv buffer narrowed to q: row stride 3 * 4 * 64, batch stride 70 times that.
+    let qkv = Layout::contiguous((2, 70, 12, 64)).narrow(2, 0, 4).unwrap();
+    assert_eq!(layout_problem("q", &qkv, 2), None);
+    let batch = Layout::new((2, 70, 4, 64).into(), vec![70 * 256 + 8, 256, 64, 1], 0);
+    assert!(layout_problem("q", &batch, 2)
+        .unwrap()
+        .contains("batch, row and head strides"));
+    let one = Layout::new((1, 70, 4, 64).into(), vec![8, 256, 64, 1], 0);
+    assert_eq!(
+        layout_problem("q", &one, 2),
+        None,
+        "size-1 batch: never stepped over"
+    );
+    let odd = Layout::contiguous_with_offset((2, 70, 4, 64), 1);
+    assert!(layout_problem("q", &odd, 2)
+        .unwrap()
+        .contains("16-byte aligned"));
 }
