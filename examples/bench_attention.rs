@@ -6,7 +6,7 @@
 //! cargo run --release --example bench_attention -- --python /root/.venv-torch/bin/python
 //! cargo run --release --example bench_attention -- --crossover   # Backend::Auto's threshold
 //! cargo run --release --example bench_attention -- --modifiers   # softcap / ALiBi / sinks costs
-//! cargo run --release --example bench_attention -- --kv-formats  # decode over bf16 / int8 caches
+//! cargo run --release --example bench_attention -- --kv-formats  # decode over bf16 / int8 / fp8 caches
 //! ```
 //!
 //! PyTorch runs in `scripts/bench_attention_torch.py`, a child process kept alive for the whole
@@ -768,10 +768,10 @@ fn modifier_costs(rounds: usize) -> Result<()> {
     Ok(())
 }
 
-/// `--kv-formats`: the decode core (B8 L1 H32 Hkv8 D128, bf16 queries) over a bf16 and an
-/// int8 `KvCache` at S = 4096, 16384, 32768: alternating rounds, medians, the bytes each step
-/// reads (K and V, and the int8 rows' scales) and the rate against a streaming read of the
-/// bf16 cache's bytes measured in the same round.
+/// `--kv-formats`: the decode core (B8 L1 H32 Hkv8 D128, bf16 queries) over a bf16, an int8
+/// and an fp8 `KvCache` at S = 4096, 16384, 32768: alternating rounds, medians, the bytes each
+/// step reads (K and V, and the quantized rows' scales) and the rate against a streaming read
+/// of the bf16 cache's bytes measured in the same round.
 fn kv_formats(rounds: usize) -> Result<()> {
     use candle_mha::kernels::test_support::attention_over_cache;
     use candle_mha::{KvCache, KvFormat};
@@ -785,48 +785,57 @@ fn kv_formats(rounds: usize) -> Result<()> {
     );
     println!("\n| S | cache | time | bytes read | GB/s | share of streaming read | KV memory | vs bf16 |");
     println!("|---|---|---|---|---|---|---|---|");
+    let formats = [
+        ("bf16", KvFormat::Native),
+        ("int8", KvFormat::Int8),
+        ("fp8 e4m3", KvFormat::Fp8E4M3),
+    ];
     for s_len in [4096usize, 16384, 32768] {
         let q = Tensor::randn(0f32, 1., (b, 1, h, d), &dev)?.to_dtype(DType::BF16)?;
         let k = Tensor::randn(0f32, 1., (b, s_len, hkv, d), &dev)?.to_dtype(DType::BF16)?;
         let v = Tensor::randn(0f32, 1., (b, s_len, hkv, d), &dev)?.to_dtype(DType::BF16)?;
-        let mut dense = KvCache::with_chunk(s_len);
-        dense.append(&k, &v)?;
-        let mut int8 = KvCache::with_chunk(s_len).with_format(KvFormat::Int8);
-        int8.append(&k, &v)?;
+        let caches = formats
+            .iter()
+            .map(|&(_, f)| {
+                let mut c = KvCache::with_chunk(s_len).with_format(f);
+                c.append(&k, &v)?;
+                Ok(c)
+            })
+            .collect::<Result<Vec<_>>>()?;
         let plan = MaskPlan::new(MaskDims::new(b, h, 1, s_len))
             .with_causal(CausalAlignment::BottomRight)?;
         let mut p = AttnParams::new(d);
         p.backend = Backend::CpuFused;
         let probe = MemProbe::new(&k, &v)?;
-        let (mut t16, mut t8, mut tr) = (vec![], vec![], vec![]);
+        let mut times = vec![vec![]; caches.len()];
+        let mut tr = vec![];
         for _ in 0..rounds {
-            t16.extend(time_it(5, || {
-                attention_over_cache(&q, &dense, &plan, &p).map(drop)?;
-                Ok(())
-            })?);
-            t8.extend(time_it(5, || {
-                attention_over_cache(&q, &int8, &plan, &p).map(drop)?;
-                Ok(())
-            })?);
+            for (t, c) in times.iter_mut().zip(&caches) {
+                t.extend(time_it(5, || {
+                    attention_over_cache(&q, c, &plan, &p).map(drop)?;
+                    Ok(())
+                })?);
+            }
             tr.extend(time_it(5, || probe.read())?);
         }
-        let (t16, t8, tr) = (median(t16), median(t8), median(tr));
+        let times: Vec<f64> = times.into_iter().map(median).collect();
+        let tr = median(tr);
         let rows = (b * s_len * hkv) as f64;
         let bytes16 = 2.0 * rows * d as f64 * 2.0;
-        let bytes8 = 2.0 * rows * (d as f64 + 4.0);
         let read_rate = bytes16 / tr / 1e9;
-        for (name, t, bytes, mem) in [
-            ("bf16", t16, bytes16, dense.memory_bytes()),
-            ("int8", t8, bytes8, int8.memory_bytes()),
-        ] {
-            let rate = bytes / t / 1e9;
+        for (i, (name, format)) in formats.iter().enumerate() {
+            let bytes = match format {
+                KvFormat::Native => bytes16,
+                _ => 2.0 * rows * (d as f64 + 4.0),
+            };
+            let rate = bytes / times[i] / 1e9;
             println!(
-                "| {s_len} | {name} | {} | {:.1} MB | {rate:.1} | {:.0}% (of {read_rate:.1} GB/s) | {:.1} MiB | {:.2}× faster |",
-                fmt_t(t),
+                "| {s_len} | {name} | {} | {:.1} MB | {rate:.1} | {:.0}% (of {read_rate:.1} GB/s) | {:.1} MiB | {:.2}× |",
+                fmt_t(times[i]),
                 bytes / 1e6,
                 100.0 * rate / read_rate,
-                mem as f64 / (1u64 << 20) as f64,
-                t16 / t
+                caches[i].memory_bytes() as f64 / (1u64 << 20) as f64,
+                times[0] / times[i]
             );
         }
     }

@@ -4,7 +4,7 @@
 //! ```text
 //! scripts/fetch-smollm2.sh
 //! cargo run --release --example bench_decode -- [--tokens 64] [--threads 2] [--python PY] [--no-torch]
-//! cargo run --release --example bench_decode -- --kv-formats [--tokens 64]   # bf16 vs int8 cache at S ≥ 2048
+//! cargo run --release --example bench_decode -- --kv-formats [--tokens 64]   # bf16 / int8 / fp8 caches at S ≥ 2048
 //! ```
 //!
 //! Greedy generation of `--tokens` tokens after a fixed chat prompt, f32 on CPU:
@@ -170,9 +170,9 @@ struct TorchRun {
 }
 
 /// `--kv-formats`: bf16 SmolLM2 decoding `tokens` tokens after a prompt of S ≥ 2048 tokens with a
-/// bf16 and an int8 cache (alternating, 3 rounds, medians): decode tokens/s, the cache's memory,
-/// and the first greedy token where the two generations differ (the prompt is synthetic, so the
-/// model is often near a tie).
+/// bf16, an int8 and an fp8 cache (alternating, 3 rounds, medians): decode tokens/s, the cache's
+/// memory, and the first greedy token where a generation differs from the bf16 cache's (the
+/// prompt is synthetic, so the model is often near a tie).
 fn kv_formats(model_path: &std::path::Path, tokens: usize, dev: &Device) -> Result<()> {
     use candle_mha::KvFormat;
     let model = Llama::from_gguf(model_path, DType::BF16, dev)?;
@@ -183,12 +183,15 @@ fn kv_formats(model_path: &std::path::Path, tokens: usize, dev: &Device) -> Resu
             .unwrap_or_default()
             .trim()
     );
-    println!(
-        "\n| prompt S | cache | decode tokens/s | vs bf16 | cache memory | greedy tokens equal |"
-    );
+    println!("\n| prompt S | cache | decode tokens/s | vs bf16 | cache memory | first greedy token that differs |");
     println!("|---:|---|---:|---:|---:|---:|");
+    let formats = [
+        ("bf16", KvFormat::Native),
+        ("int8", KvFormat::Int8),
+        ("fp8 e4m3", KvFormat::Fp8E4M3),
+    ];
     for s_len in [2048usize, 4096] {
-        // A long prompt: the ids of a few hundred distinct tokens, repeated.
+        // A long synthetic prompt: spread-out token ids.
         let prompt: Vec<u32> = (0..s_len as u32)
             .map(|i| 1000 + (i * 7919) % 20000)
             .collect();
@@ -209,36 +212,36 @@ fn kv_formats(model_path: &std::path::Path, tokens: usize, dev: &Device) -> Resu
                 out,
             ))
         };
-        let (mut t16, mut t8) = (vec![], vec![]);
-        let (mut m16, mut m8, mut ids16, mut ids8) = (0, 0, vec![], vec![]);
+        let mut rates = vec![vec![]; formats.len()];
+        let mut last = vec![(0usize, vec![]); formats.len()];
         for _ in 0..3 {
-            let (t, m, ids) = run(KvFormat::Native)?;
-            (m16, ids16) = (m, ids);
-            t16.push(t);
-            let (t, m, ids) = run(KvFormat::Int8)?;
-            (m8, ids8) = (m, ids);
-            t8.push(t);
+            for (i, &(_, f)) in formats.iter().enumerate() {
+                let (t, m, ids) = run(f)?;
+                rates[i].push(t);
+                last[i] = (m, ids);
+            }
         }
         let med = |mut v: Vec<f64>| {
             v.sort_by(f64::total_cmp);
             v[v.len() / 2]
         };
-        let (t16, t8) = (med(t16), med(t8));
-        let first_diff = ids16
-            .iter()
-            .zip(&ids8)
-            .position(|(a, b)| a != b)
-            .map_or("none".to_string(), |i| format!("token {}", i + 1));
+        let rates: Vec<f64> = rates.into_iter().map(med).collect();
         let mib = |b: usize| b as f64 / (1u64 << 20) as f64;
-        println!(
-            "| {s_len} | bf16 | {t16:.1} | 1.00 | {:.1} MiB | |",
-            mib(m16)
-        );
-        println!(
-            "| {s_len} | int8 | {t8:.1} | {:.2} | {:.1} MiB | {first_diff} |",
-            t8 / t16,
-            mib(m8)
-        );
+        for (i, (name, _)) in formats.iter().enumerate() {
+            let first_diff = last[0]
+                .1
+                .iter()
+                .zip(&last[i].1)
+                .position(|(a, b)| a != b)
+                .map_or("none".to_string(), |i| format!("token {}", i + 1));
+            println!(
+                "| {s_len} | {name} | {:.1} | {:.2} | {:.1} MiB | {} |",
+                rates[i],
+                rates[i] / rates[0],
+                mib(last[i].0),
+                if i == 0 { "" } else { &first_diff }
+            );
+        }
     }
     println!(
         "load at end: {}",

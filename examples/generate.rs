@@ -49,7 +49,7 @@ options:
   --tokenizer PATH     tokenizer.json (default: weights/smollm2-tokenizer.json of this crate)
   --device DEV         cpu (default), cuda or cuda:N
   --dtype DT           f32 (default) or bf16
-  --kv FORMAT          KV cache storage: native (the model's dtype, default) or int8
+  --kv FORMAT          KV cache storage: native (the model's dtype, default), int8 or fp8 (e4m3)
   --json               print only one JSON line: {\"prompt_ids\", \"generated_ids\", \"text\"}
   -h, --help           this help";
 
@@ -121,7 +121,8 @@ fn parse_args() -> Result<Option<Args>> {
                 a.kv = match value("--kv")?.as_str() {
                     "native" => candle_mha::KvFormat::Native,
                     "int8" => candle_mha::KvFormat::Int8,
-                    other => bail!("--kv: native or int8, got {other}"),
+                    "fp8" => candle_mha::KvFormat::Fp8E4M3,
+                    other => bail!("--kv: native, int8 or fp8, got {other}"),
                 }
             }
             "--dtype" => {

@@ -3,8 +3,8 @@
 
 use candle_core::{DType, Device, IndexOp, Result, Tensor};
 use candle_mha::{
-    Backend, CausalAlignment, KvCache, MhaConfig, MhaInput, MultiHeadAttention, NeedWeights, Rope,
-    RopeStyle,
+    Backend, CausalAlignment, KvCache, KvFormat, MhaConfig, MhaInput, MultiHeadAttention,
+    NeedWeights, Rope, RopeStyle,
 };
 use candle_nn::{VarBuilder, VarMap};
 
@@ -404,5 +404,76 @@ fn cache_errors() -> Result<()> {
         .to_string();
     assert!(err.contains("max_positions"), "{err}");
     assert_eq!(cache.len(), 4);
+    Ok(())
+}
+
+/// A cloned cache is a cache of its own: after a prompt, two clones take different tokens for
+/// two steps, and each branch's outputs equal a fresh forward over its own sequence; rewinding
+/// and rewriting the original afterwards changes neither branch (copy on write, every format).
+#[test]
+fn cloned_caches_are_independent() -> Result<()> {
+    for format in [KvFormat::Native, KvFormat::Int8] {
+        let cfg = gqa().with_backend(Backend::Auto);
+        let mha = module(cfg.clone(), 3)?;
+        let e = cfg.embed_dim;
+        let dev = Device::Cpu;
+        let prompt = Tensor::randn(0f32, 1., (1, 6, e), &dev)?;
+        let tokens: Vec<Tensor> = (0..4)
+            .map(|_| Tensor::randn(0f32, 1., (1, 1, e), &dev))
+            .collect::<Result<_>>()?;
+        let causal = |x: Tensor| MhaInput::new(x).causal(CausalAlignment::BottomRight);
+        let mut base = KvCache::with_chunk(64).with_format(format);
+        mha.attend_cached(&causal(prompt.clone()), &mut base)?;
+        let (mut a, mut b) = (base.clone(), base.clone());
+        let mut outs = [vec![], vec![]];
+        for step in 0..2 {
+            outs[0].push(
+                mha.attend_cached(&causal(tokens[step].clone()), &mut a)?
+                    .output,
+            );
+            outs[1].push(
+                mha.attend_cached(&causal(tokens[2 + step].clone()), &mut b)?
+                    .output,
+            );
+        }
+        // The original rewinds and writes something else where the branches read.
+        base.truncate(3)?;
+        mha.attend_cached(
+            &causal(Tensor::randn(0f32, 1., (1, 5, e), &dev)?),
+            &mut base,
+        )?;
+        for (branch, (cache, toks)) in [(&mut a, &tokens[..2]), (&mut b, &tokens[2..])]
+            .into_iter()
+            .enumerate()
+        {
+            let seq = Tensor::cat(&[&prompt, &toks[0], &toks[1]], 1)?;
+            // A fresh cache over the whole branch: its last two rows.
+            let mut fresh = KvCache::new().with_format(format);
+            let want = mha
+                .attend_cached(&causal(seq), &mut fresh)?
+                .output
+                .narrow(1, 6, 2)?;
+            let got = Tensor::cat(&outs[branch], 1)?;
+            let d = max_abs_diff(&got, &want)?;
+            assert!(
+                d <= 1e-4,
+                "{format:?} branch {branch}: {d} from a fresh prefill"
+            );
+            // One more step after the original's rewrite still matches.
+            let next = Tensor::randn(0f32, 1., (1, 1, e), &dev)?;
+            let seq = Tensor::cat(&[&prompt, &toks[0], &toks[1], &next], 1)?;
+            let got = mha.attend_cached(&causal(next), cache)?.output;
+            let mut fresh = KvCache::new().with_format(format);
+            let want = mha
+                .attend_cached(&causal(seq), &mut fresh)?
+                .output
+                .narrow(1, 8, 1)?;
+            let d = max_abs_diff(&got, &want)?;
+            assert!(
+                d <= 1e-4,
+                "{format:?} branch {branch}, after the rewrite: {d}"
+            );
+        }
+    }
     Ok(())
 }

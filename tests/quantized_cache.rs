@@ -1,6 +1,6 @@
-//! The int8 KV cache: each stored value within half its row's scale of the value appended; the
-//! fused CPU kernel reading the int8 rows in place equals the reference reading them
-//! dequantized (decode, grouped heads walking together, split over the keys, prefill against a
+//! The quantized KV caches (int8, fp8 e4m3): each stored value within its format's bound of the
+//! value appended; the fused CPU kernel reading the rows in place equals the reference reading
+//! them dequantized (decode, grouped heads walking together, split over the keys, prefill against a
 //! cache; every instruction set); outputs close to an f32 cache's; growth, truncation and the
 //! memory it takes.
 
@@ -19,12 +19,17 @@ fn max_abs(a: &Tensor) -> Result<f32> {
         .to_scalar::<f32>()
 }
 
-/// Appended values come back within half their row's scale (`max|row| / 254`).
+/// Appended values come back within their format's bound: int8 within half their row's scale
+/// (`max|row| / 254`), fp8 e4m3 within 2⁻⁴ of themselves plus half its smallest subnormal step
+/// (`2⁻¹⁰ · max|row| / 448`).
 #[test]
 fn stored_values_are_within_half_a_step() -> Result<()> {
     let dev = Device::Cpu;
-    for dtype in [DType::F32, DType::BF16, DType::F16] {
-        let mut cache = KvCache::with_chunk(5).with_format(KvFormat::Int8);
+    for (dtype, format) in [DType::F32, DType::BF16, DType::F16]
+        .into_iter()
+        .flat_map(|d| [(d, KvFormat::Int8), (d, KvFormat::Fp8E4M3)])
+    {
+        let mut cache = KvCache::with_chunk(5).with_format(format);
         let mut all = vec![];
         for (n, amp) in [(3usize, 1.0f32), (1, 40.0), (4, 1e-3), (1, 0.0)] {
             let k = (Tensor::randn(0f32, amp.max(1e-30), (2, n, 3, 16), &dev)? * amp as f64)?
@@ -40,7 +45,11 @@ fn stored_values_are_within_half_a_step() -> Result<()> {
         let v = Tensor::cat(&all.iter().map(|x| &x.1).collect::<Vec<_>>(), 1)?;
         for (got, want) in [(&ks, &k), (&vs, &v)] {
             let want = want.to_dtype(DType::F32)?;
-            let step = (want.abs()?.max_keepdim(3)? / 254.0)?;
+            let amax = want.abs()?.max_keepdim(3)?;
+            let step = match format {
+                KvFormat::Int8 => (amax / 254.0)?,
+                _ => (want.abs()? / 16.0)?.broadcast_add(&(amax / (448.0 * 1024.0))?)?,
+            };
             let err = (got.to_dtype(DType::F32)? - &want)?.abs()?;
             // Half a step, plus the rounding of the dequantized value to the cache's dtype.
             let tol = match dtype {
@@ -50,7 +59,7 @@ fn stored_values_are_within_half_a_step() -> Result<()> {
             let slack = (err.broadcast_sub(&step)? - (want.abs()? * tol)?)?;
             assert!(
                 max_abs(&slack.relu()?)? <= 1e-7,
-                "{dtype:?}: a value is more than half a step off"
+                "{dtype:?} {format:?}: a value is more than half a step off"
             );
         }
         // Zero rows stay zero.
@@ -135,7 +144,10 @@ fn fused_int8_equals_reference_and_stays_near_f32() -> Result<()> {
             Some(50),
         ),
     ];
-    for isa in cpu_isas() {
+    for (isa, format) in cpu_isas()
+        .into_iter()
+        .flat_map(|i| [(i, KvFormat::Int8), (i, KvFormat::Fp8E4M3)])
+    {
         force_cpu_isa(Some(isa)).unwrap();
         for (name, cfg, b, prompt, total, pad, window) in &cases {
             let varmap = VarMap::new();
@@ -159,7 +171,7 @@ fn fused_int8_equals_reference_and_stays_near_f32() -> Result<()> {
                 }
             };
             let (calls, splits) = (cpu_calls(), cpu_split_calls());
-            let got = run(&fused, KvFormat::Int8)?;
+            let got = run(&fused, format)?;
             assert!(
                 cpu_calls() > calls,
                 "{isa} {name}: the fused kernel did not run"
@@ -167,17 +179,28 @@ fn fused_int8_equals_reference_and_stays_near_f32() -> Result<()> {
             if name.contains("split") {
                 assert!(cpu_split_calls() > splits, "{isa} {name}: not split");
             }
-            let want = run(&reference, KvFormat::Int8)?;
+            let want = run(&reference, format)?;
             let exact = run(&reference, KvFormat::Native)?;
             let scale = max_abs(&exact)?;
             let d_ref = max_abs(&(&got - &want)?)? / scale;
             let d_f32 = max_abs(&(&got - &exact)?)? / scale;
-            println!("{isa} {name}: int8 fused vs reference {d_ref:.2e}, vs f32 cache {d_f32:.2e}");
+            println!(
+                "{isa} {format:?} {name}: fused vs reference {d_ref:.2e}, vs f32 cache {d_f32:.2e}"
+            );
             assert!(
                 d_ref <= 1e-5,
-                "{isa} {name}: fused vs reference on int8 rows: {d_ref}"
+                "{isa} {format:?} {name}: fused vs reference on quantized rows: {d_ref}"
             );
-            assert!(d_f32 <= 2e-2, "{isa} {name}: int8 vs f32 cache: {d_f32}");
+            // int8: an absolute error of half a step per value; fp8: a relative one of up to
+            // 2⁻⁴ (3 bits of mantissa), larger on these Gaussian rows.
+            let bound = match format {
+                KvFormat::Int8 => 2e-2,
+                _ => 6e-2,
+            };
+            assert!(
+                d_f32 <= bound,
+                "{isa} {format:?} {name}: vs the f32 cache: {d_f32}"
+            );
         }
     }
     force_cpu_isa(None).unwrap();
@@ -205,6 +228,9 @@ fn memory_growth_truncate() -> Result<()> {
         (ratio - (d as f64 + 4.0) / (2.0 * d as f64)).abs() < 1e-9,
         "{ratio}"
     );
+    let mut f8 = KvCache::with_chunk(64).with_format(KvFormat::Fp8E4M3);
+    f8.append(&k, &v)?;
+    assert_eq!(f8.memory_bytes(), q8.memory_bytes());
     assert!(q8.memory_bytes() * 3 < f32c.memory_bytes());
     // Growth past the first chunk keeps the stored rows bit for bit.
     let before = q8.kv()?.unwrap().0;

@@ -107,11 +107,11 @@ fn smollm2_matches_transformers() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// An int8 KV cache against the bf16 cache (bf16 model, greedy): for three prompts, the
-/// largest logit difference over 64 generated positions (both caches fed the bf16 cache's
-/// tokens) and how many of the 64 greedy tokens agree; and half the cache memory.
+/// Int8 and fp8 KV caches against the bf16 cache (bf16 model, greedy): for three prompts, the
+/// largest logit difference over 64 generated positions (every cache fed the bf16 cache's
+/// tokens) and how many of the 64 greedy tokens agree; and about half the cache memory.
 #[test]
-fn int8_cache_keeps_greedy_tokens() -> anyhow::Result<()> {
+fn quantized_caches_keep_greedy_tokens() -> anyhow::Result<()> {
     let gguf = model_files::smollm2_gguf_or_fetch();
     let dev = Device::Cpu;
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -123,13 +123,16 @@ fn int8_cache_keeps_greedy_tokens() -> anyhow::Result<()> {
         "Once upon a time".to_string(),
         smollm2_chat_prompt(MESSAGE),
     ];
-    for prompt in &prompts {
+    for (prompt, format) in prompts
+        .iter()
+        .flat_map(|p| [candle_mha::KvFormat::Int8, candle_mha::KvFormat::Fp8E4M3].map(|f| (p, f)))
+    {
         let ids = tok
             .encode(prompt.as_str(), false)
             .map_err(anyhow::Error::msg)?;
         let ids = Tensor::new(ids.get_ids(), &dev)?.unsqueeze(0)?;
         let mut dense = LlamaCache::new(&model);
-        let mut int8 = LlamaCache::with_format(&model, candle_mha::KvFormat::Int8);
+        let mut int8 = LlamaCache::with_format(&model, format);
         let (mut a, mut b) = (
             model.forward(&ids, &mut dense)?,
             model.forward(&ids, &mut int8)?,
@@ -150,7 +153,7 @@ fn int8_cache_keeps_greedy_tokens() -> anyhow::Result<()> {
         }
         let ratio = int8.memory_bytes() as f64 / dense.memory_bytes() as f64;
         println!(
-            "{:?}: max logit diff {worst:.3e}, greedy agreement {agree}/64, int8 / bf16 cache memory {ratio:.3}",
+            "{format:?} {:?}: max logit diff {worst:.3e}, greedy agreement {agree}/64, cache memory / bf16 {ratio:.3}",
             prompt.chars().rev().take(40).collect::<String>().chars().rev().collect::<String>()
         );
         assert!(

@@ -21,27 +21,39 @@
 //! the RoPE hook and the sliding window see). All sequences then advance in lock-step (one new
 //! row each per decode step), so the bottom-right causal alignment is shared.
 //!
+//! ## Clones
+//!
+//! A clone of a [`KvCache`] is a cache of its own: the clones share their buffers until one of
+//! them writes where another still reads (after a clone, or after rewinding with
+//! [`KvCache::truncate`] below what a clone holds), which first copies them (copy on write).
+//! Appending past every clone's length writes in place, so a decode loop never copies.
+//!
 //! ## Quantized storage
 //!
 //! [`KvCache::with_format`]`(`[`KvFormat::Int8`]`)` stores keys and values as int8 with one f32
 //! scale per `(position, KV head)` row (`s = max|x| / 127`, quantized once when appended): about
-//! half the memory of bf16 and a quarter of f32, and half the bytes a decode step reads. The
-//! fused CPU kernel reads the int8 rows where they are and widens them as it goes; the
+//! half the memory of bf16 and a quarter of f32, and half the bytes a decode step reads.
+//! [`KvFormat::Fp8E4M3`] stores fp8 e4m3 values with the same per-row scales (`max|x| / 448`).
+//! The fused CPU kernel reads the rows where they are and widens them as it goes; the
 //! reference (and a call it cannot serve: tracked by autograd, asking for weights, with
-//! `bias_k` / `add_zero_attn`) reads them dequantized. Each value is off by at most half its
-//! row's scale (0.4% of the row's largest magnitude); what that does to outputs and to a real
-//! model's tokens is measured in `tests/quantized_cache.rs` and the README.
+//! `bias_k` / `add_zero_attn`) reads them dequantized. An int8 value is off by at most half its
+//! row's scale (0.4% of the row's largest magnitude), an fp8 one by at most 2⁻⁴ of itself (and
+//! of the row's smallest normal step); what that does to outputs and to a real model's tokens
+//! is measured in `tests/quantized_cache.rs` and the README.
 //!
 //! Query rows that are padding see no key at all: with the default
 //! [`MaskedRowPolicy::Zero`](crate::MaskedRowPolicy::Zero) they produce zeros, and they must not
 //! produce NaN (a NaN key would poison every query through `0 · NaN`), so decoding with left
 //! padding needs `MaskedRowPolicy::Zero`.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
 use candle_core::{bail, DType, Result, Tensor};
 
 mod quant;
 
-use quant::quantize_int8;
+use quant::quantize;
 pub use quant::KvFormat;
 pub(crate) use quant::QuantKv;
 
@@ -68,7 +80,7 @@ pub const DEFAULT_CHUNK: usize = 256;
 /// cache.truncate(5)?; // drop the last position (e.g. a rejected speculative token)
 /// # Ok::<(), candle_core::Error>(())
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct KvCache {
     /// The stored keys and values `(B, capacity, Hkv, D | Dv)`: in the inputs' dtype, or int8
     /// offset by 128 (`U8`).
@@ -83,12 +95,50 @@ pub struct KvCache {
     len: usize,
     chunk: usize,
     left_padding: Option<Vec<usize>>,
+    /// This instance (a clone gets its own).
+    id: u64,
+    /// Who may write the buffers in place, shared by the clones that share them.
+    owner: Arc<Mutex<Owner>>,
+}
+
+/// Copy-on-write state of a cache's buffers: the instance that may write them in place, and how
+/// many leading positions a clone still reads (never overwritten in place).
+#[derive(Debug)]
+struct Owner {
+    writer: u64,
+    shared: usize,
+}
+
+impl Owner {
+    fn new(writer: u64) -> Arc<Mutex<Self>> {
+        Arc::new(Mutex::new(Self { writer, shared: 0 }))
+    }
+}
+
+/// A fresh instance id.
+fn next_id() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+impl Clone for KvCache {
+    /// An independent cache holding the same positions: it shares the buffers until either cache
+    /// writes where the other still reads, which then copies them first (copy on write), so
+    /// branches of a beam search, speculative drafts or a reused prefix never see each other's
+    /// keys.
+    fn clone(&self) -> Self {
+        let mut c = self.same_instance();
+        let mut owner = self.owner.lock().unwrap_or_else(|e| e.into_inner());
+        owner.shared = owner.shared.max(self.len);
+        c.id = next_id();
+        c
+    }
 }
 
 /// The keys and values a cached call attends to.
 pub(crate) enum CachedKv {
     Dense(Tensor, Tensor),
-    Int8(QuantKv),
+    Quant(QuantKv),
 }
 
 impl Default for KvCache {
@@ -116,7 +166,40 @@ impl KvCache {
             len: 0,
             chunk: chunk.max(1),
             left_padding: None,
+            id: 0,
+            owner: Owner::new(0),
         }
+        .with_new_id()
+    }
+
+    fn with_new_id(mut self) -> Self {
+        self.id = next_id();
+        self.owner = Owner::new(self.id);
+        self
+    }
+
+    /// The same instance (the same right to write the buffers in place): the pipeline's working
+    /// copy of a caller's cache during a step, which replaces it once the step succeeds.
+    pub(crate) fn same_instance(&self) -> Self {
+        Self {
+            k: self.k.clone(),
+            v: self.v.clone(),
+            k_scale: self.k_scale.clone(),
+            v_scale: self.v_scale.clone(),
+            dtype: self.dtype,
+            format: self.format,
+            len: self.len,
+            chunk: self.chunk,
+            left_padding: self.left_padding.clone(),
+            id: self.id,
+            owner: self.owner.clone(),
+        }
+    }
+
+    /// Whether this instance may write position `at` of its buffers in place (no clone reads it).
+    fn writes_in_place(&self, at: usize) -> bool {
+        let owner = self.owner.lock().unwrap_or_else(|e| e.into_inner());
+        owner.writer == self.id && at >= owner.shared
     }
 
     /// The same (empty) cache storing its keys and values in `format` (see the
@@ -210,7 +293,7 @@ impl KvCache {
         match self.stored()? {
             None => Ok(None),
             Some(CachedKv::Dense(k, v)) => Ok(Some((k, v))),
-            Some(CachedKv::Int8(q)) => {
+            Some(CachedKv::Quant(q)) => {
                 let dtype = self.dtype.unwrap_or(DType::F32);
                 Ok(Some(q.dequantize(dtype)?))
             }
@@ -227,7 +310,7 @@ impl KvCache {
             return Ok(None);
         }
         Ok(Some(match (&self.k_scale, &self.v_scale) {
-            (Some(ks), Some(vs)) => CachedKv::Int8(QuantKv {
+            (Some(ks), Some(vs)) => CachedKv::Quant(QuantKv {
                 k: k.narrow(1, 0, n)?,
                 k_scale: ks.narrow(1, 0, n)?,
                 v: v.narrow(1, 0, n)?,
@@ -294,15 +377,17 @@ impl KvCache {
         // What is stored: the rows themselves, or int8 rows and their scales.
         let (k_rows, v_rows, scales) = match self.format {
             KvFormat::Native => (k.contiguous()?, v.contiguous()?, None),
-            KvFormat::Int8 => {
-                let (qk, sk) = quantize_int8(k)?;
-                let (qv, sv) = quantize_int8(v)?;
+            format => {
+                let (qk, sk) = quantize(k, format)?;
+                let (qv, sv) = quantize(v, format)?;
                 (qk, qv, Some((sk, sv)))
             }
         };
         let needed = self.len + l;
-        if needed > self.capacity() || self.k.is_none() {
-            let cap = needed.div_ceil(self.chunk) * self.chunk;
+        // Buffers a clone still reads at these positions are copied first (copy on write).
+        let shared = self.k.is_some() && !self.writes_in_place(self.len);
+        if needed > self.capacity() || self.k.is_none() || shared {
+            let cap = (needed.div_ceil(self.chunk) * self.chunk).max(self.capacity());
             let dev = k.device();
             let nk = Tensor::zeros((b, cap, hkv, d), k_rows.dtype(), dev)?;
             let nv = Tensor::zeros((b, cap, hkv, dv), v_rows.dtype(), dev)?;
@@ -318,7 +403,7 @@ impl KvCache {
                     nk.slice_set(&ok.contiguous()?, 1, 0)?;
                     nv.slice_set(&ov.contiguous()?, 1, 0)?;
                 }
-                (Some(CachedKv::Int8(q)), Some((nks, nvs))) => {
+                (Some(CachedKv::Quant(q)), Some((nks, nvs))) => {
                     nk.slice_set(&q.k.contiguous()?, 1, 0)?;
                     nv.slice_set(&q.v.contiguous()?, 1, 0)?;
                     nks.slice_set(&q.k_scale.contiguous()?, 1, 0)?;
@@ -333,6 +418,7 @@ impl KvCache {
                 None => (None, None),
             };
             self.dtype = Some(k.dtype());
+            self.owner = Owner::new(self.id);
         }
         let (ck, cv) = (self.k.as_ref().unwrap(), self.v.as_ref().unwrap());
         ck.slice_set(&k_rows, 1, self.len)?;

@@ -447,7 +447,7 @@ pub fn attention(
 /// CPU kernel when it can serve the call (CPU, [`Backend::Auto`] or [`Backend::CpuFused`], not
 /// tracked by autograd, no weights or dropout), else dequantized to `q`'s dtype for
 /// [`attention`].
-pub(crate) fn attention_int8(
+pub(crate) fn attention_quantized(
     q: &Tensor,
     kv: &crate::cache::QuantKv,
     mask: &MaskPlan,
@@ -484,8 +484,8 @@ pub(crate) fn attention_int8(
         && matches!(params.backend, Backend::Auto | Backend::CpuFused)
         && q.device().is_cpu()
         && !call.tracked()
-        && cpu::int8_rows(&kv.k, &kv.k_scale)
-        && cpu::int8_rows(&kv.v, &kv.v_scale)
+        && cpu::quant_rows(&kv.k, &kv.k_scale)
+        && cpu::quant_rows(&kv.v, &kv.v_scale)
         && missing_capability(&cpu::CpuFused, &call).is_none()
         && cpu::CpuFused.unsupported_inputs(&call).is_none();
     if fused {
@@ -559,7 +559,9 @@ pub mod test_support {
         match cache.stored()? {
             None => candle_core::bail!("attention_over_cache: the cache is empty"),
             Some(crate::cache::CachedKv::Dense(k, v)) => super::attention(q, &k, &v, mask, params),
-            Some(crate::cache::CachedKv::Int8(kv)) => super::attention_int8(q, &kv, mask, params),
+            Some(crate::cache::CachedKv::Quant(kv)) => {
+                super::attention_quantized(q, &kv, mask, params)
+            }
         }
     }
 

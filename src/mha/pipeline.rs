@@ -277,7 +277,9 @@ impl MultiHeadAttention {
                 (CachedKv::Dense(memory.k.clone(), memory.v.clone()), None)
             }
             (KvSource::Cached(cache), Some((k, v))) => {
-                let mut next = cache.clone();
+                // The caller's cache itself (not a clone: no copy on write), committed by the
+                // caller once the call succeeds.
+                let mut next = cache.same_instance();
                 let stored = next.append_stored(&k, &v)?;
                 if p.past == 0 {
                     next.set_left_padding(p.pad.clone());
@@ -297,11 +299,11 @@ impl MultiHeadAttention {
         let (mut k, mut v) = match stored {
             CachedKv::Dense(k, v) => (k, v),
             // An int8 cache: read as stored unless keys are appended after it.
-            CachedKv::Int8(q8) if !extra_keys => {
-                let att = kernels::attention_int8(&q, &q8, &plan, &params)?;
+            CachedKv::Quant(q8) if !extra_keys => {
+                let att = kernels::attention_quantized(&q, &q8, &plan, &params)?;
                 return Ok((self.merge(att, &p, input.need_weights)?, next_cache));
             }
-            CachedKv::Int8(q8) => q8.dequantize(q.dtype())?,
+            CachedKv::Quant(q8) => q8.dequantize(q.dtype())?,
         };
         // Keys appended after the maskable ones: bias_k / bias_v, then a zero key.
         let (b, hkv, d) = (p.b, cfg.kv_heads(), cfg.head_dim());

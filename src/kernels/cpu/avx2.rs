@@ -5,7 +5,7 @@
 
 use std::arch::x86_64::*;
 
-use super::mat::{HalfMat, Int8Mat, Mat, MatMut};
+use super::mat::{ByteMat, HalfMat, Mat, MatMut};
 
 /// Rows per register block.
 const MR: usize = 6;
@@ -135,6 +135,8 @@ const BF16: u8 = 1;
 const F16: u8 = 2;
 /// Int8 offset by 128 (`u8`).
 const I8: u8 = 3;
+/// fp8 e4m3.
+const F8: u8 = 4;
 
 /// 8 elements from `p` as f32 lanes: f32 (masked), or bf16 / f16 (whole vectors, widened by a
 /// shift / by `vcvtph2ps`).
@@ -150,6 +152,16 @@ unsafe fn load8<const KIND: u8>(p: *const u8, m: __m256i) -> __m256 {
             _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(p.cast()))),
             _mm256_set1_ps(128.0),
         ),
+        // e4m3 → f16 bits (see `avx512::load16`), × 2⁸.
+        F8 => {
+            let x = _mm_cvtepu8_epi16(_mm_loadl_epi64(p.cast()));
+            let sign = _mm_slli_epi16::<8>(_mm_and_si128(x, _mm_set1_epi16(0x80)));
+            let rest = _mm_slli_epi16::<7>(_mm_and_si128(x, _mm_set1_epi16(0x7f)));
+            _mm256_mul_ps(
+                _mm256_cvtph_ps(_mm_or_si128(sign, rest)),
+                _mm256_set1_ps(256.0),
+            )
+        }
         _ => _mm256_maskload_ps(p.cast(), m),
     }
 }
@@ -158,32 +170,42 @@ unsafe fn load8<const KIND: u8>(p: *const u8, m: __m256i) -> __m256 {
 const fn elem(kind: u8) -> usize {
     match kind {
         F32 => 4,
-        I8 => 1,
+        I8 | F8 => 1,
         _ => 2,
     }
 }
 
-/// [`pv`] with `v` int8 (offset by 128), read in place (`v.cols` a multiple of 8; the rows'
+/// [`pv`] with `v` int8 (offset by 128) or fp8 e4m3, read in place (`v.cols` a multiple of 8; the rows'
 /// scales are folded into `p` by the caller).
 ///
 /// # Safety
 /// avx2, fma and f16c must be available.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn pv_i8(p: Mat, v: Int8Mat, acc: MatMut) {
+pub unsafe fn pv_bytes(p: Mat, v: ByteMat, acc: MatMut) {
     debug_assert!(v.cols.is_multiple_of(8));
     let vp = (v.data.as_ptr(), v.rows, v.cols, v.stride);
-    pv_strided::<I8>((p.data, p.rows, p.cols, p.stride, 1), vp, acc)
+    let pp = (p.data, p.rows, p.cols, p.stride, 1);
+    if v.fp8 {
+        pv_strided::<F8>(pp, vp, acc)
+    } else {
+        pv_strided::<I8>(pp, vp, acc)
+    }
 }
 
-/// [`qk_rows`] with `k` int8 (offset by 128), read in place (`k.cols` a multiple of 8; the rows'
+/// [`qk_rows`] with `k` int8 (offset by 128) or fp8 e4m3, read in place (`k.cols` a multiple of 8; the rows'
 /// scales are applied to `out` by the caller).
 ///
 /// # Safety
 /// avx2, fma and f16c must be available.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn qk_rows_i8(q: Mat, k: Int8Mat, out: MatMut, scale: f32) {
+pub unsafe fn qk_rows_bytes(q: Mat, k: ByteMat, out: MatMut, scale: f32) {
     debug_assert!(k.cols.is_multiple_of(8));
-    qk_rows_kind::<I8>(q, (k.data.as_ptr(), k.rows, k.cols, k.stride), out, scale)
+    let kp = (k.data.as_ptr(), k.rows, k.cols, k.stride);
+    if k.fp8 {
+        qk_rows_kind::<F8>(q, kp, out, scale)
+    } else {
+        qk_rows_kind::<I8>(q, kp, out, scale)
+    }
 }
 
 /// `acc += pᵀ · v` for `p` stored `k × m` (row stride `p.stride`), without a transposed copy.

@@ -3,7 +3,7 @@
 
 use std::arch::x86_64::*;
 
-use super::mat::{HalfMat, Int8Mat, Mat, MatMut};
+use super::mat::{ByteMat, HalfMat, Mat, MatMut};
 
 /// Rows per register block (here and in `avx512_bf16.rs`).
 pub(super) const MR: usize = 6;
@@ -120,6 +120,8 @@ const BF16: u8 = 1;
 const F16: u8 = 2;
 /// Int8 offset by 128 (`u8`).
 const I8: u8 = 3;
+/// fp8 e4m3.
+const F8: u8 = 4;
 
 /// 16 elements of kind `K` from `p` as f32 lanes: masked for f32; whole vectors for the half
 /// and int8 kinds (their callers take only multiples of 16 columns).
@@ -132,10 +134,21 @@ unsafe fn load16<const K: u8>(p: *const u8, m: u16) -> __m512 {
             _mm256_loadu_si256(p.cast()),
         ))),
         F16 => _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())),
-        _ => _mm512_sub_ps(
+        I8 => _mm512_sub_ps(
             _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(p.cast()))),
             _mm512_set1_ps(128.0),
         ),
+        // e4m3 → the f16 with the same sign, exponent and mantissa bits shifted into place
+        // (bias 15 for 7: × 2⁸ after; subnormals map to f16 subnormals), as `view::fp8_e4m3`.
+        _ => {
+            let x = _mm256_cvtepu8_epi16(_mm_loadu_si128(p.cast()));
+            let sign = _mm256_slli_epi16::<8>(_mm256_and_si256(x, _mm256_set1_epi16(0x80)));
+            let rest = _mm256_slli_epi16::<7>(_mm256_and_si256(x, _mm256_set1_epi16(0x7f)));
+            _mm512_mul_ps(
+                _mm512_cvtph_ps(_mm256_or_si256(sign, rest)),
+                _mm512_set1_ps(256.0),
+            )
+        }
     }
 }
 
@@ -143,32 +156,42 @@ unsafe fn load16<const K: u8>(p: *const u8, m: u16) -> __m512 {
 const fn size_of_kind(k: u8) -> usize {
     match k {
         F32 => 4,
-        I8 => 1,
+        I8 | F8 => 1,
         _ => 2,
     }
 }
 
-/// [`pv`] with `v` int8 (offset by 128), read in place (`v.cols` a multiple of 16; the rows'
+/// [`pv`] with `v` int8 (offset by 128) or fp8 e4m3, read in place (`v.cols` a multiple of 16; the rows'
 /// scales are folded into `p` by the caller).
 ///
 /// # Safety
 /// avx512f must be available.
 #[target_feature(enable = "avx512f")]
-pub unsafe fn pv_i8(p: Mat, v: Int8Mat, acc: MatMut) {
+pub unsafe fn pv_bytes(p: Mat, v: ByteMat, acc: MatMut) {
     debug_assert!(v.cols.is_multiple_of(16));
     let vp = (v.data.as_ptr(), v.rows, v.cols, v.stride);
-    pv_strided::<I8>((p.data, p.rows, p.cols, p.stride, 1), vp, acc)
+    let pp = (p.data, p.rows, p.cols, p.stride, 1);
+    if v.fp8 {
+        pv_strided::<F8>(pp, vp, acc)
+    } else {
+        pv_strided::<I8>(pp, vp, acc)
+    }
 }
 
-/// [`qk_rows`] with `k` int8 (offset by 128), read in place (`k.cols` a multiple of 16; the
+/// [`qk_rows`] with `k` int8 (offset by 128) or fp8 e4m3, read in place (`k.cols` a multiple of 16; the
 /// rows' scales are applied to `out` by the caller).
 ///
 /// # Safety
 /// avx512f must be available.
 #[target_feature(enable = "avx512f")]
-pub unsafe fn qk_rows_i8(q: Mat, k: Int8Mat, out: MatMut, scale: f32) {
+pub unsafe fn qk_rows_bytes(q: Mat, k: ByteMat, out: MatMut, scale: f32) {
     debug_assert!(k.cols.is_multiple_of(16));
-    qk_rows_kind::<I8>(q, (k.data.as_ptr(), k.rows, k.cols, k.stride), out, scale)
+    let kp = (k.data.as_ptr(), k.rows, k.cols, k.stride);
+    if k.fp8 {
+        qk_rows_kind::<F8>(q, kp, out, scale)
+    } else {
+        qk_rows_kind::<I8>(q, kp, out, scale)
+    }
 }
 
 /// [`pv`] with `v` in bf16 / f16, read in place (`v.cols` a multiple of 16).

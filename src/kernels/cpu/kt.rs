@@ -105,7 +105,7 @@ impl Packed {
             Data::Bf16(x) => Packed::Bf16(pack(x, v.strides, dims)),
             Data::F16(x) => Packed::F16(pack(x, v.strides, dims)),
             // Int8 rows keep their cache layout (their scales are numbered by it).
-            Data::Int8 { .. } => unreachable!("int8 values are read in place, never packed"),
+            Data::Bytes { .. } => unreachable!("int8 values are read in place, never packed"),
         }
     }
 

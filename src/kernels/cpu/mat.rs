@@ -106,23 +106,26 @@ impl<'a> HalfMat<'a> {
     }
 }
 
-/// A `rows × cols` matrix of int8 values stored offset by 128 (an int8 KV cache's rows), whose
-/// rows start `stride` elements apart, read in place by the micro-kernels (widened to f32 in
-/// registers, 128 subtracted; the rows' scales are applied by the caller).
+/// A `rows × cols` matrix of quantized bytes (a quantized KV cache's rows): int8 values stored
+/// offset by 128, or fp8 e4m3 values; rows start `stride` elements apart. Read in place by the
+/// micro-kernels (widened to f32 in registers; the rows' scales are applied by the caller).
 #[derive(Clone, Copy)]
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // read by the x86 micro-kernels
-pub(super) struct Int8Mat<'a> {
+pub(super) struct ByteMat<'a> {
     pub data: &'a [u8],
+    /// fp8 e4m3 (else int8 + 128).
+    pub fp8: bool,
     pub rows: usize,
     pub cols: usize,
     pub stride: usize,
 }
 
-impl<'a> Int8Mat<'a> {
-    pub fn new(data: &'a [u8], rows: usize, cols: usize, stride: usize) -> Self {
+impl<'a> ByteMat<'a> {
+    pub fn new(data: &'a [u8], fp8: bool, rows: usize, cols: usize, stride: usize) -> Self {
         check(data.len(), rows, cols, stride, false);
         Self {
             data,
+            fp8,
             rows,
             cols,
             stride,

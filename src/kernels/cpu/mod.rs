@@ -99,7 +99,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use candle_core::{bail, DType, Result, Storage, Tensor};
+use candle_core::{bail, CpuStorage, DType, Result, Storage, Tensor};
 use rayon::prelude::*;
 
 use super::{AttnCall, AttnOutput, Caps, Kernel};
@@ -350,11 +350,11 @@ fn view<'a>(g: &'a Storage, t: &Tensor) -> Result<View<'a>> {
     })
 }
 
-/// Whether `rows` (`U8`, `(B, S, H, D)`) and `scales` (f32, `(B, S, H)`) are an int8 cache's
-/// views that the kernel reads in place: CPU tensors from the start of contiguous
-/// `(B, capacity, H, D)` and `(B, capacity, H)` buffers, so that row `r` (`at / D`) has scale
-/// `r` of the same numbering.
-pub(crate) fn int8_rows(rows: &Tensor, scales: &Tensor) -> bool {
+/// Whether `rows` (`U8`: int8 + 128, or `F8E4M3`; `(B, S, H, D)`) and `scales` (f32,
+/// `(B, S, H)`) are a quantized cache's views that the kernel reads in place: CPU tensors from
+/// the start of contiguous `(B, capacity, H, D)` and `(B, capacity, H)` buffers, so that row `r`
+/// (`at / D`) has scale `r` of the same numbering.
+pub(crate) fn quant_rows(rows: &Tensor, scales: &Tensor) -> bool {
     let (Ok((_, _, h, d)), Ok((_, _, hs))) = (rows.dims4(), scales.dims3()) else {
         return false;
     };
@@ -362,7 +362,7 @@ pub(crate) fn int8_rows(rows: &Tensor, scales: &Tensor) -> bool {
     let cap = r.stride()[0] / (h * d).max(1);
     rows.device().is_cpu()
         && scales.device().is_cpu()
-        && rows.dtype() == DType::U8
+        && matches!(rows.dtype(), DType::U8 | DType::F8E4M3)
         && scales.dtype() == DType::F32
         && hs == h
         && r.start_offset() == 0
@@ -371,17 +371,29 @@ pub(crate) fn int8_rows(rows: &Tensor, scales: &Tensor) -> bool {
         && sc.stride() == [cap * h, h, 1]
 }
 
-/// The view of int8 rows `t` (storage `g`) with their scales `s` (storage `sg`), checked by
-/// [`int8_rows`].
-fn int8_view<'a>(g: &'a Storage, t: &Tensor, sg: &'a Storage) -> Result<View<'a>> {
+/// The view of quantized rows `t` (storage `g`) with their scales (storage `sg`), checked by
+/// [`quant_rows`].
+fn quant_view<'a>(g: &'a Storage, t: &Tensor, sg: &'a Storage) -> Result<View<'a>> {
     let (Storage::Cpu(rows), Storage::Cpu(scales)) = (g, sg) else {
-        bail!("fused CPU attention: int8 rows are not on the CPU")
+        bail!("fused CPU attention: quantized rows are not on the CPU")
+    };
+    let (vals, fp8): (&[u8], bool) = match rows {
+        CpuStorage::U8(v) => (v, false),
+        CpuStorage::F8E4M3(v) => {
+            assert_eq!(std::mem::size_of_val(v.as_slice()), v.len());
+            // SAFETY: `F8E4M3` is a `repr(transparent)` byte (size asserted): the same memory
+            // read as its bits.
+            let bits = unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), v.len()) };
+            (bits, true)
+        }
+        _ => bail!("fused CPU attention: quantized rows must be U8 or F8E4M3"),
     };
     Ok(View {
-        data: Data::Int8 {
-            vals: rows.as_slice::<u8>()?,
+        data: Data::Bytes {
+            vals,
             scales: scales.as_slice::<f32>()?,
             row: t.dim(3)?,
+            fp8,
         },
         strides: strides3(t),
     })
@@ -460,7 +472,7 @@ impl Inputs {
             |t: Option<&Tensor>| t.map(|t| t.to_dtype(DType::F32)?.contiguous()).transpose();
         let rows = |t: &Tensor| if native { native_rows(t) } else { f32_rows(t) };
         let (k, v) = match c.kv_scales {
-            // The cache's buffers, checked by `int8_rows`.
+            // The cache's buffers, checked by `quant_rows`.
             Some(_) => (c.k.clone(), c.v.clone()),
             None => (rows(c.k)?, rows(c.v)?),
         };
@@ -499,8 +511,8 @@ impl Inputs {
         let (qv, kv, vv) = match &scale_g {
             Some((ks, vs)) => (
                 view(&qg, &self.q)?,
-                int8_view(&kg, &self.k, ks)?,
-                int8_view(&vg, &self.v, vs)?,
+                quant_view(&kg, &self.k, ks)?,
+                quant_view(&vg, &self.v, vs)?,
             ),
             None => (
                 view(&qg, &self.q)?,
@@ -558,7 +570,7 @@ impl Inputs {
         // Prefill-like calls (each V tile read by many rows): V's heads made contiguous when
         // their rows are a multiple of 2 KiB apart (they would share a few L1 sets), or when there
         // are many keys (each strided row of a tile on its own page: 5% at S = 8192).
-        let int8 = matches!(vv.data, Data::Int8 { .. });
+        let int8 = matches!(vv.data, Data::Bytes { .. });
         let v_packed = (!int8 && kt.is_some() && l >= BLOCK_Q && (v_rows_alias(&vv) || s >= 2048))
             .then(|| Packed::new(&vv, (b, hkv, s, dv)));
         let vv = match &v_packed {
@@ -603,7 +615,7 @@ impl Inputs {
 fn v_rows_alias(v: &View) -> bool {
     let elem = match v.data {
         Data::F32(_) => 4,
-        Data::Int8 { .. } => 1,
+        Data::Bytes { .. } => 1,
         _ => 2,
     };
     let bytes = v.strides[1] * elem;

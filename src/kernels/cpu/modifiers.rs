@@ -75,9 +75,10 @@ impl Mods {
     }
 
     /// Subtracts ALiBi's `m · |i + off − j|` from `row`, the scores of keys `j0..` of query `i`
-    /// of head `hh` in batch `bi` (keys among the first `kv_len`).
+    /// of head `hh` in batch `bi` (keys among the first `kv_len`), on `isa`'s vectors.
     pub fn alibi(
         &self,
+        isa: Isa,
         plan: &MaskPlan,
         (bi, hh, i): (usize, usize, usize),
         j0: usize,
@@ -101,10 +102,15 @@ impl Mods {
         if m == 0.0 {
             return;
         }
-        // Distances are integers: exact in f32 up to 2^24 keys.
-        let centre = (i as i64 + off - j0 as i64) as f32;
-        for (k, x) in row.iter_mut().enumerate() {
-            *x -= m * (centre - k as f32).abs();
+        // Distances are integers (exact in f32 up to 2^24 keys), counted in i32.
+        let centre = i as i64 + off - j0 as i64;
+        match i32::try_from(centre) {
+            Ok(c) if c.checked_sub(row.len() as i32).is_some() => softmax::alibi(isa, row, m, c),
+            _ => {
+                for (k, x) in row.iter_mut().enumerate() {
+                    *x -= m * (centre - k as i64).unsigned_abs() as f32;
+                }
+            }
         }
     }
 }

@@ -5,7 +5,7 @@
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
-use super::mat::{HalfMat, Int8Mat, Mat, MatMut, PairMat};
+use super::mat::{ByteMat, HalfMat, Mat, MatMut, PairMat};
 use super::portable::{self, matmul};
 
 /// An instruction set of the fused CPU kernel's products.
@@ -209,7 +209,7 @@ pub(super) fn pv_half(isa: Isa, p: Mat, v: HalfMat, acc: MatMut) {
 
 /// [`qk_rows`] with int8 key rows (offset by 128) read in place, before their scales (the
 /// caller multiplies column `j` of `out` by row `j`'s); only where [`reads_half`] says so.
-pub(super) fn qk_rows_i8(isa: Isa, q: Mat, k: Int8Mat, out: MatMut, scale: f32) {
+pub(super) fn qk_rows_bytes(isa: Isa, q: Mat, k: ByteMat, out: MatMut, scale: f32) {
     assert!(
         reads_half(isa, k.cols) && k.cols == q.cols && out.rows == q.rows && out.cols == k.rows
     );
@@ -217,10 +217,10 @@ pub(super) fn qk_rows_i8(isa: Isa, q: Mat, k: Int8Mat, out: MatMut, scale: f32) 
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa` is only ever a supported one (see `force`); every access is inside the
         // checked matrices (whole vectors of 16 columns).
-        Isa::Avx512 | Isa::Avx512Bf16 => unsafe { super::avx512::qk_rows_i8(q, k, out, scale) },
+        Isa::Avx512 | Isa::Avx512Bf16 => unsafe { super::avx512::qk_rows_bytes(q, k, out, scale) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above (multiples of 8 columns, asserted by `reads_half`).
-        Isa::Avx2 => unsafe { super::avx2::qk_rows_i8(q, k, out, scale) },
+        Isa::Avx2 => unsafe { super::avx2::qk_rows_bytes(q, k, out, scale) },
         _ => {
             let _ = (q, k, out, scale);
             unreachable!("reads_half is false for {isa:?}")
@@ -230,7 +230,7 @@ pub(super) fn qk_rows_i8(isa: Isa, q: Mat, k: Int8Mat, out: MatMut, scale: f32) 
 
 /// [`pv`] with int8 rows of `v` (offset by 128) read in place, their scales folded into `p` by
 /// the caller; only where [`reads_half`] says so.
-pub(super) fn pv_i8(isa: Isa, p: Mat, v: Int8Mat, acc: MatMut) {
+pub(super) fn pv_bytes(isa: Isa, p: Mat, v: ByteMat, acc: MatMut) {
     assert!(
         reads_half(isa, v.cols) && v.rows == p.cols && acc.rows == p.rows && acc.cols == v.cols
     );
@@ -238,10 +238,10 @@ pub(super) fn pv_i8(isa: Isa, p: Mat, v: Int8Mat, acc: MatMut) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa` is only ever a supported one (see `force`); every access is inside the
         // checked matrices (whole vectors of 16 columns).
-        Isa::Avx512 | Isa::Avx512Bf16 => unsafe { super::avx512::pv_i8(p, v, acc) },
+        Isa::Avx512 | Isa::Avx512Bf16 => unsafe { super::avx512::pv_bytes(p, v, acc) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above (multiples of 8 columns).
-        Isa::Avx2 => unsafe { super::avx2::pv_i8(p, v, acc) },
+        Isa::Avx2 => unsafe { super::avx2::pv_bytes(p, v, acc) },
         _ => {
             let _ = (p, v, acc);
             unreachable!("reads_half is false for {isa:?}")

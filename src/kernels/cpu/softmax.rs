@@ -130,29 +130,39 @@ fn exp_sub_impl<const FMA: bool>(row: &mut [f32], shift: f32) {
 
 /// `row[j] = c · tanh(row[j] / c)` (logit soft-capping), vectorised: `tanh|y| = (1 − e) / (1 + e)`
 /// with `e = exp(−2|y|)` from the softmax's `exp`; absolute error about `c · 1e-7`, which is
-/// what the logits' own f32 rounding is at `|s| ≈ c`.
+/// what the logits' own f32 rounding is at `|s| ≈ c`. (AVX-512 / AVX2 in `softmax_x86.rs`.)
 pub(super) fn softcap(isa: Isa, row: &mut [f32], c: f32) {
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa` is only ever one the CPU supports (see `products::force`).
-        Isa::Avx512 | Isa::Avx512Bf16 => unsafe { softcap_avx512(row, c) },
+        Isa::Avx512 | Isa::Avx512Bf16 => unsafe { super::softmax_x86::softcap_avx512(row, c) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above (AVX2 + FMA implies AVX).
-        Isa::Avx2 => unsafe { softcap_avx(row, c) },
+        Isa::Avx2 => unsafe { super::softmax_x86::softcap_avx2(row, c) },
         _ => softcap_impl::<false>(row, c),
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx,fma")]
-unsafe fn softcap_avx512(row: &mut [f32], c: f32) {
-    softcap_impl::<true>(row, c)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx,fma")]
-unsafe fn softcap_avx(row: &mut [f32], c: f32) {
-    softcap_impl::<true>(row, c)
+/// `row[k] −= m · |centre − k|` (ALiBi over the scores of consecutive keys; `centre` is the
+/// query's position minus the first key's). (AVX-512 / AVX2 in `softmax_x86.rs`.)
+pub(super) fn alibi(isa: Isa, row: &mut [f32], m: f32, centre: i32) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa` is only ever one the CPU supports (see `products::force`).
+        Isa::Avx512 | Isa::Avx512Bf16 => unsafe {
+            super::softmax_x86::alibi_avx512(row, m, centre)
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx2 => unsafe { super::softmax_x86::alibi_avx2(row, m, centre) },
+        _ => {
+            let mut d = centre;
+            for x in row.iter_mut() {
+                *x -= m * d.unsigned_abs() as f32;
+                d = d.wrapping_sub(1);
+            }
+        }
+    }
 }
 
 #[inline(always)]
@@ -271,6 +281,31 @@ mod tests {
                 }
                 assert!(row[xs.len()].is_nan());
                 assert_eq!(row[xs.len() + 1], c);
+            }
+        }
+    }
+
+    /// ALiBi on every instruction set against `x − m · |centre − k|` in f64: every tail length,
+    /// centres before, inside and after the row.
+    #[test]
+    fn alibi_matches_formula() {
+        for isa in super::super::products::available() {
+            for n in [1usize, 7, 8, 15, 16, 17, 33, 256] {
+                for centre in [-40i32, 0, 5, 16, 300] {
+                    let m = 0.37f32;
+                    let xs: Vec<f32> = (0..n).map(|k| (k as f32 * 0.7).sin()).collect();
+                    let mut row = xs.clone();
+                    alibi(isa, &mut row, m, centre);
+                    for (k, (x, y)) in xs.iter().zip(&row).enumerate() {
+                        let d = (i64::from(centre) - k as i64).abs() as f64;
+                        let want = *x as f64 - m as f64 * d;
+                        let err = (*y as f64 - want).abs();
+                        assert!(
+                            err <= 2e-7 * want.abs().max(1.0),
+                            "{isa:?} n={n} centre={centre} k={k}: {y} vs {want}"
+                        );
+                    }
+                }
             }
         }
     }

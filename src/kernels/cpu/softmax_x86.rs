@@ -228,3 +228,123 @@ pub(super) unsafe fn softmax_step_avx2(
     *lsum += sum;
     true
 }
+
+/// `row[j] = c · tanh(row[j] / c)` (`softmax::softcap`) on AVX-512: `tanh|y| = 1 − 2e / (1 + e)`
+/// with `e = exp(−2|y|)` from [`exp16`], the division as a reciprocal estimate refined by one
+/// Newton step (relative error ≈ 2⁻²⁸), the sign put back; NaN stays NaN, ±inf gives ±c. (A
+/// 13/6 rational approximation of `tanh` costs a third less but is off by up to 6 f32 units
+/// near ±1: too much for logits capped at 50.)
+///
+/// # Safety
+/// avx512f must be available.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn softcap_avx512(row: &mut [f32], c: f32) {
+    let n = row.len();
+    let p = row.as_mut_ptr();
+    let (k, cap) = (_mm512_set1_ps(-2.0 / c), _mm512_set1_ps(c));
+    let (one, two) = (_mm512_set1_ps(1.0), _mm512_set1_ps(2.0));
+    let sign = _mm512_set1_epi32(i32::MIN);
+    let mut i = 0;
+    while i < n {
+        let m = tail(n - i);
+        let x = _mm512_maskz_loadu_ps(m, p.add(i));
+        let e = exp16(_mm512_mul_ps(_mm512_abs_ps(x), k));
+        let den = _mm512_add_ps(one, e);
+        let r = _mm512_rcp14_ps(den);
+        let r = _mm512_mul_ps(r, _mm512_fnmadd_ps(den, r, two));
+        // tanh|y| = 1 − 2e / (1 + e): exactly 1 once e underflows.
+        let y = _mm512_mul_ps(cap, _mm512_fnmadd_ps(_mm512_add_ps(e, e), r, one));
+        let s = _mm512_and_si512(_mm512_castps_si512(x), sign);
+        let y = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(y), s));
+        _mm512_mask_storeu_ps(p.add(i), m, y);
+        i += 16;
+    }
+}
+
+/// `row[k] −= m · |centre − k|` (ALiBi over a row of scores) on AVX-512: integer distances,
+/// converted exactly.
+///
+/// # Safety
+/// avx512f must be available.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn alibi_avx512(row: &mut [f32], m: f32, centre: i32) {
+    let n = row.len();
+    let p = row.as_mut_ptr();
+    let mv = _mm512_set1_ps(m);
+    let mut d = _mm512_sub_epi32(
+        _mm512_set1_epi32(centre),
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+    );
+    let step = _mm512_set1_epi32(16);
+    let mut i = 0;
+    while i < n {
+        let mk = tail(n - i);
+        let x = _mm512_maskz_loadu_ps(mk, p.add(i));
+        let dist = _mm512_cvtepi32_ps(_mm512_abs_epi32(d));
+        _mm512_mask_storeu_ps(p.add(i), mk, _mm512_fnmadd_ps(mv, dist, x));
+        d = _mm512_sub_epi32(d, step);
+        i += 16;
+    }
+}
+
+/// The first `n` (< 8 or more) of 8 lanes, as a mask for `maskload` / `maskstore`.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn lanes8(n: usize) -> __m256i {
+    let n = n.min(8) as i32;
+    _mm256_cmpgt_epi32(
+        _mm256_set1_epi32(n),
+        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+    )
+}
+
+/// [`softcap_avx512`] on AVX2 + FMA (the reciprocal estimate is 12 bits; one Newton step).
+///
+/// # Safety
+/// avx2 and fma must be available.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn softcap_avx2(row: &mut [f32], c: f32) {
+    let n = row.len();
+    let p = row.as_mut_ptr();
+    let (k, cap) = (_mm256_set1_ps(-2.0 / c), _mm256_set1_ps(c));
+    let (one, two) = (_mm256_set1_ps(1.0), _mm256_set1_ps(2.0));
+    let sign = _mm256_set1_ps(-0.0);
+    let mut i = 0;
+    while i < n {
+        let m = lanes8(n - i);
+        let x = _mm256_maskload_ps(p.add(i), m);
+        let e = exp8(_mm256_mul_ps(_mm256_andnot_ps(sign, x), k));
+        let den = _mm256_add_ps(one, e);
+        let r = _mm256_rcp_ps(den);
+        let r = _mm256_mul_ps(r, _mm256_fnmadd_ps(den, r, two));
+        let y = _mm256_mul_ps(cap, _mm256_fnmadd_ps(_mm256_add_ps(e, e), r, one));
+        let y = _mm256_or_ps(y, _mm256_and_ps(x, sign));
+        _mm256_maskstore_ps(p.add(i), m, y);
+        i += 8;
+    }
+}
+
+/// [`alibi_avx512`] on AVX2.
+///
+/// # Safety
+/// avx2 and fma must be available.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn alibi_avx2(row: &mut [f32], m: f32, centre: i32) {
+    let n = row.len();
+    let p = row.as_mut_ptr();
+    let mv = _mm256_set1_ps(m);
+    let mut d = _mm256_sub_epi32(
+        _mm256_set1_epi32(centre),
+        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+    );
+    let step = _mm256_set1_epi32(8);
+    let mut i = 0;
+    while i < n {
+        let mk = lanes8(n - i);
+        let x = _mm256_maskload_ps(p.add(i), mk);
+        let dist = _mm256_cvtepi32_ps(_mm256_abs_epi32(d));
+        _mm256_maskstore_ps(p.add(i), mk, _mm256_fnmadd_ps(mv, dist, x));
+        d = _mm256_sub_epi32(d, step);
+        i += 8;
+    }
+}

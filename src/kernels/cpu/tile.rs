@@ -367,7 +367,7 @@ impl Ctx<'_> {
         // In place for f32, and for bf16/f16 where the instruction set reads them directly;
         // else half tiles converted once here (K only when no kᵀ copy is used).
         let vhalf = self.v.half_mat(self.isa, v0, (bk, dv, vst));
-        let v8 = self.v.int8_mat(self.isa, v0, (bk, dv, vst));
+        let v8 = self.v.byte_mat(self.isa, v0, (bk, dv, vst));
         let vtile = match (vhalf, v8) {
             (None, None) => Some(self.v.mat(v0, (bk, dv, vst), rows.vtile)),
             _ => None,
@@ -395,11 +395,11 @@ impl Ctx<'_> {
             }
             None => match (
                 self.k.half_mat(self.isa, k0, (bk, d, kst)),
-                self.k.int8_mat(self.isa, k0, (bk, d, kst)),
+                self.k.byte_mat(self.isa, k0, (bk, d, kst)),
             ) {
                 (Some(k), _) => products::qk_rows_half(self.isa, q, k, scores, self.scale),
                 (None, Some((k, sc, first, step))) => {
-                    products::qk_rows_i8(self.isa, q, k, scores, self.scale);
+                    products::qk_rows_bytes(self.isa, q, k, scores, self.scale);
                     scale_columns(rows.scores, (nr, bk), (sc, first, step));
                 }
                 (None, None) => {
@@ -436,7 +436,7 @@ impl Ctx<'_> {
                 // already taken).
                 scale_columns(rows.scores, (nr, bk), (sc, first, step));
                 let p = Mat::new(rows.scores, nr, bk, BLOCK_K);
-                products::pv_i8(self.isa, p, v, acc)
+                products::pv_bytes(self.isa, p, v, acc)
             }
             (None, None, Some(vtile)) => products::pv(self.isa, p, vtile, acc),
             (None, None, None) => unreachable!("a value tile is read or converted"),
@@ -472,7 +472,7 @@ impl Ctx<'_> {
             // ALiBi over the first `kv_len` keys only (appended keys are at distance 0).
             if j0 < self.real_s {
                 let (hh, i) = (kh * self.g + fr / self.l, fr % self.l);
-                self.mods.alibi(self.plan, (bi, hh, i), j0, row);
+                self.mods.alibi(self.isa, self.plan, (bi, hh, i), j0, row);
             }
         }
         !masked || self.mask_row(bi, kh, fr, range, j0, row)

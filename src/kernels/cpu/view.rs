@@ -4,8 +4,17 @@
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 
-use super::mat::{HalfMat, Int8Mat, Mat, PairMat};
+use super::mat::{ByteMat, HalfMat, Mat, PairMat};
 use super::products::{self, Isa};
+
+/// An OCP fp8 e4m3 (`e4m3fn`) value from its bits: as the f16 whose exponent and mantissa
+/// are the byte's shifted into place (bias 15 instead of 7, subnormals included), times 2⁸; the
+/// SIMD loads do the same in registers. (NaN, `0x7f`, is never stored: quantized rows are
+/// within ±448.)
+pub(super) fn fp8_e4m3(x: u8) -> f32 {
+    let bits = (u16::from(x & 0x80) << 8) | (u16::from(x & 0x7f) << 7);
+    f16::from_bits(bits).to_f32() * 256.0
+}
 
 /// The elements of a tensor the kernel reads in place, in their own dtype: f16/bf16 inputs are
 /// read in place by the micro-kernels that take them (AVX-512 and AVX2: bf16 and f16; widened
@@ -16,12 +25,14 @@ pub(super) enum Data<'a> {
     F32(&'a [f32]),
     Bf16(&'a [bf16]),
     F16(&'a [f16]),
-    /// Int8 rows of `row` values offset by 128, each with its scale: element `at` is
-    /// `(vals[at] − 128) · scales[at / row]` (a KV cache's contiguous buffer).
-    Int8 {
+    /// Quantized rows of `row` values, each with its scale (a KV cache's contiguous buffer):
+    /// element `at` is `(vals[at] − 128) · scales[at / row]` for int8 stored offset by 128, or
+    /// `e4m3(vals[at]) · scales[at / row]` with `fp8`.
+    Bytes {
         vals: &'a [u8],
         scales: &'a [f32],
         row: usize,
+        fp8: bool,
     },
 }
 
@@ -55,7 +66,7 @@ impl<'a> View<'a> {
         (rows, cols, stride): (usize, usize, usize),
     ) -> Option<HalfMat<'a>> {
         match self.data {
-            Data::F32(_) | Data::Int8 { .. } => None,
+            Data::F32(_) | Data::Bytes { .. } => None,
             Data::Bf16(_) if products::reads_half(isa, cols) => {
                 self.bf16_mat(at, (rows, cols, stride))
             }
@@ -70,17 +81,20 @@ impl<'a> View<'a> {
     /// length), read in place where `isa` reads them ([`products::reads_half`]), with their
     /// rows' scales: `(matrix, scales, first, step)`, row `r`'s scale being
     /// `scales[first + r · step]`. `None` for other dtypes.
-    pub fn int8_mat(
+    pub fn byte_mat(
         &self,
         isa: Isa,
         at: usize,
         (rows, cols, stride): (usize, usize, usize),
-    ) -> Option<(Int8Mat<'a>, &'a [f32], usize, usize)> {
+    ) -> Option<(ByteMat<'a>, &'a [f32], usize, usize)> {
         match self.data {
-            Data::Int8 { vals, scales, row }
-                if products::reads_half(isa, cols) && stride.is_multiple_of(row) =>
-            {
-                let m = Int8Mat::new(&vals[at..], rows, cols, stride);
+            Data::Bytes {
+                vals,
+                scales,
+                row,
+                fp8,
+            } if products::reads_half(isa, cols) && stride.is_multiple_of(row) => {
+                let m = ByteMat::new(&vals[at..], fp8, rows, cols, stride);
                 Some((m, scales, at / row, stride / row))
             }
             _ => None,
@@ -111,12 +125,24 @@ impl<'a> View<'a> {
                 .zip(&s[at..at + n])
                 .for_each(|(o, x)| *o = f32::from_bits(u32::from(x.to_bits()) << 16)),
             Data::F16(s) => s[at..at + n].convert_to_f32_slice(dst),
-            Data::Int8 { vals, scales, row } => {
+            Data::Bytes {
+                vals,
+                scales,
+                row,
+                fp8,
+            } => {
                 // A row never straddles two scales (callers read whole rows or parts of one).
                 let scale = scales[at / row];
-                dst.iter_mut()
-                    .zip(&vals[at..at + n])
-                    .for_each(|(o, &x)| *o = (f32::from(x) - 128.0) * scale);
+                let src = &vals[at..at + n];
+                if fp8 {
+                    dst.iter_mut()
+                        .zip(src)
+                        .for_each(|(o, &x)| *o = fp8_e4m3(x) * scale);
+                } else {
+                    dst.iter_mut()
+                        .zip(src)
+                        .for_each(|(o, &x)| *o = (f32::from(x) - 128.0) * scale);
+                }
             }
         }
     }
@@ -191,7 +217,7 @@ impl<'a> View<'a> {
         {
             let step = match self.data {
                 Data::F32(_) => 16,
-                Data::Int8 { .. } => 64,
+                Data::Bytes { .. } => 64,
                 _ => 32,
             };
             for c in (0..n).step_by(step) {
@@ -231,7 +257,65 @@ impl<'a> View<'a> {
             Data::F32(s) => s.get(at).map(|x| (x as *const f32).cast()),
             Data::Bf16(s) => s.get(at).map(|x| (x as *const bf16).cast()),
             Data::F16(s) => s.get(at).map(|x| (x as *const f16).cast()),
-            Data::Int8 { vals, .. } => vals.get(at).map(|x| x as *const u8),
+            Data::Bytes { vals, .. } => vals.get(at).map(|x| x as *const u8),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::mat::{ByteMat, Mat, MatMut};
+    use super::super::products;
+    use super::fp8_e4m3;
+
+    /// e4m3 from its definition: `(−1)^s · 2^(e−7) · (1 + m/8)`, subnormals `m · 2⁻⁹`.
+    fn e4m3(x: u8) -> f32 {
+        let (s, e, m) = (x >> 7, (x >> 3) & 15, x & 7);
+        let v = if e == 0 {
+            f32::from(m) * 2f32.powi(-9)
+        } else {
+            2f32.powi(i32::from(e) - 7) * (1.0 + f32::from(m) / 8.0)
+        };
+        if s == 1 {
+            -v
+        } else {
+            v
+        }
+    }
+
+    /// Every byte (but NaN) widens to its e4m3 value, in the scalar conversion and in every
+    /// instruction set's in-register one (recovered through `Q · Kᵀ` with unit query rows), and
+    /// int8 bytes to their value minus 128.
+    #[test]
+    fn quantized_bytes_widen_exactly() {
+        let bytes: Vec<u8> = (0..=255).collect();
+        for &x in &bytes {
+            if x & 0x7f != 0x7f {
+                assert_eq!(fp8_e4m3(x), e4m3(x), "{x:#04x}");
+            }
+        }
+        // Unit query rows: out[r][j] = k[j][r].
+        let mut q = vec![0f32; 16 * 16];
+        (0..16).for_each(|r| q[r * 16 + r] = 1.0);
+        for isa in products::available() {
+            if !products::reads_half(isa, 16) {
+                continue;
+            }
+            for fp8 in [false, true] {
+                let mut out = vec![0f32; 16 * 16];
+                let k = ByteMat::new(&bytes, fp8, 16, 16, 16);
+                let o = MatMut::new(&mut out, 16, 16, 16);
+                products::qk_rows_bytes(isa, Mat::new(&q, 16, 16, 16), k, o, 1.0);
+                for (j, row) in bytes.chunks(16).enumerate() {
+                    for (r, &x) in row.iter().enumerate() {
+                        let want = if fp8 { e4m3(x) } else { f32::from(x) - 128.0 };
+                        let got = out[r * 16 + j];
+                        if !fp8 || x & 0x7f != 0x7f {
+                            assert_eq!(got, want, "{isa:?} fp8 {fp8}: {x:#04x}");
+                        }
+                    }
+                }
+            }
         }
     }
 }
