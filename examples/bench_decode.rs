@@ -58,6 +58,12 @@ fn parse_args() -> Result<Args> {
             "--python" => a.python = value("--python")?,
             "--no-torch" => a.torch = false,
             "--kv-formats" => a.kv_formats = true,
+            "-h" | "--help" => {
+                println!(
+                    "usage: bench_decode [--tokens N] [--threads N] [--python PY] [--no-torch] [--kv-formats]"
+                );
+                std::process::exit(0);
+            }
             "--bench" => {} // cargo bench passes this
             other => bail!(
                 "unknown option {other}: --tokens N --threads N --python PY --no-torch --kv-formats"

@@ -2,15 +2,14 @@
 # Builds what scripts/gpu-check.sh runs on the GPU machine (which has no Rust), on this CPU-only
 # machine, into .gpu/ (git-ignored; name it in the device tool's `carry`): the CUDA test binaries
 # that honour CANDLE_MHA_DEVICE, the mha_case runner and bench_cuda, xz-compressed, plus
-# ../shared/cuda/run-on-gpu.sh and BUILD_INFO (commit, date).
+# scripts/cuda/run-on-gpu.sh and BUILD_INFO (commit, date).
 #
 #   bash scripts/build-gpu-bundle.sh        # then: device run, carry [".gpu"], bash scripts/gpu-check.sh
 #
-# Uses ../shared/cuda/build-cuda.sh (CUDA 13 from PyPI, kernels for sm_90a = H100/H200; set
+# Uses scripts/cuda/build-cuda.sh (CUDA 13 from PyPI, kernels for sm_90a = H100/H200; set
 # CUDA_COMPUTE_CAP for another GPU) with its own target dir, ~/.cache/candle-mha/target-cuda.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-shared=${SHARED_DIR:-../shared}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/candle-mha/target-cuda}
 tests=(cuda_kernel sdpa parity)
 examples=(mha_case bench_cuda)
@@ -20,8 +19,8 @@ args=()
 for t in "${tests[@]}"; do args+=(--test "$t"); done
 for e in "${examples[@]}"; do args+=(--example "$e"); done
 json=$(mktemp)
-bash "$shared/cuda/build-cuda.sh" cargo build --release --features cuda "${args[@]}" >&2
-bash "$shared/cuda/build-cuda.sh" cargo test --release --features cuda --no-run "${args[@]}" \
+bash scripts/cuda/build-cuda.sh cargo build --release --features cuda "${args[@]}" >&2
+bash scripts/cuda/build-cuda.sh cargo test --release --features cuda --no-run "${args[@]}" \
     --message-format=json > "$json"
 python3 - "$json" "${tests[@]}" "${examples[@]}" <<'PY' > .gpu/binaries.txt
 import json, sys
@@ -49,7 +48,7 @@ while read -r name path; do
     xz -9 -T0 -c "$path" > ".gpu/$name.xz"
     echo "$name: $(stat -c %s "$path") bytes -> $(stat -c %s ".gpu/$name.xz") xz" >&2
 done < .gpu/binaries.txt
-cp "$shared/cuda/run-on-gpu.sh" .gpu/
+cp scripts/cuda/run-on-gpu.sh .gpu/
 {
     echo "commit: $(git rev-parse HEAD)$(git diff --quiet HEAD -- src kernels tests examples || echo ' (with uncommitted changes)')"
     echo "built: $(date -u +%FT%TZ)"

@@ -34,8 +34,9 @@ pub enum Backend {
     /// can return attention weights). Every other kernel is tested against it.
     Reference,
     /// The fused CPU kernel ([`crate::kernels::cpu`]): tiled GEMM + online softmax, O(tile)
-    /// memory. Errors on non-CPU devices and on f64; calls that need the attention weights or
-    /// gradients (or use dropout) still go to the reference.
+    /// memory, with its own fused backward (gradients for q, k, v and attention sinks). Errors
+    /// on non-CPU devices and on f64; calls that need the attention weights or use dropout still
+    /// go to the reference.
     CpuFused,
     /// The fused CUDA kernel ([`crate::kernels::cuda`]): flash attention compiled from Triton,
     /// f16/bf16, opt-in until it has run on a GPU (see that module). Errors, with the reason, on

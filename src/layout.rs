@@ -155,8 +155,14 @@ impl WeightLayout {
             vb.get_with_hints(shape, &name, init)
                 .and_then(|t| t.to_dtype(vb.dtype()))
                 .map_err(|err| {
+                    // A layer inside a bigger checkpoint needs the VarBuilder at its prefix.
+                    let hint = if vb.prefix().is_empty() && !vb.contains_tensor(&name) {
+                        " (the VarBuilder has no prefix: point it at the attention layer, e.g. vb.pp(\"encoder.layer.0\") for BERT or vb.pp(\"model.layers.0.self_attn\") for Llama)"
+                    } else {
+                        ""
+                    };
                     Error::Msg(format!(
-                        "{self}: cannot load weight `{}`: {err}",
+                        "{self}: cannot load weight `{}`{hint}: {err}",
                         full_name(vb, &name)
                     ))
                 })

@@ -245,6 +245,42 @@ fn bad_inputs_are_clear_errors() {
             .map(|_| ()),
             vec!["attn.in_proj"],
         ),
+        (
+            "a layer's weights without the VarBuilder prefix",
+            load(
+                torch_weights(E)
+                    .into_iter()
+                    .map(|(k, v)| (format!("encoder.layer.0.{k}"), v))
+                    .collect(),
+                WeightLayout::torch(),
+                MhaConfig::new(E, H),
+            )
+            .map(|_| ()),
+            vec!["in_proj", "no prefix", "vb.pp("],
+        ),
+        (
+            "(B, L, E) inputs without batch_first",
+            module(MhaConfig::new(E, H))
+                .and_then(|m| {
+                    m.attend(
+                        &MhaInput::new(t(&[2, 5, E]))
+                            .key_padding_mask(KeyPaddingMask::new(u8t(&[2, 5]))),
+                    )
+                })
+                .map(|_| ()),
+            vec!["key_padding_mask", "[5, 2]", "[2, 5]", "batch_first"],
+        ),
+        (
+            "sdpa with (B, L, H, D) tensors in the default layout",
+            candle_mha::sdpa(
+                &t(&[1, 9, 4, 8]),
+                &t(&[1, 13, 2, 8]),
+                &t(&[1, 13, 2, 8]),
+                &candle_mha::SdpaOptions::new(),
+            )
+            .map(|_| ()),
+            vec!["KV heads", "Bhld", "SdpaLayout::Blhd"],
+        ),
     ];
     let mut problems = vec![];
     for (what, res, frags) in rows {

@@ -127,6 +127,34 @@ impl KeyPaddingMask {
     pub fn from_lengths(lengths: &[usize]) -> Self {
         Self::Lengths(lengths.to_vec())
     }
+
+    /// From valid sequence lengths held in a 1-D integer tensor (`(B,)`, e.g. a tokenizer's
+    /// lengths on the device).
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use candle_mha::KeyPaddingMask;
+    /// let lens = Tensor::new(&[5u32, 3], &Device::Cpu)?;
+    /// let m = KeyPaddingMask::from_lengths_tensor(&lens)?;
+    /// assert!(matches!(m, KeyPaddingMask::Lengths(ref v) if v == &[5, 3]));
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn from_lengths_tensor(lengths: &Tensor) -> Result<Self> {
+        if lengths.dtype().is_float() || lengths.rank() != 1 {
+            bail!(
+                "key padding lengths: expected a 1-D integer tensor (B,), got {:?} {:?}",
+                lengths.dtype(),
+                lengths.dims()
+            )
+        }
+        let v = lengths
+            .to_dtype(candle_core::DType::I64)?
+            .to_vec1::<i64>()?;
+        if let Some(bad) = v.iter().find(|&&x| x < 0) {
+            bail!("key padding lengths: a length is negative ({bad})")
+        }
+        Ok(Self::Lengths(v.into_iter().map(|x| x as usize).collect()))
+    }
 }
 
 /// An explicit attention mask. See the [module docs](self) for shapes and polarity.

@@ -218,8 +218,14 @@ impl MaskPlan {
                 check_device("key_padding_mask", t, device)?;
                 let expected: &[usize] = if unbatched { &[s] } else { &[b, s] };
                 if t.dims() != expected {
+                    // (S, B) for (B, S): the module read (B, L, E) inputs as (L, B, E).
+                    let hint = if !unbatched && t.dims() == [s, b] && s != b {
+                        "; the inputs were read as (L, B, E): if they are (B, L, E), set batch_first (MhaConfig::with_batch_first(true))"
+                    } else {
+                        ""
+                    };
                     bail!(
-                        "key_padding_mask: expected shape {expected:?} ({}), got {:?}",
+                        "key_padding_mask: expected shape {expected:?} ({}), got {:?}{hint}",
                         if unbatched { "S" } else { "B, S" },
                         t.dims()
                     )

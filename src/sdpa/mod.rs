@@ -31,8 +31,9 @@
 //!
 //! # Fully masked rows
 //!
-//! A query row that may attend to no key returns **zeros** (PyTorch returns NaN there);
-//! [`SdpaOptions::masked_rows`] with [`MaskedRowPolicy::Nan`] gives PyTorch's NaN.
+//! A query row that may attend to no key returns **zeros**, as PyTorch's SDPA does since 2.5
+//! (its math and flash backends); [`SdpaOptions::masked_rows`] with [`MaskedRowPolicy::Nan`]
+//! gives NaN there instead (what `nn.MultiheadAttention` with `need_weights=True` returns).
 //!
 //! ```
 //! use candle_core::{DType, Device, Tensor};
@@ -176,15 +177,16 @@ impl SdpaOptions {
         self
     }
 
-    /// What fully masked query rows produce (default zeros; [`MaskedRowPolicy::Nan`] is
-    /// PyTorch's behaviour).
+    /// What fully masked query rows produce: zeros by default, as PyTorch's SDPA (≥ 2.5);
+    /// [`MaskedRowPolicy::Nan`] gives NaN.
     pub fn masked_rows(mut self, policy: MaskedRowPolicy) -> Self {
         self.masked_rows = policy;
         self
     }
 
-    /// PyTorch's `dropout_p` on the attention weights (training only; served by the reference
-    /// kernel).
+    /// PyTorch's `dropout_p` on the attention weights. As in PyTorch's functional SDPA there is
+    /// no training flag: dropout applies to every call with `p > 0` (pass 0 for inference).
+    /// Served by the reference kernel.
     pub fn dropout(mut self, p: f32) -> Self {
         self.dropout = p;
         self
@@ -363,7 +365,11 @@ pub fn sdpa_with_kernel(
         )
     }
     if hkv == 0 || !h.is_multiple_of(hkv) {
-        bail!("sdpa: the number of KV heads ({hkv}) must divide the number of query heads ({h}): q {}, k {}", named(q), named(k))
+        let layout = match opts.layout {
+            SdpaLayout::Bhld => "(B, H, L, D), the default SdpaLayout::Bhld; for (B, L, H, D) tensors use .layout(SdpaLayout::Blhd)",
+            SdpaLayout::Blhd => "(B, L, H, D), SdpaLayout::Blhd; for (B, H, L, D) tensors use the default SdpaLayout::Bhld",
+        };
+        bail!("sdpa: the number of KV heads ({hkv}) must divide the number of query heads ({h}): q {}, k {}, read as {layout}", named(q), named(k))
     }
     if k.dtype() != q.dtype() || v.dtype() != q.dtype() {
         bail!(
