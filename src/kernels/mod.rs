@@ -443,6 +443,35 @@ pub fn attention(
     select(&call)?.forward(&call)
 }
 
+/// Bytes the fused CPU kernel keeps between calls for reuse, on the calling thread and on
+/// rayon's workers: the last calls' copies of K and V (a transposed K and a repacked V for
+/// prefill-shaped calls, the four largest per thread: `8 · B · S · Hkv · D` bytes for an f32 call
+/// of `S` keys, half that for bf16) and the converted K / V tiles of half and quantized inputs
+/// (512 KiB per thread). Not counted: each thread's fixed tiles (about 0.25 MiB for the forward,
+/// 0.65 MiB for the backward). [`release_cpu_buffers`] frees them.
+pub fn cpu_retained_bytes() -> usize {
+    cpu::retained_bytes()
+}
+
+/// Frees the buffers [`cpu_retained_bytes`] counts (a long-running server after a burst of long
+/// prompts, say); the next calls allocate what they need again. Returns the bytes freed.
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use candle_mha::kernels::{attention, cpu_retained_bytes, release_cpu_buffers, AttnParams};
+/// use candle_mha::mask::{MaskDims, MaskPlan};
+/// let x = Tensor::zeros((1, 512, 4, 64), DType::F32, &Device::Cpu)?;
+/// let plan = MaskPlan::new(MaskDims::new(1, 4, 512, 512));
+/// attention(&x, &x, &x, &plan, &AttnParams::new(64))?; // keeps its copies of K and V
+/// assert!(cpu_retained_bytes() > 0);
+/// release_cpu_buffers();
+/// assert_eq!(cpu_retained_bytes(), 0);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn release_cpu_buffers() -> usize {
+    cpu::release_buffers()
+}
+
 /// [`attention`] over the int8 keys and values of a quantized cache: read in place by the fused
 /// CPU kernel when it can serve the call (CPU, [`Backend::Auto`] or [`Backend::CpuFused`], not
 /// tracked by autograd, no weights or dropout), else dequantized to `q`'s dtype for

@@ -23,7 +23,9 @@
 //! 4. `acc += P · V_tile` (AVX-512 micro-kernel of 6 rows × 64 columns, AVX2 of 6 × 16, or the
 //!    `gemm` crate), V read in place, or, for prefill-like calls with strided heads, from a copy
 //!    with each head's rows contiguous (rows a power-of-two multiple of 1 KiB apart fall into a
-//!    few L1 sets). The per-call copies live in buffers reused across calls (`spare.rs`).
+//!    few L1 sets). The per-call copies live in buffers reused across calls (`spare.rs`),
+//!    reported by [`cpu_retained_bytes`](super::cpu_retained_bytes) and freed by
+//!    [`release_cpu_buffers`](super::release_cpu_buffers).
 //!
 //! Score modifiers (`modifiers.rs`): soft-capping and ALiBi are applied to each score row
 //! between 1. and 2.; a sink joins a row's softmax state when the row is finished (after the
@@ -205,6 +207,37 @@ pub(crate) fn force_isa(name: Option<&str>) -> std::result::Result<(), String> {
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // the GEMM's choice, x86-only
 pub(crate) fn bf16_dots(isa: Isa) -> bool {
     products::dots_bf16(isa)
+}
+
+/// On every rayon worker and the calling thread: `f` of the thread's retained buffers (the
+/// per-call K / V copies and the converted tiles), summed.
+fn on_every_thread(f: impl Fn(&mut tile::Scratch) -> usize + Sync, spare: fn() -> usize) -> usize {
+    let here = |_: rayon::BroadcastContext| {
+        spare()
+            + tile::SCRATCH
+                .try_with(|s| f(&mut s.borrow_mut()))
+                .unwrap_or(0)
+    };
+    let workers: usize = rayon::broadcast(here).into_iter().sum();
+    let caller = if rayon::current_thread_index().is_none() {
+        spare()
+            + tile::SCRATCH
+                .try_with(|s| f(&mut s.borrow_mut()))
+                .unwrap_or(0)
+    } else {
+        0
+    };
+    workers + caller
+}
+
+/// Bytes kept between calls beyond the fixed per-thread tiles (see [`release_buffers`]).
+pub(crate) fn retained_bytes() -> usize {
+    on_every_thread(|s| s.extra_bytes(), spare::retained)
+}
+
+/// Frees the buffers kept between calls; the bytes freed.
+pub(crate) fn release_buffers() -> usize {
+    on_every_thread(tile::Scratch::release, spare::release)
 }
 
 /// The instruction set calls use now.

@@ -17,6 +17,23 @@ thread_local! {
     static SPARE: RefCell<Vec<Vec<u32>>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Bytes the calling thread keeps for the next call.
+pub(super) fn retained() -> usize {
+    SPARE
+        .try_with(|s| s.borrow().iter().map(|w| w.capacity() * 4).sum())
+        .unwrap_or(0)
+}
+
+/// Frees what the calling thread keeps; the bytes freed.
+pub(super) fn release() -> usize {
+    SPARE
+        .try_with(|s| {
+            let freed: Vec<Vec<u32>> = std::mem::take(&mut *s.borrow_mut());
+            freed.iter().map(|w| w.capacity() * 4).sum()
+        })
+        .unwrap_or(0)
+}
+
 /// Element types a [`Spare`] holds: plain data of 2 or 4 bytes, any bit pattern valid.
 pub(super) trait Word: Copy {}
 impl Word for f32 {}

@@ -100,6 +100,20 @@ thread_local! {
 }
 
 impl Scratch {
+    /// Bytes held beyond the fixed tiles: the converted K and V tiles of half / int8 inputs.
+    pub(super) fn extra_bytes(&self) -> usize {
+        (self.ktile.capacity() + self.vtile.capacity()) * 4
+    }
+
+    /// Frees the converted K and V tiles (allocated again by the next call that needs them);
+    /// the bytes freed.
+    pub(super) fn release(&mut self) -> usize {
+        let freed = self.extra_bytes();
+        self.ktile = Vec::new();
+        self.vtile = Vec::new();
+        freed
+    }
+
     fn new() -> Self {
         Self {
             scores: vec![0.0; BLOCK_Q * BLOCK_K],
