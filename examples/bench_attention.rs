@@ -45,7 +45,7 @@ use candle_nn::{VarBuilder, VarMap};
 
 #[path = "common/timing.rs"]
 mod timing;
-use timing::{median, time_it};
+use timing::{loadavg, median, time_it};
 
 #[path = "common/torch.rs"]
 mod torch;
@@ -689,9 +689,7 @@ fn modifier_costs(rounds: usize) -> Result<()> {
     println!(
         "dtype {}, {threads} threads, fused kernel ISA {isa}, load at start: {}",
         dtype_name(),
-        std::fs::read_to_string("/proc/loadavg")
-            .unwrap_or_default()
-            .trim()
+        loadavg()
     );
     let mut table = vec![];
     for l in [2048usize, 8192] {
@@ -759,12 +757,7 @@ fn modifier_costs(rounds: usize) -> Result<()> {
             );
         }
     }
-    println!(
-        "load at end: {}",
-        std::fs::read_to_string("/proc/loadavg")
-            .unwrap_or_default()
-            .trim()
-    );
+    println!("load at end: {}", loadavg());
     Ok(())
 }
 
@@ -781,7 +774,7 @@ fn kv_formats(rounds: usize) -> Result<()> {
         "decode core B{b} L1 H{h} Hkv{hkv} D{d}, bf16 queries, {} threads, fused kernel ISA {}, load at start: {}",
         rayon::current_num_threads(),
         test_support::cpu_isa(),
-        std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim()
+        loadavg()
     );
     println!("\n| S | cache | time | bytes read | GB/s | share of streaming read | KV memory | vs bf16 |");
     println!("|---|---|---|---|---|---|---|---|");
@@ -839,12 +832,7 @@ fn kv_formats(rounds: usize) -> Result<()> {
             );
         }
     }
-    println!(
-        "load at end: {}",
-        std::fs::read_to_string("/proc/loadavg")
-            .unwrap_or_default()
-            .trim()
-    );
+    println!("load at end: {}", loadavg());
     Ok(())
 }
 

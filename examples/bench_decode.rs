@@ -21,6 +21,8 @@
 
 #[path = "common/model_files.rs"]
 mod model_files;
+#[path = "common/timing.rs"]
+mod timing;
 
 use std::process::Command;
 use std::time::Instant;
@@ -30,6 +32,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_mha::models::llama::{smollm2_chat_prompt, Llama, LlamaCache};
 use candle_mha::KvCache;
 use model_files::find_smollm2_gguf;
+use timing::loadavg;
 
 const MESSAGE: &str = "What is the capital of France? Answer in one sentence.";
 
@@ -185,9 +188,7 @@ fn kv_formats(model_path: &std::path::Path, tokens: usize, dev: &Device) -> Resu
     println!(
         "SmolLM2-135M-Instruct in bf16, {} threads, load at start: {}",
         rayon::current_num_threads(),
-        std::fs::read_to_string("/proc/loadavg")
-            .unwrap_or_default()
-            .trim()
+        loadavg()
     );
     println!("\n| prompt S | cache | decode tokens/s | vs bf16 | cache memory | first greedy token that differs |");
     println!("|---:|---|---:|---:|---:|---:|");
@@ -249,12 +250,7 @@ fn kv_formats(model_path: &std::path::Path, tokens: usize, dev: &Device) -> Resu
             );
         }
     }
-    println!(
-        "load at end: {}",
-        std::fs::read_to_string("/proc/loadavg")
-            .unwrap_or_default()
-            .trim()
-    );
+    println!("load at end: {}", loadavg());
     Ok(())
 }
 

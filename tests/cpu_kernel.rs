@@ -137,6 +137,19 @@ fn fused_every_isa_matches_reference() {
 
 static ISA_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// `mask` with a soft-cap of 4, small ALiBi slopes and sinks from −1.5 up, for `h` heads.
+fn all_modifiers(mask: MaskPlan, h: usize) -> MaskPlan {
+    let dev = Device::Cpu;
+    let slopes: Vec<f32> = (0..h).map(|x| 0.01 / (x + 1) as f32).collect();
+    let sinks: Vec<f32> = (0..h).map(|x| x as f32 - 1.5).collect();
+    mask.with_softcap(4.0)
+        .unwrap()
+        .with_alibi_slopes(&Tensor::new(slopes, &dev).unwrap())
+        .unwrap()
+        .with_sinks(&Tensor::new(sinks, &dev).unwrap())
+        .unwrap()
+}
+
 #[test]
 fn fused_decode_gqa_and_long_causal() {
     let dev = Device::Cpu;
@@ -187,14 +200,7 @@ fn fused_decode_gqa_and_long_causal() {
         .unwrap();
         // Every other one with all three score modifiers.
         let mask = if n % 2 == 1 {
-            let slopes: Vec<f32> = (0..h).map(|x| 0.01 / (x + 1) as f32).collect();
-            let sinks: Vec<f32> = (0..h).map(|x| x as f32 - 1.5).collect();
-            mask.with_softcap(4.0)
-                .unwrap()
-                .with_alibi_slopes(&Tensor::new(slopes, &dev).unwrap())
-                .unwrap()
-                .with_sinks(&Tensor::new(sinks, &dev).unwrap())
-                .unwrap()
+            all_modifiers(mask, h)
         } else {
             mask
         };
@@ -248,18 +254,7 @@ fn split_over_keys_decoding_matches_reference() {
         )
         .unwrap();
         // The last two with all three score modifiers: the sink joins the merged chunks once.
-        let mask = if n >= 4 {
-            let slopes: Vec<f32> = (0..h).map(|x| 0.01 / (x + 1) as f32).collect();
-            let sinks: Vec<f32> = (0..h).map(|x| x as f32 - 1.5).collect();
-            mask.with_softcap(4.0)
-                .unwrap()
-                .with_alibi_slopes(&Tensor::new(slopes, &dev).unwrap())
-                .unwrap()
-                .with_sinks(&Tensor::new(sinks, &dev).unwrap())
-                .unwrap()
-        } else {
-            mask
-        };
+        let mask = if n >= 4 { all_modifiers(mask, h) } else { mask };
         let mut params = AttnParams::new(d);
         let want = reference::attention(&q, &k, &v, &mask, &params).unwrap();
         params.backend = Backend::CpuFused;

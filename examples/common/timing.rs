@@ -25,3 +25,11 @@ pub fn time_it(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64
     }
     Ok(out)
 }
+
+/// The machine's load average (`/proc/loadavg`), printed with every benchmark table.
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
