@@ -13,6 +13,7 @@ use candle_core::{bail, Result};
 /// attention weights are all 0 and its attention output (before the output projection) is 0, so
 /// the module output for that row equals the output-projection bias.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum MaskedRowPolicy {
     /// Weights 0, attention output 0 (no NaN). The default.
     #[default]
@@ -26,6 +27,7 @@ pub enum MaskedRowPolicy {
 /// Every backend computes the same function; they differ in speed, memory and in whether they can
 /// return attention weights or be differentiated. See [`crate::kernels`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum Backend {
     /// Let the dispatcher choose by device, dtype and shape.
     #[default]

@@ -23,6 +23,7 @@ use candle_core::{bail, DType, Device, Result, Tensor};
 
 /// Which features a rotary embedding rotates together.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum RopeStyle {
     /// Feature `i` with `i + D/2` (Hugging Face `rotate_half`).
     HalfSplit,

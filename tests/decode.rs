@@ -311,6 +311,7 @@ fn rope_matches_formula() -> Result<()> {
                 let (a, b) = match style {
                     RopeStyle::HalfSplit => (i, i + d / 2),
                     RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+                    other => panic!("no formula for {other:?}"),
                 };
                 let (xa, xb) = (xs[ti * d + a], xs[ti * d + b]);
                 let (ea, eb) = (xa * c - xb * s, xb * c + xa * s);

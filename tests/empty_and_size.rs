@@ -48,6 +48,7 @@ fn dispatcher_empty_shapes() -> Result<()> {
                     match policy {
                         MaskedRowPolicy::Zero => assert!(v.iter().all(|&x| x == 0.0), "{tag}"),
                         MaskedRowPolicy::Nan => assert!(v.iter().all(|x| x.is_nan()), "{tag}"),
+                        other => panic!("no expectation for {other:?}"),
                     }
                 }
             }

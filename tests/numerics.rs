@@ -506,6 +506,7 @@ fn fully_masked_rows_through_sdpa_and_structure() -> Result<()> {
                 match policy {
                     MaskedRowPolicy::Zero => assert!(all.iter().all(|&x| x == 0.0)),
                     MaskedRowPolicy::Nan => assert!(all.iter().all(|x| x.is_nan())),
+                    other => panic!("no expectation for {other:?}"),
                 }
             }
         }

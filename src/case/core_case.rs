@@ -14,6 +14,7 @@ use crate::sdpa::{
 
 /// What a case file tests, from its `case_kind` metadata.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum CaseKind {
     /// `nn.MultiheadAttention` (no `case_kind`, or `mha`).
     Mha,

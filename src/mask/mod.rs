@@ -42,6 +42,7 @@ pub use plan::{MaskDims, MaskPlan};
 
 /// Which way a causal mask is aligned when the query and key lengths differ.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum CausalAlignment {
     /// Query `i` sees keys `j <= i` (torch `scaled_dot_product_attention(is_causal=True)`).
     TopLeft,
@@ -98,6 +99,7 @@ impl From<CausalAlignment> for Causal {
 
 /// Which keys to ignore, per batch element. See the [module docs](self).
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub enum KeyPaddingMask {
     /// Integer tensor `(B, S)` / `(S,)`, nonzero = ignore the key (PyTorch polarity);
     /// or a float tensor of the same shape added to the logits.
@@ -159,6 +161,7 @@ impl KeyPaddingMask {
 
 /// An explicit attention mask. See the [module docs](self) for shapes and polarity.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub enum AttnMask {
     /// Integer tensor, nonzero = this (query, key) pair is not allowed.
     Bool(Tensor),

@@ -9,6 +9,7 @@ use crate::sdpa::SeqOffsets;
 /// Whether (and how) to return attention weights: PyTorch's `need_weights` and
 /// `average_attn_weights`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum NeedWeights {
     /// Output only (PyTorch `need_weights=False`).
     #[default]

@@ -45,6 +45,7 @@ use crate::{
 /// The feed-forward activation (`hidden_act` in `config.json`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum HiddenAct {
     /// Exact GELU, `x·Φ(x)` with the error function (HF `"gelu"`).
     #[default]
@@ -71,6 +72,7 @@ impl HiddenAct {
 /// supported.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum PositionEmbeddingType {
     /// A learnt embedding per position `0..max_position_embeddings`.
     #[default]

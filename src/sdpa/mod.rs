@@ -65,6 +65,7 @@ pub use varlen::{sdpa_varlen, sdpa_varlen_with_kernel};
 
 /// The layout of `q`, `k`, `v` and of the output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum SdpaLayout {
     /// `(B, H, L, D)`: PyTorch's layout for `F.scaled_dot_product_attention`.
     #[default]
@@ -77,6 +78,7 @@ pub enum SdpaLayout {
 /// An SDPA attention mask, broadcastable to `(B, H, L, S)` (trailing dimensions aligned, as
 /// PyTorch broadcasts: `(L, S)`, `(B, 1, 1, S)`, `(H, L, S)`, …).
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub enum SdpaMask {
     /// Integer or boolean (`u8`) tensor, **nonzero = may attend**, 0 = masked (SDPA's polarity,
     /// the opposite of the module's [`AttnMask::Bool`]).

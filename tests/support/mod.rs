@@ -201,11 +201,13 @@ pub fn random_mask(
             None => "none".to_string(),
             Some(KeyPaddingMask::Lengths(l)) => format!("lengths{l:?}"),
             Some(KeyPaddingMask::Tensor(t)) => format!("{:?}", t.dtype()),
+            Some(other) => format!("{other:?}"),
         },
         match &attn_mask {
             None => "none".to_string(),
             Some(AttnMask::Bool(t)) => format!("bool{:?}", t.dims()),
             Some(AttnMask::Additive(t)) => format!("additive{:?}", t.dims()),
+            Some(other) => format!("{other:?}"),
         }
     );
     let plan = MaskPlan::build(
