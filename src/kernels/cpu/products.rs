@@ -251,6 +251,9 @@ pub(super) fn pv_bytes(isa: Isa, p: Mat, v: ByteMat, acc: MatMut) {
 
 /// `acc += p · v`.
 pub(super) fn pv(isa: Isa, p: Mat, v: Mat, acc: MatMut) {
+    // The micro-kernels index the operands by these shapes (each matrix is checked against
+    // its slice on construction).
+    assert!(v.rows == p.cols && acc.rows == p.rows && acc.cols == v.cols);
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa` is only ever a supported one (see `force`).
@@ -264,6 +267,7 @@ pub(super) fn pv(isa: Isa, p: Mat, v: Mat, acc: MatMut) {
 
 /// `acc += pᵀ · v` for `p` stored `k × m`.
 pub(super) fn pv_t(isa: Isa, p: Mat, v: Mat, acc: MatMut) {
+    assert!(v.rows == p.rows && acc.rows == p.cols && acc.cols == v.cols);
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa` is only ever a supported one (see `force`).
@@ -273,7 +277,6 @@ pub(super) fn pv_t(isa: Isa, p: Mat, v: Mat, acc: MatMut) {
         Isa::Avx2 => unsafe { super::avx2::pv_t(p, v, acc) },
         _ => {
             let (m, k, n) = (p.cols, p.rows, v.cols);
-            assert!(v.rows == k && acc.rows == m && acc.cols == n);
             matmul(
                 (m, n, k),
                 acc.data,
