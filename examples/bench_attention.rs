@@ -669,9 +669,9 @@ fn rates(results: &[(Cfg, Vec<Row>)]) -> Result<()> {
 /// H12 D64, the bench's dtype): plain, soft-capping (Gemma 2's 50), ALiBi (the usual slopes),
 /// sinks, all three; alternating rounds, medians, each as a ratio to plain and a share of the
 /// f32 FMA peak measured in the same run. Forward only, then forward + backward.
-fn modifier_costs(rounds: usize) -> Result<()> {
+fn modifier_costs(rounds: usize, d: usize, lengths: &[usize]) -> Result<()> {
     let dev = Device::Cpu;
-    let (h, d) = (12usize, 64usize);
+    let h = 12usize;
     let threads = rayon::current_num_threads();
     let isa = test_support::cpu_isa();
     let kind = if isa.starts_with("avx512") {
@@ -692,7 +692,7 @@ fn modifier_costs(rounds: usize) -> Result<()> {
         loadavg()
     );
     let mut table = vec![];
-    for l in [2048usize, 8192] {
+    for &l in lengths {
         let dt = dtype();
         let t =
             |shape| -> Result<Tensor> { Ok(Tensor::randn(0f32, 1., shape, &dev)?.to_dtype(dt)?) };
@@ -741,7 +741,7 @@ fn modifier_costs(rounds: usize) -> Result<()> {
         kind.name(),
         peak.map_or("—".into(), |p| format!("{p:.0} GFLOP/s"))
     );
-    println!("| causal B1 H12 D64 | modifiers | forward | / plain | GFLOP/s (share of peak) | forward + backward | / plain |");
+    println!("| causal B1 H12 D{d} | modifiers | forward | / plain | GFLOP/s (share of peak) | forward + backward | / plain |");
     println!("|---|---|---|---|---|---|---|");
     for (l, fwd, train) in &table {
         let flops = 4.0 * (h * d) as f64 * (*l as f64) * (*l as f64 + 1.0) / 2.0;
@@ -900,12 +900,21 @@ fn main() -> Result<()> {
         return kv_formats(rounds);
     }
     if args.iter().any(|a| a == "--modifiers") {
-        // `--dtype` and `--rounds` apply.
-        let mut rounds = 3;
+        // `--dtype`, `--rounds`, `--head-dim D` (64) and `--lengths L,L` (2048,8192) apply.
+        let (mut rounds, mut d, mut lengths) = (3, 64, vec![2048, 8192]);
         let mut it = args.iter();
         while let Some(a) = it.next() {
             match a.as_str() {
                 "--rounds" => rounds = it.next().context("--rounds N")?.parse()?,
+                "--head-dim" => d = it.next().context("--head-dim D")?.parse()?,
+                "--lengths" => {
+                    lengths = it
+                        .next()
+                        .context("--lengths L,L")?
+                        .split(',')
+                        .map(str::parse)
+                        .collect::<std::result::Result<_, _>>()?
+                }
                 "--dtype" => {
                     let d = match it.next().context("--dtype f32|bf16|f16")?.as_str() {
                         "bf16" => DType::BF16,
@@ -917,7 +926,7 @@ fn main() -> Result<()> {
                 _ => {}
             }
         }
-        return modifier_costs(rounds);
+        return modifier_costs(rounds, d, &lengths);
     }
     let mut python =
         std::env::var("CANDLE_MHA_BENCH_PYTHON").unwrap_or_else(|_| "python3".to_string());
@@ -936,7 +945,7 @@ fn main() -> Result<()> {
                     "usage: bench_attention [--python PY] [--no-torch] [--rounds N] [--only SUBSTR] \
                      [--no-peak] [--no-reference-8k] [--dtype f32|bf16|f16] \
                      [--isa avx512bf16|avx512|avx2|portable] [--torch-native] [--no-module] | --crossover \
-                     | --modifiers [--dtype D] [--rounds N] | --kv-formats [--rounds N]"
+                     | --modifiers [--dtype D] [--rounds N] [--head-dim D] [--lengths L,L] | --kv-formats [--rounds N]"
                 );
                 return Ok(());
             }
