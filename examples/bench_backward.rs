@@ -86,7 +86,7 @@ fn step(x: &Inputs, backend: Backend) -> Result<&'static str> {
     if grads.get(x.q.as_tensor()).is_none() {
         bail!("no gradient for q")
     }
-    Ok(out.kernel)
+    Ok(out.kernel.as_str())
 }
 
 fn median(xs: &[f64]) -> f64 {

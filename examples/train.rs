@@ -126,7 +126,7 @@ impl Block {
                 .causal(CausalAlignment::TopLeft)
                 .key_padding_mask(KeyPaddingMask::new(pad.clone())),
         )?;
-        self.kernel.set(a.kernel);
+        self.kernel.set(a.kernel.as_str());
         let x = (x + a.output)?;
         let h = self.fc1.forward(&self.ln2.forward(&x)?)?.gelu()?;
         x + self.fc2.forward(&h)?

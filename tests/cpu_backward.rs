@@ -206,7 +206,12 @@ fn grads(
         .backward()?;
     let get = |x: &Var| gr.get(x).expect("gradient").clone();
     let ds = sinks.map(get);
-    Ok((out.output, [get(&qv), get(&kv), get(&vv)], ds, out.kernel))
+    Ok((
+        out.output,
+        [get(&qv), get(&kv), get(&vv)],
+        ds,
+        out.kernel.as_str(),
+    ))
 }
 
 fn sweep(seed: u64, cases: usize) {

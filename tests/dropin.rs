@@ -58,7 +58,7 @@ impl SelfAttention {
             Core::Sdpa => {
                 let o = SdpaOptions::new().attn_mask(SdpaMask::Additive(mask.clone()));
                 let out = sdpa_with_kernel(&q, &k, &v, &o)?;
-                (out.output, out.kernel)
+                (out.output, out.kernel.as_str())
             }
         };
         Ok((

@@ -58,7 +58,7 @@ pub(super) fn run_grad(case: &Case, opts: &RunOptions, checks: &mut Vec<Check>) 
     let run = mha.attend(&inputs.input(Masks::Case))?;
     // The fused kernel's output is an autograd node whose backward is the fused backward; the
     // reference's backward is candle's autograd through its ops.
-    let (fwd, bwd) = match run.kernel {
+    let (fwd, bwd) = match run.kernel.as_str() {
         "cpu" => ("cpu", "cpu"),
         other => (other, "reference"),
     };

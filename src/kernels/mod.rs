@@ -89,9 +89,59 @@ pub struct AttnOutput {
     /// `(B, H, L, S)` attention probabilities (compute dtype: f32, or f64 for f64 inputs) when
     /// requested.
     pub weights: Option<Tensor>,
-    /// The kernel that served the call (`"reference"`, `"cpu"`; `"none"` for an empty call:
-    /// `B`, `H` or `L` is 0, or there is no key).
-    pub kernel: &'static str,
+    /// The kernel that served the call ([`KernelId::None`] for an empty call: `B`, `H` or `L`
+    /// is 0, or there is no key). Compares with its name: `out.kernel == "cpu"`.
+    pub kernel: KernelId,
+}
+
+/// Which kernel served a call.
+///
+/// ```
+/// use candle_mha::kernels::KernelId;
+/// assert_eq!(KernelId::Cpu, "cpu");
+/// assert_eq!(KernelId::Reference.to_string(), "reference");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum KernelId {
+    /// The reference kernel on candle ops.
+    Reference,
+    /// The fused CPU kernel.
+    Cpu,
+    /// The fused CUDA kernel.
+    Cuda,
+    /// No kernel: an empty call (nothing to compute).
+    None,
+}
+
+impl KernelId {
+    /// The kernel's name: `"reference"`, `"cpu"`, `"cuda"` or `"none"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KernelId::Reference => "reference",
+            KernelId::Cpu => "cpu",
+            KernelId::Cuda => "cuda",
+            KernelId::None => "none",
+        }
+    }
+}
+
+impl std::fmt::Display for KernelId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<&str> for KernelId {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl PartialEq<str> for KernelId {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
 }
 
 /// The dtype scores and softmax are computed in for inputs of `dtype`: f64 stays f64, every
@@ -153,8 +203,10 @@ pub(crate) struct Caps {
 
 /// One attention implementation behind the dispatcher.
 pub(crate) trait Kernel: Sync {
-    /// Short name, reported in [`AttnOutput::kernel`].
+    /// Short name, in messages.
     fn name(&self) -> &'static str;
+    /// Which kernel this is, reported in [`AttnOutput::kernel`].
+    fn id(&self) -> KernelId;
     /// What it can do besides the forward output.
     fn caps(&self) -> Caps;
     /// Why it cannot run these inputs (device, dtype, head size); `None` if it can.
@@ -550,7 +602,7 @@ fn empty_call(
     Ok(AttnOutput {
         output,
         weights,
-        kernel: "none",
+        kernel: KernelId::None,
     })
 }
 

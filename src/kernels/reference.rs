@@ -21,6 +21,10 @@ impl Kernel for Reference {
         "reference"
     }
 
+    fn id(&self) -> super::KernelId {
+        super::KernelId::Reference
+    }
+
     fn caps(&self) -> Caps {
         Caps {
             weights: true,
@@ -81,7 +85,7 @@ impl Kernel for Reference {
         Ok(AttnOutput {
             output: out.to_dtype(in_dtype)?,
             weights,
-            kernel: self.name(),
+            kernel: self.id(),
         })
     }
 }

@@ -224,7 +224,7 @@ pub struct MhaOutput {
     /// Attention probabilities when asked for (see [`NeedWeights`]), in the input dtype.
     /// In training mode with dropout they are the dropped-out weights, as in PyTorch.
     pub weights: Option<Tensor>,
-    /// The attention kernel that served the call (`"reference"`, `"cpu"`; see
-    /// [`crate::kernels`]).
-    pub kernel: &'static str,
+    /// The attention kernel that served the call (see [`crate::kernels`]); compares with its
+    /// name (`out.kernel == "cpu"`).
+    pub kernel: crate::kernels::KernelId,
 }

@@ -283,9 +283,10 @@ impl SdpaOptions {
 pub struct SdpaOutput {
     /// The attention output, in the call's layout and dtype.
     pub output: Tensor,
-    /// The kernel that served the call (`"reference"`, `"cpu"`; `"none"` when there was
-    /// nothing to compute: no keys, or an empty output).
-    pub kernel: &'static str,
+    /// The kernel that served the call ([`KernelId::None`](crate::kernels::KernelId::None)
+    /// when there was nothing to compute: no keys, or an empty output); compares with its name
+    /// (`out.kernel == "cpu"`).
+    pub kernel: crate::kernels::KernelId,
 }
 
 /// PyTorch's `F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale,

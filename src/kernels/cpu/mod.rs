@@ -259,6 +259,10 @@ impl Kernel for CpuFused {
         "cpu"
     }
 
+    fn id(&self) -> super::KernelId {
+        super::KernelId::Cpu
+    }
+
     fn caps(&self) -> Caps {
         Caps {
             weights: false,
@@ -324,7 +328,7 @@ impl Kernel for CpuFused {
         Ok(AttnOutput {
             output,
             weights: None,
-            kernel: self.name(),
+            kernel: self.id(),
         })
     }
 }

@@ -287,6 +287,10 @@ impl Kernel for CudaFused {
         "cuda"
     }
 
+    fn id(&self) -> super::KernelId {
+        super::KernelId::Cuda
+    }
+
     fn caps(&self) -> Caps {
         Caps {
             weights: false,
@@ -329,7 +333,7 @@ impl Kernel for CudaFused {
             Ok(AttnOutput {
                 output: launch::forward(c)?,
                 weights: None,
-                kernel: self.name(),
+                kernel: self.id(),
             })
         }
     }
