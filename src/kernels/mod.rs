@@ -40,17 +40,21 @@
 //! L = S = 8 or 16), so `Auto` has no size threshold: no shape is small enough for the
 //! reference to win.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
-
 use candle_core::{bail, DType, Result, Tensor};
 
 use crate::config::{Backend, MaskedRowPolicy};
 use crate::mask::MaskPlan;
 
+mod budget;
 pub mod cpu;
 pub mod cuda;
 pub mod reference;
+
+use budget::check_reference_budget;
+pub use budget::{
+    default_reference_budget, reference_budget_bytes, set_reference_budget_bytes,
+    FALLBACK_REFERENCE_BUDGET,
+};
 
 /// Per-call options of the attention core.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -248,99 +252,6 @@ fn missing_capability(kernel: &dyn Kernel, call: &AttnCall) -> Option<String> {
         return Some(format!("the {name} kernel is not differentiable"));
     }
     None
-}
-
-/// The process-wide reference budget in bytes; 0 = the default ([`default_reference_budget`]).
-static REFERENCE_BUDGET: AtomicU64 = AtomicU64::new(0);
-
-/// The default reference budget when `/proc/meminfo` cannot be read: 4 GiB.
-pub const FALLBACK_REFERENCE_BUDGET: u64 = 4 << 30;
-
-/// The default budget of the reference kernel: a quarter of the memory available when first
-/// asked (`MemAvailable` in `/proc/meminfo`), or [`FALLBACK_REFERENCE_BUDGET`] where that file
-/// cannot be read (non-Linux systems). Read once per process.
-pub fn default_reference_budget() -> u64 {
-    static DEFAULT: OnceLock<u64> = OnceLock::new();
-    *DEFAULT.get_or_init(|| {
-        std::fs::read_to_string("/proc/meminfo")
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find_map(|l| l.strip_prefix("MemAvailable:"))
-                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            })
-            .map(|kib| (kib.saturating_mul(1024) / 4).max(1))
-            .unwrap_or(FALLBACK_REFERENCE_BUDGET)
-    })
-}
-
-/// The largest score buffer the reference kernel may materialise, in bytes (see the
-/// [module docs](self)): the value set by [`set_reference_budget_bytes`], else
-/// [`default_reference_budget`].
-pub fn reference_budget_bytes() -> u64 {
-    match REFERENCE_BUDGET.load(Ordering::Relaxed) {
-        0 => default_reference_budget(),
-        b => b,
-    }
-}
-
-/// Sets the reference kernel's budget for the whole process (`None`: back to the default).
-/// Calls whose `(B, H, L, S)` scores would exceed it go to the fused CPU kernel when it can
-/// serve them, and fail with an error naming the size otherwise.
-///
-/// ```
-/// use candle_core::{DType, Device, Tensor};
-/// use candle_mha::kernels::{attention, set_reference_budget_bytes, AttnParams};
-/// use candle_mha::mask::{MaskDims, MaskPlan};
-/// use candle_mha::Backend;
-/// let x = Tensor::zeros((1, 64, 2, 8), DType::F32, &Device::Cpu)?;
-/// let plan = MaskPlan::new(MaskDims::new(1, 2, 64, 64));
-/// let mut p = AttnParams::new(8);
-/// p.backend = Backend::Reference;
-/// set_reference_budget_bytes(Some(1024));
-/// let err = attention(&x, &x, &x, &plan, &p).unwrap_err().to_string();
-/// assert!(err.contains("over the budget"), "{err}");
-/// p.backend = Backend::Auto; // the fused CPU kernel does not materialise the scores
-/// assert_eq!(attention(&x, &x, &x, &plan, &p)?.kernel, "cpu");
-/// set_reference_budget_bytes(None);
-/// # Ok::<(), candle_core::Error>(())
-/// ```
-pub fn set_reference_budget_bytes(bytes: Option<u64>) {
-    let stored = match bytes {
-        None => 0,
-        Some(b) => b.max(1),
-    };
-    REFERENCE_BUDGET.store(stored, Ordering::Relaxed);
-}
-
-/// Bytes the reference kernel would materialise for `call`: three `(B, H, L, S)` buffers of the
-/// compute dtype (scores, exponentials, probabilities), saturating.
-fn reference_bytes(call: &AttnCall) -> u64 {
-    let elems = [call.b, call.h, call.l, call.s]
-        .iter()
-        .fold(3u64, |acc, &x| acc.saturating_mul(x as u64));
-    elems.saturating_mul(compute_dtype(call.q.dtype()).size_in_bytes() as u64)
-}
-
-/// `Err` when the reference would materialise more than the budget.
-fn check_reference_budget(call: &AttnCall, why: impl FnOnce() -> String) -> Result<()> {
-    let bytes = reference_bytes(call);
-    let budget = reference_budget_bytes();
-    if bytes > budget {
-        let why = why();
-        let gib = |x: u64| x as f64 / (1u64 << 30) as f64;
-        bail!(
-            "reference attention would materialise 3 × (B, H, L, S) = 3 × ({}, {}, {}, {}) {:?} scores = {:.3} GiB, over the budget of {:.3} GiB ({why}); use a kernel that does not materialise the scores (the fused CPU kernel: no attention weights, no dropout), smaller chunks, or raise the budget with candle_mha::kernels::set_reference_budget_bytes",
-            call.b,
-            call.h,
-            call.l,
-            call.s,
-            compute_dtype(call.q.dtype()),
-            gib(bytes),
-            gib(budget),
-        )
-    }
-    Ok(())
 }
 
 /// The one place that decides which kernel serves a call, within the reference's size budget.
@@ -617,131 +528,4 @@ fn dims4(name: &str, t: &Tensor) -> Result<(usize, usize, usize, usize)> {
 
 /// Hooks for the crate's own tests; not part of the API.
 #[doc(hidden)]
-pub mod test_support {
-    /// Tests: whether the fused CUDA kernel fills each output with NaN bytes before writing it
-    /// (an element it never writes then shows up as NaN instead of a stale value). A no-op
-    /// without the `cuda` feature.
-    pub fn set_cuda_poison(on: bool) {
-        #[cfg(feature = "cuda")]
-        super::cuda::set_poison(on);
-        #[cfg(not(feature = "cuda"))]
-        let _ = on;
-    }
-
-    /// [`super::attention`] of `q` over everything `cache` holds, as it is stored (an int8
-    /// cache's rows read in place by the fused CPU kernel where it serves the call): what a
-    /// cached decode step runs, without the projections (lets the benchmarks time it alone).
-    pub fn attention_over_cache(
-        q: &candle_core::Tensor,
-        cache: &crate::cache::KvCache,
-        mask: &crate::mask::MaskPlan,
-        params: &super::AttnParams,
-    ) -> candle_core::Result<super::AttnOutput> {
-        match cache.stored()? {
-            None => candle_core::bail!("attention_over_cache: the cache is empty"),
-            Some(crate::cache::CachedKv::Dense(k, v)) => super::attention(q, &k, &v, mask, params),
-            Some(crate::cache::CachedKv::Quant(kv)) => {
-                super::attention_quantized(q, &kv, mask, params)
-            }
-        }
-    }
-
-    /// How many calls the fused CPU kernel has served in this process.
-    pub fn cpu_calls() -> usize {
-        super::cpu::calls()
-    }
-
-    /// How many fused CPU calls were split over their keys (flash-decoding).
-    pub fn cpu_split_calls() -> usize {
-        super::cpu::split_calls()
-    }
-
-    /// How many backward passes the fused CPU backward has served in this process.
-    pub fn cpu_backward_calls() -> usize {
-        super::cpu::bwd_calls()
-    }
-
-    /// How many of those computed their products on bf16 pairs (AVX512-BF16 dot products).
-    pub fn cpu_pair_backward_calls() -> usize {
-        super::cpu::pair_bwd_calls()
-    }
-
-    /// The instruction sets of the fused CPU kernel this CPU can run (`"avx512bf16"`,
-    /// `"avx512"`, `"avx2"`, `"portable"`), best first.
-    pub fn cpu_isas() -> Vec<&'static str> {
-        super::cpu::isas()
-    }
-
-    /// Forces the fused CPU kernel's instruction set (`None`: the best available),
-    /// process-wide; an error when the CPU lacks it.
-    pub fn force_cpu_isa(name: Option<&str>) -> Result<(), String> {
-        super::cpu::force_isa(name)
-    }
-
-    /// The fused CPU kernel's instruction set now.
-    pub fn cpu_isa() -> &'static str {
-        super::cpu::isa_name()
-    }
-
-    /// The projections' matmul, `lin.forward(x)`: the AVX512-BF16 GEMM for bf16 where the CPU
-    /// has it (and AVX-512 is the instruction set in use), else candle's (lets the benchmarks
-    /// time the projections alone).
-    pub fn linear(
-        lin: &candle_nn::Linear,
-        x: &candle_core::Tensor,
-    ) -> candle_core::Result<candle_core::Tensor> {
-        crate::proj::linear(lin, x)
-    }
-
-    /// The GEMM kernel projections of `dtype` use now for calls of few rows (`None`: candle's
-    /// matmul).
-    pub fn proj_gemm_kernel(dtype: candle_core::DType) -> Option<&'static str> {
-        super::cpu::proj_kernel(dtype).map(|k| k.name())
-    }
-
-    /// The packed GEMM kernel projections of `dtype` use now for calls of at least
-    /// [`packed_min_rows`] rows (`None`: the dot-product kernels or candle's matmul).
-    pub fn packed_gemm_kernel(dtype: candle_core::DType) -> Option<&'static str> {
-        crate::proj::packed_kernel(dtype).map(|k| k.name())
-    }
-
-    /// Rows from which projections take the packed GEMM.
-    pub fn packed_min_rows() -> usize {
-        crate::proj::PACK_MIN_ROWS
-    }
-
-    /// The machine's register-only peak rates ([`PeakKind`]).
-    pub use crate::gemm::peak::{peak_gflops, PeakKind};
-
-    /// The CPU's L1d and L2 sizes in bytes as the packed GEMM reads them.
-    pub fn cache_sizes() -> (usize, usize) {
-        crate::gemm::cache_sizes()
-    }
-
-    /// A projection that keeps its weight packed (as the module's own projections do).
-    #[derive(Clone, Debug)]
-    pub struct PackedLinear(crate::proj::Proj);
-
-    impl PackedLinear {
-        /// Wraps `lin`.
-        pub fn new(lin: candle_nn::Linear) -> Self {
-            Self(crate::proj::Proj::new(lin))
-        }
-
-        /// `x · Wᵀ + b`.
-        pub fn forward(&self, x: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
-            self.0.forward(x)
-        }
-
-        /// Bytes of the packed weight kept (0 before the first call that packs).
-        pub fn packed_bytes(&self) -> usize {
-            self.0.packed_bytes()
-        }
-    }
-
-    /// Forces the fused CPU kernel's portable (`gemm`) products even where AVX-512 is
-    /// available (process-wide), so that tests cover both paths on one machine.
-    pub fn set_portable_only(on: bool) {
-        super::cpu::set_portable_only(on)
-    }
-}
+pub mod test_support;

@@ -87,7 +87,8 @@
 //! `L × S` exists in either direction. Dropout is not implemented here (such calls go to the
 //! reference).
 //!
-//! Files: this one (eligibility, inputs, the parallel loop), `view.rs` (the inputs read in
+//! Files: this one (eligibility, the parallel loop), `inputs.rs` (a call's inputs and its per-call
+//! context), `view.rs` (the inputs read in
 //! place), `kt.rs` (the per-call copies of K and V) and `spare.rs` (their reused buffers),
 //! `tile.rs` (one work item: masks, softmax step, products), `modifiers.rs` (soft-cap, ALiBi,
 //! sinks), `decode.rs` and `stream.rs`
@@ -101,7 +102,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use candle_core::{bail, CpuStorage, DType, Result, Storage, Tensor};
+use candle_core::{DType, Result};
 use rayon::prelude::*;
 
 use super::{AttnCall, AttnOutput, Caps, Kernel};
@@ -119,6 +120,7 @@ mod decode;
 pub(crate) mod gemm;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod gemm_avx2;
+mod inputs;
 mod kt;
 mod mat;
 mod modifiers;
@@ -136,13 +138,14 @@ mod tile;
 mod view;
 
 pub use decode::SPLIT_MIN_KEYS;
-use kt::{transpose_blocks, transpose_heads, KtBuf, Packed};
+pub(crate) use inputs::quant_rows;
+use inputs::{f32_rows, native_rows, view, Inputs};
 pub(crate) use out::bf16_nearest;
 use out::OutVec;
 #[cfg_attr(not(target_arch = "x86_64"), allow(unused_imports))]
 pub(crate) use products::{current as current_isa, Isa};
 pub(crate) use proj_kernel::{proj_kernel, ProjKernel};
-use tile::{Bias, Ctx, Data, OutBuf, OutPtr, View};
+use tile::OutPtr;
 
 /// Query rows per work item (after folding the query heads of a KV group into the rows).
 pub const BLOCK_Q: usize = 64;
@@ -333,115 +336,6 @@ impl Kernel for CpuFused {
     }
 }
 
-/// `t` as f32 with a contiguous last dimension: the tensor itself when it already is one (no
-/// copy), else a converted / compacted copy.
-fn f32_rows(t: &Tensor) -> Result<Tensor> {
-    let t = t.to_dtype(DType::F32)?;
-    if t.layout().stride().last() == Some(&1) || t.dims().last() == Some(&1) {
-        Ok(t)
-    } else {
-        t.contiguous()
-    }
-}
-
-/// `t` with a contiguous last dimension in its own dtype (f32, f16, bf16: the kernel converts
-/// half rows as it reads them): the tensor itself when it already is one, else a compacted copy.
-fn native_rows(t: &Tensor) -> Result<Tensor> {
-    let t = match t.dtype() {
-        DType::F32 | DType::F16 | DType::BF16 => t.clone(),
-        _ => t.to_dtype(DType::F32)?,
-    };
-    if t.layout().stride().last() == Some(&1) || t.dims().last() == Some(&1) {
-        Ok(t)
-    } else {
-        t.contiguous()
-    }
-}
-
-/// The elements of a CPU tensor (f32, f16 or bf16) from its start offset on.
-fn cpu_data<'a>(storage: &'a Storage, t: &Tensor) -> Result<Data<'a>> {
-    let Storage::Cpu(cpu) = storage else {
-        bail!("fused CPU attention: tensor is not on the CPU")
-    };
-    let at = t.layout().start_offset();
-    Ok(match t.dtype() {
-        DType::BF16 => Data::Bf16(&cpu.as_slice::<half::bf16>()?[at..]),
-        DType::F16 => Data::F16(&cpu.as_slice::<half::f16>()?[at..]),
-        _ => Data::F32(&cpu.as_slice::<f32>()?[at..]),
-    })
-}
-
-/// The f32 elements of a CPU tensor from its start offset on.
-fn cpu_f32<'a>(storage: &'a Storage, t: &Tensor) -> Result<&'a [f32]> {
-    let Storage::Cpu(cpu) = storage else {
-        bail!("fused CPU attention: tensor is not on the CPU")
-    };
-    Ok(&cpu.as_slice::<f32>()?[t.layout().start_offset()..])
-}
-
-/// The `(B, T, heads, D)` tensor `t`, whose storage is `g`, as a view read in place.
-fn view<'a>(g: &'a Storage, t: &Tensor) -> Result<View<'a>> {
-    Ok(View {
-        data: cpu_data(g, t)?,
-        strides: strides3(t),
-    })
-}
-
-/// Whether `rows` (`U8`: int8 + 128, or `F8E4M3`; `(B, S, H, D)`) and `scales` (f32,
-/// `(B, S, H)`) are a quantized cache's views that the kernel reads in place: CPU tensors from
-/// the start of contiguous `(B, capacity, H, D)` and `(B, capacity, H)` buffers, so that row `r`
-/// (`at / D`) has scale `r` of the same numbering.
-pub(crate) fn quant_rows(rows: &Tensor, scales: &Tensor) -> bool {
-    let (Ok((_, _, h, d)), Ok((_, _, hs))) = (rows.dims4(), scales.dims3()) else {
-        return false;
-    };
-    let (r, sc) = (rows.layout(), scales.layout());
-    let cap = r.stride()[0] / (h * d).max(1);
-    rows.device().is_cpu()
-        && scales.device().is_cpu()
-        && matches!(rows.dtype(), DType::U8 | DType::F8E4M3)
-        && scales.dtype() == DType::F32
-        && hs == h
-        && r.start_offset() == 0
-        && sc.start_offset() == 0
-        && r.stride() == [cap * h * d, h * d, d, 1]
-        && sc.stride() == [cap * h, h, 1]
-}
-
-/// The view of quantized rows `t` (storage `g`) with their scales (storage `sg`), checked by
-/// [`quant_rows`].
-fn quant_view<'a>(g: &'a Storage, t: &Tensor, sg: &'a Storage) -> Result<View<'a>> {
-    let (Storage::Cpu(rows), Storage::Cpu(scales)) = (g, sg) else {
-        bail!("fused CPU attention: quantized rows are not on the CPU")
-    };
-    let (vals, fp8): (&[u8], bool) = match rows {
-        CpuStorage::U8(v) => (v, false),
-        CpuStorage::F8E4M3(v) => {
-            assert_eq!(std::mem::size_of_val(v.as_slice()), v.len());
-            // SAFETY: `F8E4M3` is a `repr(transparent)` byte (size asserted): the same memory
-            // read as its bits.
-            let bits = unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), v.len()) };
-            (bits, true)
-        }
-        _ => bail!("fused CPU attention: quantized rows must be U8 or F8E4M3"),
-    };
-    Ok(View {
-        data: Data::Bytes {
-            vals,
-            scales: scales.as_slice::<f32>()?,
-            row: t.dim(3)?,
-            fp8,
-        },
-        strides: strides3(t),
-    })
-}
-
-/// Element strides of dims 0..3 of a 4-D tensor.
-fn strides3(t: &Tensor) -> [usize; 3] {
-    let s = t.layout().stride();
-    [s[0], s[1], s[2]]
-}
-
 /// The forward pass: the `(B, L, H, Dv)` elements (in the input dtype where it is f32, bf16 or
 /// f16, else f32), and with `want_lse` the per-row log-sum-exp `(B, H, L)` (f32; `-inf` for
 /// fully masked rows) that the backward needs.
@@ -488,175 +382,6 @@ fn for_each_item(c: &AttnCall, g: usize, run: impl Fn((usize, usize, usize, usiz
             });
         }
     }
-}
-
-/// A call's inputs as f32 tensors whose storage the kernel reads in place.
-struct Inputs {
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    bias: Option<Tensor>,
-    key_bias: Option<Tensor>,
-    /// The scales of int8 `k` and `v` (an int8 KV cache, read in place).
-    kv_scales: Option<(Tensor, Tensor)>,
-}
-
-impl Inputs {
-    /// `native`: q, k, v keep their dtype (the forward converts half rows and tiles as it reads
-    /// them); otherwise they are f32 (the backward).
-    fn new(c: &AttnCall, native: bool) -> Result<Self> {
-        let dense =
-            |t: Option<&Tensor>| t.map(|t| t.to_dtype(DType::F32)?.contiguous()).transpose();
-        let rows = |t: &Tensor| if native { native_rows(t) } else { f32_rows(t) };
-        let (k, v) = match c.kv_scales {
-            // The cache's buffers, checked by `quant_rows`.
-            Some(_) => (c.k.clone(), c.v.clone()),
-            None => (rows(c.k)?, rows(c.v)?),
-        };
-        Ok(Self {
-            q: rows(c.q)?,
-            k,
-            v,
-            bias: dense(c.mask.bias())?,
-            key_bias: dense(c.mask.key_bias())?,
-            kv_scales: c.kv_scales.map(|(a, b)| (a.clone(), b.clone())),
-        })
-    }
-
-    /// Builds the kernels' context over these inputs and runs `f` on it. `transpose_k` allows
-    /// the transposed copy of K for the AVX-512 `Q · Kᵀ` micro-kernel (forward only); `out`
-    /// and `lse` are where items write (the backward writes neither).
-    fn with_ctx<R>(
-        &self,
-        c: &AttnCall,
-        transpose_k: bool,
-        out: OutBuf,
-        lse: Option<OutPtr>,
-        f: impl FnOnce(&Ctx) -> R,
-    ) -> Result<R> {
-        let (b, l, h, hkv, s, d, dv) = (c.b, c.l, c.h, c.hkv, c.s, c.d, c.dv);
-        let real_s = s - c.extra_keys;
-        let (qg, _) = self.q.storage_and_layout();
-        let (kg, _) = self.k.storage_and_layout();
-        let (vg, _) = self.v.storage_and_layout();
-        let bg = self.bias.as_ref().map(|t| t.storage_and_layout().0);
-        let pg = self.key_bias.as_ref().map(|t| t.storage_and_layout().0);
-        let scale_g = self
-            .kv_scales
-            .as_ref()
-            .map(|(a, b)| (a.storage_and_layout().0, b.storage_and_layout().0));
-        let (qv, kv, vv) = match &scale_g {
-            Some((ks, vs)) => (
-                view(&qg, &self.q)?,
-                quant_view(&kg, &self.k, ks)?,
-                quant_view(&vg, &self.v, vs)?,
-            ),
-            None => (
-                view(&qg, &self.q)?,
-                view(&kg, &self.k)?,
-                view(&vg, &self.v)?,
-            ),
-        };
-        let bias = match (&self.bias, &bg) {
-            (Some(t), Some(g)) => {
-                let (mb, mh, ml, ms) = t.dims4()?;
-                Some(Bias {
-                    data: cpu_f32(g, t)?,
-                    sb: if mb == 1 { 0 } else { mh * ml * ms },
-                    sh: if mh == 1 { 0 } else { ml * ms },
-                    sl: if ml == 1 { 0 } else { ms },
-                })
-            }
-            _ => None,
-        };
-        let key_bias = match (&self.key_bias, &pg) {
-            (Some(t), Some(g)) => Some(cpu_f32(g, t)?),
-            _ => None,
-        };
-        let n_tiles = real_s.div_ceil(BLOCK_K);
-        let dead_tiles = key_bias.map(|p| {
-            let mut dead = vec![false; b * n_tiles];
-            for bi in 0..b {
-                let row = &p[bi * real_s..(bi + 1) * real_s];
-                for t in 0..n_tiles {
-                    let keys = &row[t * BLOCK_K..((t + 1) * BLOCK_K).min(real_s)];
-                    dead[bi * n_tiles + t] = keys.iter().all(|&x| x == f32::NEG_INFINITY);
-                }
-            }
-            dead
-        });
-        let isa = products::current();
-        let mods = modifiers::Mods::new(c.mask)?;
-        let g = h / hkv;
-        // The transposed copy of K pays off when each K tile serves many query rows;
-        // decode-like calls (few rows per KV head) read K in place through `gemm` instead.
-        let bf16 = |v: &View| matches!(v.data, Data::Bf16(_));
-        // With AVX512-BF16 dot products: Q · Kᵀ from bf16 pairs (even D), P · V reading V's
-        // rows in place (Dv a multiple of 32).
-        let pairs = products::dots_bf16(isa) && bf16(&qv) && bf16(&kv) && d.is_multiple_of(2);
-        let pv_pairs = products::dots_bf16(isa) && bf16(&vv) && dv.is_multiple_of(32);
-        let kt = (transpose_k && isa != Isa::Portable && g * l >= MIN_ROWS_FOR_KT).then(|| {
-            if pairs {
-                KtBuf::Pairs(transpose_blocks(&kv, (b, hkv, s, d / 2), 2, |at, dst| {
-                    kv.pairs_into(at, dst).expect("bf16 keys");
-                }))
-            } else {
-                KtBuf::F32(transpose_heads(&kv, b, hkv, s, d))
-            }
-        });
-        // Prefill-like calls (each V tile read by many rows): V's heads made contiguous when
-        // their rows are a multiple of 2 KiB apart (they would share a few L1 sets), or when there
-        // are many keys (each strided row of a tile on its own page: 5% at S = 8192).
-        let int8 = matches!(vv.data, Data::Bytes { .. });
-        let v_packed = (!int8 && kt.is_some() && l >= BLOCK_Q && (v_rows_alias(&vv) || s >= 2048))
-            .then(|| Packed::new(&vv, (b, hkv, s, dv)));
-        let vv = match &v_packed {
-            Some(p) => p.view(hkv, s, dv),
-            None => vv,
-        };
-        let ctx = Ctx {
-            q: qv,
-            k: kv,
-            v: vv,
-            h,
-            hkv,
-            l,
-            s,
-            d,
-            dv,
-            g,
-            real_s,
-            scale: c.params.scale as f32,
-            policy: c.params.masked_rows,
-            plan: c.mask,
-            masked: !c.mask.is_empty(),
-            key_bias,
-            dead_tiles,
-            n_tiles,
-            bias,
-            mods: &mods,
-            kt: kt.as_ref().map(KtBuf::view),
-            pv_pairs,
-            q_pairs: pairs,
-            isa,
-            out,
-            lse,
-        };
-        Ok(f(&ctx))
-    }
-}
-
-/// Whether the rows of one head of `v` are a multiple of 2 KiB apart: a tile's rows then start in
-/// at most two of L1's 64 sets. Measured: rows 4 KiB apart cost the AVX2 `P · V` 40% (AVX-512
-/// 9%), while 3 KiB apart (four sets) cost nothing, and copying then only added time.
-fn v_rows_alias(v: &View) -> bool {
-    let elem = match v.data {
-        Data::F32(_) => 4,
-        Data::Bytes { .. } => 1,
-        _ => 2,
-    };
-    let bytes = v.strides[1] * elem;
-    bytes > 0 && bytes.is_multiple_of(2048)
 }
 
 /// Work items `(batch 0, KV head, first folded row, rows)` of packed sequences: per KV head and

@@ -1,0 +1,126 @@
+//! Hooks for the crate's own tests and benchmarks (`#[doc(hidden)]`, not part of the API).
+
+/// Tests: whether the fused CUDA kernel fills each output with NaN bytes before writing it
+/// (an element it never writes then shows up as NaN instead of a stale value). A no-op
+/// without the `cuda` feature.
+pub fn set_cuda_poison(on: bool) {
+    #[cfg(feature = "cuda")]
+    super::cuda::set_poison(on);
+    #[cfg(not(feature = "cuda"))]
+    let _ = on;
+}
+
+/// [`super::attention`] of `q` over everything `cache` holds, as it is stored (an int8
+/// cache's rows read in place by the fused CPU kernel where it serves the call): what a
+/// cached decode step runs, without the projections (lets the benchmarks time it alone).
+pub fn attention_over_cache(
+    q: &candle_core::Tensor,
+    cache: &crate::cache::KvCache,
+    mask: &crate::mask::MaskPlan,
+    params: &super::AttnParams,
+) -> candle_core::Result<super::AttnOutput> {
+    match cache.stored()? {
+        None => candle_core::bail!("attention_over_cache: the cache is empty"),
+        Some(crate::cache::CachedKv::Dense(k, v)) => super::attention(q, &k, &v, mask, params),
+        Some(crate::cache::CachedKv::Quant(kv)) => super::attention_quantized(q, &kv, mask, params),
+    }
+}
+
+/// How many calls the fused CPU kernel has served in this process.
+pub fn cpu_calls() -> usize {
+    super::cpu::calls()
+}
+
+/// How many fused CPU calls were split over their keys (flash-decoding).
+pub fn cpu_split_calls() -> usize {
+    super::cpu::split_calls()
+}
+
+/// How many backward passes the fused CPU backward has served in this process.
+pub fn cpu_backward_calls() -> usize {
+    super::cpu::bwd_calls()
+}
+
+/// How many of those computed their products on bf16 pairs (AVX512-BF16 dot products).
+pub fn cpu_pair_backward_calls() -> usize {
+    super::cpu::pair_bwd_calls()
+}
+
+/// The instruction sets of the fused CPU kernel this CPU can run (`"avx512bf16"`,
+/// `"avx512"`, `"avx2"`, `"portable"`), best first.
+pub fn cpu_isas() -> Vec<&'static str> {
+    super::cpu::isas()
+}
+
+/// Forces the fused CPU kernel's instruction set (`None`: the best available),
+/// process-wide; an error when the CPU lacks it.
+pub fn force_cpu_isa(name: Option<&str>) -> Result<(), String> {
+    super::cpu::force_isa(name)
+}
+
+/// The fused CPU kernel's instruction set now.
+pub fn cpu_isa() -> &'static str {
+    super::cpu::isa_name()
+}
+
+/// The projections' matmul, `lin.forward(x)`: the AVX512-BF16 GEMM for bf16 where the CPU
+/// has it (and AVX-512 is the instruction set in use), else candle's (lets the benchmarks
+/// time the projections alone).
+pub fn linear(
+    lin: &candle_nn::Linear,
+    x: &candle_core::Tensor,
+) -> candle_core::Result<candle_core::Tensor> {
+    crate::proj::linear(lin, x)
+}
+
+/// The GEMM kernel projections of `dtype` use now for calls of few rows (`None`: candle's
+/// matmul).
+pub fn proj_gemm_kernel(dtype: candle_core::DType) -> Option<&'static str> {
+    super::cpu::proj_kernel(dtype).map(|k| k.name())
+}
+
+/// The packed GEMM kernel projections of `dtype` use now for calls of at least
+/// [`packed_min_rows`] rows (`None`: the dot-product kernels or candle's matmul).
+pub fn packed_gemm_kernel(dtype: candle_core::DType) -> Option<&'static str> {
+    crate::proj::packed_kernel(dtype).map(|k| k.name())
+}
+
+/// Rows from which projections take the packed GEMM.
+pub fn packed_min_rows() -> usize {
+    crate::proj::PACK_MIN_ROWS
+}
+
+/// The machine's register-only peak rates ([`PeakKind`]).
+pub use crate::gemm::peak::{peak_gflops, PeakKind};
+
+/// The CPU's L1d and L2 sizes in bytes as the packed GEMM reads them.
+pub fn cache_sizes() -> (usize, usize) {
+    crate::gemm::cache_sizes()
+}
+
+/// A projection that keeps its weight packed (as the module's own projections do).
+#[derive(Clone, Debug)]
+pub struct PackedLinear(crate::proj::Proj);
+
+impl PackedLinear {
+    /// Wraps `lin`.
+    pub fn new(lin: candle_nn::Linear) -> Self {
+        Self(crate::proj::Proj::new(lin))
+    }
+
+    /// `x · Wᵀ + b`.
+    pub fn forward(&self, x: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+        self.0.forward(x)
+    }
+
+    /// Bytes of the packed weight kept (0 before the first call that packs).
+    pub fn packed_bytes(&self) -> usize {
+        self.0.packed_bytes()
+    }
+}
+
+/// Forces the fused CPU kernel's portable (`gemm`) products even where AVX-512 is
+/// available (process-wide), so that tests cover both paths on one machine.
+pub fn set_portable_only(on: bool) {
+    super::cpu::set_portable_only(on)
+}
