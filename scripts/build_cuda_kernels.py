@@ -74,13 +74,17 @@ def load_source():
     return mod
 
 
-def fwd_config(arch, d, bias):
+def fwd_config(arch, d, bias, mods=0):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of `attn_fwd`: the largest tiles that assemble with
     no spill (every variant is checked), shared memory within 99 KiB on sm_8x (what sm_86/89 allow
     a block; A100 allows 163 KiB) and 227 KiB on sm_90a. 8 warps throughout (16 query rows a warp
     on sm_80's mma, two warpgroups on sm_90a's wgmma), as FlashAttention-2 and Triton's
     fused-attention tutorial do for these head sizes. A bias tile costs registers (read with
-    scalar loads: its key mask varies per element), so biased variants pipeline one stage less."""
+    scalar loads: its key mask varies per element), so biased variants pipeline one stage less.
+    The score-modifier variants (`mods`: soft-capping and ALiBi, `HAS_MODIFIERS`) take the same
+    tiles except where those spilled: see MOD_CONFIGS."""
+    if mods and (arch, d, bias) in MOD_CONFIGS:
+        return MOD_CONFIGS[(arch, d, bias)]
     if arch == 90:
         if d == 64:
             return (128, 64, 8, 3) if bias else (128, 128, 8, 3)
@@ -92,6 +96,12 @@ def fwd_config(arch, d, bias):
     if d <= 128:
         return (128, 32, 8, 2) if bias else (128, 32, 8, 3)
     return (64, 32, 8, 2)
+
+
+# Tiles of the score-modifier variants that differ from the plain ones, (arch, D, bias) ->
+# (BLOCK_M, BLOCK_N, warps, stages): where the plain tile spilled once the modifiers were added
+# (sm_90a d64: 4 bytes with 128 x 128; sm_80 d256 with a bias: 20 bytes with 64 x 32).
+MOD_CONFIGS = {(90, 64, 0): (128, 64, 8, 3), (80, 256, 1): (64, 16, 8, 2)}
 
 
 def decode_config(arch, d):
@@ -106,10 +116,12 @@ def variants():
         for dt in DTYPES:
             for d in HEAD_DIMS:
                 bd = 1 << (d - 1).bit_length()
-                for bias in (0, 1):
-                    bm, bn, w, st = fwd_config(arch, d, bias)
-                    out.append(("fwd", arch, dt, d, bias,
-                                dict(HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=bn, HAS_BIAS=bias), w, st))
+                for mods in (0, 1):
+                    for bias in (0, 1):
+                        bm, bn, w, st = fwd_config(arch, d, bias, mods)
+                        out.append(("fwd", arch, dt, d, bias,
+                                    dict(HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=bn, HAS_BIAS=bias,
+                                         HAS_MODIFIERS=mods), w, st))
                 dbn, dw, dst = decode_config(arch, d)
                 out.append(("decode_split", arch, dt, d, 0,
                             dict(HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=16, BLOCK_N=dbn), dw, dst))
@@ -125,7 +137,7 @@ def signature(fn, kind, dt):
     for name in ["Q", "K", "V", "O"]:
         if name in sig:
             sig[name] = "*" + ty
-    for name in ["Bias", "PartO", "PartM", "PartL"]:
+    for name in ["Bias", "PartO", "PartM", "PartL", "Alibi", "Sinks"]:
         if name in sig:
             sig[name] = "*fp32"
     for name in ["KeyRange", "CuQ", "CuK"]:
@@ -134,8 +146,9 @@ def signature(fn, kind, dt):
     for name in I64:
         if name in sig:
             sig[name] = "i64"
-    if "scale" in sig:
-        sig["scale"] = "fp32"
+    for name in ["scale", "softcap"]:
+        if name in sig:
+            sig[name] = "fp32"
     return sig
 
 
@@ -202,7 +215,8 @@ def sha256(data):
 
 
 def name(r):
-    return f"{r['kind']} sm_{r['cc']} {r['dtype']} d{r['head_dim']} bias={r['has_bias']}"
+    return (f"{r['kind']} sm_{r['cc']} {r['dtype']} d{r['head_dim']} bias={r['has_bias']}"
+            f" mods={r['const'].get('HAS_MODIFIERS', 0)}")
 
 
 def problems(r):
@@ -251,6 +265,7 @@ def rust_manifest(results, source_sha, ptx_sha, cubin_sha, ptxas):
             "    Artifact {"
             f' kind: KernelKind::{kinds[r["kind"]]}, arch: {r["arch"]}, dtype: Dt::{r["dtype"].upper()},'
             f' head_dim: {r["head_dim"]}, has_bias: {str(bool(r["has_bias"])).lower()},'
+            f' has_modifiers: {str(bool(c.get("HAS_MODIFIERS", 0))).lower()},'
             f' block_m: {c.get("BLOCK_M", 1)}, block_n: {c.get("BLOCK_N", 1)}, block_d: {c["BLOCK_D"]},'
             f' num_warps: {r["warps"]}, num_stages: {r["stages"]}, shared_bytes: {r["shared"]},'
             f' registers: {r["registers"]}, spill_store_bytes: {r["spill_stores"]},'
@@ -317,6 +332,7 @@ def main():
     for r in results:
         c = r["const"]
         print(f"  {r['kind']:14} sm_{r['cc']:3} {r['dtype']:4} d{r['head_dim']:<3} bias={r['has_bias']} "
+              f"mods={c.get('HAS_MODIFIERS', '-')} "
               f"BM={c.get('BLOCK_M', '-')} BN={c.get('BLOCK_N', '-')} warps={r['warps']} stages={r['stages']} "
               f"shared={r['shared']} regs={r['registers']} spill={r['spill_stores']}/{r['spill_loads']} "
               f"stack={r['stack']} cubin={len(r['cubin'])}")

@@ -7,8 +7,13 @@
    GQA/MQA, both causal alignments, sliding windows, key ranges, packed sequences (empty ones
    too), additive biases of every broadcast shape, fully masked rows under both policies, f16 and
    bf16, each head size, the block shapes of both compiled architectures and a small one, and
-   the split-K decode path. Outputs are poisoned before each launch; a poisoned value left over
-   fails the case.
+   the split-K decode path. Then the score modifiers (soft-capping, ALiBi, attention sinks, as
+   `../shared/spec/mha-case.md` section "Score modifiers" defines them): random cases with one,
+   two or all three of them over the same masks (`--mod-cases`), and directed ones: each alone
+   and all three with causal, windows, key padding, packed sequences (slopes per sequence), GQA,
+   fully masked rows with a sink (0, even under nan_rows), each tile shape and the split decode
+   path (the sink joined once, in the combine kernel). Outputs are poisoned before each launch;
+   a poisoned value left over fails the case.
 2. The committed artifacts (src/kernels/cuda/kernels.cubin.xz, kernels.ptx.xz, manifest.rs):
    each variant's cubin hash, that it is an ELF image holding the entry, and that the manifest
    records no spill for it; its PTX (sm_80) hash, `.entry` parameters (the kernel's own, then
@@ -154,18 +159,25 @@ def from_dtype(x, dt):
 # The crate's reference semantics, in float64.
 
 
-def reference(q, k, v, bias, key_range, cu, causal, bottom_right, window, scale, nan_rows):
+def reference(q, k, v, bias, key_range, cu, causal, bottom_right, window, scale, nan_rows,
+              softcap=None, alibi=None, sinks=None):
+    """Attention in float64. The score modifiers as `mha-case.md`, section "Score modifiers",
+    defines them: `s = scale q.k`; soft-capping `s <- c tanh(s / c)`; ALiBi `s_ij <- s_ij - m |i +
+    S - L - j|` (slope row: the batch element, or the packed sequence; `i`, `j`, `L`, `S` the
+    sequence's own); then the bias and the masks; then the softmax with the sink, a key with no
+    value: `p_ij = exp(s_ij) / (exp(sigma_h) + sum_j' exp(s_ij'))`, so a row with every key masked
+    gives 0 whatever `nan_rows` says."""
     b_, l_, h_, d_ = q.shape
     s_, hkv = k.shape[1], k.shape[2]
     g = h_ // hkv
     out = np.zeros(q.shape)
     if cu is None:
-        seqs = [(b, 0, l_, 0, s_) for b in range(b_)]
+        seqs = [(b, 0, l_, 0, s_, b) for b in range(b_)]
     else:
         cq, ck = cu
-        seqs = [(0, cq[n], cq[n + 1], ck[n], ck[n + 1]) for n in range(len(cq) - 1)]
+        seqs = [(0, cq[n], cq[n + 1], ck[n], ck[n + 1], n) for n in range(len(cq) - 1)]
     fill = np.nan if nan_rows else 0.0
-    for b, q0, q1, k0, k1 in seqs:
+    for b, q0, q1, k0, k1, seq in seqs:
         lq, lk = q1 - q0, k1 - k0
         if lq == 0:
             continue
@@ -183,9 +195,22 @@ def reference(q, k, v, bias, key_range, cu, causal, bottom_right, window, scale,
         for h in range(h_):
             kh = h // g
             sc = q[b, q0:q1, h] @ k[b, k0:k1, kh].T * scale
+            if softcap is not None:
+                sc = softcap * np.tanh(sc / softcap)
+            if alibi is not None:
+                slope = alibi[seq if alibi.shape[0] > 1 else 0, h]
+                sc = sc - slope * np.abs(i + (lk - lq) - j)
             if bias is not None:
                 sc = sc + bias[b, h, q0:q1, k0:k1]
             sc = np.where(vis, sc, -np.inf)
+            if sinks is not None:
+                sigma = float(sinks[h])
+                with np.errstate(invalid="ignore", over="ignore"):
+                    m = np.maximum(sc.max(axis=1, initial=-np.inf, keepdims=True), sigma)
+                    p = np.exp(sc - m)
+                    o = p @ v[b, k0:k1, kh] / (p.sum(axis=1) + np.exp(sigma - m[:, 0]))[:, None]
+                out[b, q0:q1, h] = o
+                continue
             with np.errstate(invalid="ignore", over="ignore"):
                 m = sc.max(axis=1, initial=-np.inf, keepdims=True) if lk else np.full((lq, 1), -np.inf)
                 masked = np.isneginf(m[:, 0])
@@ -233,6 +258,15 @@ def launch(mod, case, cfg, use_decode, num_sms):
     cu = case["cu"]
     cq = np.array(cu[0] if cu is not None else [0], np.int32)
     ck = np.array(cu[1] if cu is not None else [0], np.int32)
+    # Score modifiers, as the Rust launcher passes them: softcap 0 = off; the slopes (1, B or
+    # sequences, H) f32 with a row stride of 0 for one row; the sinks (H,) f32.
+    softcap = float(case.get("softcap") or 0.0)
+    alibi = case.get("alibi")
+    alibi_arr = np.zeros(1, np.float32) if alibi is None else np.ascontiguousarray(alibi, np.float32)
+    stride_ab = 0 if alibi is None or alibi.shape[0] == 1 else h_
+    sinks = case.get("sinks")
+    sinks_arr = np.zeros(1, np.float32) if sinks is None else np.ascontiguousarray(sinks, np.float32)
+    mods = (softcap, int(alibi is not None), stride_ab)
     qb, kb, vb, ob = (Buf(q, dt), Buf(k, dt), Buf(v, dt), Buf(out, dt))
     strides = lambda a: [a.strides[i] // a.itemsize for i in range(3)]  # noqa: E731
     sq, sk, sv, so = strides(q), strides(k), strides(v), strides(out)
@@ -246,15 +280,15 @@ def launch(mod, case, cfg, use_decode, num_sms):
         part_m = np.full(rows, np.nan, np.float32)
         part_l = np.full(rows, np.nan, np.float32)
         mod.attn_decode_split[(splits, b_, hkv)](
-            qb, kb, vb, Buf(bias_arr, "f32"), Buf(kr_arr, "i32"),
+            qb, kb, vb, Buf(bias_arr, "f32"), Buf(kr_arr, "i32"), Buf(alibi_arr, "f32"),
             Buf(part_o, "f32"), Buf(part_m, "f32"), Buf(part_l, "f32"),
             *sq, *sk, *sv, *mstr, l_, s_, h_, g, case["scale"],
             flags["causal"], flags["bottom_right"], flags["window"], flags["has_range"],
-            int(bias is not None), chunk, splits,
+            *mods, int(bias is not None), chunk, splits,
             HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=bn)
         mod.attn_decode_combine[(l_, h_, b_)](
-            Buf(part_o, "f32"), Buf(part_m, "f32"), Buf(part_l, "f32"), ob, *so,
-            l_, h_, splits, int(case["nan_rows"]), HEAD_DIM=d, BLOCK_D=bd)
+            Buf(part_o, "f32"), Buf(part_m, "f32"), Buf(part_l, "f32"), ob, Buf(sinks_arr, "f32"), *so,
+            l_, h_, splits, int(sinks is not None), int(case["nan_rows"]), HEAD_DIM=d, BLOCK_D=bd)
     else:
         bm, bn = cfg["bm"], cfg["bn"]
         if cu is not None:
@@ -265,10 +299,12 @@ def launch(mod, case, cfg, use_decode, num_sms):
         grid = (max(1, -(-max_lq // bm)), nseq, h_)
         mod.attn_fwd[grid](
             qb, kb, vb, ob, Buf(bias_arr, "f32"), Buf(kr_arr, "i32"), Buf(cq, "i32"), Buf(ck, "i32"),
+            Buf(alibi_arr, "f32"), Buf(sinks_arr, "f32"),
             *sq, *sk, *sv, *so, *mstr, l_, s_, g, case["scale"],
             flags["causal"], flags["bottom_right"], flags["window"], flags["has_range"],
-            int(cu is not None), int(case["nan_rows"]),
-            HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=bn, HAS_BIAS=int(bias is not None))
+            *mods, int(sinks is not None), int(cu is not None), int(case["nan_rows"]),
+            HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=bn, HAS_BIAS=int(bias is not None),
+            HAS_MODIFIERS=int(has_mods(case)))
     return out
 
 
@@ -285,13 +321,19 @@ def _build_script():
 BUILD = _build_script()
 
 
-def tile_config(cfg_name, d, has_bias):
+def has_mods(c):
+    """Whether a case takes the score-modifier variant of attn_fwd (HAS_MODIFIERS: soft-capping
+    or ALiBi; the sinks are runtime arguments of every variant)."""
+    return c.get("softcap") is not None or c.get("alibi") is not None
+
+
+def tile_config(cfg_name, d, has_bias, mods=False):
     """The tile shapes a case runs with: those of the shipped sm_80 or sm_90a variant for its head
-    size and bias (scripts/build_cuda_kernels.py's tables), or small 16x16 tiles."""
+    size, bias and modifiers (scripts/build_cuda_kernels.py's tables), or small 16x16 tiles."""
     if cfg_name == "small":
         return dict(bm=16, bn=16, decode_bn=16)
     arch = 90 if cfg_name == "sm90a" else 80
-    bm, bn, _, _ = BUILD.fwd_config(arch, d, int(has_bias))
+    bm, bn, _, _ = BUILD.fwd_config(arch, d, int(has_bias), int(mods))
     return dict(bm=bm, bn=bn, decode_bn=BUILD.decode_config(arch, d)[0])
 
 
@@ -357,10 +399,91 @@ def random_case(rng, i, kind, small):
         scale=float(d ** -0.5 * (1.0 if rng.random() < 0.7 else 2.0)), nan_rows=bool(rng.random() < 0.3))
 
 
+def add_modifiers(rng, c, which):
+    """Sets the score modifiers named in `which` (`softcap`, `alibi`, `sinks`) on case `c`:
+    caps small enough to bite (the scores are about N(0, 1)), ALiBi slopes of one row or one per
+    batch element (per packed sequence), BLOOM's or random ones with a zero slope now and then,
+    sink logits around the scores' scale (a large one now and then: the sink dominates)."""
+    h = c["q"].shape[2]
+    rows = c["q"].shape[0] if c["cu"] is None else len(c["cu"][0]) - 1
+    if "softcap" in which:
+        c["softcap"] = float(rng.choice([0.7, 1.5, 4.0, 30.0]))
+    if "alibi" in which:
+        nb = int(rng.choice([1, rows])) if rows > 1 else 1
+        if rng.random() < 0.5:
+            base = 2.0 ** (-8.0 * np.arange(1, h + 1) / h)  # BLOOM's slopes
+            slopes = np.broadcast_to(base, (nb, h)) * rng.uniform(0.5, 1.0, (nb, 1))
+        else:
+            slopes = rng.uniform(0.0, 0.3, (nb, h))
+            slopes[rng.random((nb, h)) < 0.2] = 0.0
+        c["alibi"] = np.ascontiguousarray(slopes, np.float32)
+    if "sinks" in which:
+        sinks = rng.standard_normal(h) * 2.0
+        if rng.random() < 0.3:
+            sinks[int(rng.integers(0, h))] = 6.0
+        c["sinks"] = sinks.astype(np.float32)
+    return c
+
+
+def make_case(rng, dt, b, l_, s_, h, hkv, d, causal=False, bottom_right=False, window=0,
+              key_range=None, cu=None, bias_rows_dead=False, nan_rows=False):
+    """A directed case: the shapes and masks given, random data."""
+    f = lambda *sh: rng.standard_normal(sh).astype(np.float32)  # noqa: E731
+    bias = None
+    if bias_rows_dead:
+        bias = f(1, h, l_, s_)
+        bias[..., ::3, :] = -np.inf  # every third row of every head fully masked
+        bias = np.ascontiguousarray(bias)
+    return dict(q=to_dtype(f(b, l_, h, d), dt), k=to_dtype(f(b, s_, hkv, d), dt),
+                v=to_dtype(f(b, s_, hkv, d), dt), dtype=dt, bias=bias, key_range=key_range, cu=cu,
+                causal=causal, bottom_right=bottom_right, window=window, scale=float(d ** -0.5),
+                nan_rows=nan_rows)
+
+
+def modifier_cases(rng):
+    """Directed score-modifier cases, `(kind, tiles, case)`: each modifier alone and all three,
+    with causal (both alignments), sliding windows, key padding (an empty key range: fully masked
+    rows, which a sink turns into zeros even under nan_rows), packed sequences (slopes per
+    sequence), GQA, biases with fully masked rows, each tile shape, and the split decode path."""
+    all3 = ("softcap", "alibi", "sinks")
+    packed = ([0, 5, 5, 40, 77], [0, 9, 20, 50, 121])  # an empty query sequence included
+    out = []
+
+    def add(kind, tiles, which, **kw):
+        out.append((kind, tiles, add_modifiers(rng, make_case(rng, **kw), which)))
+
+    add("fwd", "small", ("softcap",), dt="f16", b=2, l_=37, s_=53, h=4, hkv=2, d=64,
+        causal=True, bottom_right=True, window=9)
+    add("fwd", "sm80", ("alibi",), dt="bf16", b=2, l_=70, s_=90, h=3, hkv=3, d=80,
+        causal=True, key_range=[[3, 80], [0, 90]])
+    add("fwd", "sm90a", ("sinks",), dt="f16", b=2, l_=33, s_=40, h=4, hkv=1, d=96,
+        key_range=[[0, 40], [7, 7]], nan_rows=True)
+    add("fwd", "small", all3, dt="bf16", b=1, l_=77, s_=121, h=4, hkv=2, d=64,
+        causal=True, bottom_right=True, window=12, cu=packed)
+    add("fwd", "sm80", all3, dt="f16", b=1, l_=77, s_=121, h=2, hkv=2, d=128, cu=packed,
+        nan_rows=True)
+    add("fwd", "sm90a", all3, dt="f16", b=2, l_=29, s_=61, h=4, hkv=2, d=128,
+        causal=True, bias_rows_dead=True, nan_rows=True)
+    add("fwd", "sm80", all3, dt="bf16", b=2, l_=65, s_=65, h=2, hkv=1, d=256,
+        causal=True, key_range=[[0, 40], [10, 65]])
+    add("fwd", "small", all3, dt="f16", b=2, l_=20, s_=20, h=2, hkv=2, d=64,
+        key_range=[[0, 20], [4, 4]], nan_rows=True)
+    add("decode", "small", ("softcap",), dt="f16", b=2, l_=1, s_=300, h=4, hkv=1, d=64)
+    add("decode", "sm80", ("alibi",), dt="bf16", b=2, l_=2, s_=500, h=8, hkv=2, d=128,
+        causal=True, bottom_right=True)
+    add("decode", "small", ("sinks",), dt="bf16", b=2, l_=1, s_=200, h=2, hkv=2, d=96,
+        key_range=[[5, 180], [50, 50]], nan_rows=True)
+    add("decode", "sm80", all3, dt="f16", b=2, l_=3, s_=400, h=6, hkv=2, d=64,
+        causal=True, bottom_right=True, window=150, bias_rows_dead=True, nan_rows=True)
+    add("decode", "sm80", all3, dt="bf16", b=1, l_=1, s_=640, h=4, hkv=4, d=256,
+        key_range=[[100, 600]])
+    return out
+
+
 def describe(c, kind, cfg_name):
     b, l_, h, d = c["q"].shape
     s_, hkv = c["k"].shape[1], c["k"].shape[2]
-    t = tile_config(cfg_name, d, c["bias"] is not None)
+    t = tile_config(cfg_name, d, c["bias"] is not None, has_mods(c))
     tiles = f"{DECODE_MAX_ROWS}x{t['decode_bn']}" if kind == "decode" else f"{t['bm']}x{t['bn']}"
     parts = [f"{kind}/{cfg_name}({tiles})", c["dtype"], f"B{b} L{l_} S{s_} H{h}/{hkv} D{d}"]
     if c["causal"]:
@@ -373,17 +496,25 @@ def describe(c, kind, cfg_name):
         parts.append(f"bias{tuple(c['bias'].shape)}")
     if c["nan_rows"]:
         parts.append("nan-rows")
+    if c.get("softcap") is not None:
+        parts.append(f"softcap{c['softcap']:g}")
+    if c.get("alibi") is not None:
+        parts.append(f"alibi{tuple(c['alibi'].shape)}")
+    if c.get("sinks") is not None:
+        parts.append("sinks")
     return " ".join(parts)
 
 
 def check_case(mod, c, kind, cfg_name):
-    cfg = tile_config(cfg_name, c["q"].shape[3], c["bias"] is not None)
+    cfg = tile_config(cfg_name, c["q"].shape[3], c["bias"] is not None, has_mods(c))
     dt = c["dtype"]
     q, k, v = (from_dtype(c[n], dt) for n in "qkv")
     bias = None if c["bias"] is None else np.broadcast_to(
         c["bias"].astype(np.float64), (q.shape[0], q.shape[2], q.shape[1], k.shape[1]))
     ref = reference(q, k, v, bias, c["key_range"], c["cu"], c["causal"], c["bottom_right"],
-                    c["window"], c["scale"], c["nan_rows"])
+                    c["window"], c["scale"], c["nan_rows"], softcap=c.get("softcap"),
+                    alibi=None if c.get("alibi") is None else c["alibi"].astype(np.float64),
+                    sinks=None if c.get("sinks") is None else c["sinks"].astype(np.float64))
     out = from_dtype(launch(mod, c, cfg, kind == "decode", num_sms=4), dt)
     poison = from_dtype(to_dtype(np.array([12345.0], np.float32), dt), dt)[0]
     if np.any(out == poison):
@@ -400,7 +531,7 @@ def check_case(mod, c, kind, cfg_name):
     return None
 
 
-def sweep(n_random, seed):
+def sweep(n_random, n_mods, seed):
     spec = importlib.util.spec_from_file_location("flash_attention", SOURCE)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -408,13 +539,28 @@ def sweep(n_random, seed):
     passed = failed = 0
     plan = []
     for i in range(n_random):
-        plan.append(("fwd", ["sm80", "sm90a", "small"][i % 3], i))
+        plan.append(("fwd", ["sm80", "sm90a", "small"][i % 3], i, None))
     for i in range(max(6, n_random // 4)):
-        plan.append(("decode", ["sm80", "small"][i % 2], i))
-    for kind, cfg_name, i in plan:
-        c = None
-        while c is None:
-            c = random_case(rng, i, kind, cfg_name == "small")
+        plan.append(("decode", ["sm80", "small"][i % 2], i, None))
+    # Score modifiers: random cases (their own generator, so the plain cases above stay the
+    # same for a seed) with one, two or three modifiers, then the directed ones.
+    mrng = np.random.default_rng(seed + 1000)
+    combos = [("softcap",), ("alibi",), ("sinks",), ("softcap", "alibi", "sinks"),
+              ("softcap", "sinks"), ("alibi", "sinks")]
+    for i in range(n_mods):
+        plan.append(("fwd", ["sm80", "sm90a", "small"][i % 3], i, combos[i % len(combos)]))
+    for i in range(max(4, n_mods // 4)):
+        plan.append(("decode", ["sm80", "small"][i % 2], i, combos[(i + 1) % len(combos)]))
+    directed = modifier_cases(mrng) if n_mods else []
+    for kind, cfg_name, i, which in plan + [(k, t, c, "directed") for k, t, c in directed]:
+        if which == "directed":
+            c = i
+        else:
+            c = None
+            while c is None:
+                c = random_case(rng if which is None else mrng, i, kind, cfg_name == "small")
+            if which is not None:
+                c = add_modifiers(mrng, c, which)
         name = describe(c, kind, cfg_name)
         try:
             why = check_case(mod, c, kind, cfg_name)
@@ -458,7 +604,8 @@ def check_artifacts():
     entries = re.findall(r"Artifact \{(.*?)\},\n", text)
     for e in entries:
         f = dict(re.findall(r'(\w+): ("[^"]*"|[\w:]+)', e))
-        name = f"{f['kind']} sm_{f['arch']} {f['dtype']} d{f['head_dim']} bias={f['has_bias']}"
+        name = (f"{f['kind']} sm_{f['arch']} {f['dtype']} d{f['head_dim']} bias={f['has_bias']}"
+                f" mods={f['has_modifiers']}")
         problems = []
         off, n = int(f["cubin_offset"]), int(f["cubin_len"])
         cubin = cubins[off:off + n]
@@ -514,6 +661,9 @@ def check_artifacts():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", type=int, default=48, help="random forward cases (decode: a quarter)")
+    ap.add_argument("--mod-cases", type=int, default=24,
+                    help="random forward cases with score modifiers (decode: a quarter, at least 4),"
+                    " then the directed modifier cases (0: none)")
     ap.add_argument("--seed", type=int, default=11)
     ap.add_argument("--skip-artifacts", action="store_true")
     ap.add_argument("--skip-sweep", action="store_true")
@@ -521,7 +671,7 @@ def main():
     patch_interpreter_bf16_dot()
     passed = failed = 0
     if not args.skip_sweep:
-        p, f = sweep(args.cases, args.seed)
+        p, f = sweep(args.cases, args.mod_cases, args.seed)
         passed, failed = passed + p, failed + f
     if not args.skip_artifacts:
         p, f = check_artifacts()

@@ -14,12 +14,17 @@ module docs):
 * ``attn_decode_combine``: merges the partial results of every chunk into the output.
 
 The semantics are those of the crate's reference kernel (``src/kernels/reference.rs``): scores
-``scale * q.k + bias``; the keys a query row may see are the intersection of its sequence (packed
-offsets), its batch element's key range (key padding as a range), the causal band (top-left or
-bottom-right alignment, optional sliding window); fully masked rows (no visible key, or every
-visible score ``-inf``) give 0, or NaN under ``nan_rows``. Every mask is a runtime argument except
-whether a dense additive bias is read (``HAS_BIAS``, a compile-time constant: the mask-free
-variant has no bias code at all).
+``scale * q.k``, soft-capped (``softcap`` = c > 0: ``c * tanh(s / c)``), minus the ALiBi term
+(``has_alibi``: ``m * |i + S - L - j|``, one slope per query head and batch element or packed
+sequence; ``i``, ``j``, ``L``, ``S`` the sequence's own), plus the bias; the keys a query row may
+see are the intersection of its sequence (packed offsets), its batch element's key range (key
+padding as a range), the causal band (top-left or bottom-right alignment, optional sliding
+window); fully masked rows (no visible key, or every visible score ``-inf``) give 0, or NaN under
+``nan_rows``. An attention sink (``has_sinks``: one logit per query head, a key with no value)
+joins each row's softmax once the row is finished (in ``attn_decode_combine`` on the split path,
+once per row): a row with no visible key then gives 0, whatever ``nan_rows`` says. Every mask and
+score modifier is a runtime argument except whether a dense additive bias is read (``HAS_BIAS``,
+a compile-time constant: the mask-free variant has no bias code at all).
 
 The q, k, v and output pointers are assumed 16-byte aligned and their batch, row and head strides
 divisible by 16 elements (the compile attributes: they let every q, k and v load be a 16-byte
@@ -60,6 +65,32 @@ def _kv_tile(k_base, v_base, keys, n_ok, offs_d, d_ok, stride_ks, stride_vs):
 
 
 @triton.jit
+def _modified(qk, offs_m, offs_n, qk_scale, softcap, cap_in, cap_out, slope, shift):
+    """The raw products ``q.k`` of a tile to scores in log2 units with the score modifiers,
+    without a branch (a runtime branch on the products fails Triton's sm_90a pipeliner):
+    scaled, soft-capped where ``softcap > 0`` (``c * tanh(s / c)`` as ``c - 2c / (exp(2s / c) +
+    1)``, exact at both ends where ``exp2`` gives ``inf`` or 0; ``cap_in = 2 * scale * log2(e) /
+    c``, ``cap_out = c * log2(e)``), minus ALiBi ``slope * |i + shift - j|`` (``slope`` in log2
+    units, 0 for none: a scalar, or one per row as ``(BLOCK_M, 1)``; ``shift = S - L`` of the
+    sequence)."""
+    capped = cap_out - (2.0 * cap_out) / (tl.math.exp2(qk * cap_in) + 1.0)
+    qk = tl.where(softcap > 0.0, capped, qk * qk_scale)
+    row_at = (offs_m + shift).to(tl.float32)
+    return qk - slope * tl.abs(row_at[:, None] - offs_n.to(tl.float32)[None, :])
+
+
+@triton.jit
+def _join_sink(m_i, l_i, sink):
+    """The sink logit ``sink`` (log2 units; ``-inf``: none) joined to the finished rows' softmax:
+    the new sum and the factor the accumulator takes (``exp2(m_old - m_new)``). A row with no
+    visible key keeps ``l = exp2(0) = 1`` and an accumulator of zeros: output 0."""
+    m_new = tl.maximum(m_i, sink)
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_use)
+    return l_i * alpha + tl.math.exp2(sink - m_use), alpha
+
+
+@triton.jit
 def _online_step(qk, keep, m_i, l_i, acc, v):
     """One online-softmax step: masks ``qk`` (already in log2 units), rescales the running
     row max ``m_i``, sum ``l_i`` and accumulator ``acc`` and adds ``p @ v``."""
@@ -76,20 +107,24 @@ def _online_step(qk, keep, m_i, l_i, acc, v):
 
 @triton.jit
 def attn_fwd(
-    Q, K, V, O, Bias, KeyRange, CuQ, CuK,
+    Q, K, V, O, Bias, KeyRange, CuQ, CuK, Alibi, Sinks,
     stride_qb, stride_ql, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_ob, stride_ol, stride_oh,
     stride_mb, stride_mh, stride_ml,
     L, S, GROUP, scale,
-    causal, bottom_right, window, has_range, packed, nan_rows,
+    causal, bottom_right, window, has_range,
+    softcap, has_alibi, stride_ab, has_sinks,
+    packed, nan_rows,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_MODIFIERS: tl.constexpr,
 ):
     """Grid ``(cdiv(max rows per sequence, BLOCK_M), sequences, H)``. Sequences are the batch
     elements, or the packed sequences of batch element 0 (``packed``: offsets ``CuQ``/``CuK``).
-    ``KeyRange``: ``(B, 2)`` int32 visible key range per batch element (``has_range``)."""
+    ``KeyRange``: ``(B, 2)`` int32 visible key range per batch element (``has_range``).
+    ``Alibi``: f32 slopes, row ``z * stride_ab`` (``z``: the batch element or packed sequence;
+    ``stride_ab`` 0 for one row of slopes), column ``h``; ``Sinks``: ``(H,)`` f32 sink logits."""
     pid_m = tl.program_id(0)
     z = tl.program_id(1)
     h = tl.program_id(2)
@@ -134,18 +169,30 @@ def attn_fwd(
             if window > 0:
                 lo_t = tl.maximum(lo_t, start_m + diag + 1 - window)
 
+        qk_scale = scale * LOG2E
+        cap_in = 2.0 * qk_scale / tl.where(softcap > 0.0, softcap, 1.0)
+        cap_out = softcap * LOG2E
+        # ALiBi: the slope in log2 units (0: none); row i's distances are measured from
+        # i + S - L (the sequence's own lengths).
+        slope = 0.0
+        if has_alibi != 0:
+            slope = tl.load(Alibi + z * stride_ab + h) * LOG2E
+        shift = lk - lq
+        k_base = K + bz64 * stride_kb + hk * stride_kh
+        v_base = V + bz64 * stride_vb + hk * stride_vh
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        qk_scale = scale * LOG2E
-        k_base = K + bz64 * stride_kb + hk * stride_kh
-        v_base = V + bz64 * stride_vb + hk * stride_vh
         for start_n in range(lo_t, hi_t, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             n_ok = offs_n < hi_t
             keys = (k0 + offs_n).to(tl.int64)
             k, v = _kv_tile(k_base, v_base, keys, n_ok, offs_d, d_ok, stride_ks, stride_vs)
-            qk = tl.dot(q, k) * qk_scale
+            qk = tl.dot(q, k)
+            if HAS_MODIFIERS:
+                qk = _modified(qk, offs_m, offs_n, qk_scale, softcap, cap_in, cap_out, slope, shift)
+            else:
+                qk = qk * qk_scale
             keep = _tile_mask(offs_m, offs_n, lo_t, hi_t, diag, causal, window)
             if HAS_BIAS:
                 # Masked by rows and keys only (a key outside the causal band is read, then
@@ -156,9 +203,12 @@ def attn_fwd(
                 qk = qk + bias * LOG2E
             m_i, l_i, acc = _online_step(qk, keep, m_i, l_i, acc, v)
 
+        sink = float("-inf")
+        if has_sinks != 0:
+            sink = tl.load(Sinks + h) * LOG2E
+        l_i, alpha = _join_sink(m_i, l_i, sink)
         masked = l_i == 0.0
-        denom = tl.where(masked, 1.0, l_i)
-        out = acc / denom[:, None]
+        out = acc * (alpha / tl.where(masked, 1.0, l_i))[:, None]
         fill = 0.0
         if nan_rows != 0:
             fill = float("nan")
@@ -169,20 +219,24 @@ def attn_fwd(
 
 @triton.jit
 def attn_decode_split(
-    Q, K, V, Bias, KeyRange, PartO, PartM, PartL,
+    Q, K, V, Bias, KeyRange, Alibi, PartO, PartM, PartL,
     stride_qb, stride_ql, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_mb, stride_mh, stride_ml,
     L, S, H, GROUP, scale,
-    causal, bottom_right, window, has_range, has_bias, chunk, num_splits,
+    causal, bottom_right, window, has_range,
+    softcap, has_alibi, stride_ab,
+    has_bias, chunk, num_splits,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid ``(num_splits, B, Hkv)``; needs ``GROUP * L <= BLOCK_M``. Split ``s`` takes keys
     ``s * chunk .. (s + 1) * chunk`` for the ``GROUP * L`` query rows of KV head ``hk``: row ``r``
     is query head ``hk * GROUP + r // L``, position ``r % L``. Writes, per (b, h, i, split), the
     row max (log2 units) to ``PartM``, the sum of exponentials to ``PartL`` and the unnormalised
-    ``p @ v`` to ``PartO`` (``(B, H, L, num_splits[, HEAD_DIM])``, f32)."""
+    ``p @ v`` to ``PartO`` (``(B, H, L, num_splits[, HEAD_DIM])``, f32). Soft-capping and ALiBi
+    apply here (``Alibi`` row ``b * stride_ab``, column the row's query head); the sink joins
+    in ``attn_decode_combine``, once per row."""
     split = tl.program_id(0)
     b = tl.program_id(1)
     hk = tl.program_id(2)
@@ -215,6 +269,12 @@ def attn_decode_split(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     qk_scale = scale * LOG2E
+    cap_in = 2.0 * qk_scale / tl.where(softcap > 0.0, softcap, 1.0)
+    cap_out = softcap * LOG2E
+    slope = tl.zeros([BLOCK_M], tl.float32)
+    if has_alibi != 0:
+        slope = tl.load(Alibi + b * stride_ab + hq, mask=row_ok, other=0.0) * LOG2E
+    shift = S - L
     k_base = K + b64 * stride_kb + hk * stride_kh
     v_base = V + b64 * stride_vb + hk * stride_vh
     for start_n in range(lo_t, hi_t, BLOCK_N):
@@ -222,7 +282,12 @@ def attn_decode_split(
         n_ok = offs_n < hi_t
         keys = offs_n.to(tl.int64)
         k, v = _kv_tile(k_base, v_base, keys, n_ok, offs_d, d_ok, stride_ks, stride_vs)
-        qk = tl.dot(q, k) * qk_scale
+        qk = tl.dot(q, k)
+        if (softcap > 0.0) | (has_alibi != 0):
+            qk = _modified(qk, offs_m, offs_n, qk_scale, softcap, cap_in, cap_out, slope[:, None],
+                           shift)
+        else:
+            qk = qk * qk_scale
         keep = _tile_mask(offs_m, offs_n, lo_t, hi_t, diag, causal, window) & row_ok[:, None]
         if has_bias != 0:
             bias = tl.load(Bias + b64 * stride_mb + hq[:, None] * stride_mh
@@ -239,24 +304,28 @@ def attn_decode_split(
 
 @triton.jit
 def attn_decode_combine(
-    PartO, PartM, PartL, O,
+    PartO, PartM, PartL, O, Sinks,
     stride_ob, stride_ol, stride_oh,
-    L, H, num_splits, nan_rows,
+    L, H, num_splits, has_sinks, nan_rows,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Grid ``(L, H, B)``: merges the ``num_splits`` partial results of one output row."""
+    """Grid ``(L, H, B)``: merges the ``num_splits`` partial results of one output row, and joins
+    the head's sink logit (``has_sinks``: ``Sinks``, ``(H,)`` f32) to the merged softmax, once."""
     i = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
     base = ((b.to(tl.int64) * H + h) * L + i) * num_splits
-    m = float("-inf")
+    sink = float("-inf")
+    if has_sinks != 0:
+        sink = tl.load(Sinks + h) * LOG2E
+    m = sink
     for s in range(0, num_splits):
         m = tl.maximum(m, tl.load(PartM + base + s))
     m_use = tl.where(m == float("-inf"), 0.0, m)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     acc = tl.zeros([BLOCK_D], tl.float32)
-    l = 0.0
+    l = tl.math.exp2(sink - m_use)
     for s in range(0, num_splits):
         w = tl.math.exp2(tl.load(PartM + base + s) - m_use)
         l += w * tl.load(PartL + base + s)

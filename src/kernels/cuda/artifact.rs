@@ -46,6 +46,9 @@ pub(crate) struct Artifact {
     pub head_dim: usize,
     /// Whether the variant reads a dense additive bias (`HAS_BIAS`).
     pub has_bias: bool,
+    /// Whether the variant applies soft-capping and ALiBi (`HAS_MODIFIERS`, forward only; the
+    /// sinks are runtime arguments of every variant).
+    pub has_modifiers: bool,
     pub block_m: usize,
     pub block_n: usize,
     pub block_d: usize,
@@ -110,13 +113,15 @@ pub(crate) fn image_for(arch: u32, major: i32, minor: i32) -> Option<Image> {
     }
 }
 
-/// The variant of `kind` for these parameters, if one was compiled.
+/// The variant of `kind` for these parameters, if one was compiled (`has_bias` and
+/// `has_modifiers` choose among the forward variants only).
 pub(crate) fn find(
     kind: KernelKind,
     arch: u32,
     dtype: Dt,
     head_dim: usize,
     has_bias: bool,
+    has_modifiers: bool,
 ) -> Option<(usize, &'static Artifact)> {
     super::manifest::ARTIFACTS
         .iter()
@@ -126,7 +131,8 @@ pub(crate) fn find(
                 && a.arch == arch
                 && a.dtype == dtype
                 && a.head_dim == head_dim
-                && (kind != KernelKind::Fwd || a.has_bias == has_bias)
+                && (kind != KernelKind::Fwd
+                    || (a.has_bias == has_bias && a.has_modifiers == has_modifiers))
         })
 }
 

@@ -12,7 +12,7 @@ use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{
     bail, CpuStorage, CudaDevice, CudaStorage, CustomOp3, DType, Device, Layout, Result, Shape,
-    Storage, Tensor,
+    Storage, StorageRef, Tensor,
 };
 use half::{bf16, f16};
 
@@ -178,6 +178,7 @@ fn variants(
     };
     let dt = Dt::of(c.q.dtype()).ok_or("f16/bf16 only")?;
     let has_bias = c.mask.bias().is_some() || c.mask.key_bias().is_some();
+    let has_mods = c.mask.softcap().is_some() || c.mask.alibi_slopes().is_some();
     let kinds: &[KernelKind] = if use_decode(c) {
         &[KernelKind::DecodeSplit, KernelKind::DecodeCombine]
     } else {
@@ -186,7 +187,7 @@ fn variants(
     kinds
         .iter()
         .map(|&k| {
-            artifact::find(k, arch, dt, c.d, has_bias).ok_or_else(|| {
+            artifact::find(k, arch, dt, c.d, has_bias, has_mods).ok_or_else(|| {
                 format!(
                     "no compiled {k:?} variant for sm_{arch} {dt:?} head size {}",
                     c.d
@@ -226,6 +227,12 @@ pub(super) fn forward(c: &AttnCall) -> Result<Tensor> {
     };
     let info = device_info(dev)?;
     let vs = variants(c, &info).map_err(candle_core::Error::Msg)?;
+    // The score modifiers' tensors as the kernel reads them: f32, contiguous, on q's GPU.
+    let on_gpu = |t: &Tensor| -> Result<Tensor> {
+        t.to_device(c.q.device())?
+            .to_dtype(DType::F32)?
+            .contiguous()
+    };
     let op = CudaAttention {
         b: c.b,
         l: c.l,
@@ -235,6 +242,8 @@ pub(super) fn forward(c: &AttnCall) -> Result<Tensor> {
         d: c.d,
         flags: Flags::of(c),
         bias: dense_bias(c)?,
+        alibi: c.mask.alibi_slopes().map(on_gpu).transpose()?,
+        sinks: c.mask.sinks().map(on_gpu).transpose()?,
         key_ranges: c.mask.key_ranges().map(|r| {
             r.iter()
                 .flat_map(|&(lo, hi)| [lo as i32, hi as i32])
@@ -262,6 +271,10 @@ struct CudaAttention {
     d: usize,
     flags: Flags,
     bias: Option<Tensor>,
+    /// ALiBi slopes, `(1 or sequences, H)` f32 contiguous.
+    alibi: Option<Tensor>,
+    /// Sink logits, `(H,)` f32 contiguous.
+    sinks: Option<Tensor>,
     key_ranges: Option<Vec<i32>>,
     packed: Option<(Vec<i32>, Vec<i32>)>,
     variants: Vec<(usize, &'static Artifact)>,
@@ -279,6 +292,22 @@ where
     let slice = s.as_cuda_slice::<T>()?;
     let (p, _sync) = slice.device_ptr(stream);
     Ok(p + (layout.start_offset() * std::mem::size_of::<T>()) as u64)
+}
+
+/// The device address of a held f32 tensor's first element, 0 for none (the kernel's flags then
+/// never read it).
+fn f32_ptr(
+    held: &Option<(StorageRef<'_>, &Layout)>,
+    what: &str,
+    stream: &Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
+) -> Result<u64> {
+    match held {
+        Some((st, lay)) => match &**st {
+            Storage::Cuda(cs) => ptr::<f32>(cs, lay, stream),
+            _ => bail!("the {what} are not on the GPU"),
+        },
+        None => Ok(0),
+    }
 }
 
 fn launch(
@@ -355,6 +384,10 @@ impl CudaAttention {
             None => (0, [0; 3]),
         };
         let has_bias = bias_guard.is_some();
+        let alibi_guard = self.alibi.as_ref().map(|t| t.storage_and_layout());
+        let sinks_guard = self.sinks.as_ref().map(|t| t.storage_and_layout());
+        let pa = f32_ptr(&alibi_guard, "ALiBi slopes", &stream)?;
+        let ps = f32_ptr(&sinks_guard, "attention sinks", &stream)?;
         let (po, _og) = out.device_ptr_mut(&stream);
         if POISON.load(Ordering::Relaxed) {
             use candle_core::cuda_backend::cudarc::driver::result::memset_d8_async;
@@ -376,7 +409,7 @@ impl CudaAttention {
             let (ppm, _g2) = part_m.device_ptr_mut(&stream);
             let (ppl, _g3) = part_l.device_ptr_mut(&stream);
             let args = decode_split_args(
-                [pq, pk, pv, pb, pr, ppo, ppm, ppl],
+                [pq, pk, pv, pb, pr, pa, ppo, ppm, ppl],
                 sq3,
                 sk3,
                 sv3,
@@ -393,10 +426,10 @@ impl CudaAttention {
                 &args,
             )?;
             let args = decode_combine_args(
-                [ppo, ppm, ppl, po],
+                [ppo, ppm, ppl, po, ps],
                 o_strides,
                 (l, h, splits),
-                self.flags.nan_rows,
+                self.flags,
             );
             launch(dev, self.variants[1], (l as u32, h as u32, b as u32), &args)?;
         } else {
@@ -424,7 +457,7 @@ impl CudaAttention {
                 None => (0, 0),
             };
             let args = fwd_args(
-                [pq, pk, pv, po, pb, pr, pcq, pck],
+                [pq, pk, pv, po, pb, pr, pcq, pck, pa, ps],
                 sq3,
                 sk3,
                 sv3,

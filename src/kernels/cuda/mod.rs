@@ -11,10 +11,11 @@
 //! the launcher's argument lists against the manifest (tests).
 //!
 //! - **Artifacts.** Every variant (f16 and bf16; head sizes 64, 80, 96, 128, 256; with and
-//!   without a dense bias; the forward and the two decode kernels) is compiled for `sm_80` and for
+//!   without a dense bias, with and without soft-capping/ALiBi; the forward and the two decode
+//!   kernels) is compiled for `sm_80` and for
 //!   `sm_90a` (H100/H200, wgmma) and assembled by the ptxas that Triton bundles
-//!   ([`PTXAS_VERSION`]): `kernels.cubin.xz` holds the cubins (2.1 MB, about 0.14 MB
-//!   xz-compressed), `kernels.ptx.xz` the `sm_80` PTX (2 MB, about 0.06 MB). `manifest.rs`,
+//!   ([`PTXAS_VERSION`]): `kernels.cubin.xz` holds the cubins (3.6 MB, about 0.22 MB
+//!   xz-compressed), `kernels.ptx.xz` the `sm_80` PTX (3.7 MB, about 0.11 MB). `manifest.rs`,
 //!   generated with them by `scripts/build_cuda_kernels.py`, gives each variant's entry,
 //!   parameters, launch shape, shared memory, registers and spills (none), and hashes. A build
 //!   needs no nvcc, no Python and no extra time.
@@ -34,6 +35,17 @@
 //!   loaded), key padding as per-batch key ranges, packed sequences (`cu_seqlens`), a dense
 //!   additive bias of any broadcast shape (read per tile, in its own compiled variant), GQA/MQA
 //!   without repeating K/V, `L != S`, and the fully-masked-row policy of the reference.
+//! - **Score modifiers.** Soft-capping (`softcap`, 0 = off) on the scaled logits of each tile,
+//!   as `c - 2c / (exp(2s/c) + 1)`; ALiBi (a slopes pointer, `has_alibi`, and the slopes' row
+//!   stride: 0 for one row, `H` per batch element or packed sequence) subtracted per element
+//!   from the sequence's own `i + S - L`; then the bias and the masks; the sink (`Sinks`,
+//!   `has_sinks`) joins each row's online softmax once the row is finished (in the combine
+//!   kernel on the decode path, never per split), so a row with no visible key gives 0 under
+//!   either policy. All are runtime arguments; the forward has one compile-time flag,
+//!   `HAS_MODIFIERS` (soft-capping or ALiBi: a runtime branch between the wgmma and the
+//!   softmax fails Triton's sm_90a pipeliner), so calls without them run the loop they ran
+//!   before; sinks need no variant. Forward only: autograd (sinks or slopes tracked included)
+//!   takes the reference.
 //! - **Decode.** Few query rows (`GROUP · L <= 16`) over long keys (`S >=` [`DECODE_MIN_KEYS`])
 //!   take the flash-decoding pair: the keys are split across programs (enough for two waves over
 //!   the GPU's multiprocessors), each reading a K/V tile once for all the query heads that share
@@ -193,7 +205,7 @@ pub(crate) fn unsupported_call(c: &AttnCall) -> Option<String> {
             c.d, c.dv
         ));
     }
-    if artifact::find(KernelKind::Fwd, 80, dt, c.d, false).is_none() {
+    if artifact::find(KernelKind::Fwd, 80, dt, c.d, false, false).is_none() {
         return Some(format!(
             "the fused CUDA kernel is compiled for head sizes {:?}, got {}",
             artifact::head_dims(),
@@ -220,6 +232,9 @@ pub(crate) fn unsupported_call(c: &AttnCall) -> Option<String> {
             c.b, c.l, c.h, c.s
         ));
     }
+    if let Some(why) = modifier_problem(c, sequences) {
+        return Some(why);
+    }
     let elem = c.q.dtype().size_in_bytes();
     for (name, t) in [("q", c.q), ("k", c.k), ("v", c.v)] {
         if let Some(why) = layout_problem(name, t.layout(), elem) {
@@ -227,6 +242,39 @@ pub(crate) fn unsupported_call(c: &AttnCall) -> Option<String> {
         }
     }
     None
+}
+
+/// Why the call's score modifiers (named in the message) do not fit the kernel's arguments, if
+/// they do not: ALiBi slopes of shape `(1 or sequences, H)` (`sequences`: the batch elements, or
+/// the packed sequences), sinks of shape `(H,)`, a soft-cap that is finite and positive as an
+/// f32. The mask plan validates all three; this guards the kernel's reads against a plan built
+/// otherwise.
+pub(crate) fn modifier_problem(c: &AttnCall, sequences: usize) -> Option<String> {
+    let why = if let Some(t) = c
+        .mask
+        .alibi_slopes()
+        .filter(|t| !matches!(*t.dims(), [n, h] if h == c.h && (n == 1 || n == sequences)))
+    {
+        format!(
+            "ALiBi slopes of shape (1 or {sequences}, {}) expected, got {:?}",
+            c.h,
+            t.dims()
+        )
+    } else if let Some(t) = c.mask.sinks().filter(|t| t.dims() != [c.h]) {
+        format!("sinks of shape ({},) expected, got {:?}", c.h, t.dims())
+    } else if let Some(cap) = c
+        .mask
+        .softcap()
+        .filter(|&cap| !((cap as f32).is_finite() && cap as f32 > 0.0))
+    {
+        format!("softcap {cap} is not a finite positive f32")
+    } else {
+        return None;
+    };
+    Some(format!(
+        "the fused CUDA kernel cannot apply these score modifiers ({}): {why}",
+        c.mask.score_modifier_names()
+    ))
 }
 
 /// The dense additive bias the kernel reads: the plan's attention mask and float key padding
@@ -261,6 +309,15 @@ pub(crate) struct Flags {
     pub has_range: i32,
     pub nan_rows: i32,
     pub scale: f32,
+    /// The soft-cap `c` (`s ← c·tanh(s/c)`); 0 = off.
+    pub softcap: f32,
+    /// Whether ALiBi slopes are read.
+    pub has_alibi: i32,
+    /// The slopes' row stride in elements: 0 for one row, `H` for one row per batch element
+    /// (per packed sequence).
+    pub alibi_stride: i32,
+    /// Whether sink logits are read (they join every row's softmax once, at its end).
+    pub has_sinks: i32,
 }
 
 impl Flags {
@@ -278,6 +335,13 @@ impl Flags {
             has_range: c.mask.key_ranges().is_some() as i32,
             nan_rows: (c.params.masked_rows == MaskedRowPolicy::Nan) as i32,
             scale: c.params.scale as f32,
+            softcap: c.mask.softcap().map_or(0.0, |cap| cap as f32),
+            has_alibi: c.mask.alibi_slopes().is_some() as i32,
+            alibi_stride: match c.mask.alibi_slopes().map(|t| t.dims()[0]) {
+                Some(n) if n > 1 => c.h as i32,
+                _ => 0,
+            },
+            has_sinks: c.mask.sinks().is_some() as i32,
         }
     }
 }
@@ -304,12 +368,6 @@ impl Kernel for CudaFused {
             return Some(format!(
                 "the fused CUDA kernel needs CUDA tensors, got {:?}",
                 c.q.device().location()
-            ));
-        }
-        if c.mask.has_score_modifiers() {
-            return Some(format!(
-                "the fused CUDA kernel does not apply score modifiers yet ({}): the reference does",
-                c.mask.score_modifier_names()
             ));
         }
         #[cfg(not(feature = "cuda"))]
@@ -342,7 +400,7 @@ impl Kernel for CudaFused {
 /// The arguments of `attn_fwd`, in the PTX's order.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn fwd_args(
-    ptrs: [u64; 8],
+    ptrs: [u64; 10],
     q: [usize; 3],
     k: [usize; 3],
     v: [usize; 3],
@@ -352,10 +410,10 @@ pub(crate) fn fwd_args(
     f: Flags,
     packed: bool,
 ) -> Vec<(&'static str, Arg)> {
-    let mut args = pointer_args(
-        &["Q", "K", "V", "O", "Bias", "KeyRange", "CuQ", "CuK"],
-        &ptrs,
-    );
+    let names = [
+        "Q", "K", "V", "O", "Bias", "KeyRange", "CuQ", "CuK", "Alibi", "Sinks",
+    ];
+    let mut args = pointer_args(&names, &ptrs);
     qkv_strides(&mut args, q, k, v);
     push_strides(&mut args, ["stride_ob", "stride_ol", "stride_oh"], o);
     push_strides(&mut args, ["stride_mb", "stride_mh", "stride_ml"], m);
@@ -365,7 +423,9 @@ pub(crate) fn fwd_args(
         ("GROUP", Arg::I32(group as i32)),
     ]);
     args.extend(mask_args(f));
+    args.extend(modifier_args(f));
     args.extend([
+        ("has_sinks", Arg::I32(f.has_sinks)),
         ("packed", Arg::I32(packed as i32)),
         ("nan_rows", Arg::I32(f.nan_rows)),
     ]);
@@ -375,7 +435,7 @@ pub(crate) fn fwd_args(
 /// The arguments of `attn_decode_split`, in the PTX's order.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn decode_split_args(
-    ptrs: [u64; 8],
+    ptrs: [u64; 9],
     q: [usize; 3],
     k: [usize; 3],
     v: [usize; 3],
@@ -385,7 +445,9 @@ pub(crate) fn decode_split_args(
     has_bias: bool,
     (chunk, splits): (usize, usize),
 ) -> Vec<(&'static str, Arg)> {
-    let names = ["Q", "K", "V", "Bias", "KeyRange", "PartO", "PartM", "PartL"];
+    let names = [
+        "Q", "K", "V", "Bias", "KeyRange", "Alibi", "PartO", "PartM", "PartL",
+    ];
     let mut args = pointer_args(&names, &ptrs);
     qkv_strides(&mut args, q, k, v);
     push_strides(&mut args, ["stride_mb", "stride_mh", "stride_ml"], m);
@@ -396,6 +458,7 @@ pub(crate) fn decode_split_args(
         ("GROUP", Arg::I32(group as i32)),
     ]);
     args.extend(mask_args(f));
+    args.extend(modifier_args(f));
     args.extend([
         ("has_bias", Arg::I32(has_bias as i32)),
         ("chunk", Arg::I32(chunk as i32)),
@@ -404,20 +467,22 @@ pub(crate) fn decode_split_args(
     args
 }
 
-/// The arguments of `attn_decode_combine`, in the PTX's order.
+/// The arguments of `attn_decode_combine`, in the PTX's order: the sinks join here, once per
+/// row, after the splits are merged.
 pub(crate) fn decode_combine_args(
-    ptrs: [u64; 4],
+    ptrs: [u64; 5],
     o: [usize; 3],
     (l, h, splits): (usize, usize, usize),
-    nan_rows: i32,
+    f: Flags,
 ) -> Vec<(&'static str, Arg)> {
-    let mut args = pointer_args(&["PartO", "PartM", "PartL", "O"], &ptrs);
+    let mut args = pointer_args(&["PartO", "PartM", "PartL", "O", "Sinks"], &ptrs);
     push_strides(&mut args, ["stride_ob", "stride_ol", "stride_oh"], o);
     args.extend([
         ("L", Arg::I32(l as i32)),
         ("H", Arg::I32(h as i32)),
         ("num_splits", Arg::I32(splits as i32)),
-        ("nan_rows", Arg::I32(nan_rows)),
+        ("has_sinks", Arg::I32(f.has_sinks)),
+        ("nan_rows", Arg::I32(f.nan_rows)),
     ]);
     args
 }
@@ -446,6 +511,16 @@ fn mask_args(f: Flags) -> [(&'static str, Arg); 5] {
         ("bottom_right", Arg::I32(f.bottom_right)),
         ("window", Arg::I32(f.window)),
         ("has_range", Arg::I32(f.has_range)),
+    ]
+}
+
+/// Soft-capping and ALiBi, in the order both attention kernels take them (the sinks join at the
+/// end of a row: in `attn_fwd`, or in `attn_decode_combine`).
+fn modifier_args(f: Flags) -> [(&'static str, Arg); 3] {
+    [
+        ("softcap", Arg::F32(f.softcap)),
+        ("has_alibi", Arg::I32(f.has_alibi)),
+        ("stride_ab", Arg::I32(f.alibi_stride)),
     ]
 }
 

@@ -15,6 +15,10 @@ fn flags() -> Flags {
         has_range: 0,
         nan_rows: 0,
         scale: 0.125,
+        softcap: 0.0,
+        has_alibi: 0,
+        alibi_stride: 0,
+        has_sinks: 0,
     }
 }
 
@@ -24,11 +28,11 @@ fn launcher_arguments_match_every_artifact() {
     let z = [0usize; 3];
     for a in manifest::ARTIFACTS {
         let args = match a.kind {
-            KernelKind::Fwd => fwd_args([0; 8], z, z, z, z, z, (1, 1, 1), flags(), false),
+            KernelKind::Fwd => fwd_args([0; 10], z, z, z, z, z, (1, 1, 1), flags(), false),
             KernelKind::DecodeSplit => {
-                decode_split_args([0; 8], z, z, z, z, (1, 1, 1, 1), flags(), false, (64, 1))
+                decode_split_args([0; 9], z, z, z, z, (1, 1, 1, 1), flags(), false, (64, 1))
             }
-            KernelKind::DecodeCombine => decode_combine_args([0; 4], z, (1, 1, 1), 0),
+            KernelKind::DecodeCombine => decode_combine_args([0; 5], z, (1, 1, 1), flags()),
         };
         check_args(a, &args).unwrap_or_else(|e| panic!("{a:?}: {e}"));
         assert_eq!(a.global_scratch_bytes + a.profile_scratch_bytes, 0);
@@ -38,13 +42,49 @@ fn launcher_arguments_match_every_artifact() {
 /// A stale argument list is refused: one argument dropped, or two swapped.
 #[test]
 fn argument_drift_is_an_error() {
-    let (_, a): (usize, &Artifact) = find(KernelKind::Fwd, 90, Dt::BF16, 128, true).unwrap();
+    let (_, a): (usize, &Artifact) = find(KernelKind::Fwd, 90, Dt::BF16, 128, true, false).unwrap();
     let z = [0usize; 3];
-    let mut args = fwd_args([0; 8], z, z, z, z, z, (1, 1, 1), flags(), false);
-    args.swap(8, 9);
+    let mut args = fwd_args([0; 10], z, z, z, z, z, (1, 1, 1), flags(), false);
+    args.swap(10, 11);
     assert!(check_args(a, &args).unwrap_err().contains("stride_q"));
     args.pop();
     assert!(check_args(a, &args).unwrap_err().contains("arguments"));
+}
+
+/// The score modifiers reach the kernels as runtime arguments: soft-cap and ALiBi in both
+/// attention kernels, the sinks in the forward and, on the decode path, in the combine kernel
+/// only (joined once per row, not per split).
+#[test]
+fn score_modifiers_are_runtime_arguments() {
+    let f = Flags {
+        softcap: 30.0,
+        has_alibi: 1,
+        alibi_stride: 8,
+        has_sinks: 1,
+        ..flags()
+    };
+    let z = [0usize; 3];
+    let get = |args: &[(&str, Arg)], name: &str| args.iter().find(|(n, _)| *n == name).map(|a| a.1);
+    let fwd = fwd_args([7; 10], z, z, z, z, z, (1, 1, 1), f, false);
+    let split = decode_split_args([7; 9], z, z, z, z, (1, 1, 1, 1), f, false, (64, 1));
+    let combine = decode_combine_args([7; 5], z, (1, 1, 1), f);
+    for args in [&fwd, &split] {
+        assert_eq!(get(args, "softcap"), Some(Arg::F32(30.0)));
+        assert_eq!(get(args, "has_alibi"), Some(Arg::I32(1)));
+        assert_eq!(get(args, "stride_ab"), Some(Arg::I32(8)));
+        assert_eq!(get(args, "Alibi"), Some(Arg::Ptr(7)));
+    }
+    assert_eq!(get(&fwd, "has_sinks"), Some(Arg::I32(1)));
+    assert_eq!(get(&split, "has_sinks"), None);
+    assert_eq!(get(&split, "Sinks"), None);
+    assert_eq!(get(&combine, "has_sinks"), Some(Arg::I32(1)));
+    assert_eq!(get(&combine, "Sinks"), Some(Arg::Ptr(7)));
+    // The forward has one compile-time flag for them (HAS_MODIFIERS: soft-capping or ALiBi),
+    // the decode kernels none: 2 targets x 2 dtypes x 5 head sizes x (4 forwards + 2 decode).
+    assert_eq!(manifest::ARTIFACTS.len(), 120);
+    assert!(manifest::ARTIFACTS
+        .iter()
+        .all(|a| a.kind == KernelKind::Fwd || !a.has_modifiers));
 }
 
 /// Every (kind, arch, dtype, head size, bias) the launcher can ask for was compiled.
@@ -54,11 +94,14 @@ fn every_variant_the_launcher_can_pick_exists() {
         for dt in [Dt::F16, Dt::BF16] {
             for d in [64, 80, 96, 128, 256] {
                 for bias in [false, true] {
-                    assert!(find(KernelKind::Fwd, arch, dt, d, bias).is_some());
+                    for mods in [false, true] {
+                        let (_, a) = find(KernelKind::Fwd, arch, dt, d, bias, mods).unwrap();
+                        assert_eq!((a.has_bias, a.has_modifiers), (bias, mods));
+                    }
                 }
-                let (_, s) = find(KernelKind::DecodeSplit, arch, dt, d, false).unwrap();
+                let (_, s) = find(KernelKind::DecodeSplit, arch, dt, d, false, false).unwrap();
                 assert_eq!(s.block_m, DECODE_MAX_ROWS);
-                assert!(find(KernelKind::DecodeCombine, arch, dt, d, false).is_some());
+                assert!(find(KernelKind::DecodeCombine, arch, dt, d, false, false).is_some());
             }
         }
     }
