@@ -1,8 +1,9 @@
 //! The fused CUDA kernel (`Backend::CudaFused`): its routing rules everywhere, and, on a GPU
 //! (`CANDLE_MHA_DEVICE=cuda`, a `--features cuda` build), its output against the reference
 //! kernel on the same GPU: random shapes, every mask kind, both fully-masked-row policies, f16
-//! and bf16, every compiled head size, the decode path, strided and misaligned inputs; each
-//! output poisoned with NaN before the kernel writes it.
+//! and bf16, every compiled head size, the decode path, score modifiers (soft-cap, ALiBi,
+//! sinks), strided and misaligned inputs; each output poisoned with NaN before the kernel writes
+//! it.
 //!
 //! Without a GPU the GPU sweeps return after saying so on stderr: they cannot run here, and the
 //! Triton source they exercise is checked on the CPU by `scripts/cuda-cpu-check.sh` instead.
@@ -14,7 +15,7 @@ use candle_mha::mask::{Causal, CausalAlignment, KeyPaddingMask, MaskDims, MaskPl
 use candle_mha::{Backend, MaskedRowPolicy};
 
 mod support;
-use support::{check_close, random_mask, Rng};
+use support::{check_close, random_mask, random_modifiers, Rng};
 
 /// The GPU under test, or `None` (with a note) when the tests run on the CPU.
 fn gpu() -> Option<Device> {
@@ -111,6 +112,12 @@ fn gpu_matches_reference_random() {
         let policy = rng.pick(&[MaskedRowPolicy::Zero, MaskedRowPolicy::Nan]);
         let mut desc = format!("#{it} B={b} H={h}/{hkv} L={l} S={s} D={d} {dtype:?} {policy:?}");
         let mask = random_mask(&mut rng, b, h, l, s, &mut desc, &dev);
+        // A third of the calls with score modifiers (soft-cap, ALiBi, sinks).
+        let mask = if it % 3 == 0 {
+            random_modifiers(&mut rng, mask, &mut desc, &dev)
+        } else {
+            mask
+        };
         let q = tensor(&mut rng, (b, l, h, d), dtype, &dev);
         let k = tensor(&mut rng, (b, s, hkv, d), dtype, &dev);
         let v = tensor(&mut rng, (b, s, hkv, d), dtype, &dev);
@@ -153,6 +160,10 @@ fn gpu_decode_matches_reference() {
                 .with_key_padding(&KeyPaddingMask::from_lengths(&lens), DType::F32, &dev)
                 .unwrap();
             desc += &format!(" lengths={lens:?}");
+        }
+        // Score modifiers on a third: the sink joins the split's combine once.
+        if it % 3 == 0 {
+            plan = random_modifiers(&mut rng, plan, &mut desc, &dev);
         }
         let q = tensor(&mut rng, (b, l, h, d), dtype, &dev);
         let k = tensor(&mut rng, (b, s, hkv, d), dtype, &dev);
