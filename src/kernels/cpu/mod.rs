@@ -315,14 +315,18 @@ impl Kernel for CpuFused {
             // the log-sum-exp this forward saves (and, for tracked sinks, their own path).
             let (out, lse) = forward(c, true)?;
             let lse = lse.unwrap_or_default();
+            let sinks = modifiers::sink_path(c, &lse)?;
             let qkv = c.q.track_op() || c.k.track_op() || c.v.track_op();
             let out = if qkv {
-                op::attach(c, out, lse.clone())?
+                op::attach(c, out, lse)?
             } else {
                 let (b, l, h, dv) = (c.b, c.l, c.h, c.dv);
                 out.into_tensor((b, l, h, dv).into(), c.q.dtype(), c.q.device())?
             };
-            modifiers::sink_gradient_path(c, out, &lse)?
+            match sinks {
+                Some(path) => path.apply(out)?,
+                None => out,
+            }
         } else {
             let (b, l, h, dv) = (c.b, c.l, c.h, c.dv);
             let (out, _) = forward(c, false)?;

@@ -14,7 +14,7 @@
 //!   split (the sink joins once, after the chunks). A row with no visible key keeps only the
 //!   sink: output 0, log-sum-exp `σ_h`. The backward needs nothing more (`P = exp(S − lse)` with
 //!   the sink's `lse`, and `Δ = dO · O` is unchanged because the sink has no value); the sinks'
-//!   own gradient is `−Σ_i p_sink,i Δ_i`, which [`sink_gradient_path`] gives autograd.
+//!   own gradient is `−Σ_i p_sink,i Δ_i`, which [`sink_path`] gives autograd.
 
 use candle_core::{DType, Result, Tensor};
 
@@ -127,20 +127,21 @@ pub(super) fn join_sink(m: f32, l: f32, sink: f32) -> (f32, f32, f32) {
     (m2, l * corr + (sink - m2).exp(), corr)
 }
 
-/// The output `out` of a fused call `c` with sinks that autograd tracks, given the saved
-/// log-sum-exp `(B, H, L)`: `out + (out' ∘ w) ∘ (σ − σ')`, where `'` means detached and
-/// `w = −exp(σ_h − lse)` (minus the sink's probability) per row. Its value is `out` exactly (the
-/// last factor is 0) and its gradient with respect to `σ` is `−Σ p_sink Δ`, the sinks'
-/// gradient, while `q`, `k`, `v` keep the fused backward's.
-pub(super) fn sink_gradient_path(c: &AttnCall, out: Tensor, lse: &[f32]) -> Result<Tensor> {
+/// The sinks' own autograd path for a fused call `c` whose sinks autograd tracks (`None`
+/// otherwise), from the saved log-sum-exp `(B, H, L)`: [`SinkPath::apply`] turns the output
+/// `out` into `out + (out' ∘ w) ∘ (σ − σ')`, where `'` means detached and `w = −exp(σ_h − lse)`
+/// (minus the sink's probability) per row. Its value is `out` exactly (the last factor is 0) and
+/// its gradient with respect to `σ` is `−Σ p_sink Δ`, the sinks' gradient, while `q`, `k`, `v`
+/// keep the fused backward's. Built before the log-sum-exp is handed to the backward (no copy).
+pub(super) fn sink_path(c: &AttnCall, lse: &[f32]) -> Result<Option<SinkPath>> {
     let Some(sinks) = c.mask.sinks().filter(|s| s.track_op()) else {
-        return Ok(out);
+        return Ok(None);
     };
     let (b, l, h) = (c.b, c.l, c.h);
     let sig = values(sinks)?;
     if sig.iter().any(|x| !x.is_finite()) {
         // σ − σ' would be NaN; an infinite sink has no useful gradient anyway.
-        return Ok(out);
+        return Ok(None);
     }
     let mut w = vec![0f32; b * l * h];
     for bi in 0..b {
@@ -152,15 +153,30 @@ pub(super) fn sink_gradient_path(c: &AttnCall, out: Tensor, lse: &[f32]) -> Resu
             }
         }
     }
-    let dev = out.device();
+    let dev = c.q.device();
     let w = Tensor::from_vec(w, (b, l, h, 1), dev)?;
     let zero = (sinks.to_dtype(DType::F32)? - sinks.detach().to_dtype(DType::F32)?)?;
     let zero = zero.to_device(dev)?.reshape((1, 1, h, 1))?;
-    let path = out
-        .detach()
-        .to_dtype(DType::F32)?
-        .broadcast_mul(&w)?
-        .broadcast_mul(&zero)?;
-    let path = path.to_dtype(out.dtype())?;
-    out + path
+    Ok(Some(SinkPath { w, zero }))
+}
+
+/// See [`sink_path`].
+pub(super) struct SinkPath {
+    /// `−p_sink` per row, `(B, L, H, 1)`.
+    w: Tensor,
+    /// `σ − σ'`, `(1, 1, H, 1)`: zero, with the sinks' gradient.
+    zero: Tensor,
+}
+
+impl SinkPath {
+    /// `out + (out' ∘ w) ∘ (σ − σ')`.
+    pub fn apply(self, out: Tensor) -> Result<Tensor> {
+        let path = out
+            .detach()
+            .to_dtype(DType::F32)?
+            .broadcast_mul(&self.w)?
+            .broadcast_mul(&self.zero)?;
+        let path = path.to_dtype(out.dtype())?;
+        out + path
+    }
 }
