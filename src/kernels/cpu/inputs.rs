@@ -216,7 +216,7 @@ impl Inputs {
             dead
         });
         let isa = products::current();
-        let mods = modifiers::Mods::new(c.mask)?;
+        let mods = modifiers::Mods::new(c.mask, c.q.dtype())?;
         let g = h / hkv;
         // The transposed copy of K pays off when each K tile serves many query rows;
         // decode-like calls (few rows per KV head) read K in place through `gemm` instead.

@@ -28,6 +28,8 @@ use crate::mask::MaskPlan;
 pub(super) struct Mods {
     /// The soft-cap `c`.
     pub softcap: Option<f32>,
+    /// The `tanh` soft-capping computes: the precision the inputs' dtype needs.
+    tanh: softmax::Tanh,
     /// ALiBi slopes, `(rows, H)` row-major: one row for all, or one per batch element (per
     /// sequence when packed).
     alibi: Option<(Vec<f32>, usize)>,
@@ -41,22 +43,23 @@ fn values(t: &Tensor) -> Result<Vec<f32>> {
 }
 
 impl Mods {
-    /// The modifiers of `plan`.
-    pub fn new(plan: &MaskPlan) -> Result<Self> {
+    /// The modifiers of `plan`, for inputs of `dtype`.
+    pub fn new(plan: &MaskPlan, dtype: DType) -> Result<Self> {
         let alibi = match plan.alibi_slopes() {
             Some(t) => Some((values(t)?, t.dim(0)?)),
             None => None,
         };
         Ok(Self {
             softcap: plan.softcap().map(|c| c as f32),
+            tanh: softmax::Tanh::for_dtype(dtype),
             alibi,
             sinks: plan.sinks().map(values).transpose()?,
         })
     }
 
-    /// Whether soft-capping or ALiBi changes the scores.
-    pub fn any_score(&self) -> bool {
-        self.softcap.is_some() || self.alibi.is_some()
+    /// Whether the call has ALiBi slopes.
+    pub fn has_alibi(&self) -> bool {
+        self.alibi.is_some()
     }
 
     /// The sink logit of query head `hh`, when the call has sinks (a `-inf` sink is none).
@@ -67,10 +70,12 @@ impl Mods {
             .filter(|&x| x != f32::NEG_INFINITY)
     }
 
-    /// Soft-caps the scores of `row` (all of them: masked keys are overwritten afterwards).
+    /// Soft-caps the scores of `row` (all of them: masked keys are overwritten afterwards), when
+    /// the call has a soft-cap; callers cap a whole tile at once (its set-up costs as much as a
+    /// row of 64 scores).
     pub fn cap(&self, isa: Isa, row: &mut [f32]) {
         if let Some(c) = self.softcap {
-            softmax::softcap(isa, row, c);
+            softmax::softcap(isa, row, c, self.tanh);
         }
     }
 
@@ -102,10 +107,13 @@ impl Mods {
         if m == 0.0 {
             return;
         }
-        // Distances are integers (exact in f32 up to 2^24 keys), counted in i32.
+        // Distances are integers, exact in f32 below 2^24 (the vector paths count in f32).
         let centre = i as i64 + off - j0 as i64;
+        const EXACT: i64 = 1 << 24;
         match i32::try_from(centre) {
-            Ok(c) if c.checked_sub(row.len() as i32).is_some() => softmax::alibi(isa, row, m, c),
+            Ok(c) if centre.abs() < EXACT && (centre - row.len() as i64).abs() < EXACT => {
+                softmax::alibi(isa, row, m, c)
+            }
             _ => {
                 for (k, x) in row.iter_mut().enumerate() {
                     *x -= m * (centre - k as i64).unsigned_abs() as f32;

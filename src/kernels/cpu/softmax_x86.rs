@@ -8,7 +8,7 @@ use std::arch::x86_64::*;
 
 use super::avx512::tail_mask as tail;
 use super::softmax::exp_poly::{LN2_HI, LN2_LO, LOG2E, MAGIC, MIN, P};
-use super::softmax::running_max;
+use super::softmax::{running_max, Rational};
 
 /// `exp(x)` for `x <= 0` in 16 lanes: the Cephes polynomial of `softmax::fast_exp` (relative
 /// error ≈ 1e-7); 0 below the f32 normal range and for `-inf`; NaN stays NaN.
@@ -261,8 +261,45 @@ pub(super) unsafe fn softcap_avx512(row: &mut [f32], c: f32) {
     }
 }
 
-/// `row[k] −= m · |centre − k|` (ALiBi over a row of scores) on AVX-512: integer distances,
-/// converted exactly.
+/// `softmax::softcap` with the rational `tanh` `f` on AVX-512.
+///
+/// # Safety
+/// avx512f must be available.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn softcap_rational_avx512<const N: usize>(
+    row: &mut [f32],
+    c: f32,
+    f: &Rational<N>,
+) {
+    let n = row.len();
+    let p = row.as_mut_ptr();
+    let (alpha, beta) = f.scaled(c);
+    let inv = _mm512_set1_ps(1.0 / c);
+    let (hi, lo) = (_mm512_set1_ps(f.clamp), _mm512_set1_ps(-f.clamp));
+    let mut i = 0;
+    while i < n {
+        let m = tail(n - i);
+        let x = _mm512_maskz_loadu_ps(m, p.add(i));
+        // NaN passes both bounds (the second operand wins on NaN).
+        let y = _mm512_max_ps(lo, _mm512_min_ps(hi, _mm512_mul_ps(x, inv)));
+        let y2 = _mm512_mul_ps(y, y);
+        let mut num = _mm512_set1_ps(alpha[0]);
+        for a in &alpha[1..] {
+            num = _mm512_fmadd_ps(num, y2, _mm512_set1_ps(*a));
+        }
+        let mut den = _mm512_set1_ps(beta[0]);
+        for b in &beta[1..] {
+            den = _mm512_fmadd_ps(den, y2, _mm512_set1_ps(*b));
+        }
+        // A division: the divider runs beside the FMA pipes this is bound by.
+        let t = _mm512_div_ps(_mm512_mul_ps(num, y), den);
+        _mm512_mask_storeu_ps(p.add(i), m, t);
+        i += 16;
+    }
+}
+
+/// `row[k] −= m · |centre − k|` (ALiBi over a row of scores) on AVX-512: the distances as f32
+/// (exact: integers below 2²⁴), counted down by 16.
 ///
 /// # Safety
 /// avx512f must be available.
@@ -271,18 +308,19 @@ pub(super) unsafe fn alibi_avx512(row: &mut [f32], m: f32, centre: i32) {
     let n = row.len();
     let p = row.as_mut_ptr();
     let mv = _mm512_set1_ps(m);
-    let mut d = _mm512_sub_epi32(
-        _mm512_set1_epi32(centre),
-        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+    let mut d = _mm512_sub_ps(
+        _mm512_set1_ps(centre as f32),
+        _mm512_setr_ps(
+            0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.,
+        ),
     );
-    let step = _mm512_set1_epi32(16);
+    let step = _mm512_set1_ps(16.0);
     let mut i = 0;
     while i < n {
         let mk = tail(n - i);
         let x = _mm512_maskz_loadu_ps(mk, p.add(i));
-        let dist = _mm512_cvtepi32_ps(_mm512_abs_epi32(d));
-        _mm512_mask_storeu_ps(p.add(i), mk, _mm512_fnmadd_ps(mv, dist, x));
-        d = _mm512_sub_epi32(d, step);
+        _mm512_mask_storeu_ps(p.add(i), mk, _mm512_fnmadd_ps(mv, _mm512_abs_ps(d), x));
+        d = _mm512_sub_ps(d, step);
         i += 16;
     }
 }
@@ -324,6 +362,43 @@ pub(super) unsafe fn softcap_avx2(row: &mut [f32], c: f32) {
     }
 }
 
+/// `softmax::softcap` with the rational `tanh` `f` on AVX2 + FMA.
+///
+/// # Safety
+/// avx2 and fma must be available.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn softcap_rational_avx2<const N: usize>(
+    row: &mut [f32],
+    c: f32,
+    f: &Rational<N>,
+) {
+    let n = row.len();
+    let p = row.as_mut_ptr();
+    let (alpha, beta) = f.scaled(c);
+    let inv = _mm256_set1_ps(1.0 / c);
+    let (hi, lo) = (_mm256_set1_ps(f.clamp), _mm256_set1_ps(-f.clamp));
+    let mut i = 0;
+    while i < n {
+        let m = lanes8(n - i);
+        let x = _mm256_maskload_ps(p.add(i), m);
+        // NaN passes both bounds (the second operand wins on NaN).
+        let y = _mm256_max_ps(lo, _mm256_min_ps(hi, _mm256_mul_ps(x, inv)));
+        let y2 = _mm256_mul_ps(y, y);
+        let mut num = _mm256_set1_ps(alpha[0]);
+        for a in &alpha[1..] {
+            num = _mm256_fmadd_ps(num, y2, _mm256_set1_ps(*a));
+        }
+        let mut den = _mm256_set1_ps(beta[0]);
+        for b in &beta[1..] {
+            den = _mm256_fmadd_ps(den, y2, _mm256_set1_ps(*b));
+        }
+        // A division: the divider runs beside the FMA pipes this is bound by.
+        let t = _mm256_div_ps(_mm256_mul_ps(num, y), den);
+        _mm256_maskstore_ps(p.add(i), m, t);
+        i += 8;
+    }
+}
+
 /// [`alibi_avx512`] on AVX2.
 ///
 /// # Safety
@@ -333,18 +408,18 @@ pub(super) unsafe fn alibi_avx2(row: &mut [f32], m: f32, centre: i32) {
     let n = row.len();
     let p = row.as_mut_ptr();
     let mv = _mm256_set1_ps(m);
-    let mut d = _mm256_sub_epi32(
-        _mm256_set1_epi32(centre),
-        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+    let mut d = _mm256_sub_ps(
+        _mm256_set1_ps(centre as f32),
+        _mm256_setr_ps(0., 1., 2., 3., 4., 5., 6., 7.),
     );
-    let step = _mm256_set1_epi32(8);
+    let (step, sign) = (_mm256_set1_ps(8.0), _mm256_set1_ps(-0.0));
     let mut i = 0;
     while i < n {
         let mk = lanes8(n - i);
         let x = _mm256_maskload_ps(p.add(i), mk);
-        let dist = _mm256_cvtepi32_ps(_mm256_abs_epi32(d));
+        let dist = _mm256_andnot_ps(sign, d);
         _mm256_maskstore_ps(p.add(i), mk, _mm256_fnmadd_ps(mv, dist, x));
-        d = _mm256_sub_epi32(d, step);
+        d = _mm256_sub_ps(d, step);
         i += 8;
     }
 }

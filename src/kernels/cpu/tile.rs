@@ -422,11 +422,17 @@ impl Ctx<'_> {
                 }
             },
         }
+        // Soft-capping over the whole tile at once (its set-up costs as much as a row of 64).
+        if let (Some(_), Some(last)) = (self.mods.softcap, nr.checked_sub(1)) {
+            self.mods
+                .cap(self.isa, &mut rows.scores[..last * BLOCK_K + bk]);
+        }
         let mut any = false;
         for r in 0..nr {
             let row = &mut rows.scores[r * BLOCK_K..r * BLOCK_K + bk];
             let range = (rows.lo[r], rows.hi[r]);
-            if !self.score_row((bi, kh, rows.r0 + r), (range, masked), j0, row, None) {
+            let at = (bi, kh, rows.r0 + r);
+            if !self.score_row(at, (range, masked), j0, row) {
                 row.fill(0.0);
                 continue;
             }
@@ -459,35 +465,32 @@ impl Ctx<'_> {
 }
 
 impl Ctx<'_> {
-    /// The score modifiers, then (with `masked`) the masks ([`Ctx::mask_row`]), on the scores
-    /// `row` of keys `j0..j0 + row.len()` for folded row `fr` of KV head `kh` in batch `bi`,
-    /// whose structured range is `range`. With `capped`, the soft-capped scores are also copied
-    /// there (before ALiBi and the masks; the backward's `tanh` derivative). Returns `false`
-    /// (row untouched) when no key of the tile is visible.
+    /// ALiBi, then (with `masked`) the masks ([`Ctx::mask_row`]), on the scores `row` of keys
+    /// `j0..j0 + row.len()` for folded row `fr` of KV head `kh` in batch `bi`, whose structured
+    /// range is `range`. Soft-capping comes first, over the whole tile ([`Mods::cap`]). Returns
+    /// `false` (row untouched) when no key of the tile is visible.
     pub fn score_row(
         &self,
         (bi, kh, fr): (usize, usize, usize),
         (range, masked): ((usize, usize), bool),
         j0: usize,
         row: &mut [f32],
-        capped: Option<&mut [f32]>,
     ) -> bool {
-        if masked {
-            let j1 = j0 + row.len();
-            if range.0.clamp(j0, j1) >= range.1.clamp(j0, j1) {
-                return false;
-            }
+        let j1 = j0 + row.len();
+        let (lo, hi) = if masked {
+            (range.0.clamp(j0, j1), range.1.clamp(j0, j1))
+        } else {
+            (j0, j1)
+        };
+        if lo >= hi {
+            return false;
         }
-        if self.mods.any_score() {
-            self.mods.cap(self.isa, row);
-            if let Some(t) = capped {
-                t[..row.len()].copy_from_slice(row);
-            }
-            // ALiBi over the first `kv_len` keys only (appended keys are at distance 0).
-            if j0 < self.real_s {
-                let (hh, i) = (kh * self.g + fr / self.l, fr % self.l);
-                self.mods.alibi(self.isa, self.plan, (bi, hh, i), j0, row);
-            }
+        // ALiBi over the visible keys (the masks overwrite the others) among the first
+        // `kv_len` (appended keys are at distance 0).
+        if self.mods.has_alibi() && j0 < self.real_s {
+            let (hh, i) = (kh * self.g + fr / self.l, fr % self.l);
+            let vis = &mut row[lo - j0..hi - j0];
+            self.mods.alibi(self.isa, self.plan, (bi, hh, i), lo, vis);
         }
         !masked || self.mask_row(bi, kh, fr, range, j0, row)
     }

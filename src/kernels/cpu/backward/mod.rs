@@ -416,14 +416,18 @@ impl Bwd<'_> {
     /// go to `cap`. Returns whether any row sees a key.
     fn probabilities(&self, blk: &Block, p: &mut [f32], cap: &mut [f32]) -> bool {
         let (ctx, l) = (self.ctx, self.ctx.l);
-        let keep = ctx.mods.softcap.is_some();
+        if let (Some(_), Some(last)) = (ctx.mods.softcap, blk.rows.len().checked_sub(1)) {
+            // The whole block at once; the capped scores kept for the derivative.
+            let n = last * BK + blk.bk;
+            ctx.mods.cap(ctx.isa, &mut p[..n]);
+            cap[..n].copy_from_slice(&p[..n]);
+        }
         let mut any = false;
         for (r, &(fr, i)) in blk.rows.iter().enumerate() {
             let row = &mut p[r * BK..r * BK + blk.bk];
             let range = self.ranges[blk.bi * l + i];
-            let capped = keep.then(|| &mut cap[r * BK..(r + 1) * BK]);
             let (at, masks) = ((blk.bi, blk.kh, fr), (range, blk.masked));
-            if !ctx.score_row(at, masks, blk.j0, row, capped) {
+            if !ctx.score_row(at, masks, blk.j0, row) {
                 row.fill(0.0);
                 continue;
             }
