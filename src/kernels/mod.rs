@@ -180,6 +180,9 @@ pub(crate) struct AttnCall<'a> {
     /// With an int8 KV cache: `k` and `v` are its `U8` rows (value + 128) and these their
     /// `(B, S, Hkv)` f32 scales (only the fused CPU kernel gets such calls).
     pub kv_scales: Option<(&'a Tensor, &'a Tensor)>,
+    /// With a paged KV cache: key `j` (of `S`) is row `key_rows[j]` of `k` and `v`
+    /// (`(1, rows, Hkv, D | Dv)`, the pool's blocks); only the fused CPU kernel gets such calls.
+    pub key_rows: Option<&'a [u32]>,
 }
 
 impl AttnCall<'_> {
@@ -402,6 +405,7 @@ pub fn attention(
         dv,
         extra_keys: s - md.kv_len,
         kv_scales: None,
+        key_rows: None,
     };
     select(&call)?.forward(&call)
 }
@@ -471,6 +475,7 @@ pub(crate) fn attention_quantized(
         dv,
         extra_keys: 0,
         kv_scales: Some((&kv.k_scale, &kv.v_scale)),
+        key_rows: None,
     };
     let fused = shapes_ok
         && matches!(params.backend, Backend::Auto | Backend::CpuFused)
@@ -486,6 +491,74 @@ pub(crate) fn attention_quantized(
     }
     let (k, v) = kv.dequantize(q.dtype())?;
     attention(q, &k, &v, mask, params)
+}
+
+/// [`attention`] over keys and values gathered by row: key `j` of the call is row `rows[j]` of
+/// `k` `(1, R, Hkv, D)` and `v` `(1, R, Hkv, Dv)` (a paged KV cache's blocks, viewed as rows).
+/// The fused CPU kernel reads the rows in place when it can serve the call (CPU, not tracked by
+/// autograd, no weights or dropout, [`Backend::Auto`] or [`Backend::CpuFused`]), cutting its key
+/// tiles where consecutive keys stop being consecutive rows; other calls gather the rows first.
+/// `mask` is built for `(1, H, L, rows.len())`.
+pub(crate) fn attention_paged(
+    q: &Tensor,
+    (k, v): (&Tensor, &Tensor),
+    rows: &[u32],
+    mask: &MaskPlan,
+    params: &AttnParams,
+) -> Result<AttnOutput> {
+    let (b, l, h, d) = dims4("q", q)?;
+    let (bk, r, hkv, dk) = dims4("k", k)?;
+    let (bv, rv, hv, dv) = dims4("v", v)?;
+    if (b, bk, bv) != (1, 1, 1) || (rv, hv) != (r, hkv) || dk != d {
+        bail!(
+            "attention: paged q {:?}, k {:?} and v {:?} must be (1, L, H, D), (1, R, Hkv, D) and (1, R, Hkv, Dv)",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        )
+    }
+    if let Some(&bad) = rows.iter().find(|&&x| x as usize >= r) {
+        bail!(
+            "attention: paged key row {bad} is outside the {r} rows of k {:?}",
+            k.dims()
+        )
+    }
+    let s = rows.len();
+    let call = AttnCall {
+        q,
+        k,
+        v,
+        mask,
+        params,
+        b,
+        l,
+        h,
+        hkv,
+        s,
+        d,
+        dv,
+        extra_keys: 0,
+        kv_scales: None,
+        key_rows: Some(rows),
+    };
+    let fused = hkv > 0
+        && h.is_multiple_of(hkv)
+        && mask.dims().kv_len == s
+        && l * h * dv * s > 0
+        && matches!(params.backend, Backend::Auto | Backend::CpuFused)
+        && q.device().is_cpu()
+        && k.dtype() == q.dtype()
+        && v.dtype() == q.dtype()
+        && !call.tracked()
+        && missing_capability(&cpu::CpuFused, &call).is_none()
+        && cpu::CpuFused.unsupported_inputs(&call).is_none();
+    if fused {
+        mask.check_dims("attention", b, h, l, s)?;
+        return cpu::CpuFused.forward(&call);
+    }
+    let ids = Tensor::from_slice(rows, s, k.device())?;
+    let gather = |t: &Tensor| t.squeeze(0)?.index_select(&ids, 0)?.unsqueeze(0);
+    attention(q, &gather(k)?, &gather(v)?, mask, params)
 }
 
 /// A call with nothing to compute (`B`, `H`, `L` or `Dv` is 0), or no key at all (`S = 0`: every row

@@ -217,7 +217,7 @@ impl Ctx<'_> {
             // sub-tile are each one contiguous run; else as one burst.
             if next.0 < next.1 {
                 let run = |view: &super::tile::View, width: usize| {
-                    (view.strides[1] == ctx.hkv * width)
+                    (view.strides[1] == ctx.hkv * width && view.run_end(next.0, next.1) == next.1)
                         .then(|| {
                             view.byte_range(
                                 view.at(bi, next.0, 0),
@@ -275,8 +275,10 @@ impl Ctx<'_> {
                         continue;
                     }
                 }
-                for a in (j0..j1).step_by(step) {
-                    let b = (a + step).min(j1);
+                let mut a = j0;
+                while a < j1 {
+                    // Sub-tiles of `step` keys, cut where gathered rows stop being consecutive.
+                    let b = self.k.run_end(a, (a + step).min(j1));
                     // Heads walking together: the next sub-tile is prefetched meanwhile.
                     let next = if list.len() > 1 {
                         (b, (b + step).min(k_hi))
@@ -284,6 +286,7 @@ impl Ctx<'_> {
                         (0, 0)
                     };
                     visit(self, (a, b), next, self.masked, sc);
+                    a = b;
                 }
             }
         }

@@ -62,6 +62,7 @@ pub(super) fn view<'a>(g: &'a Storage, t: &Tensor) -> Result<View<'a>> {
     Ok(View {
         data: cpu_data(g, t)?,
         strides: strides3(t),
+        rows: None,
     })
 }
 
@@ -111,6 +112,7 @@ fn quant_view<'a>(g: &'a Storage, t: &Tensor, sg: &'a Storage) -> Result<View<'a
             fp8,
         },
         strides: strides3(t),
+        rows: None,
     })
 }
 
@@ -175,7 +177,7 @@ impl Inputs {
             .kv_scales
             .as_ref()
             .map(|(a, b)| (a.storage_and_layout().0, b.storage_and_layout().0));
-        let (qv, kv, vv) = match &scale_g {
+        let (qv, mut kv, mut vv) = match &scale_g {
             Some((ks, vs)) => (
                 view(&qg, &self.q)?,
                 quant_view(&kg, &self.k, ks)?,
@@ -187,6 +189,20 @@ impl Inputs {
                 view(&vg, &self.v)?,
             ),
         };
+        // Keys gathered in place (a paged cache): no transposed or repacked copies, which
+        // would read them all in order.
+        if let Some(rows) = c.key_rows {
+            let phys = self.k.dim(1)?;
+            if rows.len() != s || rows.iter().any(|&r| r as usize >= phys) {
+                candle_core::bail!(
+                    "fused attention: {} gathered key rows for {s} keys over {phys} rows",
+                    rows.len()
+                )
+            }
+            kv.rows = Some(rows);
+            vv.rows = Some(rows);
+        }
+        let transpose_k = transpose_k && c.key_rows.is_none();
         let bias = match (&self.bias, &bg) {
             (Some(t), Some(g)) => {
                 let (mb, mh, ml, ms) = t.dims4()?;

@@ -119,6 +119,7 @@ impl Packed {
         View {
             data,
             strides: [hkv * s * dv, dv, s * dv],
+            rows: None,
         }
     }
 }

@@ -74,6 +74,7 @@ impl CustomOp3 for FusedAttention {
             dv,
             extra_keys: self.extra_keys,
             kv_scales: None,
+            key_rows: None,
         };
         BWD_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (dq, dk, dv) = backward::backward(&call, res, grad, &self.lse)?;

@@ -267,8 +267,14 @@ impl Ctx<'_> {
                         continue;
                     }
                 }
-                self.prefetch(bi, kh, j1, (j1 + BLOCK_K).min(k_hi));
-                self.tile(bi, kh, j0, j1, self.masked, &mut rows);
+                // One tile per run of consecutive rows (the whole tile unless gathered).
+                let mut a = j0;
+                while a < j1 {
+                    let b = self.k.run_end(a, j1);
+                    self.prefetch(bi, kh, b, (b + BLOCK_K).min(k_hi));
+                    self.tile(bi, kh, a, b, self.masked, &mut rows);
+                    a = b;
+                }
             }
         }
         // Appended keys: never masked.

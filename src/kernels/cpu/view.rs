@@ -37,16 +37,37 @@ pub(super) enum Data<'a> {
 }
 
 /// A `(B, T, heads, D)` tensor read in place: element `(b, t, h, x)` is
-/// `data[b·strides[0] + t·strides[1] + h·strides[2] + x]`.
+/// `data[b·strides[0] + t'·strides[1] + h·strides[2] + x]`, where `t'` is `t`, or `rows[t]` for
+/// rows gathered in place (a paged KV cache).
 pub(super) struct View<'a> {
     pub data: Data<'a>,
     pub strides: [usize; 3],
+    /// The row of each position, when they are gathered (checked in range by the caller).
+    pub rows: Option<&'a [u32]>,
 }
 
 impl<'a> View<'a> {
     /// Offset of row `(b, t, h)`.
     pub fn at(&self, b: usize, t: usize, h: usize) -> usize {
+        let t = match self.rows {
+            Some(rows) => rows[t] as usize,
+            None => t,
+        };
         b * self.strides[0] + t * self.strides[1] + h * self.strides[2]
+    }
+
+    /// The end of the run of positions from `t0` (before `t1`) whose rows are consecutive:
+    /// a tile of them is one strided block of memory.
+    pub fn run_end(&self, t0: usize, t1: usize) -> usize {
+        match self.rows {
+            None => t1,
+            Some(rows) => {
+                let first = rows[t0];
+                (t0 + 1..t1)
+                    .find(|&t| rows[t] != first.wrapping_add((t - t0) as u32))
+                    .unwrap_or(t1)
+            }
+        }
     }
 
     /// The f32 elements, for an f32 tensor.
