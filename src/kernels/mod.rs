@@ -49,6 +49,8 @@ mod budget;
 pub mod cpu;
 pub mod cuda;
 pub mod reference;
+#[cfg(test)]
+mod rows_tests;
 
 use budget::check_reference_budget;
 pub use budget::{
@@ -180,8 +182,9 @@ pub(crate) struct AttnCall<'a> {
     /// With an int8 KV cache: `k` and `v` are its `U8` rows (value + 128) and these their
     /// `(B, S, Hkv)` f32 scales (only the fused CPU kernel gets such calls).
     pub kv_scales: Option<(&'a Tensor, &'a Tensor)>,
-    /// With a paged KV cache: key `j` (of `S`) is row `key_rows[j]` of `k` and `v`
-    /// (`(1, rows, Hkv, D | Dv)`, the pool's blocks); only the fused CPU kernel gets such calls.
+    /// With a paged KV cache: key `j` (of `S`) of batch element `b` is row `key_rows[b·S + j]`
+    /// of `k` and `v` (`(1, rows, Hkv, D | Dv)`, the pool's blocks); only the fused CPU kernel
+    /// gets such calls.
     pub key_rows: Option<&'a [u32]>,
 }
 
@@ -493,12 +496,13 @@ pub(crate) fn attention_quantized(
     attention(q, &k, &v, mask, params)
 }
 
-/// [`attention`] over keys and values gathered by row: key `j` of the call is row `rows[j]` of
-/// `k` `(1, R, Hkv, D)` and `v` `(1, R, Hkv, Dv)` (a paged KV cache's blocks, viewed as rows).
-/// The fused CPU kernel reads the rows in place when it can serve the call (CPU, not tracked by
-/// autograd, no weights or dropout, [`Backend::Auto`] or [`Backend::CpuFused`]), cutting its key
-/// tiles where consecutive keys stop being consecutive rows; other calls gather the rows first.
-/// `mask` is built for `(1, H, L, rows.len())`.
+/// [`attention`] over keys and values gathered by row: key `j` of batch element `b` is row
+/// `rows[b·S + j]` of `k` `(1, R, Hkv, D)` and `v` `(1, R, Hkv, Dv)` (a paged KV cache's
+/// blocks, viewed as rows), `S = rows.len() / B`. The fused CPU kernel reads the rows in place
+/// when it can serve the call (CPU, not tracked by autograd, no weights or dropout,
+/// [`Backend::Auto`] or [`Backend::CpuFused`]), cutting its key tiles where consecutive keys
+/// stop being consecutive rows; other calls gather the rows first. `mask` is built for
+/// `(B, H, L, S)`.
 pub(crate) fn attention_paged(
     q: &Tensor,
     (k, v): (&Tensor, &Tensor),
@@ -509,12 +513,18 @@ pub(crate) fn attention_paged(
     let (b, l, h, d) = dims4("q", q)?;
     let (bk, r, hkv, dk) = dims4("k", k)?;
     let (bv, rv, hv, dv) = dims4("v", v)?;
-    if (b, bk, bv) != (1, 1, 1) || (rv, hv) != (r, hkv) || dk != d {
+    if (bk, bv) != (1, 1) || (rv, hv) != (r, hkv) || dk != d {
         bail!(
-            "attention: paged q {:?}, k {:?} and v {:?} must be (1, L, H, D), (1, R, Hkv, D) and (1, R, Hkv, Dv)",
-            q.dims(),
+            "attention: paged k {:?} and v {:?} must be (1, R, Hkv, D) and (1, R, Hkv, Dv) for q {:?}",
             k.dims(),
-            v.dims()
+            v.dims(),
+            q.dims()
+        )
+    }
+    if b == 0 || !rows.len().is_multiple_of(b) {
+        bail!(
+            "attention: {} paged key rows for a batch of {b}",
+            rows.len()
         )
     }
     if let Some(&bad) = rows.iter().find(|&&x| x as usize >= r) {
@@ -523,7 +533,7 @@ pub(crate) fn attention_paged(
             k.dims()
         )
     }
-    let s = rows.len();
+    let s = rows.len() / b;
     let call = AttnCall {
         q,
         k,
@@ -556,8 +566,11 @@ pub(crate) fn attention_paged(
         mask.check_dims("attention", b, h, l, s)?;
         return cpu::CpuFused.forward(&call);
     }
-    let ids = Tensor::from_slice(rows, s, k.device())?;
-    let gather = |t: &Tensor| t.squeeze(0)?.index_select(&ids, 0)?.unsqueeze(0);
+    let ids = Tensor::from_slice(rows, b * s, k.device())?;
+    let gather = |t: &Tensor| -> Result<Tensor> {
+        let (_, _, hh, dd) = t.dims4()?;
+        t.squeeze(0)?.index_select(&ids, 0)?.reshape((b, s, hh, dd))
+    };
     attention(q, &gather(k)?, &gather(v)?, mask, params)
 }
 

@@ -217,7 +217,8 @@ impl Ctx<'_> {
             // sub-tile are each one contiguous run; else as one burst.
             if next.0 < next.1 {
                 let run = |view: &super::tile::View, width: usize| {
-                    (view.strides[1] == ctx.hkv * width && view.run_end(next.0, next.1) == next.1)
+                    (view.strides[1] == ctx.hkv * width
+                        && view.run_end(bi, next.0, next.1) == next.1)
                         .then(|| {
                             view.byte_range(
                                 view.at(bi, next.0, 0),
@@ -278,7 +279,7 @@ impl Ctx<'_> {
                 let mut a = j0;
                 while a < j1 {
                     // Sub-tiles of `step` keys, cut where gathered rows stop being consecutive.
-                    let b = self.k.run_end(a, (a + step).min(j1));
+                    let b = self.k.run_end(bi, a, (a + step).min(j1));
                     // Heads walking together: the next sub-tile is prefetched meanwhile.
                     let next = if list.len() > 1 {
                         (b, (b + step).min(k_hi))

@@ -193,14 +193,14 @@ impl Inputs {
         // would read them all in order.
         if let Some(rows) = c.key_rows {
             let phys = self.k.dim(1)?;
-            if rows.len() != s || rows.iter().any(|&r| r as usize >= phys) {
+            if rows.len() != b * s || rows.iter().any(|&r| r as usize >= phys) {
                 candle_core::bail!(
-                    "fused attention: {} gathered key rows for {s} keys over {phys} rows",
+                    "fused attention: {} gathered key rows for {b} × {s} keys over {phys} rows",
                     rows.len()
                 )
             }
-            kv.rows = Some(rows);
-            vv.rows = Some(rows);
+            kv.rows = Some((rows, s));
+            vv.rows = Some((rows, s));
         }
         let transpose_k = transpose_k && c.key_rows.is_none();
         let bias = match (&self.bias, &bg) {

@@ -270,7 +270,7 @@ impl Ctx<'_> {
                 // One tile per run of consecutive rows (the whole tile unless gathered).
                 let mut a = j0;
                 while a < j1 {
-                    let b = self.k.run_end(a, j1);
+                    let b = self.k.run_end(bi, a, j1);
                     self.prefetch(bi, kh, b, (b + BLOCK_K).min(k_hi));
                     self.tile(bi, kh, a, b, self.masked, &mut rows);
                     a = b;

@@ -37,31 +37,32 @@ pub(super) enum Data<'a> {
 }
 
 /// A `(B, T, heads, D)` tensor read in place: element `(b, t, h, x)` is
-/// `data[b·strides[0] + t'·strides[1] + h·strides[2] + x]`, where `t'` is `t`, or `rows[t]` for
-/// rows gathered in place (a paged KV cache).
+/// `data[b·strides[0] + t·strides[1] + h·strides[2] + x]`, or, for rows gathered in place (a
+/// paged KV cache), `data[rows[b·T + t]·strides[1] + h·strides[2] + x]`.
 pub(super) struct View<'a> {
     pub data: Data<'a>,
     pub strides: [usize; 3],
-    /// The row of each position, when they are gathered (checked in range by the caller).
-    pub rows: Option<&'a [u32]>,
+    /// The row of each `(b, t)`, `T` per batch element, when they are gathered (checked in
+    /// range by the caller).
+    pub rows: Option<(&'a [u32], usize)>,
 }
 
 impl<'a> View<'a> {
     /// Offset of row `(b, t, h)`.
     pub fn at(&self, b: usize, t: usize, h: usize) -> usize {
-        let t = match self.rows {
-            Some(rows) => rows[t] as usize,
-            None => t,
-        };
-        b * self.strides[0] + t * self.strides[1] + h * self.strides[2]
+        match self.rows {
+            Some((rows, n)) => rows[b * n + t] as usize * self.strides[1] + h * self.strides[2],
+            None => b * self.strides[0] + t * self.strides[1] + h * self.strides[2],
+        }
     }
 
-    /// The end of the run of positions from `t0` (before `t1`) whose rows are consecutive:
-    /// a tile of them is one strided block of memory.
-    pub fn run_end(&self, t0: usize, t1: usize) -> usize {
+    /// The end of the run of positions of batch element `b` from `t0` (before `t1`) whose rows
+    /// are consecutive: a tile of them is one strided block of memory.
+    pub fn run_end(&self, b: usize, t0: usize, t1: usize) -> usize {
         match self.rows {
             None => t1,
-            Some(rows) => {
+            Some((rows, n)) => {
+                let rows = &rows[b * n..(b + 1) * n];
                 let first = rows[t0];
                 (t0 + 1..t1)
                     .find(|&t| rows[t] != first.wrapping_add((t - t0) as u32))
