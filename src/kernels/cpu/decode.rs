@@ -265,7 +265,21 @@ impl Ctx<'_> {
         // Sub-tiles of `step` keys: every head's pass over one sub-tile finds it in L2
         // (`step · Hkv · (D + Dv)` values).
         let step = if list.len() > 1 { DECODE_KEYS } else { BLOCK_K };
-        if k_lo < k_hi {
+        if k_lo < k_hi && self.k.rows.is_some() {
+            // Gathered rows (a paged cache): sub-tiles of up to `step` keys from the first,
+            // each one run of consecutive rows (a block, or blocks that happen to be adjacent).
+            let mut a = k_lo;
+            while a < k_hi {
+                let b = self.k.run_end(bi, a, (a + step).min(k_hi));
+                let next = if list.len() > 1 && b < k_hi {
+                    (b, self.k.run_end(bi, b, (b + step).min(k_hi)))
+                } else {
+                    (0, 0)
+                };
+                visit(self, (a, b), next, self.masked, sc);
+                a = b;
+            }
+        } else if k_lo < k_hi {
             let mut start = k_lo / BLOCK_K * BLOCK_K;
             while start < k_hi {
                 let t = start / BLOCK_K;
@@ -276,10 +290,8 @@ impl Ctx<'_> {
                         continue;
                     }
                 }
-                let mut a = j0;
-                while a < j1 {
-                    // Sub-tiles of `step` keys, cut where gathered rows stop being consecutive.
-                    let b = self.k.run_end(bi, a, (a + step).min(j1));
+                for a in (j0..j1).step_by(step) {
+                    let b = (a + step).min(j1);
                     // Heads walking together: the next sub-tile is prefetched meanwhile.
                     let next = if list.len() > 1 {
                         (b, (b + step).min(k_hi))
@@ -287,7 +299,6 @@ impl Ctx<'_> {
                         (0, 0)
                     };
                     visit(self, (a, b), next, self.masked, sc);
-                    a = b;
                 }
             }
         }

@@ -255,7 +255,19 @@ impl Ctx<'_> {
             ktile: &mut sc.ktile,
             vtile: &mut sc.vtile,
         };
-        if k_lo < k_hi {
+        if k_lo < k_hi && self.k.rows.is_some() {
+            // Gathered rows (a paged cache): tiles of up to BLOCK_K keys from the first, each
+            // one run of consecutive rows (a block, or blocks that happen to be adjacent).
+            let mut a = k_lo;
+            while a < k_hi {
+                let b = self.k.run_end(bi, a, (a + BLOCK_K).min(k_hi));
+                if b < k_hi {
+                    self.prefetch(bi, kh, b, self.k.run_end(bi, b, (b + BLOCK_K).min(k_hi)));
+                }
+                self.tile(bi, kh, a, b, self.masked, &mut rows);
+                a = b;
+            }
+        } else if k_lo < k_hi {
             let mut start = k_lo / BLOCK_K * BLOCK_K;
             self.prefetch(bi, kh, k_lo, (start + BLOCK_K).min(k_hi));
             while start < k_hi {
@@ -267,14 +279,8 @@ impl Ctx<'_> {
                         continue;
                     }
                 }
-                // One tile per run of consecutive rows (the whole tile unless gathered).
-                let mut a = j0;
-                while a < j1 {
-                    let b = self.k.run_end(bi, a, j1);
-                    self.prefetch(bi, kh, b, (b + BLOCK_K).min(k_hi));
-                    self.tile(bi, kh, a, b, self.masked, &mut rows);
-                    a = b;
-                }
+                self.prefetch(bi, kh, j1, (j1 + BLOCK_K).min(k_hi));
+                self.tile(bi, kh, j0, j1, self.masked, &mut rows);
             }
         }
         // Appended keys: never masked.
