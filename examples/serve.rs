@@ -352,6 +352,13 @@ fn serve(a: Args) -> Result<()> {
         a.requests, a.prompt.0, a.prompt.1, a.output.0, a.output.1, a.concurrency, a.block_size, a.dtype,
         rayon::current_num_threads()
     );
+    // Warm-up outside the timings: the projections pack their weights on their first call of
+    // 16 rows or more, and the kernels allocate their per-thread scratch.
+    let warm = Request {
+        prompt: reqs[0].prompt.clone(),
+        output: 2,
+    };
+    one_at_a_time(&model, std::slice::from_ref(&warm), &dev)?;
     let (cont, steps) = continuous(&model, &reqs, &a)?;
     let stat = static_batches(&model, &reqs, a.concurrency, &dev)?;
     let alone = if a.skip_alone {
