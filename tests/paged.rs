@@ -25,6 +25,18 @@ fn pool_types_are_send_and_sync() {
     assert_send_sync::<PagedPoolConfig>();
 }
 
+#[test]
+fn a_pool_moves_between_threads() -> Result<()> {
+    let mut pool = small_pool(4, 4);
+    let a = pool.add_sequence();
+    append(&mut pool, a, &[1., 2., 3.])?;
+    let mut pool = std::thread::spawn(move || append(&mut pool, a, &[4., 5.]).map(|_| pool))
+        .join()
+        .expect("the thread ran")?;
+    assert_eq!(keys(&mut pool, a)?, [1., 2., 3., 4., 5.]);
+    Ok(())
+}
+
 /// A pool of one layer, one KV head of size 2.
 fn small_pool(block_size: usize, num_blocks: usize) -> PagedKvPool {
     PagedKvPool::new(
