@@ -192,6 +192,37 @@ fn exhaustion_is_an_error_and_leaves_the_pool_usable() -> Result<()> {
 }
 
 #[test]
+fn sequences_writing_one_shared_block_copy_it_once_each_but_the_last() -> Result<()> {
+    let mut pool = small_pool(4, 2);
+    let b = pool.add_sequence();
+    append(&mut pool, b, &[2.; 3])?;
+    let (e, f) = (pool.fork(b)?, pool.fork(b)?);
+    assert_eq!(
+        (
+            pool.free_blocks(),
+            pool.block_refs(pool.block_table(b)?[0])?
+        ),
+        (1, 3)
+    );
+    // Three holders write: two copies.
+    let err = pool
+        .begin_step(&[(b, 1), (e, 1), (f, 1)])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("needs 2 blocks, 1 of 2 are free"), "{err}");
+    // Two holders, both writing: one copy, the second writer then holds it alone.
+    pool.release(f)?;
+    let step = pool.begin_step(&[(b, 1), (e, 1)])?;
+    assert_eq!(pool.free_blocks(), 0);
+    let t = Tensor::from_vec(vec![5f32, 5., 6., 6.], (2, 1, 2), &DEV)?;
+    pool.write(0, &step, &t, &t)?;
+    pool.commit(&step)?;
+    assert_eq!(keys(&mut pool, b)?, [2., 2., 2., 5.]);
+    assert_eq!(keys(&mut pool, e)?, [2., 2., 2., 6.]);
+    Ok(())
+}
+
+#[test]
 fn stale_steps_and_bad_steps_are_refused() -> Result<()> {
     let mut pool = small_pool(4, 4);
     let a = pool.add_sequence();

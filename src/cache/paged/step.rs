@@ -1,7 +1,7 @@
 //! A batched step over a [`PagedKvPool`]: allocation for the new tokens, per-layer writes and
 //! reads, commit.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use candle_core::{bail, Result, Tensor};
 
@@ -130,13 +130,23 @@ impl PagedKvPool {
         // What the batch needs: new blocks, plus a copy of each shared, partly filled last block
         // that will be written.
         let mut needed = 0;
+        // Shared blocks to be written: how many of the batch's sequences write each one.
+        let mut writers: BTreeMap<u32, usize> = BTreeMap::new();
         for &(id, n) in batch {
             let seq = self.seq(id)?;
             let have = seq.dropped + seq.blocks.len();
             needed += (seq.len + n).div_ceil(bs).saturating_sub(have);
-            if n > 0 && self.cow_block(id)?.is_some() {
-                needed += 1;
+            if n > 0 {
+                if let Some(b) = self.cow_block(id)? {
+                    *writers.entry(b).or_default() += 1;
+                }
             }
+        }
+        // A block held by r sequences, m of which write it: m copies, or r - 1 when all of
+        // them write (the last one then holds it alone and writes in place).
+        for (&b, &m) in &writers {
+            let r = self.blocks.refs(b).unwrap_or(0) as usize;
+            needed += m.min(r.saturating_sub(1));
         }
         if needed > self.blocks.available() {
             let new: usize = batch.iter().map(|&(_, n)| n).sum();
