@@ -606,3 +606,89 @@ fn attend_paged_refuses_what_it_cannot_do() -> Result<()> {
     assert!(e.contains("sliding window of 8"), "{e}");
     Ok(())
 }
+
+/// Sequences forked (whole, or a prefix) while others run: each continues with its own tokens,
+/// and every output equals a dense `KvCache` cloned (and truncated) at the same point.
+#[test]
+fn forks_and_prefixes_equal_cloned_dense_caches() -> Result<()> {
+    let mut rng = Rng(0xf0_4c5);
+    let mut total_forks = 0;
+    for iter in 0..12 {
+        let dtype = [DType::F32, DType::BF16][iter % 2];
+        let s = setup(dtype)?;
+        let odd = 2 + rng.below(6);
+        let bs = rng.pick(&[1, 16, odd]);
+        let mut pool = PagedKvPool::new(PagedPoolConfig::new(1, s.hkv, s.d, bs, 400, dtype), &DEV)?;
+        // (paged sequence, dense cache, prompt length, decode steps left).
+        let mut live: Vec<(SeqId, KvCache, usize, usize)> = Vec::new();
+        for _ in 0..1 + rng.below(3) {
+            let prompt = 1 + rng.below(40);
+            live.push((
+                pool.add_sequence(),
+                KvCache::new(),
+                prompt,
+                1 + rng.below(8),
+            ));
+        }
+        let (atol, rtol) = tolerances(dtype);
+        for step_no in 0..12 {
+            // Fork a running sequence, whole or a prefix of it.
+            if step_no > 0 && rng.below(2) == 0 {
+                let p = rng.below(live.len());
+                let (pid, pcache) = (live[p].0, live[p].1.clone());
+                let len = pool.seq_len(pid)?;
+                if len > 0 {
+                    let (id, cache) = if rng.below(2) == 0 {
+                        (pool.fork(pid)?, pcache)
+                    } else {
+                        let n = 1 + rng.below(len);
+                        let mut c = pcache;
+                        c.truncate(n)?;
+                        (pool.fork_prefix(pid, n)?, c)
+                    };
+                    live.push((id, cache, 0, 1 + rng.below(8)));
+                }
+            }
+            let mut batch = Vec::new();
+            let mut rows = Vec::new();
+            for (id, cache, prompt, left) in &live {
+                if *left == 0 {
+                    continue;
+                }
+                let n = if cache.is_empty() { *prompt } else { 1 };
+                batch.push((*id, n));
+                rows.push(randn(&mut rng, &[n, s.e], dtype));
+            }
+            if batch.is_empty() {
+                break;
+            }
+            let step = pool.begin_step(&batch)?;
+            let input = MhaInput::new(Tensor::cat(&rows, 0)?).rope(s.rope.clone());
+            let out = s.mha.attend_paged(&input, &mut pool, 0, &step)?.output;
+            pool.commit(&step)?;
+            for (i, &(id, n)) in batch.iter().enumerate() {
+                let (_, cache, _, left) = live.iter_mut().find(|l| l.0 == id).unwrap();
+                let x = MhaInput::new(rows[i].unsqueeze(0)?).rope(s.rope.clone());
+                let want = s.mha.attend_cached(&x, cache)?.output.squeeze(0)?;
+                let got = out.narrow(0, step.cu_q().range(i).start, n)?;
+                let what = format!(
+                    "iter {iter} step {step_no} seq {} bs {bs} {dtype:?}",
+                    id.as_u64()
+                );
+                check_close(&got, &want, atol * 2.0, rtol * 2.0, &what);
+                if cache.len() > n {
+                    *left -= 1; // a decode step (the prefill is not counted)
+                }
+                assert_eq!(pool.seq_len(id)?, cache.len());
+            }
+        }
+        let forks = live.len();
+        for (id, _, _, _) in live {
+            pool.release(id)?;
+        }
+        assert_eq!(pool.used_blocks(), 0);
+        total_forks += forks;
+    }
+    assert!(total_forks > 30, "{total_forks} sequences");
+    Ok(())
+}
