@@ -133,6 +133,30 @@ fn prefix_sharing_copies_the_partial_block() -> Result<()> {
 }
 
 #[test]
+fn truncate_releases_the_blocks_past_the_end() -> Result<()> {
+    let mut pool = small_pool(4, 8);
+    let a = pool.add_sequence();
+    append(&mut pool, a, &[0., 1., 2., 3., 4., 5., 6., 7., 8., 9.])?;
+    let b = pool.fork(a)?;
+    pool.truncate(a, 5)?;
+    assert_eq!((pool.seq_len(a)?, pool.block_table(a)?.len()), (5, 2));
+    assert_eq!(pool.used_blocks(), 3, "b still holds the third block");
+    // a's second block is shared with b and partly filled now: a's write copies it.
+    append(&mut pool, a, &[50.])?;
+    assert_eq!(keys(&mut pool, a)?, [0., 1., 2., 3., 4., 50.]);
+    assert_eq!(
+        keys(&mut pool, b)?,
+        [0., 1., 2., 3., 4., 5., 6., 7., 8., 9.]
+    );
+    assert!(pool.truncate(a, 7).is_err(), "past the end");
+    pool.truncate(b, 0)?;
+    assert!(pool.block_table(b)?.is_empty());
+    pool.release(b)?;
+    assert_eq!(pool.used_blocks(), 2);
+    Ok(())
+}
+
+#[test]
 fn released_blocks_are_reused_and_memory_is_what_sequences_hold() -> Result<()> {
     let mut pool = small_pool(4, 6);
     let per_block = pool.config().bytes_per_block();

@@ -20,7 +20,8 @@
 //!   [`paged_attention`](crate::kernels::paged::paged_attention); [`PagedKvPool::commit`]
 //!   records the new lengths once every layer has run (on error, the lengths stay).
 //! - [`PagedKvPool::release`] returns a finished sequence's blocks (those no other sequence
-//!   holds go back to the free list).
+//!   holds go back to the free list); [`PagedKvPool::truncate`] drops a sequence's last
+//!   positions (rejected speculative tokens).
 //! - Sliding window ([`PagedPoolConfig::with_sliding_window`]): at each step, the blocks of a
 //!   sequence that lie entirely before its window (no future query can see them) are released
 //!   and its table starts later: the sequence's start offset advances by whole blocks. The
@@ -431,6 +432,32 @@ impl PagedKvPool {
         );
         self.epoch += 1;
         Ok(new)
+    }
+
+    /// Keeps the first `n` positions of `id` (`n <= len`): rejected speculative tokens, a
+    /// rewind. Its blocks past position `n` are released; a kept block it shares stays shared
+    /// (the next write copies it). Errors when `n` exceeds the length or reaches into blocks
+    /// the sliding window released.
+    pub fn truncate(&mut self, id: SeqId, n: usize) -> Result<()> {
+        let bs = self.cfg.block_size;
+        let Some(seq) = self.seqs.get_mut(&id) else {
+            bail!("PagedKvPool: no sequence {} in the pool", id.0)
+        };
+        if n > seq.len || n < seq.dropped * bs {
+            bail!(
+                "PagedKvPool::truncate({n}): sequence {} holds positions {}..{}",
+                id.0,
+                seq.dropped * bs,
+                seq.len
+            )
+        }
+        let keep = n.div_ceil(bs).saturating_sub(seq.dropped);
+        for b in seq.blocks.drain(keep.min(seq.blocks.len())..) {
+            self.blocks.release(b);
+        }
+        seq.len = n;
+        self.epoch += 1;
+        Ok(())
     }
 
     /// Removes `id`; its blocks that no other sequence holds go back to the free list.
