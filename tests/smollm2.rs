@@ -165,3 +165,119 @@ fn quantized_caches_keep_greedy_tokens() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Continuous batching over a paged KV pool (`Llama::step_paged`): requests of different prompt
+/// lengths join and leave a running batch (prefill and decode in one forward, one request
+/// sharing another's prompt through `fork_prefix`), and every request's greedy tokens equal
+/// running it alone with a `LlamaCache`; the pool holds Σ⌈len/block⌉ blocks and gets all of
+/// them back.
+#[test]
+fn smollm2_paged_batch_matches_one_at_a_time() -> anyhow::Result<()> {
+    use candle_mha::cache::SeqId;
+    let gguf = model_files::smollm2_gguf_or_fetch();
+    let dev = Device::Cpu;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tok = tokenizers::Tokenizer::from_file(root.join("weights/smollm2-tokenizer.json"))
+        .map_err(anyhow::Error::msg)?;
+    let model = Llama::from_gguf(&gguf, DType::F32, &dev)?;
+    let texts = [
+        smollm2_chat_prompt(MESSAGE),
+        "Once upon a time".to_string(),
+        smollm2_chat_prompt("Name three colours."),
+        "The quick brown fox jumps over the lazy dog. The quick brown".to_string(),
+    ];
+    let prompts: Vec<Vec<u32>> = texts
+        .iter()
+        .map(|t| {
+            Ok(tok
+                .encode(t.as_str(), false)
+                .map_err(anyhow::Error::msg)?
+                .get_ids()
+                .to_vec())
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let (outputs, arrive) = ([10usize, 6, 8, 5], [0usize, 0, 2, 3]);
+    // Alone.
+    let alone: Vec<Vec<u32>> = prompts
+        .iter()
+        .zip(outputs)
+        .map(|(p, n)| {
+            let mut cache = LlamaCache::new(&model);
+            let mut logits =
+                model.forward(&Tensor::new(&p[..], &dev)?.unsqueeze(0)?, &mut cache)?;
+            let mut out = Vec::new();
+            while out.len() < n {
+                let next = Llama::argmax(&logits)?[0];
+                out.push(next);
+                logits = model.forward(&Tensor::new(&[[next]], &dev)?, &mut cache)?;
+            }
+            Ok(out)
+        })
+        .collect::<candle_core::Result<_>>()?;
+    // Paged, continuous batching, blocks of 16.
+    let mut pool = model.paged_pool(16, 64)?;
+    let mut ids: Vec<Option<SeqId>> = vec![None; prompts.len()];
+    let mut got: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
+    let mut step = 0;
+    while (0..prompts.len()).any(|r| got[r].len() < outputs[r]) {
+        let mut batch: Vec<(SeqId, Vec<u32>)> = Vec::new();
+        for r in 0..prompts.len() {
+            if arrive[r] > step || got[r].len() == outputs[r] {
+                continue;
+            }
+            match ids[r] {
+                None => {
+                    let id = pool.add_sequence();
+                    ids[r] = Some(id);
+                    batch.push((id, prompts[r].clone()));
+                }
+                Some(id) => batch.push((id, vec![*got[r].last().unwrap()])),
+            }
+        }
+        step += 1;
+        let refs: Vec<(SeqId, &[u32])> = batch.iter().map(|(id, t)| (*id, &t[..])).collect();
+        let next = Llama::argmax(&model.step_paged(&refs, &mut pool)?)?;
+        for ((id, _), tok) in batch.iter().zip(next) {
+            let r = ids.iter().position(|x| *x == Some(*id)).unwrap();
+            got[r].push(tok);
+            if got[r].len() == outputs[r] {
+                // Blocks held: ⌈len / 16⌉ (the last token was sampled, not fed back).
+                let len = prompts[r].len() + outputs[r] - 1;
+                assert_eq!(pool.seq_len(*id)?, len);
+                assert_eq!(pool.block_table(*id)?.len(), len.div_ceil(16));
+                pool.release(*id)?;
+            }
+        }
+    }
+    assert_eq!(
+        got, alone,
+        "paged continuous batching vs one request at a time"
+    );
+    assert_eq!(pool.used_blocks(), 0);
+
+    // A request sharing the first request's prompt (fork_prefix) decodes as it does alone.
+    let a = pool.add_sequence();
+    let first = Llama::argmax(&model.step_paged(&[(a, &prompts[0][..])], &mut pool)?)?[0];
+    let b = pool.fork_prefix(a, prompts[0].len() - 1)?;
+    let last = [prompts[0][prompts[0].len() - 1]];
+    let mut nb = Llama::argmax(&model.step_paged(&[(b, &last[..])], &mut pool)?)?[0];
+    let mut na = first;
+    assert_eq!(nb, first, "the forked prompt's first token");
+    let shared = prompts[0].len() / 16;
+    assert!((0..shared).all(|i| pool.block_table(a).unwrap()[i] == pool.block_table(b).unwrap()[i]));
+    let mut pair = vec![(na, nb)];
+    for _ in 1..6 {
+        let l = model.step_paged(&[(a, &[na][..]), (b, &[nb][..])], &mut pool)?;
+        let n = Llama::argmax(&l)?;
+        (na, nb) = (n[0], n[1]);
+        pair.push((na, nb));
+    }
+    assert!(
+        pair.iter()
+            .zip(&alone[0])
+            .all(|(&(x, y), &w)| x == w && y == w),
+        "{pair:?} vs {:?}",
+        &alone[0]
+    );
+    Ok(())
+}

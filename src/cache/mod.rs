@@ -10,6 +10,9 @@
 //!   ([`MultiHeadAttention::static_kv`](crate::MultiHeadAttention::static_kv)) and reused by every
 //!   decoder step ([`MultiHeadAttention::attend_static`](crate::MultiHeadAttention::attend_static)):
 //!   Whisper / T5 / BART cross-attention.
+//! - [`PagedKvPool`] ([`mod@paged`]): a paged KV cache for serving: fixed-size blocks shared
+//!   by many sequences (block tables, prefix sharing, copy on write, batched steps over
+//!   sequences of different lengths).
 //!
 //! ## Batches of different lengths
 //!
@@ -51,8 +54,10 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{bail, DType, Result, Tensor};
 
+pub mod paged;
 mod quant;
 
+pub use paged::{PagedKvPool, PagedPoolConfig, PagedStep, SeqId};
 use quant::quantize;
 pub use quant::KvFormat;
 pub(crate) use quant::QuantKv;

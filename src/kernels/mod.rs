@@ -34,6 +34,9 @@
 //! budget defaults to a quarter of `MemAvailable` (`/proc/meminfo`, read once; 4 GiB where that
 //! cannot be read); [`set_reference_budget_bytes`] changes it for the process.
 //!
+//! Paged KV: [`paged::paged_attention`] attends a batch of sequences over the block tables of a
+//! paged pool (validation and a gather here, then the kernels above).
+//!
 //! Crossover: `examples/bench_attention.rs --crossover` times both kernels on tiny shapes
 //! (B·H ∈ {1, 12, 96}, L = S ∈ {1 … 256}, D = 64). With the per-thread scratch reused across
 //! calls the fused kernel was faster on every one (1.1× to 100×; the closest: B·H = 96,
@@ -48,6 +51,7 @@ use crate::mask::MaskPlan;
 mod budget;
 pub mod cpu;
 pub mod cuda;
+pub mod paged;
 pub mod reference;
 #[cfg(test)]
 mod rows_tests;

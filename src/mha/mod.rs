@@ -1,7 +1,8 @@
 //! [`MultiHeadAttention`]: the module, its input builder [`MhaInput`] and output [`MhaOutput`].
 //!
 //! Files: this one (the module, its constructors and entry points), `input.rs` (the input
-//! builder and output types), `pipeline.rs` (the one path every entry point takes).
+//! builder and output types), `pipeline.rs` (the one path every entry point takes), `paged.rs`
+//! (`attend_paged`: a batch of sequences over a paged KV pool).
 //!
 //! ## Inference and training
 //!
@@ -24,6 +25,7 @@ use crate::layout::{Projections, WeightLayout};
 use crate::mask::MaskPlan;
 
 mod input;
+mod paged;
 mod pipeline;
 
 pub use input::{MhaInput, MhaOutput, NeedWeights};

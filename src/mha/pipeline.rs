@@ -329,7 +329,7 @@ impl MultiHeadAttention {
     }
 
     /// The layer's score modifiers set on `plan` (replacing any the plan has).
-    fn with_modifiers(&self, mut plan: MaskPlan) -> Result<MaskPlan> {
+    pub(super) fn with_modifiers(&self, mut plan: MaskPlan) -> Result<MaskPlan> {
         if let Some(c) = self.cfg.softcap {
             plan = plan.with_softcap(c)?;
         }

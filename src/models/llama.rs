@@ -34,7 +34,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::{bail, DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
 
-use crate::cache::KvCache;
+use crate::cache::{KvCache, PagedKvPool, PagedPoolConfig, PagedStep, SeqId};
 use crate::mha::{MhaInput, MultiHeadAttention, NeedWeights};
 use crate::proj::Proj;
 use crate::rope::{Rope, RopeStyle};
@@ -393,6 +393,114 @@ impl Llama {
     /// Greedy next tokens `(B,)` from logits `(B, vocab)`.
     pub fn argmax(logits: &Tensor) -> Result<Vec<u32>> {
         logits.argmax(D::Minus1)?.to_vec1::<u32>()
+    }
+}
+
+// Continuous batching: a batch of sequences of different lengths in one forward over a paged
+// KV pool.
+impl Llama {
+    /// The [`PagedPoolConfig`] of this model (every layer, its KV heads and head size, the
+    /// weights' dtype): `num_blocks` blocks of `block_size` positions.
+    pub fn paged_pool_config(&self, block_size: usize, num_blocks: usize) -> PagedPoolConfig {
+        let c = &self.cfg;
+        PagedPoolConfig::new(
+            c.num_layers,
+            c.num_kv_heads,
+            c.head_dim,
+            block_size,
+            num_blocks,
+            self.embed.embeddings().dtype(),
+        )
+    }
+
+    /// A [`PagedKvPool`] for this model on its device (see [`Self::paged_pool_config`]).
+    pub fn paged_pool(&self, block_size: usize, num_blocks: usize) -> Result<PagedKvPool> {
+        PagedKvPool::new(
+            self.paged_pool_config(block_size, num_blocks),
+            self.embed.embeddings().device(),
+        )
+    }
+
+    /// One batched forward of `step`'s sequences over `pool`: `ids` `(total_q,)` (u32) holds
+    /// each sequence's new tokens packed in the step's order (a prompt being prefilled, or the
+    /// last sampled token of a running sequence). Every layer writes its keys and values into
+    /// the pool and attends with one mask plan built for the step; RoPE at each sequence's own
+    /// positions. Returns the logits `(sequences, vocab)` of each sequence's last new token.
+    /// Does not commit the step ([`PagedKvPool::commit`]; [`Self::step_paged`] does it all).
+    pub fn forward_paged(
+        &self,
+        ids: &Tensor,
+        step: &PagedStep,
+        pool: &mut PagedKvPool,
+    ) -> Result<Tensor> {
+        if pool.config().num_layers != self.blocks.len() {
+            bail!(
+                "forward_paged: the pool has {} layers, the model {}",
+                pool.config().num_layers,
+                self.blocks.len()
+            )
+        }
+        if ids.dims() != [step.total_q()] {
+            bail!(
+                "forward_paged: ids must be ({},) (the step's new tokens, packed), got {:?}",
+                step.total_q(),
+                ids.dims()
+            )
+        }
+        let last: Vec<u32> = step
+            .last_rows()
+            .into_iter()
+            .enumerate()
+            .map(|(b, r)| match r {
+                Some(r) => Ok(r as u32),
+                None => bail!("forward_paged: sequence {b} of the step has no new token"),
+            })
+            .collect::<Result<_>>()?;
+        let mut x = self.embed.forward(ids)?;
+        let Some(first) = self.blocks.first() else {
+            bail!("forward_paged: the model has no layers")
+        };
+        // One mask plan for every layer: the step's packed sequences, bottom-right causal.
+        let plan = first.attn.mask_plan_paged(step)?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let input = MhaInput::new(block.attn_norm.forward(&x)?)
+                .rope(self.rope.clone())
+                .mask_plan(plan.clone());
+            let out = block.attn.attend_paged(&input, pool, i, step)?;
+            x = (x + out.output)?;
+            let m = block.mlp.forward(&block.ffn_norm.forward(&x)?)?;
+            x = (x + m)?;
+        }
+        let idx = Tensor::from_vec(last, step.num_seqs(), x.device())?;
+        let h = self.norm.forward(&x.index_select(&idx, 0)?)?;
+        self.lm_head.forward(&h)
+    }
+
+    /// [`Self::forward_paged`] from the start of the step to its commit: `batch` lists
+    /// sequences and their new tokens (at least one each). Returns the logits
+    /// `(sequences, vocab)` of each sequence's last new token, in `batch`'s order.
+    ///
+    /// ```no_run
+    /// # use candle_core::{DType, Device};
+    /// # use candle_mha::models::llama::Llama;
+    /// let model = Llama::from_gguf("SmolLM2-135M-Instruct.Q4_1.gguf", DType::F32, &Device::Cpu)?;
+    /// let mut pool = model.paged_pool(16, 512)?; // 512 blocks of 16 positions
+    /// let (a, b) = (pool.add_sequence(), pool.add_sequence());
+    /// let logits = model.step_paged(&[(a, &[1, 9690, 198][..]), (b, &[1, 28120][..])], &mut pool)?;
+    /// let next = Llama::argmax(&logits)?; // one token per sequence
+    /// // Next step: both decode (more requests may join with their prompts).
+    /// let logits = model.step_paged(&[(a, &next[..1]), (b, &next[1..])], &mut pool)?;
+    /// pool.release(a)?; // finished: its blocks go back to the pool
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn step_paged(&self, batch: &[(SeqId, &[u32])], pool: &mut PagedKvPool) -> Result<Tensor> {
+        let lens: Vec<(SeqId, usize)> = batch.iter().map(|&(id, t)| (id, t.len())).collect();
+        let step = pool.begin_step(&lens)?;
+        let ids: Vec<u32> = batch.iter().flat_map(|(_, t)| t.iter().copied()).collect();
+        let ids = Tensor::from_vec(ids, step.total_q(), self.embed.embeddings().device())?;
+        let logits = self.forward_paged(&ids, &step, pool)?;
+        pool.commit(&step)?;
+        Ok(logits)
     }
 }
 

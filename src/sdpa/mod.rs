@@ -250,6 +250,11 @@ impl SdpaOptions {
         Ok(plan)
     }
 
+    /// The causal alignment set, if any.
+    pub(crate) fn causal_alignment(&self) -> Option<CausalAlignment> {
+        self.causal
+    }
+
     fn causal_mask(&self) -> Result<Option<Causal>> {
         match (self.causal, self.window) {
             (Some(alignment), window) => Ok(Some(Causal { alignment, window })),

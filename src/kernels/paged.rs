@@ -1,0 +1,284 @@
+//! Attention over the block tables of a paged KV pool ([`paged_attention`]).
+//!
+//! A batch of sequences, each with its own new tokens (packed by `cu_q`, flash-attn's
+//! `cu_seqlens_q`) and its own keys, which live in fixed-size blocks of a pool (vLLM's
+//! PagedAttention layout): position `t` of sequence `b` is row `t % block_size` of block
+//! `tables[b][t / block_size]`. The new tokens of a sequence are its last keys, so the causal
+//! mask is bottom-right aligned per sequence; prefill of new requests and decode of running ones
+//! share one call.
+//!
+//! Today's path validates the call ([`validate`]), gathers each sequence's key and value rows
+//! into packed `(total_k, Hkv, D)` tensors ([`gather`]) and runs
+//! [`sdpa_varlen`](crate::sdpa::sdpa_varlen)'s kernels on them. A kernel reading the blocks in
+//! place slots in between the two. The pool that owns the blocks is
+//! [`PagedKvPool`](crate::cache::PagedKvPool).
+
+use candle_core::{bail, Result, Tensor};
+
+use crate::kernels::{self, AttnParams};
+use crate::mask::MaskPlan;
+use crate::sdpa::{sdpa_varlen_with_kernel, SdpaOptions, SdpaOutput, SeqOffsets};
+use crate::CausalAlignment;
+
+/// The keys and values of a batch of sequences in a paged pool.
+#[derive(Debug, Clone, Copy)]
+pub struct PagedKv<'a> {
+    /// Keys `(num_blocks, block_size, Hkv, D)`, contiguous, in the pool's dtype.
+    pub k_pool: &'a Tensor,
+    /// Values `(num_blocks, block_size, Hkv, Dv)`, contiguous.
+    pub v_pool: &'a Tensor,
+    /// Positions per block.
+    pub block_size: usize,
+    /// Per sequence: its blocks, in position order (position t is in block
+    /// `tables[b][t / block_size]`, row `t % block_size`).
+    pub tables: &'a [Vec<u32>],
+    /// Per sequence: how many keys it has (cached + new), ≤ `tables[b].len() · block_size`.
+    pub seq_lens: &'a [usize],
+}
+
+/// The shapes of a validated [`paged_attention`] call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PagedDims {
+    /// Query rows of all sequences.
+    pub total_q: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Head size of queries and keys.
+    pub head_dim: usize,
+    /// Head size of values.
+    pub v_head_dim: usize,
+    /// Blocks in the pool.
+    pub num_blocks: usize,
+}
+
+/// Attention of the packed new tokens of a batch of sequences over their keys and values in a
+/// paged pool.
+///
+/// `q` `(total_q, H, D)` is packed by `cu_q` (one sequence per entry of `kv.tables`); the new
+/// tokens of each sequence are its **last** keys: with no causal alignment in `opts` the mask is
+/// [`CausalAlignment::BottomRight`] per sequence (query `i` of a sequence with `L` new tokens
+/// and `S` keys sees keys `j <= i + S - L`); `opts.causal(..)` sets another alignment.
+/// A sliding window and the score modifiers (soft-cap, ALiBi, sinks), the scale, the
+/// fully-masked-row policy and the backend in `opts` apply as in
+/// [`sdpa_varlen`](crate::sdpa::sdpa_varlen); an attention mask is refused. `Hkv` must divide
+/// `H` (grouped-query attention). Returns `(total_q, H, Dv)`.
+///
+/// Every argument is checked first (shapes, dtypes, devices, counts, block ids, lengths): a bad
+/// one is an error naming it, never a panic or an out-of-bounds read.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use candle_mha::kernels::paged::{paged_attention, PagedKv};
+/// use candle_mha::sdpa::{SdpaOptions, SeqOffsets};
+/// let dev = Device::Cpu;
+/// // A pool of 4 blocks of 2 positions, 1 KV head of size 8.
+/// let k_pool = Tensor::randn(0f32, 1., (4, 2, 1, 8), &dev)?;
+/// let v_pool = Tensor::randn(0f32, 1., (4, 2, 1, 8), &dev)?;
+/// // Sequence 0: 3 keys in blocks 2, 0 (prefill of 3 tokens); sequence 1: 1 key in block 3
+/// // (decode of 1 token).
+/// let tables = vec![vec![2, 0], vec![3]];
+/// let kv = PagedKv { k_pool: &k_pool, v_pool: &v_pool, block_size: 2, tables: &tables, seq_lens: &[3, 1] };
+/// let q = Tensor::randn(0f32, 1., (4, 2, 8), &dev)?; // 3 + 1 new tokens, 2 query heads
+/// let out = paged_attention(&q, &SeqOffsets::from_lengths(&[3, 1]), &kv, &SdpaOptions::new())?;
+/// assert_eq!(out.output.dims(), &[4, 2, 8]);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn paged_attention(
+    q: &Tensor,
+    cu_q: &SeqOffsets,
+    kv: &PagedKv,
+    opts: &SdpaOptions,
+) -> Result<SdpaOutput> {
+    validate(q, cu_q, kv)?;
+    let (k, v, cu_k) = gather(kv)?;
+    let opts = match opts.causal_alignment() {
+        Some(_) => opts.clone(),
+        None => opts.clone().causal(CausalAlignment::BottomRight),
+    };
+    sdpa_varlen_with_kernel(q, &k, &v, cu_q, &cu_k, &opts)
+}
+
+/// [`paged_attention`] with a mask plan built once for every layer of a step (packed sequences,
+/// causal alignment, window and the layer's score modifiers) and the layer's parameters.
+pub(crate) fn paged_attention_planned(
+    q: &Tensor,
+    cu_q: &SeqOffsets,
+    kv: &PagedKv,
+    plan: &MaskPlan,
+    params: &AttnParams,
+) -> Result<SdpaOutput> {
+    validate(q, cu_q, kv)?;
+    let (k, v, _) = gather(kv)?;
+    let out = kernels::attention(
+        &q.unsqueeze(0)?,
+        &k.unsqueeze(0)?,
+        &v.unsqueeze(0)?,
+        plan,
+        params,
+    )?;
+    Ok(SdpaOutput {
+        output: out.output.squeeze(0)?,
+        kernel: out.kernel,
+    })
+}
+
+/// Checks a [`paged_attention`] call: `q` `(total_q, H, D)` float, the pools 4-D, contiguous,
+/// of `q`'s dtype and device with `block_size` rows per block and the same blocks and heads,
+/// `Hkv` dividing `H`, one table, length and `cu_q` sequence per sequence, every block id in
+/// the pool, every length within its table and at least its number of new tokens.
+pub fn validate(q: &Tensor, cu_q: &SeqOffsets, kv: &PagedKv) -> Result<PagedDims> {
+    let (total_q, heads, head_dim) = match q.dims() {
+        &[a, b, c] => (a, b, c),
+        other => {
+            bail!("paged_attention: q must be 3-D (total_q, heads, head_dim), got shape {other:?}")
+        }
+    };
+    if !q.dtype().is_float() {
+        bail!(
+            "paged_attention: q must be a float tensor, got {:?}",
+            q.dtype()
+        )
+    }
+    let pool_dims = |name: &str, t: &Tensor| -> Result<(usize, usize, usize, usize)> {
+        match t.dims() {
+            &[a, b, c, d] => Ok((a, b, c, d)),
+            other => bail!(
+                "paged_attention: {name} must be 4-D (num_blocks, block_size, kv_heads, head_dim), got shape {other:?}"
+            ),
+        }
+    };
+    let (num_blocks, bs, kv_heads, kd) = pool_dims("k_pool", kv.k_pool)?;
+    let (vnb, vbs, vh, v_head_dim) = pool_dims("v_pool", kv.v_pool)?;
+    if kv.block_size == 0 {
+        bail!("paged_attention: block_size must be > 0")
+    }
+    if bs != kv.block_size {
+        bail!(
+            "paged_attention: block_size is {} but k_pool {:?} has {bs} rows per block",
+            kv.block_size,
+            kv.k_pool.dims()
+        )
+    }
+    if (vnb, vbs, vh) != (num_blocks, bs, kv_heads) {
+        bail!(
+            "paged_attention: v_pool {:?} must have the blocks, rows and heads of k_pool {:?}",
+            kv.v_pool.dims(),
+            kv.k_pool.dims()
+        )
+    }
+    if kd != head_dim {
+        bail!(
+            "paged_attention: q {:?} and k_pool {:?} must have the same head_dim ({head_dim} vs {kd})",
+            q.dims(),
+            kv.k_pool.dims()
+        )
+    }
+    if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+        bail!(
+            "paged_attention: the number of KV heads ({kv_heads}) must divide the number of query heads ({heads}): q {:?}, k_pool {:?}",
+            q.dims(),
+            kv.k_pool.dims()
+        )
+    }
+    for (name, t) in [("k_pool", kv.k_pool), ("v_pool", kv.v_pool)] {
+        if t.dtype() != q.dtype() {
+            bail!(
+                "paged_attention: {name} is {:?} but q is {:?} (the pool's dtype must be the queries')",
+                t.dtype(),
+                q.dtype()
+            )
+        }
+        if !t.device().same_device(q.device()) {
+            bail!(
+                "paged_attention: {name} is on {:?} but q is on {:?}",
+                t.device(),
+                q.device()
+            )
+        }
+        if !t.is_contiguous() {
+            bail!("paged_attention: {name} {:?} must be contiguous", t.dims())
+        }
+    }
+    if num_blocks
+        .checked_mul(bs)
+        .is_none_or(|rows| rows > u32::MAX as usize)
+    {
+        bail!("paged_attention: the pool has {num_blocks} blocks of {bs} rows: more than 2^32 rows")
+    }
+    let n = cu_q.num_seqs();
+    if kv.tables.len() != n || kv.seq_lens.len() != n {
+        bail!(
+            "paged_attention: cu_q has {n} sequences but there are {} block tables and {} seq_lens",
+            kv.tables.len(),
+            kv.seq_lens.len()
+        )
+    }
+    if cu_q.total() != total_q {
+        bail!(
+            "paged_attention: cu_q ends at {} but q {:?} has {total_q} rows",
+            cu_q.total(),
+            q.dims()
+        )
+    }
+    for (b, (table, &len)) in kv.tables.iter().zip(kv.seq_lens).enumerate() {
+        if let Some((i, &id)) = table
+            .iter()
+            .enumerate()
+            .find(|(_, &id)| id as usize >= num_blocks)
+        {
+            bail!("paged_attention: tables[{b}][{i}] = block {id}, but the pool has {num_blocks} blocks")
+        }
+        let cap = table.len() * bs;
+        if len > cap {
+            bail!(
+                "paged_attention: seq_lens[{b}] = {len} but tables[{b}] has {} blocks of {bs} positions ({cap})",
+                table.len()
+            )
+        }
+        let new = cu_q.range(b).len();
+        if new > len {
+            bail!("paged_attention: sequence {b} has {new} new tokens but only {len} keys (its new tokens are its last keys: seq_lens counts them)")
+        }
+    }
+    Ok(PagedDims {
+        total_q,
+        heads,
+        kv_heads,
+        head_dim,
+        v_head_dim,
+        num_blocks,
+    })
+}
+
+/// The pool rows of every sequence's keys, in order: sequence after sequence, position after
+/// position (`tables[b][t / block_size] · block_size + t % block_size`). Call after [`validate`].
+pub fn gather_rows(kv: &PagedKv) -> Vec<u32> {
+    let bs = kv.block_size;
+    let mut rows = Vec::with_capacity(kv.seq_lens.iter().sum());
+    for (table, &len) in kv.tables.iter().zip(kv.seq_lens) {
+        for (i, &block) in table.iter().enumerate() {
+            let start = i * bs;
+            if start >= len {
+                break;
+            }
+            let base = block * bs as u32;
+            rows.extend((0..(len - start).min(bs) as u32).map(|r| base + r));
+        }
+    }
+    rows
+}
+
+/// Each sequence's keys and values copied out of the pool, packed: `(total_k, Hkv, D)`,
+/// `(total_k, Hkv, Dv)` and their offsets. Call after [`validate`].
+pub fn gather(kv: &PagedKv) -> Result<(Tensor, Tensor, SeqOffsets)> {
+    let rows = gather_rows(kv);
+    let cu_k = SeqOffsets::from_lengths(kv.seq_lens);
+    let idx = Tensor::from_vec(rows, cu_k.total(), kv.k_pool.device())?;
+    let flat = |t: &Tensor| -> Result<Tensor> {
+        let (nb, bs, h, d) = t.dims4()?;
+        t.reshape((nb * bs, h, d))?.index_select(&idx, 0)
+    };
+    Ok((flat(kv.k_pool)?, flat(kv.v_pool)?, cu_k))
+}
