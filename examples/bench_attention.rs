@@ -6,6 +6,7 @@
 //! cargo run --release --example bench_attention -- --python /root/.venv-torch/bin/python
 //! cargo run --release --example bench_attention -- --crossover   # Backend::Auto's threshold
 //! cargo run --release --example bench_attention -- --modifiers   # softcap / ALiBi / sinks costs
+//! cargo run --release --example bench_attention -- --paged       # decode over a paged pool vs dense
 //! cargo run --release --example bench_attention -- --kv-formats  # decode over bf16 / int8 / fp8 caches
 //! ```
 //!
@@ -836,6 +837,130 @@ fn kv_formats(rounds: usize) -> Result<()> {
     Ok(())
 }
 
+/// `--paged`: the decode core (B8 L1 H32 Hkv8 D128, bf16) over a dense cache `(B, S, Hkv, D)`
+/// and over a paged pool (blocks of 16 and of 64 positions handed out in a shuffled order, the
+/// worst case for locality) at S = 4096 and 16384: alternating rounds, medians, each as a ratio
+/// to the dense cache and a share of a streaming read of the same bytes timed in the same
+/// rounds; then the KV memory of a mix of lengths, paged against dense.
+fn paged(rounds: usize) -> Result<()> {
+    use candle_mha::kernels::paged::{paged_attention, PagedKv};
+    use candle_mha::sdpa::{SdpaOptions, SeqOffsets};
+    let dev = Device::Cpu;
+    let (b, h, hkv, d) = (8usize, 32usize, 8usize, 128usize);
+    println!(
+        "decode core B{b} L1 H{h} Hkv{hkv} D{d}, bf16, {} threads, fused kernel ISA {}, load at start: {}",
+        rayon::current_num_threads(),
+        test_support::cpu_isa(),
+        loadavg()
+    );
+    println!("\n| S | cache | time | / dense | GB/s | share of streaming read |");
+    println!("|---|---|---|---|---|---|");
+    let blocks = [16usize, 64];
+    for s_len in [4096usize, 16384] {
+        let bf = |shape: (usize, usize, usize, usize)| -> Result<Tensor> {
+            Ok(Tensor::randn(0f32, 1., shape, &dev)?.to_dtype(DType::BF16)?)
+        };
+        let q = bf((b, 1, h, d))?;
+        let (k, v) = (bf((b, s_len, hkv, d))?, bf((b, s_len, hkv, d))?);
+        let plan = MaskPlan::new(MaskDims::new(b, h, 1, s_len))
+            .with_causal(CausalAlignment::BottomRight)?;
+        let p = AttnParams::new(d);
+        // The same keys in pools, blocks shuffled.
+        let pools = blocks
+            .iter()
+            .map(|&bs| -> Result<_> {
+                let per = s_len / bs;
+                let nb = b * per;
+                let mut order: Vec<u32> = (0..nb as u32).collect();
+                let mut x = 0x9e37_79b9_7f4a_7c15u64;
+                for i in (1..nb).rev() {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    order.swap(i, (x % (i as u64 + 1)) as usize);
+                }
+                let tables: Vec<Vec<u32>> = (0..b)
+                    .map(|bi| order[bi * per..(bi + 1) * per].to_vec())
+                    .collect();
+                // Block `tables[bi][n]` holds positions n·bs.. of sequence bi.
+                let mut rows = vec![0u32; nb * bs];
+                for (bi, t) in tables.iter().enumerate() {
+                    for (n, &blk) in t.iter().enumerate() {
+                        for o in 0..bs {
+                            rows[blk as usize * bs + o] = (bi * s_len + n * bs + o) as u32;
+                        }
+                    }
+                }
+                let ids = Tensor::from_slice(&rows, rows.len(), &dev)?;
+                let pool = |x: &Tensor| -> Result<Tensor> {
+                    Ok(x.reshape((b * s_len, hkv, d))?
+                        .index_select(&ids, 0)?
+                        .reshape((nb, bs, hkv, d))?)
+                };
+                Ok((bs, pool(&k)?, pool(&v)?, tables))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let qp = q.reshape((b, h, d))?;
+        let cu_q = SeqOffsets::from_lengths(&vec![1; b]);
+        let lens = vec![s_len; b];
+        let opts = SdpaOptions::new();
+        let probe = MemProbe::new(&k, &v)?;
+        let mut dense = vec![];
+        let mut paged_t = vec![vec![]; pools.len()];
+        let mut tr = vec![];
+        for _ in 0..rounds {
+            dense.extend(time_it(5, || {
+                attention(&q, &k, &v, &plan, &p).map(drop)?;
+                Ok(())
+            })?);
+            for (t, (bs, kp, vp, tables)) in paged_t.iter_mut().zip(&pools) {
+                let kv = PagedKv {
+                    k_pool: kp,
+                    v_pool: vp,
+                    block_size: *bs,
+                    tables,
+                    seq_lens: &lens,
+                };
+                t.extend(time_it(5, || {
+                    paged_attention(&qp, &cu_q, &kv, &opts).map(drop)?;
+                    Ok(())
+                })?);
+            }
+            tr.extend(time_it(5, || probe.read())?);
+        }
+        let (dense, tr) = (median(dense), median(tr));
+        let bytes = 2.0 * (b * s_len * hkv * d) as f64 * 2.0;
+        let read_rate = bytes / tr / 1e9;
+        let row = |name: String, t: f64| {
+            let rate = bytes / t / 1e9;
+            println!(
+                "| {s_len} | {name} | {} | {:.2} | {rate:.1} | {:.0}% (of {read_rate:.1} GB/s) |",
+                fmt_t(t),
+                t / dense,
+                100.0 * rate / read_rate
+            );
+        };
+        row("dense".into(), dense);
+        for (t, (bs, ..)) in paged_t.into_iter().zip(&pools) {
+            row(format!("paged, blocks of {bs}"), median(t));
+        }
+    }
+    // KV memory: 16 sequences of 100 to 4000 positions, blocks of 16, against a dense batch
+    // sized for the longest.
+    let lens: Vec<usize> = (0..16).map(|i| 100 + (i * 2371) % 3900).collect();
+    let per_pos = 2 * hkv * d * 2;
+    let paged_bytes: usize = lens.iter().map(|l| l.div_ceil(16) * 16 * per_pos).sum();
+    let dense_bytes = lens.len() * lens.iter().max().unwrap() * per_pos;
+    println!(
+        "\nKV memory of 16 sequences of 100..4000 positions (one layer, bf16): paged (blocks of 16) {:.1} MiB, dense batch {:.1} MiB ({:.2}×)",
+        paged_bytes as f64 / (1u64 << 20) as f64,
+        dense_bytes as f64 / (1u64 << 20) as f64,
+        paged_bytes as f64 / dense_bytes as f64
+    );
+    println!("load at end: {}", loadavg());
+    Ok(())
+}
+
 fn crossover() -> Result<()> {
     println!("| B·H | L=S | D | reference | fused | ref/fused |");
     println!("|---|---|---|---|---|---|");
@@ -892,6 +1017,13 @@ fn main() -> Result<()> {
     if args.iter().any(|a| a == "--crossover") {
         return crossover();
     }
+    if args.iter().any(|a| a == "--paged") {
+        let rounds = match args.iter().position(|a| a == "--rounds") {
+            Some(i) => args.get(i + 1).context("--rounds N")?.parse()?,
+            None => 3,
+        };
+        return paged(rounds);
+    }
     if args.iter().any(|a| a == "--kv-formats") {
         let rounds = match args.iter().position(|a| a == "--rounds") {
             Some(i) => args.get(i + 1).context("--rounds N")?.parse()?,
@@ -945,7 +1077,7 @@ fn main() -> Result<()> {
                     "usage: bench_attention [--python PY] [--no-torch] [--rounds N] [--only SUBSTR] \
                      [--no-peak] [--no-reference-8k] [--dtype f32|bf16|f16] \
                      [--isa avx512bf16|avx512|avx2|portable] [--torch-native] [--no-module] | --crossover \
-                     | --modifiers [--dtype D] [--rounds N] [--head-dim D] [--lengths L,L] | --kv-formats [--rounds N]"
+                     | --modifiers [--dtype D] [--rounds N] [--head-dim D] [--lengths L,L] | --kv-formats [--rounds N] | --paged [--rounds N]"
                 );
                 return Ok(());
             }

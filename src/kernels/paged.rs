@@ -16,8 +16,8 @@
 use candle_core::{bail, Result, Tensor};
 
 use crate::kernels::{self, AttnParams};
-use crate::mask::MaskPlan;
-use crate::sdpa::{sdpa_varlen_with_kernel, SdpaOptions, SdpaOutput, SeqOffsets};
+use crate::mask::{MaskDims, MaskPlan};
+use crate::sdpa::{SdpaOptions, SdpaOutput, SeqOffsets};
 use crate::CausalAlignment;
 
 /// The keys and values of a batch of sequences in a paged pool.
@@ -91,17 +91,32 @@ pub fn paged_attention(
     kv: &PagedKv,
     opts: &SdpaOptions,
 ) -> Result<SdpaOutput> {
-    validate(q, cu_q, kv)?;
-    let (k, v, cu_k) = gather(kv)?;
+    let dims = validate(q, cu_q, kv)?;
+    if opts.attn_mask.is_some() {
+        bail!("paged_attention: an attention mask is not supported (use causal alignment / sliding window)")
+    }
     let opts = match opts.causal_alignment() {
         Some(_) => opts.clone(),
         None => opts.clone().causal(CausalAlignment::BottomRight),
     };
-    sdpa_varlen_with_kernel(q, &k, &v, cu_q, &cu_k, &opts)
+    let cu_k = SeqOffsets::from_lengths(kv.seq_lens);
+    let mut plan = MaskPlan::new(MaskDims::new(1, dims.heads, dims.total_q, cu_k.total()))
+        .with_packed_sequences(cu_q.as_slice(), cu_k.as_slice())?;
+    if let Some(c) = opts.causal_mask()? {
+        plan = plan.with_causal(c)?;
+    }
+    let plan = opts.with_modifiers(plan, q)?;
+    paged_attention_planned(q, cu_q, kv, &plan, &opts.params(dims.head_dim)?)
 }
 
 /// [`paged_attention`] with a mask plan built once for every layer of a step (packed sequences,
 /// causal alignment, window and the layer's score modifiers) and the layer's parameters.
+///
+/// The fused CPU kernel reads the blocks in place. A step whose sequences all bring the same
+/// few new tokens (decoding) runs as a batch, each sequence's keys right-aligned in the
+/// longest's positions ([`as_batch`]), which takes the kernel's decoding paths (every KV head
+/// walking the keys together, the keys split across threads when there are few sequences);
+/// other steps run as packed sequences.
 pub(crate) fn paged_attention_planned(
     q: &Tensor,
     cu_q: &SeqOffsets,
@@ -109,19 +124,77 @@ pub(crate) fn paged_attention_planned(
     plan: &MaskPlan,
     params: &AttnParams,
 ) -> Result<SdpaOutput> {
-    validate(q, cu_q, kv)?;
-    let (k, v, _) = gather(kv)?;
-    let out = kernels::attention(
-        &q.unsqueeze(0)?,
-        &k.unsqueeze(0)?,
-        &v.unsqueeze(0)?,
-        plan,
-        params,
-    )?;
+    let dims = validate(q, cu_q, kv)?;
+    let rows = |t: &Tensor| -> Result<Tensor> {
+        let (nb, bs, h, d) = t.dims4()?;
+        t.reshape((1, nb * bs, h, d))
+    };
+    let (k, v) = (rows(kv.k_pool)?, rows(kv.v_pool)?);
+    let dv = dims.v_head_dim;
+    if let Some((batch_plan, key_rows, l)) = as_batch(plan, cu_q, kv, &dims)? {
+        let b = kv.seq_lens.len();
+        let q = q.reshape((b, l, dims.heads, dims.head_dim))?;
+        let out = kernels::attention_paged(&q, (&k, &v), &key_rows, &batch_plan, params)?;
+        return Ok(SdpaOutput {
+            output: out.output.reshape((b * l, dims.heads, dv))?,
+            kernel: out.kernel,
+        });
+    }
+    let key_rows = gather_rows(kv);
+    let out = kernels::attention_paged(&q.unsqueeze(0)?, (&k, &v), &key_rows, plan, params)?;
     Ok(SdpaOutput {
         output: out.output.squeeze(0)?,
         kernel: out.kernel,
     })
+}
+
+/// Most new tokens per sequence for which a step runs as a batch ([`as_batch`]): the decoding
+/// paths take up to 64 query rows per KV head.
+const BATCH_ROWS: usize = 64;
+
+/// The packed `plan` of a step as a batch, when every sequence brings the same `L` new tokens
+/// (`L · H / Hkv ≤ 64`), the causal alignment (if any) is bottom-right and nothing else is
+/// masked: `(B, H, L, S)` with `S` the longest sequence's keys, sequence `b`'s keys in the last
+/// `len_b` positions (left padding; its window, ALiBi distances and sinks unchanged), and the
+/// pool row of every `(b, position)` (padding positions name row 0, never read).
+pub(crate) fn as_batch(
+    plan: &MaskPlan,
+    cu_q: &SeqOffsets,
+    kv: &PagedKv,
+    dims: &PagedDims,
+) -> Result<Option<(MaskPlan, Vec<u32>, usize)>> {
+    let b = kv.seq_lens.len();
+    let l = if b > 0 { cu_q.range(0).len() } else { 0 };
+    let g = dims.heads / dims.kv_heads.max(1);
+    let uniform = b > 0 && l > 0 && (0..b).all(|n| cu_q.range(n).len() == l);
+    let causal = plan.causal();
+    let plain = plan.bias().is_none() && plan.key_bias().is_none() && plan.key_ranges().is_none();
+    let aligned = causal.is_none_or(|c| c.alignment == CausalAlignment::BottomRight);
+    if !(uniform && l * g <= BATCH_ROWS && plain && aligned) {
+        return Ok(None);
+    }
+    let s = kv.seq_lens.iter().copied().max().unwrap_or(0);
+    let pads: Vec<usize> = kv.seq_lens.iter().map(|&len| s - len).collect();
+    let mut rows = Vec::with_capacity(b * s);
+    let bs = kv.block_size;
+    for ((table, &len), &pad) in kv.tables.iter().zip(kv.seq_lens).zip(&pads) {
+        rows.resize(rows.len() + pad, 0);
+        rows.extend((0..len).map(|t| table[t / bs] * bs as u32 + (t % bs) as u32));
+    }
+    let mut batch = MaskPlan::new(MaskDims::new(b, dims.heads, l, s)).with_left_padding(&pads)?;
+    if let Some(c) = causal {
+        batch = batch.with_causal(c)?;
+    }
+    if let Some(c) = plan.softcap() {
+        batch = batch.with_softcap(c)?;
+    }
+    if let Some(t) = plan.alibi_slopes() {
+        batch = batch.with_alibi_slopes(t)?;
+    }
+    if let Some(t) = plan.sinks() {
+        batch = batch.with_sinks(t)?;
+    }
+    Ok(Some((batch, rows, l)))
 }
 
 /// Checks a [`paged_attention`] call: `q` `(total_q, H, D)` float, the pools 4-D, contiguous,

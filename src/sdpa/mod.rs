@@ -118,7 +118,7 @@ impl SdpaMask {
 /// ```
 #[derive(Debug, Clone, Default)]
 pub struct SdpaOptions {
-    attn_mask: Option<SdpaMask>,
+    pub(crate) attn_mask: Option<SdpaMask>,
     causal: Option<CausalAlignment>,
     window: Option<usize>,
     scale: Option<f64>,
@@ -226,7 +226,7 @@ impl SdpaOptions {
     }
 
     /// `plan` with the score modifiers set here, each tensor checked against `q`'s device.
-    fn with_modifiers(&self, mut plan: MaskPlan, q: &Tensor) -> Result<MaskPlan> {
+    pub(crate) fn with_modifiers(&self, mut plan: MaskPlan, q: &Tensor) -> Result<MaskPlan> {
         for (name, t) in [("alibi_slopes", &self.alibi_slopes), ("sinks", &self.sinks)] {
             if let Some(t) = t {
                 if !t.device().same_device(q.device()) {
@@ -255,7 +255,7 @@ impl SdpaOptions {
         self.causal
     }
 
-    fn causal_mask(&self) -> Result<Option<Causal>> {
+    pub(crate) fn causal_mask(&self) -> Result<Option<Causal>> {
         match (self.causal, self.window) {
             (Some(alignment), window) => Ok(Some(Causal { alignment, window })),
             (None, Some(w)) => bail!(
@@ -265,7 +265,7 @@ impl SdpaOptions {
         }
     }
 
-    fn params(&self, d: usize) -> Result<AttnParams> {
+    pub(crate) fn params(&self, d: usize) -> Result<AttnParams> {
         if !(0.0..1.0).contains(&self.dropout) {
             bail!("sdpa: dropout must be in [0, 1), got {}", self.dropout)
         }
