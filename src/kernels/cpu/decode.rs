@@ -214,30 +214,36 @@ impl Ctx<'_> {
                          sc: &mut Scratch| {
             // The next sub-tile's key rows, every head: queued on the prefetch stream, which
             // the micro-kernels drain a few lines at a time, when K's and V's rows of the
-            // sub-tile are each one contiguous run; else as one burst.
+            // sub-tile are a few contiguous runs (one, or a paged cache's blocks); else as one
+            // burst.
             if next.0 < next.1 {
-                let run = |view: &super::tile::View, width: usize| {
-                    (view.strides[1] == ctx.hkv * width
-                        && view.run_end(bi, next.0, next.1) == next.1)
-                        .then(|| {
-                            view.byte_range(
-                                view.at(bi, next.0, 0),
-                                view.at(bi, next.1 - 1, 0) + ctx.hkv * width,
-                            )
-                        })
-                        .flatten()
-                };
-                match (run(&ctx.k, d), run(&ctx.v, dv)) {
-                    (Some(kr), Some(vr)) => {
-                        let lines = (kr.1 - kr.0 + vr.1 - vr.0).div_ceil(64);
-                        // About 32 micro-kernel steps per head and sub-tile (see `stream`).
-                        stream::queue([kr, vr], lines.div_ceil(32 * list.len()));
-                    }
-                    _ => {
-                        for j in next.0..next.1 {
-                            ctx.k.prefetch(ctx.k.at(bi, j, 0), ctx.hkv * d);
-                            ctx.v.prefetch(ctx.v.at(bi, j, 0), ctx.hkv * dv);
+                let mut ranges = [(0usize, 0usize); stream::MAX_RANGES];
+                let mut n = 0;
+                let mut ok = ctx.k.strides[1] == ctx.hkv * d && ctx.v.strides[1] == ctx.hkv * dv;
+                let mut a = next.0;
+                while ok && a < next.1 {
+                    let b = ctx.k.run_end(bi, a, next.1);
+                    for (view, width) in [(&ctx.k, d), (&ctx.v, dv)] {
+                        let r = view
+                            .byte_range(view.at(bi, a, 0), view.at(bi, b - 1, 0) + ctx.hkv * width);
+                        match r {
+                            Some(r) if n < ranges.len() => {
+                                ranges[n] = r;
+                                n += 1;
+                            }
+                            _ => ok = false,
                         }
+                    }
+                    a = b;
+                }
+                if ok {
+                    let bytes: usize = ranges[..n].iter().map(|r| r.1 - r.0).sum();
+                    // About 32 micro-kernel steps per head and sub-tile (see `stream`).
+                    stream::queue(&ranges[..n], bytes.div_ceil(64).div_ceil(32 * list.len()));
+                } else {
+                    for j in next.0..next.1 {
+                        ctx.k.prefetch(ctx.k.at(bi, j, 0), ctx.hkv * d);
+                        ctx.v.prefetch(ctx.v.at(bi, j, 0), ctx.hkv * dv);
                     }
                 }
             }
@@ -267,12 +273,12 @@ impl Ctx<'_> {
         let step = if list.len() > 1 { DECODE_KEYS } else { BLOCK_K };
         if k_lo < k_hi && self.k.rows.is_some() {
             // Gathered rows (a paged cache): sub-tiles of up to `step` keys from the first,
-            // each one run of consecutive rows (a block, or blocks that happen to be adjacent).
+            // made of runs of consecutive rows (blocks, see `View::tile_end`).
             let mut a = k_lo;
             while a < k_hi {
-                let b = self.k.run_end(bi, a, (a + step).min(k_hi));
+                let b = self.k.tile_end(bi, a, (a + step).min(k_hi));
                 let next = if list.len() > 1 && b < k_hi {
-                    (b, self.k.run_end(bi, b, (b + step).min(k_hi)))
+                    (b, self.k.tile_end(bi, b, (b + step).min(k_hi)))
                 } else {
                     (0, 0)
                 };

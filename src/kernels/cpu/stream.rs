@@ -13,15 +13,25 @@ use std::cell::Cell;
 /// Bytes per cache line.
 const LINE: usize = 64;
 
+/// Most byte ranges queued at once: K's and V's rows of a sub-tile, in up to 4 runs of
+/// consecutive rows (a paged cache's blocks).
+pub(super) const MAX_RANGES: usize = 8;
+
 thread_local! {
-    /// Two byte ranges (`next`, `end`) still to prefetch (K's and V's rows of the next
-    /// sub-tile), and the lines to issue per step.
-    static QUEUE: Cell<([(usize, usize); 2], usize)> = const { Cell::new(([(0, 0); 2], 0)) };
+    /// Byte ranges (`next`, `end`) still to prefetch (K's and V's rows of the next sub-tile),
+    /// and the lines to issue per step.
+    static QUEUE: Cell<([(usize, usize); MAX_RANGES], usize)> =
+        const { Cell::new(([(0, 0); MAX_RANGES], 0)) };
 }
 
-/// Queues `ranges` (byte address ranges) to be prefetched `per_step` lines at a time.
-pub(super) fn queue(ranges: [(usize, usize); 2], per_step: usize) {
-    QUEUE.with(|q| q.set((ranges, per_step.max(1))));
+/// Queues `ranges` (byte address ranges, at most [`MAX_RANGES`]: the rest are dropped) to be
+/// prefetched `per_step` lines at a time.
+pub(super) fn queue(ranges: &[(usize, usize)], per_step: usize) {
+    let mut all = [(0, 0); MAX_RANGES];
+    for (a, r) in all.iter_mut().zip(ranges) {
+        *a = *r;
+    }
+    QUEUE.with(|q| q.set((all, per_step.max(1))));
 }
 
 /// Issues the next lines of the queue (none when it is empty). Called by the x86 micro-kernels;
@@ -57,7 +67,7 @@ pub(super) fn flush() {
                 a += LINE;
             }
         }
-        q.set(([(0, 0); 2], 0));
+        q.set(([(0, 0); MAX_RANGES], 0));
     });
 }
 
@@ -86,7 +96,7 @@ mod tests {
     fn steps_drain_the_queue_in_order() {
         let buf = vec![0u8; 64 * 10];
         let a = buf.as_ptr() as usize;
-        queue([(a, a + 64 * 4), (a + 64 * 6, a + 64 * 10)], 3);
+        queue(&[(a, a + 64 * 4), (a + 64 * 6, a + 64 * 10)], 3);
         assert_eq!(left(), 64 * 8);
         step();
         assert_eq!(left(), 64 * 5);
@@ -99,7 +109,7 @@ mod tests {
             0,
             "an empty queue stops stepping"
         );
-        queue([(a, a + 64 * 10), (0, 0)], 2);
+        queue(&[(a, a + 64 * 10)], 2);
         step();
         flush();
         assert_eq!(left(), 0);

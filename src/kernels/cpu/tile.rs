@@ -256,13 +256,13 @@ impl Ctx<'_> {
             vtile: &mut sc.vtile,
         };
         if k_lo < k_hi && self.k.rows.is_some() {
-            // Gathered rows (a paged cache): tiles of up to BLOCK_K keys from the first, each
-            // one run of consecutive rows (a block, or blocks that happen to be adjacent).
+            // Gathered rows (a paged cache): tiles of up to BLOCK_K keys from the first, made
+            // of runs of consecutive rows (blocks, see `View::tile_end`).
             let mut a = k_lo;
             while a < k_hi {
-                let b = self.k.run_end(bi, a, (a + BLOCK_K).min(k_hi));
+                let b = self.k.tile_end(bi, a, (a + BLOCK_K).min(k_hi));
                 if b < k_hi {
-                    self.prefetch(bi, kh, b, self.k.run_end(bi, b, (b + BLOCK_K).min(k_hi)));
+                    self.prefetch(bi, kh, b, self.k.tile_end(bi, b, (b + BLOCK_K).min(k_hi)));
                 }
                 self.tile(bi, kh, a, b, self.masked, &mut rows);
                 a = b;
@@ -375,7 +375,10 @@ impl Ctx<'_> {
         let _ = (bi, kh, j0, j1);
     }
 
-    /// Keys `j0..j1` for the item's rows: scores, masks, online softmax, `acc += P · V`.
+    /// Keys `j0..j1` for the item's rows: scores, masks, online softmax, `acc += P · V`. The
+    /// keys are one run of consecutive rows, or, gathered from a paged cache, up to 16 runs each
+    /// a multiple of 16 keys but the last ([`View::tile_end`]): the products then run per run,
+    /// each writing whole vectors of scores at its own columns, and the softmax once.
     pub(super) fn tile(
         &self,
         bi: usize,
@@ -385,54 +388,21 @@ impl Ctx<'_> {
         masked: bool,
         rows: &mut Rows,
     ) {
-        let (d, dv, nr) = (self.d, self.dv, rows.nr);
+        let (dv, nr) = (self.dv, rows.nr);
         let bk = j1 - j0;
-        let k0 = self.k.at(bi, j0, kh);
-        let v0 = self.v.at(bi, j0, kh);
-        let (kst, vst) = (self.k.strides[1], self.v.strides[1]);
-        // In place for f32, and for bf16/f16 where the instruction set reads them directly;
-        // else half tiles converted once here (K only when no kᵀ copy is used).
-        let vhalf = self.v.half_mat(self.isa, v0, (bk, dv, vst));
-        let v8 = self.v.byte_mat(self.isa, v0, (bk, dv, vst));
-        let vtile = match (vhalf, v8) {
-            (None, None) => Some(self.v.mat(v0, (bk, dv, vst), rows.vtile)),
-            _ => None,
-        };
-        let q = Mat::new(rows.q, nr, d, d);
-        let qp = PairMat::new(rows.qp, nr, d / 2, d / 2);
-        let scores = MatMut::new(rows.scores, nr, bk, BLOCK_K);
-        // kᵀ of this KV head, (d × s) with rows `ks` apart, from column j0; the score tile has
-        // BLOCK_K >= round_up(bk, 16) columns per row.
-        let ks = kt_stride(self.s);
-        let base = (bi * self.hkv + kh) * d * ks;
-        match self.kt {
-            Some(Kt::F32(kt)) => {
-                let kt = Mat::new(&kt[base + j0..base + d * ks], d, bk, ks);
-                products::qk_t(self.isa, q, kt, scores, self.scale);
-            }
-            Some(Kt::Pairs(kt)) => {
-                let (base, dp) = (base / 2, d / 2);
-                let kt = PairMat::new(&kt[base + j0..base + dp * ks], dp, bk, ks);
-                products::qk_pairs(self.isa, qp, kt, scores, self.scale);
-            }
-            None if self.q_pairs => {
-                let k = self.k.bf16_mat(k0, (bk, d, kst)).expect("bf16 keys");
-                products::qk_rows_pairs(self.isa, qp, k, scores, self.scale);
-            }
-            None => match (
-                self.k.half_mat(self.isa, k0, (bk, d, kst)),
-                self.k.byte_mat(self.isa, k0, (bk, d, kst)),
-            ) {
-                (Some(k), _) => products::qk_rows_half(self.isa, q, k, scores, self.scale),
-                (None, Some((k, sc, first, step))) => {
-                    products::qk_rows_bytes(self.isa, q, k, scores, self.scale);
-                    scale_columns(rows.scores, (nr, bk), (sc, first, step));
-                }
-                (None, None) => {
-                    let k = self.k.mat(k0, (bk, d, kst), rows.ktile);
-                    products::qk_rows(self.isa, q, k, scores, self.scale)
-                }
-            },
+        let mut runs = [(0usize, 0usize); BLOCK_K / 16];
+        let mut n_runs = 0;
+        let mut a = j0;
+        while a < j1 {
+            let b = self.k.run_end(bi, a, j1);
+            debug_assert!(n_runs < runs.len() && (b == j1 || (b - a).is_multiple_of(16)));
+            runs[n_runs] = (a, b);
+            n_runs += 1;
+            a = b;
+        }
+        let runs = &runs[..n_runs];
+        for &(a, b) in runs {
+            self.qk_run(bi, kh, (a, b - a, a - j0), rows);
         }
         // Soft-capping over the whole tile at once (its set-up costs as much as a row of 64).
         if let (Some(_), Some(last)) = (self.mods.softcap, nr.checked_sub(1)) {
@@ -454,24 +424,88 @@ impl Ctx<'_> {
         if !any {
             return;
         }
-        let p = Mat::new(rows.scores, nr, bk, BLOCK_K);
+        if self.pv_pairs {
+            let p = Mat::new(rows.scores, nr, bk, BLOCK_K);
+            products::to_pairs(self.isa, p, rows.pp, BLOCK_K / 2);
+        }
+        for &(a, b) in runs {
+            self.pv_run(bi, kh, (a, b - a, a - j0), rows);
+        }
+    }
+
+    /// The scores of keys `a..a + len` (a run of consecutive rows) into columns `o..o + len` of
+    /// the score tile (`o` a multiple of 16: the micro-kernels write whole vectors).
+    fn qk_run(&self, bi: usize, kh: usize, (a, len, o): (usize, usize, usize), rows: &mut Rows) {
+        let (d, nr) = (self.d, rows.nr);
+        let k0 = self.k.at(bi, a, kh);
+        let kst = self.k.strides[1];
+        let q = Mat::new(rows.q, nr, d, d);
+        let qp = PairMat::new(rows.qp, nr, d / 2, d / 2);
+        let scores = MatMut::new(&mut rows.scores[o..], nr, len, BLOCK_K);
+        // kᵀ of this KV head, (d × s) with rows `ks` apart, from column a; the score tile has
+        // BLOCK_K >= round_up(o + len, 16) columns per row.
+        let ks = kt_stride(self.s);
+        let base = (bi * self.hkv + kh) * d * ks;
+        match self.kt {
+            Some(Kt::F32(kt)) => {
+                let kt = Mat::new(&kt[base + a..base + d * ks], d, len, ks);
+                products::qk_t(self.isa, q, kt, scores, self.scale);
+            }
+            Some(Kt::Pairs(kt)) => {
+                let (base, dp) = (base / 2, d / 2);
+                let kt = PairMat::new(&kt[base + a..base + dp * ks], dp, len, ks);
+                products::qk_pairs(self.isa, qp, kt, scores, self.scale);
+            }
+            None if self.q_pairs => {
+                let k = self.k.bf16_mat(k0, (len, d, kst)).expect("bf16 keys");
+                products::qk_rows_pairs(self.isa, qp, k, scores, self.scale);
+            }
+            None => match (
+                self.k.half_mat(self.isa, k0, (len, d, kst)),
+                self.k.byte_mat(self.isa, k0, (len, d, kst)),
+            ) {
+                (Some(k), _) => products::qk_rows_half(self.isa, q, k, scores, self.scale),
+                (None, Some((k, sc, first, step))) => {
+                    products::qk_rows_bytes(self.isa, q, k, scores, self.scale);
+                    scale_columns(&mut rows.scores[o..], (nr, len), (sc, first, step));
+                }
+                (None, None) => {
+                    let k = self.k.mat(k0, (len, d, kst), rows.ktile);
+                    products::qk_rows(self.isa, q, k, scores, self.scale)
+                }
+            },
+        }
+    }
+
+    /// `acc += P · V` over keys `a..a + len` (a run of consecutive rows), the probabilities in
+    /// columns `o..o + len` of the tile (and of its bf16 pairs, when `V` is read as pairs).
+    fn pv_run(&self, bi: usize, kh: usize, (a, len, o): (usize, usize, usize), rows: &mut Rows) {
+        let (dv, nr) = (self.dv, rows.nr);
+        let v0 = self.v.at(bi, a, kh);
+        let vst = self.v.strides[1];
+        // In place for f32, and for bf16/f16 where the instruction set reads them directly;
+        // else half tiles converted once here.
+        let vhalf = self.v.half_mat(self.isa, v0, (len, dv, vst));
+        let v8 = self.v.byte_mat(self.isa, v0, (len, dv, vst));
         let acc = MatMut::new(rows.acc, nr, dv, dv);
         if let (true, Some(vh)) = (self.pv_pairs, vhalf) {
-            products::to_pairs(self.isa, p, rows.pp, BLOCK_K / 2);
-            let p = PairMat::new(rows.pp, nr, bk.div_ceil(2), BLOCK_K / 2);
+            let p = PairMat::new(&rows.pp[o / 2..], nr, len.div_ceil(2), BLOCK_K / 2);
             return products::pv_pairs(self.isa, p, vh, acc);
         }
-        match (vhalf, v8, vtile) {
-            (Some(vh), _, _) => products::pv_half(self.isa, p, vh, acc),
-            (None, Some((v, sc, first, step)), _) => {
+        let p = Mat::new(&rows.scores[o..], nr, len, BLOCK_K);
+        match (vhalf, v8) {
+            (Some(vh), _) => products::pv_half(self.isa, p, vh, acc),
+            (None, Some((v, sc, first, step))) => {
                 // The values' scales folded into the probabilities (the softmax's sums are
                 // already taken).
-                scale_columns(rows.scores, (nr, bk), (sc, first, step));
-                let p = Mat::new(rows.scores, nr, bk, BLOCK_K);
+                scale_columns(&mut rows.scores[o..], (nr, len), (sc, first, step));
+                let p = Mat::new(&rows.scores[o..], nr, len, BLOCK_K);
                 products::pv_bytes(self.isa, p, v, acc)
             }
-            (None, None, Some(vtile)) => products::pv(self.isa, p, vtile, acc),
-            (None, None, None) => unreachable!("a value tile is read or converted"),
+            (None, None) => {
+                let vtile = self.v.mat(v0, (len, dv, vst), rows.vtile);
+                products::pv(self.isa, p, vtile, acc)
+            }
         }
     }
 }

@@ -56,6 +56,25 @@ impl<'a> View<'a> {
         }
     }
 
+    /// The end of a tile of positions of batch element `b` from `t0` (before `t1`) that the
+    /// kernel reads as runs of consecutive rows ([`Self::run_end`]): runs whose lengths are
+    /// multiples of 16 chain (each then starts at a whole vector of the tile's scores), so a
+    /// paged cache's blocks of 16, 32, … positions fill whole tiles; a shorter run ends the
+    /// tile.
+    pub fn tile_end(&self, b: usize, t0: usize, t1: usize) -> usize {
+        if self.rows.is_none() {
+            return t1;
+        }
+        let mut a = t0;
+        loop {
+            let e = self.run_end(b, a, t1);
+            if e == t1 || !(e - a).is_multiple_of(16) {
+                return e;
+            }
+            a = e;
+        }
+    }
+
     /// The end of the run of positions of batch element `b` from `t0` (before `t1`) whose rows
     /// are consecutive: a tile of them is one strided block of memory.
     pub fn run_end(&self, b: usize, t0: usize, t1: usize) -> usize {
