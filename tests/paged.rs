@@ -489,14 +489,34 @@ fn attend_paged_equals_dense_kv_cache_over_random_mixes() -> Result<()> {
             .map(|t| 1 + rng.below(t.dim(0).unwrap()))
             .collect();
         let arrive: Vec<usize> = (0..n).map(|_| rng.below(6)).collect();
-        // Dense: each sequence alone, prompt then one token per call.
+        // Chunks per sequence: the prompt, then mostly single tokens and some chunks of 2 to 4
+        // (chunked prefill, speculative tokens).
+        let chunks: Vec<Vec<usize>> = streams
+            .iter()
+            .zip(&prompts)
+            .map(|(x, &p)| {
+                let mut c = vec![p];
+                let mut at = p;
+                while at < x.dim(0).unwrap() {
+                    let len = if rng.below(4) == 0 {
+                        2 + rng.below(3)
+                    } else {
+                        1
+                    };
+                    let len = len.min(x.dim(0).unwrap() - at);
+                    c.push(len);
+                    at += len;
+                }
+                c
+            })
+            .collect();
+        // Dense: each sequence alone, in the same chunks.
         let mut want = Vec::new();
-        for (x, &p) in streams.iter().zip(&prompts) {
+        for (x, c) in streams.iter().zip(&chunks) {
             let mut cache = KvCache::new();
             let mut outs = Vec::new();
             let mut at = 0;
-            while at < x.dim(0)? {
-                let len = if at == 0 { p } else { 1 };
+            for &len in c {
                 let mut input =
                     MhaInput::new(x.narrow(0, at, len)?.unsqueeze(0)?).rope(s.rope.clone());
                 if let Some(w) = window {
@@ -520,6 +540,7 @@ fn attend_paged_equals_dense_kv_cache_over_random_mixes() -> Result<()> {
         let mut pool = PagedKvPool::new(cfg, &DEV)?;
         let ids: Vec<SeqId> = (0..n).map(|_| pool.add_sequence()).collect();
         let mut done = vec![0usize; n];
+        let mut next_chunk = vec![0usize; n];
         let mut got: Vec<Vec<Tensor>> = vec![Vec::new(); n];
         let mut t = 0;
         while (0..n).any(|b| done[b] < streams[b].dim(0).unwrap()) {
@@ -530,7 +551,8 @@ fn attend_paged_equals_dense_kv_cache_over_random_mixes() -> Result<()> {
                 if arrive[b] > t || done[b] == total {
                     continue;
                 }
-                let len = if done[b] == 0 { prompts[b] } else { 1 };
+                let len = chunks[b][next_chunk[b]];
+                next_chunk[b] += 1;
                 batch.push((ids[b], len));
                 rows.push(streams[b].narrow(0, done[b], len)?);
             }
@@ -574,7 +596,7 @@ fn attend_paged_equals_dense_kv_cache_over_random_mixes() -> Result<()> {
             // Blocks out of the window were released: a sequence whose last step was a decode
             // keeps at most ⌈(w + bs) / bs⌉ + 1 blocks.
             for (b, &id) in ids.iter().enumerate() {
-                if streams[b].dim(0)? > prompts[b] {
+                if chunks[b].last() == Some(&1) && chunks[b].len() > 1 {
                     assert!(pool.block_table(id)?.len() <= (w + bs).div_ceil(bs) + 1);
                 }
             }
