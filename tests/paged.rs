@@ -257,6 +257,7 @@ fn stale_steps_and_bad_steps_are_refused() -> Result<()> {
     assert!(err.contains("changed since this step began"), "{err}");
     assert!(pool.commit(&step).is_err());
     assert!(pool.begin_step(&[(a, 1), (a, 1)]).is_err(), "duplicate");
+    assert!(pool.begin_step(&[(a, usize::MAX)]).is_err(), "overflow");
     let step = pool.begin_step(&[(a, 2)])?;
     assert!(pool.write(1, &step, &t, &t).is_err(), "no layer 1");
     let bad = Tensor::ones((3, 1, 2), DType::F32, &DEV)?;

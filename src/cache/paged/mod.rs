@@ -144,13 +144,16 @@ impl PagedPoolConfig {
         self
     }
 
-    /// Bytes of one block: its keys and values in every layer.
+    /// Bytes of one block: its keys and values in every layer (saturating).
     pub fn bytes_per_block(&self) -> usize {
-        self.num_layers
-            * self.block_size
-            * self.num_kv_heads
-            * (self.head_dim + self.v_head_dim)
-            * self.dtype.size_in_bytes()
+        [
+            self.block_size,
+            self.num_kv_heads,
+            self.head_dim.saturating_add(self.v_head_dim),
+            self.dtype.size_in_bytes(),
+        ]
+        .into_iter()
+        .fold(self.num_layers, usize::saturating_mul)
     }
 }
 
@@ -243,6 +246,13 @@ impl PagedKvPool {
                 cfg.block_size
             )
         }
+        if cfg.num_blocks.saturating_mul(cfg.bytes_per_block()) == usize::MAX {
+            bail!(
+                "PagedKvPool: {} blocks of {} bytes overflow",
+                cfg.num_blocks,
+                cfg.bytes_per_block()
+            )
+        }
         if !cfg.dtype.is_float() {
             bail!(
                 "PagedKvPool: dtype must be a float type, got {:?}",
@@ -300,7 +310,9 @@ impl PagedKvPool {
 
     /// Bytes allocated for the whole pool.
     pub fn capacity_bytes(&self) -> usize {
-        self.cfg.num_blocks * self.cfg.bytes_per_block()
+        self.cfg
+            .num_blocks
+            .saturating_mul(self.cfg.bytes_per_block())
     }
 
     /// The key and value blocks of layer `layer`: `(num_blocks, block_size, Hkv, D)`.

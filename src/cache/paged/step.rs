@@ -101,8 +101,14 @@ impl PagedKvPool {
     pub fn begin_step(&mut self, batch: &[(SeqId, usize)]) -> Result<PagedStep> {
         let bs = self.cfg.block_size;
         let mut seen = BTreeSet::new();
-        for &(id, _) in batch {
-            self.seq(id)?;
+        for &(id, n) in batch {
+            let len = self.seq(id)?.len;
+            if len.checked_add(n).is_none_or(|end| end > u32::MAX as usize) {
+                bail!(
+                    "PagedKvPool::begin_step: sequence {} has {len} positions, {n} more is too many",
+                    id.0
+                )
+            }
             if !seen.insert(id) {
                 bail!(
                     "PagedKvPool::begin_step: sequence {} appears twice in the batch",
