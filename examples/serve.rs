@@ -17,7 +17,8 @@
 //! - **continuous batching**: every step admits waiting requests (while the pool has room for
 //!   their prompt and output and fewer than `--concurrency` run), retires finished ones
 //!   (releasing their blocks), and runs one `Llama::step_paged` forward for all of them
-//!   (prefills of new requests and decodes of running ones packed together).
+//!   (prefills of new requests and decodes of running ones packed together; with
+//!   `--max-step-tokens`, prompts are fed in chunks so that no step exceeds the budget).
 //!
 //! It prints, per mode, output tokens per second, p50 / p99 time per output token (the gaps
 //! between consecutive tokens of a request, pooled over the requests) and KV memory (peak
@@ -47,6 +48,8 @@ options:
   --concurrency C     requests running at once in the batched modes (default 16)
   --block-size B      positions per block of the paged pool (default 16)
   --blocks N          blocks in the pool (default: room for C requests of the longest size)
+  --max-step-tokens N continuous batching: at most N tokens per step (decodes first, then
+                      prompt chunks: chunked prefill); default: whole prompts
   --prompt MIN:MAX    prompt lengths in tokens (default 20:200)
   --output MIN:MAX    output lengths in tokens (default 16:64)
   --seed N            the stream's seed (default 27)
@@ -61,6 +64,7 @@ struct Args {
     concurrency: usize,
     block_size: usize,
     blocks: Option<usize>,
+    max_step_tokens: Option<usize>,
     prompt: (usize, usize),
     output: (usize, usize),
     seed: u64,
@@ -86,6 +90,7 @@ fn parse_args() -> Result<Option<Args>> {
         concurrency: 16,
         block_size: 16,
         blocks: None,
+        max_step_tokens: None,
         prompt: (20, 200),
         output: (16, 64),
         seed: 27,
@@ -108,6 +113,7 @@ fn parse_args() -> Result<Option<Args>> {
             "--concurrency" => a.concurrency = int(value(&arg)?, &arg)?,
             "--block-size" => a.block_size = int(value(&arg)?, &arg)?,
             "--blocks" => a.blocks = Some(int(value(&arg)?, &arg)?),
+            "--max-step-tokens" => a.max_step_tokens = Some(int(value(&arg)?, &arg)?),
             "--prompt" => a.prompt = range(&value(&arg)?, &arg)?,
             "--output" => a.output = range(&value(&arg)?, &arg)?,
             "--seed" => a.seed = value(&arg)?.parse().context("--seed needs an integer")?,
@@ -254,55 +260,68 @@ fn continuous(model: &Llama, reqs: &[Request], a: &Args) -> Result<(Run, usize)>
     let mut run = Run::new(reqs.len());
     let mut waiting = 0..reqs.len();
     let mut next_req = waiting.next();
-    // Running requests: (request, sequence, blocks reserved for it).
-    let mut running: Vec<(usize, SeqId, usize)> = Vec::new();
+    // Running requests: request, sequence, blocks reserved for it, prompt tokens fed.
+    let mut running: Vec<(usize, SeqId, usize, usize)> = Vec::new();
     let mut reserved = 0;
     let mut steps = 0;
     let t0 = Instant::now();
     while next_req.is_some() || !running.is_empty() {
-        // Admit: while there is room for a request's prompt and output.
-        let mut batch: Vec<(SeqId, Vec<u32>)> = Vec::new();
-        for &(r, id, _) in &running {
-            batch.push((
-                id,
-                vec![*run.tokens[r].last().expect("running requests have a token")],
-            ));
-        }
+        // Admit: while fewer than `concurrency` run and the pool has room for the request's
+        // prompt and output.
         while let Some(r) = next_req {
             let need = blocks_for(&reqs[r]);
             if running.len() == a.concurrency || reserved + need > num_blocks {
                 break;
             }
-            let id = pool.add_sequence();
-            running.push((r, id, need));
+            running.push((r, pool.add_sequence(), need, 0));
             reserved += need;
-            batch.push((id, reqs[r].prompt.clone()));
             next_req = waiting.next();
         }
         if running.is_empty() {
-            bail!(
-                "request {:?} does not fit in a pool of {num_blocks} blocks",
-                next_req
-            )
+            bail!("request {next_req:?} does not fit in a pool of {num_blocks} blocks")
         }
-        let refs: Vec<(SeqId, &[u32])> = batch.iter().map(|(id, t)| (*id, &t[..])).collect();
+        // The step: one token of every decoding request, then prompt tokens (whole prompts,
+        // or chunks within --max-step-tokens).
+        let mut budget = a.max_step_tokens.unwrap_or(usize::MAX);
+        let mut batch: Vec<(usize, SeqId, Vec<u32>)> = Vec::new();
+        for &(r, id, _, fed) in &running {
+            if fed == reqs[r].prompt.len() {
+                let last = *run.tokens[r]
+                    .last()
+                    .expect("a decoding request has a token");
+                batch.push((r, id, vec![last]));
+                budget = budget.saturating_sub(1);
+            }
+        }
+        for (r, id, _, fed) in running.iter_mut() {
+            let left = reqs[*r].prompt.len() - *fed;
+            if left > 0 && budget > 0 {
+                let n = left.min(budget);
+                batch.push((*r, *id, reqs[*r].prompt[*fed..*fed + n].to_vec()));
+                *fed += n;
+                budget -= n;
+            }
+        }
+        let refs: Vec<(SeqId, &[u32])> = batch.iter().map(|(_, id, t)| (*id, &t[..])).collect();
         let next = Llama::argmax(&model.step_paged(&refs, &mut pool)?)?;
         steps += 1;
         run.kv_peak = run.kv_peak.max(pool.memory_bytes());
         let now = t0.elapsed().as_secs_f64();
-        // Retire: finished requests release their blocks.
-        let mut still = Vec::new();
-        for (&(r, id, need), tok) in running.iter().zip(next) {
-            run.tokens[r].push(tok);
-            run.times[r].push(now);
-            if run.tokens[r].len() == reqs[r].output {
+        // A token for every request whose prompt is complete; retire the finished ones (their
+        // blocks go back to the pool).
+        for ((r, _, _), tok) in batch.iter().zip(next) {
+            let (_, id, need, fed) = *running.iter().find(|x| x.0 == *r).expect("running");
+            if fed < reqs[*r].prompt.len() {
+                continue; // a prompt chunk: no token yet
+            }
+            run.tokens[*r].push(tok);
+            run.times[*r].push(now);
+            if run.tokens[*r].len() == reqs[*r].output {
                 pool.release(id)?;
                 reserved -= need;
-            } else {
-                still.push((r, id, need));
             }
         }
-        running = still;
+        running.retain(|x| run.tokens[x.0].len() < reqs[x.0].output);
     }
     run.seconds = t0.elapsed().as_secs_f64();
     Ok((run, steps))
