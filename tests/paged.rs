@@ -658,7 +658,7 @@ fn attend_paged_refuses_what_it_cannot_do() -> Result<()> {
 /// and every output equals a dense `KvCache` cloned (and truncated) at the same point.
 #[test]
 fn forks_and_prefixes_equal_cloned_dense_caches() -> Result<()> {
-    let mut rng = Rng(0xf0_4c5);
+    let mut rng = Rng(0xf04c_5eed);
     let mut total_forks = 0;
     for iter in 0..12 {
         let dtype = [DType::F32, DType::BF16][iter % 2];
@@ -737,5 +737,50 @@ fn forks_and_prefixes_equal_cloned_dense_caches() -> Result<()> {
         total_forks += forks;
     }
     assert!(total_forks > 30, "{total_forks} sequences");
+    Ok(())
+}
+
+/// Random, mostly invalid calls (block ids past the pool, lengths past the tables, counts that
+/// disagree, new tokens past the keys): a result or an error, never a panic, and every call that
+/// passes equals `sdpa_varlen` on the gathered keys.
+#[test]
+fn paged_attention_never_panics_on_random_input() -> Result<()> {
+    let mut rng = Rng(0xbad0_1a01);
+    let (mut ok, mut err) = (0, 0);
+    for _ in 0..400 {
+        let (nb, bs, hkv, d) = (1 + rng.below(6), 1 + rng.below(4), 1 + rng.below(2), 4);
+        let h = hkv * (1 + rng.below(2)) + usize::from(rng.below(8) == 0);
+        let k = randn(&mut rng, &[nb, bs, hkv, d], DType::F32);
+        let n = rng.below(4);
+        let tables: Vec<Vec<u32>> = (0..n + usize::from(rng.below(10) == 0))
+            .map(|_| {
+                (0..rng.below(3))
+                    .map(|_| rng.below(nb + 1) as u32)
+                    .collect()
+            })
+            .collect();
+        let lens: Vec<usize> = (0..n).map(|_| rng.below(3 * bs + 1)).collect();
+        let new: Vec<usize> = (0..n).map(|_| rng.below(3)).collect();
+        let cu = SeqOffsets::from_lengths(&new);
+        let q = randn(&mut rng, &[cu.total(), h, d], DType::F32);
+        let kv = PagedKv {
+            k_pool: &k,
+            v_pool: &k,
+            block_size: bs,
+            tables: &tables,
+            seq_lens: &lens,
+        };
+        match paged_attention(&q, &cu, &kv, &SdpaOptions::new()) {
+            Ok(out) => {
+                ok += 1;
+                let (kd, vd, cu_k) = gather(&kv)?;
+                let opts = SdpaOptions::new().causal(CausalAlignment::BottomRight);
+                let want = sdpa_varlen(&q, &kd, &vd, &cu, &cu_k, &opts)?;
+                check_close(&out.output, &want, 0.0, 0.0, "a valid random call");
+            }
+            Err(_) => err += 1,
+        }
+    }
+    assert!(ok >= 10 && err >= 100, "{ok} valid, {err} refused");
     Ok(())
 }
