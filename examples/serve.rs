@@ -33,8 +33,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use candle_mha::cache::SeqId;
+use candle_mha::cache::{PagedKvPool, SeqId};
 use candle_mha::models::llama::{Llama, LlamaCache};
+use candle_mha::KvFormat;
 use model_files::find_smollm2_gguf;
 
 const USAGE: &str = "\
@@ -54,6 +55,7 @@ options:
   --output MIN:MAX    output lengths in tokens (default 16:64)
   --seed N            the stream's seed (default 27)
   --dtype DT          f32 (default) or bf16
+  --kv FORMAT         KV storage in every mode: native (default), int8 or fp8 (e4m3)
   --skip-alone        skip the one-at-a-time run (its outputs are then not compared)
   --model PATH        the GGUF (default: $CANDLE_MHA_SMOLLM2_GGUF, then
                       ${XDG_CACHE_HOME:-~/.cache}/candle-mha/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf)
@@ -69,6 +71,7 @@ struct Args {
     output: (usize, usize),
     seed: u64,
     dtype: DType,
+    kv: KvFormat,
     skip_alone: bool,
     model: Option<std::path::PathBuf>,
 }
@@ -95,6 +98,7 @@ fn parse_args() -> Result<Option<Args>> {
         output: (16, 64),
         seed: 27,
         dtype: DType::F32,
+        kv: KvFormat::Native,
         skip_alone: false,
         model: None,
     };
@@ -117,6 +121,14 @@ fn parse_args() -> Result<Option<Args>> {
             "--prompt" => a.prompt = range(&value(&arg)?, &arg)?,
             "--output" => a.output = range(&value(&arg)?, &arg)?,
             "--seed" => a.seed = value(&arg)?.parse().context("--seed needs an integer")?,
+            "--kv" => {
+                a.kv = match value(&arg)?.as_str() {
+                    "native" => KvFormat::Native,
+                    "int8" => KvFormat::Int8,
+                    "fp8" => KvFormat::Fp8E4M3,
+                    other => bail!("--kv: native, int8 or fp8, got {other}"),
+                }
+            }
             "--dtype" => {
                 a.dtype = match value(&arg)?.as_str() {
                     "f32" => DType::F32,
@@ -190,11 +202,11 @@ impl Run {
     }
 }
 
-fn one_at_a_time(model: &Llama, reqs: &[Request], dev: &Device) -> Result<Run> {
+fn one_at_a_time(model: &Llama, reqs: &[Request], kv: KvFormat, dev: &Device) -> Result<Run> {
     let mut run = Run::new(reqs.len());
     let t0 = Instant::now();
     for (r, req) in reqs.iter().enumerate() {
-        let mut cache = LlamaCache::new(model);
+        let mut cache = LlamaCache::with_format(model, kv);
         let mut logits = model.forward(
             &Tensor::new(&req.prompt[..], dev)?.unsqueeze(0)?,
             &mut cache,
@@ -214,7 +226,13 @@ fn one_at_a_time(model: &Llama, reqs: &[Request], dev: &Device) -> Result<Run> {
     Ok(run)
 }
 
-fn static_batches(model: &Llama, reqs: &[Request], c: usize, dev: &Device) -> Result<Run> {
+fn static_batches(
+    model: &Llama,
+    reqs: &[Request],
+    c: usize,
+    kv: KvFormat,
+    dev: &Device,
+) -> Result<Run> {
     let mut run = Run::new(reqs.len());
     let t0 = Instant::now();
     for (g, group) in reqs.chunks(c).enumerate() {
@@ -227,7 +245,7 @@ fn static_batches(model: &Llama, reqs: &[Request], c: usize, dev: &Device) -> Re
             })
             .collect();
         let ids = Tensor::from_vec(rows, (group.len(), longest), dev)?;
-        let mut cache = LlamaCache::new(model);
+        let mut cache = LlamaCache::with_format(model, kv);
         let mut logits = model.forward_padded(&ids, Some(&pad), &mut cache)?;
         let steps = group.iter().map(|r| r.output).max().unwrap_or(0);
         for s in 0..steps {
@@ -256,7 +274,8 @@ fn continuous(model: &Llama, reqs: &[Request], a: &Args) -> Result<(Run, usize)>
     let blocks_for = |r: &Request| (r.prompt.len() + r.output).div_ceil(bs);
     let largest = reqs.iter().map(blocks_for).max().unwrap_or(1);
     let num_blocks = a.blocks.unwrap_or(a.concurrency * largest);
-    let mut pool = model.paged_pool(bs, num_blocks)?;
+    let cfg = model.paged_pool_config(bs, num_blocks).with_format(a.kv);
+    let mut pool = PagedKvPool::new(cfg, &Device::Cpu)?;
     let mut run = Run::new(reqs.len());
     let mut waiting = 0..reqs.len();
     let mut next_req = waiting.next();
@@ -367,8 +386,8 @@ fn serve(a: Args) -> Result<()> {
         .collect();
     let out_tokens: usize = reqs.iter().map(|r| r.output).sum();
     println!(
-        "{} requests (prompts {}-{} tokens, outputs {}-{}: {out_tokens} output tokens), concurrency {}, blocks of {}, {:?}, {} threads",
-        a.requests, a.prompt.0, a.prompt.1, a.output.0, a.output.1, a.concurrency, a.block_size, a.dtype,
+        "{} requests (prompts {}-{} tokens, outputs {}-{}: {out_tokens} output tokens), concurrency {}, blocks of {}, {:?}, KV {:?}, {} threads",
+        a.requests, a.prompt.0, a.prompt.1, a.output.0, a.output.1, a.concurrency, a.block_size, a.dtype, a.kv,
         rayon::current_num_threads()
     );
     // Warm-up outside the timings: the projections pack their weights on their first call of
@@ -377,13 +396,13 @@ fn serve(a: Args) -> Result<()> {
         prompt: reqs[0].prompt.clone(),
         output: 2,
     };
-    one_at_a_time(&model, std::slice::from_ref(&warm), &dev)?;
+    one_at_a_time(&model, std::slice::from_ref(&warm), a.kv, &dev)?;
     let (cont, steps) = continuous(&model, &reqs, &a)?;
-    let stat = static_batches(&model, &reqs, a.concurrency, &dev)?;
+    let stat = static_batches(&model, &reqs, a.concurrency, a.kv, &dev)?;
     let alone = if a.skip_alone {
         None
     } else {
-        Some(one_at_a_time(&model, &reqs, &dev)?)
+        Some(one_at_a_time(&model, &reqs, a.kv, &dev)?)
     };
     println!("\n| mode | tokens/s | p50 ms/token | p99 ms/token | KV memory (peak) | wall s |");
     println!("|---|---|---|---|---|---|");

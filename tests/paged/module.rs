@@ -3,7 +3,7 @@
 use candle_core::{DType, Result, Tensor};
 use candle_mha::cache::{PagedKvPool, PagedPoolConfig, SeqId};
 use candle_mha::rope::{Rope, RopeStyle};
-use candle_mha::{CausalAlignment, KvCache, MhaConfig, MhaInput, MultiHeadAttention};
+use candle_mha::{CausalAlignment, KvCache, KvFormat, MhaConfig, MhaInput, MultiHeadAttention};
 use candle_nn::{VarBuilder, VarMap};
 
 use super::support::{check_close, tolerances, Rng};
@@ -305,5 +305,59 @@ fn forks_and_prefixes_equal_cloned_dense_caches() -> Result<()> {
         total_forks += forks;
     }
     assert!(total_forks > 30, "{total_forks} sequences");
+    Ok(())
+}
+
+/// Int8 and fp8 pools against `KvCache`s of the same format: the same rows are quantized the
+/// same way, so the outputs agree as the native ones do, over mixes of prefill and decode.
+#[test]
+fn quantized_pools_equal_quantized_kv_caches() -> Result<()> {
+    let mut rng = Rng(0x9a9e_d080);
+    for iter in 0..8 {
+        let dtype = [DType::F32, DType::BF16][iter % 2];
+        let format = [KvFormat::Int8, KvFormat::Fp8E4M3][iter / 2 % 2];
+        let s = setup(dtype)?;
+        let bs = rng.pick(&[1, 16, 5]);
+        let cfg = PagedPoolConfig::new(1, s.hkv, s.d, bs, 200, dtype).with_format(format);
+        let mut pool = PagedKvPool::new(cfg, &DEV)?;
+        let n = 1 + rng.below(4);
+        let ids: Vec<SeqId> = (0..n).map(|_| pool.add_sequence()).collect();
+        let mut caches = vec![KvCache::new().with_format(format); n];
+        for step_no in 0..6 {
+            let lens: Vec<usize> = (0..n)
+                .map(|b| {
+                    if caches[b].is_empty() {
+                        1 + rng.below(30)
+                    } else {
+                        1
+                    }
+                })
+                .collect();
+            let rows: Vec<Tensor> = lens
+                .iter()
+                .map(|&l| randn(&mut rng, &[l, s.e], dtype))
+                .collect();
+            let batch: Vec<(SeqId, usize)> =
+                ids.iter().copied().zip(lens.iter().copied()).collect();
+            let step = pool.begin_step(&batch)?;
+            let input = MhaInput::new(Tensor::cat(&rows, 0)?).rope(s.rope.clone());
+            let res = s.mha.attend_paged(&input, &mut pool, 0, &step)?;
+            assert_eq!(
+                res.kernel, "cpu",
+                "the fused kernel reads the gathered rows as stored"
+            );
+            let out = res.output;
+            pool.commit(&step)?;
+            let (atol, rtol) = tolerances(dtype);
+            for b in 0..n {
+                let x = MhaInput::new(rows[b].unsqueeze(0)?).rope(s.rope.clone());
+                let want = s.mha.attend_cached(&x, &mut caches[b])?.output.squeeze(0)?;
+                let got = out.narrow(0, step.cu_q().range(b).start, lens[b])?;
+                let what =
+                    format!("iter {iter} step {step_no} seq {b} bs {bs} {format:?} {dtype:?}");
+                check_close(&got, &want, atol * 2.0, rtol * 2.0, &what);
+            }
+        }
+    }
     Ok(())
 }

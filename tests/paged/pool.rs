@@ -123,6 +123,41 @@ fn truncate_releases_the_blocks_past_the_end() -> Result<()> {
 }
 
 #[test]
+fn quantized_pools_count_one_byte_per_value_and_the_scales() -> Result<()> {
+    let native = PagedPoolConfig::new(2, 3, 64, 16, 10, DType::BF16);
+    assert_eq!(native.bytes_per_block(), 2 * 16 * 3 * 128 * 2);
+    for format in [KvFormat::Int8, KvFormat::Fp8E4M3] {
+        let cfg = native.clone().with_format(format);
+        assert_eq!(cfg.bytes_per_block(), 2 * 16 * 3 * (128 + 8));
+        let mut pool = PagedKvPool::new(cfg, &DEV)?;
+        assert!(pool.is_quantized() && pool.layer_scales(1)?.is_some());
+        let a = pool.add_sequence();
+        let step = pool.begin_step(&[(a, 20)])?;
+        let x = Tensor::randn(0f32, 1., (20, 3, 64), &DEV)?.to_dtype(DType::BF16)?;
+        pool.write(1, &step, &x, &x)?;
+        pool.commit(&step)?;
+        // A fork's copy on write copies the scales too.
+        let b = pool.fork(a)?;
+        let step = pool.begin_step(&[(b, 1)])?;
+        let scales = pool.layer_scales(1)?.unwrap().0.clone();
+        let (old, new) = (pool.block_table(a)?[1], pool.block_table(b)?[1]);
+        assert_ne!(old, new);
+        let row = |blk: u32| -> Result<Vec<f32>> {
+            scales
+                .get(blk as usize)?
+                .narrow(0, 0, 4)?
+                .flatten_all()?
+                .to_vec1()
+        };
+        assert_eq!(row(old)?, row(new)?);
+        assert!(row(old)?.iter().all(|&s| s > 0.0));
+        let _ = step;
+        assert_eq!(pool.memory_bytes(), 3 * pool.config().bytes_per_block());
+    }
+    Ok(())
+}
+
+#[test]
 fn released_blocks_are_reused_and_memory_is_what_sequences_hold() -> Result<()> {
     let mut pool = small_pool(4, 6);
     let per_block = pool.config().bytes_per_block();
@@ -230,9 +265,14 @@ fn stale_steps_and_bad_steps_are_refused() -> Result<()> {
     assert!(pool.write(0, &step, &bad, &bad).is_err(), "wrong row count");
     let half = t.to_dtype(DType::BF16)?;
     assert!(pool.write(0, &step, &half, &half).is_err(), "wrong dtype");
+    // A quantized pool is read through attend_paged, not as a PagedKv.
     let cfg = PagedPoolConfig::new(1, 1, 2, 4, 4, DType::F32).with_format(KvFormat::Int8);
-    let err = PagedKvPool::new(cfg, &DEV).unwrap_err().to_string();
-    assert!(err.contains("not supported"), "{err}");
+    let mut q8 = PagedKvPool::new(cfg, &DEV)?;
+    let b = q8.add_sequence();
+    let step = q8.begin_step(&[(b, 2)])?;
+    q8.write(0, &step, &t, &t)?;
+    let err = q8.paged_kv(0, &step).unwrap_err().to_string();
+    assert!(err.contains("attend_paged reads a quantized pool"), "{err}");
     assert!(PagedKvPool::new(PagedPoolConfig::new(1, 1, 2, 0, 4, DType::F32), &DEV).is_err());
     Ok(())
 }

@@ -29,8 +29,12 @@
 //!   (`seq_lens` counts their keys), which leaves the bottom-right causal alignment and the
 //!   window unchanged; positions (RoPE) stay absolute ([`PagedStep::positions`]).
 //!
-//! Storage is in the keys' native dtype; the int8 / fp8 formats of
-//! [`KvCache`](crate::KvCache) are not available for the pool yet (a clear error).
+//! Storage: the keys' native dtype, or ([`PagedPoolConfig::with_format`]) the int8 / fp8 rows
+//! of [`KvCache`](crate::KvCache)'s [quantized storage](crate::cache#quantized-storage) with
+//! one f32 scale per `(position, KV head)`, quantized once when written. A quantized pool is
+//! read through [`MultiHeadAttention::attend_paged`](crate::MultiHeadAttention::attend_paged)
+//! (the fused CPU kernel reads the gathered int8 / fp8 rows as they are);
+//! [`PagedKvPool::paged_kv`] serves native pools only.
 //!
 //! The pool is `Send + Sync` and takes `&mut self` to change: a server thread owns it (or puts
 //! it behind a `Mutex`) and may hand it to another thread.
@@ -88,7 +92,7 @@ pub struct PagedPoolConfig {
     pub num_blocks: usize,
     /// The dtype of the keys and values stored (the model's).
     pub dtype: DType,
-    /// How keys and values are stored: only [`KvFormat::Native`] for now.
+    /// How keys and values are stored: native, int8 or fp8 e4m3 rows with per-row scales.
     pub format: KvFormat,
     /// Keys older than this many positions are never read again (see the
     /// [module docs](self)); `None`: full attention.
@@ -131,8 +135,8 @@ impl PagedPoolConfig {
         self
     }
 
-    /// The storage format (anything but [`KvFormat::Native`] is refused by
-    /// [`PagedKvPool::new`] for now).
+    /// The storage format: [`KvFormat::Int8`] or [`KvFormat::Fp8E4M3`] store one byte per value
+    /// and one f32 scale per `(position, KV head)` (see the [module docs](self)).
     pub fn with_format(mut self, format: KvFormat) -> Self {
         self.format = format;
         self
@@ -146,14 +150,38 @@ impl PagedPoolConfig {
 
     /// Bytes of one block: its keys and values in every layer (saturating).
     pub fn bytes_per_block(&self) -> usize {
-        [
-            self.block_size,
-            self.num_kv_heads,
-            self.head_dim.saturating_add(self.v_head_dim),
-            self.dtype.size_in_bytes(),
-        ]
-        .into_iter()
-        .fold(self.num_layers, usize::saturating_mul)
+        // Per position and KV head: the key and value rows, and with a quantized format their
+        // two f32 scales.
+        let row = match self.format {
+            KvFormat::Native => self
+                .head_dim
+                .saturating_add(self.v_head_dim)
+                .saturating_mul(self.dtype.size_in_bytes()),
+            _ => self
+                .head_dim
+                .saturating_add(self.v_head_dim)
+                .saturating_add(8),
+        };
+        [self.block_size, self.num_kv_heads, row]
+            .into_iter()
+            .fold(self.num_layers, usize::saturating_mul)
+    }
+}
+
+/// The blocks of one layer.
+#[derive(Debug)]
+pub(super) struct Layer {
+    pub(super) k: Tensor,
+    pub(super) v: Tensor,
+    pub(super) scales: Option<(Tensor, Tensor)>,
+}
+
+impl Layer {
+    /// Every tensor of the layer, each with block as its first dimension.
+    fn tensors(&self) -> impl Iterator<Item = &Tensor> {
+        [&self.k, &self.v]
+            .into_iter()
+            .chain(self.scales.iter().flat_map(|(a, b)| [a, b]))
     }
 }
 
@@ -205,8 +233,9 @@ pub(super) struct Seq {
 #[derive(Debug)]
 pub struct PagedKvPool {
     cfg: PagedPoolConfig,
-    /// Per layer: keys `(num_blocks, block_size, Hkv, D)` and values `(…, Dv)`.
-    layers: Vec<(Tensor, Tensor)>,
+    /// Per layer: keys `(num_blocks, block_size, Hkv, D)` and values `(…, Dv)`, and for a
+    /// quantized pool their scales `(num_blocks, block_size, Hkv)`.
+    layers: Vec<Layer>,
     blocks: Blocks,
     seqs: BTreeMap<SeqId, Seq>,
     next_id: u64,
@@ -216,15 +245,8 @@ pub struct PagedKvPool {
 }
 
 impl PagedKvPool {
-    /// Allocates the pool's blocks (zeros) on `device`. Errors on a zero size and on a storage
-    /// format other than [`KvFormat::Native`] (quantized paged storage is not implemented).
+    /// Allocates the pool's blocks (zeros) on `device`. Errors on a zero size.
     pub fn new(cfg: PagedPoolConfig, device: &Device) -> Result<Self> {
-        if cfg.format != KvFormat::Native {
-            bail!(
-                "PagedKvPool: format {:?} is not supported (the pool stores keys and values in their native dtype; quantized paged storage is not implemented yet)",
-                cfg.format
-            )
-        }
         let sizes = [
             ("num_layers", cfg.num_layers),
             ("num_kv_heads", cfg.num_kv_heads),
@@ -260,12 +282,25 @@ impl PagedKvPool {
             )
         }
         let (nb, bs, h) = (cfg.num_blocks, cfg.block_size, cfg.num_kv_heads);
+        let stored = match cfg.format {
+            KvFormat::Native => cfg.dtype,
+            KvFormat::Int8 => DType::U8,
+            KvFormat::Fp8E4M3 => DType::F8E4M3,
+        };
         let layers = (0..cfg.num_layers)
             .map(|_| {
-                Ok((
-                    Tensor::zeros((nb, bs, h, cfg.head_dim), cfg.dtype, device)?,
-                    Tensor::zeros((nb, bs, h, cfg.v_head_dim), cfg.dtype, device)?,
-                ))
+                let scales = match cfg.format {
+                    KvFormat::Native => None,
+                    _ => Some((
+                        Tensor::zeros((nb, bs, h), DType::F32, device)?,
+                        Tensor::zeros((nb, bs, h), DType::F32, device)?,
+                    )),
+                };
+                Ok(Layer {
+                    k: Tensor::zeros((nb, bs, h, cfg.head_dim), stored, device)?,
+                    v: Tensor::zeros((nb, bs, h, cfg.v_head_dim), stored, device)?,
+                    scales,
+                })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
@@ -315,10 +350,32 @@ impl PagedKvPool {
             .saturating_mul(self.cfg.bytes_per_block())
     }
 
-    /// The key and value blocks of layer `layer`: `(num_blocks, block_size, Hkv, D)`.
+    /// The key and value blocks of layer `layer`: `(num_blocks, block_size, Hkv, D)` (for a
+    /// quantized pool, the int8 (`U8`, offset by 128) or fp8 rows; [`Self::layer_scales`] has
+    /// their scales).
     pub fn layer(&self, layer: usize) -> Result<(&Tensor, &Tensor)> {
+        let l = self.layer_blocks(layer)?;
+        Ok((&l.k, &l.v))
+    }
+
+    /// The scales `(num_blocks, block_size, Hkv)` (f32) of a quantized pool's layer `layer`
+    /// (`None` for a native pool).
+    pub fn layer_scales(&self, layer: usize) -> Result<Option<(&Tensor, &Tensor)>> {
+        Ok(self
+            .layer_blocks(layer)?
+            .scales
+            .as_ref()
+            .map(|(k, v)| (k, v)))
+    }
+
+    /// Whether keys and values are stored quantized (int8 or fp8).
+    pub fn is_quantized(&self) -> bool {
+        self.cfg.format != KvFormat::Native
+    }
+
+    pub(super) fn layer_blocks(&self, layer: usize) -> Result<&Layer> {
         match self.layers.get(layer) {
-            Some((k, v)) => Ok((k, v)),
+            Some(l) => Ok(l),
             None => bail!(
                 "PagedKvPool: layer {layer} out of range (the pool has {} layers)",
                 self.layers.len()
@@ -507,7 +564,8 @@ impl PagedKvPool {
         let res = self
             .layers
             .iter()
-            .try_for_each(|(k, v)| copy(k).and_then(|_| copy(v)));
+            .flat_map(Layer::tensors)
+            .try_for_each(copy);
         if let Err(e) = res {
             self.blocks.release(dst);
             return Err(e);
