@@ -17,7 +17,8 @@
 //! - **continuous batching**: every step admits waiting requests (while the pool has room for
 //!   their prompt and output and fewer than `--concurrency` run), retires finished ones
 //!   (releasing their blocks), and runs one `Llama::step_paged` forward for all of them
-//!   (prefills of new requests and decodes of running ones packed together).
+//!   (prefills of new requests and decodes of running ones packed together; with
+//!   `--max-step-tokens`, prompts are fed in chunks so that no step exceeds the budget).
 //!
 //! It prints, per mode, output tokens per second, p50 / p99 time per output token (the gaps
 //! between consecutive tokens of a request, pooled over the requests) and KV memory (peak
@@ -32,8 +33,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use candle_mha::cache::SeqId;
+use candle_mha::cache::{PagedKvPool, SeqId};
 use candle_mha::models::llama::{Llama, LlamaCache};
+use candle_mha::KvFormat;
 use model_files::find_smollm2_gguf;
 
 const USAGE: &str = "\
@@ -47,10 +49,13 @@ options:
   --concurrency C     requests running at once in the batched modes (default 16)
   --block-size B      positions per block of the paged pool (default 16)
   --blocks N          blocks in the pool (default: room for C requests of the longest size)
+  --max-step-tokens N continuous batching: at most N tokens per step (decodes first, then
+                      prompt chunks: chunked prefill); default: whole prompts
   --prompt MIN:MAX    prompt lengths in tokens (default 20:200)
   --output MIN:MAX    output lengths in tokens (default 16:64)
   --seed N            the stream's seed (default 27)
   --dtype DT          f32 (default) or bf16
+  --kv FORMAT         KV storage in every mode: native (default), int8 or fp8 (e4m3)
   --skip-alone        skip the one-at-a-time run (its outputs are then not compared)
   --model PATH        the GGUF (default: $CANDLE_MHA_SMOLLM2_GGUF, then
                       ${XDG_CACHE_HOME:-~/.cache}/candle-mha/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf)
@@ -61,10 +66,12 @@ struct Args {
     concurrency: usize,
     block_size: usize,
     blocks: Option<usize>,
+    max_step_tokens: Option<usize>,
     prompt: (usize, usize),
     output: (usize, usize),
     seed: u64,
     dtype: DType,
+    kv: KvFormat,
     skip_alone: bool,
     model: Option<std::path::PathBuf>,
 }
@@ -86,10 +93,12 @@ fn parse_args() -> Result<Option<Args>> {
         concurrency: 16,
         block_size: 16,
         blocks: None,
+        max_step_tokens: None,
         prompt: (20, 200),
         output: (16, 64),
         seed: 27,
         dtype: DType::F32,
+        kv: KvFormat::Native,
         skip_alone: false,
         model: None,
     };
@@ -108,9 +117,18 @@ fn parse_args() -> Result<Option<Args>> {
             "--concurrency" => a.concurrency = int(value(&arg)?, &arg)?,
             "--block-size" => a.block_size = int(value(&arg)?, &arg)?,
             "--blocks" => a.blocks = Some(int(value(&arg)?, &arg)?),
+            "--max-step-tokens" => a.max_step_tokens = Some(int(value(&arg)?, &arg)?),
             "--prompt" => a.prompt = range(&value(&arg)?, &arg)?,
             "--output" => a.output = range(&value(&arg)?, &arg)?,
             "--seed" => a.seed = value(&arg)?.parse().context("--seed needs an integer")?,
+            "--kv" => {
+                a.kv = match value(&arg)?.as_str() {
+                    "native" => KvFormat::Native,
+                    "int8" => KvFormat::Int8,
+                    "fp8" => KvFormat::Fp8E4M3,
+                    other => bail!("--kv: native, int8 or fp8, got {other}"),
+                }
+            }
             "--dtype" => {
                 a.dtype = match value(&arg)?.as_str() {
                     "f32" => DType::F32,
@@ -184,11 +202,11 @@ impl Run {
     }
 }
 
-fn one_at_a_time(model: &Llama, reqs: &[Request], dev: &Device) -> Result<Run> {
+fn one_at_a_time(model: &Llama, reqs: &[Request], kv: KvFormat, dev: &Device) -> Result<Run> {
     let mut run = Run::new(reqs.len());
     let t0 = Instant::now();
     for (r, req) in reqs.iter().enumerate() {
-        let mut cache = LlamaCache::new(model);
+        let mut cache = LlamaCache::with_format(model, kv);
         let mut logits = model.forward(
             &Tensor::new(&req.prompt[..], dev)?.unsqueeze(0)?,
             &mut cache,
@@ -208,7 +226,13 @@ fn one_at_a_time(model: &Llama, reqs: &[Request], dev: &Device) -> Result<Run> {
     Ok(run)
 }
 
-fn static_batches(model: &Llama, reqs: &[Request], c: usize, dev: &Device) -> Result<Run> {
+fn static_batches(
+    model: &Llama,
+    reqs: &[Request],
+    c: usize,
+    kv: KvFormat,
+    dev: &Device,
+) -> Result<Run> {
     let mut run = Run::new(reqs.len());
     let t0 = Instant::now();
     for (g, group) in reqs.chunks(c).enumerate() {
@@ -221,7 +245,7 @@ fn static_batches(model: &Llama, reqs: &[Request], c: usize, dev: &Device) -> Re
             })
             .collect();
         let ids = Tensor::from_vec(rows, (group.len(), longest), dev)?;
-        let mut cache = LlamaCache::new(model);
+        let mut cache = LlamaCache::with_format(model, kv);
         let mut logits = model.forward_padded(&ids, Some(&pad), &mut cache)?;
         let steps = group.iter().map(|r| r.output).max().unwrap_or(0);
         for s in 0..steps {
@@ -250,59 +274,73 @@ fn continuous(model: &Llama, reqs: &[Request], a: &Args) -> Result<(Run, usize)>
     let blocks_for = |r: &Request| (r.prompt.len() + r.output).div_ceil(bs);
     let largest = reqs.iter().map(blocks_for).max().unwrap_or(1);
     let num_blocks = a.blocks.unwrap_or(a.concurrency * largest);
-    let mut pool = model.paged_pool(bs, num_blocks)?;
+    let cfg = model.paged_pool_config(bs, num_blocks).with_format(a.kv);
+    let mut pool = PagedKvPool::new(cfg, &Device::Cpu)?;
     let mut run = Run::new(reqs.len());
     let mut waiting = 0..reqs.len();
     let mut next_req = waiting.next();
-    // Running requests: (request, sequence, blocks reserved for it).
-    let mut running: Vec<(usize, SeqId, usize)> = Vec::new();
+    // Running requests: request, sequence, blocks reserved for it, prompt tokens fed.
+    let mut running: Vec<(usize, SeqId, usize, usize)> = Vec::new();
     let mut reserved = 0;
     let mut steps = 0;
     let t0 = Instant::now();
     while next_req.is_some() || !running.is_empty() {
-        // Admit: while there is room for a request's prompt and output.
-        let mut batch: Vec<(SeqId, Vec<u32>)> = Vec::new();
-        for &(r, id, _) in &running {
-            batch.push((
-                id,
-                vec![*run.tokens[r].last().expect("running requests have a token")],
-            ));
-        }
+        // Admit: while fewer than `concurrency` run and the pool has room for the request's
+        // prompt and output.
         while let Some(r) = next_req {
             let need = blocks_for(&reqs[r]);
             if running.len() == a.concurrency || reserved + need > num_blocks {
                 break;
             }
-            let id = pool.add_sequence();
-            running.push((r, id, need));
+            running.push((r, pool.add_sequence(), need, 0));
             reserved += need;
-            batch.push((id, reqs[r].prompt.clone()));
             next_req = waiting.next();
         }
         if running.is_empty() {
-            bail!(
-                "request {:?} does not fit in a pool of {num_blocks} blocks",
-                next_req
-            )
+            bail!("request {next_req:?} does not fit in a pool of {num_blocks} blocks")
         }
-        let refs: Vec<(SeqId, &[u32])> = batch.iter().map(|(id, t)| (*id, &t[..])).collect();
+        // The step: one token of every decoding request, then prompt tokens (whole prompts,
+        // or chunks within --max-step-tokens).
+        let mut budget = a.max_step_tokens.unwrap_or(usize::MAX);
+        let mut batch: Vec<(usize, SeqId, Vec<u32>)> = Vec::new();
+        for &(r, id, _, fed) in &running {
+            if fed == reqs[r].prompt.len() {
+                let last = *run.tokens[r]
+                    .last()
+                    .expect("a decoding request has a token");
+                batch.push((r, id, vec![last]));
+                budget = budget.saturating_sub(1);
+            }
+        }
+        for (r, id, _, fed) in running.iter_mut() {
+            let left = reqs[*r].prompt.len() - *fed;
+            if left > 0 && budget > 0 {
+                let n = left.min(budget);
+                batch.push((*r, *id, reqs[*r].prompt[*fed..*fed + n].to_vec()));
+                *fed += n;
+                budget -= n;
+            }
+        }
+        let refs: Vec<(SeqId, &[u32])> = batch.iter().map(|(_, id, t)| (*id, &t[..])).collect();
         let next = Llama::argmax(&model.step_paged(&refs, &mut pool)?)?;
         steps += 1;
         run.kv_peak = run.kv_peak.max(pool.memory_bytes());
         let now = t0.elapsed().as_secs_f64();
-        // Retire: finished requests release their blocks.
-        let mut still = Vec::new();
-        for (&(r, id, need), tok) in running.iter().zip(next) {
-            run.tokens[r].push(tok);
-            run.times[r].push(now);
-            if run.tokens[r].len() == reqs[r].output {
+        // A token for every request whose prompt is complete; retire the finished ones (their
+        // blocks go back to the pool).
+        for ((r, _, _), tok) in batch.iter().zip(next) {
+            let (_, id, need, fed) = *running.iter().find(|x| x.0 == *r).expect("running");
+            if fed < reqs[*r].prompt.len() {
+                continue; // a prompt chunk: no token yet
+            }
+            run.tokens[*r].push(tok);
+            run.times[*r].push(now);
+            if run.tokens[*r].len() == reqs[*r].output {
                 pool.release(id)?;
                 reserved -= need;
-            } else {
-                still.push((r, id, need));
             }
         }
-        running = still;
+        running.retain(|x| run.tokens[x.0].len() < reqs[x.0].output);
     }
     run.seconds = t0.elapsed().as_secs_f64();
     Ok((run, steps))
@@ -348,8 +386,8 @@ fn serve(a: Args) -> Result<()> {
         .collect();
     let out_tokens: usize = reqs.iter().map(|r| r.output).sum();
     println!(
-        "{} requests (prompts {}-{} tokens, outputs {}-{}: {out_tokens} output tokens), concurrency {}, blocks of {}, {:?}, {} threads",
-        a.requests, a.prompt.0, a.prompt.1, a.output.0, a.output.1, a.concurrency, a.block_size, a.dtype,
+        "{} requests (prompts {}-{} tokens, outputs {}-{}: {out_tokens} output tokens), concurrency {}, blocks of {}, {:?}, KV {:?}, {} threads",
+        a.requests, a.prompt.0, a.prompt.1, a.output.0, a.output.1, a.concurrency, a.block_size, a.dtype, a.kv,
         rayon::current_num_threads()
     );
     // Warm-up outside the timings: the projections pack their weights on their first call of
@@ -358,13 +396,13 @@ fn serve(a: Args) -> Result<()> {
         prompt: reqs[0].prompt.clone(),
         output: 2,
     };
-    one_at_a_time(&model, std::slice::from_ref(&warm), &dev)?;
+    one_at_a_time(&model, std::slice::from_ref(&warm), a.kv, &dev)?;
     let (cont, steps) = continuous(&model, &reqs, &a)?;
-    let stat = static_batches(&model, &reqs, a.concurrency, &dev)?;
+    let stat = static_batches(&model, &reqs, a.concurrency, a.kv, &dev)?;
     let alone = if a.skip_alone {
         None
     } else {
-        Some(one_at_a_time(&model, &reqs, &dev)?)
+        Some(one_at_a_time(&model, &reqs, a.kv, &dev)?)
     };
     println!("\n| mode | tokens/s | p50 ms/token | p99 ms/token | KV memory (peak) | wall s |");
     println!("|---|---|---|---|---|---|");

@@ -13,8 +13,9 @@
 //! place slots in between the two. The pool that owns the blocks is
 //! [`PagedKvPool`](crate::cache::PagedKvPool).
 
-use candle_core::{bail, Result, Tensor};
+use candle_core::{bail, DType, Result, Tensor};
 
+use crate::cache::QuantKv;
 use crate::kernels::{self, AttnParams};
 use crate::mask::{MaskDims, MaskPlan};
 use crate::sdpa::{SdpaOptions, SdpaOutput, SeqOffsets};
@@ -197,11 +198,55 @@ pub(crate) fn as_batch(
     Ok(Some((batch, rows, l)))
 }
 
+/// [`paged_attention_planned`] over a quantized pool: `kv` holds int8 / fp8 rows and `scales`
+/// their f32 scales `(num_blocks, block_size, Hkv)`. The rows are gathered as stored and read
+/// by [`kernels::attention_quantized`] (in place by the fused CPU kernel, dequantized
+/// elsewhere).
+pub(crate) fn paged_attention_quantized_planned(
+    q: &Tensor,
+    cu_q: &SeqOffsets,
+    kv: &PagedKv,
+    scales: (&Tensor, &Tensor),
+    plan: &MaskPlan,
+    params: &AttnParams,
+) -> Result<SdpaOutput> {
+    validate_stored(q, cu_q, kv, Some(scales))?;
+    let rows = gather_rows(kv);
+    let idx = Tensor::from_vec(rows, kv.seq_lens.iter().sum::<usize>(), kv.k_pool.device())?;
+    let take = |t: &Tensor| -> Result<Tensor> {
+        let mut dims = t.dims()[1..].to_vec();
+        dims[0] *= t.dim(0)?;
+        t.reshape(dims)?.index_select(&idx, 0)?.unsqueeze(0)
+    };
+    let stored = QuantKv {
+        k: take(kv.k_pool)?,
+        k_scale: take(scales.0)?,
+        v: take(kv.v_pool)?,
+        v_scale: take(scales.1)?,
+    };
+    let out = kernels::attention_quantized(&q.unsqueeze(0)?, &stored, plan, params)?;
+    Ok(SdpaOutput {
+        output: out.output.squeeze(0)?,
+        kernel: out.kernel,
+    })
+}
+
 /// Checks a [`paged_attention`] call: `q` `(total_q, H, D)` float, the pools 4-D, contiguous,
 /// of `q`'s dtype and device with `block_size` rows per block and the same blocks and heads,
 /// `Hkv` dividing `H`, one table, length and `cu_q` sequence per sequence, every block id in
 /// the pool, every length within its table and at least its number of new tokens.
 pub fn validate(q: &Tensor, cu_q: &SeqOffsets, kv: &PagedKv) -> Result<PagedDims> {
+    validate_stored(q, cu_q, kv, None)
+}
+
+/// [`validate`] for pools in `q`'s dtype (`scales: None`) or quantized ones: int8 (`U8`) or fp8
+/// rows with their f32 scales `(num_blocks, block_size, Hkv)`.
+fn validate_stored(
+    q: &Tensor,
+    cu_q: &SeqOffsets,
+    kv: &PagedKv,
+    scales: Option<(&Tensor, &Tensor)>,
+) -> Result<PagedDims> {
     let (total_q, heads, head_dim) = match q.dims() {
         &[a, b, c] => (a, b, c),
         other => {
@@ -256,7 +301,11 @@ pub fn validate(q: &Tensor, cu_q: &SeqOffsets, kv: &PagedKv) -> Result<PagedDims
         )
     }
     for (name, t) in [("k_pool", kv.k_pool), ("v_pool", kv.v_pool)] {
-        if t.dtype() != q.dtype() {
+        let quantized = matches!(t.dtype(), DType::U8 | DType::F8E4M3);
+        if scales.is_some() && !quantized {
+            bail!("paged_attention: {name} is {:?}, not int8 (U8) or fp8 rows (F8E4M3) of a quantized pool", t.dtype())
+        }
+        if scales.is_none() && t.dtype() != q.dtype() {
             bail!(
                 "paged_attention: {name} is {:?} but q is {:?} (the pool's dtype must be the queries')",
                 t.dtype(),
@@ -272,6 +321,20 @@ pub fn validate(q: &Tensor, cu_q: &SeqOffsets, kv: &PagedKv) -> Result<PagedDims
         }
         if !t.is_contiguous() {
             bail!("paged_attention: {name} {:?} must be contiguous", t.dims())
+        }
+    }
+    if let Some((ks, vs)) = scales {
+        for (name, t) in [("k_scale", ks), ("v_scale", vs)] {
+            if t.dims() != [num_blocks, bs, kv_heads]
+                || t.dtype() != DType::F32
+                || !t.is_contiguous()
+            {
+                bail!(
+                    "paged_attention: {name} must be contiguous F32 ({num_blocks}, {bs}, {kv_heads}) (one scale per stored row), got {:?} {:?}",
+                    t.dtype(),
+                    t.dims()
+                )
+            }
         }
     }
     if num_blocks

@@ -5,7 +5,7 @@ use candle_core::{bail, Result, Tensor};
 
 use super::{MhaInput, MhaOutput, MultiHeadAttention, NeedWeights};
 use crate::cache::{PagedKvPool, PagedStep};
-use crate::kernels::paged::paged_attention_planned;
+use crate::kernels::paged::{paged_attention_planned, paged_attention_quantized_planned};
 use crate::kernels::AttnParams;
 use crate::mask::{Causal, CausalAlignment, MaskDims, MaskPlan};
 
@@ -115,8 +115,12 @@ impl MultiHeadAttention {
             need_weights: false,
             backend: cfg.backend,
         };
-        let kv = pool.paged_kv(layer, step)?;
-        let att = paged_attention_planned(&q, step.cu_q(), &kv, &plan, &params)?;
+        let att = match pool.paged_stored(layer, step)? {
+            (kv, None) => paged_attention_planned(&q, step.cu_q(), &kv, &plan, &params)?,
+            (kv, Some(scales)) => {
+                paged_attention_quantized_planned(&q, step.cu_q(), &kv, scales, &plan, &params)?
+            }
+        };
         let o = att.output.reshape((1, t, cfg.q_dim()))?;
         let output = self.proj.o.forward(&o)?.squeeze(0)?;
         Ok(MhaOutput {

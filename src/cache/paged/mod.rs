@@ -29,14 +29,19 @@
 //!   (`seq_lens` counts their keys), which leaves the bottom-right causal alignment and the
 //!   window unchanged; positions (RoPE) stay absolute ([`PagedStep::positions`]).
 //!
-//! Storage is in the keys' native dtype; the int8 / fp8 formats of
-//! [`KvCache`](crate::KvCache) are not available for the pool yet (a clear error).
+//! Storage: the keys' native dtype, or ([`PagedPoolConfig::with_format`]) the int8 / fp8 rows
+//! of [`KvCache`](crate::KvCache)'s [quantized storage](crate::cache#quantized-storage) with
+//! one f32 scale per `(position, KV head)`, quantized once when written. A quantized pool is
+//! read through [`MultiHeadAttention::attend_paged`](crate::MultiHeadAttention::attend_paged)
+//! (the fused CPU kernel reads the gathered int8 / fp8 rows as they are);
+//! [`PagedKvPool::paged_kv`] serves native pools only.
 //!
 //! The pool is `Send + Sync` and takes `&mut self` to change: a server thread owns it (or puts
 //! it behind a `Mutex`) and may hand it to another thread.
 //!
-//! Files: this one (configuration, the pool, its sequences), `blocks.rs` (free list and
-//! reference counts), `step.rs` (a batched step: allocation, writes, reads, commit).
+//! Files: this one (the pool, its sequences), `config.rs` (its shape and storage format),
+//! `blocks.rs` (free list and reference counts), `step.rs` (a batched step: allocation,
+//! writes, reads, commit).
 
 use std::collections::BTreeMap;
 
@@ -45,9 +50,11 @@ use candle_core::{bail, DType, Device, Result, Tensor};
 use crate::cache::KvFormat;
 
 mod blocks;
+mod config;
 mod step;
 
 use blocks::Blocks;
+pub use config::PagedPoolConfig;
 pub use step::PagedStep;
 
 /// A sequence in a [`PagedKvPool`].
@@ -61,96 +68,20 @@ impl SeqId {
     }
 }
 
-/// The shape of a [`PagedKvPool`]: layers, heads, block size and count, dtype.
-///
-/// ```
-/// use candle_core::DType;
-/// use candle_mha::cache::PagedPoolConfig;
-/// // 30 layers, 3 KV heads of 64, blocks of 16 positions, as many as fit in 64 MiB.
-/// let cfg = PagedPoolConfig::new(30, 3, 64, 16, 0, DType::F32).with_memory_budget(64 << 20);
-/// assert_eq!(cfg.bytes_per_block(), 30 * 2 * 16 * 3 * 64 * 4);
-/// assert_eq!(cfg.num_blocks, (64 << 20) / cfg.bytes_per_block());
-/// ```
-#[derive(Debug, Clone, PartialEq)]
-pub struct PagedPoolConfig {
-    /// Attention layers (each has its own key and value blocks; a block id names the same
-    /// block in every layer).
-    pub num_layers: usize,
-    /// Key/value heads `Hkv`.
-    pub num_kv_heads: usize,
-    /// Key head size `D`.
-    pub head_dim: usize,
-    /// Value head size `Dv`.
-    pub v_head_dim: usize,
-    /// Positions per block.
-    pub block_size: usize,
-    /// Blocks in the pool.
-    pub num_blocks: usize,
-    /// The dtype of the keys and values stored (the model's).
-    pub dtype: DType,
-    /// How keys and values are stored: only [`KvFormat::Native`] for now.
-    pub format: KvFormat,
-    /// Keys older than this many positions are never read again (see the
-    /// [module docs](self)); `None`: full attention.
-    pub sliding_window: Option<usize>,
+/// The blocks of one layer.
+#[derive(Debug)]
+pub(super) struct Layer {
+    pub(super) k: Tensor,
+    pub(super) v: Tensor,
+    pub(super) scales: Option<(Tensor, Tensor)>,
 }
 
-impl PagedPoolConfig {
-    /// `num_blocks` blocks of `block_size` positions for `num_layers` layers of `num_kv_heads`
-    /// heads of size `head_dim` (values too), in `dtype`, native storage, no window.
-    pub fn new(
-        num_layers: usize,
-        num_kv_heads: usize,
-        head_dim: usize,
-        block_size: usize,
-        num_blocks: usize,
-        dtype: DType,
-    ) -> Self {
-        Self {
-            num_layers,
-            num_kv_heads,
-            head_dim,
-            v_head_dim: head_dim,
-            block_size,
-            num_blocks,
-            dtype,
-            format: KvFormat::Native,
-            sliding_window: None,
-        }
-    }
-
-    /// Values of head size `dv` (when it differs from the keys').
-    pub fn with_v_head_dim(mut self, dv: usize) -> Self {
-        self.v_head_dim = dv;
-        self
-    }
-
-    /// A sliding window of `w` positions for every layer (see the [module docs](self)).
-    pub fn with_sliding_window(mut self, w: usize) -> Self {
-        self.sliding_window = Some(w);
-        self
-    }
-
-    /// The storage format (anything but [`KvFormat::Native`] is refused by
-    /// [`PagedKvPool::new`] for now).
-    pub fn with_format(mut self, format: KvFormat) -> Self {
-        self.format = format;
-        self
-    }
-
-    /// As many blocks as fit in `bytes` (keys and values of every layer).
-    pub fn with_memory_budget(mut self, bytes: usize) -> Self {
-        self.num_blocks = bytes / self.bytes_per_block().max(1);
-        self
-    }
-
-    /// Bytes of one block: its keys and values in every layer.
-    pub fn bytes_per_block(&self) -> usize {
-        self.num_layers
-            * self.block_size
-            * self.num_kv_heads
-            * (self.head_dim + self.v_head_dim)
-            * self.dtype.size_in_bytes()
+impl Layer {
+    /// Every tensor of the layer, each with block as its first dimension.
+    fn tensors(&self) -> impl Iterator<Item = &Tensor> {
+        [&self.k, &self.v]
+            .into_iter()
+            .chain(self.scales.iter().flat_map(|(a, b)| [a, b]))
     }
 }
 
@@ -202,8 +133,9 @@ pub(super) struct Seq {
 #[derive(Debug)]
 pub struct PagedKvPool {
     cfg: PagedPoolConfig,
-    /// Per layer: keys `(num_blocks, block_size, Hkv, D)` and values `(…, Dv)`.
-    layers: Vec<(Tensor, Tensor)>,
+    /// Per layer: keys `(num_blocks, block_size, Hkv, D)` and values `(…, Dv)`, and for a
+    /// quantized pool their scales `(num_blocks, block_size, Hkv)`.
+    layers: Vec<Layer>,
     blocks: Blocks,
     seqs: BTreeMap<SeqId, Seq>,
     next_id: u64,
@@ -213,15 +145,8 @@ pub struct PagedKvPool {
 }
 
 impl PagedKvPool {
-    /// Allocates the pool's blocks (zeros) on `device`. Errors on a zero size and on a storage
-    /// format other than [`KvFormat::Native`] (quantized paged storage is not implemented).
+    /// Allocates the pool's blocks (zeros) on `device`. Errors on a zero size.
     pub fn new(cfg: PagedPoolConfig, device: &Device) -> Result<Self> {
-        if cfg.format != KvFormat::Native {
-            bail!(
-                "PagedKvPool: format {:?} is not supported (the pool stores keys and values in their native dtype; quantized paged storage is not implemented yet)",
-                cfg.format
-            )
-        }
         let sizes = [
             ("num_layers", cfg.num_layers),
             ("num_kv_heads", cfg.num_kv_heads),
@@ -243,6 +168,13 @@ impl PagedKvPool {
                 cfg.block_size
             )
         }
+        if cfg.num_blocks.saturating_mul(cfg.bytes_per_block()) == usize::MAX {
+            bail!(
+                "PagedKvPool: {} blocks of {} bytes overflow",
+                cfg.num_blocks,
+                cfg.bytes_per_block()
+            )
+        }
         if !cfg.dtype.is_float() {
             bail!(
                 "PagedKvPool: dtype must be a float type, got {:?}",
@@ -250,12 +182,25 @@ impl PagedKvPool {
             )
         }
         let (nb, bs, h) = (cfg.num_blocks, cfg.block_size, cfg.num_kv_heads);
+        let stored = match cfg.format {
+            KvFormat::Native => cfg.dtype,
+            KvFormat::Int8 => DType::U8,
+            KvFormat::Fp8E4M3 => DType::F8E4M3,
+        };
         let layers = (0..cfg.num_layers)
             .map(|_| {
-                Ok((
-                    Tensor::zeros((nb, bs, h, cfg.head_dim), cfg.dtype, device)?,
-                    Tensor::zeros((nb, bs, h, cfg.v_head_dim), cfg.dtype, device)?,
-                ))
+                let scales = match cfg.format {
+                    KvFormat::Native => None,
+                    _ => Some((
+                        Tensor::zeros((nb, bs, h), DType::F32, device)?,
+                        Tensor::zeros((nb, bs, h), DType::F32, device)?,
+                    )),
+                };
+                Ok(Layer {
+                    k: Tensor::zeros((nb, bs, h, cfg.head_dim), stored, device)?,
+                    v: Tensor::zeros((nb, bs, h, cfg.v_head_dim), stored, device)?,
+                    scales,
+                })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
@@ -300,13 +245,37 @@ impl PagedKvPool {
 
     /// Bytes allocated for the whole pool.
     pub fn capacity_bytes(&self) -> usize {
-        self.cfg.num_blocks * self.cfg.bytes_per_block()
+        self.cfg
+            .num_blocks
+            .saturating_mul(self.cfg.bytes_per_block())
     }
 
-    /// The key and value blocks of layer `layer`: `(num_blocks, block_size, Hkv, D)`.
+    /// The key and value blocks of layer `layer`: `(num_blocks, block_size, Hkv, D)` (for a
+    /// quantized pool, the int8 (`U8`, offset by 128) or fp8 rows; [`Self::layer_scales`] has
+    /// their scales).
     pub fn layer(&self, layer: usize) -> Result<(&Tensor, &Tensor)> {
+        let l = self.layer_blocks(layer)?;
+        Ok((&l.k, &l.v))
+    }
+
+    /// The scales `(num_blocks, block_size, Hkv)` (f32) of a quantized pool's layer `layer`
+    /// (`None` for a native pool).
+    pub fn layer_scales(&self, layer: usize) -> Result<Option<(&Tensor, &Tensor)>> {
+        Ok(self
+            .layer_blocks(layer)?
+            .scales
+            .as_ref()
+            .map(|(k, v)| (k, v)))
+    }
+
+    /// Whether keys and values are stored quantized (int8 or fp8).
+    pub fn is_quantized(&self) -> bool {
+        self.cfg.format != KvFormat::Native
+    }
+
+    pub(super) fn layer_blocks(&self, layer: usize) -> Result<&Layer> {
         match self.layers.get(layer) {
-            Some((k, v)) => Ok((k, v)),
+            Some(l) => Ok(l),
             None => bail!(
                 "PagedKvPool: layer {layer} out of range (the pool has {} layers)",
                 self.layers.len()
@@ -495,7 +464,8 @@ impl PagedKvPool {
         let res = self
             .layers
             .iter()
-            .try_for_each(|(k, v)| copy(k).and_then(|_| copy(v)));
+            .flat_map(Layer::tensors)
+            .try_for_each(copy);
         if let Err(e) = res {
             self.blocks.release(dst);
             return Err(e);

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use candle_core::{bail, Result, Tensor};
 
 use super::{PagedKvPool, SeqId};
+use crate::cache::quant::quantize;
 use crate::kernels::paged::PagedKv;
 use crate::sdpa::SeqOffsets;
 
@@ -101,8 +102,14 @@ impl PagedKvPool {
     pub fn begin_step(&mut self, batch: &[(SeqId, usize)]) -> Result<PagedStep> {
         let bs = self.cfg.block_size;
         let mut seen = BTreeSet::new();
-        for &(id, _) in batch {
-            self.seq(id)?;
+        for &(id, n) in batch {
+            let len = self.seq(id)?.len;
+            if len.checked_add(n).is_none_or(|end| end > u32::MAX as usize) {
+                bail!(
+                    "PagedKvPool::begin_step: sequence {} has {len} positions, {n} more is too many",
+                    id.0
+                )
+            }
             if !seen.insert(id) {
                 bail!(
                     "PagedKvPool::begin_step: sequence {} appears twice in the batch",
@@ -231,10 +238,18 @@ impl PagedKvPool {
     /// `step` (packed in the step's order) into layer `layer`'s blocks, in place.
     pub fn write(&self, layer: usize, step: &PagedStep, k: &Tensor, v: &Tensor) -> Result<()> {
         self.check_step("write", step)?;
-        let (kp, vp) = self.layer(layer)?;
+        let blocks = self.layer_blocks(layer)?;
         let cfg = &self.cfg;
         let t = step.total_q();
-        for (name, x, pool, d) in [("k", k, kp, cfg.head_dim), ("v", v, vp, cfg.v_head_dim)] {
+        let scales = match &blocks.scales {
+            Some((ks, vs)) => [Some(ks), Some(vs)],
+            None => [None, None],
+        };
+        let inputs = [
+            ("k", k, &blocks.k, scales[0], cfg.head_dim),
+            ("v", v, &blocks.v, scales[1], cfg.v_head_dim),
+        ];
+        for (name, x, pool, scale_pool, d) in inputs {
             if x.dims() != [t, cfg.num_kv_heads, d] {
                 bail!(
                     "PagedKvPool::write: {name} must be (total_q, Hkv, D) = ({t}, {}, {d}), got {:?}",
@@ -256,19 +271,50 @@ impl PagedKvPool {
                     pool.device()
                 )
             }
-            let x = x.contiguous()?;
+            // What is stored: the rows, or int8 / fp8 rows and their scales.
+            let (rows, row_scales) = match scale_pool {
+                None => (x.contiguous()?, None),
+                Some(_) => {
+                    let (q, s) = quantize(&x.unsqueeze(0)?, cfg.format)?;
+                    (
+                        q.squeeze(0)?.contiguous()?,
+                        Some(s.squeeze(0)?.contiguous()?),
+                    )
+                }
+            };
             let (nb, bs, h, d) = pool.dims4()?;
             let flat = pool.reshape((nb * bs, h, d))?;
+            let flat_scales = match scale_pool {
+                Some(sp) => Some(sp.reshape((nb * bs, h))?),
+                None => None,
+            };
             for &(row, at, n) in &step.writes {
-                flat.slice_set(&x.narrow(0, row, n)?, 0, at)?;
+                flat.slice_set(&rows.narrow(0, row, n)?, 0, at)?;
+                if let (Some(fs), Some(rs)) = (&flat_scales, &row_scales) {
+                    fs.slice_set(&rs.narrow(0, row, n)?, 0, at)?;
+                }
             }
         }
         Ok(())
     }
 
     /// Layer `layer`'s keys and values of `step`'s sequences, as
-    /// [`paged_attention`](crate::kernels::paged::paged_attention) reads them.
+    /// [`paged_attention`](crate::kernels::paged::paged_attention) reads them. A native pool
+    /// only (a quantized pool is an error: read it through
+    /// [`attend_paged`](crate::MultiHeadAttention::attend_paged)).
     pub fn paged_kv<'a>(&'a self, layer: usize, step: &'a PagedStep) -> Result<PagedKv<'a>> {
+        if self.is_quantized() {
+            bail!(
+                "PagedKvPool::paged_kv: the pool stores {:?} rows with scales, which a PagedKv does not carry (attend_paged reads a quantized pool)",
+                self.cfg.format
+            )
+        }
+        self.paged_rows(layer, step)
+    }
+
+    /// [`Self::paged_kv`] whatever the format: the stored rows (int8 / fp8 for a quantized
+    /// pool) without their scales.
+    fn paged_rows<'a>(&'a self, layer: usize, step: &'a PagedStep) -> Result<PagedKv<'a>> {
         self.check_step("paged_kv", step)?;
         let (k_pool, v_pool) = self.layer(layer)?;
         Ok(PagedKv {
@@ -278,6 +324,15 @@ impl PagedKvPool {
             tables: &step.tables,
             seq_lens: &step.kv_lens,
         })
+    }
+
+    /// Layer `layer`'s rows of `step`'s sequences and, for a quantized pool, their scales.
+    pub(crate) fn paged_stored<'a>(
+        &'a self,
+        layer: usize,
+        step: &'a PagedStep,
+    ) -> Result<(PagedKv<'a>, Option<(&'a Tensor, &'a Tensor)>)> {
+        Ok((self.paged_rows(layer, step)?, self.layer_scales(layer)?))
     }
 
     /// Ends `step`: every sequence's length now counts its new tokens. Call once every layer
