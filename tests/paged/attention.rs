@@ -171,7 +171,7 @@ fn paged_attention_equals_varlen_on_the_gathered_keys() -> Result<()> {
 
 /// Random, mostly invalid calls (block ids past the pool, lengths past the tables, counts that
 /// disagree, new tokens past the keys): a result or an error, never a panic, and every call that
-/// passes equals `sdpa_varlen` on the gathered keys.
+/// passes equals `sdpa_varlen` on the gathered keys (to f32 rounding).
 #[test]
 fn paged_attention_never_panics_on_random_input() -> Result<()> {
     let mut rng = Rng(0xbad0_1a01);
@@ -205,7 +205,10 @@ fn paged_attention_never_panics_on_random_input() -> Result<()> {
                 let (kd, vd, cu_k) = gather(&kv)?;
                 let opts = SdpaOptions::new().causal(CausalAlignment::BottomRight);
                 let want = sdpa_varlen(&q, &kd, &vd, &cu, &cu_k, &opts)?;
-                check_close(&out.output, &want, 0.0, 0.0, "a valid random call");
+                // The fused kernel reads the blocks in place (decoding steps as a batch): the
+                // same sums in another order.
+                let (atol, rtol) = tolerances(DType::F32);
+                check_close(&out.output, &want, atol, rtol, "a valid random call");
             }
             Err(_) => err += 1,
         }
