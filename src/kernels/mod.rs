@@ -578,6 +578,85 @@ pub(crate) fn attention_paged(
     attention(q, &gather(k)?, &gather(v)?, mask, params)
 }
 
+/// [`attention_quantized`] over rows gathered in place: key `j` of batch element `b` is row
+/// `rows[b·S + j]` of the quantized pool `kv` (`(1, R, Hkv, D)` rows, `(1, R, Hkv)` scales).
+/// The fused CPU kernel reads them where they are when it can serve the call; else the rows
+/// (and their scales) are gathered and [`attention_quantized`] dequantizes them.
+pub(crate) fn attention_quantized_rows(
+    q: &Tensor,
+    kv: &crate::cache::QuantKv,
+    rows: &[u32],
+    mask: &MaskPlan,
+    params: &AttnParams,
+) -> Result<AttnOutput> {
+    let (b, l, h, d) = dims4("q", q)?;
+    let (bk, r, hkv, dk) = dims4("k", &kv.k)?;
+    let dv = kv.v.dim(3)?;
+    if bk != 1 || b == 0 || !rows.len().is_multiple_of(b) {
+        bail!(
+            "attention: {} paged key rows of k {:?} for a batch of {b}",
+            rows.len(),
+            kv.k.dims()
+        )
+    }
+    if let Some(&bad) = rows.iter().find(|&&x| x as usize >= r) {
+        bail!(
+            "attention: paged key row {bad} is outside the {r} rows of k {:?}",
+            kv.k.dims()
+        )
+    }
+    let s = rows.len() / b;
+    let shapes_ok = dk == d
+        && hkv > 0
+        && h.is_multiple_of(hkv)
+        && mask.dims().kv_len == s
+        && kv.v.dims()[..3] == kv.k.dims()[..3]
+        && l * h * dv * s > 0;
+    let call = AttnCall {
+        q,
+        k: &kv.k,
+        v: &kv.v,
+        mask,
+        params,
+        b,
+        l,
+        h,
+        hkv,
+        s,
+        d,
+        dv,
+        extra_keys: 0,
+        kv_scales: Some((&kv.k_scale, &kv.v_scale)),
+        key_rows: Some(rows),
+    };
+    let fused = shapes_ok
+        && matches!(params.backend, Backend::Auto | Backend::CpuFused)
+        && q.device().is_cpu()
+        && !call.tracked()
+        && cpu::quant_rows(&kv.k, &kv.k_scale)
+        && cpu::quant_rows(&kv.v, &kv.v_scale)
+        && missing_capability(&cpu::CpuFused, &call).is_none()
+        && cpu::CpuFused.unsupported_inputs(&call).is_none();
+    if fused {
+        mask.check_dims("attention", b, h, l, s)?;
+        return cpu::CpuFused.forward(&call);
+    }
+    let ids = Tensor::from_slice(rows, b * s, kv.k.device())?;
+    let take = |t: &Tensor| -> Result<Tensor> {
+        let mut shape = t.dims().to_vec();
+        shape[0] = b;
+        shape[1] = s;
+        t.squeeze(0)?.index_select(&ids, 0)?.reshape(shape)
+    };
+    let gathered = crate::cache::QuantKv {
+        k: take(&kv.k)?,
+        k_scale: take(&kv.k_scale)?,
+        v: take(&kv.v)?,
+        v_scale: take(&kv.v_scale)?,
+    };
+    attention_quantized(q, &gathered, mask, params)
+}
+
 /// A call with nothing to compute (`B`, `H`, `L` or `Dv` is 0), or no key at all (`S = 0`: every row
 /// fully masked): the output by the fully-masked-row policy, without a kernel.
 fn empty_call(

@@ -199,9 +199,9 @@ pub(crate) fn as_batch(
 }
 
 /// [`paged_attention_planned`] over a quantized pool: `kv` holds int8 / fp8 rows and `scales`
-/// their f32 scales `(num_blocks, block_size, Hkv)`. The rows are gathered as stored and read
-/// by [`kernels::attention_quantized`] (in place by the fused CPU kernel, dequantized
-/// elsewhere).
+/// their f32 scales `(num_blocks, block_size, Hkv)`. The fused CPU kernel reads the blocks in
+/// place and widens them in registers, decoding steps as a batch ([`as_batch`]); elsewhere the
+/// rows are gathered and dequantized.
 pub(crate) fn paged_attention_quantized_planned(
     q: &Tensor,
     cu_q: &SeqOffsets,
@@ -210,21 +210,31 @@ pub(crate) fn paged_attention_quantized_planned(
     plan: &MaskPlan,
     params: &AttnParams,
 ) -> Result<SdpaOutput> {
-    validate_stored(q, cu_q, kv, Some(scales))?;
-    let rows = gather_rows(kv);
-    let idx = Tensor::from_vec(rows, kv.seq_lens.iter().sum::<usize>(), kv.k_pool.device())?;
-    let take = |t: &Tensor| -> Result<Tensor> {
-        let mut dims = t.dims()[1..].to_vec();
-        dims[0] *= t.dim(0)?;
-        t.reshape(dims)?.index_select(&idx, 0)?.unsqueeze(0)
+    let dims = validate_stored(q, cu_q, kv, Some(scales))?;
+    // The pool as rows: (1, num_blocks · block_size, ...).
+    let rows = |t: &Tensor| -> Result<Tensor> {
+        let mut shape = t.dims().to_vec();
+        shape[1] *= shape[0];
+        shape[0] = 1;
+        t.reshape(shape)
     };
-    let stored = QuantKv {
-        k: take(kv.k_pool)?,
-        k_scale: take(scales.0)?,
-        v: take(kv.v_pool)?,
-        v_scale: take(scales.1)?,
+    let pool = QuantKv {
+        k: rows(kv.k_pool)?,
+        k_scale: rows(scales.0)?,
+        v: rows(kv.v_pool)?,
+        v_scale: rows(scales.1)?,
     };
-    let out = kernels::attention_quantized(&q.unsqueeze(0)?, &stored, plan, params)?;
+    if let Some((batch_plan, key_rows, l)) = as_batch(plan, cu_q, kv, &dims)? {
+        let b = kv.seq_lens.len();
+        let q = q.reshape((b, l, dims.heads, dims.head_dim))?;
+        let out = kernels::attention_quantized_rows(&q, &pool, &key_rows, &batch_plan, params)?;
+        return Ok(SdpaOutput {
+            output: out.output.reshape((b * l, dims.heads, dims.v_head_dim))?,
+            kernel: out.kernel,
+        });
+    }
+    let key_rows = gather_rows(kv);
+    let out = kernels::attention_quantized_rows(&q.unsqueeze(0)?, &pool, &key_rows, plan, params)?;
     Ok(SdpaOutput {
         output: out.output.squeeze(0)?,
         kernel: out.kernel,

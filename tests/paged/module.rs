@@ -344,7 +344,7 @@ fn quantized_pools_equal_quantized_kv_caches() -> Result<()> {
             let res = s.mha.attend_paged(&input, &mut pool, 0, &step)?;
             assert_eq!(
                 res.kernel, "cpu",
-                "the fused kernel reads the gathered rows as stored"
+                "the fused kernel reads the quantized blocks in place"
             );
             let out = res.output;
             pool.commit(&step)?;

@@ -33,7 +33,7 @@
 //! of [`KvCache`](crate::KvCache)'s [quantized storage](crate::cache#quantized-storage) with
 //! one f32 scale per `(position, KV head)`, quantized once when written. A quantized pool is
 //! read through [`MultiHeadAttention::attend_paged`](crate::MultiHeadAttention::attend_paged)
-//! (the fused CPU kernel reads the gathered int8 / fp8 rows as they are);
+//! (the fused CPU kernel reads the int8 / fp8 blocks in place);
 //! [`PagedKvPool::paged_kv`] serves native pools only.
 //!
 //! The pool is `Send + Sync` and takes `&mut self` to change: a server thread owns it (or puts
