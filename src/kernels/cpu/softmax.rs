@@ -180,6 +180,8 @@ pub(super) fn softcap(isa: Isa, row: &mut [f32], c: f32, kind: Tanh) {
             }
         }
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = isa;
     match kind {
         Tanh::Exp => softcap_impl::<false>(row, c),
         Tanh::Rational13 => TANH_13.softcap(row, c),
