@@ -9,6 +9,15 @@ use crate::config::Backend;
 use crate::kernels::KernelId;
 use crate::mask::{Causal, CausalAlignment, MaskDims, MaskPlan};
 
+/// The largest absolute difference between two tensors, in f32.
+fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    (a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()
+}
+
 struct Lcg(u64);
 impl Lcg {
     fn below(&mut self, n: usize) -> usize {
@@ -98,11 +107,7 @@ fn gathered_rows_per_batch_element_equal_gathered_keys() -> Result<()> {
         assert_eq!(got.kernel, KernelId::Cpu, "case {case}");
         params.backend = Backend::Reference;
         let want = attention(&q, &kd, &vd, &plan, &params)?;
-        let diff = (got.output.to_dtype(DType::F32)? - want.output.to_dtype(DType::F32)?)?
-            .abs()?
-            .flatten_all()?
-            .max(0)?
-            .to_scalar::<f32>()?;
+        let diff = max_diff(&got.output, &want.output)?;
         let tol = if dtype == DType::F32 { 5e-6 } else { 1.6e-2 };
         assert!(diff <= tol, "case {case} bs {bs} b {b} l {l} s {s}: {diff}");
     }
@@ -190,11 +195,7 @@ fn paged_attention_equals_sdpa_varlen_on_gathered_keys() -> Result<()> {
             if backend == Backend::Auto {
                 assert_eq!(got.kernel, KernelId::Cpu, "case {case}");
             }
-            let diff = (got.output.to_dtype(DType::F32)? - want.output.to_dtype(DType::F32)?)?
-                .abs()?
-                .flatten_all()?
-                .max(0)?
-                .to_scalar::<f32>()?;
+            let diff = max_diff(&got.output, &want.output)?;
             let tol = if dtype == DType::F32 { 5e-6 } else { 1.6e-2 };
             assert!(diff <= tol, "case {case} {backend:?} bs {bs}: {diff}");
         }

@@ -135,24 +135,11 @@ impl MultiHeadAttention {
     /// ([`MhaInput::mask_plan`]); each layer adds its own score modifiers. For a sliding
     /// window, set it on the plan by hand or pass it per layer in the input instead.
     pub fn mask_plan_paged(&self, step: &PagedStep) -> Result<MaskPlan> {
-        let (cu_q, cu_k) = (step.cu_q(), step.cu_k());
-        MaskPlan::new(MaskDims::new(
-            1,
-            self.cfg.num_heads,
-            cu_q.total(),
-            cu_k.total(),
-        ))
-        .with_packed_sequences(cu_q.as_slice(), cu_k.as_slice())?
-        .with_causal(CausalAlignment::BottomRight)
+        self.packed_plan(step, None)
     }
 
-    fn paged_plan(
-        &self,
-        step: &PagedStep,
-        window: Option<usize>,
-        pool: &PagedKvPool,
-    ) -> Result<MaskPlan> {
-        self.check_window(window, pool)?;
+    /// The step's packed sequences, bottom-right causal with `window`.
+    fn packed_plan(&self, step: &PagedStep, window: Option<usize>) -> Result<MaskPlan> {
         let (cu_q, cu_k) = (step.cu_q(), step.cu_k());
         MaskPlan::new(MaskDims::new(
             1,
@@ -165,6 +152,16 @@ impl MultiHeadAttention {
             alignment: CausalAlignment::BottomRight,
             window,
         })
+    }
+
+    fn paged_plan(
+        &self,
+        step: &PagedStep,
+        window: Option<usize>,
+        pool: &PagedKvPool,
+    ) -> Result<MaskPlan> {
+        self.check_window(window, pool)?;
+        self.packed_plan(step, window)
     }
 
     /// A layer's window must fit inside the pool's: the pool released the blocks outside its own.
