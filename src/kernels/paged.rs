@@ -107,7 +107,7 @@ pub fn paged_attention(
         plan = plan.with_causal(c)?;
     }
     let plan = opts.with_modifiers(plan, q)?;
-    paged_attention_planned(q, cu_q, kv, &plan, &opts.params(dims.head_dim)?)
+    attend(q, cu_q, kv, &dims, &plan, &opts.params(dims.head_dim)?)
 }
 
 /// [`paged_attention`] with a mask plan built once for every layer of a step (packed sequences,
@@ -126,13 +126,25 @@ pub(crate) fn paged_attention_planned(
     params: &AttnParams,
 ) -> Result<SdpaOutput> {
     let dims = validate(q, cu_q, kv)?;
+    attend(q, cu_q, kv, &dims, plan, params)
+}
+
+/// [`paged_attention_planned`] after [`validate`] (which gave `dims`).
+fn attend(
+    q: &Tensor,
+    cu_q: &SeqOffsets,
+    kv: &PagedKv,
+    dims: &PagedDims,
+    plan: &MaskPlan,
+    params: &AttnParams,
+) -> Result<SdpaOutput> {
     let rows = |t: &Tensor| -> Result<Tensor> {
         let (nb, bs, h, d) = t.dims4()?;
         t.reshape((1, nb * bs, h, d))
     };
     let (k, v) = (rows(kv.k_pool)?, rows(kv.v_pool)?);
     let dv = dims.v_head_dim;
-    if let Some((batch_plan, key_rows, l)) = as_batch(plan, cu_q, kv, &dims)? {
+    if let Some((batch_plan, key_rows, l)) = as_batch(plan, cu_q, kv, dims)? {
         let b = kv.seq_lens.len();
         let q = q.reshape((b, l, dims.heads, dims.head_dim))?;
         let out = kernels::attention_paged(&q, (&k, &v), &key_rows, &batch_plan, params)?;
