@@ -97,19 +97,7 @@ pub(crate) fn attention_paged(
             q.dims()
         )
     }
-    if b == 0 || !rows.len().is_multiple_of(b) {
-        bail!(
-            "attention: {} paged key rows for a batch of {b}",
-            rows.len()
-        )
-    }
-    if let Some(&bad) = rows.iter().find(|&&x| x as usize >= r) {
-        bail!(
-            "attention: paged key row {bad} is outside the {r} rows of k {:?}",
-            k.dims()
-        )
-    }
-    let s = rows.len() / b;
+    let s = keys_per_element(rows, b, k)?;
     let call = AttnCall {
         q,
         k,
@@ -137,11 +125,8 @@ pub(crate) fn attention_paged(
         return out;
     }
     let ids = Tensor::from_slice(rows, b * s, k.device())?;
-    let gather = |t: &Tensor| -> Result<Tensor> {
-        let (_, _, hh, dd) = t.dims4()?;
-        t.squeeze(0)?.index_select(&ids, 0)?.reshape((b, s, hh, dd))
-    };
-    attention(q, &gather(k)?, &gather(v)?, mask, params)
+    let (k, v) = (take(k, &ids, b)?, take(v, &ids, b)?);
+    attention(q, &k, &v, mask, params)
 }
 
 /// [`attention_quantized`] over rows gathered in place: key `j` of batch element `b` is row
@@ -156,22 +141,15 @@ pub(crate) fn attention_quantized_rows(
     params: &AttnParams,
 ) -> Result<AttnOutput> {
     let (b, l, h, d) = dims4("q", q)?;
-    let (bk, r, hkv, dk) = dims4("k", &kv.k)?;
+    let (bk, _, hkv, dk) = dims4("k", &kv.k)?;
     let dv = kv.v.dim(3)?;
-    if bk != 1 || b == 0 || !rows.len().is_multiple_of(b) {
+    if bk != 1 {
         bail!(
-            "attention: {} paged key rows of k {:?} for a batch of {b}",
-            rows.len(),
+            "attention: paged k {:?} must be (1, R, Hkv, D)",
             kv.k.dims()
         )
     }
-    if let Some(&bad) = rows.iter().find(|&&x| x as usize >= r) {
-        bail!(
-            "attention: paged key row {bad} is outside the {r} rows of k {:?}",
-            kv.k.dims()
-        )
-    }
-    let s = rows.len() / b;
+    let s = keys_per_element(rows, b, &kv.k)?;
     let shapes_ok = dk == d
         && hkv > 0
         && h.is_multiple_of(hkv)
@@ -200,17 +178,38 @@ pub(crate) fn attention_quantized_rows(
         return out;
     }
     let ids = Tensor::from_slice(rows, b * s, kv.k.device())?;
-    let take = |t: &Tensor| -> Result<Tensor> {
-        let mut shape = t.dims().to_vec();
-        shape[0] = b;
-        shape[1] = s;
-        t.squeeze(0)?.index_select(&ids, 0)?.reshape(shape)
-    };
     let gathered = crate::cache::QuantKv {
-        k: take(&kv.k)?,
-        k_scale: take(&kv.k_scale)?,
-        v: take(&kv.v)?,
-        v_scale: take(&kv.v_scale)?,
+        k: take(&kv.k, &ids, b)?,
+        k_scale: take(&kv.k_scale, &ids, b)?,
+        v: take(&kv.v, &ids, b)?,
+        v_scale: take(&kv.v_scale, &ids, b)?,
     };
     attention_quantized(q, &gathered, mask, params)
+}
+
+/// Keys per batch element of a call over `rows` (`B·S` row ids of `k`'s `R` rows), checking
+/// that they split evenly over the `b` elements and that every id names a row of `k`.
+fn keys_per_element(rows: &[u32], b: usize, k: &Tensor) -> Result<usize> {
+    let r = k.dim(1)?;
+    if b == 0 || !rows.len().is_multiple_of(b) {
+        bail!(
+            "attention: {} paged key rows for a batch of {b}",
+            rows.len()
+        )
+    }
+    if let Some(&bad) = rows.iter().find(|&&x| x as usize >= r) {
+        bail!(
+            "attention: paged key row {bad} is outside the {r} rows of k {:?}",
+            k.dims()
+        )
+    }
+    Ok(rows.len() / b)
+}
+
+/// Rows `ids` of `t` `(1, R, ...)`, copied out as `(b, ids.len() / b, ...)`.
+fn take(t: &Tensor, ids: &Tensor, b: usize) -> Result<Tensor> {
+    let mut shape = t.dims().to_vec();
+    shape[0] = b;
+    shape[1] = ids.dim(0)? / b;
+    t.squeeze(0)?.index_select(ids, 0)?.reshape(shape)
 }
