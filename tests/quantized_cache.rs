@@ -98,8 +98,8 @@ fn generate(
     Tensor::cat(&outs, 1)
 }
 
-/// The fused kernel over the int8 rows equals the reference over the dequantized rows, on
-/// every instruction set: decode with all KV heads walking together, a single sequence split
+/// The fused kernel over the quantized rows agrees with the reference over the dequantized
+/// rows (int8 on AVX512-VNNI: within the query rows' int16 rounding), on every instruction set: decode with all KV heads walking together, a single sequence split
 /// over its keys, prefill against the cache (the transposed-K path), left padding, sliding
 /// window; and both are close to an f32 cache.
 #[test]
@@ -187,8 +187,15 @@ fn fused_int8_equals_reference_and_stays_near_f32() -> Result<()> {
             println!(
                 "{isa} {format:?} {name}: fused vs reference {d_ref:.2e}, vs f32 cache {d_f32:.2e}"
             );
+            // Against int8 keys on AVX512-VNNI the fused kernel quantizes the query rows to
+            // int16 (one scale per row, exact integer products): a score moves by at most
+            // 2⁻¹⁶ of the row's largest query value times Σ|k|, about 1e-5 of the output here.
+            let same = match format {
+                KvFormat::Int8 => 1e-4,
+                _ => 1e-5,
+            };
             assert!(
-                d_ref <= 1e-5,
+                d_ref <= same,
                 "{isa} {format:?} {name}: fused vs reference on quantized rows: {d_ref}"
             );
             // int8: an absolute error of half a step per value; fp8: a relative one of up to

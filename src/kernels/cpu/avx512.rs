@@ -122,6 +122,8 @@ const F16: u8 = 2;
 const I8: u8 = 3;
 /// fp8 e4m3.
 const F8: u8 = 4;
+/// The bytes of int8 offset by 128 as they are (`0..=255`, the offset taken off by the caller).
+const U8: u8 = 5;
 
 /// 16 elements of kind `K` from `p` as f32 lanes: masked for f32; whole vectors for the half
 /// and int8 kinds (their callers take only multiples of 16 columns).
@@ -138,6 +140,7 @@ unsafe fn load16<const K: u8>(p: *const u8, m: u16) -> __m512 {
             _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(p.cast()))),
             _mm512_set1_ps(128.0),
         ),
+        U8 => _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(p.cast()))),
         // e4m3 → the f16 with the same sign, exponent and mantissa bits shifted into place
         // (bias 15 for 7: × 2⁸ after; subnormals map to f16 subnormals), as `view::fp8_e4m3`.
         _ => {
@@ -156,7 +159,7 @@ unsafe fn load16<const K: u8>(p: *const u8, m: u16) -> __m512 {
 const fn size_of_kind(k: u8) -> usize {
     match k {
         F32 => 4,
-        I8 | F8 => 1,
+        I8 | F8 | U8 => 1,
         _ => 2,
     }
 }
@@ -174,7 +177,19 @@ pub unsafe fn pv_bytes(p: Mat, v: ByteMat, acc: MatMut) {
     if v.fp8 {
         pv_strided::<F8>(pp, vp, acc)
     } else {
-        pv_strided::<I8>(pp, vp, acc)
+        // Σ_j p_j · (u_j − 128) = Σ_j p_j · u_j − 128 · Σ_j p_j: the offset leaves the inner
+        // loop (one instruction fewer per 16 values) and is taken off each row once.
+        for r in 0..p.rows {
+            let row = p.data.as_ptr().add(r * p.stride);
+            let mut s = _mm512_setzero_ps();
+            for c in (0..p.cols).step_by(16) {
+                s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(tail_mask(p.cols - c), row.add(c)));
+            }
+            let off = 128.0 * _mm512_reduce_add_ps(s);
+            let row = &mut acc.data[r * acc.stride..r * acc.stride + acc.cols];
+            row.iter_mut().for_each(|x| *x -= off);
+        }
+        pv_strided::<U8>(pp, vp, acc)
     }
 }
 

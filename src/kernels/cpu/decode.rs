@@ -12,6 +12,7 @@
 
 use rayon::prelude::*;
 
+use super::quant::QuantRows;
 use super::stream;
 use super::tile::{self, Ctx, Rows, Scratch};
 use super::{AttnCall, BLOCK_K, BLOCK_Q};
@@ -139,6 +140,8 @@ struct State {
     acc: Vec<f32>,
     lo: Vec<usize>,
     hi: Vec<usize>,
+    /// The query rows quantized to int16 (with [`Ctx::q16`]).
+    q16: QuantRows,
 }
 
 impl State {
@@ -153,6 +156,7 @@ impl State {
             acc: vec![0.0; heads * nr * dv],
             lo: vec![0; nr],
             hi: vec![0; nr],
+            q16: QuantRows::default(),
         }
     }
 
@@ -205,6 +209,9 @@ impl Ctx<'_> {
             }
         }
         let (k_lo, k_hi) = (k_lo.max(chunk.0), k_hi.min(chunk.1));
+        if self.q16 {
+            st.q16.quantize(&st.q, list.len() * s_nr, d);
+        }
         self.half_tiles(sc);
         // `next`: the key rows to prefetch before this sub-tile is computed.
         let mut visit = |ctx: &Ctx,
@@ -263,6 +270,7 @@ impl Ctx<'_> {
                     hi: &st.hi[..nr],
                     ktile: &mut sc.ktile,
                     vtile: &mut sc.vtile,
+                    q16: ctx.q16.then(|| st.q16.rows(a, b)),
                 };
                 ctx.tile(bi, kh, j0, j1, masked, &mut rows);
             }

@@ -260,6 +260,16 @@ impl Inputs {
             Some(p) => p.view(hkv, s, dv),
             None => vv,
         };
+        // Int8 keys read in place (no transposed copy) against int16 query rows, on VNNI.
+        #[cfg(target_arch = "x86_64")]
+        let vnni = isa.avx512() && products::vnni();
+        #[cfg(not(target_arch = "x86_64"))]
+        let vnni = false;
+        let q16 = vnni
+            && kt.is_none()
+            && !pairs
+            && matches!(kv.data, Data::Bytes { fp8: false, .. })
+            && products::reads_half(isa, d);
         let ctx = Ctx {
             q: qv,
             k: kv,
@@ -284,6 +294,7 @@ impl Inputs {
             kt: kt.as_ref().map(KtBuf::view),
             pv_pairs,
             q_pairs: pairs,
+            q16,
             isa,
             out,
             lse,

@@ -114,6 +114,8 @@ mod avx2;
 mod avx512;
 #[cfg(target_arch = "x86_64")]
 mod avx512_bf16;
+#[cfg(target_arch = "x86_64")]
+mod avx512_vnni;
 mod backward;
 mod decode;
 #[cfg(target_arch = "x86_64")]
@@ -129,6 +131,7 @@ mod out;
 mod portable;
 mod products;
 mod proj_kernel;
+mod quant;
 mod softmax;
 #[cfg(target_arch = "x86_64")]
 mod softmax_x86;

@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 use super::mat::{ByteMat, HalfMat, Mat, MatMut, PairMat};
 use super::portable::{self, matmul};
+#[cfg(target_arch = "x86_64")]
+use super::quant::QRows;
 
 /// An instruction set of the fused CPU kernel's products.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -226,6 +228,42 @@ pub(super) fn qk_rows_bytes(isa: Isa, q: Mat, k: ByteMat, out: MatMut, scale: f3
             unreachable!("reads_half is false for {isa:?}")
         }
     }
+}
+
+/// `out[r][j] = scale · q.scale[r] · Σ_x q.vals[r][x] · (k[j][x] − 128)`: int8 key rows
+/// (offset by 128) read in place against int16 query rows, each product an exact integer (see
+/// [`super::quant`]); the keys' scales are applied by the caller. Only on AVX-512 with VNNI
+/// ([`vnni`]).
+#[cfg(target_arch = "x86_64")]
+pub(super) fn qk_rows_q16(isa: Isa, q: QRows, k: ByteMat, out: MatMut, scale: f32) {
+    assert!(
+        isa.avx512()
+            && vnni()
+            && !k.fp8
+            && k.cols == q.cols
+            && q.cols <= super::MAX_HEAD_DIM
+            && q.vals.len() >= q.rows * q.cols
+            && q.scale.len() >= q.rows
+            && q.corr.len() >= q.rows
+            && out.rows == q.rows
+            && out.cols == k.rows
+    );
+    // SAFETY: the CPU has AVX-512 F/BW/VL/VNNI (`vnni`); the keys are int8, the head size at most
+    // 256 and the shapes agree (asserted above; every matrix is checked against its slice on
+    // construction).
+    unsafe { super::avx512_vnni::qk_rows_q16(q, k, out, scale) }
+}
+
+/// Whether the CPU has AVX-512 F/BW/VL and VNNI (`vpdpwssd`), detected once.
+#[cfg(target_arch = "x86_64")]
+pub(super) fn vnni() -> bool {
+    static VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *VNNI.get_or_init(|| {
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512vnni")
+    })
 }
 
 /// [`pv`] with int8 rows of `v` (offset by 128) read in place, their scales folded into `p` by

@@ -18,9 +18,10 @@ const LINE: usize = 64;
 pub(super) const MAX_RANGES: usize = 8;
 
 thread_local! {
-    /// Byte ranges (`next`, `end`) still to prefetch (K's and V's rows of the next sub-tile),
-    /// and the lines to issue per step.
-    static QUEUE: Cell<([(usize, usize); MAX_RANGES], usize)> =
+    /// The range being prefetched (`next`, `end`) and the lines to issue per step (0: empty).
+    static CUR: Cell<(usize, usize, usize)> = const { Cell::new((0, 0, 0)) };
+    /// The ranges queued after it (K's and V's rows of the next sub-tile), in order.
+    static REST: Cell<([(usize, usize); MAX_RANGES], usize)> =
         const { Cell::new(([(0, 0); MAX_RANGES], 0)) };
 }
 
@@ -28,55 +29,85 @@ thread_local! {
 /// prefetched `per_step` lines at a time.
 pub(super) fn queue(ranges: &[(usize, usize)], per_step: usize) {
     let mut all = [(0, 0); MAX_RANGES];
-    for (a, r) in all.iter_mut().zip(ranges) {
-        *a = *r;
+    let mut n = 0;
+    for r in ranges.iter().take(MAX_RANGES).filter(|r| r.0 < r.1) {
+        all[n] = *r;
+        n += 1;
     }
-    QUEUE.with(|q| q.set((all, per_step.max(1))));
+    if n == 0 {
+        CUR.with(|c| c.set((0, 0, 0)));
+        return;
+    }
+    CUR.with(|c| c.set((all[0].0, all[0].1, per_step.max(1))));
+    REST.with(|q| q.set((all, 1)));
 }
 
-/// Issues the next lines of the queue (none when it is empty). Called by the x86 micro-kernels;
-/// elsewhere [`flush`] issues everything.
+/// Issues the next lines of the queue (none when it is empty). Called by the x86 micro-kernels
+/// every few products; elsewhere [`flush`] issues everything.
 #[inline]
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(super) fn step() {
-    QUEUE.with(|q| {
-        let (mut ranges, per) = q.get();
-        if per == 0 {
-            return;
-        }
+    CUR.with(|c| {
+        let (mut a, mut b, mut per) = c.get();
         let mut left = per;
-        for r in ranges.iter_mut() {
-            while left > 0 && r.0 < r.1 {
-                prefetch(r.0);
-                r.0 += LINE;
+        while left > 0 {
+            if a < b {
+                prefetch(a);
+                a += LINE;
                 left -= 1;
+            } else {
+                (a, b, per) = next_range(per);
+                if per == 0 {
+                    break;
+                }
             }
         }
-        let empty = ranges.iter().all(|r| r.0 >= r.1);
-        q.set((ranges, if empty { 0 } else { per }));
+        if a >= b && per > 0 {
+            (a, b, per) = next_range(per);
+        }
+        c.set((a, b, per));
     });
+}
+
+/// The queued range after the current one, as [`CUR`]'s value (`per` 0 when there is none).
+fn next_range(per: usize) -> (usize, usize, usize) {
+    REST.with(|q| {
+        let (all, i) = q.get();
+        match all.get(i) {
+            Some(&(a, b)) if a < b => {
+                q.set((all, i + 1));
+                (a, b, per)
+            }
+            _ => (0, 0, 0),
+        }
+    })
 }
 
 /// Issues everything still queued, and empties the queue.
 pub(super) fn flush() {
-    QUEUE.with(|q| {
-        let (ranges, _) = q.get();
-        for (mut a, b) in ranges {
-            while a < b {
-                prefetch(a);
-                a += LINE;
-            }
+    let mut cur = CUR.with(|c| c.get());
+    while cur.2 > 0 {
+        let (mut a, b, per) = cur;
+        while a < b {
+            prefetch(a);
+            a += LINE;
         }
-        q.set(([(0, 0); MAX_RANGES], 0));
-    });
+        cur = next_range(per);
+    }
+    CUR.with(|c| c.set((0, 0, 0)));
 }
 
+/// One line into L2 (`prefetcht1`), not L1: a sub-tile's rows (every KV head, 128–512 KiB)
+/// are several times L1, so prefetches into L1 evicted each other, and the rows being computed,
+/// before their use, and held L1's few miss buffers. Measured on AMD Zen 4 (B8 H32 Hkv8 D128,
+/// S 4096–32768): bf16 decode from 32–52% to 71–75% of the streaming-read rate, f32 12%
+/// faster.
 #[inline]
 fn prefetch(addr: usize) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: a prefetch is a hint and never faults; the queued ranges lie inside K and V.
     unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(addr as *const i8)
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(addr as *const i8)
     };
     #[cfg(not(target_arch = "x86_64"))]
     let _ = addr;
@@ -87,7 +118,16 @@ mod tests {
     use super::*;
 
     fn left() -> usize {
-        QUEUE.with(|q| q.get().0.iter().map(|r| r.1.saturating_sub(r.0)).sum())
+        let (a, b, per) = CUR.with(|c| c.get());
+        if per == 0 {
+            return 0;
+        }
+        let (all, i) = REST.with(|q| q.get());
+        (b - a)
+            + all[i..]
+                .iter()
+                .map(|r| r.1.saturating_sub(r.0))
+                .sum::<usize>()
     }
 
     /// Each step issues `per_step` lines, the first range before the second; the queue
@@ -101,14 +141,10 @@ mod tests {
         step();
         assert_eq!(left(), 64 * 5);
         step(); // one line of the first range, two of the second
-        assert_eq!(QUEUE.with(|q| q.get().0[1].0), a + 64 * 8);
+        assert_eq!(CUR.with(|c| c.get().0), a + 64 * 8);
         step();
         assert_eq!(left(), 0);
-        assert_eq!(
-            QUEUE.with(|q| q.get().1),
-            0,
-            "an empty queue stops stepping"
-        );
+        assert_eq!(CUR.with(|c| c.get().2), 0, "an empty queue stops stepping");
         queue(&[(a, a + 64 * 10)], 2);
         step();
         flush();

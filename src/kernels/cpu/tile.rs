@@ -8,6 +8,7 @@ use super::mat::{Mat, MatMut, PairMat};
 use super::modifiers::{join_sink, Mods};
 pub(super) use super::out::{OutBuf, OutPtr};
 use super::products::{self, Isa};
+use super::quant::{scale_columns, QRows, QuantRows};
 use super::softmax::softmax_step;
 pub(super) use super::view::{Data, View};
 use super::{BLOCK_K, BLOCK_Q, MAX_HEAD_DIM};
@@ -58,6 +59,9 @@ pub(super) struct Ctx<'a> {
     /// Whether `Q · Kᵀ` runs on AVX512-BF16 dot products (bf16 Q and K, even `D`): the query
     /// rows are read as bf16 pairs, K as [`Kt::Pairs`] or in place.
     pub q_pairs: bool,
+    /// Whether `Q · Kᵀ` reads int8 keys in place against the query rows quantized to int16
+    /// (exact integer products on AVX512-VNNI, see [`super::quant`]).
+    pub q16: bool,
     /// The instruction set of the products.
     pub isa: Isa,
     pub out: OutBuf,
@@ -92,6 +96,8 @@ pub(super) struct Scratch {
     /// A K and a V tile converted to f32 (half inputs).
     pub ktile: Vec<f32>,
     pub vtile: Vec<f32>,
+    /// The query rows quantized to int16 (with [`Ctx::q16`]).
+    q16: QuantRows,
 }
 
 thread_local! {
@@ -127,6 +133,7 @@ impl Scratch {
             hi: vec![0; BLOCK_Q],
             ktile: Vec::new(),
             vtile: Vec::new(),
+            q16: QuantRows::default(),
         }
     }
 }
@@ -149,6 +156,8 @@ pub(super) struct Rows<'s> {
     pub hi: &'s [usize],
     pub ktile: &'s mut [f32],
     pub vtile: &'s mut [f32],
+    /// The query rows quantized to int16, with [`Ctx::q16`].
+    pub q16: Option<QRows<'s>>,
 }
 
 impl Ctx<'_> {
@@ -236,6 +245,9 @@ impl Ctx<'_> {
             self.query_row(at, r, &mut sc.q, &mut sc.qp);
         }
         let (k_lo, k_hi) = (k_lo.max(chunk.0), k_hi.min(chunk.1));
+        if self.q16 {
+            sc.q16.quantize(&sc.q[..nr * d], nr, d);
+        }
         sc.m[..nr].fill(f32::NEG_INFINITY);
         sc.lsum[..nr].fill(0.0);
         sc.acc[..nr * dv].fill(0.0);
@@ -254,6 +266,7 @@ impl Ctx<'_> {
             hi: &sc.hi[..nr],
             ktile: &mut sc.ktile,
             vtile: &mut sc.vtile,
+            q16: self.q16.then(|| sc.q16.rows(0, nr)),
         };
         if k_lo < k_hi && self.k.rows.is_some() {
             // Gathered rows (a paged cache): tiles of up to BLOCK_K keys from the first, made
@@ -346,7 +359,8 @@ impl Ctx<'_> {
 
     /// Asks the CPU to start loading the K and V rows of keys `j0..j1` (the next tile) when they
     /// are strided, e.g. one head of a `(B, S, Hkv, D)` cache: each row then sits in its own
-    /// memory page, which the hardware prefetchers do not follow.
+    /// memory page, which the hardware prefetchers do not follow. Into L2: a tile of rows is
+    /// larger than L1.
     fn prefetch(&self, bi: usize, kh: usize, j0: usize, j1: usize) {
         #[cfg(target_arch = "x86_64")]
         for (view, width, used) in [
@@ -363,7 +377,7 @@ impl Ctx<'_> {
                     if let Some(x) = view.ptr(row + c) {
                         // SAFETY: prefetching is a hint; `x` points into the tensor.
                         unsafe {
-                            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
                                 x.cast(),
                             )
                         };
@@ -466,7 +480,13 @@ impl Ctx<'_> {
             ) {
                 (Some(k), _) => products::qk_rows_half(self.isa, q, k, scores, self.scale),
                 (None, Some((k, sc, first, step))) => {
-                    products::qk_rows_bytes(self.isa, q, k, scores, self.scale);
+                    match rows.q16 {
+                        #[cfg(target_arch = "x86_64")]
+                        Some(q16) if !k.fp8 => {
+                            products::qk_rows_q16(self.isa, q16, k, scores, self.scale)
+                        }
+                        _ => products::qk_rows_bytes(self.isa, q, k, scores, self.scale),
+                    }
                     scale_columns(&mut rows.scores[o..], (nr, len), (sc, first, step));
                 }
                 (None, None) => {
@@ -571,25 +591,6 @@ impl Ctx<'_> {
             add_assign(vis, &bias.data[base + lo..base + hi]);
         }
         true
-    }
-}
-
-/// Multiplies column `j < bk` of the `nr` rows of `m` (`BLOCK_K` apart) by
-/// `scales[first + j · step]` (int8 rows' scales).
-fn scale_columns(
-    m: &mut [f32],
-    (nr, bk): (usize, usize),
-    (scales, first, step): (&[f32], usize, usize),
-) {
-    let mut col = [0f32; BLOCK_K];
-    for (j, c) in col[..bk].iter_mut().enumerate() {
-        *c = scales[first + j * step];
-    }
-    for r in 0..nr {
-        m[r * BLOCK_K..r * BLOCK_K + bk]
-            .iter_mut()
-            .zip(&col[..bk])
-            .for_each(|(x, s)| *x *= s);
     }
 }
 

@@ -251,8 +251,8 @@ impl<'a> View<'a> {
         }
     }
 
-    /// Asks the CPU to start loading elements `at..at + n` (a hint; out-of-range addresses
-    /// are skipped).
+    /// Asks the CPU to start loading elements `at..at + n` into L2 (a hint; out-of-range
+    /// addresses are skipped; L2 rather than L1, as the prefetch stream, `stream::prefetch`).
     pub fn prefetch(&self, at: usize, n: usize) {
         #[cfg(target_arch = "x86_64")]
         {
@@ -265,7 +265,7 @@ impl<'a> View<'a> {
                 if let Some(x) = self.ptr(at + c) {
                     // SAFETY: prefetching is a hint; `x` points into the tensor.
                     unsafe {
-                        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
                             x.cast(),
                         )
                     };
