@@ -4,7 +4,7 @@
 
 use std::arch::x86_64::*;
 
-use super::mat::{ByteMat, MatMut};
+use super::mat::{ByteMat, Mat, MatMut};
 use super::quant::QRows;
 
 /// `out[r][j] = scale · q.scale[r] · Σ_x q.vals[r][x] · (k[j][x] − 128)` for int8 key rows
@@ -163,4 +163,144 @@ unsafe fn reduce16(acc: &[[__m512i; 4]; 4]) -> __m512i {
         _mm512_add_epi32(shuf(e, f, true), shuf(e, f, false))
     });
     _mm512_add_epi32(shuf(g[0], g[1], true), shuf(g[0], g[1], false))
+}
+
+/// Most keys per call of [`pv_q16`] (a tile).
+const MAX_KEYS: usize = super::BLOCK_K;
+
+/// `acc[r][c] += Σ_j p[r][j] · (v[j][c] − 128)` for int8 value rows stored offset by 128
+/// (`v.cols` a multiple of 32, at most [`super::BLOCK_K`] keys; the rows' scales folded into `p`
+/// by the caller), as exact integer products: each row of `p` quantized to int16 (one scale
+/// per row and call, round to nearest even, `0 ≤ p16 ≤ 32767`), two keys' values widened and
+/// interleaved into pairs per column, `vpdpwssd` on the pairs. Returns `false`, with `acc`
+/// untouched, when a row of `p` is not finite (the f32 kernel then runs, propagating it).
+///
+/// # Safety
+/// avx512f, avx512bw, avx512vl and avx512vnni must be available; `v` must be int8 (not fp8)
+/// and the shapes must agree (`v` is `p.cols × acc.cols`, `acc` has `p.rows` rows).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn pv_q16(p: Mat, v: ByteMat, mut acc: MatMut) -> bool {
+    let (nr, bk, dv) = (p.rows, p.cols, v.cols);
+    debug_assert!(!v.fp8 && v.rows == bk && acc.rows == nr && acc.cols == dv);
+    debug_assert!(dv.is_multiple_of(32) && bk <= MAX_KEYS && nr <= super::BLOCK_Q);
+    if bk == 0 {
+        return true;
+    }
+    // Every row's largest value and sum first: a row that is not finite leaves the call to
+    // the f32 kernel before anything is written.
+    let mut pmax = [0f32; super::BLOCK_Q];
+    for r in 0..nr {
+        let row = p.data.as_ptr().add(r * p.stride);
+        let (mut m, mut s) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        for c in (0..bk).step_by(16) {
+            let x = _mm512_maskz_loadu_ps(super::avx512::tail_mask(bk - c), row.add(c));
+            m = _mm512_max_ps(m, x);
+            s = _mm512_add_ps(s, x);
+        }
+        if !_mm512_reduce_add_ps(s).is_finite() {
+            return false;
+        }
+        pmax[r] = _mm512_reduce_max_ps(m);
+    }
+    let mut r = 0;
+    while r < nr {
+        let mr = (nr - r).min(4);
+        // The block's rows as int16 (two more zeros: an odd last key pairs with a zero).
+        let mut p16 = [[0i16; MAX_KEYS + 2]; 4];
+        let mut corr = [0i32; 4];
+        let mut ps = [0f32; 4];
+        for rr in 0..mr {
+            let m = pmax[r + rr];
+            let inv = _mm512_set1_ps(if m > 0.0 { 32767.0 / m } else { 0.0 });
+            ps[rr] = m / 32767.0;
+            let row = p.data.as_ptr().add((r + rr) * p.stride);
+            let mut sum = _mm512_setzero_si512();
+            for c in (0..bk).step_by(16) {
+                let mask = super::avx512::tail_mask(bk - c);
+                let x =
+                    _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask, row.add(c)), inv));
+                sum = _mm512_add_epi32(sum, x);
+                _mm256_mask_storeu_epi16(
+                    p16[rr].as_mut_ptr().add(c),
+                    mask,
+                    _mm512_cvtepi32_epi16(x),
+                );
+            }
+            corr[rr] = 128 * _mm512_reduce_add_epi32(sum);
+        }
+        let mut c = 0;
+        while c < dv {
+            let rows = (r, mr, &p16, corr, ps);
+            if dv - c >= 64 {
+                pv_block::<2>(rows, bk, (v.data.as_ptr().add(c), v.stride), &mut acc, c);
+                c += 64;
+            } else {
+                pv_block::<1>(rows, bk, (v.data.as_ptr().add(c), v.stride), &mut acc, c);
+                c += 32;
+            }
+        }
+        r += mr;
+    }
+    true
+}
+
+/// Columns `c..c + 32·NB` of [`pv_q16`] for rows `r..r + mr`: `(r, mr, p16, corr, scale)`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn pv_block<const NB: usize>(
+    (r, mr, p16, corr, ps): (usize, usize, &[[i16; MAX_KEYS + 2]; 4], [i32; 4], [f32; 4]),
+    bk: usize,
+    (v, stride): (*const u8, usize),
+    acc: &mut MatMut,
+    c: usize,
+) {
+    // acc[rr][2g] holds columns {8L + 0..4} of group g, acc[rr][2g + 1] columns {8L + 4..8}
+    // (L = 0..4, the 128-bit lanes `vpunpck{l,h}wd` work within).
+    let mut ai = [[_mm512_setzero_si512(); 4]; 4];
+    let mut j = 0;
+    while j < bk {
+        if j % 8 == 6 {
+            super::stream::step();
+        }
+        let (a, b) = (v.add(j * stride), v.add((j + 1).min(bk - 1) * stride));
+        let mut pairs = [_mm512_setzero_si512(); 4];
+        for g in 0..NB {
+            let wa = _mm512_cvtepu8_epi16(_mm256_loadu_si256(a.add(32 * g).cast()));
+            let wb = _mm512_cvtepu8_epi16(_mm256_loadu_si256(b.add(32 * g).cast()));
+            pairs[2 * g] = _mm512_unpacklo_epi16(wa, wb);
+            pairs[2 * g + 1] = _mm512_unpackhi_epi16(wa, wb);
+        }
+        for rr in 0..4 {
+            // (p16[j], p16[j + 1]) as one 32-bit lane, broadcast.
+            let pp = _mm512_set1_epi32(p16[rr].as_ptr().add(j).cast::<i32>().read_unaligned());
+            for x in 0..2 * NB {
+                ai[rr][x] = dpwssd(ai[rr][x], pairs[x], pp);
+            }
+        }
+        j += 2;
+    }
+    // Back to column order: lane 4L + i of the low half is column 8L + i, of the high half
+    // column 8L + 4 + i.
+    let idx = |first: i32| {
+        let mut x = [0i32; 16];
+        for (n, x) in x.iter_mut().enumerate() {
+            let col = first + n as i32;
+            let (l, i) = (col / 8, col % 8);
+            *x = if i < 4 { 4 * l + i } else { 16 + 4 * l + i - 4 };
+        }
+        _mm512_loadu_si512(x.as_ptr().cast())
+    };
+    let (lo, hi) = (idx(0), idx(16));
+    for rr in 0..mr {
+        let out = acc.data.as_mut_ptr().add((r + rr) * acc.stride + c);
+        let (k, s) = (_mm512_set1_epi32(corr[rr]), _mm512_set1_ps(ps[rr]));
+        for g in 0..NB {
+            for (h, ix) in [lo, hi].into_iter().enumerate() {
+                let cols = _mm512_permutex2var_epi32(ai[rr][2 * g], ix, ai[rr][2 * g + 1]);
+                let x = _mm512_cvtepi32_ps(_mm512_sub_epi32(cols, k));
+                let o = out.add(32 * g + 16 * h);
+                _mm512_storeu_ps(o, _mm512_fmadd_ps(x, s, _mm512_loadu_ps(o)));
+            }
+        }
+    }
 }

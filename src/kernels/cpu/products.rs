@@ -254,6 +254,29 @@ pub(super) fn qk_rows_q16(isa: Isa, q: QRows, k: ByteMat, out: MatMut, scale: f3
     unsafe { super::avx512_vnni::qk_rows_q16(q, k, out, scale) }
 }
 
+/// `acc += p · (v − 128)` for int8 value rows (offset by 128) read in place, as exact integer
+/// products of `p` quantized to int16 per row (see `avx512_vnni::pv_q16`); the rows' scales
+/// folded into `p` by the caller. Only on AVX-512 with VNNI ([`vnni`]), `v.cols` a multiple of
+/// 32, at most `BLOCK_K` keys and `BLOCK_Q` rows. `false` (nothing done): a row of `p` is not
+/// finite.
+#[cfg(target_arch = "x86_64")]
+pub(super) fn pv_q16(isa: Isa, p: Mat, v: ByteMat, acc: MatMut) -> bool {
+    assert!(
+        isa.avx512()
+            && vnni()
+            && !v.fp8
+            && v.cols.is_multiple_of(32)
+            && v.rows == p.cols
+            && p.cols <= super::BLOCK_K
+            && p.rows <= super::BLOCK_Q
+            && acc.rows == p.rows
+            && acc.cols == v.cols
+    );
+    // SAFETY: the CPU has AVX-512 F/BW/VL/VNNI; the values are int8 and the shapes agree
+    // (asserted above; every matrix is checked against its slice on construction).
+    unsafe { super::avx512_vnni::pv_q16(p, v, acc) }
+}
+
 /// Whether the CPU has AVX-512 F/BW/VL and VNNI (`vpdpwssd`), detected once.
 #[cfg(target_arch = "x86_64")]
 pub(super) fn vnni() -> bool {

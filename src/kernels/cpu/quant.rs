@@ -13,6 +13,8 @@
 //! (Quantizing the queries to int8 instead, as llama.cpp does against q8_0 keys, measurably
 //! changed SmolLM2's greedy tokens.)
 
+use super::mat::{ByteMat, Mat, MatMut};
+use super::products::{self, Isa};
 use super::BLOCK_K;
 
 /// Query rows quantized to int16: row `r` is `vals[r·d..(r + 1)·d] · scale[r]`.
@@ -110,6 +112,34 @@ pub(super) fn scale_columns(
     }
 }
 
+/// `acc += P · V` over quantized value rows `v` read in place, the probabilities `p` (`nr ×
+/// len`, rows [`BLOCK_K`] apart) scaled here by the rows' scales (`scales[first + j·step]`; the
+/// softmax's sums are already taken). Int8 values with `vnni` (the call's [`super::tile::Ctx`]
+/// reads int8 keys as exact integer products): exact integer products of `p` quantized to
+/// int16 per row (its rounding moves an output by at most `max_j p / 65534 · Σ_j |v_j|`); else
+/// the values widened in registers.
+pub(super) fn pv_quantized(
+    isa: Isa,
+    vnni: bool,
+    (p, nr, len): (&mut [f32], usize, usize),
+    (v, scales, first, step): (ByteMat, &[f32], usize, usize),
+    acc: MatMut,
+) {
+    scale_columns(p, (nr, len), (scales, first, step));
+    let p = Mat::new(p, nr, len, BLOCK_K);
+    #[cfg(target_arch = "x86_64")]
+    if vnni && !v.fp8 && v.cols.is_multiple_of(32) {
+        // `pv_q16` leaves `acc` untouched when it returns false.
+        let (rows, cols, stride) = (acc.rows, acc.cols, acc.stride);
+        if products::pv_q16(isa, p, v, MatMut::new(acc.data, rows, cols, stride)) {
+            return;
+        }
+        return products::pv_bytes(isa, p, v, MatMut::new(acc.data, rows, cols, stride));
+    }
+    let _ = vnni;
+    products::pv_bytes(isa, p, v, acc)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -204,6 +234,77 @@ mod tests {
                     assert!((a - b).abs() <= bound, "d={d} ({r}, {j}): {a} vs {b}");
                 }
             }
+        }
+    }
+
+    /// On AVX512-VNNI, `P · V` over int8 values with the probabilities quantized to int16 per
+    /// row stays within that rounding of the f32 products (odd key counts, 32-column tails,
+    /// rows beyond a block of 4), and a row that is not finite leaves the call to them.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn int16_probability_products_are_near_the_f32_products() {
+        use super::super::products::{self, Isa};
+        if !products::vnni() {
+            eprintln!("no AVX512-VNNI on this CPU: the int16 products are not used");
+            return;
+        }
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for (nr, bk, dv) in [
+            (4usize, 64usize, 128usize),
+            (6, 37, 96),
+            (1, 1, 32),
+            (3, 256, 64),
+        ] {
+            let vs = dv + 32;
+            let vb: Vec<u8> = (0..bk * vs).map(|_| 1 + (next() % 255) as u8).collect();
+            let p: Vec<f32> = (0..nr * bk)
+                .map(|_| (next() % 10_000) as f32 / 10_000.0 * 0.03)
+                .collect();
+            let acc0: Vec<f32> = (0..nr * dv).map(|i| (i % 7) as f32 - 3.0).collect();
+            let (mut got, mut want) = (acc0.clone(), acc0.clone());
+            let v = ByteMat::new(&vb, false, bk, dv, vs);
+            let pm = Mat::new(&p, nr, bk, bk);
+            assert!(products::pv_q16(
+                Isa::Avx512,
+                pm,
+                v,
+                MatMut::new(&mut got, nr, dv, dv)
+            ));
+            products::pv_bytes(Isa::Avx512, pm, v, MatMut::new(&mut want, nr, dv, dv));
+            for r in 0..nr {
+                let pmax = p[r * bk..(r + 1) * bk].iter().fold(0f32, |m, &x| m.max(x));
+                for c in 0..dv {
+                    let v_abs: f32 = (0..bk)
+                        .map(|j| (f32::from(vb[j * vs + c]) - 128.0).abs())
+                        .sum();
+                    let bound = pmax / 65534.0 * v_abs * 1.01 + 1e-4;
+                    let (a, b) = (got[r * dv + c], want[r * dv + c]);
+                    assert!(
+                        (a - b).abs() <= bound,
+                        "{nr}×{bk}×{dv} ({r}, {c}): {a} vs {b}"
+                    );
+                }
+            }
+            let mut bad = p.clone();
+            bad[bk / 2] = f32::NAN;
+            let mut same = acc0.clone();
+            let pm = Mat::new(&bad, nr, bk, bk);
+            assert!(!products::pv_q16(
+                Isa::Avx512,
+                pm,
+                v,
+                MatMut::new(&mut same, nr, dv, dv)
+            ));
+            assert_eq!(
+                same, acc0,
+                "a refused call leaves the accumulators untouched"
+            );
         }
     }
 

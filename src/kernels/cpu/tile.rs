@@ -8,7 +8,7 @@ use super::mat::{Mat, MatMut, PairMat};
 use super::modifiers::{join_sink, Mods};
 pub(super) use super::out::{OutBuf, OutPtr};
 use super::products::{self, Isa};
-use super::quant::{scale_columns, QRows, QuantRows};
+use super::quant::{pv_quantized, scale_columns, QRows, QuantRows};
 use super::softmax::softmax_step;
 pub(super) use super::view::{Data, View};
 use super::{BLOCK_K, BLOCK_Q, MAX_HEAD_DIM};
@@ -516,11 +516,8 @@ impl Ctx<'_> {
         match (vhalf, v8) {
             (Some(vh), _) => products::pv_half(self.isa, p, vh, acc),
             (None, Some((v, sc, first, step))) => {
-                // The values' scales folded into the probabilities (the softmax's sums are
-                // already taken).
-                scale_columns(&mut rows.scores[o..], (nr, len), (sc, first, step));
-                let p = Mat::new(&rows.scores[o..], nr, len, BLOCK_K);
-                products::pv_bytes(self.isa, p, v, acc)
+                let p = (&mut rows.scores[o..], nr, len);
+                pv_quantized(self.isa, self.q16, p, (v, sc, first, step), acc)
             }
             (None, None) => {
                 let vtile = self.v.mat(v0, (len, dv, vst), rows.vtile);
