@@ -189,7 +189,7 @@ pub unsafe fn pv_q16(p: Mat, v: ByteMat, mut acc: MatMut) -> bool {
     // Every row's largest value and sum first: a row that is not finite leaves the call to
     // the f32 kernel before anything is written.
     let mut pmax = [0f32; super::BLOCK_Q];
-    for r in 0..nr {
+    for (r, pm) in pmax.iter_mut().enumerate().take(nr) {
         let row = p.data.as_ptr().add(r * p.stride);
         let (mut m, mut s) = (_mm512_setzero_ps(), _mm512_setzero_ps());
         for c in (0..bk).step_by(16) {
@@ -200,7 +200,7 @@ pub unsafe fn pv_q16(p: Mat, v: ByteMat, mut acc: MatMut) -> bool {
         if !_mm512_reduce_add_ps(s).is_finite() {
             return false;
         }
-        pmax[r] = _mm512_reduce_max_ps(m);
+        *pm = _mm512_reduce_max_ps(m);
     }
     let mut r = 0;
     while r < nr {
