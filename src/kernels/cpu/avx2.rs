@@ -27,21 +27,23 @@ unsafe fn lanes(n: usize) -> __m256i {
 /// avx2, fma and f16c must be available.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn qk(q: Mat, kt: Mat, out: MatMut, scale: f32) {
-    let (nr, d, bk) = (q.rows, q.cols, kt.cols);
-    debug_assert!(kt.rows == d && out.rows == nr && out.cols == bk);
-    let mut c = 0;
-    while c < bk {
-        let w = (bk - c).min(8 * NV);
-        let masks = [lanes(w), lanes(w.saturating_sub(8))];
-        let nb = w.div_ceil(8);
-        let kp = (kt.data.as_ptr().add(c), kt.stride);
-        let mut r = 0;
-        while r < nr {
-            let mr = (nr - r).min(MR);
-            let qp = (q.data.as_ptr().add(r * q.stride), q.stride);
-            let op = (out.data.as_mut_ptr().add(r * out.stride + c), out.stride);
-            // Whole 16-column blocks load and store without masks.
-            macro_rules! go {
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe {
+        let (nr, d, bk) = (q.rows, q.cols, kt.cols);
+        debug_assert!(kt.rows == d && out.rows == nr && out.cols == bk);
+        let mut c = 0;
+        while c < bk {
+            let w = (bk - c).min(8 * NV);
+            let masks = [lanes(w), lanes(w.saturating_sub(8))];
+            let nb = w.div_ceil(8);
+            let kp = (kt.data.as_ptr().add(c), kt.stride);
+            let mut r = 0;
+            while r < nr {
+                let mr = (nr - r).min(MR);
+                let qp = (q.data.as_ptr().add(r * q.stride), q.stride);
+                let op = (out.data.as_mut_ptr().add(r * out.stride + c), out.stride);
+                // Whole 16-column blocks load and store without masks.
+                macro_rules! go {
                 ($($m:literal),*) => {
                     match (mr, nb, w == 8 * NV) {
                         $(($m, 1, _) => qk_block::<$m, 1, false>(qp, d, kp, op, scale, masks),
@@ -51,10 +53,11 @@ pub unsafe fn qk(q: Mat, kt: Mat, out: MatMut, scale: f32) {
                     }
                 };
             }
-            go!(1, 2, 3, 4, 5, 6);
-            r += mr;
+                go!(1, 2, 3, 4, 5, 6);
+                r += mr;
+            }
+            c += w;
         }
-        c += w;
     }
 }
 
@@ -68,32 +71,36 @@ unsafe fn qk_block<const M: usize, const N: usize, const FULL: bool>(
     scale: f32,
     masks: [__m256i; NV],
 ) {
-    let mut acc = [[_mm256_setzero_ps(); N]; M];
-    for dd in 0..d {
-        let krow = kt.add(dd * ks);
-        let mut kv = [_mm256_setzero_ps(); N];
-        for n in 0..N {
-            kv[n] = if FULL {
-                _mm256_loadu_ps(krow.add(8 * n))
-            } else {
-                _mm256_maskload_ps(krow.add(8 * n), masks[n])
-            };
-        }
-        for r in 0..M {
-            let b = _mm256_broadcast_ss(&*q.add(r * qs + dd));
+    // SAFETY: called only by this module's kernels, which run with these target features
+    // and pass pointers inside the operands their public entry points checked.
+    unsafe {
+        let mut acc = [[_mm256_setzero_ps(); N]; M];
+        for dd in 0..d {
+            let krow = kt.add(dd * ks);
+            let mut kv = [_mm256_setzero_ps(); N];
             for n in 0..N {
-                acc[r][n] = _mm256_fmadd_ps(b, kv[n], acc[r][n]);
+                kv[n] = if FULL {
+                    _mm256_loadu_ps(krow.add(8 * n))
+                } else {
+                    _mm256_maskload_ps(krow.add(8 * n), masks[n])
+                };
+            }
+            for r in 0..M {
+                let b = _mm256_broadcast_ss(&*q.add(r * qs + dd));
+                for n in 0..N {
+                    acc[r][n] = _mm256_fmadd_ps(b, kv[n], acc[r][n]);
+                }
             }
         }
-    }
-    let sv = _mm256_set1_ps(scale);
-    for r in 0..M {
-        for n in 0..N {
-            let x = _mm256_mul_ps(acc[r][n], sv);
-            if FULL {
-                _mm256_storeu_ps(out.add(r * os + 8 * n), x);
-            } else {
-                _mm256_maskstore_ps(out.add(r * os + 8 * n), masks[n], x);
+        let sv = _mm256_set1_ps(scale);
+        for r in 0..M {
+            for n in 0..N {
+                let x = _mm256_mul_ps(acc[r][n], sv);
+                if FULL {
+                    _mm256_storeu_ps(out.add(r * os + 8 * n), x);
+                } else {
+                    _mm256_maskstore_ps(out.add(r * os + 8 * n), masks[n], x);
+                }
             }
         }
     }
@@ -105,7 +112,8 @@ unsafe fn qk_block<const M: usize, const N: usize, const FULL: bool>(
 /// avx2, fma and f16c must be available.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn pv(p: Mat, v: Mat, acc: MatMut) {
-    pv_strided::<F32>((p.data, p.rows, p.cols, p.stride, 1), raw(v), acc)
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe { pv_strided::<F32>((p.data, p.rows, p.cols, p.stride, 1), raw(v), acc) }
 }
 
 /// [`pv`] with `v` in bf16 or f16, read in place (`v.cols` a multiple of 8).
@@ -114,13 +122,16 @@ pub unsafe fn pv(p: Mat, v: Mat, acc: MatMut) {
 /// avx2, fma and f16c must be available.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn pv_half(p: Mat, v: HalfMat, acc: MatMut) {
-    debug_assert!(v.cols.is_multiple_of(8));
-    let vp = (v.data.as_ptr().cast::<u8>(), v.rows, v.cols, v.stride);
-    let pp = (p.data, p.rows, p.cols, p.stride, 1);
-    if v.bf16 {
-        pv_strided::<BF16>(pp, vp, acc)
-    } else {
-        pv_strided::<F16>(pp, vp, acc)
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe {
+        debug_assert!(v.cols.is_multiple_of(8));
+        let vp = (v.data.as_ptr().cast::<u8>(), v.rows, v.cols, v.stride);
+        let pp = (p.data, p.rows, p.cols, p.stride, 1);
+        if v.bf16 {
+            pv_strided::<BF16>(pp, vp, acc)
+        } else {
+            pv_strided::<F16>(pp, vp, acc)
+        }
     }
 }
 
@@ -143,26 +154,30 @@ const F8: u8 = 4;
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn load8<const KIND: u8>(p: *const u8, m: __m256i) -> __m256 {
-    match KIND {
-        BF16 => _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(
-            _mm_loadu_si128(p.cast()),
-        ))),
-        F16 => _mm256_cvtph_ps(_mm_loadu_si128(p.cast())),
-        I8 => _mm256_sub_ps(
-            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(p.cast()))),
-            _mm256_set1_ps(128.0),
-        ),
-        // e4m3 → f16 bits (see `avx512::load16`), × 2⁸.
-        F8 => {
-            let x = _mm_cvtepu8_epi16(_mm_loadl_epi64(p.cast()));
-            let sign = _mm_slli_epi16::<8>(_mm_and_si128(x, _mm_set1_epi16(0x80)));
-            let rest = _mm_slli_epi16::<7>(_mm_and_si128(x, _mm_set1_epi16(0x7f)));
-            _mm256_mul_ps(
-                _mm256_cvtph_ps(_mm_or_si128(sign, rest)),
-                _mm256_set1_ps(256.0),
-            )
+    // SAFETY: called only by this module's kernels, which run with these target features
+    // and pass pointers inside the operands their public entry points checked.
+    unsafe {
+        match KIND {
+            BF16 => _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(
+                _mm_loadu_si128(p.cast()),
+            ))),
+            F16 => _mm256_cvtph_ps(_mm_loadu_si128(p.cast())),
+            I8 => _mm256_sub_ps(
+                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(p.cast()))),
+                _mm256_set1_ps(128.0),
+            ),
+            // e4m3 → f16 bits (see `avx512::load16`), × 2⁸.
+            F8 => {
+                let x = _mm_cvtepu8_epi16(_mm_loadl_epi64(p.cast()));
+                let sign = _mm_slli_epi16::<8>(_mm_and_si128(x, _mm_set1_epi16(0x80)));
+                let rest = _mm_slli_epi16::<7>(_mm_and_si128(x, _mm_set1_epi16(0x7f)));
+                _mm256_mul_ps(
+                    _mm256_cvtph_ps(_mm_or_si128(sign, rest)),
+                    _mm256_set1_ps(256.0),
+                )
+            }
+            _ => _mm256_maskload_ps(p.cast(), m),
         }
-        _ => _mm256_maskload_ps(p.cast(), m),
     }
 }
 
@@ -182,13 +197,16 @@ const fn elem(kind: u8) -> usize {
 /// avx2, fma and f16c must be available.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn pv_bytes(p: Mat, v: ByteMat, acc: MatMut) {
-    debug_assert!(v.cols.is_multiple_of(8));
-    let vp = (v.data.as_ptr(), v.rows, v.cols, v.stride);
-    let pp = (p.data, p.rows, p.cols, p.stride, 1);
-    if v.fp8 {
-        pv_strided::<F8>(pp, vp, acc)
-    } else {
-        pv_strided::<I8>(pp, vp, acc)
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe {
+        debug_assert!(v.cols.is_multiple_of(8));
+        let vp = (v.data.as_ptr(), v.rows, v.cols, v.stride);
+        let pp = (p.data, p.rows, p.cols, p.stride, 1);
+        if v.fp8 {
+            pv_strided::<F8>(pp, vp, acc)
+        } else {
+            pv_strided::<I8>(pp, vp, acc)
+        }
     }
 }
 
@@ -199,12 +217,15 @@ pub unsafe fn pv_bytes(p: Mat, v: ByteMat, acc: MatMut) {
 /// avx2, fma and f16c must be available.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn qk_rows_bytes(q: Mat, k: ByteMat, out: MatMut, scale: f32) {
-    debug_assert!(k.cols.is_multiple_of(8));
-    let kp = (k.data.as_ptr(), k.rows, k.cols, k.stride);
-    if k.fp8 {
-        qk_rows_kind::<F8>(q, kp, out, scale)
-    } else {
-        qk_rows_kind::<I8>(q, kp, out, scale)
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe {
+        debug_assert!(k.cols.is_multiple_of(8));
+        let kp = (k.data.as_ptr(), k.rows, k.cols, k.stride);
+        if k.fp8 {
+            qk_rows_kind::<F8>(q, kp, out, scale)
+        } else {
+            qk_rows_kind::<I8>(q, kp, out, scale)
+        }
     }
 }
 
@@ -214,7 +235,8 @@ pub unsafe fn qk_rows_bytes(q: Mat, k: ByteMat, out: MatMut, scale: f32) {
 /// avx2, fma and f16c must be available.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn pv_t(p: Mat, v: Mat, acc: MatMut) {
-    pv_strided::<F32>((p.data, p.cols, p.rows, 1, p.stride), raw(v), acc)
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe { pv_strided::<F32>((p.data, p.cols, p.rows, 1, p.stride), raw(v), acc) }
 }
 
 /// `acc += P · v` where `P` is `m × k` with element `(r, j)` at `data[r·rs + j·cs]`.
@@ -224,21 +246,24 @@ unsafe fn pv_strided<const KIND: u8>(
     (v, v_rows, dv, v_stride): (*const u8, usize, usize, usize),
     acc: MatMut,
 ) {
-    debug_assert!(v_rows == bk && acc.rows == nr && acc.cols == dv);
-    debug_assert!(nr == 0 || bk == 0 || (nr - 1) * prs + (bk - 1) * pcs < data.len());
-    let mut c = 0;
-    while c < dv {
-        let w = (dv - c).min(8 * NV);
-        let masks = [lanes(w), lanes(w.saturating_sub(8))];
-        let nb = w.div_ceil(8);
-        let vp = (v.add(c * elem(KIND)), v_stride);
-        let mut r = 0;
-        while r < nr {
-            let mr = (nr - r).min(MR);
-            let pp = (data.as_ptr().add(r * prs), prs, pcs);
-            let op = (acc.data.as_mut_ptr().add(r * acc.stride + c), acc.stride);
-            // Whole 16-column blocks load without masks (two registers fewer).
-            macro_rules! go {
+    // SAFETY: called only by this module's kernels, which run with these target features
+    // and pass pointers inside the operands their public entry points checked.
+    unsafe {
+        debug_assert!(v_rows == bk && acc.rows == nr && acc.cols == dv);
+        debug_assert!(nr == 0 || bk == 0 || (nr - 1) * prs + (bk - 1) * pcs < data.len());
+        let mut c = 0;
+        while c < dv {
+            let w = (dv - c).min(8 * NV);
+            let masks = [lanes(w), lanes(w.saturating_sub(8))];
+            let nb = w.div_ceil(8);
+            let vp = (v.add(c * elem(KIND)), v_stride);
+            let mut r = 0;
+            while r < nr {
+                let mr = (nr - r).min(MR);
+                let pp = (data.as_ptr().add(r * prs), prs, pcs);
+                let op = (acc.data.as_mut_ptr().add(r * acc.stride + c), acc.stride);
+                // Whole 16-column blocks load without masks (two registers fewer).
+                macro_rules! go {
                 ($($m:literal),*) => {
                     match (mr, nb, w == 8 * NV) {
                         $(($m, 1, _) => pv_block::<$m, 1, KIND, false>(pp, bk, vp, op, masks),
@@ -248,10 +273,11 @@ unsafe fn pv_strided<const KIND: u8>(
                     }
                 };
             }
-            go!(1, 2, 3, 4, 5, 6);
-            r += mr;
+                go!(1, 2, 3, 4, 5, 6);
+                r += mr;
+            }
+            c += w;
         }
-        c += w;
     }
 }
 
@@ -264,50 +290,54 @@ unsafe fn pv_block<const M: usize, const N: usize, const KIND: u8, const FULL: b
     (out, os): (*mut f32, usize),
     masks: [__m256i; NV],
 ) {
-    let load = |at: *const f32, n: usize| {
-        if FULL {
-            _mm256_loadu_ps(at)
-        } else {
-            _mm256_maskload_ps(at, masks[n])
-        }
-    };
-    let mut acc = [[_mm256_setzero_ps(); N]; M];
-    for r in 0..M {
-        for n in 0..N {
-            acc[r][n] = load(out.add(r * os + 8 * n), n);
-        }
-    }
-    // Element (r, j) of P at `pj + r·prs`, `pj` stepping through the columns.
-    let mut pj = p;
-    let mut vrow = v;
-    for j in 0..bk {
-        if j % 8 == 7 {
-            super::stream::step();
-        }
-        let mut vv = [_mm256_setzero_ps(); N];
-        for n in 0..N {
-            let at = vrow.add(8 * n * elem(KIND));
-            vv[n] = if KIND != F32 || !FULL {
-                load8::<KIND>(at, masks[n])
+    // SAFETY: called only by this module's kernels, which run with these target features
+    // and pass pointers inside the operands their public entry points checked.
+    unsafe {
+        let load = |at: *const f32, n: usize| {
+            if FULL {
+                _mm256_loadu_ps(at)
             } else {
-                _mm256_loadu_ps(at.cast())
-            };
-        }
+                _mm256_maskload_ps(at, masks[n])
+            }
+        };
+        let mut acc = [[_mm256_setzero_ps(); N]; M];
         for r in 0..M {
-            let b = _mm256_broadcast_ss(&*pj.add(r * prs));
             for n in 0..N {
-                acc[r][n] = _mm256_fmadd_ps(b, vv[n], acc[r][n]);
+                acc[r][n] = load(out.add(r * os + 8 * n), n);
             }
         }
-        pj = pj.add(pcs);
-        vrow = vrow.add(vs * elem(KIND));
-    }
-    for r in 0..M {
-        for n in 0..N {
-            if FULL {
-                _mm256_storeu_ps(out.add(r * os + 8 * n), acc[r][n]);
-            } else {
-                _mm256_maskstore_ps(out.add(r * os + 8 * n), masks[n], acc[r][n]);
+        // Element (r, j) of P at `pj + r·prs`, `pj` stepping through the columns.
+        let mut pj = p;
+        let mut vrow = v;
+        for j in 0..bk {
+            if j % 8 == 7 {
+                super::stream::step();
+            }
+            let mut vv = [_mm256_setzero_ps(); N];
+            for n in 0..N {
+                let at = vrow.add(8 * n * elem(KIND));
+                vv[n] = if KIND != F32 || !FULL {
+                    load8::<KIND>(at, masks[n])
+                } else {
+                    _mm256_loadu_ps(at.cast())
+                };
+            }
+            for r in 0..M {
+                let b = _mm256_broadcast_ss(&*pj.add(r * prs));
+                for n in 0..N {
+                    acc[r][n] = _mm256_fmadd_ps(b, vv[n], acc[r][n]);
+                }
+            }
+            pj = pj.add(pcs);
+            vrow = vrow.add(vs * elem(KIND));
+        }
+        for r in 0..M {
+            for n in 0..N {
+                if FULL {
+                    _mm256_storeu_ps(out.add(r * os + 8 * n), acc[r][n]);
+                } else {
+                    _mm256_maskstore_ps(out.add(r * os + 8 * n), masks[n], acc[r][n]);
+                }
             }
         }
     }
@@ -350,7 +380,8 @@ pub(super) unsafe fn reduce8(acc: &[[__m256; 4]; 2]) -> __m256 {
 /// avx2, fma and f16c must be available.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn qk_rows(q: Mat, k: Mat, out: MatMut, scale: f32) {
-    qk_rows_kind::<F32>(q, raw(k), out, scale)
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe { qk_rows_kind::<F32>(q, raw(k), out, scale) }
 }
 
 /// [`qk_rows`] with bf16 or f16 key rows read in place (`k.cols` a multiple of 8).
@@ -359,12 +390,15 @@ pub unsafe fn qk_rows(q: Mat, k: Mat, out: MatMut, scale: f32) {
 /// avx2, fma and f16c must be available.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn qk_rows_half(q: Mat, k: HalfMat, out: MatMut, scale: f32) {
-    debug_assert!(k.cols.is_multiple_of(8));
-    let kp = (k.data.as_ptr().cast::<u8>(), k.rows, k.cols, k.stride);
-    if k.bf16 {
-        qk_rows_kind::<BF16>(q, kp, out, scale)
-    } else {
-        qk_rows_kind::<F16>(q, kp, out, scale)
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe {
+        debug_assert!(k.cols.is_multiple_of(8));
+        let kp = (k.data.as_ptr().cast::<u8>(), k.rows, k.cols, k.stride);
+        if k.bf16 {
+            qk_rows_kind::<BF16>(q, kp, out, scale)
+        } else {
+            qk_rows_kind::<F16>(q, kp, out, scale)
+        }
     }
 }
 
@@ -376,45 +410,49 @@ unsafe fn qk_rows_kind<const KIND: u8>(
     out: MatMut,
     scale: f32,
 ) {
-    let (nr, d) = (q.rows, q.cols);
-    debug_assert!(kd == d && out.rows == nr && out.cols == bk);
-    let nv = d.div_ceil(8);
-    let mut r = 0;
-    while r < nr {
-        let mr = (nr - r).min(2);
-        let mut j = 0;
-        while j < bk {
-            let mj = (bk - j).min(4);
-            let mut acc = [[_mm256_setzero_ps(); 4]; 2];
-            for v in 0..nv {
-                let m = lanes(d - 8 * v);
-                let mut kv = [_mm256_setzero_ps(); 4];
-                for (jj, kv) in kv.iter_mut().enumerate().take(mj) {
-                    let at = (j + jj) * kstride + 8 * v;
-                    *kv = load8::<KIND>(kp.add(at * elem(KIND)), m);
-                }
-                for rr in 0..mr {
-                    let qv =
-                        _mm256_maskload_ps(q.data.as_ptr().add((r + rr) * q.stride + 8 * v), m);
-                    for jj in 0..4 {
-                        acc[rr][jj] = _mm256_fmadd_ps(qv, kv[jj], acc[rr][jj]);
+    // SAFETY: called only by this module's kernels, which run with these target features
+    // and pass pointers inside the operands their public entry points checked.
+    unsafe {
+        let (nr, d) = (q.rows, q.cols);
+        debug_assert!(kd == d && out.rows == nr && out.cols == bk);
+        let nv = d.div_ceil(8);
+        let mut r = 0;
+        while r < nr {
+            let mr = (nr - r).min(2);
+            let mut j = 0;
+            while j < bk {
+                let mj = (bk - j).min(4);
+                let mut acc = [[_mm256_setzero_ps(); 4]; 2];
+                for v in 0..nv {
+                    let m = lanes(d - 8 * v);
+                    let mut kv = [_mm256_setzero_ps(); 4];
+                    for (jj, kv) in kv.iter_mut().enumerate().take(mj) {
+                        let at = (j + jj) * kstride + 8 * v;
+                        *kv = load8::<KIND>(kp.add(at * elem(KIND)), m);
+                    }
+                    for rr in 0..mr {
+                        let qv =
+                            _mm256_maskload_ps(q.data.as_ptr().add((r + rr) * q.stride + 8 * v), m);
+                        for jj in 0..4 {
+                            acc[rr][jj] = _mm256_fmadd_ps(qv, kv[jj], acc[rr][jj]);
+                        }
                     }
                 }
-            }
-            super::stream::step();
-            // The 8 dot products in one vector (see `reduce8` for the lane order).
-            let sums = _mm256_mul_ps(_mm256_set1_ps(scale), reduce8(&acc));
-            let mut lanes = [0f32; 8];
-            _mm256_storeu_ps(lanes.as_mut_ptr(), sums);
-            for rr in 0..mr {
-                for jj in 0..mj {
-                    let i = 4 * rr + jj;
-                    *out.data.get_unchecked_mut((r + rr) * out.stride + j + jj) =
-                        lanes[(i % 2) * 4 + i / 2];
+                super::stream::step();
+                // The 8 dot products in one vector (see `reduce8` for the lane order).
+                let sums = _mm256_mul_ps(_mm256_set1_ps(scale), reduce8(&acc));
+                let mut lanes = [0f32; 8];
+                _mm256_storeu_ps(lanes.as_mut_ptr(), sums);
+                for rr in 0..mr {
+                    for jj in 0..mj {
+                        let i = 4 * rr + jj;
+                        *out.data.get_unchecked_mut((r + rr) * out.stride + j + jj) =
+                            lanes[(i % 2) * 4 + i / 2];
+                    }
                 }
+                j += mj;
             }
-            j += mj;
+            r += mr;
         }
-        r += mr;
     }
 }

@@ -25,17 +25,19 @@ pub(super) fn tail_mask(n: usize) -> u16 {
 /// avx512f must be available, and `out` must hold `round_up(bk, 16)` columns in every row.
 #[target_feature(enable = "avx512f")]
 pub unsafe fn qk(q: Mat, kt: Mat, out: MatMut, scale: f32) {
-    let (nr, d, bk) = (q.rows, q.cols, kt.cols);
-    debug_assert!(kt.rows == d && out.rows == nr && out.cols == bk);
-    debug_assert!(nr == 0 || out.data.len() >= (nr - 1) * out.stride + bk.div_ceil(16) * 16);
-    score_blocks(nr, bk, |r, mr, c, nb, masks| {
-        let kp = (kt.data.as_ptr().add(16 * c), kt.stride);
-        let qp = (q.data.as_ptr().add(r * q.stride), q.stride);
-        let op = (
-            out.data.as_mut_ptr().add(r * out.stride + 16 * c),
-            out.stride,
-        );
-        macro_rules! go {
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe {
+        let (nr, d, bk) = (q.rows, q.cols, kt.cols);
+        debug_assert!(kt.rows == d && out.rows == nr && out.cols == bk);
+        debug_assert!(nr == 0 || out.data.len() >= (nr - 1) * out.stride + bk.div_ceil(16) * 16);
+        score_blocks(nr, bk, |r, mr, c, nb, masks| {
+            let kp = (kt.data.as_ptr().add(16 * c), kt.stride);
+            let qp = (q.data.as_ptr().add(r * q.stride), q.stride);
+            let op = (
+                out.data.as_mut_ptr().add(r * out.stride + 16 * c),
+                out.stride,
+            );
+            macro_rules! go {
             ($($m:literal),*) => {
                 match (mr, nb) {
                     $(($m, 1) => qk_block::<$m, 1>(qp, d, kp, op, scale, masks),
@@ -46,8 +48,9 @@ pub unsafe fn qk(q: Mat, kt: Mat, out: MatMut, scale: f32) {
                 }
             };
         }
-        go!(1, 2, 3, 4, 5, 6);
-    });
+            go!(1, 2, 3, 4, 5, 6);
+        });
+    }
 }
 
 /// The register blocks of an `nr × bk` score tile (`Q · Kᵀ` against a transposed K, here and in
@@ -89,27 +92,31 @@ unsafe fn qk_block<const M: usize, const N: usize>(
     scale: f32,
     masks: [u16; 4],
 ) {
-    let mut acc = [[_mm512_setzero_ps(); N]; M];
-    for dd in 0..d {
-        let krow = kt.add(dd * s);
-        let mut kv = [_mm512_setzero_ps(); N];
-        for n in 0..N {
-            kv[n] = _mm512_maskz_loadu_ps(masks[n], krow.add(16 * n));
-        }
-        for r in 0..M {
-            let b = _mm512_set1_ps(*q.add(r * qs + dd));
+    // SAFETY: called only by this module's kernels, which run with these target features
+    // and pass pointers inside the operands their public entry points checked.
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); N]; M];
+        for dd in 0..d {
+            let krow = kt.add(dd * s);
+            let mut kv = [_mm512_setzero_ps(); N];
             for n in 0..N {
-                acc[r][n] = _mm512_fmadd_ps(b, kv[n], acc[r][n]);
+                kv[n] = _mm512_maskz_loadu_ps(masks[n], krow.add(16 * n));
+            }
+            for r in 0..M {
+                let b = _mm512_set1_ps(*q.add(r * qs + dd));
+                for n in 0..N {
+                    acc[r][n] = _mm512_fmadd_ps(b, kv[n], acc[r][n]);
+                }
             }
         }
-    }
-    let sv = _mm512_set1_ps(scale);
-    for r in 0..M {
-        for n in 0..N {
-            _mm512_storeu_ps(
-                out.add(r * out_stride + 16 * n),
-                _mm512_mul_ps(acc[r][n], sv),
-            );
+        let sv = _mm512_set1_ps(scale);
+        for r in 0..M {
+            for n in 0..N {
+                _mm512_storeu_ps(
+                    out.add(r * out_stride + 16 * n),
+                    _mm512_mul_ps(acc[r][n], sv),
+                );
+            }
         }
     }
 }
@@ -130,27 +137,31 @@ const U8: u8 = 5;
 #[inline]
 #[target_feature(enable = "avx512f")]
 unsafe fn load16<const K: u8>(p: *const u8, m: u16) -> __m512 {
-    match K {
-        F32 => _mm512_maskz_loadu_ps(m, p.cast()),
-        BF16 => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
-            _mm256_loadu_si256(p.cast()),
-        ))),
-        F16 => _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())),
-        I8 => _mm512_sub_ps(
-            _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(p.cast()))),
-            _mm512_set1_ps(128.0),
-        ),
-        U8 => _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(p.cast()))),
-        // e4m3 → the f16 with the same sign, exponent and mantissa bits shifted into place
-        // (bias 15 for 7: × 2⁸ after; subnormals map to f16 subnormals), as `view::fp8_e4m3`.
-        _ => {
-            let x = _mm256_cvtepu8_epi16(_mm_loadu_si128(p.cast()));
-            let sign = _mm256_slli_epi16::<8>(_mm256_and_si256(x, _mm256_set1_epi16(0x80)));
-            let rest = _mm256_slli_epi16::<7>(_mm256_and_si256(x, _mm256_set1_epi16(0x7f)));
-            _mm512_mul_ps(
-                _mm512_cvtph_ps(_mm256_or_si256(sign, rest)),
-                _mm512_set1_ps(256.0),
-            )
+    // SAFETY: called only by this module's kernels, which run with these target features
+    // and pass pointers inside the operands their public entry points checked.
+    unsafe {
+        match K {
+            F32 => _mm512_maskz_loadu_ps(m, p.cast()),
+            BF16 => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
+                _mm256_loadu_si256(p.cast()),
+            ))),
+            F16 => _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())),
+            I8 => _mm512_sub_ps(
+                _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(p.cast()))),
+                _mm512_set1_ps(128.0),
+            ),
+            U8 => _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(p.cast()))),
+            // e4m3 → the f16 with the same sign, exponent and mantissa bits shifted into place
+            // (bias 15 for 7: × 2⁸ after; subnormals map to f16 subnormals), as `view::fp8_e4m3`.
+            _ => {
+                let x = _mm256_cvtepu8_epi16(_mm_loadu_si128(p.cast()));
+                let sign = _mm256_slli_epi16::<8>(_mm256_and_si256(x, _mm256_set1_epi16(0x80)));
+                let rest = _mm256_slli_epi16::<7>(_mm256_and_si256(x, _mm256_set1_epi16(0x7f)));
+                _mm512_mul_ps(
+                    _mm512_cvtph_ps(_mm256_or_si256(sign, rest)),
+                    _mm512_set1_ps(256.0),
+                )
+            }
         }
     }
 }
@@ -171,25 +182,28 @@ const fn size_of_kind(k: u8) -> usize {
 /// avx512f must be available.
 #[target_feature(enable = "avx512f")]
 pub unsafe fn pv_bytes(p: Mat, v: ByteMat, acc: MatMut) {
-    debug_assert!(v.cols.is_multiple_of(16));
-    let vp = (v.data.as_ptr(), v.rows, v.cols, v.stride);
-    let pp = (p.data, p.rows, p.cols, p.stride, 1);
-    if v.fp8 {
-        pv_strided::<F8>(pp, vp, acc)
-    } else {
-        // Σ_j p_j · (u_j − 128) = Σ_j p_j · u_j − 128 · Σ_j p_j: the offset leaves the inner
-        // loop (one instruction fewer per 16 values) and is taken off each row once.
-        for r in 0..p.rows {
-            let row = p.data.as_ptr().add(r * p.stride);
-            let mut s = _mm512_setzero_ps();
-            for c in (0..p.cols).step_by(16) {
-                s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(tail_mask(p.cols - c), row.add(c)));
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe {
+        debug_assert!(v.cols.is_multiple_of(16));
+        let vp = (v.data.as_ptr(), v.rows, v.cols, v.stride);
+        let pp = (p.data, p.rows, p.cols, p.stride, 1);
+        if v.fp8 {
+            pv_strided::<F8>(pp, vp, acc)
+        } else {
+            // Σ_j p_j · (u_j − 128) = Σ_j p_j · u_j − 128 · Σ_j p_j: the offset leaves the inner
+            // loop (one instruction fewer per 16 values) and is taken off each row once.
+            for r in 0..p.rows {
+                let row = p.data.as_ptr().add(r * p.stride);
+                let mut s = _mm512_setzero_ps();
+                for c in (0..p.cols).step_by(16) {
+                    s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(tail_mask(p.cols - c), row.add(c)));
+                }
+                let off = 128.0 * _mm512_reduce_add_ps(s);
+                let row = &mut acc.data[r * acc.stride..r * acc.stride + acc.cols];
+                row.iter_mut().for_each(|x| *x -= off);
             }
-            let off = 128.0 * _mm512_reduce_add_ps(s);
-            let row = &mut acc.data[r * acc.stride..r * acc.stride + acc.cols];
-            row.iter_mut().for_each(|x| *x -= off);
+            pv_strided::<U8>(pp, vp, acc)
         }
-        pv_strided::<U8>(pp, vp, acc)
     }
 }
 
@@ -200,12 +214,15 @@ pub unsafe fn pv_bytes(p: Mat, v: ByteMat, acc: MatMut) {
 /// avx512f must be available.
 #[target_feature(enable = "avx512f")]
 pub unsafe fn qk_rows_bytes(q: Mat, k: ByteMat, out: MatMut, scale: f32) {
-    debug_assert!(k.cols.is_multiple_of(16));
-    let kp = (k.data.as_ptr(), k.rows, k.cols, k.stride);
-    if k.fp8 {
-        qk_rows_kind::<F8>(q, kp, out, scale)
-    } else {
-        qk_rows_kind::<I8>(q, kp, out, scale)
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe {
+        debug_assert!(k.cols.is_multiple_of(16));
+        let kp = (k.data.as_ptr(), k.rows, k.cols, k.stride);
+        if k.fp8 {
+            qk_rows_kind::<F8>(q, kp, out, scale)
+        } else {
+            qk_rows_kind::<I8>(q, kp, out, scale)
+        }
     }
 }
 
@@ -215,13 +232,16 @@ pub unsafe fn qk_rows_bytes(q: Mat, k: ByteMat, out: MatMut, scale: f32) {
 /// avx512f must be available.
 #[target_feature(enable = "avx512f")]
 pub unsafe fn pv_half(p: Mat, v: HalfMat, acc: MatMut) {
-    debug_assert!(v.cols.is_multiple_of(16));
-    let vp = (v.data.as_ptr().cast::<u8>(), v.rows, v.cols, v.stride);
-    let pp = (p.data, p.rows, p.cols, p.stride, 1);
-    if v.bf16 {
-        pv_strided::<BF16>(pp, vp, acc)
-    } else {
-        pv_strided::<F16>(pp, vp, acc)
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe {
+        debug_assert!(v.cols.is_multiple_of(16));
+        let vp = (v.data.as_ptr().cast::<u8>(), v.rows, v.cols, v.stride);
+        let pp = (p.data, p.rows, p.cols, p.stride, 1);
+        if v.bf16 {
+            pv_strided::<BF16>(pp, vp, acc)
+        } else {
+            pv_strided::<F16>(pp, vp, acc)
+        }
     }
 }
 
@@ -231,12 +251,15 @@ pub unsafe fn pv_half(p: Mat, v: HalfMat, acc: MatMut) {
 /// avx512f must be available.
 #[target_feature(enable = "avx512f")]
 pub unsafe fn qk_rows_half(q: Mat, k: HalfMat, out: MatMut, scale: f32) {
-    debug_assert!(k.cols.is_multiple_of(16));
-    let kp = (k.data.as_ptr().cast::<u8>(), k.rows, k.cols, k.stride);
-    if k.bf16 {
-        qk_rows_kind::<BF16>(q, kp, out, scale)
-    } else {
-        qk_rows_kind::<F16>(q, kp, out, scale)
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe {
+        debug_assert!(k.cols.is_multiple_of(16));
+        let kp = (k.data.as_ptr().cast::<u8>(), k.rows, k.cols, k.stride);
+        if k.bf16 {
+            qk_rows_kind::<BF16>(q, kp, out, scale)
+        } else {
+            qk_rows_kind::<F16>(q, kp, out, scale)
+        }
     }
 }
 
@@ -247,7 +270,8 @@ pub unsafe fn qk_rows_half(q: Mat, k: HalfMat, out: MatMut, scale: f32) {
 /// avx512f must be available.
 #[target_feature(enable = "avx512f")]
 pub unsafe fn pv(p: Mat, v: Mat, acc: MatMut) {
-    pv_strided::<F32>((p.data, p.rows, p.cols, p.stride, 1), raw(v), acc)
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe { pv_strided::<F32>((p.data, p.rows, p.cols, p.stride, 1), raw(v), acc) }
 }
 
 /// A matrix as (pointer, rows, cols, row stride in elements).
@@ -262,7 +286,8 @@ fn raw(m: Mat) -> (*const u8, usize, usize, usize) {
 /// avx512f must be available.
 #[target_feature(enable = "avx512f")]
 pub unsafe fn pv_t(p: Mat, v: Mat, acc: MatMut) {
-    pv_strided::<F32>((p.data, p.cols, p.rows, 1, p.stride), raw(v), acc)
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe { pv_strided::<F32>((p.data, p.cols, p.rows, 1, p.stride), raw(v), acc) }
 }
 
 /// `acc += P · v` where `P` is `m × k` with element `(r, j)` at `data[r·rs + j·cs]`.
@@ -272,23 +297,26 @@ unsafe fn pv_strided<const K: u8>(
     (v, v_rows, dv, v_stride): (*const u8, usize, usize, usize),
     acc: MatMut,
 ) {
-    debug_assert!(v_rows == bk && acc.rows == nr && acc.cols == dv);
-    debug_assert!(nr == 0 || bk == 0 || (nr - 1) * prs + (bk - 1) * pcs < data.len());
-    let mut c = 0;
-    while c < dv {
-        let w = (dv - c).min(64);
-        let nb = w.div_ceil(16);
-        let mut masks = [0u16; 4];
-        for (n, m) in masks.iter_mut().enumerate().take(nb) {
-            *m = tail_mask(w - 16 * n);
-        }
-        let vp = (v.add(c * size_of_kind(K)), v_stride);
-        let mut r = 0;
-        while r < nr {
-            let mr = (nr - r).min(MR);
-            let pp = (data.as_ptr().add(r * prs), prs, pcs);
-            let op = (acc.data.as_mut_ptr().add(r * acc.stride + c), acc.stride);
-            macro_rules! go {
+    // SAFETY: called only by this module's kernels, which run with these target features
+    // and pass pointers inside the operands their public entry points checked.
+    unsafe {
+        debug_assert!(v_rows == bk && acc.rows == nr && acc.cols == dv);
+        debug_assert!(nr == 0 || bk == 0 || (nr - 1) * prs + (bk - 1) * pcs < data.len());
+        let mut c = 0;
+        while c < dv {
+            let w = (dv - c).min(64);
+            let nb = w.div_ceil(16);
+            let mut masks = [0u16; 4];
+            for (n, m) in masks.iter_mut().enumerate().take(nb) {
+                *m = tail_mask(w - 16 * n);
+            }
+            let vp = (v.add(c * size_of_kind(K)), v_stride);
+            let mut r = 0;
+            while r < nr {
+                let mr = (nr - r).min(MR);
+                let pp = (data.as_ptr().add(r * prs), prs, pcs);
+                let op = (acc.data.as_mut_ptr().add(r * acc.stride + c), acc.stride);
+                macro_rules! go {
                 ($($m:literal),*) => {
                     match (mr, nb) {
                         $(($m, 1) => pv_block::<$m, 1, K>(pp, bk, vp, op, masks),
@@ -299,10 +327,11 @@ unsafe fn pv_strided<const K: u8>(
                     }
                 };
             }
-            go!(1, 2, 3, 4, 5, 6);
-            r += mr;
+                go!(1, 2, 3, 4, 5, 6);
+                r += mr;
+            }
+            c += w;
         }
-        c += w;
     }
 }
 
@@ -317,31 +346,35 @@ unsafe fn pv_block<const M: usize, const N: usize, const K: u8>(
     (out, out_stride): (*mut f32, usize),
     masks: [u16; 4],
 ) {
-    let mut acc = [[_mm512_setzero_ps(); N]; M];
-    for r in 0..M {
-        for n in 0..N {
-            acc[r][n] = _mm512_maskz_loadu_ps(masks[n], out.add(r * out_stride + 16 * n));
-        }
-    }
-    for j in 0..bk {
-        if j % 8 == 7 {
-            super::stream::step();
-        }
-        let vrow = v.add(j * v_stride * size_of_kind(K));
-        let mut vv = [_mm512_setzero_ps(); N];
-        for n in 0..N {
-            vv[n] = load16::<K>(vrow.add(16 * n * size_of_kind(K)), masks[n]);
-        }
+    // SAFETY: called only by this module's kernels, which run with these target features
+    // and pass pointers inside the operands their public entry points checked.
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); N]; M];
         for r in 0..M {
-            let b = _mm512_set1_ps(*p.add(r * p_stride + j * p_cs));
             for n in 0..N {
-                acc[r][n] = _mm512_fmadd_ps(b, vv[n], acc[r][n]);
+                acc[r][n] = _mm512_maskz_loadu_ps(masks[n], out.add(r * out_stride + 16 * n));
             }
         }
-    }
-    for r in 0..M {
-        for n in 0..N {
-            _mm512_mask_storeu_ps(out.add(r * out_stride + 16 * n), masks[n], acc[r][n]);
+        for j in 0..bk {
+            if j % 8 == 7 {
+                super::stream::step();
+            }
+            let vrow = v.add(j * v_stride * size_of_kind(K));
+            let mut vv = [_mm512_setzero_ps(); N];
+            for n in 0..N {
+                vv[n] = load16::<K>(vrow.add(16 * n * size_of_kind(K)), masks[n]);
+            }
+            for r in 0..M {
+                let b = _mm512_set1_ps(*p.add(r * p_stride + j * p_cs));
+                for n in 0..N {
+                    acc[r][n] = _mm512_fmadd_ps(b, vv[n], acc[r][n]);
+                }
+            }
+        }
+        for r in 0..M {
+            for n in 0..N {
+                _mm512_mask_storeu_ps(out.add(r * out_stride + 16 * n), masks[n], acc[r][n]);
+            }
         }
     }
 }
@@ -393,7 +426,8 @@ pub(super) unsafe fn reduce16(acc: &[[__m512; 4]; 4]) -> __m512 {
 /// avx512f must be available.
 #[target_feature(enable = "avx512f")]
 pub unsafe fn qk_rows(q: Mat, k: Mat, out: MatMut, scale: f32) {
-    qk_rows_kind::<F32>(q, raw(k), out, scale)
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe { qk_rows_kind::<F32>(q, raw(k), out, scale) }
 }
 
 /// [`qk_rows`] over key rows of kind `K`: (pointer, rows, cols, row stride in elements).
@@ -404,44 +438,50 @@ unsafe fn qk_rows_kind<const K: u8>(
     out: MatMut,
     scale: f32,
 ) {
-    let (nr, d) = (q.rows, q.cols);
-    debug_assert!(kd == d && out.rows == nr && out.cols == bk);
-    let nv = d.div_ceil(16);
-    let mut r = 0;
-    while r < nr {
-        let mr = (nr - r).min(4);
-        let mut j = 0;
-        while j < bk {
-            let mj = (bk - j).min(4);
-            let mut acc = [[_mm512_setzero_ps(); 4]; 4];
-            for v in 0..nv {
-                let m = tail_mask(d - 16 * v);
-                let mut kv = [_mm512_setzero_ps(); 4];
-                for (jj, kv) in kv.iter_mut().enumerate().take(mj) {
-                    let at = (j + jj) * kstride + 16 * v;
-                    *kv = load16::<K>(kp.add(at * size_of_kind(K)), m);
-                }
-                for rr in 0..mr {
-                    let qv =
-                        _mm512_maskz_loadu_ps(m, q.data.as_ptr().add((r + rr) * q.stride + 16 * v));
-                    for jj in 0..4 {
-                        acc[rr][jj] = _mm512_fmadd_ps(qv, kv[jj], acc[rr][jj]);
+    // SAFETY: called only by this module's kernels, which run with these target features
+    // and pass pointers inside the operands their public entry points checked.
+    unsafe {
+        let (nr, d) = (q.rows, q.cols);
+        debug_assert!(kd == d && out.rows == nr && out.cols == bk);
+        let nv = d.div_ceil(16);
+        let mut r = 0;
+        while r < nr {
+            let mr = (nr - r).min(4);
+            let mut j = 0;
+            while j < bk {
+                let mj = (bk - j).min(4);
+                let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+                for v in 0..nv {
+                    let m = tail_mask(d - 16 * v);
+                    let mut kv = [_mm512_setzero_ps(); 4];
+                    for (jj, kv) in kv.iter_mut().enumerate().take(mj) {
+                        let at = (j + jj) * kstride + 16 * v;
+                        *kv = load16::<K>(kp.add(at * size_of_kind(K)), m);
+                    }
+                    for rr in 0..mr {
+                        let qv = _mm512_maskz_loadu_ps(
+                            m,
+                            q.data.as_ptr().add((r + rr) * q.stride + 16 * v),
+                        );
+                        for jj in 0..4 {
+                            acc[rr][jj] = _mm512_fmadd_ps(qv, kv[jj], acc[rr][jj]);
+                        }
                     }
                 }
-            }
-            super::stream::step();
-            // The 16 dot products in one vector (lane 4·jj + rr), unused accumulators being 0.
-            let sums = _mm512_mul_ps(_mm512_set1_ps(scale), reduce16(&acc));
-            let mut lanes = [0f32; 16];
-            _mm512_storeu_ps(lanes.as_mut_ptr(), sums);
-            for rr in 0..mr {
-                for jj in 0..mj {
-                    *out.data.get_unchecked_mut((r + rr) * out.stride + j + jj) =
-                        lanes[4 * jj + rr];
+                super::stream::step();
+                // The 16 dot products in one vector (lane 4·jj + rr), unused accumulators being 0.
+                let sums = _mm512_mul_ps(_mm512_set1_ps(scale), reduce16(&acc));
+                let mut lanes = [0f32; 16];
+                _mm512_storeu_ps(lanes.as_mut_ptr(), sums);
+                for rr in 0..mr {
+                    for jj in 0..mj {
+                        *out.data.get_unchecked_mut((r + rr) * out.stride + j + jj) =
+                            lanes[4 * jj + rr];
+                    }
                 }
+                j += mj;
             }
-            j += mj;
+            r += mr;
         }
-        r += mr;
     }
 }

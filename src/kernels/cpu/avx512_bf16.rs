@@ -22,7 +22,9 @@ use super::mat::{HalfMat, Mat, MatMut, PairMat};
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 unsafe fn bh(x: __m512i) -> __m512bh {
-    std::mem::transmute(x)
+    // SAFETY: called only by this module's kernels, which run with these target features
+    // and pass pointers inside the operands their public entry points checked.
+    unsafe { std::mem::transmute(x) }
 }
 
 /// `out[r][c] = scale · Σ_x q[r][x] · k[c][x]` for `r < q.rows`, `c < kt.cols`: `q` holds the
@@ -35,17 +37,19 @@ unsafe fn bh(x: __m512i) -> __m512bh {
 /// columns in every row.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 pub unsafe fn qk(q: PairMat, kt: PairMat, out: MatMut, scale: f32) {
-    let (nr, dp, bk) = (q.rows, q.cols, kt.cols);
-    debug_assert!(kt.rows == dp && out.rows == nr && out.cols == bk);
-    debug_assert!(nr == 0 || out.data.len() >= (nr - 1) * out.stride + bk.div_ceil(16) * 16);
-    super::avx512::score_blocks(nr, bk, |r, mr, c, nb, masks| {
-        let kp = (kt.data.as_ptr().add(16 * c), kt.stride);
-        let qp = (q.data.as_ptr().add(r * q.stride), q.stride);
-        let op = (
-            out.data.as_mut_ptr().add(r * out.stride + 16 * c),
-            out.stride,
-        );
-        macro_rules! go {
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe {
+        let (nr, dp, bk) = (q.rows, q.cols, kt.cols);
+        debug_assert!(kt.rows == dp && out.rows == nr && out.cols == bk);
+        debug_assert!(nr == 0 || out.data.len() >= (nr - 1) * out.stride + bk.div_ceil(16) * 16);
+        super::avx512::score_blocks(nr, bk, |r, mr, c, nb, masks| {
+            let kp = (kt.data.as_ptr().add(16 * c), kt.stride);
+            let qp = (q.data.as_ptr().add(r * q.stride), q.stride);
+            let op = (
+                out.data.as_mut_ptr().add(r * out.stride + 16 * c),
+                out.stride,
+            );
+            macro_rules! go {
             ($($m:literal),*) => {
                 match (mr, nb) {
                     $(($m, 1) => qk_block::<$m, 1>(qp, dp, kp, op, scale, masks),
@@ -56,8 +60,9 @@ pub unsafe fn qk(q: PairMat, kt: PairMat, out: MatMut, scale: f32) {
                 }
             };
         }
-        go!(1, 2, 3, 4, 5, 6);
-    });
+            go!(1, 2, 3, 4, 5, 6);
+        });
+    }
 }
 
 /// One `M × 16N` block of [`qk`]: `q`, `kt` and `out` are (pointer, row stride), `dp` the
@@ -72,27 +77,31 @@ unsafe fn qk_block<const M: usize, const N: usize>(
     scale: f32,
     masks: [u16; 4],
 ) {
-    let mut acc = [[_mm512_setzero_ps(); N]; M];
-    for x in 0..dp {
-        let krow = kt.add(x * s);
-        let mut kv = [_mm512_setzero_si512(); N];
-        for n in 0..N {
-            kv[n] = _mm512_maskz_loadu_epi32(masks[n], krow.add(16 * n).cast());
-        }
-        for r in 0..M {
-            let b = bh(_mm512_set1_epi32(*q.add(r * qs + x) as i32));
+    // SAFETY: called only by this module's kernels, which run with these target features
+    // and pass pointers inside the operands their public entry points checked.
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); N]; M];
+        for x in 0..dp {
+            let krow = kt.add(x * s);
+            let mut kv = [_mm512_setzero_si512(); N];
             for n in 0..N {
-                acc[r][n] = _mm512_dpbf16_ps(acc[r][n], bh(kv[n]), b);
+                kv[n] = _mm512_maskz_loadu_epi32(masks[n], krow.add(16 * n).cast());
+            }
+            for r in 0..M {
+                let b = bh(_mm512_set1_epi32(*q.add(r * qs + x) as i32));
+                for n in 0..N {
+                    acc[r][n] = _mm512_dpbf16_ps(acc[r][n], bh(kv[n]), b);
+                }
             }
         }
-    }
-    let sv = _mm512_set1_ps(scale);
-    for r in 0..M {
-        for n in 0..N {
-            _mm512_storeu_ps(
-                out.add(r * out_stride + 16 * n),
-                _mm512_mul_ps(acc[r][n], sv),
-            );
+        let sv = _mm512_set1_ps(scale);
+        for r in 0..M {
+            for n in 0..N {
+                _mm512_storeu_ps(
+                    out.add(r * out_stride + 16 * n),
+                    _mm512_mul_ps(acc[r][n], sv),
+                );
+            }
         }
     }
 }
@@ -105,24 +114,27 @@ unsafe fn qk_block<const M: usize, const N: usize>(
 /// avx512f, avx512bw and avx512bf16 must be available; `out` must hold the rows.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 pub unsafe fn to_pairs(p: Mat, out: &mut [u32], stride: usize) {
-    let (nr, bk) = (p.rows, p.cols);
-    let np = bk.div_ceil(2);
-    assert!(nr == 0 || (stride >= np && out.len() >= (nr - 1) * stride + np));
-    for r in 0..nr {
-        let src = p.data.as_ptr().add(r * p.stride);
-        let dst = out.as_mut_ptr().add(r * stride);
-        let mut c = 0;
-        while c < bk {
-            let lo = _mm512_maskz_loadu_ps(tail_mask(bk - c), src.add(c));
-            let hi = if bk - c > 16 {
-                _mm512_maskz_loadu_ps(tail_mask(bk - c - 16), src.add(c + 16))
-            } else {
-                _mm512_setzero_ps()
-            };
-            let pairs: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
-            let n = (bk - c).min(32).div_ceil(2);
-            _mm512_mask_storeu_epi32(dst.add(c / 2).cast(), tail_mask(n), pairs);
-            c += 32;
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe {
+        let (nr, bk) = (p.rows, p.cols);
+        let np = bk.div_ceil(2);
+        assert!(nr == 0 || (stride >= np && out.len() >= (nr - 1) * stride + np));
+        for r in 0..nr {
+            let src = p.data.as_ptr().add(r * p.stride);
+            let dst = out.as_mut_ptr().add(r * stride);
+            let mut c = 0;
+            while c < bk {
+                let lo = _mm512_maskz_loadu_ps(tail_mask(bk - c), src.add(c));
+                let hi = if bk - c > 16 {
+                    _mm512_maskz_loadu_ps(tail_mask(bk - c - 16), src.add(c + 16))
+                } else {
+                    _mm512_setzero_ps()
+                };
+                let pairs: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+                let n = (bk - c).min(32).div_ceil(2);
+                _mm512_mask_storeu_epi32(dst.add(c / 2).cast(), tail_mask(n), pairs);
+                c += 32;
+            }
         }
     }
 }
@@ -135,8 +147,11 @@ pub unsafe fn to_pairs(p: Mat, out: &mut [u32], stride: usize) {
 /// avx512f, avx512bw and avx512bf16 must be available.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 pub unsafe fn pv(p: PairMat, v: HalfMat, acc: MatMut) {
-    assert!(p.cols == v.rows.div_ceil(2) && acc.rows == p.rows);
-    pv_strided((p.data, p.rows, p.stride, 1), v, acc)
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe {
+        assert!(p.cols == v.rows.div_ceil(2) && acc.rows == p.rows);
+        pv_strided((p.data, p.rows, p.stride, 1), v, acc)
+    }
 }
 
 /// `acc[r][c] += Σ_j p[j][r] · v[j][c]`: [`pv`] with `p` transposed, as pairs of its rows.
@@ -148,30 +163,36 @@ pub unsafe fn pv(p: PairMat, v: HalfMat, acc: MatMut) {
 /// avx512f, avx512bw and avx512bf16 must be available.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 pub unsafe fn pv_t(pt: PairMat, v: HalfMat, acc: MatMut) {
-    assert!(pt.rows == v.rows.div_ceil(2) && acc.rows == pt.cols);
-    assert!(pt.rows == 0 || pt.cols == 0 || pt.stride >= pt.cols);
-    pv_strided((pt.data, pt.cols, 1, pt.stride), v, acc)
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe {
+        assert!(pt.rows == v.rows.div_ceil(2) && acc.rows == pt.cols);
+        assert!(pt.rows == 0 || pt.cols == 0 || pt.stride >= pt.cols);
+        pv_strided((pt.data, pt.cols, 1, pt.stride), v, acc)
+    }
 }
 
 /// `acc += P · v` where `P` (`nr` rows of `⌈bk/2⌉` pairs) has pair `(r, jp)` at
 /// `data[r·rs + jp·cs]`.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 unsafe fn pv_strided((data, nr, rs, cs): (&[u32], usize, usize, usize), v: HalfMat, acc: MatMut) {
-    let (bk, dv) = (v.rows, v.cols);
-    assert!(v.bf16 && dv.is_multiple_of(32));
-    assert!(acc.rows == nr && acc.cols == dv);
-    let np = bk.div_ceil(2);
-    assert!(nr == 0 || np == 0 || (nr - 1) * rs + (np - 1) * cs < data.len());
-    let mut c = 0;
-    while c < dv {
-        let w = (dv - c).min(64);
-        let vp = (v.data.as_ptr().add(c), v.stride);
-        let mut r = 0;
-        while r < nr {
-            let mr = (nr - r).min(MR);
-            let pp = (data.as_ptr().add(r * rs), rs, cs);
-            let op = (acc.data.as_mut_ptr().add(r * acc.stride + c), acc.stride);
-            macro_rules! go {
+    // SAFETY: called only by this module's kernels, which run with these target features
+    // and pass pointers inside the operands their public entry points checked.
+    unsafe {
+        let (bk, dv) = (v.rows, v.cols);
+        assert!(v.bf16 && dv.is_multiple_of(32));
+        assert!(acc.rows == nr && acc.cols == dv);
+        let np = bk.div_ceil(2);
+        assert!(nr == 0 || np == 0 || (nr - 1) * rs + (np - 1) * cs < data.len());
+        let mut c = 0;
+        while c < dv {
+            let w = (dv - c).min(64);
+            let vp = (v.data.as_ptr().add(c), v.stride);
+            let mut r = 0;
+            while r < nr {
+                let mr = (nr - r).min(MR);
+                let pp = (data.as_ptr().add(r * rs), rs, cs);
+                let op = (acc.data.as_mut_ptr().add(r * acc.stride + c), acc.stride);
+                macro_rules! go {
                 ($($m:literal),*) => {
                     match (mr, w) {
                         $(($m, 32) => pv_block::<$m, 1>(pp, bk, vp, op),
@@ -180,10 +201,11 @@ unsafe fn pv_strided((data, nr, rs, cs): (&[u32], usize, usize, usize), v: HalfM
                     }
                 };
             }
-            go!(1, 2, 3, 4, 5, 6);
-            r += mr;
+                go!(1, 2, 3, 4, 5, 6);
+                r += mr;
+            }
+            c += w;
         }
-        c += w;
     }
 }
 
@@ -195,30 +217,33 @@ unsafe fn pv_strided((data, nr, rs, cs): (&[u32], usize, usize, usize), v: HalfM
 /// avx512f, avx512bw and avx512bf16 must be available.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 pub unsafe fn interleave(p: Mat, out: &mut [u32], stride: usize) {
-    let (k, m) = (p.rows, p.cols);
-    let np = k.div_ceil(2);
-    assert!(np == 0 || m == 0 || (stride >= m && out.len() >= (np - 1) * stride + m));
-    // Word 2i of the result is word i of the first row, word 2i + 1 word i of the second.
-    let idx: [i16; 32] = std::array::from_fn(|w| ((w % 2) * 16 + w / 2) as i16);
-    let idx = _mm512_loadu_si512(idx.as_ptr().cast());
-    for jp in 0..np {
-        let a = p.data.as_ptr().add(2 * jp * p.stride);
-        let second = 2 * jp + 1 < k;
-        let dst = out.as_mut_ptr().add(jp * stride);
-        let mut c = 0;
-        while c < m {
-            let mask = tail_mask(m - c);
-            let lo = _mm512_maskz_loadu_ps(mask, a.add(c));
-            let hi = if second {
-                _mm512_maskz_loadu_ps(mask, a.add(p.stride + c))
-            } else {
-                _mm512_setzero_ps()
-            };
-            // Words 0..16: the first row's 16 values, 16..32: the second's.
-            let halves: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
-            let pairs = _mm512_permutexvar_epi16(idx, halves);
-            _mm512_mask_storeu_epi32(dst.add(c).cast(), mask, pairs);
-            c += 16;
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe {
+        let (k, m) = (p.rows, p.cols);
+        let np = k.div_ceil(2);
+        assert!(np == 0 || m == 0 || (stride >= m && out.len() >= (np - 1) * stride + m));
+        // Word 2i of the result is word i of the first row, word 2i + 1 word i of the second.
+        let idx: [i16; 32] = std::array::from_fn(|w| ((w % 2) * 16 + w / 2) as i16);
+        let idx = _mm512_loadu_si512(idx.as_ptr().cast());
+        for jp in 0..np {
+            let a = p.data.as_ptr().add(2 * jp * p.stride);
+            let second = 2 * jp + 1 < k;
+            let dst = out.as_mut_ptr().add(jp * stride);
+            let mut c = 0;
+            while c < m {
+                let mask = tail_mask(m - c);
+                let lo = _mm512_maskz_loadu_ps(mask, a.add(c));
+                let hi = if second {
+                    _mm512_maskz_loadu_ps(mask, a.add(p.stride + c))
+                } else {
+                    _mm512_setzero_ps()
+                };
+                // Words 0..16: the first row's 16 values, 16..32: the second's.
+                let halves: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+                let pairs = _mm512_permutexvar_epi16(idx, halves);
+                _mm512_mask_storeu_epi32(dst.add(c).cast(), mask, pairs);
+                c += 16;
+            }
         }
     }
 }
@@ -247,47 +272,51 @@ unsafe fn pv_block<const M: usize, const H: usize>(
     (v, v_stride): (*const u16, usize),
     (out, out_stride): (*mut f32, usize),
 ) {
-    let from = FROM_ROW.map(|i| _mm512_loadu_si512(i.as_ptr().cast()));
-    let to = TO_ROW.map(|i| _mm512_loadu_si512(i.as_ptr().cast()));
-    let mut acc = [[_mm512_setzero_ps(); 4]; M];
-    for r in 0..M {
-        for h in 0..H {
-            let x = out.add(r * out_stride + 32 * h);
-            let (a, b) = (_mm512_loadu_ps(x), _mm512_loadu_ps(x.add(16)));
-            acc[r][2 * h] = _mm512_permutex2var_ps(a, from[0], b);
-            acc[r][2 * h + 1] = _mm512_permutex2var_ps(a, from[1], b);
-        }
-    }
-    for jp in 0..bk.div_ceil(2) {
-        if jp % 4 == 3 {
-            super::stream::step();
-        }
-        let row = v.add(2 * jp * v_stride);
-        let second = 2 * jp + 1 < bk;
-        let mut vv = [_mm512_setzero_si512(); 4];
-        for h in 0..H {
-            let a = _mm512_loadu_si512(row.add(32 * h).cast());
-            let b = if second {
-                _mm512_loadu_si512(row.add(v_stride + 32 * h).cast())
-            } else {
-                _mm512_setzero_si512()
-            };
-            vv[2 * h] = _mm512_unpacklo_epi16(a, b);
-            vv[2 * h + 1] = _mm512_unpackhi_epi16(a, b);
-        }
+    // SAFETY: called only by this module's kernels, which run with these target features
+    // and pass pointers inside the operands their public entry points checked.
+    unsafe {
+        let from = FROM_ROW.map(|i| _mm512_loadu_si512(i.as_ptr().cast()));
+        let to = TO_ROW.map(|i| _mm512_loadu_si512(i.as_ptr().cast()));
+        let mut acc = [[_mm512_setzero_ps(); 4]; M];
         for r in 0..M {
-            let b = bh(_mm512_set1_epi32(*p.add(r * p_rs + jp * p_cs) as i32));
-            for n in 0..2 * H {
-                acc[r][n] = _mm512_dpbf16_ps(acc[r][n], bh(vv[n]), b);
+            for h in 0..H {
+                let x = out.add(r * out_stride + 32 * h);
+                let (a, b) = (_mm512_loadu_ps(x), _mm512_loadu_ps(x.add(16)));
+                acc[r][2 * h] = _mm512_permutex2var_ps(a, from[0], b);
+                acc[r][2 * h + 1] = _mm512_permutex2var_ps(a, from[1], b);
             }
         }
-    }
-    for r in 0..M {
-        for h in 0..H {
-            let x = out.add(r * out_stride + 32 * h);
-            let (lo, hi) = (acc[r][2 * h], acc[r][2 * h + 1]);
-            _mm512_storeu_ps(x, _mm512_permutex2var_ps(lo, to[0], hi));
-            _mm512_storeu_ps(x.add(16), _mm512_permutex2var_ps(lo, to[1], hi));
+        for jp in 0..bk.div_ceil(2) {
+            if jp % 4 == 3 {
+                super::stream::step();
+            }
+            let row = v.add(2 * jp * v_stride);
+            let second = 2 * jp + 1 < bk;
+            let mut vv = [_mm512_setzero_si512(); 4];
+            for h in 0..H {
+                let a = _mm512_loadu_si512(row.add(32 * h).cast());
+                let b = if second {
+                    _mm512_loadu_si512(row.add(v_stride + 32 * h).cast())
+                } else {
+                    _mm512_setzero_si512()
+                };
+                vv[2 * h] = _mm512_unpacklo_epi16(a, b);
+                vv[2 * h + 1] = _mm512_unpackhi_epi16(a, b);
+            }
+            for r in 0..M {
+                let b = bh(_mm512_set1_epi32(*p.add(r * p_rs + jp * p_cs) as i32));
+                for n in 0..2 * H {
+                    acc[r][n] = _mm512_dpbf16_ps(acc[r][n], bh(vv[n]), b);
+                }
+            }
+        }
+        for r in 0..M {
+            for h in 0..H {
+                let x = out.add(r * out_stride + 32 * h);
+                let (lo, hi) = (acc[r][2 * h], acc[r][2 * h + 1]);
+                _mm512_storeu_ps(x, _mm512_permutex2var_ps(lo, to[0], hi));
+                _mm512_storeu_ps(x.add(16), _mm512_permutex2var_ps(lo, to[1], hi));
+            }
         }
     }
 }
@@ -301,24 +330,26 @@ unsafe fn pv_block<const M: usize, const H: usize>(
 /// avx512f, avx512bw and avx512bf16 must be available.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 pub unsafe fn qk_rows(q: PairMat, k: HalfMat, out: MatMut, scale: f32) {
-    let (nr, dp, bk) = (q.rows, q.cols, k.rows);
-    assert!(k.bf16 && k.cols == 2 * dp && out.rows == nr && out.cols == bk);
-    if dp == 0 {
-        for r in 0..nr {
-            out.data[r * out.stride..r * out.stride + bk].fill(0.0);
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe {
+        let (nr, dp, bk) = (q.rows, q.cols, k.rows);
+        assert!(k.bf16 && k.cols == 2 * dp && out.rows == nr && out.cols == bk);
+        if dp == 0 {
+            for r in 0..nr {
+                out.data[r * out.stride..r * out.stride + bk].fill(0.0);
+            }
+            return;
         }
-        return;
-    }
-    let mut r = 0;
-    while r < nr {
-        let mr = (nr - r).min(4);
-        let qp = (q.data.as_ptr().add(r * q.stride), q.stride);
-        let mut j = 0;
-        while j < bk {
-            let mj = (bk - j).min(4);
-            let kp = (k.data.as_ptr().add(j * k.stride), k.stride);
-            let op = (out.data.as_mut_ptr().add(r * out.stride + j), out.stride);
-            macro_rules! go {
+        let mut r = 0;
+        while r < nr {
+            let mr = (nr - r).min(4);
+            let qp = (q.data.as_ptr().add(r * q.stride), q.stride);
+            let mut j = 0;
+            while j < bk {
+                let mj = (bk - j).min(4);
+                let kp = (k.data.as_ptr().add(j * k.stride), k.stride);
+                let op = (out.data.as_mut_ptr().add(r * out.stride + j), out.stride);
+                macro_rules! go {
                 ($($m:literal),*) => {
                     match (mr, mj) {
                         $(($m, 1) => dots::<$m, 1>(qp, kp, dp, op, scale),
@@ -329,11 +360,12 @@ pub unsafe fn qk_rows(q: PairMat, k: HalfMat, out: MatMut, scale: f32) {
                     }
                 };
             }
-            go!(1, 2, 3, 4);
-            super::stream::step();
-            j += mj;
+                go!(1, 2, 3, 4);
+                super::stream::step();
+                j += mj;
+            }
+            r += mr;
         }
-        r += mr;
     }
 }
 
@@ -352,48 +384,52 @@ unsafe fn dots<const R: usize, const J: usize>(
     (out, os): (*mut f32, usize),
     scale: f32,
 ) {
-    let mut acc = [[_mm512_setzero_ps(); 4]; 4];
-    let nv = dp.div_ceil(16);
-    for v in 0..nv {
-        // 16 pairs of the query rows, 32 elements of the key rows; the last vector masked.
-        let left = dp - 16 * v;
-        let (mq, mk) = if left >= 16 {
-            (u16::MAX, u32::MAX)
-        } else {
-            (tail_mask(left), (1u32 << (2 * left)) - 1)
-        };
-        let mut kv = [_mm512_setzero_si512(); J];
-        // Whole vectors by plain loads (measured faster than masked ones here).
-        let full = left >= 16;
-        for jj in 0..J {
-            let p = k.add(jj * ks + 32 * v);
-            kv[jj] = if full {
-                _mm512_loadu_si512(p.cast())
+    // SAFETY: called only by this module's kernels, which run with these target features
+    // and pass pointers inside the operands their public entry points checked.
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+        let nv = dp.div_ceil(16);
+        for v in 0..nv {
+            // 16 pairs of the query rows, 32 elements of the key rows; the last vector masked.
+            let left = dp - 16 * v;
+            let (mq, mk) = if left >= 16 {
+                (u16::MAX, u32::MAX)
             } else {
-                _mm512_maskz_loadu_epi16(mk, p.cast())
+                (tail_mask(left), (1u32 << (2 * left)) - 1)
             };
-        }
-        for rr in 0..R {
-            let p = q.add(rr * qs + 16 * v);
-            let qv = if full {
-                _mm512_loadu_si512(p.cast())
-            } else {
-                _mm512_maskz_loadu_epi32(mq, p.cast())
-            };
+            let mut kv = [_mm512_setzero_si512(); J];
+            // Whole vectors by plain loads (measured faster than masked ones here).
+            let full = left >= 16;
             for jj in 0..J {
-                acc[rr][jj] = _mm512_dpbf16_ps(acc[rr][jj], bh(qv), bh(kv[jj]));
+                let p = k.add(jj * ks + 32 * v);
+                kv[jj] = if full {
+                    _mm512_loadu_si512(p.cast())
+                } else {
+                    _mm512_maskz_loadu_epi16(mk, p.cast())
+                };
+            }
+            for rr in 0..R {
+                let p = q.add(rr * qs + 16 * v);
+                let qv = if full {
+                    _mm512_loadu_si512(p.cast())
+                } else {
+                    _mm512_maskz_loadu_epi32(mq, p.cast())
+                };
+                for jj in 0..J {
+                    acc[rr][jj] = _mm512_dpbf16_ps(acc[rr][jj], bh(qv), bh(kv[jj]));
+                }
             }
         }
-    }
-    // Lane 4·jj + rr of the reduction, transposed to lane 4·rr + jj: each row's J dots are
-    // one 128-bit chunk.
-    let idx = _mm512_loadu_si512(TRANSPOSE_IDX.as_ptr().cast());
-    let sums = _mm512_mul_ps(_mm512_set1_ps(scale), super::avx512::reduce16(&acc));
-    let rows = _mm512_permutexvar_ps(idx, sums);
-    let mut lanes = [0f32; 16];
-    _mm512_storeu_ps(lanes.as_mut_ptr(), rows);
-    for rr in 0..R {
-        std::ptr::copy_nonoverlapping(lanes.as_ptr().add(4 * rr), out.add(rr * os), J);
+        // Lane 4·jj + rr of the reduction, transposed to lane 4·rr + jj: each row's J dots are
+        // one 128-bit chunk.
+        let idx = _mm512_loadu_si512(TRANSPOSE_IDX.as_ptr().cast());
+        let sums = _mm512_mul_ps(_mm512_set1_ps(scale), super::avx512::reduce16(&acc));
+        let rows = _mm512_permutexvar_ps(idx, sums);
+        let mut lanes = [0f32; 16];
+        _mm512_storeu_ps(lanes.as_mut_ptr(), rows);
+        for rr in 0..R {
+            std::ptr::copy_nonoverlapping(lanes.as_ptr().add(4 * rr), out.add(rr * os), J);
+        }
     }
 }
 

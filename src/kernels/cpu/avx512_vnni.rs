@@ -17,67 +17,70 @@ use super::quant::QRows;
 /// shapes must agree (`k.cols == q.cols <= 256`, `out` is `q.rows × k.rows`).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 pub unsafe fn qk_rows_q16(q: QRows, k: ByteMat, out: MatMut, scale: f32) {
-    let (nr, d, bk) = (q.rows, q.cols, k.rows);
-    debug_assert!(!k.fp8 && k.cols == d && d <= 256 && out.rows == nr && out.cols == bk);
-    let (kp, qp) = (k.data.as_ptr(), q.vals.as_ptr());
-    let nv = d.div_ceil(32);
-    let mut r = 0;
-    while r < nr {
-        let mr = (nr - r).min(4);
-        // Lane 4·jj + rr of the reduced sums belongs to row rr: its offset and factor.
-        let mut corr = [0i32; 16];
-        let mut fac = [0f32; 16];
-        for lane in 0..16 {
-            if lane % 4 < mr {
-                corr[lane] = q.corr[r + lane % 4];
-                fac[lane] = scale * q.scale[r + lane % 4];
-            }
-        }
-        let corr = _mm512_loadu_si512(corr.as_ptr().cast());
-        let fac = _mm512_loadu_ps(fac.as_ptr());
-        let mut j = 0;
-        while j < bk {
-            let mj = (bk - j).min(4);
-            // Whole 4 × 4 blocks (fixed trip counts keep the accumulators in registers): a
-            // missing row or key loads zeros from the last valid one.
-            let mut kr = [kp; 4];
-            let mut km = [0u32; 4];
-            let mut qr = [qp; 4];
-            let mut qm = [0u32; 4];
-            for x in 0..4 {
-                kr[x] = kp.add((j + x.min(mj - 1)) * k.stride);
-                km[x] = if x < mj { u32::MAX } else { 0 };
-                qr[x] = qp.add((r + x.min(mr - 1)) * d);
-                qm[x] = if x < mr { u32::MAX } else { 0 };
-            }
-            let last = match d % 32 {
-                0 => u32::MAX,
-                w => (1u32 << w) - 1,
-            };
-            let acc = match nv {
-                1 => block::<1>(kr, km, qr, qm, last),
-                2 => block::<2>(kr, km, qr, qm, last),
-                3 => block::<3>(kr, km, qr, qm, last),
-                4 => block::<4>(kr, km, qr, qm, last),
-                5 => block::<5>(kr, km, qr, qm, last),
-                6 => block::<6>(kr, km, qr, qm, last),
-                7 => block::<7>(kr, km, qr, qm, last),
-                _ => block::<8>(kr, km, qr, qm, last),
-            };
-            super::stream::step();
-            let sums = _mm512_sub_epi32(reduce16(&acc), corr);
-            let s = _mm512_mul_ps(_mm512_cvtepi32_ps(sums), fac);
-            let mut lanes = [0f32; 16];
-            _mm512_storeu_ps(lanes.as_mut_ptr(), s);
-            for rr in 0..mr {
-                for jj in 0..mj {
-                    *out.data.get_unchecked_mut((r + rr) * out.stride + j + jj) =
-                        lanes[4 * jj + rr];
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe {
+        let (nr, d, bk) = (q.rows, q.cols, k.rows);
+        debug_assert!(!k.fp8 && k.cols == d && d <= 256 && out.rows == nr && out.cols == bk);
+        let (kp, qp) = (k.data.as_ptr(), q.vals.as_ptr());
+        let nv = d.div_ceil(32);
+        let mut r = 0;
+        while r < nr {
+            let mr = (nr - r).min(4);
+            // Lane 4·jj + rr of the reduced sums belongs to row rr: its offset and factor.
+            let mut corr = [0i32; 16];
+            let mut fac = [0f32; 16];
+            for lane in 0..16 {
+                if lane % 4 < mr {
+                    corr[lane] = q.corr[r + lane % 4];
+                    fac[lane] = scale * q.scale[r + lane % 4];
                 }
             }
-            j += mj;
+            let corr = _mm512_loadu_si512(corr.as_ptr().cast());
+            let fac = _mm512_loadu_ps(fac.as_ptr());
+            let mut j = 0;
+            while j < bk {
+                let mj = (bk - j).min(4);
+                // Whole 4 × 4 blocks (fixed trip counts keep the accumulators in registers): a
+                // missing row or key loads zeros from the last valid one.
+                let mut kr = [kp; 4];
+                let mut km = [0u32; 4];
+                let mut qr = [qp; 4];
+                let mut qm = [0u32; 4];
+                for x in 0..4 {
+                    kr[x] = kp.add((j + x.min(mj - 1)) * k.stride);
+                    km[x] = if x < mj { u32::MAX } else { 0 };
+                    qr[x] = qp.add((r + x.min(mr - 1)) * d);
+                    qm[x] = if x < mr { u32::MAX } else { 0 };
+                }
+                let last = match d % 32 {
+                    0 => u32::MAX,
+                    w => (1u32 << w) - 1,
+                };
+                let acc = match nv {
+                    1 => block::<1>(kr, km, qr, qm, last),
+                    2 => block::<2>(kr, km, qr, qm, last),
+                    3 => block::<3>(kr, km, qr, qm, last),
+                    4 => block::<4>(kr, km, qr, qm, last),
+                    5 => block::<5>(kr, km, qr, qm, last),
+                    6 => block::<6>(kr, km, qr, qm, last),
+                    7 => block::<7>(kr, km, qr, qm, last),
+                    _ => block::<8>(kr, km, qr, qm, last),
+                };
+                super::stream::step();
+                let sums = _mm512_sub_epi32(reduce16(&acc), corr);
+                let s = _mm512_mul_ps(_mm512_cvtepi32_ps(sums), fac);
+                let mut lanes = [0f32; 16];
+                _mm512_storeu_ps(lanes.as_mut_ptr(), s);
+                for rr in 0..mr {
+                    for jj in 0..mj {
+                        *out.data.get_unchecked_mut((r + rr) * out.stride + j + jj) =
+                            lanes[4 * jj + rr];
+                    }
+                }
+                j += mj;
+            }
+            r += mr;
         }
-        r += mr;
     }
 }
 
@@ -92,22 +95,26 @@ unsafe fn block<const NV: usize>(
     qm: [u32; 4],
     last: u32,
 ) -> [[__m512i; 4]; 4] {
-    let mut acc = [[_mm512_setzero_si512(); 4]; 4];
-    for v in 0..NV {
-        let m = if v + 1 == NV { last } else { u32::MAX };
-        let mut kv = [_mm512_setzero_si512(); 4];
-        for x in 0..4 {
-            let bytes = _mm256_maskz_loadu_epi8(m & km[x], kr[x].add(32 * v).cast());
-            kv[x] = _mm512_cvtepu8_epi16(bytes);
-        }
-        for rr in 0..4 {
-            let qv = _mm512_maskz_loadu_epi16(m & qm[rr], qr[rr].add(32 * v));
-            for jj in 0..4 {
-                acc[rr][jj] = dpwssd(acc[rr][jj], kv[jj], qv);
+    // SAFETY: called only by this module's kernels, which run with these target features
+    // and pass pointers inside the operands their public entry points checked.
+    unsafe {
+        let mut acc = [[_mm512_setzero_si512(); 4]; 4];
+        for v in 0..NV {
+            let m = if v + 1 == NV { last } else { u32::MAX };
+            let mut kv = [_mm512_setzero_si512(); 4];
+            for x in 0..4 {
+                let bytes = _mm256_maskz_loadu_epi8(m & km[x], kr[x].add(32 * v).cast());
+                kv[x] = _mm512_cvtepu8_epi16(bytes);
+            }
+            for rr in 0..4 {
+                let qv = _mm512_maskz_loadu_epi16(m & qm[rr], qr[rr].add(32 * v));
+                for jj in 0..4 {
+                    acc[rr][jj] = dpwssd(acc[rr][jj], kv[jj], qv);
+                }
             }
         }
+        acc
     }
-    acc
 }
 
 /// `acc + Σ pairs of a · b` (`vpdpwssd`), as one instruction: LLVM otherwise splits it into
@@ -180,68 +187,73 @@ const MAX_KEYS: usize = super::BLOCK_K;
 /// and the shapes must agree (`v` is `p.cols × acc.cols`, `acc` has `p.rows` rows).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 pub unsafe fn pv_q16(p: Mat, v: ByteMat, mut acc: MatMut) -> bool {
-    let (nr, bk, dv) = (p.rows, p.cols, v.cols);
-    debug_assert!(!v.fp8 && v.rows == bk && acc.rows == nr && acc.cols == dv);
-    debug_assert!(dv.is_multiple_of(32) && bk <= MAX_KEYS && nr <= super::BLOCK_Q);
-    if bk == 0 {
-        return true;
-    }
-    // Every row's largest value and sum first: a row that is not finite leaves the call to
-    // the f32 kernel before anything is written.
-    let mut pmax = [0f32; super::BLOCK_Q];
-    for (r, pm) in pmax.iter_mut().enumerate().take(nr) {
-        let row = p.data.as_ptr().add(r * p.stride);
-        let (mut m, mut s) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-        for c in (0..bk).step_by(16) {
-            let x = _mm512_maskz_loadu_ps(super::avx512::tail_mask(bk - c), row.add(c));
-            m = _mm512_max_ps(m, x);
-            s = _mm512_add_ps(s, x);
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe {
+        let (nr, bk, dv) = (p.rows, p.cols, v.cols);
+        debug_assert!(!v.fp8 && v.rows == bk && acc.rows == nr && acc.cols == dv);
+        debug_assert!(dv.is_multiple_of(32) && bk <= MAX_KEYS && nr <= super::BLOCK_Q);
+        if bk == 0 {
+            return true;
         }
-        if !_mm512_reduce_add_ps(s).is_finite() {
-            return false;
-        }
-        *pm = _mm512_reduce_max_ps(m);
-    }
-    let mut r = 0;
-    while r < nr {
-        let mr = (nr - r).min(4);
-        // The block's rows as int16 (two more zeros: an odd last key pairs with a zero).
-        let mut p16 = [[0i16; MAX_KEYS + 2]; 4];
-        let mut corr = [0i32; 4];
-        let mut ps = [0f32; 4];
-        for rr in 0..mr {
-            let m = pmax[r + rr];
-            let inv = _mm512_set1_ps(if m > 0.0 { 32767.0 / m } else { 0.0 });
-            ps[rr] = m / 32767.0;
-            let row = p.data.as_ptr().add((r + rr) * p.stride);
-            let mut sum = _mm512_setzero_si512();
+        // Every row's largest value and sum first: a row that is not finite leaves the call to
+        // the f32 kernel before anything is written.
+        let mut pmax = [0f32; super::BLOCK_Q];
+        for (r, pm) in pmax.iter_mut().enumerate().take(nr) {
+            let row = p.data.as_ptr().add(r * p.stride);
+            let (mut m, mut s) = (_mm512_setzero_ps(), _mm512_setzero_ps());
             for c in (0..bk).step_by(16) {
-                let mask = super::avx512::tail_mask(bk - c);
-                let x =
-                    _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask, row.add(c)), inv));
-                sum = _mm512_add_epi32(sum, x);
-                _mm256_mask_storeu_epi16(
-                    p16[rr].as_mut_ptr().add(c),
-                    mask,
-                    _mm512_cvtepi32_epi16(x),
-                );
+                let x = _mm512_maskz_loadu_ps(super::avx512::tail_mask(bk - c), row.add(c));
+                m = _mm512_max_ps(m, x);
+                s = _mm512_add_ps(s, x);
             }
-            corr[rr] = 128 * _mm512_reduce_add_epi32(sum);
-        }
-        let mut c = 0;
-        while c < dv {
-            let rows = (r, mr, &p16, corr, ps);
-            if dv - c >= 64 {
-                pv_block::<2>(rows, bk, (v.data.as_ptr().add(c), v.stride), &mut acc, c);
-                c += 64;
-            } else {
-                pv_block::<1>(rows, bk, (v.data.as_ptr().add(c), v.stride), &mut acc, c);
-                c += 32;
+            if !_mm512_reduce_add_ps(s).is_finite() {
+                return false;
             }
+            *pm = _mm512_reduce_max_ps(m);
         }
-        r += mr;
+        let mut r = 0;
+        while r < nr {
+            let mr = (nr - r).min(4);
+            // The block's rows as int16 (two more zeros: an odd last key pairs with a zero).
+            let mut p16 = [[0i16; MAX_KEYS + 2]; 4];
+            let mut corr = [0i32; 4];
+            let mut ps = [0f32; 4];
+            for rr in 0..mr {
+                let m = pmax[r + rr];
+                let inv = _mm512_set1_ps(if m > 0.0 { 32767.0 / m } else { 0.0 });
+                ps[rr] = m / 32767.0;
+                let row = p.data.as_ptr().add((r + rr) * p.stride);
+                let mut sum = _mm512_setzero_si512();
+                for c in (0..bk).step_by(16) {
+                    let mask = super::avx512::tail_mask(bk - c);
+                    let x = _mm512_cvtps_epi32(_mm512_mul_ps(
+                        _mm512_maskz_loadu_ps(mask, row.add(c)),
+                        inv,
+                    ));
+                    sum = _mm512_add_epi32(sum, x);
+                    _mm256_mask_storeu_epi16(
+                        p16[rr].as_mut_ptr().add(c),
+                        mask,
+                        _mm512_cvtepi32_epi16(x),
+                    );
+                }
+                corr[rr] = 128 * _mm512_reduce_add_epi32(sum);
+            }
+            let mut c = 0;
+            while c < dv {
+                let rows = (r, mr, &p16, corr, ps);
+                if dv - c >= 64 {
+                    pv_block::<2>(rows, bk, (v.data.as_ptr().add(c), v.stride), &mut acc, c);
+                    c += 64;
+                } else {
+                    pv_block::<1>(rows, bk, (v.data.as_ptr().add(c), v.stride), &mut acc, c);
+                    c += 32;
+                }
+            }
+            r += mr;
+        }
+        true
     }
-    true
 }
 
 /// Columns `c..c + 32·NB` of [`pv_q16`] for rows `r..r + mr`: `(r, mr, p16, corr, scale)`.
@@ -254,52 +266,56 @@ unsafe fn pv_block<const NB: usize>(
     acc: &mut MatMut,
     c: usize,
 ) {
-    // acc[rr][2g] holds columns {8L + 0..4} of group g, acc[rr][2g + 1] columns {8L + 4..8}
-    // (L = 0..4, the 128-bit lanes `vpunpck{l,h}wd` work within).
-    let mut ai = [[_mm512_setzero_si512(); 4]; 4];
-    let mut j = 0;
-    while j < bk {
-        if j % 8 == 6 {
-            super::stream::step();
-        }
-        let (a, b) = (v.add(j * stride), v.add((j + 1).min(bk - 1) * stride));
-        let mut pairs = [_mm512_setzero_si512(); 4];
-        for g in 0..NB {
-            let wa = _mm512_cvtepu8_epi16(_mm256_loadu_si256(a.add(32 * g).cast()));
-            let wb = _mm512_cvtepu8_epi16(_mm256_loadu_si256(b.add(32 * g).cast()));
-            pairs[2 * g] = _mm512_unpacklo_epi16(wa, wb);
-            pairs[2 * g + 1] = _mm512_unpackhi_epi16(wa, wb);
-        }
-        for rr in 0..4 {
-            // (p16[j], p16[j + 1]) as one 32-bit lane, broadcast.
-            let pp = _mm512_set1_epi32(p16[rr].as_ptr().add(j).cast::<i32>().read_unaligned());
-            for x in 0..2 * NB {
-                ai[rr][x] = dpwssd(ai[rr][x], pairs[x], pp);
+    // SAFETY: called only by this module's kernels, which run with these target features
+    // and pass pointers inside the operands their public entry points checked.
+    unsafe {
+        // acc[rr][2g] holds columns {8L + 0..4} of group g, acc[rr][2g + 1] columns {8L + 4..8}
+        // (L = 0..4, the 128-bit lanes `vpunpck{l,h}wd` work within).
+        let mut ai = [[_mm512_setzero_si512(); 4]; 4];
+        let mut j = 0;
+        while j < bk {
+            if j % 8 == 6 {
+                super::stream::step();
             }
+            let (a, b) = (v.add(j * stride), v.add((j + 1).min(bk - 1) * stride));
+            let mut pairs = [_mm512_setzero_si512(); 4];
+            for g in 0..NB {
+                let wa = _mm512_cvtepu8_epi16(_mm256_loadu_si256(a.add(32 * g).cast()));
+                let wb = _mm512_cvtepu8_epi16(_mm256_loadu_si256(b.add(32 * g).cast()));
+                pairs[2 * g] = _mm512_unpacklo_epi16(wa, wb);
+                pairs[2 * g + 1] = _mm512_unpackhi_epi16(wa, wb);
+            }
+            for rr in 0..4 {
+                // (p16[j], p16[j + 1]) as one 32-bit lane, broadcast.
+                let pp = _mm512_set1_epi32(p16[rr].as_ptr().add(j).cast::<i32>().read_unaligned());
+                for x in 0..2 * NB {
+                    ai[rr][x] = dpwssd(ai[rr][x], pairs[x], pp);
+                }
+            }
+            j += 2;
         }
-        j += 2;
-    }
-    // Back to column order: lane 4L + i of the low half is column 8L + i, of the high half
-    // column 8L + 4 + i.
-    let idx = |first: i32| {
-        let mut x = [0i32; 16];
-        for (n, x) in x.iter_mut().enumerate() {
-            let col = first + n as i32;
-            let (l, i) = (col / 8, col % 8);
-            *x = if i < 4 { 4 * l + i } else { 16 + 4 * l + i - 4 };
-        }
-        _mm512_loadu_si512(x.as_ptr().cast())
-    };
-    let (lo, hi) = (idx(0), idx(16));
-    for rr in 0..mr {
-        let out = acc.data.as_mut_ptr().add((r + rr) * acc.stride + c);
-        let (k, s) = (_mm512_set1_epi32(corr[rr]), _mm512_set1_ps(ps[rr]));
-        for g in 0..NB {
-            for (h, ix) in [lo, hi].into_iter().enumerate() {
-                let cols = _mm512_permutex2var_epi32(ai[rr][2 * g], ix, ai[rr][2 * g + 1]);
-                let x = _mm512_cvtepi32_ps(_mm512_sub_epi32(cols, k));
-                let o = out.add(32 * g + 16 * h);
-                _mm512_storeu_ps(o, _mm512_fmadd_ps(x, s, _mm512_loadu_ps(o)));
+        // Back to column order: lane 4L + i of the low half is column 8L + i, of the high half
+        // column 8L + 4 + i.
+        let idx = |first: i32| {
+            let mut x = [0i32; 16];
+            for (n, x) in x.iter_mut().enumerate() {
+                let col = first + n as i32;
+                let (l, i) = (col / 8, col % 8);
+                *x = if i < 4 { 4 * l + i } else { 16 + 4 * l + i - 4 };
+            }
+            _mm512_loadu_si512(x.as_ptr().cast())
+        };
+        let (lo, hi) = (idx(0), idx(16));
+        for rr in 0..mr {
+            let out = acc.data.as_mut_ptr().add((r + rr) * acc.stride + c);
+            let (k, s) = (_mm512_set1_epi32(corr[rr]), _mm512_set1_ps(ps[rr]));
+            for g in 0..NB {
+                for (h, ix) in [lo, hi].into_iter().enumerate() {
+                    let cols = _mm512_permutex2var_epi32(ai[rr][2 * g], ix, ai[rr][2 * g + 1]);
+                    let x = _mm512_cvtepi32_ps(_mm512_sub_epi32(cols, k));
+                    let o = out.add(32 * g + 16 * h);
+                    _mm512_storeu_ps(o, _mm512_fmadd_ps(x, s, _mm512_loadu_ps(o)));
+                }
             }
         }
     }

@@ -222,80 +222,84 @@ macro_rules! dot_kernel {
                 (mr, nc, kk): (usize, usize, usize),
                 acc: &mut super::Acc,
             ) {
-                // Blocks of L1_ROWS rows of `x` (held in L1), each passed by every group of 4
-                // weight rows (streamed from L2).
-                // Each L1 block is copied to `buf` first (rows `KCE` elements apart): rows of `x`
-                // a power of two of 4 KiB apart (K = 1024 in f32) would all map to the same L1
-                // sets and evict each other.
-                const KCE: usize = super::KC_BYTES / std::mem::size_of::<$t>();
-                let mut buf = [<$t>::default(); super::L1_ROWS * KCE];
-                debug_assert!(kk <= KCE);
-                let mut r0 = 0;
-                while r0 < mr {
-                    let r1 = (r0 + super::L1_ROWS).min(mr);
-                    for r in r0..r1 {
-                        let row = std::slice::from_raw_parts(x.add(r * stride), kk);
-                        buf[(r - r0) * KCE..(r - r0) * KCE + kk].copy_from_slice(row);
-                    }
-                    let mut j = 0;
-                    while j < nc {
-                        let nj = (nc - j).min(4);
-                        let mut r = r0;
-                        while r < r1 {
-                            let nr = (r1 - r).min(4);
-                            let xp = buf.as_ptr().add((r - r0) * KCE);
-                            let wp = w.add(j * stride);
-                            let sums = match (nr, nj) {
-                                (1, 2) => dots::<1, 2>(xp, KCE, wp, stride, kk),
-                                (1, 3) => dots::<1, 3>(xp, KCE, wp, stride, kk),
-                                (1, 4) => dots::<1, 4>(xp, KCE, wp, stride, kk),
-                                (2, 1) => dots::<2, 1>(xp, KCE, wp, stride, kk),
-                                (2, 2) => dots::<2, 2>(xp, KCE, wp, stride, kk),
-                                (2, 3) => dots::<2, 3>(xp, KCE, wp, stride, kk),
-                                (2, 4) => dots::<2, 4>(xp, KCE, wp, stride, kk),
-                                (3, 1) => dots::<3, 1>(xp, KCE, wp, stride, kk),
-                                (3, 2) => dots::<3, 2>(xp, KCE, wp, stride, kk),
-                                (3, 3) => dots::<3, 3>(xp, KCE, wp, stride, kk),
-                                (3, 4) => dots::<3, 4>(xp, KCE, wp, stride, kk),
-                                (4, 1) => dots::<4, 1>(xp, KCE, wp, stride, kk),
-                                (4, 2) => dots::<4, 2>(xp, KCE, wp, stride, kk),
-                                (4, 3) => dots::<4, 3>(xp, KCE, wp, stride, kk),
-                                (4, 4) => dots::<4, 4>(xp, KCE, wp, stride, kk),
-                                _ => dots::<1, 1>(xp, KCE, wp, stride, kk),
-                            };
-                            // Lane 4·jj + rr → 4·rr + jj: row rr's sums are lanes 4·rr..4·rr + 4.
-                            let rows = _mm512_permutexvar_ps(
-                                _mm512_loadu_si512(TRANSPOSE_IDX.as_ptr() as *const __m512i),
-                                sums,
-                            );
-                            let at = acc.as_mut_ptr().add(r * super::NB + j);
-                            if nj == 4 {
-                                let row = |i: usize| -> __m128 {
-                                    match i {
-                                        0 => _mm512_extractf32x4_ps::<0>(rows),
-                                        1 => _mm512_extractf32x4_ps::<1>(rows),
-                                        2 => _mm512_extractf32x4_ps::<2>(rows),
-                                        _ => _mm512_extractf32x4_ps::<3>(rows),
-                                    }
-                                };
-                                for rr in 0..nr {
-                                    let p = at.add(rr * super::NB);
-                                    _mm_storeu_ps(p, _mm_add_ps(_mm_loadu_ps(p), row(rr)));
-                                }
-                            } else {
-                                let mut lanes = [0f32; 16];
-                                _mm512_storeu_ps(lanes.as_mut_ptr(), rows);
-                                for rr in 0..nr {
-                                    for jj in 0..nj {
-                                        *at.add(rr * super::NB + jj) += lanes[4 * rr + jj];
-                                    }
-                                }
-                            }
-                            r += nr;
+                // SAFETY: called only by this module's kernels, which run with these target features
+                // and pass pointers inside the operands their public entry points checked.
+                unsafe {
+                    // Blocks of L1_ROWS rows of `x` (held in L1), each passed by every group of 4
+                    // weight rows (streamed from L2).
+                    // Each L1 block is copied to `buf` first (rows `KCE` elements apart): rows of `x`
+                    // a power of two of 4 KiB apart (K = 1024 in f32) would all map to the same L1
+                    // sets and evict each other.
+                    const KCE: usize = super::KC_BYTES / std::mem::size_of::<$t>();
+                    let mut buf = [<$t>::default(); super::L1_ROWS * KCE];
+                    debug_assert!(kk <= KCE);
+                    let mut r0 = 0;
+                    while r0 < mr {
+                        let r1 = (r0 + super::L1_ROWS).min(mr);
+                        for r in r0..r1 {
+                            let row = std::slice::from_raw_parts(x.add(r * stride), kk);
+                            buf[(r - r0) * KCE..(r - r0) * KCE + kk].copy_from_slice(row);
                         }
-                        j += nj;
+                        let mut j = 0;
+                        while j < nc {
+                            let nj = (nc - j).min(4);
+                            let mut r = r0;
+                            while r < r1 {
+                                let nr = (r1 - r).min(4);
+                                let xp = buf.as_ptr().add((r - r0) * KCE);
+                                let wp = w.add(j * stride);
+                                let sums = match (nr, nj) {
+                                    (1, 2) => dots::<1, 2>(xp, KCE, wp, stride, kk),
+                                    (1, 3) => dots::<1, 3>(xp, KCE, wp, stride, kk),
+                                    (1, 4) => dots::<1, 4>(xp, KCE, wp, stride, kk),
+                                    (2, 1) => dots::<2, 1>(xp, KCE, wp, stride, kk),
+                                    (2, 2) => dots::<2, 2>(xp, KCE, wp, stride, kk),
+                                    (2, 3) => dots::<2, 3>(xp, KCE, wp, stride, kk),
+                                    (2, 4) => dots::<2, 4>(xp, KCE, wp, stride, kk),
+                                    (3, 1) => dots::<3, 1>(xp, KCE, wp, stride, kk),
+                                    (3, 2) => dots::<3, 2>(xp, KCE, wp, stride, kk),
+                                    (3, 3) => dots::<3, 3>(xp, KCE, wp, stride, kk),
+                                    (3, 4) => dots::<3, 4>(xp, KCE, wp, stride, kk),
+                                    (4, 1) => dots::<4, 1>(xp, KCE, wp, stride, kk),
+                                    (4, 2) => dots::<4, 2>(xp, KCE, wp, stride, kk),
+                                    (4, 3) => dots::<4, 3>(xp, KCE, wp, stride, kk),
+                                    (4, 4) => dots::<4, 4>(xp, KCE, wp, stride, kk),
+                                    _ => dots::<1, 1>(xp, KCE, wp, stride, kk),
+                                };
+                                // Lane 4·jj + rr → 4·rr + jj: row rr's sums are lanes 4·rr..4·rr + 4.
+                                let rows = _mm512_permutexvar_ps(
+                                    _mm512_loadu_si512(TRANSPOSE_IDX.as_ptr() as *const __m512i),
+                                    sums,
+                                );
+                                let at = acc.as_mut_ptr().add(r * super::NB + j);
+                                if nj == 4 {
+                                    let row = |i: usize| -> __m128 {
+                                        match i {
+                                            0 => _mm512_extractf32x4_ps::<0>(rows),
+                                            1 => _mm512_extractf32x4_ps::<1>(rows),
+                                            2 => _mm512_extractf32x4_ps::<2>(rows),
+                                            _ => _mm512_extractf32x4_ps::<3>(rows),
+                                        }
+                                    };
+                                    for rr in 0..nr {
+                                        let p = at.add(rr * super::NB);
+                                        _mm_storeu_ps(p, _mm_add_ps(_mm_loadu_ps(p), row(rr)));
+                                    }
+                                } else {
+                                    let mut lanes = [0f32; 16];
+                                    _mm512_storeu_ps(lanes.as_mut_ptr(), rows);
+                                    for rr in 0..nr {
+                                        for jj in 0..nj {
+                                            *at.add(rr * super::NB + jj) += lanes[4 * rr + jj];
+                                        }
+                                    }
+                                }
+                                r += nr;
+                            }
+                            j += nj;
+                        }
+                        r0 = r1;
                     }
-                    r0 = r1;
                 }
             }
 
@@ -311,16 +315,20 @@ macro_rules! dot_kernel {
                 ws: usize,
                 kk: usize,
             ) -> __m512 {
-                let mut acc = [[_mm512_setzero_ps(); 4]; 4];
-                let full = kk / $lanes;
-                for s in 0..full {
-                    step::<R, C, false>(&mut acc, (x, xs), (w, ws), $lanes * s, 0);
+                // SAFETY: called only by this module's kernels, which run with these target features
+                // and pass pointers inside the operands their public entry points checked.
+                unsafe {
+                    let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+                    let full = kk / $lanes;
+                    for s in 0..full {
+                        step::<R, C, false>(&mut acc, (x, xs), (w, ws), $lanes * s, 0);
+                    }
+                    let tail = kk - $lanes * full;
+                    if tail > 0 {
+                        step::<R, C, true>(&mut acc, (x, xs), (w, ws), $lanes * full, tail);
+                    }
+                    reduce16(&acc)
                 }
-                let tail = kk - $lanes * full;
-                if tail > 0 {
-                    step::<R, C, true>(&mut acc, (x, xs), (w, ws), $lanes * full, tail);
-                }
-                reduce16(&acc)
             }
 
             /// One step of [`dots`] (one vector of each operand row) at element `at`: whole vectors, or
@@ -334,18 +342,22 @@ macro_rules! dot_kernel {
                 at: usize,
                 tail: usize,
             ) {
-                let load = |p: *const $t| -> $v {
-                    if MASKED {
-                        $load_tail(p, tail)
-                    } else {
-                        $load(p)
-                    }
-                };
-                let wv: [$v; C] = std::array::from_fn(|c| load(w.add(c * ws + at)));
-                for r in 0..R {
-                    let xv = load(x.add(r * xs + at));
-                    for c in 0..C {
-                        acc[r][c] = $mac(acc[r][c], xv, wv[c]);
+                // SAFETY: called only by this module's kernels, which run with these target features
+                // and pass pointers inside the operands their public entry points checked.
+                unsafe {
+                    let load = |p: *const $t| -> $v {
+                        if MASKED {
+                            $load_tail(p, tail)
+                        } else {
+                            $load(p)
+                        }
+                    };
+                    let wv: [$v; C] = std::array::from_fn(|c| load(w.add(c * ws + at)));
+                    for r in 0..R {
+                        let xv = load(x.add(r * xs + at));
+                        for c in 0..C {
+                            acc[r][c] = $mac(acc[r][c], xv, wv[c]);
+                        }
                     }
                 }
             }
@@ -391,14 +403,18 @@ const TRANSPOSE_IDX: [i32; 16] = [0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 unsafe fn load_bf16(p: *const bf16) -> __m512bh {
-    std::mem::transmute(_mm512_loadu_si512(p as *const __m512i))
+    // SAFETY: called only by this module's kernels, which run with these target features
+    // and pass pointers inside the operands their public entry points checked.
+    unsafe { std::mem::transmute(_mm512_loadu_si512(p as *const __m512i)) }
 }
 
 /// The first `n < 32` of 32 bf16 elements, the rest 0 (nothing past them is read).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 unsafe fn load_bf16_tail(p: *const bf16, n: usize) -> __m512bh {
-    std::mem::transmute(_mm512_maskz_loadu_epi16((1u32 << n) - 1, p as *const i16))
+    // SAFETY: called only by this module's kernels, which run with these target features
+    // and pass pointers inside the operands their public entry points checked.
+    unsafe { std::mem::transmute(_mm512_maskz_loadu_epi16((1u32 << n) - 1, p as *const i16)) }
 }
 
 /// `acc` plus the products of 16 pairs: `vdpbf16ps`.
@@ -412,21 +428,27 @@ unsafe fn dp_bf16(acc: __m512, a: __m512bh, b: __m512bh) -> __m512 {
 #[inline]
 #[target_feature(enable = "avx512f")]
 unsafe fn load_f32(p: *const f32) -> __m512 {
-    _mm512_loadu_ps(p)
+    // SAFETY: called only by this module's kernels, which run with these target features
+    // and pass pointers inside the operands their public entry points checked.
+    unsafe { _mm512_loadu_ps(p) }
 }
 
 /// The first `n < 16` of 16 f32 elements, the rest 0 (nothing past them is read).
 #[inline]
 #[target_feature(enable = "avx512f")]
 unsafe fn load_f32_tail(p: *const f32, n: usize) -> __m512 {
-    _mm512_maskz_loadu_ps((1u16 << n) - 1, p)
+    // SAFETY: called only by this module's kernels, which run with these target features
+    // and pass pointers inside the operands their public entry points checked.
+    unsafe { _mm512_maskz_loadu_ps((1u16 << n) - 1, p) }
 }
 
 /// 16 f16 elements, widened to f32.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn load_f16(p: *const f16) -> __m512 {
-    _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+    // SAFETY: called only by this module's kernels, which run with these target features
+    // and pass pointers inside the operands their public entry points checked.
+    unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
 }
 
 /// The first `n < 16` of 16 f16 elements widened to f32, the rest 0 (nothing past them is
@@ -434,7 +456,9 @@ unsafe fn load_f16(p: *const f16) -> __m512 {
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn load_f16_tail(p: *const f16, n: usize) -> __m512 {
-    _mm512_cvtph_ps(_mm256_maskz_loadu_epi16((1u16 << n) - 1, p as *const i16))
+    // SAFETY: called only by this module's kernels, which run with these target features
+    // and pass pointers inside the operands their public entry points checked.
+    unsafe { _mm512_cvtph_ps(_mm256_maskz_loadu_epi16((1u16 << n) - 1, p as *const i16)) }
 }
 
 /// `acc + a·b`: one FMA.

@@ -75,51 +75,54 @@ pub unsafe fn task_block<T: Half>(
     (mr, nc, kk): (usize, usize, usize),
     acc: &mut Acc,
 ) {
-    debug_assert!(kk <= KCE);
-    // Each L1 block of rows is copied to `buf`, zero-padded to whole 16-element steps.
-    let kp = kk.div_ceil(16) * 16;
-    let mut buf = [T::default(); L1_ROWS * KCE];
-    let mut r0 = 0;
-    while r0 < mr {
-        let r1 = (r0 + L1_ROWS).min(mr);
-        for r in r0..r1 {
-            let row = std::slice::from_raw_parts(x.add(r * stride), kk);
-            let at = (r - r0) * KCE;
-            buf[at..at + kk].copy_from_slice(row);
-            buf[at + kk..at + kp].fill(T::default());
-        }
-        let mut j = 0;
-        while j < nc {
-            let nj = (nc - j).min(4);
-            let mut r = r0;
-            while r < r1 {
-                let nr = (r1 - r).min(2);
-                let xp = buf.as_ptr().add((r - r0) * KCE);
-                let wp = w.add(j * stride);
-                let sums = match (nr, nj) {
-                    (1, 1) => dots::<T, 1, 1>(xp, wp, stride, kk),
-                    (1, 2) => dots::<T, 1, 2>(xp, wp, stride, kk),
-                    (1, 3) => dots::<T, 1, 3>(xp, wp, stride, kk),
-                    (1, 4) => dots::<T, 1, 4>(xp, wp, stride, kk),
-                    (2, 1) => dots::<T, 2, 1>(xp, wp, stride, kk),
-                    (2, 2) => dots::<T, 2, 2>(xp, wp, stride, kk),
-                    (2, 3) => dots::<T, 2, 3>(xp, wp, stride, kk),
-                    _ => dots::<T, 2, 4>(xp, wp, stride, kk),
-                };
-                let mut lanes = [0f32; 8];
-                _mm256_storeu_ps(lanes.as_mut_ptr(), sums);
-                for rr in 0..nr {
-                    for jj in 0..nj {
-                        // `reduce8`: the sum of accumulator i = 4·rr + jj is in lane (i % 2)·4 + i / 2.
-                        let i = 4 * rr + jj;
-                        acc[(r + rr) * NB + j + jj] += lanes[(i % 2) * 4 + i / 2];
-                    }
-                }
-                r += nr;
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe {
+        debug_assert!(kk <= KCE);
+        // Each L1 block of rows is copied to `buf`, zero-padded to whole 16-element steps.
+        let kp = kk.div_ceil(16) * 16;
+        let mut buf = [T::default(); L1_ROWS * KCE];
+        let mut r0 = 0;
+        while r0 < mr {
+            let r1 = (r0 + L1_ROWS).min(mr);
+            for r in r0..r1 {
+                let row = std::slice::from_raw_parts(x.add(r * stride), kk);
+                let at = (r - r0) * KCE;
+                buf[at..at + kk].copy_from_slice(row);
+                buf[at + kk..at + kp].fill(T::default());
             }
-            j += nj;
+            let mut j = 0;
+            while j < nc {
+                let nj = (nc - j).min(4);
+                let mut r = r0;
+                while r < r1 {
+                    let nr = (r1 - r).min(2);
+                    let xp = buf.as_ptr().add((r - r0) * KCE);
+                    let wp = w.add(j * stride);
+                    let sums = match (nr, nj) {
+                        (1, 1) => dots::<T, 1, 1>(xp, wp, stride, kk),
+                        (1, 2) => dots::<T, 1, 2>(xp, wp, stride, kk),
+                        (1, 3) => dots::<T, 1, 3>(xp, wp, stride, kk),
+                        (1, 4) => dots::<T, 1, 4>(xp, wp, stride, kk),
+                        (2, 1) => dots::<T, 2, 1>(xp, wp, stride, kk),
+                        (2, 2) => dots::<T, 2, 2>(xp, wp, stride, kk),
+                        (2, 3) => dots::<T, 2, 3>(xp, wp, stride, kk),
+                        _ => dots::<T, 2, 4>(xp, wp, stride, kk),
+                    };
+                    let mut lanes = [0f32; 8];
+                    _mm256_storeu_ps(lanes.as_mut_ptr(), sums);
+                    for rr in 0..nr {
+                        for jj in 0..nj {
+                            // `reduce8`: the sum of accumulator i = 4·rr + jj is in lane (i % 2)·4 + i / 2.
+                            let i = 4 * rr + jj;
+                            acc[(r + rr) * NB + j + jj] += lanes[(i % 2) * 4 + i / 2];
+                        }
+                    }
+                    r += nr;
+                }
+                j += nj;
+            }
+            r0 = r1;
         }
-        r0 = r1;
     }
 }
 
@@ -134,23 +137,27 @@ unsafe fn dots<T: Half, const R: usize, const C: usize>(
     ws: usize,
     kk: usize,
 ) -> __m256 {
-    let mut acc = [[_mm256_setzero_ps(); 4]; 2];
-    let full = kk / 16;
-    for s in 0..full {
-        step::<T, R, C>(&mut acc, x, w, ws, 16 * s);
-    }
-    let tail = kk - 16 * full;
-    if tail > 0 {
-        // The last weight elements through zero-padded copies (`x` is padded already).
-        let mut pad = [[T::default(); 16]; 4];
-        for c in 0..C {
-            let row = std::slice::from_raw_parts(w.add(c * ws + 16 * full), tail);
-            pad[c][..tail].copy_from_slice(row);
+    // SAFETY: called only by this module's kernels, which run with these target features
+    // and pass pointers inside the operands their public entry points checked.
+    unsafe {
+        let mut acc = [[_mm256_setzero_ps(); 4]; 2];
+        let full = kk / 16;
+        for s in 0..full {
+            step::<T, R, C>(&mut acc, x, w, ws, 16 * s);
         }
-        let rows = [0, 1, 2, 3].map(|c| pad[c].as_ptr());
-        step_rows::<T, R, C>(&mut acc, x.add(16 * full), rows);
+        let tail = kk - 16 * full;
+        if tail > 0 {
+            // The last weight elements through zero-padded copies (`x` is padded already).
+            let mut pad = [[T::default(); 16]; 4];
+            for c in 0..C {
+                let row = std::slice::from_raw_parts(w.add(c * ws + 16 * full), tail);
+                pad[c][..tail].copy_from_slice(row);
+            }
+            let rows = [0, 1, 2, 3].map(|c| pad[c].as_ptr());
+            step_rows::<T, R, C>(&mut acc, x.add(16 * full), rows);
+        }
+        reduce8(&acc)
     }
-    reduce8(&acc)
 }
 
 /// One 16-element step at element `at` of `x` (rows `KCE` apart) and `w` (rows `ws` apart).
@@ -163,9 +170,13 @@ unsafe fn step<T: Half, const R: usize, const C: usize>(
     ws: usize,
     at: usize,
 ) {
-    // Rows past `C` are never loaded.
-    let rows = [0, 1, 2, 3].map(|c| w.wrapping_add(c * ws + at));
-    step_rows::<T, R, C>(acc, x.add(at), rows);
+    // SAFETY: called only by this module's kernels, which run with these target features
+    // and pass pointers inside the operands their public entry points checked.
+    unsafe {
+        // Rows past `C` are never loaded.
+        let rows = [0, 1, 2, 3].map(|c| w.wrapping_add(c * ws + at));
+        step_rows::<T, R, C>(acc, x.add(at), rows);
+    }
 }
 
 /// One 16-element step over `x` rows `KCE` apart and the given weight rows: each vector loaded
@@ -178,15 +189,19 @@ unsafe fn step_rows<T: Half, const R: usize, const C: usize>(
     x: *const T,
     w: [*const T; 4],
 ) {
-    let load = |p: *const T| split::<T>(_mm256_loadu_si256(p as *const __m256i));
-    // The rows of `x` split once; each weight row split in turn (8 accumulators, 2R + 2
-    // operand halves: 14 of the 16 registers).
-    let xv: [(__m256, __m256); R] = std::array::from_fn(|r| load(x.add(r * KCE)));
-    for c in 0..C {
-        let (wa, wb) = load(w[c]);
-        for r in 0..R {
-            acc[r][c] = _mm256_fmadd_ps(xv[r].0, wa, acc[r][c]);
-            acc[r][c] = _mm256_fmadd_ps(xv[r].1, wb, acc[r][c]);
+    // SAFETY: called only by this module's kernels, which run with these target features
+    // and pass pointers inside the operands their public entry points checked.
+    unsafe {
+        let load = |p: *const T| split::<T>(_mm256_loadu_si256(p as *const __m256i));
+        // The rows of `x` split once; each weight row split in turn (8 accumulators, 2R + 2
+        // operand halves: 14 of the 16 registers).
+        let xv: [(__m256, __m256); R] = std::array::from_fn(|r| load(x.add(r * KCE)));
+        for c in 0..C {
+            let (wa, wb) = load(w[c]);
+            for r in 0..R {
+                acc[r][c] = _mm256_fmadd_ps(xv[r].0, wa, acc[r][c]);
+                acc[r][c] = _mm256_fmadd_ps(xv[r].1, wb, acc[r][c]);
+            }
         }
     }
 }

@@ -80,33 +80,36 @@ impl OutBuf {
     /// # Safety
     /// `off..off + src.len()` is inside the buffer and belongs to the calling work item.
     pub(super) unsafe fn write(self, off: usize, src: &[f32], scale: f32) {
-        let n = src.len();
-        match self {
-            OutBuf::F32(p) => {
-                let dst = std::slice::from_raw_parts_mut(p.add(off), n);
-                dst.iter_mut().zip(src).for_each(|(o, x)| *o = x * scale);
-            }
-            OutBuf::Bf16(p) => {
-                #[cfg(target_arch = "x86_64")]
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    return write_bf16_avx512(p.add(off), src, scale);
+        // SAFETY: the caller upholds this function's `# Safety` contract.
+        unsafe {
+            let n = src.len();
+            match self {
+                OutBuf::F32(p) => {
+                    let dst = std::slice::from_raw_parts_mut(p.add(off), n);
+                    dst.iter_mut().zip(src).for_each(|(o, x)| *o = x * scale);
                 }
-                let dst = std::slice::from_raw_parts_mut(p.add(off), n);
-                dst.iter_mut()
-                    .zip(src)
-                    .for_each(|(o, x)| *o = bf16_nearest(x * scale));
-            }
-            OutBuf::F16(p) => {
-                use half::slice::HalfFloatSliceExt;
-                // Scaled in chunks on the stack, then rounded by `half`'s slice conversion
-                // (F16C where the CPU has it): `f16::from_f32` element by element checks the
-                // CPU's features on every call (a quarter of an f16 call's time at L = 128).
-                let dst = std::slice::from_raw_parts_mut(p.add(off), n);
-                let mut tmp = [0f32; 64];
-                for (d, s) in dst.chunks_mut(64).zip(src.chunks(64)) {
-                    let t = &mut tmp[..s.len()];
-                    t.iter_mut().zip(s).for_each(|(o, x)| *o = x * scale);
-                    d.convert_from_f32_slice(t);
+                OutBuf::Bf16(p) => {
+                    #[cfg(target_arch = "x86_64")]
+                    if std::arch::is_x86_feature_detected!("avx512f") {
+                        return write_bf16_avx512(p.add(off), src, scale);
+                    }
+                    let dst = std::slice::from_raw_parts_mut(p.add(off), n);
+                    dst.iter_mut()
+                        .zip(src)
+                        .for_each(|(o, x)| *o = bf16_nearest(x * scale));
+                }
+                OutBuf::F16(p) => {
+                    use half::slice::HalfFloatSliceExt;
+                    // Scaled in chunks on the stack, then rounded by `half`'s slice conversion
+                    // (F16C where the CPU has it): `f16::from_f32` element by element checks the
+                    // CPU's features on every call (a quarter of an f16 call's time at L = 128).
+                    let dst = std::slice::from_raw_parts_mut(p.add(off), n);
+                    let mut tmp = [0f32; 64];
+                    for (d, s) in dst.chunks_mut(64).zip(src.chunks(64)) {
+                        let t = &mut tmp[..s.len()];
+                        t.iter_mut().zip(s).for_each(|(o, x)| *o = x * scale);
+                        d.convert_from_f32_slice(t);
+                    }
                 }
             }
         }
@@ -117,13 +120,16 @@ impl OutBuf {
     /// # Safety
     /// As for [`OutBuf::write`].
     pub(super) unsafe fn fill(self, off: usize, n: usize, v: f32) {
-        match self {
-            OutBuf::F32(p) => std::slice::from_raw_parts_mut(p.add(off), n).fill(v),
-            OutBuf::Bf16(p) => {
-                std::slice::from_raw_parts_mut(p.add(off), n).fill(half::bf16::from_f32(v))
-            }
-            OutBuf::F16(p) => {
-                std::slice::from_raw_parts_mut(p.add(off), n).fill(half::f16::from_f32(v))
+        // SAFETY: the caller upholds this function's `# Safety` contract.
+        unsafe {
+            match self {
+                OutBuf::F32(p) => std::slice::from_raw_parts_mut(p.add(off), n).fill(v),
+                OutBuf::Bf16(p) => {
+                    std::slice::from_raw_parts_mut(p.add(off), n).fill(half::bf16::from_f32(v))
+                }
+                OutBuf::F16(p) => {
+                    std::slice::from_raw_parts_mut(p.add(off), n).fill(half::f16::from_f32(v))
+                }
             }
         }
     }
@@ -137,31 +143,34 @@ impl OutBuf {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn write_bf16_avx512(dst: *mut half::bf16, src: &[f32], scale: f32) {
-    use crate::gemm::ukr::{round16_512, Half};
-    use std::arch::x86_64::*;
-    let sv = _mm512_set1_ps(scale);
-    let mut c = 0;
-    while c < src.len() {
-        let left = src.len() - c;
-        let m: u16 = if left >= 16 {
-            u16::MAX
-        } else {
-            (1u16 << left) - 1
-        };
-        let v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, src.as_ptr().add(c)), sv);
-        let h = round16_512(v, Half::Bf16);
-        // 16-bit lanes: a masked store of the lanes written (AVX-512F has no 16-bit masked
-        // store; whole vectors, then the tail element by element).
-        if left >= 16 {
-            _mm256_storeu_si256(dst.add(c).cast(), h);
-        } else {
-            let mut lanes = [0u16; 16];
-            _mm256_storeu_si256(lanes.as_mut_ptr().cast(), h);
-            for (i, &x) in lanes[..left].iter().enumerate() {
-                *dst.add(c + i) = half::bf16::from_bits(x);
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe {
+        use crate::gemm::ukr::{round16_512, Half};
+        use std::arch::x86_64::*;
+        let sv = _mm512_set1_ps(scale);
+        let mut c = 0;
+        while c < src.len() {
+            let left = src.len() - c;
+            let m: u16 = if left >= 16 {
+                u16::MAX
+            } else {
+                (1u16 << left) - 1
+            };
+            let v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, src.as_ptr().add(c)), sv);
+            let h = round16_512(v, Half::Bf16);
+            // 16-bit lanes: a masked store of the lanes written (AVX-512F has no 16-bit masked
+            // store; whole vectors, then the tail element by element).
+            if left >= 16 {
+                _mm256_storeu_si256(dst.add(c).cast(), h);
+            } else {
+                let mut lanes = [0u16; 16];
+                _mm256_storeu_si256(lanes.as_mut_ptr().cast(), h);
+                for (i, &x) in lanes[..left].iter().enumerate() {
+                    *dst.add(c + i) = half::bf16::from_bits(x);
+                }
             }
+            c += 16;
         }
-        c += 16;
     }
 }
 

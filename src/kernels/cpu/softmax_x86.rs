@@ -50,61 +50,64 @@ pub(super) unsafe fn softmax_step_avx512(
     lsum: &mut f32,
     acc: &mut [f32],
 ) -> bool {
-    let n = row.len();
-    let p = row.as_mut_ptr();
-    let neg_inf = _mm512_set1_ps(f32::NEG_INFINITY);
-    let mut mx = neg_inf;
-    let mut nan = 0u16;
-    let mut c = 0;
-    while c < n {
-        let x = _mm512_mask_loadu_ps(neg_inf, tail(n - c), p.add(c));
-        nan |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
-        mx = _mm512_max_ps(mx, x);
-        c += 16;
-    }
-    // NaN wins and sticks (a NaN logit makes the row NaN, as in PyTorch).
-    let tile_max = if nan != 0 {
-        f32::NAN
-    } else {
-        _mm512_reduce_max_ps(mx)
-    };
-    let m_new = running_max(tile_max, *m);
-    if m_new == f32::NEG_INFINITY {
-        // Nothing visible so far: probabilities 0, no state change.
-        row.fill(0.0);
-        return false;
-    }
-    let mv = _mm512_set1_ps(m_new);
-    let mut sv = _mm512_setzero_ps();
-    let mut c = 0;
-    while c < n {
-        let k = tail(n - c);
-        let x = _mm512_mask_loadu_ps(neg_inf, k, p.add(c));
-        let e = exp16(_mm512_sub_ps(x, mv));
-        _mm512_mask_storeu_ps(p.add(c), k, e);
-        sv = _mm512_add_ps(sv, _mm512_maskz_mov_ps(k, e));
-        c += 16;
-    }
-    let sum = _mm512_reduce_add_ps(sv);
-    if m_new != *m {
-        // exp(m - m_new): 0 when m was -inf.
-        let corr = _mm512_cvtss_f32(exp16(_mm512_set1_ps(*m - m_new)));
-        if *lsum != 0.0 {
-            let cv = _mm512_set1_ps(corr);
-            let (a, len) = (acc.as_mut_ptr(), acc.len());
-            let mut c = 0;
-            while c < len {
-                let k = tail(len - c);
-                let x = _mm512_maskz_loadu_ps(k, a.add(c));
-                _mm512_mask_storeu_ps(a.add(c), k, _mm512_mul_ps(x, cv));
-                c += 16;
-            }
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe {
+        let n = row.len();
+        let p = row.as_mut_ptr();
+        let neg_inf = _mm512_set1_ps(f32::NEG_INFINITY);
+        let mut mx = neg_inf;
+        let mut nan = 0u16;
+        let mut c = 0;
+        while c < n {
+            let x = _mm512_mask_loadu_ps(neg_inf, tail(n - c), p.add(c));
+            nan |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
+            mx = _mm512_max_ps(mx, x);
+            c += 16;
         }
-        *lsum *= corr;
-        *m = m_new;
+        // NaN wins and sticks (a NaN logit makes the row NaN, as in PyTorch).
+        let tile_max = if nan != 0 {
+            f32::NAN
+        } else {
+            _mm512_reduce_max_ps(mx)
+        };
+        let m_new = running_max(tile_max, *m);
+        if m_new == f32::NEG_INFINITY {
+            // Nothing visible so far: probabilities 0, no state change.
+            row.fill(0.0);
+            return false;
+        }
+        let mv = _mm512_set1_ps(m_new);
+        let mut sv = _mm512_setzero_ps();
+        let mut c = 0;
+        while c < n {
+            let k = tail(n - c);
+            let x = _mm512_mask_loadu_ps(neg_inf, k, p.add(c));
+            let e = exp16(_mm512_sub_ps(x, mv));
+            _mm512_mask_storeu_ps(p.add(c), k, e);
+            sv = _mm512_add_ps(sv, _mm512_maskz_mov_ps(k, e));
+            c += 16;
+        }
+        let sum = _mm512_reduce_add_ps(sv);
+        if m_new != *m {
+            // exp(m - m_new): 0 when m was -inf.
+            let corr = _mm512_cvtss_f32(exp16(_mm512_set1_ps(*m - m_new)));
+            if *lsum != 0.0 {
+                let cv = _mm512_set1_ps(corr);
+                let (a, len) = (acc.as_mut_ptr(), acc.len());
+                let mut c = 0;
+                while c < len {
+                    let k = tail(len - c);
+                    let x = _mm512_maskz_loadu_ps(k, a.add(c));
+                    _mm512_mask_storeu_ps(a.add(c), k, _mm512_mul_ps(x, cv));
+                    c += 16;
+                }
+            }
+            *lsum *= corr;
+            *m = m_new;
+        }
+        *lsum += sum;
+        true
     }
-    *lsum += sum;
-    true
 }
 
 /// [`exp16`] in 8 lanes (AVX2 + FMA).
@@ -164,69 +167,72 @@ pub(super) unsafe fn softmax_step_avx2(
     lsum: &mut f32,
     acc: &mut [f32],
 ) -> bool {
-    let n = row.len();
-    let full = n / 8 * 8;
-    let p = row.as_mut_ptr();
-    let neg_inf = _mm256_set1_ps(f32::NEG_INFINITY);
-    let mut mx = neg_inf;
-    let mut nan = _mm256_setzero_ps();
-    let mut c = 0;
-    while c < full {
-        let x = _mm256_loadu_ps(p.add(c));
-        nan = _mm256_or_ps(nan, _mm256_cmp_ps::<_CMP_UNORD_Q>(x, x));
-        mx = _mm256_max_ps(mx, x);
-        c += 8;
-    }
-    let mut tile_max = hmax8(mx);
-    let mut any_nan = _mm256_movemask_ps(nan) != 0;
-    for &x in &row[full..] {
-        any_nan |= x.is_nan();
-        tile_max = tile_max.max(x);
-    }
-    // NaN wins and sticks (a NaN logit makes the row NaN, as in PyTorch).
-    if any_nan {
-        tile_max = f32::NAN;
-    }
-    let m_new = running_max(tile_max, *m);
-    if m_new == f32::NEG_INFINITY {
-        // Nothing visible so far: probabilities 0, no state change.
-        row.fill(0.0);
-        return false;
-    }
-    let mv = _mm256_set1_ps(m_new);
-    let mut sv = _mm256_setzero_ps();
-    let mut c = 0;
-    while c < full {
-        let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(c)), mv));
-        _mm256_storeu_ps(p.add(c), e);
-        sv = _mm256_add_ps(sv, e);
-        c += 8;
-    }
-    let mut sum = hsum8(sv);
-    for x in &mut row[full..] {
-        let e = _mm256_cvtss_f32(exp8(_mm256_set1_ps(*x - m_new)));
-        *x = e;
-        sum += e;
-    }
-    if m_new != *m {
-        // exp(m - m_new): 0 when m was -inf.
-        let corr = _mm256_cvtss_f32(exp8(_mm256_set1_ps(*m - m_new)));
-        if *lsum != 0.0 {
-            let cv = _mm256_set1_ps(corr);
-            let (a, len) = (acc.as_mut_ptr(), acc.len());
-            let full = len / 8 * 8;
-            let mut c = 0;
-            while c < full {
-                _mm256_storeu_ps(a.add(c), _mm256_mul_ps(_mm256_loadu_ps(a.add(c)), cv));
-                c += 8;
-            }
-            acc[full..].iter_mut().for_each(|x| *x *= corr);
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe {
+        let n = row.len();
+        let full = n / 8 * 8;
+        let p = row.as_mut_ptr();
+        let neg_inf = _mm256_set1_ps(f32::NEG_INFINITY);
+        let mut mx = neg_inf;
+        let mut nan = _mm256_setzero_ps();
+        let mut c = 0;
+        while c < full {
+            let x = _mm256_loadu_ps(p.add(c));
+            nan = _mm256_or_ps(nan, _mm256_cmp_ps::<_CMP_UNORD_Q>(x, x));
+            mx = _mm256_max_ps(mx, x);
+            c += 8;
         }
-        *lsum *= corr;
-        *m = m_new;
+        let mut tile_max = hmax8(mx);
+        let mut any_nan = _mm256_movemask_ps(nan) != 0;
+        for &x in &row[full..] {
+            any_nan |= x.is_nan();
+            tile_max = tile_max.max(x);
+        }
+        // NaN wins and sticks (a NaN logit makes the row NaN, as in PyTorch).
+        if any_nan {
+            tile_max = f32::NAN;
+        }
+        let m_new = running_max(tile_max, *m);
+        if m_new == f32::NEG_INFINITY {
+            // Nothing visible so far: probabilities 0, no state change.
+            row.fill(0.0);
+            return false;
+        }
+        let mv = _mm256_set1_ps(m_new);
+        let mut sv = _mm256_setzero_ps();
+        let mut c = 0;
+        while c < full {
+            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(c)), mv));
+            _mm256_storeu_ps(p.add(c), e);
+            sv = _mm256_add_ps(sv, e);
+            c += 8;
+        }
+        let mut sum = hsum8(sv);
+        for x in &mut row[full..] {
+            let e = _mm256_cvtss_f32(exp8(_mm256_set1_ps(*x - m_new)));
+            *x = e;
+            sum += e;
+        }
+        if m_new != *m {
+            // exp(m - m_new): 0 when m was -inf.
+            let corr = _mm256_cvtss_f32(exp8(_mm256_set1_ps(*m - m_new)));
+            if *lsum != 0.0 {
+                let cv = _mm256_set1_ps(corr);
+                let (a, len) = (acc.as_mut_ptr(), acc.len());
+                let full = len / 8 * 8;
+                let mut c = 0;
+                while c < full {
+                    _mm256_storeu_ps(a.add(c), _mm256_mul_ps(_mm256_loadu_ps(a.add(c)), cv));
+                    c += 8;
+                }
+                acc[full..].iter_mut().for_each(|x| *x *= corr);
+            }
+            *lsum *= corr;
+            *m = m_new;
+        }
+        *lsum += sum;
+        true
     }
-    *lsum += sum;
-    true
 }
 
 /// `row[j] = c · tanh(row[j] / c)` (`softmax::softcap`) on AVX-512: `tanh|y| = 1 − 2e / (1 + e)`
@@ -239,25 +245,28 @@ pub(super) unsafe fn softmax_step_avx2(
 /// avx512f must be available.
 #[target_feature(enable = "avx512f")]
 pub(super) unsafe fn softcap_avx512(row: &mut [f32], c: f32) {
-    let n = row.len();
-    let p = row.as_mut_ptr();
-    let (k, cap) = (_mm512_set1_ps(-2.0 / c), _mm512_set1_ps(c));
-    let (one, two) = (_mm512_set1_ps(1.0), _mm512_set1_ps(2.0));
-    let sign = _mm512_set1_epi32(i32::MIN);
-    let mut i = 0;
-    while i < n {
-        let m = tail(n - i);
-        let x = _mm512_maskz_loadu_ps(m, p.add(i));
-        let e = exp16(_mm512_mul_ps(_mm512_abs_ps(x), k));
-        let den = _mm512_add_ps(one, e);
-        let r = _mm512_rcp14_ps(den);
-        let r = _mm512_mul_ps(r, _mm512_fnmadd_ps(den, r, two));
-        // tanh|y| = 1 − 2e / (1 + e): exactly 1 once e underflows.
-        let y = _mm512_mul_ps(cap, _mm512_fnmadd_ps(_mm512_add_ps(e, e), r, one));
-        let s = _mm512_and_si512(_mm512_castps_si512(x), sign);
-        let y = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(y), s));
-        _mm512_mask_storeu_ps(p.add(i), m, y);
-        i += 16;
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe {
+        let n = row.len();
+        let p = row.as_mut_ptr();
+        let (k, cap) = (_mm512_set1_ps(-2.0 / c), _mm512_set1_ps(c));
+        let (one, two) = (_mm512_set1_ps(1.0), _mm512_set1_ps(2.0));
+        let sign = _mm512_set1_epi32(i32::MIN);
+        let mut i = 0;
+        while i < n {
+            let m = tail(n - i);
+            let x = _mm512_maskz_loadu_ps(m, p.add(i));
+            let e = exp16(_mm512_mul_ps(_mm512_abs_ps(x), k));
+            let den = _mm512_add_ps(one, e);
+            let r = _mm512_rcp14_ps(den);
+            let r = _mm512_mul_ps(r, _mm512_fnmadd_ps(den, r, two));
+            // tanh|y| = 1 − 2e / (1 + e): exactly 1 once e underflows.
+            let y = _mm512_mul_ps(cap, _mm512_fnmadd_ps(_mm512_add_ps(e, e), r, one));
+            let s = _mm512_and_si512(_mm512_castps_si512(x), sign);
+            let y = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(y), s));
+            _mm512_mask_storeu_ps(p.add(i), m, y);
+            i += 16;
+        }
     }
 }
 
@@ -271,30 +280,33 @@ pub(super) unsafe fn softcap_rational_avx512<const N: usize>(
     c: f32,
     f: &Rational<N>,
 ) {
-    let n = row.len();
-    let p = row.as_mut_ptr();
-    let (alpha, beta) = f.scaled(c);
-    let inv = _mm512_set1_ps(1.0 / c);
-    let (hi, lo) = (_mm512_set1_ps(f.clamp), _mm512_set1_ps(-f.clamp));
-    let mut i = 0;
-    while i < n {
-        let m = tail(n - i);
-        let x = _mm512_maskz_loadu_ps(m, p.add(i));
-        // NaN passes both bounds (the second operand wins on NaN).
-        let y = _mm512_max_ps(lo, _mm512_min_ps(hi, _mm512_mul_ps(x, inv)));
-        let y2 = _mm512_mul_ps(y, y);
-        let mut num = _mm512_set1_ps(alpha[0]);
-        for a in &alpha[1..] {
-            num = _mm512_fmadd_ps(num, y2, _mm512_set1_ps(*a));
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe {
+        let n = row.len();
+        let p = row.as_mut_ptr();
+        let (alpha, beta) = f.scaled(c);
+        let inv = _mm512_set1_ps(1.0 / c);
+        let (hi, lo) = (_mm512_set1_ps(f.clamp), _mm512_set1_ps(-f.clamp));
+        let mut i = 0;
+        while i < n {
+            let m = tail(n - i);
+            let x = _mm512_maskz_loadu_ps(m, p.add(i));
+            // NaN passes both bounds (the second operand wins on NaN).
+            let y = _mm512_max_ps(lo, _mm512_min_ps(hi, _mm512_mul_ps(x, inv)));
+            let y2 = _mm512_mul_ps(y, y);
+            let mut num = _mm512_set1_ps(alpha[0]);
+            for a in &alpha[1..] {
+                num = _mm512_fmadd_ps(num, y2, _mm512_set1_ps(*a));
+            }
+            let mut den = _mm512_set1_ps(beta[0]);
+            for b in &beta[1..] {
+                den = _mm512_fmadd_ps(den, y2, _mm512_set1_ps(*b));
+            }
+            // A division: the divider runs beside the FMA pipes this is bound by.
+            let t = _mm512_div_ps(_mm512_mul_ps(num, y), den);
+            _mm512_mask_storeu_ps(p.add(i), m, t);
+            i += 16;
         }
-        let mut den = _mm512_set1_ps(beta[0]);
-        for b in &beta[1..] {
-            den = _mm512_fmadd_ps(den, y2, _mm512_set1_ps(*b));
-        }
-        // A division: the divider runs beside the FMA pipes this is bound by.
-        let t = _mm512_div_ps(_mm512_mul_ps(num, y), den);
-        _mm512_mask_storeu_ps(p.add(i), m, t);
-        i += 16;
     }
 }
 
@@ -305,23 +317,26 @@ pub(super) unsafe fn softcap_rational_avx512<const N: usize>(
 /// avx512f must be available.
 #[target_feature(enable = "avx512f")]
 pub(super) unsafe fn alibi_avx512(row: &mut [f32], m: f32, centre: i32) {
-    let n = row.len();
-    let p = row.as_mut_ptr();
-    let mv = _mm512_set1_ps(m);
-    let mut d = _mm512_sub_ps(
-        _mm512_set1_ps(centre as f32),
-        _mm512_setr_ps(
-            0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.,
-        ),
-    );
-    let step = _mm512_set1_ps(16.0);
-    let mut i = 0;
-    while i < n {
-        let mk = tail(n - i);
-        let x = _mm512_maskz_loadu_ps(mk, p.add(i));
-        _mm512_mask_storeu_ps(p.add(i), mk, _mm512_fnmadd_ps(mv, _mm512_abs_ps(d), x));
-        d = _mm512_sub_ps(d, step);
-        i += 16;
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe {
+        let n = row.len();
+        let p = row.as_mut_ptr();
+        let mv = _mm512_set1_ps(m);
+        let mut d = _mm512_sub_ps(
+            _mm512_set1_ps(centre as f32),
+            _mm512_setr_ps(
+                0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.,
+            ),
+        );
+        let step = _mm512_set1_ps(16.0);
+        let mut i = 0;
+        while i < n {
+            let mk = tail(n - i);
+            let x = _mm512_maskz_loadu_ps(mk, p.add(i));
+            _mm512_mask_storeu_ps(p.add(i), mk, _mm512_fnmadd_ps(mv, _mm512_abs_ps(d), x));
+            d = _mm512_sub_ps(d, step);
+            i += 16;
+        }
     }
 }
 
@@ -342,23 +357,26 @@ unsafe fn lanes8(n: usize) -> __m256i {
 /// avx2 and fma must be available.
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn softcap_avx2(row: &mut [f32], c: f32) {
-    let n = row.len();
-    let p = row.as_mut_ptr();
-    let (k, cap) = (_mm256_set1_ps(-2.0 / c), _mm256_set1_ps(c));
-    let (one, two) = (_mm256_set1_ps(1.0), _mm256_set1_ps(2.0));
-    let sign = _mm256_set1_ps(-0.0);
-    let mut i = 0;
-    while i < n {
-        let m = lanes8(n - i);
-        let x = _mm256_maskload_ps(p.add(i), m);
-        let e = exp8(_mm256_mul_ps(_mm256_andnot_ps(sign, x), k));
-        let den = _mm256_add_ps(one, e);
-        let r = _mm256_rcp_ps(den);
-        let r = _mm256_mul_ps(r, _mm256_fnmadd_ps(den, r, two));
-        let y = _mm256_mul_ps(cap, _mm256_fnmadd_ps(_mm256_add_ps(e, e), r, one));
-        let y = _mm256_or_ps(y, _mm256_and_ps(x, sign));
-        _mm256_maskstore_ps(p.add(i), m, y);
-        i += 8;
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe {
+        let n = row.len();
+        let p = row.as_mut_ptr();
+        let (k, cap) = (_mm256_set1_ps(-2.0 / c), _mm256_set1_ps(c));
+        let (one, two) = (_mm256_set1_ps(1.0), _mm256_set1_ps(2.0));
+        let sign = _mm256_set1_ps(-0.0);
+        let mut i = 0;
+        while i < n {
+            let m = lanes8(n - i);
+            let x = _mm256_maskload_ps(p.add(i), m);
+            let e = exp8(_mm256_mul_ps(_mm256_andnot_ps(sign, x), k));
+            let den = _mm256_add_ps(one, e);
+            let r = _mm256_rcp_ps(den);
+            let r = _mm256_mul_ps(r, _mm256_fnmadd_ps(den, r, two));
+            let y = _mm256_mul_ps(cap, _mm256_fnmadd_ps(_mm256_add_ps(e, e), r, one));
+            let y = _mm256_or_ps(y, _mm256_and_ps(x, sign));
+            _mm256_maskstore_ps(p.add(i), m, y);
+            i += 8;
+        }
     }
 }
 
@@ -372,30 +390,33 @@ pub(super) unsafe fn softcap_rational_avx2<const N: usize>(
     c: f32,
     f: &Rational<N>,
 ) {
-    let n = row.len();
-    let p = row.as_mut_ptr();
-    let (alpha, beta) = f.scaled(c);
-    let inv = _mm256_set1_ps(1.0 / c);
-    let (hi, lo) = (_mm256_set1_ps(f.clamp), _mm256_set1_ps(-f.clamp));
-    let mut i = 0;
-    while i < n {
-        let m = lanes8(n - i);
-        let x = _mm256_maskload_ps(p.add(i), m);
-        // NaN passes both bounds (the second operand wins on NaN).
-        let y = _mm256_max_ps(lo, _mm256_min_ps(hi, _mm256_mul_ps(x, inv)));
-        let y2 = _mm256_mul_ps(y, y);
-        let mut num = _mm256_set1_ps(alpha[0]);
-        for a in &alpha[1..] {
-            num = _mm256_fmadd_ps(num, y2, _mm256_set1_ps(*a));
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe {
+        let n = row.len();
+        let p = row.as_mut_ptr();
+        let (alpha, beta) = f.scaled(c);
+        let inv = _mm256_set1_ps(1.0 / c);
+        let (hi, lo) = (_mm256_set1_ps(f.clamp), _mm256_set1_ps(-f.clamp));
+        let mut i = 0;
+        while i < n {
+            let m = lanes8(n - i);
+            let x = _mm256_maskload_ps(p.add(i), m);
+            // NaN passes both bounds (the second operand wins on NaN).
+            let y = _mm256_max_ps(lo, _mm256_min_ps(hi, _mm256_mul_ps(x, inv)));
+            let y2 = _mm256_mul_ps(y, y);
+            let mut num = _mm256_set1_ps(alpha[0]);
+            for a in &alpha[1..] {
+                num = _mm256_fmadd_ps(num, y2, _mm256_set1_ps(*a));
+            }
+            let mut den = _mm256_set1_ps(beta[0]);
+            for b in &beta[1..] {
+                den = _mm256_fmadd_ps(den, y2, _mm256_set1_ps(*b));
+            }
+            // A division: the divider runs beside the FMA pipes this is bound by.
+            let t = _mm256_div_ps(_mm256_mul_ps(num, y), den);
+            _mm256_maskstore_ps(p.add(i), m, t);
+            i += 8;
         }
-        let mut den = _mm256_set1_ps(beta[0]);
-        for b in &beta[1..] {
-            den = _mm256_fmadd_ps(den, y2, _mm256_set1_ps(*b));
-        }
-        // A division: the divider runs beside the FMA pipes this is bound by.
-        let t = _mm256_div_ps(_mm256_mul_ps(num, y), den);
-        _mm256_maskstore_ps(p.add(i), m, t);
-        i += 8;
     }
 }
 
@@ -405,21 +426,24 @@ pub(super) unsafe fn softcap_rational_avx2<const N: usize>(
 /// avx2 and fma must be available.
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn alibi_avx2(row: &mut [f32], m: f32, centre: i32) {
-    let n = row.len();
-    let p = row.as_mut_ptr();
-    let mv = _mm256_set1_ps(m);
-    let mut d = _mm256_sub_ps(
-        _mm256_set1_ps(centre as f32),
-        _mm256_setr_ps(0., 1., 2., 3., 4., 5., 6., 7.),
-    );
-    let (step, sign) = (_mm256_set1_ps(8.0), _mm256_set1_ps(-0.0));
-    let mut i = 0;
-    while i < n {
-        let mk = lanes8(n - i);
-        let x = _mm256_maskload_ps(p.add(i), mk);
-        let dist = _mm256_andnot_ps(sign, d);
-        _mm256_maskstore_ps(p.add(i), mk, _mm256_fnmadd_ps(mv, dist, x));
-        d = _mm256_sub_ps(d, step);
-        i += 8;
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe {
+        let n = row.len();
+        let p = row.as_mut_ptr();
+        let mv = _mm256_set1_ps(m);
+        let mut d = _mm256_sub_ps(
+            _mm256_set1_ps(centre as f32),
+            _mm256_setr_ps(0., 1., 2., 3., 4., 5., 6., 7.),
+        );
+        let (step, sign) = (_mm256_set1_ps(8.0), _mm256_set1_ps(-0.0));
+        let mut i = 0;
+        while i < n {
+            let mk = lanes8(n - i);
+            let x = _mm256_maskload_ps(p.add(i), mk);
+            let dist = _mm256_andnot_ps(sign, d);
+            _mm256_maskstore_ps(p.add(i), mk, _mm256_fnmadd_ps(mv, dist, x));
+            d = _mm256_sub_ps(d, step);
+            i += 8;
+        }
     }
 }
