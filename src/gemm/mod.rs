@@ -167,11 +167,11 @@ pub(crate) fn kernel_for(
         return None;
     }
     let k = match isa {
-        Isa::Avx512Bf16 if dtype == DType::BF16 && crate::kernels::cpu::bf16_dots(isa) => {
+        Isa::Avx512Bf16(_) if dtype == DType::BF16 && crate::kernels::cpu::bf16_dots(isa) => {
             Kernel::Avx512Bf16
         }
-        Isa::Avx512Bf16 | Isa::Avx512 => Kernel::Avx512F32,
-        Isa::Avx2 => Kernel::Avx2F32,
+        Isa::Avx512Bf16(_) | Isa::Avx512(_) => Kernel::Avx512F32,
+        Isa::Avx2(_) => Kernel::Avx2F32,
         Isa::Portable => return None,
     };
     k.supported().then_some(k)

@@ -197,15 +197,7 @@ pub(crate) fn isas() -> Vec<&'static str> {
 
 /// Forces the instruction set named `name` (`None`: the best available), process-wide.
 pub(crate) fn force_isa(name: Option<&str>) -> std::result::Result<(), String> {
-    let isa = match name {
-        None => None,
-        Some("avx512bf16") => Some(Isa::Avx512Bf16),
-        Some("avx512") => Some(Isa::Avx512),
-        Some("avx2") => Some(Isa::Avx2),
-        Some("portable") => Some(Isa::Portable),
-        Some(other) => return Err(format!("unknown instruction set {other:?}")),
-    };
-    products::force(isa)
+    products::force(name)
 }
 
 /// Whether bf16 products on `isa` use AVX512-BF16 dot products (forced, or measured faster
@@ -254,7 +246,7 @@ pub(crate) fn isa_name() -> &'static str {
 /// Forces the portable path (`gemm` crate products) even where SIMD micro-kernels are
 /// available (process-wide), so that tests cover both paths on one machine.
 pub(crate) fn set_portable_only(on: bool) {
-    let _ = products::force(on.then_some(Isa::Portable));
+    let _ = products::force(on.then_some("portable"));
 }
 
 /// The fused CPU kernel behind the dispatcher.

@@ -10,100 +10,116 @@ use super::portable::{self, matmul};
 #[cfg(target_arch = "x86_64")]
 use super::quant::QRows;
 
-/// An instruction set of the fused CPU kernel's products.
+/// Proof that the CPU runs an instruction set: made only in this module, from run-time
+/// detection ([`available`], [`current`]), so that the SIMD dispatch below can trust any [`Isa`]
+/// it is given (no other code can name an AVX-512 or AVX2 [`Isa`] the CPU lacks).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Detected(());
+
+/// An instruction set of the fused CPU kernel's products; the SIMD ones carry the proof that
+/// the CPU runs them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // only x86 detects the SIMD sets
 pub enum Isa {
     /// [`Isa::Avx512`], and for bf16 inputs AVX512-BF16 dot products (`vdpbf16ps`: two bf16
     /// products per f32 lane) in the tile products where they are faster than widening to f32
     /// (measured once per process, see `dots_bf16`).
-    Avx512Bf16,
+    Avx512Bf16(Detected),
     /// AVX-512F micro-kernels (16 lanes).
-    Avx512,
+    Avx512(Detected),
     /// AVX2 + FMA micro-kernels (8 lanes).
-    Avx2,
+    Avx2(Detected),
     /// The `gemm` crate.
     Portable,
 }
+
+/// The instruction sets by name, best first, with their codes in [`FORCED`].
+const NAMES: [(&str, u8); 4] = [
+    ("avx512bf16", 4),
+    ("avx512", 1),
+    ("avx2", 2),
+    ("portable", 3),
+];
 
 impl Isa {
     /// Short name (`"avx512bf16"`, `"avx512"`, `"avx2"`, `"portable"`).
     pub fn name(self) -> &'static str {
         match self {
-            Isa::Avx512Bf16 => "avx512bf16",
-            Isa::Avx512 => "avx512",
-            Isa::Avx2 => "avx2",
+            Isa::Avx512Bf16(_) => "avx512bf16",
+            Isa::Avx512(_) => "avx512",
+            Isa::Avx2(_) => "avx2",
             Isa::Portable => "portable",
-        }
-    }
-
-    fn code(self) -> u8 {
-        match self {
-            Isa::Avx512 => 1,
-            Isa::Avx2 => 2,
-            Isa::Portable => 3,
-            Isa::Avx512Bf16 => 4,
         }
     }
 
     /// Whether this is one of the AVX-512 sets (16-lane micro-kernels).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // x86-only GEMM selection
     pub fn avx512(self) -> bool {
-        matches!(self, Isa::Avx512 | Isa::Avx512Bf16)
-    }
-
-    fn supported(self) -> bool {
-        match self {
-            Isa::Portable => true,
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512Bf16 => {
-                is_x86_feature_detected!("avx512f")
-                    && is_x86_feature_detected!("avx512bw")
-                    && is_x86_feature_detected!("avx512bf16")
-            }
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => is_x86_feature_detected!("avx512f"),
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => {
-                is_x86_feature_detected!("avx2")
-                    && is_x86_feature_detected!("fma")
-                    && is_x86_feature_detected!("f16c")
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            _ => false,
-        }
+        matches!(self, Isa::Avx512(_) | Isa::Avx512Bf16(_))
     }
 }
 
-/// 0: the best available; else a forced [`Isa`] code.
+/// The instruction set with code `code`, when this CPU runs it.
+fn detect(code: u8) -> Option<Isa> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let proof = Detected(());
+        let has = |f: &[bool]| f.iter().all(|&x| x);
+        let isa = match code {
+            4 => has(&[
+                is_x86_feature_detected!("avx512f"),
+                is_x86_feature_detected!("avx512bw"),
+                is_x86_feature_detected!("avx512bf16"),
+            ])
+            .then_some(Isa::Avx512Bf16(proof)),
+            1 => is_x86_feature_detected!("avx512f").then_some(Isa::Avx512(proof)),
+            2 => has(&[
+                is_x86_feature_detected!("avx2"),
+                is_x86_feature_detected!("fma"),
+                is_x86_feature_detected!("f16c"),
+            ])
+            .then_some(Isa::Avx2(proof)),
+            _ => None,
+        };
+        if isa.is_some() {
+            return isa;
+        }
+    }
+    (code == 3).then_some(Isa::Portable)
+}
+
+/// 0: the best available; else a forced instruction set's code (see [`NAMES`]).
 static FORCED: AtomicU8 = AtomicU8::new(0);
 
 /// The instruction sets this CPU can run, best first.
 pub fn available() -> Vec<Isa> {
-    [Isa::Avx512Bf16, Isa::Avx512, Isa::Avx2, Isa::Portable]
-        .into_iter()
-        .filter(|i| i.supported())
-        .collect()
+    NAMES.iter().filter_map(|&(_, c)| detect(c)).collect()
 }
 
 /// The instruction set calls use now.
 pub fn current() -> Isa {
+    let best = || NAMES.iter().find_map(|&(_, c)| detect(c));
     match FORCED.load(Ordering::Relaxed) {
-        1 => Isa::Avx512,
-        2 => Isa::Avx2,
-        3 => Isa::Portable,
-        4 => Isa::Avx512Bf16,
-        _ => available()[0],
+        0 => best(),
+        c => detect(c).or_else(best),
     }
+    .unwrap_or(Isa::Portable)
 }
 
-/// Forces `isa` for every following call (process-wide; `None`: the best available). Errors
-/// when the CPU lacks it.
-pub fn force(isa: Option<Isa>) -> Result<(), String> {
-    match isa {
-        None => FORCED.store(0, Ordering::Relaxed),
-        Some(i) if i.supported() => FORCED.store(i.code(), Ordering::Relaxed),
-        Some(i) => return Err(format!("this CPU cannot run the {} kernels", i.name())),
+/// Forces the instruction set named `name` for every following call (process-wide; `None`:
+/// the best available). Errors when the name is unknown or the CPU lacks it.
+pub fn force(name: Option<&str>) -> Result<(), String> {
+    let Some(name) = name else {
+        FORCED.store(0, Ordering::Relaxed);
+        return Ok(());
+    };
+    let Some(&(_, code)) = NAMES.iter().find(|(n, _)| *n == name) else {
+        return Err(format!("unknown instruction set {name:?}"));
+    };
+    if detect(code).is_none() {
+        return Err(format!("this CPU cannot run the {name} kernels"));
     }
+    FORCED.store(code, Ordering::Relaxed);
     Ok(())
 }
 
@@ -115,18 +131,18 @@ pub(super) fn qk_t(isa: Isa, a: Mat, kt: Mat, out: MatMut, scale: f32) {
     assert!(kt.rows == a.cols && out.rows == nr && out.cols == bk);
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 | Isa::Avx512Bf16 => {
+        Isa::Avx512(_) | Isa::Avx512Bf16(_) => {
             let padded = bk.div_ceil(16) * 16;
             assert!(
                 nr == 0
                     || (out.stride >= padded && out.data.len() >= (nr - 1) * out.stride + padded)
             );
-            // SAFETY: `isa` is only ever a supported one (see `force`); rows of `out` hold the
+            // SAFETY: `isa` carries the proof that the CPU runs it (`Detected`); rows of `out` hold the
             // padded columns (asserted).
             unsafe { super::avx512::qk(a, kt, out, scale) }
         }
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => {
+        Isa::Avx2(_) => {
             // SAFETY: as above; only the `bk` columns are written.
             unsafe { super::avx2::qk(a, kt, out, scale) }
         }
@@ -149,12 +165,12 @@ pub(super) fn qk_rows(isa: Isa, q: Mat, k: Mat, out: MatMut, scale: f32) {
     assert!(k.cols == q.cols && out.rows == nr && out.cols == bk);
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa` is only ever a supported one (see `force`); every access is inside the
+        // SAFETY: `isa` carries the proof that the CPU runs it (`Detected`); every access is inside the
         // checked matrices (masked loads past `d` touch nothing).
-        Isa::Avx512 | Isa::Avx512Bf16 => unsafe { super::avx512::qk_rows(q, k, out, scale) },
+        Isa::Avx512(_) | Isa::Avx512Bf16(_) => unsafe { super::avx512::qk_rows(q, k, out, scale) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        Isa::Avx2 => unsafe { super::avx2::qk_rows(q, k, out, scale) },
+        Isa::Avx2(_) => unsafe { super::avx2::qk_rows(q, k, out, scale) },
         _ => portable::qk(q, k, out, scale),
     }
 }
@@ -164,8 +180,8 @@ pub(super) fn qk_rows(isa: Isa, q: Mat, k: Mat, out: MatMut, scale: f32) {
 /// 8. Elsewhere half tiles are converted to f32 first.
 pub(super) fn reads_half(isa: Isa, cols: usize) -> bool {
     match isa {
-        Isa::Avx512 | Isa::Avx512Bf16 => cols.is_multiple_of(16),
-        Isa::Avx2 => cols.is_multiple_of(8),
+        Isa::Avx512(_) | Isa::Avx512Bf16(_) => cols.is_multiple_of(16),
+        Isa::Avx2(_) => cols.is_multiple_of(8),
         Isa::Portable => false,
     }
 }
@@ -177,12 +193,14 @@ pub(super) fn qk_rows_half(isa: Isa, q: Mat, k: HalfMat, out: MatMut, scale: f32
     );
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa` is only ever a supported one (see `force`); every access is inside the
+        // SAFETY: `isa` carries the proof that the CPU runs it (`Detected`); every access is inside the
         // checked matrices (whole vectors of 16 columns).
-        Isa::Avx512 | Isa::Avx512Bf16 => unsafe { super::avx512::qk_rows_half(q, k, out, scale) },
+        Isa::Avx512(_) | Isa::Avx512Bf16(_) => unsafe {
+            super::avx512::qk_rows_half(q, k, out, scale)
+        },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above (multiples of 8 columns, asserted by `reads_half`).
-        Isa::Avx2 => unsafe { super::avx2::qk_rows_half(q, k, out, scale) },
+        Isa::Avx2(_) => unsafe { super::avx2::qk_rows_half(q, k, out, scale) },
         _ => {
             let _ = (q, k, out, scale);
             unreachable!("reads_half is false for {isa:?}")
@@ -198,10 +216,10 @@ pub(super) fn pv_half(isa: Isa, p: Mat, v: HalfMat, acc: MatMut) {
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        Isa::Avx512 | Isa::Avx512Bf16 => unsafe { super::avx512::pv_half(p, v, acc) },
+        Isa::Avx512(_) | Isa::Avx512Bf16(_) => unsafe { super::avx512::pv_half(p, v, acc) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        Isa::Avx2 => unsafe { super::avx2::pv_half(p, v, acc) },
+        Isa::Avx2(_) => unsafe { super::avx2::pv_half(p, v, acc) },
         _ => {
             let _ = (p, v, acc);
             unreachable!("reads_half is false for {isa:?}")
@@ -217,12 +235,14 @@ pub(super) fn qk_rows_bytes(isa: Isa, q: Mat, k: ByteMat, out: MatMut, scale: f3
     );
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa` is only ever a supported one (see `force`); every access is inside the
+        // SAFETY: `isa` carries the proof that the CPU runs it (`Detected`); every access is inside the
         // checked matrices (whole vectors of 16 columns).
-        Isa::Avx512 | Isa::Avx512Bf16 => unsafe { super::avx512::qk_rows_bytes(q, k, out, scale) },
+        Isa::Avx512(_) | Isa::Avx512Bf16(_) => unsafe {
+            super::avx512::qk_rows_bytes(q, k, out, scale)
+        },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above (multiples of 8 columns, asserted by `reads_half`).
-        Isa::Avx2 => unsafe { super::avx2::qk_rows_bytes(q, k, out, scale) },
+        Isa::Avx2(_) => unsafe { super::avx2::qk_rows_bytes(q, k, out, scale) },
         _ => {
             let _ = (q, k, out, scale);
             unreachable!("reads_half is false for {isa:?}")
@@ -297,12 +317,12 @@ pub(super) fn pv_bytes(isa: Isa, p: Mat, v: ByteMat, acc: MatMut) {
     );
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa` is only ever a supported one (see `force`); every access is inside the
+        // SAFETY: `isa` carries the proof that the CPU runs it (`Detected`); every access is inside the
         // checked matrices (whole vectors of 16 columns).
-        Isa::Avx512 | Isa::Avx512Bf16 => unsafe { super::avx512::pv_bytes(p, v, acc) },
+        Isa::Avx512(_) | Isa::Avx512Bf16(_) => unsafe { super::avx512::pv_bytes(p, v, acc) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above (multiples of 8 columns).
-        Isa::Avx2 => unsafe { super::avx2::pv_bytes(p, v, acc) },
+        Isa::Avx2(_) => unsafe { super::avx2::pv_bytes(p, v, acc) },
         _ => {
             let _ = (p, v, acc);
             unreachable!("reads_half is false for {isa:?}")
@@ -317,11 +337,11 @@ pub(super) fn pv(isa: Isa, p: Mat, v: Mat, acc: MatMut) {
     assert!(v.rows == p.cols && acc.rows == p.rows && acc.cols == v.cols);
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa` is only ever a supported one (see `force`).
-        Isa::Avx512 | Isa::Avx512Bf16 => unsafe { super::avx512::pv(p, v, acc) },
+        // SAFETY: `isa` carries the proof that the CPU runs it (`Detected`).
+        Isa::Avx512(_) | Isa::Avx512Bf16(_) => unsafe { super::avx512::pv(p, v, acc) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        Isa::Avx2 => unsafe { super::avx2::pv(p, v, acc) },
+        Isa::Avx2(_) => unsafe { super::avx2::pv(p, v, acc) },
         _ => portable::pv(p, v, acc),
     }
 }
@@ -331,11 +351,11 @@ pub(super) fn pv_t(isa: Isa, p: Mat, v: Mat, acc: MatMut) {
     assert!(v.rows == p.rows && acc.rows == p.cols && acc.cols == v.cols);
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa` is only ever a supported one (see `force`).
-        Isa::Avx512 | Isa::Avx512Bf16 => unsafe { super::avx512::pv_t(p, v, acc) },
+        // SAFETY: `isa` carries the proof that the CPU runs it (`Detected`).
+        Isa::Avx512(_) | Isa::Avx512Bf16(_) => unsafe { super::avx512::pv_t(p, v, acc) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        Isa::Avx2 => unsafe { super::avx2::pv_t(p, v, acc) },
+        Isa::Avx2(_) => unsafe { super::avx2::pv_t(p, v, acc) },
         _ => {
             let (m, k, n) = (p.cols, p.rows, v.cols);
             matmul(
@@ -358,8 +378,8 @@ pub(super) fn pv_t(isa: Isa, p: Mat, v: Mat, acc: MatMut) {
 /// quarter of the FMA rate), bf16 operands are widened in registers instead, as on
 /// [`Isa::Avx512`].
 pub(crate) fn dots_bf16(isa: Isa) -> bool {
-    isa == Isa::Avx512Bf16
-        && (FORCED.load(Ordering::Relaxed) == Isa::Avx512Bf16.code()
+    matches!(isa, Isa::Avx512Bf16(_))
+        && (FORCED.load(Ordering::Relaxed) == NAMES[0].1
             || crate::gemm::bf16_strategy() == crate::gemm::Bf16Strategy::Dot)
 }
 
@@ -372,7 +392,7 @@ pub(super) fn qk_pairs(isa: Isa, q: PairMat, kt: PairMat, out: MatMut, scale: f3
     assert!(dots_bf16(isa) && kt.rows == q.cols && out.rows == nr && out.cols == bk);
     assert!(nr == 0 || (out.stride >= padded && out.data.len() >= (nr - 1) * out.stride + padded));
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: `isa` is only ever a supported one (see `force`), and AVX512-BF16 (asserted);
+    // SAFETY: `isa` carries the proof that the CPU runs it (`Detected`), and AVX512-BF16 (asserted);
     // rows of `out` hold the padded columns (asserted), the operands are checked matrices.
     unsafe {
         super::avx512_bf16::qk(q, kt, out, scale)

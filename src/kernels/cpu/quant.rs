@@ -211,7 +211,11 @@ mod tests {
                 }
             }
             let k = ByteMat::new(&kb, false, bk, d, ks);
-            for isa in [Isa::Avx512Bf16, Isa::Avx512] {
+            let avx512: Vec<Isa> = products::available()
+                .into_iter()
+                .filter(|i| i.avx512())
+                .collect();
+            for &isa in &avx512 {
                 let mut got = vec![f32::NAN; nr * bk];
                 products::qk_rows_q16(isa, q16, k, MatMut::new(&mut got, nr, bk, bk), scale);
                 let same = got
@@ -221,9 +225,9 @@ mod tests {
                 assert!(same, "{isa:?} d={d}: {got:?} vs {want:?}");
             }
             let qm = Mat::new(&q, nr, d, d);
-            assert!(reads_half(Isa::Avx512, d));
+            assert!(reads_half(avx512[0], d));
             let out = MatMut::new(&mut wide, nr, bk, bk);
-            products::qk_rows_bytes(Isa::Avx512, qm, k, out, scale);
+            products::qk_rows_bytes(avx512[0], qm, k, out, scale);
             for r in 0..nr {
                 for j in 0..bk {
                     let k_abs: f32 = (0..d)
@@ -248,6 +252,10 @@ mod tests {
             eprintln!("no AVX512-VNNI on this CPU: the int16 products are not used");
             return;
         }
+        let avx512: Vec<Isa> = products::available()
+            .into_iter()
+            .filter(|i| i.avx512())
+            .collect();
         let mut seed = 0x9e37_79b9_7f4a_7c15u64;
         let mut next = move || {
             seed ^= seed << 13;
@@ -271,12 +279,12 @@ mod tests {
             let v = ByteMat::new(&vb, false, bk, dv, vs);
             let pm = Mat::new(&p, nr, bk, bk);
             assert!(products::pv_q16(
-                Isa::Avx512,
+                avx512[0],
                 pm,
                 v,
                 MatMut::new(&mut got, nr, dv, dv)
             ));
-            products::pv_bytes(Isa::Avx512, pm, v, MatMut::new(&mut want, nr, dv, dv));
+            products::pv_bytes(avx512[0], pm, v, MatMut::new(&mut want, nr, dv, dv));
             for r in 0..nr {
                 let pmax = p[r * bk..(r + 1) * bk].iter().fold(0f32, |m, &x| m.max(x));
                 for c in 0..dv {
@@ -296,7 +304,7 @@ mod tests {
             let mut same = acc0.clone();
             let pm = Mat::new(&bad, nr, bk, bk);
             assert!(!products::pv_q16(
-                Isa::Avx512,
+                avx512[0],
                 pm,
                 v,
                 MatMut::new(&mut same, nr, dv, dv)

@@ -13,13 +13,13 @@ pub(super) fn softmax_step(
 ) -> bool {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa` is only ever one the CPU supports (see `products::force`).
-        Isa::Avx512 | Isa::Avx512Bf16 => unsafe {
+        // SAFETY: `isa` carries the proof that the CPU runs it (`products::Detected`).
+        Isa::Avx512(_) | Isa::Avx512Bf16(_) => unsafe {
             super::softmax_x86::softmax_step_avx512(row, m, lsum, acc)
         },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above (AVX2 + FMA implies AVX).
-        Isa::Avx2 => unsafe { super::softmax_x86::softmax_step_avx2(row, m, lsum, acc) },
+        Isa::Avx2(_) => unsafe { super::softmax_x86::softmax_step_avx2(row, m, lsum, acc) },
         _ => softmax_step_impl::<false, 8>(row, m, lsum, acc),
     }
 }
@@ -98,11 +98,11 @@ fn tree<const W: usize>(mut x: [f32; W], op: impl Fn(f32, f32) -> f32) -> f32 {
 pub(super) fn exp_sub(isa: Isa, row: &mut [f32], shift: f32) {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa` is only ever one the CPU supports (see `products::force`).
-        Isa::Avx512 | Isa::Avx512Bf16 => unsafe { exp_sub_avx512(row, shift) },
+        // SAFETY: `isa` carries the proof that the CPU runs it (`products::Detected`).
+        Isa::Avx512(_) | Isa::Avx512Bf16(_) => unsafe { exp_sub_avx512(row, shift) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above (AVX2 + FMA implies AVX).
-        Isa::Avx2 => unsafe { exp_sub_avx(row, shift) },
+        Isa::Avx2(_) => unsafe { exp_sub_avx(row, shift) },
         _ => exp_sub_impl::<false>(row, shift),
     }
 }
@@ -160,22 +160,26 @@ pub(super) fn softcap(isa: Isa, row: &mut [f32], c: f32, kind: Tanh) {
     #[cfg(target_arch = "x86_64")]
     {
         use super::softmax_x86 as x86;
-        // SAFETY: `isa` is only ever one the CPU supports (see `products::force`); AVX2 + FMA
+        // SAFETY: `isa` carries the proof that the CPU runs it (`products::Detected`); AVX2 + FMA
         // implies AVX.
         unsafe {
             match (isa, kind) {
-                (Isa::Avx512 | Isa::Avx512Bf16, Tanh::Exp) => return x86::softcap_avx512(row, c),
-                (Isa::Avx512 | Isa::Avx512Bf16, Tanh::Rational13) => {
+                (Isa::Avx512(_) | Isa::Avx512Bf16(_), Tanh::Exp) => {
+                    return x86::softcap_avx512(row, c)
+                }
+                (Isa::Avx512(_) | Isa::Avx512Bf16(_), Tanh::Rational13) => {
                     return x86::softcap_rational_avx512(row, c, &TANH_13)
                 }
-                (Isa::Avx512 | Isa::Avx512Bf16, Tanh::Rational9) => {
+                (Isa::Avx512(_) | Isa::Avx512Bf16(_), Tanh::Rational9) => {
                     return x86::softcap_rational_avx512(row, c, &TANH_9)
                 }
-                (Isa::Avx2, Tanh::Exp) => return x86::softcap_avx2(row, c),
-                (Isa::Avx2, Tanh::Rational13) => {
+                (Isa::Avx2(_), Tanh::Exp) => return x86::softcap_avx2(row, c),
+                (Isa::Avx2(_), Tanh::Rational13) => {
                     return x86::softcap_rational_avx2(row, c, &TANH_13)
                 }
-                (Isa::Avx2, Tanh::Rational9) => return x86::softcap_rational_avx2(row, c, &TANH_9),
+                (Isa::Avx2(_), Tanh::Rational9) => {
+                    return x86::softcap_rational_avx2(row, c, &TANH_9)
+                }
                 _ => {}
             }
         }
@@ -258,13 +262,13 @@ impl<const N: usize> Rational<N> {
 pub(super) fn alibi(isa: Isa, row: &mut [f32], m: f32, centre: i32) {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa` is only ever one the CPU supports (see `products::force`).
-        Isa::Avx512 | Isa::Avx512Bf16 => unsafe {
+        // SAFETY: `isa` carries the proof that the CPU runs it (`products::Detected`).
+        Isa::Avx512(_) | Isa::Avx512Bf16(_) => unsafe {
             super::softmax_x86::alibi_avx512(row, m, centre)
         },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        Isa::Avx2 => unsafe { super::softmax_x86::alibi_avx2(row, m, centre) },
+        Isa::Avx2(_) => unsafe { super::softmax_x86::alibi_avx2(row, m, centre) },
         _ => {
             let mut d = centre;
             for x in row.iter_mut() {
