@@ -78,11 +78,9 @@ fn main() -> ExitCode {
             files.push(p);
         }
     }
-    let opts = RunOptions {
-        device,
-        grad,
-        backend,
-    };
+    let opts = RunOptions::new(device)
+        .with_grad(grad)
+        .with_backend(backend);
     let (mut passed, mut failed) = (0, 0);
     for f in &files {
         let report = run_case(f, &opts);

@@ -59,11 +59,34 @@
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
 
+/// Declares an item `pub` and `#[doc(hidden)]` with the non-default feature `internals` (the
+/// hooks of the crate's own tests, examples and fuzz targets, which turn the feature on through
+/// the self dev-dependency in Cargo.toml), and `pub(crate)` without it: not part of the API.
+/// Without the feature, an item only the hooks use is allowed to be unused.
+///
+/// `internal! { /// docs \n fn f() {} }` (one item: `fn`, `struct`, `enum`, `const`, `mod`,
+/// `use`, …; in a module or an `impl` block).
+macro_rules! internal {
+    ($(#[$meta:meta])* $kw:ident $($rest:tt)*) => {
+        #[cfg(feature = "internals")]
+        #[doc(hidden)]
+        $(#[$meta])*
+        pub $kw $($rest)*
+
+        #[cfg(not(feature = "internals"))]
+        #[allow(dead_code, unused_imports)]
+        $(#[$meta])*
+        pub(crate) $kw $($rest)*
+    };
+}
+
 pub mod cache;
 #[cfg(feature = "runner")]
 #[cfg_attr(docsrs, doc(cfg(feature = "runner")))]
 pub mod case;
 pub mod config;
+/// The fuzz harnesses (`fuzz/`, and `tests/fuzz_corpus.rs` on stable): feature `internals`.
+#[cfg(feature = "internals")]
 #[doc(hidden)]
 pub mod fuzz_support;
 mod gemm;
@@ -79,9 +102,10 @@ pub mod rope;
 pub mod sdpa;
 
 pub use cache::{KvCache, KvFormat, StaticKv};
-pub use config::{alibi_slopes, Backend, MaskedRowPolicy, MhaConfig};
+pub use config::{Backend, MaskedRowPolicy, MhaConfig};
+pub use kernels::KernelId;
 pub use layout::WeightLayout;
-pub use mask::{AttnMask, Causal, CausalAlignment, KeyPaddingMask, MaskPlan};
+pub use mask::{AttnMask, CausalAlignment, KeyPaddingMask, MaskPlan};
 pub use mha::{MhaInput, MhaOutput, MultiHeadAttention, NeedWeights};
-pub use rope::{PositionalHook, Rope, RopeStyle};
+pub use rope::{Rope, RopeStyle};
 pub use sdpa::{sdpa, sdpa_varlen, Packing, SdpaLayout, SdpaMask, SdpaOptions, SeqOffsets};

