@@ -9,11 +9,14 @@
 //! - [`MhaConfig`]: validated hyper-parameters (PyTorch's arguments plus GQA, head size and scale
 //!   overrides).
 //! - [`WeightLayout`]: PyTorch packed, BERT, Llama, GPT-2 `Conv1D`, custom names.
+//! - [`MhaInput`] / [`MhaOutput`]: one call's inputs, built fluently, and its results.
 //! - [`mask`]: key padding, attention masks, causal alignment, and how they merge.
-//! - [`kernels`]: the attention core behind one dispatcher.
+//! - [`kernels`]: the kernels behind one dispatcher: which one served a call ([`KernelId`],
+//!   chosen by [`Backend`]) and the process-wide settings (the reference kernel's memory budget,
+//!   releasing the fused CPU kernel's buffers).
 //! - [`cache`]: KV caches for incremental decoding ([`KvCache`], bottom-right causal, sliding
 //!   window, left padding) and cross-attention ([`StaticKv`]).
-//! - [`rope`]: positional hooks on q and k (RoPE, half-split and interleaved).
+//! - [`rope`]: rotary embeddings of q and k ([`Rope`], half-split and interleaved).
 //! - [`sdpa()`](fn@sdpa) and [`sdpa_varlen`]: the attention core alone with PyTorch
 //!   `F.scaled_dot_product_attention` semantics (for models that project their own q, k, v), and
 //!   packed variable-length sequences ([`mod@sdpa`]).
@@ -23,7 +26,9 @@
 //!   module.
 //!
 //! Both features are on by default; with `default-features = false` the crate is the attention
-//! library alone (candle-core, candle-nn, safetensors, gemm and rayon as dependencies).
+//! library alone (candle-core, candle-nn, safetensors, gemm and rayon as dependencies). The
+//! non-default feature `internals` is not part of the API: it exposes, `#[doc(hidden)]`, the hooks
+//! of the crate's own tests, benchmarks and fuzz targets.
 //!
 //! ```
 //! use candle_core::{DType, Device, Tensor};
