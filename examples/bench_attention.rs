@@ -680,7 +680,7 @@ fn modifier_costs(rounds: usize, d: usize, lengths: &[usize]) -> Result<()> {
     } else {
         PeakKind::Avx2Fma
     };
-    let slopes: Vec<f32> = candle_mha::alibi_slopes(h)
+    let slopes: Vec<f32> = candle_mha::MhaConfig::standard_alibi_slopes(h)
         .iter()
         .map(|&m| m as f32)
         .collect();

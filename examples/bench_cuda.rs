@@ -114,7 +114,7 @@ fn main() -> Result<()> {
             other => bail!("unknown option {other}: --device cuda:N --json OUT"),
         }
     }
-    let dev = candle_mha::case::parse_device(&device)?;
+    let dev = candle_mha::kernels::test_support::parse_device(&device)?;
     if !dev.is_cuda() {
         bail!("bench_cuda needs a CUDA device, got {device}");
     }

@@ -29,7 +29,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use candle_mha::models::llama::{smollm2_chat_prompt, Llama, LlamaCache};
+use candle_mha::models::llama::{Llama, LlamaCache};
 use candle_mha::KvCache;
 use model_files::find_smollm2_gguf;
 use timing::loadavg;
@@ -266,7 +266,7 @@ fn main() -> Result<()> {
     )
     .map_err(anyhow::Error::msg)?;
     let prompt = tok
-        .encode(smollm2_chat_prompt(MESSAGE), false)
+        .encode(model_files::smollm2_chat_prompt(MESSAGE), false)
         .map_err(anyhow::Error::msg)?
         .get_ids()
         .to_vec();

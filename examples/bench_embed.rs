@@ -22,6 +22,8 @@
 //! (`model_type="bert"`), `--threads` intra-op threads, tokenisation and pooling as
 //! sentence-transformers does them; the faster of the two is the one compared.
 
+#[path = "common/device.rs"]
+mod device;
 #[path = "common/minilm.rs"]
 mod minilm;
 #[path = "common/model_files.rs"]
@@ -35,7 +37,6 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
-use candle_mha::case::parse_device;
 use minilm::MiniLm;
 use model_files::find_minilm_dir;
 use serde_json::Value;
@@ -221,7 +222,7 @@ fn main() -> Result<()> {
         bail!("--sentences, --batch-size and --repeat must be positive")
     }
     let dir = find_minilm_dir(model_dir.as_deref())?;
-    let dev = parse_device(&device)?;
+    let dev = device::parse_device(&device)?;
     let texts = sentences(n);
     let threads = candle_core::utils::get_num_threads();
 

@@ -10,6 +10,8 @@
 //! `MultiHeadAttention`, mean pooling, L2 normalisation, all configured by the model
 //! directory's own files) and the HF `tokenizers` crate on the shipped `tokenizer.json`.
 
+#[path = "common/device.rs"]
+mod device;
 #[path = "common/minilm.rs"]
 mod minilm;
 #[path = "common/model_files.rs"]
@@ -20,7 +22,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use candle_mha::case::parse_device;
 use indicatif::{ProgressBar, ProgressStyle};
 use minilm::{cosine, MiniLm};
 use model_files::find_minilm_dir;
@@ -151,7 +152,7 @@ fn run(args: Args) -> Result<()> {
     if texts.is_empty() {
         bail!("no sentences: give them as arguments or on standard input\n\n{USAGE}")
     }
-    let device = parse_device(&args.device)?;
+    let device = device::parse_device(&args.device)?;
     let dir = find_minilm_dir(args.model_dir.as_deref())?;
     let model = MiniLm::load(&dir, &device)?;
 

@@ -14,6 +14,8 @@
 //! speeds go to stderr. With `--json`, stdout carries exactly one line:
 //! `{"prompt_ids": [...], "generated_ids": [...], "text": "..."}`.
 
+#[path = "common/device.rs"]
+mod device;
 #[path = "common/model_files.rs"]
 mod model_files;
 
@@ -24,8 +26,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
-use candle_mha::case::parse_device;
-use candle_mha::models::llama::{smollm2_chat_prompt, Llama, LlamaCache};
+use candle_mha::models::llama::{Llama, LlamaCache};
 use model_files::find_smollm2_gguf;
 
 /// `<|im_end|>`: SmolLM2's end-of-turn / EOS token (GGUF `tokenizer.ggml.eos_token_id`).
@@ -197,7 +198,7 @@ fn json_string(s: &str) -> String {
 }
 
 fn run(a: Args) -> Result<()> {
-    let device = parse_device(&a.device)?;
+    let device = device::parse_device(&a.device)?;
     let gguf = find_smollm2_gguf(a.model.as_deref())?;
     let tok = tokenizers::Tokenizer::from_file(&a.tokenizer)
         .map_err(anyhow::Error::msg)
@@ -217,7 +218,7 @@ fn run(a: Args) -> Result<()> {
         );
     }
     let text = if a.chat {
-        smollm2_chat_prompt(&a.prompt)
+        model_files::smollm2_chat_prompt(&a.prompt)
     } else {
         a.prompt.clone()
     };

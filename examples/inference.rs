@@ -47,7 +47,10 @@ use std::process::ExitCode;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use candle_mha::case::{compare, parse_device, Check};
+#[path = "common/device.rs"]
+mod device;
+use device::parse_device;
+
 use candle_mha::{
     CausalAlignment, KeyPaddingMask, MhaConfig, MhaInput, MultiHeadAttention, NeedWeights,
     WeightLayout,
@@ -501,7 +504,7 @@ fn run(args: &Args) -> Result<Verdict> {
             for (what, got) in [("output", &r.output), ("weights", &r.weights)] {
                 let name = format!("expected.{}.{what}", r.name);
                 let want = exp.tensor(&name)?;
-                let check = compare(&name, got, want, ATOL, 0.0)?;
+                let check = compare(&name, got, want, ATOL)?;
                 print_check(&check);
                 checks.push(check);
             }
@@ -677,6 +680,49 @@ fn attend(
         description,
         output: out.output,
         weights,
+    })
+}
+
+/// One comparison with the PyTorch reference.
+struct Check {
+    label: String,
+    max_abs_err: f64,
+    passed: bool,
+    detail: Option<String>,
+}
+
+/// `got` against `want` element-wise: `|got - want| <= atol` (NaN must meet NaN).
+fn compare(label: &str, got: &Tensor, want: &Tensor, atol: f64) -> Result<Check> {
+    if got.dims() != want.dims() {
+        return Ok(Check {
+            label: label.to_string(),
+            max_abs_err: f64::INFINITY,
+            passed: false,
+            detail: Some(format!(
+                "shape mismatch: expected {}, got {}",
+                shape(want.dims()),
+                shape(got.dims())
+            )),
+        });
+    }
+    let g = got.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    let w = want.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    let (mut max_err, mut bad) = (0f64, 0usize);
+    for (&g, &w) in g.iter().zip(&w) {
+        let err = match (g.is_nan(), w.is_nan()) {
+            (true, true) => 0.0,
+            (false, false) if g == w => 0.0,
+            (false, false) => (g - w).abs(),
+            _ => f64::INFINITY,
+        };
+        max_err = max_err.max(err);
+        bad += usize::from(err > atol); // err is never NaN
+    }
+    Ok(Check {
+        label: label.to_string(),
+        max_abs_err: max_err,
+        passed: bad == 0,
+        detail: (bad > 0).then(|| format!("{bad} of {} elements over {atol:e}", g.len())),
     })
 }
 

@@ -14,7 +14,11 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use candle_mha::case::{parse_device, run_case, RunOptions};
+use candle_mha::case::{run_case, RunOptions};
+
+#[path = "common/device.rs"]
+mod device;
+use device::parse_device;
 
 fn usage() -> ExitCode {
     eprintln!("usage: mha_case [--device cpu|cuda|cuda:N] [--grad] [--backend auto|reference|cpu-fused|cuda-fused] FILE_OR_DIR...");
@@ -78,11 +82,9 @@ fn main() -> ExitCode {
             files.push(p);
         }
     }
-    let opts = RunOptions {
-        device,
-        grad,
-        backend,
-    };
+    let opts = RunOptions::new(device)
+        .with_grad(grad)
+        .with_backend(backend);
     let (mut passed, mut failed) = (0, 0);
     for f in &files {
         let report = run_case(f, &opts);

@@ -35,13 +35,13 @@ pub enum Backend {
     /// The reference implementation on candle ops (materialises the score matrix, differentiable,
     /// can return attention weights). Every other kernel is tested against it.
     Reference,
-    /// The fused CPU kernel ([`crate::kernels::cpu`]): tiled GEMM + online softmax, O(tile)
+    /// The fused CPU kernel (see [`crate::kernels`]): tiled GEMM + online softmax, O(tile)
     /// memory, with its own fused backward (gradients for q, k, v and attention sinks). Errors
     /// on non-CPU devices and on f64; calls that need the attention weights or use dropout still
     /// go to the reference.
     CpuFused,
-    /// The fused CUDA kernel ([`crate::kernels::cuda`]): flash attention compiled from Triton,
-    /// f16/bf16, opt-in until it has run on a GPU (see that module). Errors, with the reason, on
+    /// The fused CUDA kernel (see [`crate::kernels`]): flash attention compiled from Triton,
+    /// f16/bf16, opt-in until it has run on a GPU. Errors, with the reason, on
     /// calls it cannot run (CPU tensors, f32, an uncompiled head size, a build without the `cuda`
     /// feature); calls that need the attention weights, gradients or dropout still go to the
     /// reference.
@@ -62,6 +62,7 @@ pub enum Backend {
 /// # Ok::<(), candle_core::Error>(())
 /// ```
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct MhaConfig {
     /// Model width E: size of the query features and of the output.
     pub embed_dim: usize,
@@ -99,7 +100,8 @@ pub struct MhaConfig {
     /// to the scaled logits before the masks. `None`: off. Must be finite and positive.
     pub softcap: Option<f64>,
     /// ALiBi slopes, one per query head (BLOOM, MPT, Baichuan): `s_ij ← s_ij − m_h · |i + S − L −
-    /// j|`. `None`: off. [`alibi_slopes`] gives the usual ones.
+    /// j|`. `None`: off. [`MhaConfig::with_alibi`] sets the usual ones
+    /// ([`MhaConfig::standard_alibi_slopes`]).
     pub alibi_slopes: Option<Vec<f64>>,
     /// Attention sinks (gpt-oss, StreamingLLM): a learnt logit per query head joined to every
     /// row's softmax as a key with no value, loaded as the `(num_heads,)` tensor `sinks` of the
@@ -108,33 +110,36 @@ pub struct MhaConfig {
     pub sinks: bool,
 }
 
-/// The ALiBi slopes of `num_heads` heads as BLOOM and MPT compute them (Press et al.): the
-/// geometric sequence `2^(−8k/n)`, `k = 1..=n`, for the largest power of two `n ≤ num_heads`,
-/// then, for the heads beyond it, every other slope of the sequence for `2n` heads.
-///
-/// ```
-/// let m = candle_mha::alibi_slopes(8);
-/// assert_eq!(m[0], 0.5);
-/// assert_eq!(m[7], 1.0 / 256.0);
-/// assert_eq!(candle_mha::alibi_slopes(12).len(), 12);
-/// ```
-pub fn alibi_slopes(num_heads: usize) -> Vec<f64> {
-    if num_heads == 0 {
-        return vec![];
-    }
-    let n = 1usize << (usize::BITS - 1 - num_heads.leading_zeros());
-    let geometric = |n: usize| -> Vec<f64> {
-        let base = 2f64.powf(-8.0 / n as f64);
-        (1..=n).map(|k| base.powi(k as i32)).collect()
-    };
-    let mut slopes = geometric(n);
-    if n < num_heads {
-        slopes.extend(geometric(2 * n).into_iter().step_by(2).take(num_heads - n));
-    }
-    slopes
-}
-
 impl MhaConfig {
+    /// The ALiBi slopes of `num_heads` heads as BLOOM and MPT compute them (Press et al.): the
+    /// geometric sequence `2^(−8k/n)`, `k = 1..=n`, for the largest power of two `n ≤ num_heads`,
+    /// then, for the heads beyond it, every other slope of the sequence for `2n` heads.
+    ///
+    /// ```
+    /// use candle_mha::MhaConfig;
+    /// let m = MhaConfig::standard_alibi_slopes(8);
+    /// assert_eq!(m[0], 0.5);
+    /// assert_eq!(m[7], 1.0 / 256.0);
+    /// assert_eq!(MhaConfig::standard_alibi_slopes(12).len(), 12);
+    /// // What `with_alibi` sets:
+    /// assert_eq!(MhaConfig::new(64, 8).with_alibi().alibi_slopes, Some(m));
+    /// ```
+    pub fn standard_alibi_slopes(num_heads: usize) -> Vec<f64> {
+        if num_heads == 0 {
+            return vec![];
+        }
+        let n = 1usize << (usize::BITS - 1 - num_heads.leading_zeros());
+        let geometric = |n: usize| -> Vec<f64> {
+            let base = 2f64.powf(-8.0 / n as f64);
+            (1..=n).map(|k| base.powi(k as i32)).collect()
+        };
+        let mut slopes = geometric(n);
+        if n < num_heads {
+            slopes.extend(geometric(2 * n).into_iter().step_by(2).take(num_heads - n));
+        }
+        slopes
+    }
+
     /// A config with PyTorch's defaults: biases on, no `bias_kv`/`zero_attn`, no dropout,
     /// `batch_first = false`, as many KV heads as query heads.
     pub fn new(embed_dim: usize, num_heads: usize) -> Self {
@@ -266,9 +271,9 @@ impl MhaConfig {
         self
     }
 
-    /// Turns on ALiBi with the usual slopes for `num_heads` ([`alibi_slopes`]).
+    /// Turns on ALiBi with the usual slopes for `num_heads` ([`Self::standard_alibi_slopes`]).
     pub fn with_alibi(mut self) -> Self {
-        self.alibi_slopes = Some(alibi_slopes(self.num_heads));
+        self.alibi_slopes = Some(Self::standard_alibi_slopes(self.num_heads));
         self
     }
 

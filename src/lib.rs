@@ -9,11 +9,14 @@
 //! - [`MhaConfig`]: validated hyper-parameters (PyTorch's arguments plus GQA, head size and scale
 //!   overrides).
 //! - [`WeightLayout`]: PyTorch packed, BERT, Llama, GPT-2 `Conv1D`, custom names.
+//! - [`MhaInput`] / [`MhaOutput`]: one call's inputs, built fluently, and its results.
 //! - [`mask`]: key padding, attention masks, causal alignment, and how they merge.
-//! - [`kernels`]: the attention core behind one dispatcher.
+//! - [`kernels`]: the kernels behind one dispatcher: which one served a call ([`KernelId`],
+//!   chosen by [`Backend`]) and the process-wide settings (the reference kernel's memory budget,
+//!   releasing the fused CPU kernel's buffers).
 //! - [`cache`]: KV caches for incremental decoding ([`KvCache`], bottom-right causal, sliding
 //!   window, left padding) and cross-attention ([`StaticKv`]).
-//! - [`rope`]: positional hooks on q and k (RoPE, half-split and interleaved).
+//! - [`rope`]: rotary embeddings of q and k ([`Rope`], half-split and interleaved).
 //! - [`sdpa()`](fn@sdpa) and [`sdpa_varlen`]: the attention core alone with PyTorch
 //!   `F.scaled_dot_product_attention` semantics (for models that project their own q, k, v), and
 //!   packed variable-length sequences ([`mod@sdpa`]).
@@ -23,7 +26,9 @@
 //!   module.
 //!
 //! Both features are on by default; with `default-features = false` the crate is the attention
-//! library alone (candle-core, candle-nn, safetensors, gemm and rayon as dependencies).
+//! library alone (candle-core, candle-nn, safetensors, gemm and rayon as dependencies). The
+//! non-default feature `internals` is not part of the API: it exposes, `#[doc(hidden)]`, the hooks
+//! of the crate's own tests, benchmarks and fuzz targets.
 //!
 //! ```
 //! use candle_core::{DType, Device, Tensor};
@@ -60,11 +65,34 @@
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
 
+/// Declares an item `pub` and `#[doc(hidden)]` with the non-default feature `internals` (the
+/// hooks of the crate's own tests, examples and fuzz targets, which turn the feature on through
+/// the self dev-dependency in Cargo.toml), and `pub(crate)` without it: not part of the API.
+/// Without the feature, an item only the hooks use is allowed to be unused.
+///
+/// `internal! { /// docs \n fn f() {} }` (one item: `fn`, `struct`, `enum`, `const`, `mod`,
+/// `use`, …; in a module or an `impl` block).
+macro_rules! internal {
+    ($(#[$meta:meta])* $kw:ident $($rest:tt)*) => {
+        #[cfg(feature = "internals")]
+        #[doc(hidden)]
+        $(#[$meta])*
+        pub $kw $($rest)*
+
+        #[cfg(not(feature = "internals"))]
+        #[allow(dead_code, unused_imports)]
+        $(#[$meta])*
+        pub(crate) $kw $($rest)*
+    };
+}
+
 pub mod cache;
 #[cfg(feature = "runner")]
 #[cfg_attr(docsrs, doc(cfg(feature = "runner")))]
 pub mod case;
 pub mod config;
+/// The fuzz harnesses (`fuzz/`, and `tests/fuzz_corpus.rs` on stable): feature `internals`.
+#[cfg(feature = "internals")]
 #[doc(hidden)]
 pub mod fuzz_support;
 mod gemm;
@@ -80,9 +108,10 @@ pub mod rope;
 pub mod sdpa;
 
 pub use cache::{KvCache, KvFormat, StaticKv};
-pub use config::{alibi_slopes, Backend, MaskedRowPolicy, MhaConfig};
+pub use config::{Backend, MaskedRowPolicy, MhaConfig};
+pub use kernels::KernelId;
 pub use layout::WeightLayout;
-pub use mask::{AttnMask, Causal, CausalAlignment, KeyPaddingMask, MaskPlan};
+pub use mask::{AttnMask, CausalAlignment, KeyPaddingMask, MaskPlan};
 pub use mha::{MhaInput, MhaOutput, MultiHeadAttention, NeedWeights};
-pub use rope::{PositionalHook, Rope, RopeStyle};
+pub use rope::{Rope, RopeStyle};
 pub use sdpa::{sdpa, sdpa_varlen, Packing, SdpaLayout, SdpaMask, SdpaOptions, SeqOffsets};

@@ -1,7 +1,7 @@
 //! Positional hooks applied to the projected queries and keys: rotary embeddings (RoPE).
 //!
-//! A [`PositionalHook`] runs after the q/k projections and the split into heads, and before the
-//! keys are cached (see [`crate::cache`]), so a [`KvCache`](crate::KvCache) holds keys that are
+//! A rotary embedding ([`Rope`], given to [`MhaInput::rope`](crate::MhaInput::rope)) runs after
+//! the q/k projections and the split into heads, and before the keys are cached (see [`crate::cache`]), so a [`KvCache`](crate::KvCache) holds keys that are
 //! already rotated and never needs re-rotating.
 //!
 //! Positions: without a cache, row `t` of sequence `b` has position `t - pad[b]`, where
@@ -245,8 +245,7 @@ impl Rope {
 
 /// What to do to the projected queries and keys before attention (and before caching the keys).
 #[derive(Debug, Clone)]
-#[non_exhaustive]
-pub enum PositionalHook {
+pub(crate) enum PositionalHook {
     /// Rotary position embedding of q and k.
     Rope(Rope),
 }
@@ -254,7 +253,7 @@ pub enum PositionalHook {
 impl PositionalHook {
     /// Applies the hook to `x` `(B, T, heads, D)` whose row `t` of batch element `b` sits at
     /// position `starts[b] + t` (see [`Rope::apply`]).
-    pub fn apply(&self, x: &Tensor, starts: &[i64]) -> Result<Tensor> {
+    pub(crate) fn apply(&self, x: &Tensor, starts: &[i64]) -> Result<Tensor> {
         match self {
             PositionalHook::Rope(r) => r.apply(x, starts),
         }
@@ -262,7 +261,7 @@ impl PositionalHook {
 
     /// Applies the hook with an explicit position per row (`B · T` values; see
     /// [`Rope::apply_positions`]).
-    pub fn apply_positions(&self, x: &Tensor, positions: &[usize]) -> Result<Tensor> {
+    pub(crate) fn apply_positions(&self, x: &Tensor, positions: &[usize]) -> Result<Tensor> {
         match self {
             PositionalHook::Rope(r) => r.apply_positions(x, positions),
         }

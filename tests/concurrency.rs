@@ -14,6 +14,7 @@ use candle_mha::{
 use candle_nn::{VarBuilder, VarMap};
 
 fn assert_send_sync<T: Send + Sync>() {}
+#[cfg(feature = "models")]
 fn assert_send<T: Send>() {}
 
 /// Compile-time: what a server shares between threads is `Send + Sync`; what a thread owns

@@ -45,11 +45,9 @@ fn every_core_case_passes_with_every_backend() {
     );
     let mut failed = vec![];
     for backend in [Backend::Auto, Backend::Reference, Backend::CpuFused] {
-        let opts = RunOptions {
-            device: test_device().unwrap(),
-            grad: false,
-            backend,
-        };
+        let opts = RunOptions::new(test_device().unwrap())
+            .with_grad(false)
+            .with_backend(backend);
         for f in &files {
             let r = run_case(f, &opts);
             let case = Case::load(f).unwrap();

@@ -3,9 +3,11 @@
 //! paths (AVX-512 where present, portable); and the gradient parity cases through
 //! `Backend::CpuFused` (fused forward and backward, never the reference).
 
+#[cfg(feature = "runner")]
 use std::path::Path;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
+#[cfg(feature = "runner")]
 use candle_mha::case::{run_case, RunOptions};
 use candle_mha::kernels::test_support::{
     cpu_backward_calls, cpu_isa, cpu_isas, cpu_pair_backward_calls, force_cpu_isa,
@@ -423,6 +425,7 @@ fn nan_policy_takes_the_reference_for_gradients() -> Result<()> {
 /// Every gradient parity case through `Backend::CpuFused`: fused forward and fused backward
 /// (the runner labels each check `fwd=… bwd=…`), gradients equal to PyTorch's.
 #[test]
+#[cfg(feature = "runner")] // the case runner
 fn gradient_cases_pass_through_the_fused_backward() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cases");
     let mut files: Vec<_> = std::fs::read_dir(&dir)
@@ -441,11 +444,9 @@ fn gradient_cases_pass_through_the_fused_backward() {
         "expected the gradient cases, found {}",
         files.len()
     );
-    let opts = RunOptions {
-        device: Device::Cpu,
-        grad: true,
-        backend: Backend::CpuFused,
-    };
+    let opts = RunOptions::new(Device::Cpu)
+        .with_grad(true)
+        .with_backend(Backend::CpuFused);
     let mut failed = vec![];
     for f in &files {
         let r = run_case(f, &opts);

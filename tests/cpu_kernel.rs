@@ -334,15 +334,13 @@ fn all_parity_cases_pass_through_fused() {
     for f in &files {
         let case = Case::load(f).unwrap();
         let f64_case = case.dtype().unwrap() == DType::F64;
-        let opts = RunOptions {
-            device: Device::Cpu,
-            grad: false,
-            backend: if f64_case {
+        let opts = RunOptions::new(Device::Cpu)
+            .with_grad(false)
+            .with_backend(if f64_case {
                 Backend::Auto
             } else {
                 Backend::CpuFused
-            },
-        };
+            });
         let r = run_case(f, &opts);
         println!("{r}");
         if !r.passed() {

@@ -9,7 +9,7 @@
 //! Triton source they exercise is checked on the CPU by `scripts/cuda-cpu-check.sh` instead.
 
 use candle_core::{DType, Device, Tensor};
-use candle_mha::case::test_device;
+use candle_mha::kernels::test_support::test_device;
 use candle_mha::kernels::{attention, cuda, AttnParams};
 use candle_mha::mask::{Causal, CausalAlignment, KeyPaddingMask, MaskDims, MaskPlan};
 use candle_mha::{Backend, MaskedRowPolicy};

@@ -10,8 +10,7 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_mha::kernels::test_support::cpu_backward_calls;
 use candle_mha::sdpa::{sdpa, SdpaLayout, SdpaOptions};
 use candle_mha::{
-    alibi_slopes, Backend, CausalAlignment, KeyPaddingMask, MhaConfig, MhaInput,
-    MultiHeadAttention, WeightLayout,
+    Backend, CausalAlignment, KeyPaddingMask, MhaConfig, MhaInput, MultiHeadAttention, WeightLayout,
 };
 use candle_nn::{VarBuilder, VarMap};
 
@@ -83,7 +82,10 @@ fn layer_equals_sdpa_with_the_same_modifiers() -> Result<()> {
         })
         .collect();
     let pad = Tensor::from_vec(pad, (b, 1, 1, l), &dev)?;
-    let slopes: Vec<f32> = alibi_slopes(h).iter().map(|&m| m as f32).collect();
+    let slopes: Vec<f32> = MhaConfig::standard_alibi_slopes(h)
+        .iter()
+        .map(|&m| m as f32)
+        .collect();
     let opts = SdpaOptions::new()
         .layout(SdpaLayout::Blhd)
         .causal(CausalAlignment::TopLeft)
@@ -239,7 +241,7 @@ fn slopes_and_config_checks() -> Result<()> {
             let rest = (n - closest).min(closest);
             want.extend((0..rest).map(|k| extra.powf((2 * k + 1) as f64)));
         }
-        let got = alibi_slopes(n);
+        let got = MhaConfig::standard_alibi_slopes(n);
         assert_eq!(got.len(), n);
         for (a, b) in got.iter().zip(&want) {
             assert!((a - b).abs() <= 1e-15 * b, "{n} heads: {got:?} vs {want:?}");

@@ -18,11 +18,9 @@ fn case_files() -> Vec<PathBuf> {
 
 #[test]
 fn all_pytorch_cases_pass() {
-    let opts = RunOptions {
-        device: test_device().unwrap(),
-        grad: true,
-        backend: candle_mha::Backend::Auto,
-    };
+    let opts = RunOptions::new(test_device().unwrap())
+        .with_grad(true)
+        .with_backend(candle_mha::Backend::Auto);
     let files = case_files();
     assert!(
         files.len() >= 40,
@@ -55,11 +53,9 @@ fn all_pytorch_cases_pass_on_the_portable_path() {
     if !test_device().unwrap().is_cpu() {
         return;
     }
-    let opts = RunOptions {
-        device: test_device().unwrap(),
-        grad: true,
-        backend: candle_mha::Backend::Auto,
-    };
+    let opts = RunOptions::new(test_device().unwrap())
+        .with_grad(true)
+        .with_backend(candle_mha::Backend::Auto);
     set_portable_only(true);
     let failed: Vec<String> = case_files()
         .iter()
@@ -183,11 +179,9 @@ fn bool_dtype_masks_are_accepted() {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("kpm_bool2d_booldtype.safetensors");
     std::fs::write(&path, bytes).unwrap();
-    let opts = RunOptions {
-        device: test_device().unwrap(),
-        grad: false,
-        backend: candle_mha::Backend::Auto,
-    };
+    let opts = RunOptions::new(test_device().unwrap())
+        .with_grad(false)
+        .with_backend(candle_mha::Backend::Auto);
     let report = run_case(&path, &opts);
     std::fs::remove_dir_all(&dir).ok();
     assert!(report.passed(), "{report}");

@@ -3,8 +3,8 @@
 //! formulas and against each other; the PyTorch numbers are in `tests/core_cases.rs`.
 
 use candle_core::{DType, Device, Result, Tensor, Var, D};
-use candle_mha::case::test_device;
 use candle_mha::kernels::test_support::cpu_calls;
+use candle_mha::kernels::test_support::test_device;
 use candle_mha::sdpa::{sdpa_varlen_with_kernel, sdpa_with_kernel};
 use candle_mha::{
     sdpa, sdpa_varlen, Backend, CausalAlignment, MaskedRowPolicy, MhaConfig, MhaInput,
@@ -88,7 +88,7 @@ fn naive(q: &Tensor, k: &Tensor, v: &Tensor, allowed: Option<&Tensor>, scale: f6
 }
 
 fn causal_allowed(l: usize, s: usize, align: CausalAlignment, window: Option<usize>) -> Tensor {
-    let c = candle_mha::Causal {
+    let c = candle_mha::mask::Causal {
         alignment: align,
         window,
     };

@@ -12,7 +12,8 @@ mod model_files;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use candle_mha::models::llama::{smollm2_chat_prompt, Llama, LlamaCache};
+use candle_mha::models::llama::{Llama, LlamaCache};
+use model_files::smollm2_chat_prompt;
 
 const MESSAGE: &str = "What is the capital of France? Answer in one sentence.";
 

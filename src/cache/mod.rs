@@ -62,8 +62,10 @@ use quant::quantize;
 pub use quant::KvFormat;
 pub(crate) use quant::QuantKv;
 
-/// The default growth step of a [`KvCache`], in positions.
-pub const DEFAULT_CHUNK: usize = 256;
+internal! {
+    /// The default growth step of a [`KvCache`], in positions.
+    const DEFAULT_CHUNK: usize = 256;
+}
 
 /// A caller-owned self-attention key/value cache for one attention layer. See the
 /// [module docs](self).
@@ -153,7 +155,7 @@ impl Default for KvCache {
 }
 
 impl KvCache {
-    /// An empty cache growing by [`DEFAULT_CHUNK`] positions.
+    /// An empty cache growing by 256 positions at a time (see [`Self::with_chunk`]).
     pub fn new() -> Self {
         Self::with_chunk(DEFAULT_CHUNK)
     }

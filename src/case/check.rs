@@ -45,13 +45,20 @@ pub struct Check {
     pub detail: Option<String>,
 }
 
-/// The result of running one case file.
+/// The result of running one case file: [`CaseReport::passed`], and its `Display` (one line:
+/// name, PASS/FAIL, largest error per expected tensor kind).
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct CaseReport {
     /// Case name (file stem).
     pub name: String,
     /// Every comparison made.
+    #[cfg(feature = "internals")]
+    #[doc(hidden)]
     pub checks: Vec<Check>,
+    /// Every comparison made.
+    #[cfg(not(feature = "internals"))]
+    pub(crate) checks: Vec<Check>,
     /// Set when the case could not be run at all.
     pub error: Option<String>,
 }

@@ -49,19 +49,23 @@ mod grad;
 mod load;
 mod run;
 
-pub use check::{compare, CaseReport, Check, Tolerance};
-pub use core_case::CaseKind;
-pub use run::{run_case, run_case_bytes, RunOptions};
+pub use check::CaseReport;
+internal! { use check::{compare, Check, Tolerance}; }
+internal! { use core_case::CaseKind; }
+pub use run::{run_case, RunOptions};
+internal! { use run::run_case_bytes; }
 
-/// A parsed case file.
-#[derive(Debug, Clone)]
-pub struct Case {
-    /// File stem.
-    pub name: String,
-    /// Every tensor of the file, on the CPU.
-    pub tensors: HashMap<String, Tensor>,
-    /// The string metadata.
-    pub meta: HashMap<String, String>,
+internal! {
+    /// A parsed case file.
+    #[derive(Debug, Clone)]
+    struct Case {
+        /// File stem.
+        pub name: String,
+        /// Every tensor of the file, on the CPU.
+        pub tensors: HashMap<String, Tensor>,
+        /// The string metadata.
+        pub meta: HashMap<String, String>,
+    }
 }
 
 impl Case {
@@ -194,27 +198,7 @@ impl Case {
     }
 }
 
-/// Parses a device name: `cpu`, `cuda` (= `cuda:0`) or `cuda:N`.
-///
-/// ```
-/// assert!(candle_mha::case::parse_device("cpu").unwrap().is_cpu());
-/// assert!(candle_mha::case::parse_device("tpu").is_err());
-/// ```
-pub fn parse_device(name: &str) -> Result<Device> {
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => Device::new_cuda(0),
-        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(i)) => Device::new_cuda(i),
-            _ => bail!("unknown device {other:?}: expected cpu, cuda or cuda:N"),
-        },
-    }
-}
-
-/// The device the tests run on: `$CANDLE_MHA_DEVICE` (`cpu`, `cuda`, `cuda:N`), default CPU.
-pub fn test_device() -> Result<Device> {
-    match std::env::var("CANDLE_MHA_DEVICE") {
-        Ok(name) if !name.is_empty() => parse_device(&name),
-        _ => Ok(Device::Cpu),
-    }
-}
+// The crate's tests' device hooks, at their old paths.
+#[cfg(feature = "internals")]
+#[doc(hidden)]
+pub use crate::kernels::test_support::{parse_device, test_device};

@@ -14,8 +14,17 @@ use crate::config::{Backend, MaskedRowPolicy};
 use crate::mask::{AttnMask, CausalAlignment, KeyPaddingMask};
 use crate::mha::{MhaInput, MultiHeadAttention, NeedWeights};
 
-/// Options of [`run_case`].
+/// Options of [`run_case`]: [`RunOptions::new`] and the `with_*` setters.
+///
+/// ```
+/// use candle_core::Device;
+/// use candle_mha::case::RunOptions;
+/// use candle_mha::Backend;
+/// let opts = RunOptions::new(Device::Cpu).with_grad(true).with_backend(Backend::CpuFused);
+/// assert!(opts.grad);
+/// ```
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct RunOptions {
     /// Device to run on.
     pub device: Device,
@@ -24,6 +33,29 @@ pub struct RunOptions {
     /// Attention backend of the forward checks (calls that need weights still use the
     /// reference; see [`crate::kernels`]).
     pub backend: Backend,
+}
+
+impl RunOptions {
+    /// Forward checks on `device` with [`Backend::Auto`], no gradient checks.
+    pub fn new(device: Device) -> Self {
+        Self {
+            device,
+            grad: false,
+            backend: Backend::Auto,
+        }
+    }
+
+    /// Also check the gradient cases (`expected_grad.*`) through backward.
+    pub fn with_grad(mut self, grad: bool) -> Self {
+        self.grad = grad;
+        self
+    }
+
+    /// The attention backend of the forward checks.
+    pub fn with_backend(mut self, backend: Backend) -> Self {
+        self.backend = backend;
+        self
+    }
 }
 
 /// Runs one case file; never panics: a case that can't be read or expressed is a failed report

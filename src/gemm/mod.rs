@@ -30,6 +30,8 @@
 
 mod driver;
 pub(crate) mod pack;
+#[cfg_attr(not(feature = "internals"), allow(dead_code))]
+// the benches' peak rate, through the test hooks
 pub mod peak;
 pub(crate) mod ukr;
 
@@ -351,6 +353,7 @@ impl PackedWeight {
         self.k
     }
 
+    #[cfg_attr(not(feature = "internals"), allow(dead_code))] // used by the test hooks only
     /// Bytes of packed storage.
     pub(crate) fn bytes(&self) -> usize {
         self.data.0.len() * 64

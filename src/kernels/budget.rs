@@ -11,55 +11,59 @@ use super::{compute_dtype, AttnCall};
 /// The process-wide reference budget in bytes; 0 = the default ([`default_reference_budget`]).
 static REFERENCE_BUDGET: AtomicU64 = AtomicU64::new(0);
 
-/// The default reference budget when `/proc/meminfo` cannot be read: 4 GiB.
-pub const FALLBACK_REFERENCE_BUDGET: u64 = 4 << 30;
-
-/// The default budget of the reference kernel: a quarter of the memory available when first
-/// asked (`MemAvailable` in `/proc/meminfo`), or [`FALLBACK_REFERENCE_BUDGET`] where that file
-/// cannot be read (non-Linux systems). Read once per process.
-pub fn default_reference_budget() -> u64 {
-    static DEFAULT: OnceLock<u64> = OnceLock::new();
-    *DEFAULT.get_or_init(|| {
-        std::fs::read_to_string("/proc/meminfo")
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find_map(|l| l.strip_prefix("MemAvailable:"))
-                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            })
-            .map(|kib| (kib.saturating_mul(1024) / 4).max(1))
-            .unwrap_or(FALLBACK_REFERENCE_BUDGET)
-    })
+internal! {
+    /// The default reference budget when `/proc/meminfo` cannot be read: 4 GiB.
+    const FALLBACK_REFERENCE_BUDGET: u64 = 4 << 30;
 }
 
-/// The largest score buffer the reference kernel may materialise, in bytes (see the
-/// [module docs](crate::kernels)): the value set by [`set_reference_budget_bytes`], else
-/// [`default_reference_budget`].
-pub fn reference_budget_bytes() -> u64 {
-    match REFERENCE_BUDGET.load(Ordering::Relaxed) {
-        0 => default_reference_budget(),
-        b => b,
+internal! {
+    /// The default budget of the reference kernel: a quarter of the memory available when first
+    /// asked (`MemAvailable` in `/proc/meminfo`), or [`FALLBACK_REFERENCE_BUDGET`] where that file
+    /// cannot be read (non-Linux systems). Read once per process.
+    fn default_reference_budget() -> u64 {
+        static DEFAULT: OnceLock<u64> = OnceLock::new();
+        *DEFAULT.get_or_init(|| {
+            std::fs::read_to_string("/proc/meminfo")
+                .ok()
+                .and_then(|s| {
+                    s.lines()
+                        .find_map(|l| l.strip_prefix("MemAvailable:"))
+                        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                })
+                .map(|kib| (kib.saturating_mul(1024) / 4).max(1))
+                .unwrap_or(FALLBACK_REFERENCE_BUDGET)
+        })
     }
 }
 
-/// Sets the reference kernel's budget for the whole process (`None`: back to the default).
-/// Calls whose `(B, H, L, S)` scores would exceed it go to the fused CPU kernel when it can
-/// serve them, and fail with an error naming the size otherwise.
+internal! {
+    /// The largest score buffer the reference kernel may materialise, in bytes (see the
+    /// [module docs](crate::kernels)): the value set by [`set_reference_budget_bytes`], else
+    /// [`default_reference_budget`].
+    fn reference_budget_bytes() -> u64 {
+        match REFERENCE_BUDGET.load(Ordering::Relaxed) {
+            0 => default_reference_budget(),
+            b => b,
+        }
+    }
+}
+
+/// Sets the reference kernel's budget for the whole process, in bytes (`None`: back to the
+/// default, a quarter of `MemAvailable` in `/proc/meminfo` when first asked, 4 GiB where that
+/// file cannot be read). Calls whose `(B, H, L, S)` scores would exceed it go to the fused CPU
+/// kernel when it can serve them, and fail with an error naming the size otherwise. See the
+/// [module docs](crate::kernels).
 ///
 /// ```
 /// use candle_core::{DType, Device, Tensor};
-/// use candle_mha::kernels::{attention, set_reference_budget_bytes, AttnParams};
-/// use candle_mha::mask::{MaskDims, MaskPlan};
-/// use candle_mha::Backend;
-/// let x = Tensor::zeros((1, 64, 2, 8), DType::F32, &Device::Cpu)?;
-/// let plan = MaskPlan::new(MaskDims::new(1, 2, 64, 64));
-/// let mut p = AttnParams::new(8);
-/// p.backend = Backend::Reference;
+/// use candle_mha::{kernels::set_reference_budget_bytes, sdpa, Backend, SdpaOptions};
+/// let x = Tensor::zeros((1, 2, 64, 8), DType::F32, &Device::Cpu)?; // (B, H, L, D)
 /// set_reference_budget_bytes(Some(1024));
-/// let err = attention(&x, &x, &x, &plan, &p).unwrap_err().to_string();
+/// let opts = SdpaOptions::new().backend(Backend::Reference);
+/// let err = sdpa(&x, &x, &x, &opts).unwrap_err().to_string();
 /// assert!(err.contains("over the budget"), "{err}");
-/// p.backend = Backend::Auto; // the fused CPU kernel does not materialise the scores
-/// assert_eq!(attention(&x, &x, &x, &plan, &p)?.kernel, "cpu");
+/// // The fused CPU kernel does not materialise the scores.
+/// sdpa(&x, &x, &x, &SdpaOptions::new())?;
 /// set_reference_budget_bytes(None);
 /// # Ok::<(), candle_core::Error>(())
 /// ```

@@ -1,41 +1,39 @@
-//! The attention core: `softmax(scale · q·kᵀ + mask) · v` per head, behind one dispatcher.
+//! The attention core behind one dispatcher, and its process-wide settings.
 //!
-//! [`attention`] is the only entry point the module uses. Every kernel reads `q`, `k`, `v` in the
-//! layout the projections produce, `(B, L, H, D)` / `(B, S, Hkv, D)` (any strides with a
-//! contiguous last dimension: a narrowed view of a packed projection, a KV cache's buffer, all
-//! read in place), takes the call's [`MaskPlan`], and writes `(B, L, H, Dv)`, so that merging the
-//! heads is a free reshape. The dispatcher validates the shapes once and picks a kernel in one
-//! place ([`Backend`], device, dtype, and what the call needs):
+//! Every entry point ([`MultiHeadAttention`](crate::MultiHeadAttention), [`sdpa()`](fn@crate::sdpa),
+//! [`sdpa_varlen`](crate::sdpa_varlen), paged attention) computes
+//! `softmax(scale · q·kᵀ + mask) · v` per head through one dispatcher, which validates the shapes
+//! once and picks a kernel in one place ([`Backend`], device, dtype, and what the call needs);
+//! [`KernelId`] tells which one served a call:
 //!
 //! | kernel | devices | dtypes | returns weights | dropout | differentiable |
 //! |---|---|---|---|---|---|
-//! | [`reference`](mod@reference) | every candle device | all floats | yes | yes | yes (only differentiable candle ops) |
-//! | [`cpu`] | CPU | f32, f16, bf16 (f32 accumulation), head size ≤ [`cpu::MAX_HEAD_DIM`] | no | no | yes: a fused backward (fully-masked-row policy [`MaskedRowPolicy::Zero`] only) |
-//! | [`cuda`] (opt-in: not yet run on a GPU) | CUDA, compute capability ≥ 8.0 | f16, bf16 (f32 accumulation), head size 64, 80, 96, 128, 256 | no | no | no |
+//! | reference | every candle device | all floats | yes | yes | yes (only differentiable candle ops) |
+//! | fused CPU | CPU | f32, f16, bf16 (f32 accumulation), head size ≤ 256 | no | no | yes: a fused backward (fully-masked-row policy [`MaskedRowPolicy::Zero`] only) |
+//! | fused CUDA (opt-in: not yet run on a GPU) | CUDA, compute capability ≥ 8.0 | f16, bf16 (f32 accumulation), head size 64, 80, 96, 128, 256 | no | no | no |
 //!
 //! Routing rules, in order: a call that asks for the attention weights or uses dropout needs a
-//! kernel with that capability: today only [`reference`](mod@reference), whatever the backend
-//! asks. A call whose `q`, `k` or `v` is tracked by candle's autograd ([`Tensor::track_op`]: a
-//! `Var` or derived from one) needs a differentiable kernel: the fused CPU kernel is one (its
-//! output is an autograd node whose backward is the fused backward, see [`cpu`]), except under
-//! [`MaskedRowPolicy::Nan`]. Otherwise [`Backend::Reference`] forces the reference path,
-//! [`Backend::CpuFused`] forces the fused CPU kernel (an error, with the reason, on other
-//! devices, on f64, for head sizes above [`cpu::MAX_HEAD_DIM`], or for tracked inputs under
-//! [`MaskedRowPolicy::Nan`]), [`Backend::CudaFused`] forces the fused CUDA kernel (an error, with
-//! the reason, for calls it cannot run: see [`cuda`]), and [`Backend::Auto`] takes the first fused
-//! kernel that supports the call and the reference otherwise (f64, and CUDA until the CUDA kernel
-//! has passed on a GPU: [`cuda::AUTO_ROUTED`]).
+//! kernel with that capability: today only the reference, whatever the backend asks. A call
+//! whose `q`, `k` or `v` is tracked by candle's autograd ([`Tensor::track_op`]: a `Var` or
+//! derived from one) needs a differentiable kernel: the fused CPU kernel is one (its output is an
+//! autograd node whose backward is the fused backward), except under [`MaskedRowPolicy::Nan`].
+//! Otherwise [`Backend::Reference`] forces the reference path, [`Backend::CpuFused`] forces the
+//! fused CPU kernel (an error, with the reason, on other devices, on f64, for head sizes above
+//! 256, or for tracked inputs under [`MaskedRowPolicy::Nan`]), [`Backend::CudaFused`] forces the
+//! fused CUDA kernel (an error, with the reason, for calls it cannot run), and [`Backend::Auto`]
+//! takes the first fused kernel that supports the call and the reference otherwise (f64, and
+//! CUDA until the CUDA kernel has passed on a GPU).
 //!
 //! Size budget: the reference materialises `(B, H, L, S)` scores (a few copies of them). Before
 //! allocating anything, the dispatcher estimates that size (`3 × B·H·L·S` elements of the
-//! compute dtype); a call over [`reference_budget_bytes`] goes to the fused CPU kernel when it
-//! can serve the call (it never materialises the scores), and is otherwise refused with an error
-//! naming the size and the budget, instead of aborting the process on a failed allocation. The
-//! budget defaults to a quarter of `MemAvailable` (`/proc/meminfo`, read once; 4 GiB where that
-//! cannot be read); [`set_reference_budget_bytes`] changes it for the process.
+//! compute dtype); a call over the budget goes to the fused CPU kernel when it can serve the call
+//! (it never materialises the scores), and is otherwise refused with an error naming the size
+//! and the budget, instead of aborting the process on a failed allocation. The budget defaults
+//! to a quarter of `MemAvailable` (`/proc/meminfo`, read once; 4 GiB where that cannot be read);
+//! [`set_reference_budget_bytes`] changes it for the process.
 //!
-//! Paged KV: [`paged::paged_attention`] attends a batch of sequences over the block tables of a
-//! paged pool (validation and a gather here, then the kernels above).
+//! Retained memory: the fused CPU kernel keeps its last copies of K and V per thread for reuse;
+//! [`release_cpu_buffers`] frees them.
 //!
 //! Crossover: `examples/bench_attention.rs --crossover` times both kernels on tiny shapes
 //! (B·H ∈ {1, 12, 96}, L = S ∈ {1 … 256}, D = 64). With the per-thread scratch reused across
@@ -49,34 +47,34 @@ use crate::config::{Backend, MaskedRowPolicy};
 use crate::mask::MaskPlan;
 
 mod budget;
-pub mod cpu;
-pub mod cuda;
+internal! { mod cpu; }
+internal! { mod cuda; }
 mod gathered;
-pub mod paged;
-pub mod reference;
+internal! { mod paged; }
+internal! { mod reference; }
 pub(crate) use gathered::{attention_paged, attention_quantized, attention_quantized_rows};
 #[cfg(test)]
 mod rows_tests;
 
 use budget::check_reference_budget;
-pub use budget::{
-    default_reference_budget, reference_budget_bytes, set_reference_budget_bytes,
-    FALLBACK_REFERENCE_BUDGET,
-};
+pub use budget::set_reference_budget_bytes;
+internal! { use budget::{default_reference_budget, reference_budget_bytes, FALLBACK_REFERENCE_BUDGET}; }
 
-/// Per-call options of the attention core.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct AttnParams {
-    /// Multiplier of `q·kᵀ`.
-    pub scale: f64,
-    /// What fully masked query rows produce.
-    pub masked_rows: MaskedRowPolicy,
-    /// Dropout probability on the attention weights (0 outside training).
-    pub dropout: f32,
-    /// Whether to return the per-head attention weights.
-    pub need_weights: bool,
-    /// Which implementation to use.
-    pub backend: Backend,
+internal! {
+    /// Per-call options of the attention core.
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    struct AttnParams {
+        /// Multiplier of `q·kᵀ`.
+        pub scale: f64,
+        /// What fully masked query rows produce.
+        pub masked_rows: MaskedRowPolicy,
+        /// Dropout probability on the attention weights (0 outside training).
+        pub dropout: f32,
+        /// Whether to return the per-head attention weights.
+        pub need_weights: bool,
+        /// Which implementation to use.
+        pub backend: Backend,
+    }
 }
 
 impl AttnParams {
@@ -93,17 +91,19 @@ impl AttnParams {
     }
 }
 
-/// What the attention core returns.
-#[derive(Debug, Clone)]
-pub struct AttnOutput {
-    /// `(B, L, H, Dv)`, in the dtype of `q`.
-    pub output: Tensor,
-    /// `(B, H, L, S)` attention probabilities (compute dtype: f32, or f64 for f64 inputs) when
-    /// requested.
-    pub weights: Option<Tensor>,
-    /// The kernel that served the call ([`KernelId::None`] for an empty call: `B`, `H` or `L`
-    /// is 0, or there is no key). Compares with its name: `out.kernel == "cpu"`.
-    pub kernel: KernelId,
+internal! {
+    /// What the attention core returns.
+    #[derive(Debug, Clone)]
+    struct AttnOutput {
+        /// `(B, L, H, Dv)`, in the dtype of `q`.
+        pub output: Tensor,
+        /// `(B, H, L, S)` attention probabilities (compute dtype: f32, or f64 for f64 inputs) when
+        /// requested.
+        pub weights: Option<Tensor>,
+        /// The kernel that served the call ([`KernelId::None`] for an empty call: `B`, `H` or `L`
+        /// is 0, or there is no key). Compares with its name: `out.kernel == "cpu"`.
+        pub kernel: KernelId,
+    }
 }
 
 /// Which kernel served a call.
@@ -156,12 +156,14 @@ impl PartialEq<str> for KernelId {
     }
 }
 
-/// The dtype scores and softmax are computed in for inputs of `dtype`: f64 stays f64, every
-/// other float type computes in f32.
-pub fn compute_dtype(dtype: DType) -> DType {
-    match dtype {
-        DType::F64 => DType::F64,
-        _ => DType::F32,
+internal! {
+    /// The dtype scores and softmax are computed in for inputs of `dtype`: f64 stays f64, every
+    /// other float type computes in f32.
+    fn compute_dtype(dtype: DType) -> DType {
+        match dtype {
+            DType::F64 => DType::F64,
+            _ => DType::F32,
+        }
     }
 }
 
@@ -313,135 +315,143 @@ fn forced(kernel: &'static dyn Kernel, what: &str, call: &AttnCall) -> Result<&'
     }
 }
 
-/// Scaled dot-product attention over heads.
-///
-/// `q`: `(B, L, H, D)`, `k`: `(B, S, Hkv, D)`, `v`: `(B, S, Hkv, Dv)` with `Hkv` dividing `H`
-/// (query head `h` reads KV head `h / (H / Hkv)`, as Hugging Face's `repeat_kv`); any strides
-/// with a contiguous last dimension are read in place. `mask` must have been built for
-/// `(B, H, L, S')` with `S' <= S`: the keys after the first `S'` (appended by `add_bias_kv` /
-/// `add_zero_attn`) are never masked. Returns `(B, L, H, Dv)`.
-///
-/// ```
-/// use candle_core::{Device, Tensor};
-/// use candle_mha::kernels::{attention, AttnParams};
-/// use candle_mha::mask::{CausalAlignment, MaskDims, MaskPlan};
-/// let dev = Device::Cpu;
-/// let q = Tensor::randn(0f32, 1., (2, 5, 4, 8), &dev)?; // (B, L, H, D)
-/// let kv = Tensor::randn(0f32, 1., (2, 5, 2, 8), &dev)?; // 2 KV heads for 4 query heads
-/// let mask = MaskPlan::new(MaskDims::new(2, 4, 5, 5)).with_causal(CausalAlignment::TopLeft)?;
-/// let out = attention(&q, &kv, &kv, &mask, &AttnParams::new(8))?;
-/// assert_eq!(out.output.dims(), &[2, 5, 4, 8]);
-/// # Ok::<(), candle_core::Error>(())
-/// ```
-pub fn attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask: &MaskPlan,
-    params: &AttnParams,
-) -> Result<AttnOutput> {
-    let (b, l, h, d) = dims4("q", q)?;
-    let (bk, s, hkv, dk) = dims4("k", k)?;
-    let (bv, sv, hv, dv) = dims4("v", v)?;
-    if bk != b || bv != b {
-        bail!("attention: batch sizes differ: q {b}, k {bk}, v {bv}")
-    }
-    if hv != hkv || sv != s {
-        bail!(
-            "attention: k {:?} and v {:?} must have the same length and heads",
-            k.dims(),
-            v.dims()
-        )
-    }
-    if dk != d {
-        bail!("attention: q head size {d} differs from k head size {dk}")
-    }
-    if hkv == 0 || !h.is_multiple_of(hkv) {
-        bail!("attention: {h} query heads cannot share {hkv} KV heads")
-    }
-    let md = mask.dims();
-    if md.kv_len > s {
-        bail!(
-            "attention: the mask plan covers {} keys but k has only {s}",
-            md.kv_len
-        )
-    }
-    mask.check_dims("attention", b, h, l, md.kv_len)?;
-    if k.dtype() != q.dtype() || v.dtype() != q.dtype() {
-        bail!(
-            "attention: dtypes differ: q {:?}, k {:?}, v {:?}",
-            q.dtype(),
-            k.dtype(),
-            v.dtype()
-        )
-    }
-    if !q.dtype().is_float() {
-        bail!("attention: expected float inputs, got {:?}", q.dtype())
-    }
-    for (name, t) in [("k", k), ("v", v)] {
-        if !t.device().same_device(q.device()) {
+internal! {
+    /// Scaled dot-product attention over heads.
+    ///
+    /// `q`: `(B, L, H, D)`, `k`: `(B, S, Hkv, D)`, `v`: `(B, S, Hkv, Dv)` with `Hkv` dividing `H`
+    /// (query head `h` reads KV head `h / (H / Hkv)`, as Hugging Face's `repeat_kv`); any strides
+    /// with a contiguous last dimension are read in place. `mask` must have been built for
+    /// `(B, H, L, S')` with `S' <= S`: the keys after the first `S'` (appended by `add_bias_kv` /
+    /// `add_zero_attn`) are never masked. Returns `(B, L, H, Dv)`.
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use candle_mha::kernels::{attention, AttnParams};
+    /// use candle_mha::mask::{CausalAlignment, MaskDims, MaskPlan};
+    /// let dev = Device::Cpu;
+    /// let q = Tensor::randn(0f32, 1., (2, 5, 4, 8), &dev)?; // (B, L, H, D)
+    /// let kv = Tensor::randn(0f32, 1., (2, 5, 2, 8), &dev)?; // 2 KV heads for 4 query heads
+    /// let mask = MaskPlan::new(MaskDims::new(2, 4, 5, 5)).with_causal(CausalAlignment::TopLeft)?;
+    /// let out = attention(&q, &kv, &kv, &mask, &AttnParams::new(8))?;
+    /// assert_eq!(out.output.dims(), &[2, 5, 4, 8]);
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    fn attention(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &MaskPlan,
+        params: &AttnParams,
+    ) -> Result<AttnOutput> {
+        let (b, l, h, d) = dims4("q", q)?;
+        let (bk, s, hkv, dk) = dims4("k", k)?;
+        let (bv, sv, hv, dv) = dims4("v", v)?;
+        if bk != b || bv != b {
+            bail!("attention: batch sizes differ: q {b}, k {bk}, v {bv}")
+        }
+        if hv != hkv || sv != s {
             bail!(
-                "attention: {name} is on {:?} but q is on {:?}",
-                t.device(),
-                q.device()
+                "attention: k {:?} and v {:?} must have the same length and heads",
+                k.dims(),
+                v.dims()
             )
         }
-    }
-    if b * h * l * dv == 0 || s == 0 {
-        // With attention sinks a row without keys keeps only the sink: 0 under any policy.
-        let params = if mask.sinks().is_some() {
-            &AttnParams {
-                masked_rows: MaskedRowPolicy::Zero,
-                ..*params
+        if dk != d {
+            bail!("attention: q head size {d} differs from k head size {dk}")
+        }
+        if hkv == 0 || !h.is_multiple_of(hkv) {
+            bail!("attention: {h} query heads cannot share {hkv} KV heads")
+        }
+        let md = mask.dims();
+        if md.kv_len > s {
+            bail!(
+                "attention: the mask plan covers {} keys but k has only {s}",
+                md.kv_len
+            )
+        }
+        mask.check_dims("attention", b, h, l, md.kv_len)?;
+        if k.dtype() != q.dtype() || v.dtype() != q.dtype() {
+            bail!(
+                "attention: dtypes differ: q {:?}, k {:?}, v {:?}",
+                q.dtype(),
+                k.dtype(),
+                v.dtype()
+            )
+        }
+        if !q.dtype().is_float() {
+            bail!("attention: expected float inputs, got {:?}", q.dtype())
+        }
+        for (name, t) in [("k", k), ("v", v)] {
+            if !t.device().same_device(q.device()) {
+                bail!(
+                    "attention: {name} is on {:?} but q is on {:?}",
+                    t.device(),
+                    q.device()
+                )
             }
-        } else {
-            params
+        }
+        if b * h * l * dv == 0 || s == 0 {
+            // With attention sinks a row without keys keeps only the sink: 0 under any policy.
+            let params = if mask.sinks().is_some() {
+                &AttnParams {
+                    masked_rows: MaskedRowPolicy::Zero,
+                    ..*params
+                }
+            } else {
+                params
+            };
+            return empty_call(q, (b, l, h, dv), s, params);
+        }
+        let call = AttnCall {
+            q,
+            k,
+            v,
+            mask,
+            params,
+            b,
+            l,
+            h,
+            hkv,
+            s,
+            d,
+            dv,
+            extra_keys: s - md.kv_len,
+            kv_scales: None,
+            key_rows: None,
         };
-        return empty_call(q, (b, l, h, dv), s, params);
+        select(&call)?.forward(&call)
     }
-    let call = AttnCall {
-        q,
-        k,
-        v,
-        mask,
-        params,
-        b,
-        l,
-        h,
-        hkv,
-        s,
-        d,
-        dv,
-        extra_keys: s - md.kv_len,
-        kv_scales: None,
-        key_rows: None,
-    };
-    select(&call)?.forward(&call)
 }
 
-/// Bytes the fused CPU kernel keeps between calls for reuse, on the calling thread and on
-/// rayon's workers: the last calls' copies of K and V (a transposed K and a repacked V for
+internal! {
+    /// Bytes the fused CPU kernel keeps between calls for reuse, on the calling thread and on
+    /// rayon's workers: the last calls' copies of K and V (a transposed K and a repacked V for
+    /// prefill-shaped calls, the four largest per thread: `8 · B · S · Hkv · D` bytes for an f32 call
+    /// of `S` keys, half that for bf16) and the converted K / V tiles of half and quantized inputs
+    /// (512 KiB per thread). Not counted: each thread's fixed tiles (about 0.25 MiB for the forward,
+    /// 0.65 MiB for the backward). `release_cpu_buffers` frees them.
+    fn cpu_retained_bytes() -> usize {
+        cpu::retained_bytes()
+    }
+}
+
+/// Frees the buffers the fused CPU kernel keeps between calls for reuse, on the calling thread
+/// and on rayon's workers (a long-running server after a burst of long prompts, say); the next
+/// calls allocate what they need again. Returns the bytes freed.
+///
+/// What it frees: the last calls' copies of K and V (a transposed K and a repacked V for
 /// prefill-shaped calls, the four largest per thread: `8 · B · S · Hkv · D` bytes for an f32 call
 /// of `S` keys, half that for bf16) and the converted K / V tiles of half and quantized inputs
-/// (512 KiB per thread). Not counted: each thread's fixed tiles (about 0.25 MiB for the forward,
-/// 0.65 MiB for the backward). [`release_cpu_buffers`] frees them.
-pub fn cpu_retained_bytes() -> usize {
-    cpu::retained_bytes()
-}
-
-/// Frees the buffers [`cpu_retained_bytes`] counts (a long-running server after a burst of long
-/// prompts, say); the next calls allocate what they need again. Returns the bytes freed.
+/// (512 KiB per thread). Not freed: each thread's fixed tiles (about 0.25 MiB for the forward,
+/// 0.65 MiB for the backward).
 ///
 /// ```
 /// use candle_core::{DType, Device, Tensor};
-/// use candle_mha::kernels::{attention, cpu_retained_bytes, release_cpu_buffers, AttnParams};
-/// use candle_mha::mask::{MaskDims, MaskPlan};
-/// let x = Tensor::zeros((1, 512, 4, 64), DType::F32, &Device::Cpu)?;
-/// let plan = MaskPlan::new(MaskDims::new(1, 4, 512, 512));
-/// attention(&x, &x, &x, &plan, &AttnParams::new(64))?; // keeps its copies of K and V
-/// assert!(cpu_retained_bytes() > 0);
-/// release_cpu_buffers();
-/// assert_eq!(cpu_retained_bytes(), 0);
+/// use candle_mha::{kernels::release_cpu_buffers, sdpa, SdpaOptions};
+/// let x = Tensor::zeros((1, 4, 512, 64), DType::F32, &Device::Cpu)?; // (B, H, L, D)
+/// sdpa(&x, &x, &x, &SdpaOptions::new())?; // the fused CPU kernel keeps its copies of K and V
+/// assert!(release_cpu_buffers() > 0);
+/// assert_eq!(release_cpu_buffers(), 0); // nothing left
 /// # Ok::<(), candle_core::Error>(())
 /// ```
 pub fn release_cpu_buffers() -> usize {
@@ -486,6 +496,7 @@ fn dims4(name: &str, t: &Tensor) -> Result<(usize, usize, usize, usize)> {
     }
 }
 
-/// Hooks for the crate's own tests; not part of the API.
+/// Hooks for the crate's own tests; not part of the API (feature `internals`).
+#[cfg(feature = "internals")]
 #[doc(hidden)]
 pub mod test_support;

@@ -124,3 +124,29 @@ impl PackedLinear {
 pub fn set_portable_only(on: bool) {
     super::cpu::set_portable_only(on)
 }
+
+/// Parses a device name: `cpu`, `cuda` (= `cuda:0`) or `cuda:N`.
+///
+/// ```
+/// assert!(candle_mha::kernels::test_support::parse_device("cpu").unwrap().is_cpu());
+/// assert!(candle_mha::kernels::test_support::parse_device("tpu").is_err());
+/// ```
+pub fn parse_device(name: &str) -> candle_core::Result<candle_core::Device> {
+    use candle_core::{bail, Device};
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Device::new_cuda(0),
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(i)) => Device::new_cuda(i),
+            _ => bail!("unknown device {other:?}: expected cpu, cuda or cuda:N"),
+        },
+    }
+}
+
+/// The device the tests run on: `$CANDLE_MHA_DEVICE` (`cpu`, `cuda`, `cuda:N`), default CPU.
+pub fn test_device() -> candle_core::Result<candle_core::Device> {
+    match std::env::var("CANDLE_MHA_DEVICE") {
+        Ok(name) if !name.is_empty() => parse_device(&name),
+        _ => Ok(candle_core::Device::Cpu),
+    }
+}

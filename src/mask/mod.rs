@@ -16,7 +16,8 @@
 //!   - [`CausalAlignment::BottomRight`]: `j <= i + S - L` (the last query sees every key: KV-cache
 //!     decoding, where the L new queries are the last L positions of the sequence).
 //!
-//!   With a sliding window of `W` ([`Causal::window`]), query `i` additionally sees only the `W`
+//!   With a sliding window of `W` ([`MhaInput::sliding_window`](crate::MhaInput::sliding_window),
+//!   [`SdpaOptions::sliding_window`](crate::SdpaOptions::sliding_window)), query `i` additionally sees only the `W`
 //!   most recent keys up to and including its diagonal: `i + off - W < j <= i + off`, where
 //!   `off` is 0 (top-left) or `S - L` (bottom-right). `W = 1` lets a query see only its own
 //!   position; this is Mistral's / Hugging Face's `sliding_window` (flash-attn's
@@ -30,7 +31,8 @@
 //!
 //! The kernels never see these types: a call's masks are validated and merged once into a
 //! [`MaskPlan`] (structured where possible, dense only for the tensors the caller passed), which
-//! a model can build once per forward and reuse in every layer.
+//! a model can build once per forward and reuse in every layer
+//! ([`MultiHeadAttention::mask_plan`](crate::MultiHeadAttention::mask_plan)).
 
 use candle_core::{bail, Result, Tensor};
 
@@ -38,7 +40,8 @@ mod modifiers;
 mod plan;
 
 pub(crate) use modifiers::alibi_distances;
-pub use plan::{MaskDims, MaskPlan};
+pub use plan::MaskPlan;
+internal! { use plan::MaskDims; }
 
 /// Which way a causal mask is aligned when the query and key lengths differ.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,13 +63,15 @@ impl CausalAlignment {
     }
 }
 
-/// A causal mask: its alignment and an optional sliding window. See the [module docs](self).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Causal {
-    /// How the diagonal is aligned when L != S.
-    pub alignment: CausalAlignment,
-    /// Sliding window: each query sees at most this many keys (ending at its diagonal).
-    pub window: Option<usize>,
+internal! {
+    /// A causal mask: its alignment and an optional sliding window. See the [module docs](self).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    struct Causal {
+        /// How the diagonal is aligned when L != S.
+        pub alignment: CausalAlignment,
+        /// Sliding window: each query sees at most this many keys (ending at its diagonal).
+        pub window: Option<usize>,
+    }
 }
 
 impl Causal {

@@ -45,40 +45,21 @@ struct Packed {
     cu_k: Vec<usize>,
 }
 
-/// Every mask of one attention call, validated against its shapes and merged.
+/// Every mask of one attention call, validated against its shapes and merged: what the kernels
+/// receive.
 ///
-/// A plan is what the kernels receive. It keeps what has structure as structure, so that fused
-/// kernels can skip whole tiles and never read a mask tensor for it:
-/// - the causal diagonal with its alignment and sliding window ([`Causal`]);
-/// - one visible key range `lo..hi` per batch element, which covers right padding (lengths, a
-///   boolean key padding mask whose kept keys are contiguous) and left padding alike;
-/// - packed variable-length sequences (cumulative offsets; B = 1): query row `i` of sequence `n`
-///   sees only the keys of sequence `n`, causal within it.
+/// A plan keeps what has structure as structure (the causal diagonal with its alignment and
+/// sliding window, one visible key range per batch element for right or left padding, packed
+/// sequences), so that fused kernels skip whole tiles and never read a mask tensor for it; only
+/// the tensors a caller passes stay dense (a float key padding mask, the attention mask), in the
+/// compute dtype.
 ///
-/// Only the tensors a caller passes in stay dense: a float (additive) key padding mask
-/// ([`MaskPlan::key_bias`], `(B, S)`) and the attention mask ([`MaskPlan::bias`], 4-D,
-/// broadcastable to `(B, H, L, S)`), both in the compute dtype.
-///
-/// Build it once per forward and hand it to every layer (see
-/// [`MultiHeadAttention::mask_plan`](crate::MultiHeadAttention::mask_plan)); building converts
-/// boolean masks, checks every shape and, for a boolean key padding mask, reads it once to find
-/// its ranges.
-///
-/// ```
-/// use candle_core::{DType, Device};
-/// use candle_mha::mask::{CausalAlignment, KeyPaddingMask, MaskDims, MaskPlan};
-/// let plan = MaskPlan::build(
-///     MaskDims::new(2, 4, 5, 5),
-///     Some(&KeyPaddingMask::from_lengths(&[5, 3])),
-///     None,
-///     Some(CausalAlignment::TopLeft.into()),
-///     DType::F32,
-///     &Device::Cpu,
-/// )?;
-/// assert_eq!(plan.row_range(1, 4), (0, 3)); // batch 1, query 4: keys 0..3
-/// assert!(plan.bias().is_none() && plan.key_bias().is_none()); // nothing dense
-/// # Ok::<(), candle_core::Error>(())
-/// ```
+/// Building one converts boolean masks, checks every shape and, for a boolean key padding mask,
+/// reads it once to find its ranges: a model with many layers builds it once per forward with
+/// [`MultiHeadAttention::mask_plan`](crate::MultiHeadAttention::mask_plan) (or
+/// [`mask_plan_cached`](crate::MultiHeadAttention::mask_plan_cached) when decoding with a KV
+/// cache) and hands it to every layer with [`MhaInput::mask_plan`](crate::MhaInput::mask_plan).
+/// Its contents are not part of the API.
 #[derive(Debug, Clone)]
 pub struct MaskPlan {
     dims: MaskDims,
@@ -91,61 +72,77 @@ pub struct MaskPlan {
 }
 
 impl MaskPlan {
-    /// A plan that masks nothing.
-    pub fn new(dims: MaskDims) -> Self {
-        Self {
-            dims,
-            causal: None,
-            key_ranges: None,
-            key_bias: None,
-            bias: None,
-            packed: None,
-            mods: ScoreMods::default(),
+    internal! {
+        /// A plan that masks nothing.
+        fn new(dims: MaskDims) -> Self {
+            Self {
+                dims,
+                causal: None,
+                key_ranges: None,
+                key_bias: None,
+                bias: None,
+                packed: None,
+                mods: ScoreMods::default(),
+            }
         }
     }
 
-    /// Logit soft-capping: `s ← c · tanh(s / c)` on the scaled logits, before ALiBi and the
-    /// masks (Gemma 2's `attn_logit_softcapping`). `c` must be finite and positive.
-    pub fn with_softcap(mut self, c: f64) -> Result<Self> {
-        self.mods.softcap = Some(check_softcap(c)?);
-        Ok(self)
+    internal! {
+        /// Logit soft-capping: `s ← c · tanh(s / c)` on the scaled logits, before ALiBi and the
+        /// masks (Gemma 2's `attn_logit_softcapping`). `c` must be finite and positive.
+        fn with_softcap(mut self, c: f64) -> Result<Self> {
+            self.mods.softcap = Some(check_softcap(c)?);
+            Ok(self)
+        }
     }
 
-    /// ALiBi: `s_ij ← s_ij − m · |i + S − L − j|` with `m` the slope of the query head, from
-    /// `slopes` of shape `(H,)` or `(B, H)` (queries aligned to the end of the keys). With packed
-    /// sequences (set them first) `B` counts sequences and `L`, `S`, `i`, `j` are each
-    /// sequence's own. Added after soft-capping, before the masks.
-    pub fn with_alibi_slopes(mut self, slopes: &Tensor) -> Result<Self> {
-        let seqs = self.packed.as_deref().map(|p| p.cu_q.len() - 1);
-        self.mods.alibi = Some(check_alibi(slopes, self.dims, seqs)?);
-        Ok(self)
+    internal! {
+        /// ALiBi: `s_ij ← s_ij − m · |i + S − L − j|` with `m` the slope of the query head, from
+        /// `slopes` of shape `(H,)` or `(B, H)` (queries aligned to the end of the keys). With packed
+        /// sequences (set them first) `B` counts sequences and `L`, `S`, `i`, `j` are each
+        /// sequence's own. Added after soft-capping, before the masks.
+        fn with_alibi_slopes(mut self, slopes: &Tensor) -> Result<Self> {
+            let seqs = self.packed.as_deref().map(|p| p.cu_q.len() - 1);
+            self.mods.alibi = Some(check_alibi(slopes, self.dims, seqs)?);
+            Ok(self)
+        }
     }
 
-    /// Attention sinks: one logit per query head (`(H,)`) joined to every row's softmax as a key
-    /// without a value. A row whose keys are all masked then gives 0.
-    pub fn with_sinks(mut self, sinks: &Tensor) -> Result<Self> {
-        self.mods.sinks = Some(check_sinks(sinks, self.dims)?);
-        Ok(self)
+    internal! {
+        /// Attention sinks: one logit per query head (`(H,)`) joined to every row's softmax as a key
+        /// without a value. A row whose keys are all masked then gives 0.
+        fn with_sinks(mut self, sinks: &Tensor) -> Result<Self> {
+            self.mods.sinks = Some(check_sinks(sinks, self.dims)?);
+            Ok(self)
+        }
     }
 
-    /// The soft-cap, if any.
-    pub fn softcap(&self) -> Option<f64> {
-        self.mods.softcap
+    internal! {
+        /// The soft-cap, if any.
+        fn softcap(&self) -> Option<f64> {
+            self.mods.softcap
+        }
     }
 
-    /// The ALiBi slopes as `(B or 1, H)` (`B`: sequences, for packed ones), if any.
-    pub fn alibi_slopes(&self) -> Option<&Tensor> {
-        self.mods.alibi.as_ref()
+    internal! {
+        /// The ALiBi slopes as `(B or 1, H)` (`B`: sequences, for packed ones), if any.
+        fn alibi_slopes(&self) -> Option<&Tensor> {
+            self.mods.alibi.as_ref()
+        }
     }
 
-    /// The sink logits `(H,)`, if any.
-    pub fn sinks(&self) -> Option<&Tensor> {
-        self.mods.sinks.as_ref()
+    internal! {
+        /// The sink logits `(H,)`, if any.
+        fn sinks(&self) -> Option<&Tensor> {
+            self.mods.sinks.as_ref()
+        }
     }
 
-    /// Whether any score modifier (soft-cap, ALiBi, sinks) is set.
-    pub fn has_score_modifiers(&self) -> bool {
-        self.mods.any()
+    internal! {
+        /// Whether any score modifier (soft-cap, ALiBi, sinks) is set.
+        fn has_score_modifiers(&self) -> bool {
+            self.mods.any()
+        }
     }
 
     /// The score modifiers set, by name (`"softcap, alibi, sinks"`), for messages.
@@ -153,226 +150,240 @@ impl MaskPlan {
         self.mods.names()
     }
 
-    /// Validates and merges the user's masks (any may be `None`), converting tensors to additive
-    /// masks in `dtype` (the compute dtype: f32, or f64 for f64 inputs) on `device`.
-    pub fn build(
-        dims: MaskDims,
-        key_padding: Option<&KeyPaddingMask>,
-        attn_mask: Option<&AttnMask>,
-        causal: Option<Causal>,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Self> {
-        let mut plan = Self::new(dims);
-        if let Some(c) = causal {
-            plan = plan.with_causal(c)?;
-        }
-        if let Some(kpm) = key_padding {
-            plan = plan.with_key_padding(kpm, dtype, device)?;
-        }
-        if let Some(m) = attn_mask {
-            plan = plan.with_attn_mask(m, dtype, device)?;
-        }
-        Ok(plan)
-    }
-
-    /// Adds the causal structure (alignment and optional sliding window).
-    pub fn with_causal(mut self, causal: impl Into<Causal>) -> Result<Self> {
-        let causal = causal.into();
-        if causal.window == Some(0) {
-            bail!("sliding window must be at least 1 key, got 0")
-        }
-        self.causal = Some(causal);
-        Ok(self)
-    }
-
-    /// Adds a key padding mask: lengths and boolean masks whose kept keys are contiguous become
-    /// key ranges; a float mask (or a boolean one with holes) stays a dense `(B, S)` bias.
-    pub fn with_key_padding(
-        self,
-        mask: &KeyPaddingMask,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Self> {
-        let MaskDims {
-            batch: b,
-            kv_len: s,
-            unbatched,
-            ..
-        } = self.dims;
-        match mask {
-            KeyPaddingMask::Lengths(lens) => {
-                if lens.len() != b {
-                    bail!(
-                        "key padding lengths: expected one length per batch element ({b}), got {}",
-                        lens.len()
-                    )
-                }
-                if let Some(bad) = lens.iter().find(|&&n| n > s) {
-                    bail!("key padding lengths: length {bad} exceeds the key sequence length {s}")
-                }
-                let ranges: Vec<_> = lens.iter().map(|&n| (0, n)).collect();
-                self.with_key_ranges(&ranges)
+    internal! {
+        /// Validates and merges the user's masks (any may be `None`), converting tensors to additive
+        /// masks in `dtype` (the compute dtype: f32, or f64 for f64 inputs) on `device`.
+        fn build(
+            dims: MaskDims,
+            key_padding: Option<&KeyPaddingMask>,
+            attn_mask: Option<&AttnMask>,
+            causal: Option<Causal>,
+            dtype: DType,
+            device: &Device,
+        ) -> Result<Self> {
+            let mut plan = Self::new(dims);
+            if let Some(c) = causal {
+                plan = plan.with_causal(c)?;
             }
-            KeyPaddingMask::Tensor(t) => {
-                check_device("key_padding_mask", t, device)?;
-                let expected: &[usize] = if unbatched { &[s] } else { &[b, s] };
-                if t.dims() != expected {
-                    // (S, B) for (B, S): the module read (B, L, E) inputs as (L, B, E).
-                    let hint = if !unbatched && t.dims() == [s, b] && s != b {
-                        "; the inputs were read as (L, B, E): if they are (B, L, E), set batch_first (MhaConfig::with_batch_first(true))"
-                    } else {
-                        ""
-                    };
-                    bail!(
-                        "key_padding_mask: expected shape {expected:?} ({}), got {:?}{hint}",
-                        if unbatched { "S" } else { "B, S" },
-                        t.dims()
-                    )
-                }
-                if !t.dtype().is_float() {
-                    if let Some(ranges) = contiguous_ranges(t, b, s)? {
-                        return self.with_key_ranges(&ranges);
+            if let Some(kpm) = key_padding {
+                plan = plan.with_key_padding(kpm, dtype, device)?;
+            }
+            if let Some(m) = attn_mask {
+                plan = plan.with_attn_mask(m, dtype, device)?;
+            }
+            Ok(plan)
+        }
+    }
+
+    internal! {
+        /// Adds the causal structure (alignment and optional sliding window).
+        fn with_causal(mut self, causal: impl Into<Causal>) -> Result<Self> {
+            let causal = causal.into();
+            if causal.window == Some(0) {
+                bail!("sliding window must be at least 1 key, got 0")
+            }
+            self.causal = Some(causal);
+            Ok(self)
+        }
+    }
+
+    internal! {
+        /// Adds a key padding mask: lengths and boolean masks whose kept keys are contiguous become
+        /// key ranges; a float mask (or a boolean one with holes) stays a dense `(B, S)` bias.
+        fn with_key_padding(
+            self,
+            mask: &KeyPaddingMask,
+            dtype: DType,
+            device: &Device,
+        ) -> Result<Self> {
+            let MaskDims {
+                batch: b,
+                kv_len: s,
+                unbatched,
+                ..
+            } = self.dims;
+            match mask {
+                KeyPaddingMask::Lengths(lens) => {
+                    if lens.len() != b {
+                        bail!(
+                            "key padding lengths: expected one length per batch element ({b}), got {}",
+                            lens.len()
+                        )
                     }
+                    if let Some(bad) = lens.iter().find(|&&n| n > s) {
+                        bail!("key padding lengths: length {bad} exceeds the key sequence length {s}")
+                    }
+                    let ranges: Vec<_> = lens.iter().map(|&n| (0, n)).collect();
+                    self.with_key_ranges(&ranges)
                 }
-                self.no_key_padding_yet()?;
-                let bias = to_additive(t, !t.dtype().is_float(), dtype)?.reshape((b, s))?;
-                Ok(Self {
-                    key_bias: Some(bias),
-                    ..self
-                })
+                KeyPaddingMask::Tensor(t) => {
+                    check_device("key_padding_mask", t, device)?;
+                    let expected: &[usize] = if unbatched { &[s] } else { &[b, s] };
+                    if t.dims() != expected {
+                        // (S, B) for (B, S): the module read (B, L, E) inputs as (L, B, E).
+                        let hint = if !unbatched && t.dims() == [s, b] && s != b {
+                            "; the inputs were read as (L, B, E): if they are (B, L, E), set batch_first (MhaConfig::with_batch_first(true))"
+                        } else {
+                            ""
+                        };
+                        bail!(
+                            "key_padding_mask: expected shape {expected:?} ({}), got {:?}{hint}",
+                            if unbatched { "S" } else { "B, S" },
+                            t.dims()
+                        )
+                    }
+                    if !t.dtype().is_float() {
+                        if let Some(ranges) = contiguous_ranges(t, b, s)? {
+                            return self.with_key_ranges(&ranges);
+                        }
+                    }
+                    self.no_key_padding_yet()?;
+                    let bias = to_additive(t, !t.dtype().is_float(), dtype)?.reshape((b, s))?;
+                    Ok(Self {
+                        key_bias: Some(bias),
+                        ..self
+                    })
+                }
             }
         }
     }
 
-    /// Restricts batch element `b` to the keys `ranges[b].0 .. ranges[b].1` (right padding:
-    /// `(0, len)`; left padding: `(pad, S)`).
-    pub fn with_key_ranges(self, ranges: &[(usize, usize)]) -> Result<Self> {
-        let (b, s) = (self.dims.batch, self.dims.kv_len);
-        if ranges.len() != b {
-            bail!(
-                "key ranges: expected one range per batch element ({b}), got {}",
-                ranges.len()
-            )
-        }
-        if let Some(bad) = ranges.iter().find(|&&(lo, hi)| lo > hi || hi > s) {
-            bail!("key ranges: {bad:?} is not a range within the {s} keys")
-        }
-        self.no_key_padding_yet()?;
-        Ok(Self {
-            key_ranges: Some(ranges.into()),
-            ..self
-        })
-    }
-
-    /// Left-padded sequences: the first `pad[b]` keys of batch element `b` are padding (counts
-    /// past `S` mask every key).
-    pub fn with_left_padding(self, pad: &[usize]) -> Result<Self> {
-        let s = self.dims.kv_len;
-        let ranges: Vec<_> = pad.iter().map(|&p| (p.min(s), s)).collect();
-        self.with_key_ranges(&ranges)
-    }
-
-    /// Packed variable-length sequences (B must be 1): `cu_q` and `cu_k` are the cumulative
-    /// query and key offsets (`n + 1` each, from 0 to L and to S; a sequence may be empty).
-    /// Query row `i` of sequence `n` sees only the keys of sequence `n`; a causal mask then
-    /// applies within each sequence, with its own lengths.
-    pub fn with_packed_sequences(mut self, cu_q: &[usize], cu_k: &[usize]) -> Result<Self> {
-        let MaskDims {
-            batch,
-            q_len,
-            kv_len,
-            ..
-        } = self.dims;
-        if batch != 1 {
-            bail!("packed sequences: the batch size must be 1 (all sequences in one row), got {batch}")
-        }
-        if cu_q.len() != cu_k.len() || cu_q.len() < 2 {
-            bail!(
-                "packed sequences: cu_seqlens_q and cu_seqlens_k must both hold n + 1 >= 2 offsets, got {} and {}",
-                cu_q.len(),
-                cu_k.len()
-            )
-        }
-        for (name, cu, total) in [
-            ("cu_seqlens_q", cu_q, q_len),
-            ("cu_seqlens_k", cu_k, kv_len),
-        ] {
-            if cu[0] != 0 || cu[cu.len() - 1] != total || cu.windows(2).any(|w| w[0] > w[1]) {
-                bail!("packed sequences: {name} must rise from 0 to {total}, got {cu:?}")
-            }
-        }
-        self.packed = Some(Arc::new(Packed {
-            cu_q: cu_q.to_vec(),
-            cu_k: cu_k.to_vec(),
-        }));
-        Ok(self)
-    }
-
-    /// Adds an explicit attention mask (see [`crate::mask`] for its shapes and polarity).
-    pub fn with_attn_mask(
-        mut self,
-        mask: &AttnMask,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Self> {
-        let MaskDims {
-            batch: b,
-            heads: h,
-            q_len: l,
-            kv_len: s,
-            unbatched,
-        } = self.dims;
-        let t = mask.tensor();
-        check_device("attn_mask", t, device)?;
-        if let AttnMask::Additive(_) = mask {
-            if !t.dtype().is_float() {
+    internal! {
+        /// Restricts batch element `b` to the keys `ranges[b].0 .. ranges[b].1` (right padding:
+        /// `(0, len)`; left padding: `(pad, S)`).
+        fn with_key_ranges(self, ranges: &[(usize, usize)]) -> Result<Self> {
+            let (b, s) = (self.dims.batch, self.dims.kv_len);
+            if ranges.len() != b {
                 bail!(
-                    "attn_mask: an additive mask must be float, got {:?}",
-                    t.dtype()
+                    "key ranges: expected one range per batch element ({b}), got {}",
+                    ranges.len()
                 )
             }
+            if let Some(bad) = ranges.iter().find(|&&(lo, hi)| lo > hi || hi > s) {
+                bail!("key ranges: {bad:?} is not a range within the {s} keys")
+            }
+            self.no_key_padding_yet()?;
+            Ok(Self {
+                key_ranges: Some(ranges.into()),
+                ..self
+            })
         }
-        let t4 = match t.dims() {
-            &[ml, ms] => {
-                if (ml, ms) != (l, s) {
+    }
+
+    internal! {
+        /// Left-padded sequences: the first `pad[b]` keys of batch element `b` are padding (counts
+        /// past `S` mask every key).
+        fn with_left_padding(self, pad: &[usize]) -> Result<Self> {
+            let s = self.dims.kv_len;
+            let ranges: Vec<_> = pad.iter().map(|&p| (p.min(s), s)).collect();
+            self.with_key_ranges(&ranges)
+        }
+    }
+
+    internal! {
+        /// Packed variable-length sequences (B must be 1): `cu_q` and `cu_k` are the cumulative
+        /// query and key offsets (`n + 1` each, from 0 to L and to S; a sequence may be empty).
+        /// Query row `i` of sequence `n` sees only the keys of sequence `n`; a causal mask then
+        /// applies within each sequence, with its own lengths.
+        fn with_packed_sequences(mut self, cu_q: &[usize], cu_k: &[usize]) -> Result<Self> {
+            let MaskDims {
+                batch,
+                q_len,
+                kv_len,
+                ..
+            } = self.dims;
+            if batch != 1 {
+                bail!("packed sequences: the batch size must be 1 (all sequences in one row), got {batch}")
+            }
+            if cu_q.len() != cu_k.len() || cu_q.len() < 2 {
+                bail!(
+                    "packed sequences: cu_seqlens_q and cu_seqlens_k must both hold n + 1 >= 2 offsets, got {} and {}",
+                    cu_q.len(),
+                    cu_k.len()
+                )
+            }
+            for (name, cu, total) in [
+                ("cu_seqlens_q", cu_q, q_len),
+                ("cu_seqlens_k", cu_k, kv_len),
+            ] {
+                if cu[0] != 0 || cu[cu.len() - 1] != total || cu.windows(2).any(|w| w[0] > w[1]) {
+                    bail!("packed sequences: {name} must rise from 0 to {total}, got {cu:?}")
+                }
+            }
+            self.packed = Some(Arc::new(Packed {
+                cu_q: cu_q.to_vec(),
+                cu_k: cu_k.to_vec(),
+            }));
+            Ok(self)
+        }
+    }
+
+    internal! {
+        /// Adds an explicit attention mask (see [`crate::mask`] for its shapes and polarity).
+        fn with_attn_mask(
+            mut self,
+            mask: &AttnMask,
+            dtype: DType,
+            device: &Device,
+        ) -> Result<Self> {
+            let MaskDims {
+                batch: b,
+                heads: h,
+                q_len: l,
+                kv_len: s,
+                unbatched,
+            } = self.dims;
+            let t = mask.tensor();
+            check_device("attn_mask", t, device)?;
+            if let AttnMask::Additive(_) = mask {
+                if !t.dtype().is_float() {
                     bail!(
-                        "attn_mask: the shape of the 2D attn_mask is {:?}, but should be {:?} (L, S)",
-                        t.dims(),
-                        [l, s]
+                        "attn_mask: an additive mask must be float, got {:?}",
+                        t.dtype()
                     )
                 }
-                t.reshape((1, 1, l, s))?
             }
-            &[bh, ml, ms] => {
-                if (bh, ml, ms) != (b * h, l, s) {
-                    bail!(
-                        "attn_mask: the shape of the 3D attn_mask is {:?}, but should be {:?} ({}, L, S)",
-                        t.dims(),
-                        [b * h, l, s],
-                        if unbatched { "H" } else { "B*H" }
-                    )
+            let t4 = match t.dims() {
+                &[ml, ms] => {
+                    if (ml, ms) != (l, s) {
+                        bail!(
+                            "attn_mask: the shape of the 2D attn_mask is {:?}, but should be {:?} (L, S)",
+                            t.dims(),
+                            [l, s]
+                        )
+                    }
+                    t.reshape((1, 1, l, s))?
                 }
-                t.reshape((b, h, l, s))?
-            }
-            &[mb, mh, ml, ms] => {
-                let ok = |got: usize, want: usize| got == want || got == 1;
-                if !(ok(mb, b) && ok(mh, h) && ok(ml, l) && ms == s) {
-                    bail!(
-                        "attn_mask: the shape of the 4D attn_mask is {:?}, but should be {:?} (B, H, L, S; B, H and L may be 1)",
-                        t.dims(),
-                        [b, h, l, s]
-                    )
+                &[bh, ml, ms] => {
+                    if (bh, ml, ms) != (b * h, l, s) {
+                        bail!(
+                            "attn_mask: the shape of the 3D attn_mask is {:?}, but should be {:?} ({}, L, S)",
+                            t.dims(),
+                            [b * h, l, s],
+                            if unbatched { "H" } else { "B*H" }
+                        )
+                    }
+                    t.reshape((b, h, l, s))?
                 }
-                t.clone()
-            }
-            other => bail!(
-                "attn_mask: expected a 2-D (L, S), 3-D (B*H, L, S) or 4-D (B, H, L, S) mask, got shape {other:?}"
-            ),
-        };
-        let is_bool = matches!(mask, AttnMask::Bool(_)) || !t.dtype().is_float();
-        self.bias = Some(to_additive(&t4, is_bool, dtype)?);
-        Ok(self)
+                &[mb, mh, ml, ms] => {
+                    let ok = |got: usize, want: usize| got == want || got == 1;
+                    if !(ok(mb, b) && ok(mh, h) && ok(ml, l) && ms == s) {
+                        bail!(
+                            "attn_mask: the shape of the 4D attn_mask is {:?}, but should be {:?} (B, H, L, S; B, H and L may be 1)",
+                            t.dims(),
+                            [b, h, l, s]
+                        )
+                    }
+                    t.clone()
+                }
+                other => bail!(
+                    "attn_mask: expected a 2-D (L, S), 3-D (B*H, L, S) or 4-D (B, H, L, S) mask, got shape {other:?}"
+                ),
+            };
+            let is_bool = matches!(mask, AttnMask::Bool(_)) || !t.dtype().is_float();
+            self.bias = Some(to_additive(&t4, is_bool, dtype)?);
+            Ok(self)
+        }
     }
 
     fn no_key_padding_yet(&self) -> Result<()> {
@@ -382,80 +393,100 @@ impl MaskPlan {
         Ok(())
     }
 
-    /// The shapes the plan was built for.
-    pub fn dims(&self) -> MaskDims {
-        self.dims
-    }
-
-    /// The causal structure.
-    pub fn causal(&self) -> Option<Causal> {
-        self.causal
-    }
-
-    /// Visible key range per batch element, when key padding has that structure.
-    pub fn key_ranges(&self) -> Option<&[(usize, usize)]> {
-        self.key_ranges.as_deref()
-    }
-
-    /// Dense additive key padding `(B, S)` in the compute dtype (float masks, or boolean masks
-    /// whose kept keys are not contiguous).
-    pub fn key_bias(&self) -> Option<&Tensor> {
-        self.key_bias.as_ref()
-    }
-
-    /// Dense additive attention mask, 4-D, broadcastable to `(B, H, L, S)`, in the compute dtype.
-    pub fn bias(&self) -> Option<&Tensor> {
-        self.bias.as_ref()
-    }
-
-    /// Whether the plan holds packed sequences.
-    pub fn is_packed(&self) -> bool {
-        self.packed.is_some()
-    }
-
-    /// The packed sequences' cumulative query and key offsets, when the plan has them.
-    pub fn packed_offsets(&self) -> Option<(&[usize], &[usize])> {
-        self.packed.as_deref().map(|p| (&p.cu_q[..], &p.cu_k[..]))
-    }
-
-    /// Whether nothing is masked (score modifiers aside: see [`MaskPlan::has_score_modifiers`]).
-    pub fn is_empty(&self) -> bool {
-        !self.has_structure() && self.key_bias.is_none() && self.bias.is_none()
-    }
-
-    /// Whether [`Self::row_range`] can be narrower than all keys.
-    pub fn has_structure(&self) -> bool {
-        self.causal.is_some() || self.key_ranges.is_some() || self.packed.is_some()
-    }
-
-    /// The keys `lo..hi` (of the S maskable ones) that query `i` of batch element `b` may see by
-    /// the structured parts of the plan (causal and window, key ranges, packed sequences); empty
-    /// (`lo == hi`) when it sees none. Dense biases may mask more.
-    pub fn row_range(&self, b: usize, i: usize) -> (usize, usize) {
-        let (l, s) = (self.dims.q_len, self.dims.kv_len);
-        let (mut lo, mut hi) = match &self.packed {
-            None => match self.causal {
-                Some(c) => c.key_range(i, l, s),
-                None => (0, s),
-            },
-            Some(p) => {
-                // The last sequence starting at or before row i (empty sequences hold no row).
-                let n = p.cu_q.partition_point(|&x| x <= i) - 1;
-                let (q0, q1) = (p.cu_q[n], p.cu_q[n + 1]);
-                let (k0, k1) = (p.cu_k[n], p.cu_k[n + 1]);
-                let (lo, hi) = match self.causal {
-                    Some(c) => c.key_range(i - q0, q1 - q0, k1 - k0),
-                    None => (0, k1 - k0),
-                };
-                (k0 + lo, k0 + hi)
-            }
-        };
-        if let Some(r) = &self.key_ranges {
-            let (rlo, rhi) = r[b];
-            lo = lo.max(rlo);
-            hi = hi.min(rhi);
+    internal! {
+        /// The shapes the plan was built for.
+        fn dims(&self) -> MaskDims {
+            self.dims
         }
-        (lo, hi.max(lo))
+    }
+
+    internal! {
+        /// The causal structure.
+        fn causal(&self) -> Option<Causal> {
+            self.causal
+        }
+    }
+
+    internal! {
+        /// Visible key range per batch element, when key padding has that structure.
+        fn key_ranges(&self) -> Option<&[(usize, usize)]> {
+            self.key_ranges.as_deref()
+        }
+    }
+
+    internal! {
+        /// Dense additive key padding `(B, S)` in the compute dtype (float masks, or boolean masks
+        /// whose kept keys are not contiguous).
+        fn key_bias(&self) -> Option<&Tensor> {
+            self.key_bias.as_ref()
+        }
+    }
+
+    internal! {
+        /// Dense additive attention mask, 4-D, broadcastable to `(B, H, L, S)`, in the compute dtype.
+        fn bias(&self) -> Option<&Tensor> {
+            self.bias.as_ref()
+        }
+    }
+
+    internal! {
+        /// Whether the plan holds packed sequences.
+        fn is_packed(&self) -> bool {
+            self.packed.is_some()
+        }
+    }
+
+    internal! {
+        /// The packed sequences' cumulative query and key offsets, when the plan has them.
+        fn packed_offsets(&self) -> Option<(&[usize], &[usize])> {
+            self.packed.as_deref().map(|p| (&p.cu_q[..], &p.cu_k[..]))
+        }
+    }
+
+    internal! {
+        /// Whether nothing is masked (score modifiers aside: see [`MaskPlan::has_score_modifiers`]).
+        fn is_empty(&self) -> bool {
+            !self.has_structure() && self.key_bias.is_none() && self.bias.is_none()
+        }
+    }
+
+    internal! {
+        /// Whether [`Self::row_range`] can be narrower than all keys.
+        fn has_structure(&self) -> bool {
+            self.causal.is_some() || self.key_ranges.is_some() || self.packed.is_some()
+        }
+    }
+
+    internal! {
+        /// The keys `lo..hi` (of the S maskable ones) that query `i` of batch element `b` may see by
+        /// the structured parts of the plan (causal and window, key ranges, packed sequences); empty
+        /// (`lo == hi`) when it sees none. Dense biases may mask more.
+        fn row_range(&self, b: usize, i: usize) -> (usize, usize) {
+            let (l, s) = (self.dims.q_len, self.dims.kv_len);
+            let (mut lo, mut hi) = match &self.packed {
+                None => match self.causal {
+                    Some(c) => c.key_range(i, l, s),
+                    None => (0, s),
+                },
+                Some(p) => {
+                    // The last sequence starting at or before row i (empty sequences hold no row).
+                    let n = p.cu_q.partition_point(|&x| x <= i) - 1;
+                    let (q0, q1) = (p.cu_q[n], p.cu_q[n + 1]);
+                    let (k0, k1) = (p.cu_k[n], p.cu_k[n + 1]);
+                    let (lo, hi) = match self.causal {
+                        Some(c) => c.key_range(i - q0, q1 - q0, k1 - k0),
+                        None => (0, k1 - k0),
+                    };
+                    (k0 + lo, k0 + hi)
+                }
+            };
+            if let Some(r) = &self.key_ranges {
+                let (rlo, rhi) = r[b];
+                lo = lo.max(rlo);
+                hi = hi.min(rhi);
+            }
+            (lo, hi.max(lo))
+        }
     }
 
     /// Errors unless the plan was built for `(b, h, l, s)` (`what` names the caller).
@@ -480,56 +511,58 @@ impl MaskPlan {
         Ok(())
     }
 
-    /// The whole plan as one additive tensor in `dtype`, broadcastable to
-    /// `(B, H, L, S + extra_keys)` (the appended keys get 0), or `None` when nothing is masked.
-    pub fn materialize(
-        &self,
-        extra_keys: usize,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Option<Tensor>> {
-        let MaskDims {
-            batch: b,
-            q_len: l,
-            kv_len: s,
-            ..
-        } = self.dims;
-        let mut acc: Option<Tensor> = None;
-        let mut add = |t: Tensor| -> Result<()> {
-            acc = Some(match acc.take() {
-                None => t,
-                Some(a) => a.broadcast_add(&t)?,
-            });
-            Ok(())
-        };
-        if let Some(bias) = &self.bias {
-            add(bias.to_dtype(dtype)?)?;
-        }
-        if let Some(t) = &self.key_bias {
-            add(t.to_dtype(dtype)?.reshape((b, 1, 1, s))?)?;
-        }
-        if self.has_structure() {
-            // Per batch element only when the structure differs between them.
-            let nb = if self.key_ranges.is_some() { b } else { 1 };
-            let mut v = vec![f32::NEG_INFINITY; nb * l * s];
-            for bi in 0..nb {
-                for i in 0..l {
-                    let (lo, hi) = self.row_range(bi, i);
-                    let row = (bi * l + i) * s;
-                    v[row + lo..row + hi].fill(0.0);
+    internal! {
+        /// The whole plan as one additive tensor in `dtype`, broadcastable to
+        /// `(B, H, L, S + extra_keys)` (the appended keys get 0), or `None` when nothing is masked.
+        fn materialize(
+            &self,
+            extra_keys: usize,
+            dtype: DType,
+            device: &Device,
+        ) -> Result<Option<Tensor>> {
+            let MaskDims {
+                batch: b,
+                q_len: l,
+                kv_len: s,
+                ..
+            } = self.dims;
+            let mut acc: Option<Tensor> = None;
+            let mut add = |t: Tensor| -> Result<()> {
+                acc = Some(match acc.take() {
+                    None => t,
+                    Some(a) => a.broadcast_add(&t)?,
+                });
+                Ok(())
+            };
+            if let Some(bias) = &self.bias {
+                add(bias.to_dtype(dtype)?)?;
+            }
+            if let Some(t) = &self.key_bias {
+                add(t.to_dtype(dtype)?.reshape((b, 1, 1, s))?)?;
+            }
+            if self.has_structure() {
+                // Per batch element only when the structure differs between them.
+                let nb = if self.key_ranges.is_some() { b } else { 1 };
+                let mut v = vec![f32::NEG_INFINITY; nb * l * s];
+                for bi in 0..nb {
+                    for i in 0..l {
+                        let (lo, hi) = self.row_range(bi, i);
+                        let row = (bi * l + i) * s;
+                        v[row + lo..row + hi].fill(0.0);
+                    }
                 }
+                add(Tensor::from_vec(v, (nb, 1, l, s), device)?.to_dtype(dtype)?)?;
             }
-            add(Tensor::from_vec(v, (nb, 1, l, s), device)?.to_dtype(dtype)?)?;
-        }
-        match acc {
-            None => Ok(None),
-            Some(t) if extra_keys > 0 => {
-                let mut dims = t.dims().to_vec();
-                dims[3] = extra_keys;
-                let pad = Tensor::zeros(dims, dtype, device)?;
-                Ok(Some(Tensor::cat(&[&t, &pad], D::Minus1)?))
+            match acc {
+                None => Ok(None),
+                Some(t) if extra_keys > 0 => {
+                    let mut dims = t.dims().to_vec();
+                    dims[3] = extra_keys;
+                    let pad = Tensor::zeros(dims, dtype, device)?;
+                    Ok(Some(Tensor::cat(&[&t, &pad], D::Minus1)?))
+                }
+                Some(t) => Ok(Some(t)),
             }
-            Some(t) => Ok(Some(t)),
         }
     }
 }

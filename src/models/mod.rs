@@ -1,8 +1,8 @@
 //! Models built on candle-mha, written as model files a candle user can copy.
 //!
 //! - [`bert`]: a BERT encoder (Hugging Face `BertModel` checkpoints as they are) whose attention
-//!   is [`MultiHeadAttention`](crate::MultiHeadAttention) with [`WeightLayout::bert`](crate::WeightLayout::bert).
-//! - [`gelu`]: exact GELU as one vectorised CPU pass (BERT's feed-forward activation).
+//!   is [`MultiHeadAttention`](crate::MultiHeadAttention) with [`WeightLayout::bert`](crate::WeightLayout::bert),
+//!   and exact GELU as one vectorised CPU pass (its feed-forward activation).
 //! - [`sentence`]: sentence-transformers pooling and normalisation on top of it, configured by
 //!   the model directory's own files (e.g. all-MiniLM-L6-v2; see the `embed` example).
 //! - [`llama`]: a Llama-architecture decoder (SmolLM2) read from a GGUF file, attention on
@@ -17,7 +17,7 @@
 //! They are examples of use as much as library code: the attention module knows nothing of them.
 
 pub mod bert;
-pub mod gelu;
+internal! { mod gelu; }
 pub mod llama;
 mod norm;
 pub mod sentence;

@@ -1,5 +1,5 @@
 //! Sentence embeddings the way a sentence-transformers model directory says to compute them:
-//! its [`BertModel`], then [`Pooling`] (`1_Pooling/config.json`), then
+//! its [`BertModel`], then sentence-transformers' pooling (`1_Pooling/config.json`), then
 //! L2 normalisation when `modules.json` lists `Normalize`.
 //!
 //! Tokenisation is left to the caller (the `tokenizers` crate on the directory's
@@ -24,30 +24,32 @@ use serde::Deserialize;
 use super::bert::{BertConfig, BertModel};
 use crate::{KeyPaddingMask, Packing, SeqOffsets};
 
-/// `1_Pooling/config.json` of a sentence-transformers model. Every enabled mode contributes
-/// `word_embedding_dimension` features, concatenated in the order of the fields.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct PoolingConfig {
-    /// Width of the token embeddings.
-    pub word_embedding_dimension: usize,
-    /// The first (`[CLS]`) token's embedding.
-    #[serde(default)]
-    pub pooling_mode_cls_token: bool,
-    /// Element-wise maximum over the tokens.
-    #[serde(default)]
-    pub pooling_mode_max_tokens: bool,
-    /// Mean over the tokens (padding excluded).
-    #[serde(default)]
-    pub pooling_mode_mean_tokens: bool,
-    /// Sum over the tokens divided by `sqrt(number of tokens)`.
-    #[serde(default)]
-    pub pooling_mode_mean_sqrt_len_tokens: bool,
-    /// Position-weighted mean (not supported).
-    #[serde(default)]
-    pub pooling_mode_weightedmean_tokens: bool,
-    /// Last token (not supported).
-    #[serde(default)]
-    pub pooling_mode_lasttoken: bool,
+internal! {
+    /// `1_Pooling/config.json` of a sentence-transformers model. Every enabled mode contributes
+    /// `word_embedding_dimension` features, concatenated in the order of the fields.
+    #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+    struct PoolingConfig {
+        /// Width of the token embeddings.
+        pub word_embedding_dimension: usize,
+        /// The first (`[CLS]`) token's embedding.
+        #[serde(default)]
+        pub pooling_mode_cls_token: bool,
+        /// Element-wise maximum over the tokens.
+        #[serde(default)]
+        pub pooling_mode_max_tokens: bool,
+        /// Mean over the tokens (padding excluded).
+        #[serde(default)]
+        pub pooling_mode_mean_tokens: bool,
+        /// Sum over the tokens divided by `sqrt(number of tokens)`.
+        #[serde(default)]
+        pub pooling_mode_mean_sqrt_len_tokens: bool,
+        /// Position-weighted mean (not supported).
+        #[serde(default)]
+        pub pooling_mode_weightedmean_tokens: bool,
+        /// Last token (not supported).
+        #[serde(default)]
+        pub pooling_mode_lasttoken: bool,
+    }
 }
 
 impl PoolingConfig {
@@ -68,10 +70,12 @@ impl PoolingConfig {
     }
 }
 
-/// sentence-transformers' `Pooling`: token embeddings (B, L, H) to sentence embeddings.
-#[derive(Debug, Clone)]
-pub struct Pooling {
-    cfg: PoolingConfig,
+internal! {
+    /// sentence-transformers' `Pooling`: token embeddings (B, L, H) to sentence embeddings.
+    #[derive(Debug, Clone)]
+    struct Pooling {
+        cfg: PoolingConfig,
+    }
 }
 
 impl Pooling {
@@ -122,14 +126,16 @@ impl Pooling {
     }
 }
 
-/// `x / max(‖x‖₂, 1e-12)` along the last dimension (`torch.nn.functional.normalize`).
-pub fn l2_normalize(xs: &Tensor) -> Result<Tensor> {
-    let norm = xs
-        .sqr()?
-        .sum_keepdim(D::Minus1)?
-        .sqrt()?
-        .clamp(1e-12, f64::INFINITY)?;
-    xs.broadcast_div(&norm)
+internal! {
+    /// `x / max(‖x‖₂, 1e-12)` along the last dimension (`torch.nn.functional.normalize`).
+    fn l2_normalize(xs: &Tensor) -> Result<Tensor> {
+        let norm = xs
+            .sqr()?
+            .sum_keepdim(D::Minus1)?
+            .sqrt()?
+            .clamp(1e-12, f64::INFINITY)?;
+        xs.broadcast_div(&norm)
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -102,6 +102,7 @@ impl Proj {
         self.lin.bias()
     }
 
+    #[cfg_attr(not(feature = "internals"), allow(dead_code))] // used by the test hooks only
     /// Bytes of the packed copy kept (0 before the first packed call or for a `Var`).
     pub(crate) fn packed_bytes(&self) -> usize {
         let slot = self.packed.lock().unwrap_or_else(|e| e.into_inner());
@@ -131,6 +132,7 @@ impl From<Linear> for Proj {
     }
 }
 
+#[cfg_attr(not(feature = "internals"), allow(dead_code))] // used by the test hooks only
 /// `lin.forward(x)`: `x · Wᵀ + b` over the last dimension of `x` (the weight packed per call
 /// where the packed GEMM is taken; [`Proj`] keeps it).
 pub(crate) fn linear(lin: &Linear, x: &Tensor) -> Result<Tensor> {

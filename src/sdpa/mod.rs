@@ -61,7 +61,8 @@ mod varlen;
 
 pub use offsets::SeqOffsets;
 pub use packing::Packing;
-pub use varlen::{sdpa_varlen, sdpa_varlen_with_kernel};
+pub use varlen::sdpa_varlen;
+internal! { use varlen::sdpa_varlen_with_kernel; }
 
 /// The layout of `q`, `k`, `v` and of the output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -210,7 +211,17 @@ impl SdpaOptions {
     /// ALiBi (BLOOM, MPT, Baichuan): `s_ij ← s_ij − m · |i + S − L − j|`, `m` the slope of
     /// the query head, from a float tensor of shape `(H,)` or `(B, H)` (for [`sdpa_varlen`]:
     /// `(H,)` or `(sequences, H)`, with each sequence's own `L`, `S`, `i`, `j`). Queries are
-    /// aligned to the end of the keys, as in flash-attn. A slope may be 0.
+    /// aligned to the end of the keys, as in flash-attn. A slope may be 0. BLOOM's and MPT's
+    /// slopes: [`MhaConfig::standard_alibi_slopes`](crate::MhaConfig::standard_alibi_slopes).
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use candle_mha::{MhaConfig, SdpaOptions};
+    /// let slopes: Vec<f32> = MhaConfig::standard_alibi_slopes(8).iter().map(|&m| m as f32).collect();
+    /// let opts = SdpaOptions::new().alibi_slopes(Tensor::new(slopes, &Device::Cpu)?);
+    /// # let _ = opts;
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
     pub fn alibi_slopes(mut self, slopes: Tensor) -> Self {
         self.alibi_slopes = Some(slopes);
         self
@@ -283,15 +294,17 @@ impl SdpaOptions {
     }
 }
 
-/// What [`sdpa_with_kernel`] returns.
-#[derive(Debug, Clone)]
-pub struct SdpaOutput {
-    /// The attention output, in the call's layout and dtype.
-    pub output: Tensor,
-    /// The kernel that served the call ([`KernelId::None`](crate::kernels::KernelId::None)
-    /// when there was nothing to compute: no keys, or an empty output); compares with its name
-    /// (`out.kernel == "cpu"`).
-    pub kernel: crate::kernels::KernelId,
+internal! {
+    /// What [`sdpa_with_kernel`] returns.
+    #[derive(Debug, Clone)]
+    struct SdpaOutput {
+        /// The attention output, in the call's layout and dtype.
+        pub output: Tensor,
+        /// The kernel that served the call ([`KernelId::None`](crate::kernels::KernelId::None)
+        /// when there was nothing to compute: no keys, or an empty output); compares with its name
+        /// (`out.kernel == "cpu"`).
+        pub kernel: crate::kernels::KernelId,
+    }
 }
 
 /// PyTorch's `F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale,
@@ -309,107 +322,109 @@ pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, opts: &SdpaOptions) -> Result<Te
     Ok(sdpa_with_kernel(q, k, v, opts)?.output)
 }
 
-/// [`sdpa`], also saying which kernel served the call.
-pub fn sdpa_with_kernel(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    opts: &SdpaOptions,
-) -> Result<SdpaOutput> {
-    let unbatched = q.rank() == 3;
-    for (name, t) in [("q", q), ("k", k), ("v", v)] {
-        let ok = if unbatched {
-            t.rank() == 3
-        } else {
-            t.rank() == 4
-        };
-        if !ok {
-            let want = match (opts.layout, unbatched) {
-                (SdpaLayout::Bhld, false) => "4-D (B, heads, seq, head_dim)",
-                (SdpaLayout::Blhd, false) => "4-D (B, seq, heads, head_dim)",
-                (SdpaLayout::Bhld, true) => "3-D (heads, seq, head_dim), as q",
-                (SdpaLayout::Blhd, true) => "3-D (seq, heads, head_dim), as q",
+internal! {
+    /// [`sdpa`], also saying which kernel served the call.
+    fn sdpa_with_kernel(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        opts: &SdpaOptions,
+    ) -> Result<SdpaOutput> {
+        let unbatched = q.rank() == 3;
+        for (name, t) in [("q", q), ("k", k), ("v", v)] {
+            let ok = if unbatched {
+                t.rank() == 3
+            } else {
+                t.rank() == 4
             };
-            bail!("sdpa: {name} must be {want}, got shape {:?}", t.dims())
+            if !ok {
+                let want = match (opts.layout, unbatched) {
+                    (SdpaLayout::Bhld, false) => "4-D (B, heads, seq, head_dim)",
+                    (SdpaLayout::Blhd, false) => "4-D (B, seq, heads, head_dim)",
+                    (SdpaLayout::Bhld, true) => "3-D (heads, seq, head_dim), as q",
+                    (SdpaLayout::Blhd, true) => "3-D (seq, heads, head_dim), as q",
+                };
+                bail!("sdpa: {name} must be {want}, got shape {:?}", t.dims())
+            }
         }
-    }
-    // Everything to the kernels' (B, T, heads, D) layout, as views.
-    let to_blhd = |t: &Tensor| -> Result<Tensor> {
-        let t = if unbatched {
-            t.unsqueeze(0)?
-        } else {
-            t.clone()
+        // Everything to the kernels' (B, T, heads, D) layout, as views.
+        let to_blhd = |t: &Tensor| -> Result<Tensor> {
+            let t = if unbatched {
+                t.unsqueeze(0)?
+            } else {
+                t.clone()
+            };
+            match opts.layout {
+                SdpaLayout::Bhld => t.transpose(1, 2),
+                SdpaLayout::Blhd => Ok(t),
+            }
         };
-        match opts.layout {
-            SdpaLayout::Bhld => t.transpose(1, 2),
-            SdpaLayout::Blhd => Ok(t),
+        let (qb, kb, vb) = (to_blhd(q)?, to_blhd(k)?, to_blhd(v)?);
+        let (b, l, h, d) = qb.dims4()?;
+        let (bk, s, hkv, dk) = kb.dims4()?;
+        let (bv, sv, hv, _) = vb.dims4()?;
+        let named = |t: &Tensor| format!("{:?}", t.dims());
+        if bk != b || bv != b {
+            bail!(
+                "sdpa: batch sizes differ: q {}, k {}, v {}",
+                named(q),
+                named(k),
+                named(v)
+            )
         }
-    };
-    let (qb, kb, vb) = (to_blhd(q)?, to_blhd(k)?, to_blhd(v)?);
-    let (b, l, h, d) = qb.dims4()?;
-    let (bk, s, hkv, dk) = kb.dims4()?;
-    let (bv, sv, hv, _) = vb.dims4()?;
-    let named = |t: &Tensor| format!("{:?}", t.dims());
-    if bk != b || bv != b {
-        bail!(
-            "sdpa: batch sizes differ: q {}, k {}, v {}",
-            named(q),
-            named(k),
-            named(v)
-        )
-    }
-    if sv != s || hv != hkv {
-        bail!(
-            "sdpa: k {} and v {} must have the same heads and sequence length",
-            named(k),
-            named(v)
-        )
-    }
-    if dk != d {
-        bail!(
-            "sdpa: q {} and k {} must have the same head_dim",
-            named(q),
-            named(k)
-        )
-    }
-    if hkv == 0 || !h.is_multiple_of(hkv) {
-        let layout = match opts.layout {
-            SdpaLayout::Bhld => "(B, H, L, D), the default SdpaLayout::Bhld; for (B, L, H, D) tensors use .layout(SdpaLayout::Blhd)",
-            SdpaLayout::Blhd => "(B, L, H, D), SdpaLayout::Blhd; for (B, H, L, D) tensors use the default SdpaLayout::Bhld",
-        };
-        bail!("sdpa: the number of KV heads ({hkv}) must divide the number of query heads ({h}): q {}, k {}, read as {layout}", named(q), named(k))
-    }
-    if k.dtype() != q.dtype() || v.dtype() != q.dtype() {
-        bail!(
-            "sdpa: q, k and v must have the same dtype, got {:?}, {:?}, {:?}",
-            q.dtype(),
-            k.dtype(),
-            v.dtype()
-        )
-    }
-    if !q.dtype().is_float() {
-        bail!("sdpa: expected float inputs, got {:?}", q.dtype())
-    }
-    let params = opts.params(d)?;
-    let dims = MaskDims::new(b, h, l, s);
-    let plan = build_plan(dims, opts, q)?;
-    let finish = |o: Tensor| -> Result<Tensor> {
-        let o = match opts.layout {
-            SdpaLayout::Bhld => o.transpose(1, 2)?,
-            SdpaLayout::Blhd => o,
-        };
-        if unbatched {
-            o.squeeze(0)
-        } else {
-            Ok(o)
+        if sv != s || hv != hkv {
+            bail!(
+                "sdpa: k {} and v {} must have the same heads and sequence length",
+                named(k),
+                named(v)
+            )
         }
-    };
-    // Empty calls (no rows, or no keys: every row fully masked) are the dispatcher's too.
-    let out = kernels::attention(&qb, &kb, &vb, &plan, &params)?;
-    Ok(SdpaOutput {
-        output: finish(out.output)?,
-        kernel: out.kernel,
-    })
+        if dk != d {
+            bail!(
+                "sdpa: q {} and k {} must have the same head_dim",
+                named(q),
+                named(k)
+            )
+        }
+        if hkv == 0 || !h.is_multiple_of(hkv) {
+            let layout = match opts.layout {
+                SdpaLayout::Bhld => "(B, H, L, D), the default SdpaLayout::Bhld; for (B, L, H, D) tensors use .layout(SdpaLayout::Blhd)",
+                SdpaLayout::Blhd => "(B, L, H, D), SdpaLayout::Blhd; for (B, H, L, D) tensors use the default SdpaLayout::Bhld",
+            };
+            bail!("sdpa: the number of KV heads ({hkv}) must divide the number of query heads ({h}): q {}, k {}, read as {layout}", named(q), named(k))
+        }
+        if k.dtype() != q.dtype() || v.dtype() != q.dtype() {
+            bail!(
+                "sdpa: q, k and v must have the same dtype, got {:?}, {:?}, {:?}",
+                q.dtype(),
+                k.dtype(),
+                v.dtype()
+            )
+        }
+        if !q.dtype().is_float() {
+            bail!("sdpa: expected float inputs, got {:?}", q.dtype())
+        }
+        let params = opts.params(d)?;
+        let dims = MaskDims::new(b, h, l, s);
+        let plan = build_plan(dims, opts, q)?;
+        let finish = |o: Tensor| -> Result<Tensor> {
+            let o = match opts.layout {
+                SdpaLayout::Bhld => o.transpose(1, 2)?,
+                SdpaLayout::Blhd => o,
+            };
+            if unbatched {
+                o.squeeze(0)
+            } else {
+                Ok(o)
+            }
+        };
+        // Empty calls (no rows, or no keys: every row fully masked) are the dispatcher's too.
+        let out = kernels::attention(&qb, &kb, &vb, &plan, &params)?;
+        Ok(SdpaOutput {
+            output: finish(out.output)?,
+            kernel: out.kernel,
+        })
+    }
 }
 
 /// The mask plan of an SDPA call: the causal structure, and the mask as key padding when it

@@ -47,99 +47,101 @@ pub fn sdpa_varlen(
     Ok(sdpa_varlen_with_kernel(q, k, v, cu_q, cu_k, opts)?.output)
 }
 
-/// [`sdpa_varlen`], also saying which kernel served the call.
-pub fn sdpa_varlen_with_kernel(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    cu_q: &SeqOffsets,
-    cu_k: &SeqOffsets,
-    opts: &SdpaOptions,
-) -> Result<SdpaOutput> {
-    if opts.attn_mask.is_some() {
-        bail!("sdpa_varlen: an attention mask is not supported with packed sequences (use causal alignment / sliding window, or sdpa on a padded batch)")
-    }
-    let dims3 = |name: &str, t: &Tensor| -> Result<(usize, usize, usize)> {
-        match t.dims() {
-            &[a, b, c] => Ok((a, b, c)),
-            other => bail!(
-                "sdpa_varlen: {name} must be 3-D (total, heads, head_dim), got shape {other:?}"
-            ),
+internal! {
+    /// [`sdpa_varlen`], also saying which kernel served the call.
+    fn sdpa_varlen_with_kernel(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        cu_q: &SeqOffsets,
+        cu_k: &SeqOffsets,
+        opts: &SdpaOptions,
+    ) -> Result<SdpaOutput> {
+        if opts.attn_mask.is_some() {
+            bail!("sdpa_varlen: an attention mask is not supported with packed sequences (use causal alignment / sliding window, or sdpa on a padded batch)")
         }
-    };
-    let (tq, h, d) = dims3("q", q)?;
-    let (tk, hkv, dk) = dims3("k", k)?;
-    let (tv, hv, _) = dims3("v", v)?;
-    if (tv, hv) != (tk, hkv) {
-        bail!(
-            "sdpa_varlen: k {:?} and v {:?} must have the same rows and heads",
-            k.dims(),
-            v.dims()
-        )
+        let dims3 = |name: &str, t: &Tensor| -> Result<(usize, usize, usize)> {
+            match t.dims() {
+                &[a, b, c] => Ok((a, b, c)),
+                other => bail!(
+                    "sdpa_varlen: {name} must be 3-D (total, heads, head_dim), got shape {other:?}"
+                ),
+            }
+        };
+        let (tq, h, d) = dims3("q", q)?;
+        let (tk, hkv, dk) = dims3("k", k)?;
+        let (tv, hv, _) = dims3("v", v)?;
+        if (tv, hv) != (tk, hkv) {
+            bail!(
+                "sdpa_varlen: k {:?} and v {:?} must have the same rows and heads",
+                k.dims(),
+                v.dims()
+            )
+        }
+        if dk != d {
+            bail!(
+                "sdpa_varlen: q {:?} and k {:?} must have the same head_dim",
+                q.dims(),
+                k.dims()
+            )
+        }
+        if hkv == 0 || !h.is_multiple_of(hkv) {
+            bail!(
+                "sdpa_varlen: the number of KV heads ({hkv}) must divide the number of query heads ({h}): q {:?}, k {:?}",
+                q.dims(),
+                k.dims()
+            )
+        }
+        if cu_q.num_seqs() != cu_k.num_seqs() {
+            bail!(
+                "sdpa_varlen: cu_seqlens_q has {} sequences but cu_seqlens_k has {}",
+                cu_q.num_seqs(),
+                cu_k.num_seqs()
+            )
+        }
+        if cu_q.total() != tq {
+            bail!(
+                "sdpa_varlen: cu_seqlens_q ends at {} but q {:?} has {tq} rows",
+                cu_q.total(),
+                q.dims()
+            )
+        }
+        if cu_k.total() != tk {
+            bail!(
+                "sdpa_varlen: cu_seqlens_k ends at {} but k {:?} has {tk} rows",
+                cu_k.total(),
+                k.dims()
+            )
+        }
+        if k.dtype() != q.dtype() || v.dtype() != q.dtype() {
+            bail!(
+                "sdpa_varlen: q, k and v must have the same dtype, got {:?}, {:?}, {:?}",
+                q.dtype(),
+                k.dtype(),
+                v.dtype()
+            )
+        }
+        if !q.dtype().is_float() {
+            bail!("sdpa_varlen: expected float inputs, got {:?}", q.dtype())
+        }
+        let params = opts.params(d)?;
+        // Empty calls (no rows, or no keys) are served by the dispatcher without a kernel.
+        let mut plan = MaskPlan::new(MaskDims::new(1, h, tq, tk))
+            .with_packed_sequences(cu_q.as_slice(), cu_k.as_slice())?;
+        if let Some(c) = opts.causal_mask()? {
+            plan = plan.with_causal(c)?;
+        }
+        let plan = opts.with_modifiers(plan, q)?;
+        let out = kernels::attention(
+            &q.unsqueeze(0)?,
+            &k.unsqueeze(0)?,
+            &v.unsqueeze(0)?,
+            &plan,
+            &params,
+        )?;
+        Ok(SdpaOutput {
+            output: out.output.squeeze(0)?,
+            kernel: out.kernel,
+        })
     }
-    if dk != d {
-        bail!(
-            "sdpa_varlen: q {:?} and k {:?} must have the same head_dim",
-            q.dims(),
-            k.dims()
-        )
-    }
-    if hkv == 0 || !h.is_multiple_of(hkv) {
-        bail!(
-            "sdpa_varlen: the number of KV heads ({hkv}) must divide the number of query heads ({h}): q {:?}, k {:?}",
-            q.dims(),
-            k.dims()
-        )
-    }
-    if cu_q.num_seqs() != cu_k.num_seqs() {
-        bail!(
-            "sdpa_varlen: cu_seqlens_q has {} sequences but cu_seqlens_k has {}",
-            cu_q.num_seqs(),
-            cu_k.num_seqs()
-        )
-    }
-    if cu_q.total() != tq {
-        bail!(
-            "sdpa_varlen: cu_seqlens_q ends at {} but q {:?} has {tq} rows",
-            cu_q.total(),
-            q.dims()
-        )
-    }
-    if cu_k.total() != tk {
-        bail!(
-            "sdpa_varlen: cu_seqlens_k ends at {} but k {:?} has {tk} rows",
-            cu_k.total(),
-            k.dims()
-        )
-    }
-    if k.dtype() != q.dtype() || v.dtype() != q.dtype() {
-        bail!(
-            "sdpa_varlen: q, k and v must have the same dtype, got {:?}, {:?}, {:?}",
-            q.dtype(),
-            k.dtype(),
-            v.dtype()
-        )
-    }
-    if !q.dtype().is_float() {
-        bail!("sdpa_varlen: expected float inputs, got {:?}", q.dtype())
-    }
-    let params = opts.params(d)?;
-    // Empty calls (no rows, or no keys) are served by the dispatcher without a kernel.
-    let mut plan = MaskPlan::new(MaskDims::new(1, h, tq, tk))
-        .with_packed_sequences(cu_q.as_slice(), cu_k.as_slice())?;
-    if let Some(c) = opts.causal_mask()? {
-        plan = plan.with_causal(c)?;
-    }
-    let plan = opts.with_modifiers(plan, q)?;
-    let out = kernels::attention(
-        &q.unsqueeze(0)?,
-        &k.unsqueeze(0)?,
-        &v.unsqueeze(0)?,
-        &plan,
-        &params,
-    )?;
-    Ok(SdpaOutput {
-        output: out.output.squeeze(0)?,
-        kernel: out.kernel,
-    })
 }

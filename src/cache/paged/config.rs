@@ -15,6 +15,7 @@ use crate::cache::KvFormat;
 /// assert_eq!(cfg.num_blocks, (64 << 20) / cfg.bytes_per_block());
 /// ```
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct PagedPoolConfig {
     /// Attention layers (each has its own key and value blocks; a block id names the same
     /// block in every layer).

@@ -15,26 +15,24 @@
 //!   new tokens (prefill of new requests and decode of running ones together); it allocates
 //!   the blocks they need (all or nothing: an exhausted pool is an error that names the blocks
 //!   needed and free, and changes nothing), then every layer writes its new keys and values in
-//!   place ([`PagedKvPool::write`]) and reads the batch back as a
-//!   [`PagedKv`](crate::kernels::paged::PagedKv) for
-//!   [`paged_attention`](crate::kernels::paged::paged_attention); [`PagedKvPool::commit`]
-//!   records the new lengths once every layer has run (on error, the lengths stay).
+//!   place and attends over the batch
+//!   ([`MultiHeadAttention::attend_paged`](crate::MultiHeadAttention::attend_paged), which
+//!   writes through [`PagedKvPool::write`]); [`PagedKvPool::commit`] records the new lengths once
+//!   every layer has run (on error, the lengths stay).
 //! - [`PagedKvPool::release`] returns a finished sequence's blocks (those no other sequence
 //!   holds go back to the free list); [`PagedKvPool::truncate`] drops a sequence's last
 //!   positions (rejected speculative tokens).
 //! - Sliding window ([`PagedPoolConfig::with_sliding_window`]): at each step, the blocks of a
 //!   sequence that lie entirely before its window (no future query can see them) are released
-//!   and its table starts later: the sequence's start offset advances by whole blocks. The
-//!   [`PagedKv`](crate::kernels::paged::PagedKv) of a step then covers the live blocks only
-//!   (`seq_lens` counts their keys), which leaves the bottom-right causal alignment and the
+//!   and its table starts later: the sequence's start offset advances by whole blocks. A step
+//!   then reads the live blocks only, which leaves the bottom-right causal alignment and the
 //!   window unchanged; positions (RoPE) stay absolute ([`PagedStep::positions`]).
 //!
 //! Storage: the keys' native dtype, or ([`PagedPoolConfig::with_format`]) the int8 / fp8 rows
 //! of [`KvCache`](crate::KvCache)'s [quantized storage](crate::cache#quantized-storage) with
 //! one f32 scale per `(position, KV head)`, quantized once when written. A quantized pool is
 //! read through [`MultiHeadAttention::attend_paged`](crate::MultiHeadAttention::attend_paged)
-//! (the fused CPU kernel reads the int8 / fp8 blocks in place);
-//! [`PagedKvPool::paged_kv`] serves native pools only.
+//! like a native one (the fused CPU kernel reads the int8 / fp8 blocks in place).
 //!
 //! The pool is `Send + Sync` and takes `&mut self` to change: a server thread owns it (or puts
 //! it behind a `Mutex`) and may hand it to another thread.
@@ -102,8 +100,6 @@ pub(super) struct Seq {
 /// ```
 /// use candle_core::{DType, Device, Tensor};
 /// use candle_mha::cache::{PagedKvPool, PagedPoolConfig};
-/// use candle_mha::kernels::paged::paged_attention;
-/// use candle_mha::sdpa::SdpaOptions;
 /// let dev = Device::Cpu;
 /// // 1 layer, 2 KV heads of size 8, 8 blocks of 4 positions.
 /// let mut pool = PagedKvPool::new(PagedPoolConfig::new(1, 2, 8, 4, 8, DType::F32), &dev)?;
@@ -112,10 +108,8 @@ pub(super) struct Seq {
 /// let step = pool.begin_step(&[(a, 6)])?;
 /// let kv = Tensor::randn(0f32, 1., (6, 2, 8), &dev)?; // (new tokens, Hkv, D)
 /// pool.write(0, &step, &kv, &kv)?;
-/// let q = Tensor::randn(0f32, 1., (6, 4, 8), &dev)?; // 4 query heads (GQA)
-/// let out = paged_attention(&q, step.cu_q(), &pool.paged_kv(0, &step)?, &SdpaOptions::new())?;
 /// pool.commit(&step)?;
-/// assert_eq!((out.output.dims(), pool.used_blocks()), (&[6, 4, 8][..], 2));
+/// assert_eq!((pool.seq_len(a)?, pool.used_blocks()), (6, 2));
 /// // `b` shares `a`'s prompt: one block shared, the partly filled one copied.
 /// let b = pool.fork_prefix(a, 6)?;
 /// assert_eq!(pool.used_blocks(), 3);

@@ -69,7 +69,7 @@ impl PagedStep {
         &self.tables
     }
 
-    /// Keys the attention reads per sequence (`seq_lens` of the [`PagedKv`]).
+    /// Keys the attention reads per sequence (`seq_lens` of the paged read).
     pub fn kv_lens(&self) -> &[usize] {
         &self.kv_lens
     }
@@ -298,18 +298,20 @@ impl PagedKvPool {
         Ok(())
     }
 
-    /// Layer `layer`'s keys and values of `step`'s sequences, as
-    /// [`paged_attention`](crate::kernels::paged::paged_attention) reads them. A native pool
-    /// only (a quantized pool is an error: read it through
-    /// [`attend_paged`](crate::MultiHeadAttention::attend_paged)).
-    pub fn paged_kv<'a>(&'a self, layer: usize, step: &'a PagedStep) -> Result<PagedKv<'a>> {
-        if self.is_quantized() {
-            bail!(
-                "PagedKvPool::paged_kv: the pool stores {:?} rows with scales, which a PagedKv does not carry (attend_paged reads a quantized pool)",
-                self.cfg.format
-            )
+    internal! {
+        /// Layer `layer`'s keys and values of `step`'s sequences, as
+        /// [`paged_attention`](crate::kernels::paged::paged_attention) reads them. A native pool
+        /// only (a quantized pool is an error: read it through
+        /// [`attend_paged`](crate::MultiHeadAttention::attend_paged)).
+        fn paged_kv<'a>(&'a self, layer: usize, step: &'a PagedStep) -> Result<PagedKv<'a>> {
+            if self.is_quantized() {
+                bail!(
+                    "PagedKvPool::paged_kv: the pool stores {:?} rows with scales, which a PagedKv does not carry (attend_paged reads a quantized pool)",
+                    self.cfg.format
+                )
+            }
+            self.paged_rows(layer, step)
         }
-        self.paged_rows(layer, step)
     }
 
     /// [`Self::paged_kv`] whatever the format: the stored rows (int8 / fp8 for a quantized
