@@ -111,6 +111,10 @@ fn main() -> Result<()> {
             "--device" => device = args.next().context("--device needs a value")?,
             "--json" => json = Some(args.next().context("--json needs a path")?),
             "--bench" => {}
+            "--help" | "-h" => {
+                println!("usage: bench_cuda [--device cuda:N] [--json OUT]");
+                return Ok(());
+            }
             other => bail!("unknown option {other}: --device cuda:N --json OUT"),
         }
     }
