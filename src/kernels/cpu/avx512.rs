@@ -386,19 +386,11 @@ unsafe fn pv_block<const M: usize, const N: usize, const K: u8>(
 #[inline]
 #[target_feature(enable = "avx512f")]
 pub(super) unsafe fn reduce16(acc: &[[__m512; 4]; 4]) -> __m512 {
-    reduce16_by(acc, |a, b| _mm512_add_ps(a, b))
-}
-
-/// [`reduce16`] with the lanes added by `add` (on 32-bit integer lanes: their bits moved as f32
-/// lanes, which the shuffles leave unchanged, and added as integers).
-#[inline]
-#[target_feature(enable = "avx512f")]
-pub(super) fn reduce16_by(acc: &[[__m512; 4]; 4], add: impl Fn(__m512, __m512) -> __m512) -> __m512 {
     let x = |i: usize| acc[i / 4][i % 4];
     // 16 → 8: [a.lo256 + a.hi256 | b.lo256 + b.hi256].
     let y: [__m512; 8] = std::array::from_fn(|p| {
         let (a, b) = (x(2 * p), x(2 * p + 1));
-        add(
+        _mm512_add_ps(
             _mm512_shuffle_f32x4::<0x44>(a, b),
             _mm512_shuffle_f32x4::<0xEE>(a, b),
         )
@@ -406,7 +398,7 @@ pub(super) fn reduce16_by(acc: &[[__m512; 4]; 4], add: impl Fn(__m512, __m512) -
     // 8 → 4: chunk k (128 bits) of z[q] holds 4 partial sums of x[4q + k].
     let z: [__m512; 4] = std::array::from_fn(|q| {
         let (c, d) = (y[2 * q], y[2 * q + 1]);
-        add(
+        _mm512_add_ps(
             _mm512_shuffle_f32x4::<0x88>(c, d),
             _mm512_shuffle_f32x4::<0xDD>(c, d),
         )
@@ -414,13 +406,13 @@ pub(super) fn reduce16_by(acc: &[[__m512; 4]; 4], add: impl Fn(__m512, __m512) -
     // 4 → 2: chunk k of g[s] = [2 partials of x[8s + k], 2 partials of x[8s + 4 + k]].
     let g: [__m512; 2] = std::array::from_fn(|s| {
         let (e, f) = (z[2 * s], z[2 * s + 1]);
-        add(
+        _mm512_add_ps(
             _mm512_shuffle_ps::<0b10_00_10_00>(e, f),
             _mm512_shuffle_ps::<0b11_01_11_01>(e, f),
         )
     });
     // 2 → 1: chunk k = [x[k], x[4 + k], x[8 + k], x[12 + k]], i.e. lane 4·k + m is x[4m + k].
-    add(
+    _mm512_add_ps(
         _mm512_shuffle_ps::<0b10_00_10_00>(g[0], g[1]),
         _mm512_shuffle_ps::<0b11_01_11_01>(g[0], g[1]),
     )

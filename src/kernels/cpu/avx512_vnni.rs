@@ -141,15 +141,36 @@ unsafe fn dpwssd(mut acc: __m512i, a: __m512i, b: __m512i) -> __m512i {
 /// `acc[rr][jj]`'s lanes.
 #[inline]
 #[target_feature(enable = "avx512f")]
-fn reduce16(acc: &[[__m512i; 4]; 4]) -> __m512i {
-    let bits = acc.map(|row| row.map(|x| _mm512_castsi512_ps(x)));
-    let add = |a, b| {
-        _mm512_castsi512_ps(_mm512_add_epi32(
-            _mm512_castps_si512(a),
-            _mm512_castps_si512(b),
-        ))
+unsafe fn reduce16(acc: &[[__m512i; 4]; 4]) -> __m512i {
+    let x = |i: usize| acc[i / 4][i % 4];
+    let y: [__m512i; 8] = std::array::from_fn(|p| {
+        let (a, b) = (x(2 * p), x(2 * p + 1));
+        _mm512_add_epi32(
+            _mm512_shuffle_i32x4::<0x44>(a, b),
+            _mm512_shuffle_i32x4::<0xEE>(a, b),
+        )
+    });
+    let z: [__m512i; 4] = std::array::from_fn(|q| {
+        let (c, d) = (y[2 * q], y[2 * q + 1]);
+        _mm512_add_epi32(
+            _mm512_shuffle_i32x4::<0x88>(c, d),
+            _mm512_shuffle_i32x4::<0xDD>(c, d),
+        )
+    });
+    // Within 128-bit chunks, as `_mm512_shuffle_ps` (on the bits: no conversion).
+    let shuf = |a: __m512i, b: __m512i, even: bool| {
+        let (a, b) = (_mm512_castsi512_ps(a), _mm512_castsi512_ps(b));
+        _mm512_castps_si512(if even {
+            _mm512_shuffle_ps::<0b10_00_10_00>(a, b)
+        } else {
+            _mm512_shuffle_ps::<0b11_01_11_01>(a, b)
+        })
     };
-    _mm512_castps_si512(super::avx512::reduce16_by(&bits, add))
+    let g: [__m512i; 2] = std::array::from_fn(|s| {
+        let (e, f) = (z[2 * s], z[2 * s + 1]);
+        _mm512_add_epi32(shuf(e, f, true), shuf(e, f, false))
+    });
+    _mm512_add_epi32(shuf(g[0], g[1], true), shuf(g[0], g[1], false))
 }
 
 /// Most keys per call of [`pv_q16`] (a tile).
