@@ -256,23 +256,6 @@ pub unsafe fn pv_q16(p: Mat, v: ByteMat, mut acc: MatMut) -> bool {
     }
 }
 
-/// `vpermt2d` indices putting a group's `vpunpck{l,h}wd` lanes back in column order: lane
-/// `4L + i` of the low half is column `8L + i`, of the high half column `8L + 4 + i` (index
-/// `16 + …`); `COLUMNS[h]` gives columns `16h..16h + 16`.
-const COLUMNS: [[i32; 16]; 2] = [column_order(0), column_order(16)];
-
-const fn column_order(first: i32) -> [i32; 16] {
-    let mut x = [0i32; 16];
-    let mut n = 0;
-    while n < 16 {
-        let col = first + n as i32;
-        let (l, i) = (col / 8, col % 8);
-        x[n] = if i < 4 { 4 * l + i } else { 16 + 4 * l + i - 4 };
-        n += 1;
-    }
-    x
-}
-
 /// Columns `c..c + 32·NB` of [`pv_q16`] for rows `r..r + mr`: `(r, mr, p16, corr, scale)`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
@@ -311,9 +294,18 @@ unsafe fn pv_block<const NB: usize>(
             }
             j += 2;
         }
-        // Back to column order (`COLUMNS`).
-        let lo = _mm512_loadu_si512(COLUMNS[0].as_ptr().cast());
-        let hi = _mm512_loadu_si512(COLUMNS[1].as_ptr().cast());
+        // Back to column order: lane 4L + i of the low half is column 8L + i, of the high half
+        // column 8L + 4 + i.
+        let idx = |first: i32| {
+            let mut x = [0i32; 16];
+            for (n, x) in x.iter_mut().enumerate() {
+                let col = first + n as i32;
+                let (l, i) = (col / 8, col % 8);
+                *x = if i < 4 { 4 * l + i } else { 16 + 4 * l + i - 4 };
+            }
+            _mm512_loadu_si512(x.as_ptr().cast())
+        };
+        let (lo, hi) = (idx(0), idx(16));
         for rr in 0..mr {
             let out = acc.data.as_mut_ptr().add((r + rr) * acc.stride + c);
             let (k, s) = (_mm512_set1_epi32(corr[rr]), _mm512_set1_ps(ps[rr]));
