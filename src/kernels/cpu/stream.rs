@@ -100,8 +100,8 @@ pub(super) fn flush() {
 /// One line into L2 (`prefetcht1`), not L1: a sub-tile's rows (every KV head, 128–512 KiB)
 /// are several times L1, so prefetches into L1 evicted each other, and the rows being computed,
 /// before their use, and held L1's few miss buffers. Measured on AMD Zen 4 (B8 H32 Hkv8 D128,
-/// S 4096–32768): bf16 decode from 32–52% to 71–75% of the streaming-read rate, f32 12%
-/// faster.
+/// S 4096–32768): bf16 decode from 32–52% to 50–80% of the streaming-read rate (about 1.8×
+/// faster), f32 about 12% faster.
 #[inline]
 fn prefetch(addr: usize) {
     #[cfg(target_arch = "x86_64")]
