@@ -243,7 +243,7 @@ impl Inputs {
         let pv_pairs = products::dots_bf16(isa) && bf16(&vv) && dv.is_multiple_of(32);
         let kt = (transpose_k && isa != Isa::Portable && g * l >= MIN_ROWS_FOR_KT).then(|| {
             if pairs {
-                KtBuf::Pairs(transpose_blocks(&kv, (b, hkv, s, d / 2), 2, |at, dst| {
+                KtBuf::Pairs(transpose_blocks(&kv, (b, hkv, s, d / 2), |at, dst| {
                     kv.pairs_into(at, dst).expect("bf16 keys");
                 }))
             } else {

@@ -22,7 +22,7 @@ pub(super) fn kt_stride(s: usize) -> usize {
 /// K `(B, S, Hkv, D)` (strided, any dtype) → `(B, Hkv, D, S)` f32, rows [`kt_stride`] apart (see
 /// [`transpose_blocks`]).
 pub(super) fn transpose_heads(k: &View, b: usize, hkv: usize, s: usize, d: usize) -> Spare<f32> {
-    transpose_blocks(k, (b, hkv, s, d), 1, |at, dst| k.row_into(at, dst))
+    transpose_blocks(k, (b, hkv, s, d), |at, dst| k.row_into(at, dst))
 }
 
 /// The owner of a [`Kt`].
@@ -32,47 +32,169 @@ pub(super) enum KtBuf {
 }
 
 /// K `(B, S, Hkv, D)` (strided) → `(B, Hkv, w, S)`, one `(w, S)` block per KV head with rows
-/// [`kt_stride`]`(S)` apart, in parallel, where a row of K is `w` units of `unit` elements (an f32 element, or a pair of
-/// bf16 elements) and `read(at, dst)` reads `dst.len()` units from element `at`. Each 32 × 32
-/// tile is transposed in a small buffer first, so that both the reads (key rows) and the writes
-/// (rows of kᵀ, `S` apart) are whole contiguous runs: scattering single values to rows `S`
-/// apart thrashes the cache sets they all map to.
+/// [`kt_stride`]`(S)` apart, in parallel, where a row of K is `w` units of `unit` elements (an
+/// f32 element, or a pair of bf16 elements) and `read(at, dst)` reads `dst.len()` units from
+/// element `at`.
+///
+/// A task owns [`BLOCK`] keys of one batch element: it reads their rows of every KV head in
+/// memory order ([`Blocks::rows`]), then transposes each head's rows as 32 × 32 tiles in a small
+/// buffer, so that every write is a whole run of `kᵀ`'s row (scattering single values to rows
+/// `S` apart thrashes the cache sets they all map to). Reading head by head instead, in the
+/// projections' `(B, S, Hkv, D)` layout, jumped a page per key row: the hardware prefetchers do
+/// not follow that, and the copy ran at a quarter of the memory's rate.
 pub(super) fn transpose_blocks<T: Word + Default + Send + Sync>(
     k: &View,
     (b, hkv, s, w): (usize, usize, usize, usize),
-    unit: usize,
     read: impl Fn(usize, &mut [T]) + Sync,
 ) -> Spare<T> {
-    const T: usize = 32;
     let ks = kt_stride(s);
     // The columns past `s` (stride padding) are never read.
     let mut out = Spare::new(b * hkv * w * ks);
-    if s * w == 0 {
+    if s * w * hkv == 0 {
         return out;
     }
-    let [sb, st, sh] = k.strides;
-    out.par_chunks_mut(ks * w).enumerate().for_each(|(bk, o)| {
-        let base = (bk / hkv) * sb + (bk % hkv) * sh;
-        let mut buf = [T::default(); T * T];
-        let mut row = [T::default(); T];
-        for j0 in (0..s).step_by(T) {
-            let nj = T.min(s - j0);
-            for d0 in (0..w).step_by(T) {
-                let nd = T.min(w - d0);
+    let blocks = Blocks::new(k.strides, (b, hkv, s, w), true);
+    let dst = Dst(out.as_mut_ptr(), out.len());
+    blocks.run(|rows, (bi, j0, nj), (h0, nh)| {
+        let mut buf = [T::default(); BLOCK * BLOCK];
+        blocks.rows(rows, (bi, j0, nj), (h0, nh), &read);
+        for kh in h0..h0 + nh {
+            let tile = &rows[(kh - h0) * BLOCK * w..(kh - h0 + 1) * BLOCK * w];
+            let o = (bi * hkv + kh) * w * ks;
+            for d0 in (0..w).step_by(BLOCK) {
+                let nd = BLOCK.min(w - d0);
                 for jj in 0..nj {
-                    read(base + (j0 + jj) * st + d0 * unit, &mut row[..nd]);
-                    for (dd, &x) in row[..nd].iter().enumerate() {
-                        buf[dd * T + jj] = x;
+                    for (dd, &x) in tile[jj * w + d0..jj * w + d0 + nd].iter().enumerate() {
+                        buf[dd * BLOCK + jj] = x;
                     }
                 }
                 for dd in 0..nd {
-                    let at = (d0 + dd) * ks + j0;
-                    o[at..at + nj].copy_from_slice(&buf[dd * T..dd * T + nj]);
+                    // Keys `j0..j0 + nj` of row `d0 + dd` of head `kh`: this task's columns.
+                    dst.write(o + (d0 + dd) * ks + j0, &buf[dd * BLOCK..dd * BLOCK + nj]);
                 }
             }
         }
     });
     out
+}
+
+/// Keys per copy task (and the side of the transposed tiles).
+const BLOCK: usize = 32;
+
+/// Most bytes of key rows one copy task holds at once (it takes fewer heads when a block of
+/// every head's rows would be larger: at most a quarter of a typical L2).
+const TASK_BYTES: usize = 256 << 10;
+
+/// The copy tasks over `(B, S, Hkv, w)` rows: [`BLOCK`] keys of one batch element and a group of
+/// KV heads each, run in parallel.
+struct Blocks {
+    strides: [usize; 3],
+    b: usize,
+    hkv: usize,
+    s: usize,
+    w: usize,
+    /// KV heads per task.
+    group: usize,
+    /// Units of the per-worker buffer of rows (0 for copies that need none).
+    buffer: usize,
+}
+
+impl Blocks {
+    /// The tasks over rows of `w` units (at most 4 bytes each); `buffered` when each task
+    /// gathers its rows in a buffer first ([`Self::rows`]).
+    fn new(strides: [usize; 3], (b, hkv, s, w): (usize, usize, usize, usize), buffered: bool) -> Self {
+        let group = (TASK_BYTES / (BLOCK * w * 4)).clamp(1, hkv);
+        Self {
+            strides,
+            b,
+            hkv,
+            s,
+            w,
+            group,
+            buffer: if buffered { group * BLOCK * w } else { 0 },
+        }
+    }
+
+    /// Runs `f(rows, (batch, first key, keys), (first head, heads))` on every task in
+    /// parallel, with `rows` a per-worker buffer of `heads × BLOCK × w` units (empty when the
+    /// copy needs none).
+    fn run<T: Word + Default + Send>(
+        &self,
+        f: impl Fn(&mut [T], (usize, usize, usize), (usize, usize)) + Sync,
+    ) {
+        let (kb, hg) = (self.s.div_ceil(BLOCK), self.hkv.div_ceil(self.group));
+        (0..self.b * kb * hg).into_par_iter().for_each_init(
+            || vec![T::default(); self.buffer],
+            |rows, task| {
+                let (bi, jb, g) = (task / (kb * hg), task / hg % kb, task % hg);
+                let (j0, h0) = (jb * BLOCK, g * self.group);
+                let (nj, nh) = (BLOCK.min(self.s - j0), self.group.min(self.hkv - h0));
+                f(rows, (bi, j0, nj), (h0, nh));
+            },
+        );
+    }
+
+    /// Reads keys `j0..j0 + nj` of heads `h0..h0 + nh` of batch element `bi` into `rows`
+    /// (`(head, key, w)`), in the order of their addresses ([`Self::each_row`]).
+    fn rows<T>(
+        &self,
+        rows: &mut [T],
+        (bi, j0, nj): (usize, usize, usize),
+        (h0, nh): (usize, usize),
+        read: &impl Fn(usize, &mut [T]),
+    ) {
+        let [sb, st, sh] = self.strides;
+        let w = self.w;
+        self.each_row((bi, j0, nj), (h0, nh), |kh, jj| {
+            let r = ((kh - h0) * BLOCK + jj) * w;
+            read(bi * sb + (j0 + jj) * st + kh * sh, &mut rows[r..r + w]);
+        });
+    }
+
+    /// Calls `f(head, key - j0)` for keys `j0..j0 + nj` of heads `h0..h0 + nh` in the order of
+    /// their rows' addresses: key by key when the heads of a key are adjacent (the projections'
+    /// layout), head by head otherwise.
+    fn each_row(
+        &self,
+        (_, j0, nj): (usize, usize, usize),
+        (h0, nh): (usize, usize),
+        mut f: impl FnMut(usize, usize),
+    ) {
+        let _ = j0;
+        let [_, st, sh] = self.strides;
+        if st >= sh {
+            for jj in 0..nj {
+                for kh in h0..h0 + nh {
+                    f(kh, jj);
+                }
+            }
+        } else {
+            for kh in h0..h0 + nh {
+                for jj in 0..nj {
+                    f(kh, jj);
+                }
+            }
+        }
+    }
+}
+
+/// A buffer that parallel copy tasks write at disjoint places: (pointer, length).
+struct Dst<T>(*mut T, usize);
+
+// SAFETY: the tasks write disjoint ranges of the buffer (each owns its keys' columns / rows),
+// and nothing reads it until every task has finished.
+unsafe impl<T: Send> Send for Dst<T> {}
+// SAFETY: as above.
+unsafe impl<T: Send> Sync for Dst<T> {}
+
+impl<T: Copy> Dst<T> {
+    /// Writes `src` at element `at`; the caller owns that range (no other task writes it).
+    fn write(&self, at: usize, src: &[T]) {
+        assert!(at + src.len() <= self.1, "copy task writes past its buffer");
+        // SAFETY: in bounds (asserted); the range belongs to the calling task alone, and the
+        // buffer outlives every task (`run` returns after all of them).
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.0.add(at), src.len()) };
+    }
 }
 
 impl KtBuf {
@@ -124,20 +246,26 @@ impl Packed {
     }
 }
 
-fn pack<T: Word + Send + Sync>(
+/// `x` `(b, S, hkv, dv)` with `strides` copied to `(b, hkv, S, dv)`, contiguous: tasks of
+/// [`BLOCK`] keys read the rows in the order of their addresses ([`Blocks::each_row`]).
+fn pack<T: Word + Default + Send + Sync>(
     x: &[T],
-    [sb, st, sh]: [usize; 3],
+    strides: [usize; 3],
     (b, hkv, s, dv): (usize, usize, usize, usize),
 ) -> Spare<T> {
     let mut out = Spare::new(b * hkv * s * dv);
-    if s * dv == 0 {
+    if s * dv * hkv == 0 {
         return out;
     }
-    out.par_chunks_mut(s * dv).enumerate().for_each(|(bk, o)| {
-        let base = (bk / hkv) * sb + (bk % hkv) * sh;
-        for (j, row) in o.chunks_exact_mut(dv).enumerate() {
-            row.copy_from_slice(&x[base + j * st..base + j * st + dv]);
-        }
+    let [sb, st, sh] = strides;
+    let blocks = Blocks::new(strides, (b, hkv, s, dv), false);
+    let dst = Dst(out.as_mut_ptr(), out.len());
+    blocks.run::<T>(|_, (bi, j0, nj), heads| {
+        blocks.each_row((bi, j0, nj), heads, |kh, jj| {
+            let at = bi * sb + (j0 + jj) * st + kh * sh;
+            // Row `j0 + jj` of head `kh`: one of this task's keys.
+            dst.write(((bi * hkv + kh) * s + j0 + jj) * dv, &x[at..at + dv]);
+        });
     });
     out
 }

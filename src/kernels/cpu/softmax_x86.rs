@@ -11,7 +11,10 @@ use super::softmax::exp_poly::{LN2_HI, LN2_LO, LOG2E, MAGIC, MIN, P};
 use super::softmax::{running_max, Rational};
 
 /// `exp(x)` for `x <= 0` in 16 lanes: the Cephes polynomial of `softmax::fast_exp` (relative
-/// error ≈ 1e-7); 0 below the f32 normal range and for `-inf`; NaN stays NaN.
+/// error ≈ 1e-7); 0 below the f32 normal range and for `-inf`; NaN stays NaN. The power of two
+/// is applied by `vscalefps` (exact, as the portable step's multiplication by `2ⁿ` built from
+/// the exponent bits, in one instruction instead of four), merged with the zeroing of the lanes
+/// below the range.
 #[inline]
 #[target_feature(enable = "avx512f")]
 unsafe fn exp16(x: __m512) -> __m512 {
@@ -21,7 +24,6 @@ unsafe fn exp16(x: __m512) -> __m512 {
     let xc = _mm512_max_ps(min, x);
     let z = _mm512_fmadd_ps(xc, _mm512_set1_ps(LOG2E), magic);
     let n = _mm512_sub_ps(z, magic);
-    let ni = _mm512_sub_epi32(_mm512_castps_si512(z), _mm512_castps_si512(magic));
     let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), xc);
     let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
     let mut p = _mm512_set1_ps(P[0]);
@@ -30,11 +32,9 @@ unsafe fn exp16(x: __m512) -> __m512 {
     }
     let one = _mm512_set1_ps(1.0);
     let y = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, one));
-    let scale = _mm512_slli_epi32::<23>(_mm512_add_epi32(ni, _mm512_set1_epi32(127)));
-    let y = _mm512_mul_ps(y, _mm512_castsi512_ps(scale));
-    // 0 where x < min (false for NaN).
-    let under = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, min);
-    _mm512_mask_mov_ps(y, under, _mm512_setzero_ps())
+    // 0 where x < min (false for NaN); elsewhere y · 2ⁿ (n ≥ -126: a normal result).
+    let keep = _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(x, min);
+    _mm512_maskz_scalef_ps(keep, y, n)
 }
 
 /// `softmax::softmax_step` on AVX-512: `row` (logits) becomes `exp(row - m_new)`, `m`/`lsum`
@@ -84,7 +84,7 @@ pub(super) unsafe fn softmax_step_avx512(
             let x = _mm512_mask_loadu_ps(neg_inf, k, p.add(c));
             let e = exp16(_mm512_sub_ps(x, mv));
             _mm512_mask_storeu_ps(p.add(c), k, e);
-            sv = _mm512_add_ps(sv, _mm512_maskz_mov_ps(k, e));
+            sv = _mm512_mask_add_ps(sv, k, sv, e);
             c += 16;
         }
         let sum = _mm512_reduce_add_ps(sv);

@@ -220,7 +220,7 @@ pub(super) fn backward(
             Isa::Portable => (None, None),
             _ if pairs => {
                 let t = |x: &View, w: usize| {
-                    KtBuf::Pairs(transpose_blocks(x, (b, hkv, s, w / 2), 2, |at, dst| {
+                    KtBuf::Pairs(transpose_blocks(x, (b, hkv, s, w / 2), |at, dst| {
                         x.pairs_into(at, dst).expect("bf16 keys and values");
                     }))
                 };
