@@ -26,22 +26,22 @@ unsafe fn lanes(n: usize) -> __m256i {
 /// # Safety
 /// avx2, fma and f16c must be available.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn qk(q: Mat, kt: Mat, out: MatMut, scale: f32) {
+pub unsafe fn qk(q: Mat, kt: Mat, mut out: MatMut, scale: f32) {
     // SAFETY: the caller upholds this function's `# Safety` contract.
     unsafe {
-        let (nr, d, bk) = (q.rows, q.cols, kt.cols);
-        debug_assert!(kt.rows == d && out.rows == nr && out.cols == bk);
+        let (nr, d, bk) = (q.rows(), q.cols(), kt.cols());
+        debug_assert!(kt.rows() == d && out.rows() == nr && out.cols() == bk);
         let mut c = 0;
         while c < bk {
             let w = (bk - c).min(8 * NV);
             let masks = [lanes(w), lanes(w.saturating_sub(8))];
             let nb = w.div_ceil(8);
-            let kp = (kt.data.as_ptr().add(c), kt.stride);
+            let kp = (kt.data().as_ptr().add(c), kt.stride());
             let mut r = 0;
             while r < nr {
                 let mr = (nr - r).min(MR);
-                let qp = (q.data.as_ptr().add(r * q.stride), q.stride);
-                let op = (out.data.as_mut_ptr().add(r * out.stride + c), out.stride);
+                let qp = (q.data().as_ptr().add(r * q.stride()), q.stride());
+                let op = (out.data().as_mut_ptr().add(r * out.stride() + c), out.stride());
                 // Whole 16-column blocks load and store without masks.
                 macro_rules! go {
                 ($($m:literal),*) => {
@@ -113,7 +113,7 @@ unsafe fn qk_block<const M: usize, const N: usize, const FULL: bool>(
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn pv(p: Mat, v: Mat, acc: MatMut) {
     // SAFETY: the caller upholds this function's `# Safety` contract.
-    unsafe { pv_strided::<F32>((p.data, p.rows, p.cols, p.stride, 1), raw(v), acc) }
+    unsafe { pv_strided::<F32>((p.data(), p.rows(), p.cols(), p.stride(), 1), raw(v), acc) }
 }
 
 /// [`pv`] with `v` in bf16 or f16, read in place (`v.cols` a multiple of 8).
@@ -124,10 +124,10 @@ pub unsafe fn pv(p: Mat, v: Mat, acc: MatMut) {
 pub unsafe fn pv_half(p: Mat, v: HalfMat, acc: MatMut) {
     // SAFETY: the caller upholds this function's `# Safety` contract.
     unsafe {
-        debug_assert!(v.cols.is_multiple_of(8));
-        let vp = (v.data.as_ptr().cast::<u8>(), v.rows, v.cols, v.stride);
-        let pp = (p.data, p.rows, p.cols, p.stride, 1);
-        if v.bf16 {
+        debug_assert!(v.cols().is_multiple_of(8));
+        let vp = (v.data().as_ptr().cast::<u8>(), v.rows(), v.cols(), v.stride());
+        let pp = (p.data(), p.rows(), p.cols(), p.stride(), 1);
+        if v.is_bf16() {
             pv_strided::<BF16>(pp, vp, acc)
         } else {
             pv_strided::<F16>(pp, vp, acc)
@@ -137,7 +137,7 @@ pub unsafe fn pv_half(p: Mat, v: HalfMat, acc: MatMut) {
 
 /// A matrix as (pointer, rows, cols, row stride in elements).
 fn raw(m: Mat) -> (*const u8, usize, usize, usize) {
-    (m.data.as_ptr().cast(), m.rows, m.cols, m.stride)
+    (m.data().as_ptr().cast(), m.rows(), m.cols(), m.stride())
 }
 
 /// Element kinds of the operands the micro-kernels read in place.
@@ -199,10 +199,10 @@ const fn elem(kind: u8) -> usize {
 pub unsafe fn pv_bytes(p: Mat, v: ByteMat, acc: MatMut) {
     // SAFETY: the caller upholds this function's `# Safety` contract.
     unsafe {
-        debug_assert!(v.cols.is_multiple_of(8));
-        let vp = (v.data.as_ptr(), v.rows, v.cols, v.stride);
-        let pp = (p.data, p.rows, p.cols, p.stride, 1);
-        if v.fp8 {
+        debug_assert!(v.cols().is_multiple_of(8));
+        let vp = (v.data().as_ptr(), v.rows(), v.cols(), v.stride());
+        let pp = (p.data(), p.rows(), p.cols(), p.stride(), 1);
+        if v.is_fp8() {
             pv_strided::<F8>(pp, vp, acc)
         } else {
             pv_strided::<I8>(pp, vp, acc)
@@ -219,9 +219,9 @@ pub unsafe fn pv_bytes(p: Mat, v: ByteMat, acc: MatMut) {
 pub unsafe fn qk_rows_bytes(q: Mat, k: ByteMat, out: MatMut, scale: f32) {
     // SAFETY: the caller upholds this function's `# Safety` contract.
     unsafe {
-        debug_assert!(k.cols.is_multiple_of(8));
-        let kp = (k.data.as_ptr(), k.rows, k.cols, k.stride);
-        if k.fp8 {
+        debug_assert!(k.cols().is_multiple_of(8));
+        let kp = (k.data().as_ptr(), k.rows(), k.cols(), k.stride());
+        if k.is_fp8() {
             qk_rows_kind::<F8>(q, kp, out, scale)
         } else {
             qk_rows_kind::<I8>(q, kp, out, scale)
@@ -236,7 +236,7 @@ pub unsafe fn qk_rows_bytes(q: Mat, k: ByteMat, out: MatMut, scale: f32) {
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn pv_t(p: Mat, v: Mat, acc: MatMut) {
     // SAFETY: the caller upholds this function's `# Safety` contract.
-    unsafe { pv_strided::<F32>((p.data, p.cols, p.rows, 1, p.stride), raw(v), acc) }
+    unsafe { pv_strided::<F32>((p.data(), p.cols(), p.rows(), 1, p.stride()), raw(v), acc) }
 }
 
 /// `acc += P · v` where `P` is `m × k` with element `(r, j)` at `data[r·rs + j·cs]`.
@@ -244,12 +244,12 @@ pub unsafe fn pv_t(p: Mat, v: Mat, acc: MatMut) {
 unsafe fn pv_strided<const KIND: u8>(
     (data, nr, bk, prs, pcs): (&[f32], usize, usize, usize, usize),
     (v, v_rows, dv, v_stride): (*const u8, usize, usize, usize),
-    acc: MatMut,
+    mut acc: MatMut,
 ) {
     // SAFETY: called only by this module's kernels, which run with these target features
     // and pass pointers inside the operands their public entry points checked.
     unsafe {
-        debug_assert!(v_rows == bk && acc.rows == nr && acc.cols == dv);
+        debug_assert!(v_rows == bk && acc.rows() == nr && acc.cols() == dv);
         debug_assert!(nr == 0 || bk == 0 || (nr - 1) * prs + (bk - 1) * pcs < data.len());
         let mut c = 0;
         while c < dv {
@@ -261,7 +261,7 @@ unsafe fn pv_strided<const KIND: u8>(
             while r < nr {
                 let mr = (nr - r).min(MR);
                 let pp = (data.as_ptr().add(r * prs), prs, pcs);
-                let op = (acc.data.as_mut_ptr().add(r * acc.stride + c), acc.stride);
+                let op = (acc.data().as_mut_ptr().add(r * acc.stride() + c), acc.stride());
                 // Whole 16-column blocks load without masks (two registers fewer).
                 macro_rules! go {
                 ($($m:literal),*) => {
@@ -392,9 +392,9 @@ pub unsafe fn qk_rows(q: Mat, k: Mat, out: MatMut, scale: f32) {
 pub unsafe fn qk_rows_half(q: Mat, k: HalfMat, out: MatMut, scale: f32) {
     // SAFETY: the caller upholds this function's `# Safety` contract.
     unsafe {
-        debug_assert!(k.cols.is_multiple_of(8));
-        let kp = (k.data.as_ptr().cast::<u8>(), k.rows, k.cols, k.stride);
-        if k.bf16 {
+        debug_assert!(k.cols().is_multiple_of(8));
+        let kp = (k.data().as_ptr().cast::<u8>(), k.rows(), k.cols(), k.stride());
+        if k.is_bf16() {
             qk_rows_kind::<BF16>(q, kp, out, scale)
         } else {
             qk_rows_kind::<F16>(q, kp, out, scale)
@@ -407,14 +407,15 @@ pub unsafe fn qk_rows_half(q: Mat, k: HalfMat, out: MatMut, scale: f32) {
 unsafe fn qk_rows_kind<const KIND: u8>(
     q: Mat,
     (kp, bk, kd, kstride): (*const u8, usize, usize, usize),
-    out: MatMut,
+    mut out: MatMut,
     scale: f32,
 ) {
     // SAFETY: called only by this module's kernels, which run with these target features
     // and pass pointers inside the operands their public entry points checked.
     unsafe {
-        let (nr, d) = (q.rows, q.cols);
-        debug_assert!(kd == d && out.rows == nr && out.cols == bk);
+        let (nr, d) = (q.rows(), q.cols());
+        debug_assert!(kd == d && out.rows() == nr && out.cols() == bk);
+        let ostride = out.stride();
         let nv = d.div_ceil(8);
         let mut r = 0;
         while r < nr {
@@ -432,7 +433,7 @@ unsafe fn qk_rows_kind<const KIND: u8>(
                     }
                     for rr in 0..mr {
                         let qv =
-                            _mm256_maskload_ps(q.data.as_ptr().add((r + rr) * q.stride + 8 * v), m);
+                            _mm256_maskload_ps(q.data().as_ptr().add((r + rr) * q.stride() + 8 * v), m);
                         for jj in 0..4 {
                             acc[rr][jj] = _mm256_fmadd_ps(qv, kv[jj], acc[rr][jj]);
                         }
@@ -446,7 +447,7 @@ unsafe fn qk_rows_kind<const KIND: u8>(
                 for rr in 0..mr {
                     for jj in 0..mj {
                         let i = 4 * rr + jj;
-                        *out.data.get_unchecked_mut((r + rr) * out.stride + j + jj) =
+                        *out.data().get_unchecked_mut((r + rr) * ostride + j + jj) =
                             lanes[(i % 2) * 4 + i / 2];
                     }
                 }

@@ -24,18 +24,18 @@ pub(super) fn tail_mask(n: usize) -> u16 {
 /// # Safety
 /// avx512f must be available, and `out` must hold `round_up(bk, 16)` columns in every row.
 #[target_feature(enable = "avx512f")]
-pub unsafe fn qk(q: Mat, kt: Mat, out: MatMut, scale: f32) {
+pub unsafe fn qk(q: Mat, kt: Mat, mut out: MatMut, scale: f32) {
     // SAFETY: the caller upholds this function's `# Safety` contract.
     unsafe {
-        let (nr, d, bk) = (q.rows, q.cols, kt.cols);
-        debug_assert!(kt.rows == d && out.rows == nr && out.cols == bk);
-        debug_assert!(nr == 0 || out.data.len() >= (nr - 1) * out.stride + bk.div_ceil(16) * 16);
+        let (nr, d, bk) = (q.rows(), q.cols(), kt.cols());
+        debug_assert!(kt.rows() == d && out.rows() == nr && out.cols() == bk);
+        debug_assert!(nr == 0 || out.data().len() >= (nr - 1) * out.stride() + bk.div_ceil(16) * 16);
         score_blocks(nr, bk, |r, mr, c, nb, masks| {
-            let kp = (kt.data.as_ptr().add(16 * c), kt.stride);
-            let qp = (q.data.as_ptr().add(r * q.stride), q.stride);
+            let kp = (kt.data().as_ptr().add(16 * c), kt.stride());
+            let qp = (q.data().as_ptr().add(r * q.stride()), q.stride());
             let op = (
-                out.data.as_mut_ptr().add(r * out.stride + 16 * c),
-                out.stride,
+                out.data().as_mut_ptr().add(r * out.stride() + 16 * c),
+                out.stride(),
             );
             macro_rules! go {
             ($($m:literal),*) => {
@@ -181,25 +181,26 @@ const fn size_of_kind(k: u8) -> usize {
 /// # Safety
 /// avx512f must be available.
 #[target_feature(enable = "avx512f")]
-pub unsafe fn pv_bytes(p: Mat, v: ByteMat, acc: MatMut) {
+pub unsafe fn pv_bytes(p: Mat, v: ByteMat, mut acc: MatMut) {
     // SAFETY: the caller upholds this function's `# Safety` contract.
     unsafe {
-        debug_assert!(v.cols.is_multiple_of(16));
-        let vp = (v.data.as_ptr(), v.rows, v.cols, v.stride);
-        let pp = (p.data, p.rows, p.cols, p.stride, 1);
-        if v.fp8 {
+        debug_assert!(v.cols().is_multiple_of(16));
+        let vp = (v.data().as_ptr(), v.rows(), v.cols(), v.stride());
+        let pp = (p.data(), p.rows(), p.cols(), p.stride(), 1);
+        if v.is_fp8() {
             pv_strided::<F8>(pp, vp, acc)
         } else {
             // Σ_j p_j · (u_j − 128) = Σ_j p_j · u_j − 128 · Σ_j p_j: the offset leaves the inner
             // loop (one instruction fewer per 16 values) and is taken off each row once.
-            for r in 0..p.rows {
-                let row = p.data.as_ptr().add(r * p.stride);
+            for r in 0..p.rows() {
+                let row = p.data().as_ptr().add(r * p.stride());
                 let mut s = _mm512_setzero_ps();
-                for c in (0..p.cols).step_by(16) {
-                    s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(tail_mask(p.cols - c), row.add(c)));
+                for c in (0..p.cols()).step_by(16) {
+                    s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(tail_mask(p.cols() - c), row.add(c)));
                 }
                 let off = 128.0 * _mm512_reduce_add_ps(s);
-                let row = &mut acc.data[r * acc.stride..r * acc.stride + acc.cols];
+                let (st, cols) = (acc.stride(), acc.cols());
+            let row = &mut acc.data()[r * st..r * st + cols];
                 row.iter_mut().for_each(|x| *x -= off);
             }
             pv_strided::<U8>(pp, vp, acc)
@@ -216,9 +217,9 @@ pub unsafe fn pv_bytes(p: Mat, v: ByteMat, acc: MatMut) {
 pub unsafe fn qk_rows_bytes(q: Mat, k: ByteMat, out: MatMut, scale: f32) {
     // SAFETY: the caller upholds this function's `# Safety` contract.
     unsafe {
-        debug_assert!(k.cols.is_multiple_of(16));
-        let kp = (k.data.as_ptr(), k.rows, k.cols, k.stride);
-        if k.fp8 {
+        debug_assert!(k.cols().is_multiple_of(16));
+        let kp = (k.data().as_ptr(), k.rows(), k.cols(), k.stride());
+        if k.is_fp8() {
             qk_rows_kind::<F8>(q, kp, out, scale)
         } else {
             qk_rows_kind::<I8>(q, kp, out, scale)
@@ -234,10 +235,10 @@ pub unsafe fn qk_rows_bytes(q: Mat, k: ByteMat, out: MatMut, scale: f32) {
 pub unsafe fn pv_half(p: Mat, v: HalfMat, acc: MatMut) {
     // SAFETY: the caller upholds this function's `# Safety` contract.
     unsafe {
-        debug_assert!(v.cols.is_multiple_of(16));
-        let vp = (v.data.as_ptr().cast::<u8>(), v.rows, v.cols, v.stride);
-        let pp = (p.data, p.rows, p.cols, p.stride, 1);
-        if v.bf16 {
+        debug_assert!(v.cols().is_multiple_of(16));
+        let vp = (v.data().as_ptr().cast::<u8>(), v.rows(), v.cols(), v.stride());
+        let pp = (p.data(), p.rows(), p.cols(), p.stride(), 1);
+        if v.is_bf16() {
             pv_strided::<BF16>(pp, vp, acc)
         } else {
             pv_strided::<F16>(pp, vp, acc)
@@ -253,9 +254,9 @@ pub unsafe fn pv_half(p: Mat, v: HalfMat, acc: MatMut) {
 pub unsafe fn qk_rows_half(q: Mat, k: HalfMat, out: MatMut, scale: f32) {
     // SAFETY: the caller upholds this function's `# Safety` contract.
     unsafe {
-        debug_assert!(k.cols.is_multiple_of(16));
-        let kp = (k.data.as_ptr().cast::<u8>(), k.rows, k.cols, k.stride);
-        if k.bf16 {
+        debug_assert!(k.cols().is_multiple_of(16));
+        let kp = (k.data().as_ptr().cast::<u8>(), k.rows(), k.cols(), k.stride());
+        if k.is_bf16() {
             qk_rows_kind::<BF16>(q, kp, out, scale)
         } else {
             qk_rows_kind::<F16>(q, kp, out, scale)
@@ -271,12 +272,12 @@ pub unsafe fn qk_rows_half(q: Mat, k: HalfMat, out: MatMut, scale: f32) {
 #[target_feature(enable = "avx512f")]
 pub unsafe fn pv(p: Mat, v: Mat, acc: MatMut) {
     // SAFETY: the caller upholds this function's `# Safety` contract.
-    unsafe { pv_strided::<F32>((p.data, p.rows, p.cols, p.stride, 1), raw(v), acc) }
+    unsafe { pv_strided::<F32>((p.data(), p.rows(), p.cols(), p.stride(), 1), raw(v), acc) }
 }
 
 /// A matrix as (pointer, rows, cols, row stride in elements).
 fn raw(m: Mat) -> (*const u8, usize, usize, usize) {
-    (m.data.as_ptr().cast(), m.rows, m.cols, m.stride)
+    (m.data().as_ptr().cast(), m.rows(), m.cols(), m.stride())
 }
 
 /// `acc[r][c] += Σ_j p[j][r] · v[j][c]`: [`pv`] with `p` transposed (`p` is stored `k × m`,
@@ -287,7 +288,7 @@ fn raw(m: Mat) -> (*const u8, usize, usize, usize) {
 #[target_feature(enable = "avx512f")]
 pub unsafe fn pv_t(p: Mat, v: Mat, acc: MatMut) {
     // SAFETY: the caller upholds this function's `# Safety` contract.
-    unsafe { pv_strided::<F32>((p.data, p.cols, p.rows, 1, p.stride), raw(v), acc) }
+    unsafe { pv_strided::<F32>((p.data(), p.cols(), p.rows(), 1, p.stride()), raw(v), acc) }
 }
 
 /// `acc += P · v` where `P` is `m × k` with element `(r, j)` at `data[r·rs + j·cs]`.
@@ -295,12 +296,12 @@ pub unsafe fn pv_t(p: Mat, v: Mat, acc: MatMut) {
 unsafe fn pv_strided<const K: u8>(
     (data, nr, bk, prs, pcs): (&[f32], usize, usize, usize, usize),
     (v, v_rows, dv, v_stride): (*const u8, usize, usize, usize),
-    acc: MatMut,
+    mut acc: MatMut,
 ) {
     // SAFETY: called only by this module's kernels, which run with these target features
     // and pass pointers inside the operands their public entry points checked.
     unsafe {
-        debug_assert!(v_rows == bk && acc.rows == nr && acc.cols == dv);
+        debug_assert!(v_rows == bk && acc.rows() == nr && acc.cols() == dv);
         debug_assert!(nr == 0 || bk == 0 || (nr - 1) * prs + (bk - 1) * pcs < data.len());
         let mut c = 0;
         while c < dv {
@@ -315,7 +316,7 @@ unsafe fn pv_strided<const K: u8>(
             while r < nr {
                 let mr = (nr - r).min(MR);
                 let pp = (data.as_ptr().add(r * prs), prs, pcs);
-                let op = (acc.data.as_mut_ptr().add(r * acc.stride + c), acc.stride);
+                let op = (acc.data().as_mut_ptr().add(r * acc.stride() + c), acc.stride());
                 macro_rules! go {
                 ($($m:literal),*) => {
                     match (mr, nb) {
@@ -435,14 +436,15 @@ pub unsafe fn qk_rows(q: Mat, k: Mat, out: MatMut, scale: f32) {
 unsafe fn qk_rows_kind<const K: u8>(
     q: Mat,
     (kp, bk, kd, kstride): (*const u8, usize, usize, usize),
-    out: MatMut,
+    mut out: MatMut,
     scale: f32,
 ) {
     // SAFETY: called only by this module's kernels, which run with these target features
     // and pass pointers inside the operands their public entry points checked.
     unsafe {
-        let (nr, d) = (q.rows, q.cols);
-        debug_assert!(kd == d && out.rows == nr && out.cols == bk);
+        let (nr, d) = (q.rows(), q.cols());
+        debug_assert!(kd == d && out.rows() == nr && out.cols() == bk);
+        let ostride = out.stride();
         let nv = d.div_ceil(16);
         let mut r = 0;
         while r < nr {
@@ -461,7 +463,7 @@ unsafe fn qk_rows_kind<const K: u8>(
                     for rr in 0..mr {
                         let qv = _mm512_maskz_loadu_ps(
                             m,
-                            q.data.as_ptr().add((r + rr) * q.stride + 16 * v),
+                            q.data().as_ptr().add((r + rr) * q.stride() + 16 * v),
                         );
                         for jj in 0..4 {
                             acc[rr][jj] = _mm512_fmadd_ps(qv, kv[jj], acc[rr][jj]);
@@ -475,7 +477,7 @@ unsafe fn qk_rows_kind<const K: u8>(
                 _mm512_storeu_ps(lanes.as_mut_ptr(), sums);
                 for rr in 0..mr {
                     for jj in 0..mj {
-                        *out.data.get_unchecked_mut((r + rr) * out.stride + j + jj) =
+                        *out.data().get_unchecked_mut((r + rr) * ostride + j + jj) =
                             lanes[4 * jj + rr];
                     }
                 }

@@ -36,18 +36,18 @@ unsafe fn bh(x: __m512i) -> __m512bh {
 /// avx512f, avx512bw and avx512bf16 must be available, and `out` must hold `round_up(bk, 16)`
 /// columns in every row.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-pub unsafe fn qk(q: PairMat, kt: PairMat, out: MatMut, scale: f32) {
+pub unsafe fn qk(q: PairMat, kt: PairMat, mut out: MatMut, scale: f32) {
     // SAFETY: the caller upholds this function's `# Safety` contract.
     unsafe {
-        let (nr, dp, bk) = (q.rows, q.cols, kt.cols);
-        debug_assert!(kt.rows == dp && out.rows == nr && out.cols == bk);
-        debug_assert!(nr == 0 || out.data.len() >= (nr - 1) * out.stride + bk.div_ceil(16) * 16);
+        let (nr, dp, bk) = (q.rows(), q.cols(), kt.cols());
+        debug_assert!(kt.rows() == dp && out.rows() == nr && out.cols() == bk);
+        debug_assert!(nr == 0 || out.data().len() >= (nr - 1) * out.stride() + bk.div_ceil(16) * 16);
         super::avx512::score_blocks(nr, bk, |r, mr, c, nb, masks| {
-            let kp = (kt.data.as_ptr().add(16 * c), kt.stride);
-            let qp = (q.data.as_ptr().add(r * q.stride), q.stride);
+            let kp = (kt.data().as_ptr().add(16 * c), kt.stride());
+            let qp = (q.data().as_ptr().add(r * q.stride()), q.stride());
             let op = (
-                out.data.as_mut_ptr().add(r * out.stride + 16 * c),
-                out.stride,
+                out.data().as_mut_ptr().add(r * out.stride() + 16 * c),
+                out.stride(),
             );
             macro_rules! go {
             ($($m:literal),*) => {
@@ -116,11 +116,11 @@ unsafe fn qk_block<const M: usize, const N: usize>(
 pub unsafe fn to_pairs(p: Mat, out: &mut [u32], stride: usize) {
     // SAFETY: the caller upholds this function's `# Safety` contract.
     unsafe {
-        let (nr, bk) = (p.rows, p.cols);
+        let (nr, bk) = (p.rows(), p.cols());
         let np = bk.div_ceil(2);
         assert!(nr == 0 || (stride >= np && out.len() >= (nr - 1) * stride + np));
         for r in 0..nr {
-            let src = p.data.as_ptr().add(r * p.stride);
+            let src = p.data().as_ptr().add(r * p.stride());
             let dst = out.as_mut_ptr().add(r * stride);
             let mut c = 0;
             while c < bk {
@@ -149,8 +149,8 @@ pub unsafe fn to_pairs(p: Mat, out: &mut [u32], stride: usize) {
 pub unsafe fn pv(p: PairMat, v: HalfMat, acc: MatMut) {
     // SAFETY: the caller upholds this function's `# Safety` contract.
     unsafe {
-        assert!(p.cols == v.rows.div_ceil(2) && acc.rows == p.rows);
-        pv_strided((p.data, p.rows, p.stride, 1), v, acc)
+        assert!(p.cols() == v.rows().div_ceil(2) && acc.rows() == p.rows());
+        pv_strided((p.data(), p.rows(), p.stride(), 1), v, acc)
     }
 }
 
@@ -165,33 +165,33 @@ pub unsafe fn pv(p: PairMat, v: HalfMat, acc: MatMut) {
 pub unsafe fn pv_t(pt: PairMat, v: HalfMat, acc: MatMut) {
     // SAFETY: the caller upholds this function's `# Safety` contract.
     unsafe {
-        assert!(pt.rows == v.rows.div_ceil(2) && acc.rows == pt.cols);
-        assert!(pt.rows == 0 || pt.cols == 0 || pt.stride >= pt.cols);
-        pv_strided((pt.data, pt.cols, 1, pt.stride), v, acc)
+        assert!(pt.rows() == v.rows().div_ceil(2) && acc.rows() == pt.cols());
+        assert!(pt.rows() == 0 || pt.cols() == 0 || pt.stride() >= pt.cols());
+        pv_strided((pt.data(), pt.cols(), 1, pt.stride()), v, acc)
     }
 }
 
 /// `acc += P · v` where `P` (`nr` rows of `⌈bk/2⌉` pairs) has pair `(r, jp)` at
 /// `data[r·rs + jp·cs]`.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn pv_strided((data, nr, rs, cs): (&[u32], usize, usize, usize), v: HalfMat, acc: MatMut) {
+unsafe fn pv_strided((data, nr, rs, cs): (&[u32], usize, usize, usize), v: HalfMat, mut acc: MatMut) {
     // SAFETY: called only by this module's kernels, which run with these target features
     // and pass pointers inside the operands their public entry points checked.
     unsafe {
-        let (bk, dv) = (v.rows, v.cols);
-        assert!(v.bf16 && dv.is_multiple_of(32));
-        assert!(acc.rows == nr && acc.cols == dv);
+        let (bk, dv) = (v.rows(), v.cols());
+        assert!(v.is_bf16() && dv.is_multiple_of(32));
+        assert!(acc.rows() == nr && acc.cols() == dv);
         let np = bk.div_ceil(2);
         assert!(nr == 0 || np == 0 || (nr - 1) * rs + (np - 1) * cs < data.len());
         let mut c = 0;
         while c < dv {
             let w = (dv - c).min(64);
-            let vp = (v.data.as_ptr().add(c), v.stride);
+            let vp = (v.data().as_ptr().add(c), v.stride());
             let mut r = 0;
             while r < nr {
                 let mr = (nr - r).min(MR);
                 let pp = (data.as_ptr().add(r * rs), rs, cs);
-                let op = (acc.data.as_mut_ptr().add(r * acc.stride + c), acc.stride);
+                let op = (acc.data().as_mut_ptr().add(r * acc.stride() + c), acc.stride());
                 macro_rules! go {
                 ($($m:literal),*) => {
                     match (mr, w) {
@@ -219,14 +219,14 @@ unsafe fn pv_strided((data, nr, rs, cs): (&[u32], usize, usize, usize), v: HalfM
 pub unsafe fn interleave(p: Mat, out: &mut [u32], stride: usize) {
     // SAFETY: the caller upholds this function's `# Safety` contract.
     unsafe {
-        let (k, m) = (p.rows, p.cols);
+        let (k, m) = (p.rows(), p.cols());
         let np = k.div_ceil(2);
         assert!(np == 0 || m == 0 || (stride >= m && out.len() >= (np - 1) * stride + m));
         // Word 2i of the result is word i of the first row, word 2i + 1 word i of the second.
         let idx: [i16; 32] = std::array::from_fn(|w| ((w % 2) * 16 + w / 2) as i16);
         let idx = _mm512_loadu_si512(idx.as_ptr().cast());
         for jp in 0..np {
-            let a = p.data.as_ptr().add(2 * jp * p.stride);
+            let a = p.data().as_ptr().add(2 * jp * p.stride());
             let second = 2 * jp + 1 < k;
             let dst = out.as_mut_ptr().add(jp * stride);
             let mut c = 0;
@@ -234,7 +234,7 @@ pub unsafe fn interleave(p: Mat, out: &mut [u32], stride: usize) {
                 let mask = tail_mask(m - c);
                 let lo = _mm512_maskz_loadu_ps(mask, a.add(c));
                 let hi = if second {
-                    _mm512_maskz_loadu_ps(mask, a.add(p.stride + c))
+                    _mm512_maskz_loadu_ps(mask, a.add(p.stride() + c))
                 } else {
                     _mm512_setzero_ps()
                 };
@@ -329,26 +329,27 @@ unsafe fn pv_block<const M: usize, const H: usize>(
 /// # Safety
 /// avx512f, avx512bw and avx512bf16 must be available.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-pub unsafe fn qk_rows(q: PairMat, k: HalfMat, out: MatMut, scale: f32) {
+pub unsafe fn qk_rows(q: PairMat, k: HalfMat, mut out: MatMut, scale: f32) {
     // SAFETY: the caller upholds this function's `# Safety` contract.
     unsafe {
-        let (nr, dp, bk) = (q.rows, q.cols, k.rows);
-        assert!(k.bf16 && k.cols == 2 * dp && out.rows == nr && out.cols == bk);
+        let (nr, dp, bk) = (q.rows(), q.cols(), k.rows());
+        assert!(k.is_bf16() && k.cols() == 2 * dp && out.rows() == nr && out.cols() == bk);
         if dp == 0 {
             for r in 0..nr {
-                out.data[r * out.stride..r * out.stride + bk].fill(0.0);
+                let st = out.stride();
+                out.data()[r * st..r * st + bk].fill(0.0);
             }
             return;
         }
         let mut r = 0;
         while r < nr {
             let mr = (nr - r).min(4);
-            let qp = (q.data.as_ptr().add(r * q.stride), q.stride);
+            let qp = (q.data().as_ptr().add(r * q.stride()), q.stride());
             let mut j = 0;
             while j < bk {
                 let mj = (bk - j).min(4);
-                let kp = (k.data.as_ptr().add(j * k.stride), k.stride);
-                let op = (out.data.as_mut_ptr().add(r * out.stride + j), out.stride);
+                let kp = (k.data().as_ptr().add(j * k.stride()), k.stride());
+                let op = (out.data().as_mut_ptr().add(r * out.stride() + j), out.stride());
                 macro_rules! go {
                 ($($m:literal),*) => {
                     match (mr, mj) {

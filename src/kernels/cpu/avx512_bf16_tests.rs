@@ -42,11 +42,6 @@ fn pairs(x: &[bf16], rows: usize, cols: usize, stride: usize) -> Vec<u32> {
         .collect()
 }
 
-fn bits(x: &[bf16]) -> &[u16] {
-    // SAFETY: bf16 is a 2-byte plain-old-data type with u16's alignment.
-    unsafe { std::slice::from_raw_parts(x.as_ptr().cast(), x.len()) }
-}
-
 /// `|got - want| <= 1e-5 · (1 + Σ|terms|)`: f32 accumulation of exact products.
 fn close(got: f32, want: f64, mag: f64, what: &str) {
     assert!(
@@ -173,13 +168,7 @@ fn probabilities_times_values_match_float64() {
         unsafe {
             pv(
                 PairMat::new(&pp, nr, bk.div_ceil(2), pstride),
-                HalfMat {
-                    data: &bits(&v)[off..],
-                    bf16: true,
-                    rows: bk,
-                    cols: dv,
-                    stride: vs,
-                },
+                HalfMat::bf16(&v[off..], bk, dv, vs),
                 MatMut::new(&mut acc, nr, dv, dv),
             )
         };

@@ -16,12 +16,13 @@ use super::quant::QRows;
 /// avx512f, avx512bw, avx512vl and avx512vnni must be available; `k` must be int8 (not fp8), and the
 /// shapes must agree (`k.cols == q.cols <= 256`, `out` is `q.rows × k.rows`).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-pub unsafe fn qk_rows_q16(q: QRows, k: ByteMat, out: MatMut, scale: f32) {
+pub unsafe fn qk_rows_q16(q: QRows, k: ByteMat, mut out: MatMut, scale: f32) {
     // SAFETY: the caller upholds this function's `# Safety` contract.
     unsafe {
-        let (nr, d, bk) = (q.rows, q.cols, k.rows);
-        debug_assert!(!k.fp8 && k.cols == d && d <= 256 && out.rows == nr && out.cols == bk);
-        let (kp, qp) = (k.data.as_ptr(), q.vals.as_ptr());
+        let (nr, d, bk) = (q.rows, q.cols, k.rows());
+        debug_assert!(!k.is_fp8() && k.cols() == d && d <= 256 && out.rows() == nr && out.cols() == bk);
+        let ostride = out.stride();
+        let (kp, qp) = (k.data().as_ptr(), q.vals.as_ptr());
         let nv = d.div_ceil(32);
         let mut r = 0;
         while r < nr {
@@ -47,7 +48,7 @@ pub unsafe fn qk_rows_q16(q: QRows, k: ByteMat, out: MatMut, scale: f32) {
                 let mut qr = [qp; 4];
                 let mut qm = [0u32; 4];
                 for x in 0..4 {
-                    kr[x] = kp.add((j + x.min(mj - 1)) * k.stride);
+                    kr[x] = kp.add((j + x.min(mj - 1)) * k.stride());
                     km[x] = if x < mj { u32::MAX } else { 0 };
                     qr[x] = qp.add((r + x.min(mr - 1)) * d);
                     qm[x] = if x < mr { u32::MAX } else { 0 };
@@ -73,7 +74,7 @@ pub unsafe fn qk_rows_q16(q: QRows, k: ByteMat, out: MatMut, scale: f32) {
                 _mm512_storeu_ps(lanes.as_mut_ptr(), s);
                 for rr in 0..mr {
                     for jj in 0..mj {
-                        *out.data.get_unchecked_mut((r + rr) * out.stride + j + jj) =
+                        *out.data().get_unchecked_mut((r + rr) * ostride + j + jj) =
                             lanes[4 * jj + rr];
                     }
                 }
@@ -189,8 +190,8 @@ const MAX_KEYS: usize = super::BLOCK_K;
 pub unsafe fn pv_q16(p: Mat, v: ByteMat, mut acc: MatMut) -> bool {
     // SAFETY: the caller upholds this function's `# Safety` contract.
     unsafe {
-        let (nr, bk, dv) = (p.rows, p.cols, v.cols);
-        debug_assert!(!v.fp8 && v.rows == bk && acc.rows == nr && acc.cols == dv);
+        let (nr, bk, dv) = (p.rows(), p.cols(), v.cols());
+        debug_assert!(!v.is_fp8() && v.rows() == bk && acc.rows() == nr && acc.cols() == dv);
         debug_assert!(dv.is_multiple_of(32) && bk <= MAX_KEYS && nr <= super::BLOCK_Q);
         if bk == 0 {
             return true;
@@ -199,7 +200,7 @@ pub unsafe fn pv_q16(p: Mat, v: ByteMat, mut acc: MatMut) -> bool {
         // the f32 kernel before anything is written.
         let mut pmax = [0f32; super::BLOCK_Q];
         for (r, pm) in pmax.iter_mut().enumerate().take(nr) {
-            let row = p.data.as_ptr().add(r * p.stride);
+            let row = p.data().as_ptr().add(r * p.stride());
             let (mut m, mut s) = (_mm512_setzero_ps(), _mm512_setzero_ps());
             for c in (0..bk).step_by(16) {
                 let x = _mm512_maskz_loadu_ps(super::avx512::tail_mask(bk - c), row.add(c));
@@ -222,7 +223,7 @@ pub unsafe fn pv_q16(p: Mat, v: ByteMat, mut acc: MatMut) -> bool {
                 let m = pmax[r + rr];
                 let inv = _mm512_set1_ps(if m > 0.0 { 32767.0 / m } else { 0.0 });
                 ps[rr] = m / 32767.0;
-                let row = p.data.as_ptr().add((r + rr) * p.stride);
+                let row = p.data().as_ptr().add((r + rr) * p.stride());
                 let mut sum = _mm512_setzero_si512();
                 for c in (0..bk).step_by(16) {
                     let mask = super::avx512::tail_mask(bk - c);
@@ -243,10 +244,10 @@ pub unsafe fn pv_q16(p: Mat, v: ByteMat, mut acc: MatMut) -> bool {
             while c < dv {
                 let rows = (r, mr, &p16, corr, ps);
                 if dv - c >= 64 {
-                    pv_block::<2>(rows, bk, (v.data.as_ptr().add(c), v.stride), &mut acc, c);
+                    pv_block::<2>(rows, bk, (v.data().as_ptr().add(c), v.stride()), &mut acc, c);
                     c += 64;
                 } else {
-                    pv_block::<1>(rows, bk, (v.data.as_ptr().add(c), v.stride), &mut acc, c);
+                    pv_block::<1>(rows, bk, (v.data().as_ptr().add(c), v.stride()), &mut acc, c);
                     c += 32;
                 }
             }
@@ -307,7 +308,7 @@ unsafe fn pv_block<const NB: usize>(
         };
         let (lo, hi) = (idx(0), idx(16));
         for rr in 0..mr {
-            let out = acc.data.as_mut_ptr().add((r + rr) * acc.stride + c);
+            let out = acc.data().as_mut_ptr().add((r + rr) * acc.stride() + c);
             let (k, s) = (_mm512_set1_epi32(corr[rr]), _mm512_set1_ps(ps[rr]));
             for g in 0..NB {
                 for (h, ix) in [lo, hi].into_iter().enumerate() {

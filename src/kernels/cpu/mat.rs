@@ -5,10 +5,10 @@
 /// A `rows × cols` matrix whose rows start `stride` elements apart (f32 elements unless said).
 #[derive(Clone, Copy)]
 pub(super) struct Mat<'a, T = f32> {
-    pub data: &'a [T],
-    pub rows: usize,
-    pub cols: usize,
-    pub stride: usize,
+    data: &'a [T],
+    rows: usize,
+    cols: usize,
+    stride: usize,
 }
 
 /// A `rows × cols` matrix of bf16 pairs (two consecutive elements of a row of the unpaired
@@ -19,10 +19,10 @@ pub(super) type PairMat<'a> = Mat<'a, u32>;
 
 /// A mutable `rows × cols` matrix whose rows start `stride` elements apart.
 pub(super) struct MatMut<'a> {
-    pub data: &'a mut [f32],
-    pub rows: usize,
-    pub cols: usize,
-    pub stride: usize,
+    data: &'a mut [f32],
+    rows: usize,
+    cols: usize,
+    stride: usize,
 }
 
 /// Every element in `len`; rows must not overlap when they are written (`disjoint`), while
@@ -46,6 +46,30 @@ impl<'a, T> Mat<'a, T> {
             stride,
         }
     }
+
+    /// The elements (rows `stride` apart; every element of the matrix lies in it).
+    #[inline]
+    pub fn data(&self) -> &'a [T] {
+        self.data
+    }
+
+    /// Rows.
+    #[inline]
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Columns.
+    #[inline]
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Elements from one row's start to the next's.
+    #[inline]
+    pub fn stride(&self) -> usize {
+        self.stride
+    }
 }
 
 impl<'a> MatMut<'a> {
@@ -58,6 +82,42 @@ impl<'a> MatMut<'a> {
             stride,
         }
     }
+
+    /// The elements (rows `stride` apart; every element of the matrix lies in it).
+    #[inline]
+    pub fn data(&mut self) -> &mut [f32] {
+        self.data
+    }
+
+    /// Rows.
+    #[inline]
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Columns.
+    #[inline]
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Elements from one row's start to the next's.
+    #[inline]
+    pub fn stride(&self) -> usize {
+        self.stride
+    }
+
+    /// The same matrix, borrowed again (for a call that may leave it to another).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // the VNNI products' fallback
+    #[inline]
+    pub fn reborrow(&mut self) -> MatMut<'_> {
+        MatMut {
+            data: self.data,
+            rows: self.rows,
+            cols: self.cols,
+            stride: self.stride,
+        }
+    }
 }
 
 /// A `rows × cols` matrix of bf16 or f16 elements whose rows start `stride` elements apart,
@@ -66,12 +126,12 @@ impl<'a> MatMut<'a> {
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // read by the x86 micro-kernels
 pub(super) struct HalfMat<'a> {
     /// The elements' bits.
-    pub data: &'a [u16],
+    data: &'a [u16],
     /// Whether they are bf16 (else f16).
-    pub bf16: bool,
-    pub rows: usize,
-    pub cols: usize,
-    pub stride: usize,
+    bf16: bool,
+    rows: usize,
+    cols: usize,
+    stride: usize,
 }
 
 impl<'a> HalfMat<'a> {
@@ -104,6 +164,36 @@ impl<'a> HalfMat<'a> {
             stride,
         }
     }
+
+    /// The elements (rows `stride` apart; every element of the matrix lies in it).
+    #[inline]
+    pub fn data(&self) -> &'a [u16] {
+        self.data
+    }
+
+    /// Rows.
+    #[inline]
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Columns.
+    #[inline]
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Elements from one row's start to the next's.
+    #[inline]
+    pub fn stride(&self) -> usize {
+        self.stride
+    }
+
+    /// Whether the elements are bf16 (else f16).
+    #[inline]
+    pub fn is_bf16(&self) -> bool {
+        self.bf16
+    }
 }
 
 /// A `rows × cols` matrix of quantized bytes (a quantized KV cache's rows): int8 values stored
@@ -112,12 +202,12 @@ impl<'a> HalfMat<'a> {
 #[derive(Clone, Copy)]
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // read by the x86 micro-kernels
 pub(super) struct ByteMat<'a> {
-    pub data: &'a [u8],
+    data: &'a [u8],
     /// fp8 e4m3 (else int8 + 128).
-    pub fp8: bool,
-    pub rows: usize,
-    pub cols: usize,
-    pub stride: usize,
+    fp8: bool,
+    rows: usize,
+    cols: usize,
+    stride: usize,
 }
 
 impl<'a> ByteMat<'a> {
@@ -130,6 +220,36 @@ impl<'a> ByteMat<'a> {
             cols,
             stride,
         }
+    }
+
+    /// The elements (rows `stride` apart; every element of the matrix lies in it).
+    #[inline]
+    pub fn data(&self) -> &'a [u8] {
+        self.data
+    }
+
+    /// Rows.
+    #[inline]
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Columns.
+    #[inline]
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Elements from one row's start to the next's.
+    #[inline]
+    pub fn stride(&self) -> usize {
+        self.stride
+    }
+
+    /// Whether the elements are fp8 e4m3 (else int8 offset by 128).
+    #[inline]
+    pub fn is_fp8(&self) -> bool {
+        self.fp8
     }
 }
 

@@ -5,9 +5,9 @@
 use super::mat::{Mat, MatMut};
 
 /// `out = scale · q · kᵀ`: `q` is `nr × d`, `k` is `bk × d` (key rows), `out` is `nr × bk`.
-pub(super) fn qk(q: Mat, k: Mat, out: MatMut, scale: f32) {
-    let (nr, d, bk) = (q.rows, q.cols, k.rows);
-    assert!(k.cols == d && out.rows == nr && out.cols == bk);
+pub(super) fn qk(q: Mat, k: Mat, mut out: MatMut, scale: f32) {
+    let (nr, d, bk) = (q.rows(), q.cols(), k.rows());
+    assert!(k.cols() == d && out.rows() == nr && out.cols() == bk);
     // SAFETY: `Mat`/`MatMut` guarantee every element of these row-major matrices is in its
     // slice; kᵀ (d × bk) is read as element (x, c) at c·k.stride + x.
     unsafe {
@@ -15,15 +15,15 @@ pub(super) fn qk(q: Mat, k: Mat, out: MatMut, scale: f32) {
             nr,
             bk,
             d,
-            out.data.as_mut_ptr(),
+            out.data().as_mut_ptr(),
             1,
-            out.stride as isize,
+            out.stride() as isize,
             false,
-            q.data.as_ptr(),
+            q.data().as_ptr(),
             1,
-            q.stride as isize,
-            k.data.as_ptr(),
-            k.stride as isize,
+            q.stride() as isize,
+            k.data().as_ptr(),
+            k.stride() as isize,
             1,
             0.0f32,
             scale,
@@ -36,9 +36,9 @@ pub(super) fn qk(q: Mat, k: Mat, out: MatMut, scale: f32) {
 }
 
 /// `acc += p · v`: `p` is `nr × bk`, `v` is `bk × dv`, `acc` is `nr × dv`.
-pub(super) fn pv(p: Mat, v: Mat, acc: MatMut) {
-    let (nr, bk, dv) = (p.rows, p.cols, v.cols);
-    assert!(v.rows == bk && acc.rows == nr && acc.cols == dv);
+pub(super) fn pv(p: Mat, v: Mat, mut acc: MatMut) {
+    let (nr, bk, dv) = (p.rows(), p.cols(), v.cols());
+    assert!(v.rows() == bk && acc.rows() == nr && acc.cols() == dv);
     // SAFETY: `Mat`/`MatMut` guarantee every element of these row-major matrices is in its
     // slice.
     unsafe {
@@ -46,16 +46,16 @@ pub(super) fn pv(p: Mat, v: Mat, acc: MatMut) {
             nr,
             dv,
             bk,
-            acc.data.as_mut_ptr(),
+            acc.data().as_mut_ptr(),
             1,
-            acc.stride as isize,
+            acc.stride() as isize,
             true,
-            p.data.as_ptr(),
+            p.data().as_ptr(),
             1,
-            p.stride as isize,
-            v.data.as_ptr(),
+            p.stride() as isize,
+            v.data().as_ptr(),
             1,
-            v.stride as isize,
+            v.stride() as isize,
             1.0f32,
             1.0f32,
             false,

@@ -126,16 +126,16 @@ pub fn force(name: Option<&str>) -> Result<(), String> {
 /// `out = scale · a · kt` for `a` (`nr × d`, any row stride) and a transposed key tile `kt`
 /// (`d × bk`). `out` rows must hold `round_up(bk, 16)` columns (the AVX-512 kernel stores whole
 /// vectors).
-pub(super) fn qk_t(isa: Isa, a: Mat, kt: Mat, out: MatMut, scale: f32) {
-    let (nr, bk) = (a.rows, kt.cols);
-    assert!(kt.rows == a.cols && out.rows == nr && out.cols == bk);
+pub(super) fn qk_t(isa: Isa, a: Mat, kt: Mat, mut out: MatMut, scale: f32) {
+    let (nr, bk) = (a.rows(), kt.cols());
+    assert!(kt.rows() == a.cols() && out.rows() == nr && out.cols() == bk);
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512(_) | Isa::Avx512Bf16(_) => {
             let padded = bk.div_ceil(16) * 16;
             assert!(
                 nr == 0
-                    || (out.stride >= padded && out.data.len() >= (nr - 1) * out.stride + padded)
+                    || (out.stride() >= padded && out.data().len() >= (nr - 1) * out.stride() + padded)
             );
             // SAFETY: `isa` carries the proof that the CPU runs it (`Detected`); rows of `out` hold the
             // padded columns (asserted).
@@ -146,23 +146,26 @@ pub(super) fn qk_t(isa: Isa, a: Mat, kt: Mat, out: MatMut, scale: f32) {
             // SAFETY: as above; only the `bk` columns are written.
             unsafe { super::avx2::qk(a, kt, out, scale) }
         }
-        _ => matmul(
-            (nr, bk, a.cols),
-            out.data,
-            out.stride,
+        _ => {
+            let st = out.stride();
+            matmul(
+            (nr, bk, a.cols()),
+            out.data(),
+            st,
             false,
-            (a.data, a.stride, 1),
-            (kt.data, kt.stride, 1),
+            (a.data(), a.stride(), 1),
+            (kt.data(), kt.stride(), 1),
             scale,
-        ),
+        )
+        }
     }
 }
 
 /// `out = scale · q · kᵀ` for a few query rows against key rows read in place (`k` is
 /// `bk × d`, any row stride): dot products (decode-like items, no transposed K).
 pub(super) fn qk_rows(isa: Isa, q: Mat, k: Mat, out: MatMut, scale: f32) {
-    let (nr, bk) = (q.rows, k.rows);
-    assert!(k.cols == q.cols && out.rows == nr && out.cols == bk);
+    let (nr, bk) = (q.rows(), k.rows());
+    assert!(k.cols() == q.cols() && out.rows() == nr && out.cols() == bk);
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa` carries the proof that the CPU runs it (`Detected`); every access is inside the
@@ -189,7 +192,7 @@ pub(super) fn reads_half(isa: Isa, cols: usize) -> bool {
 /// [`qk_rows`] with bf16/f16 key rows read in place; only where [`reads_half`] says so.
 pub(super) fn qk_rows_half(isa: Isa, q: Mat, k: HalfMat, out: MatMut, scale: f32) {
     assert!(
-        reads_half(isa, k.cols) && k.cols == q.cols && out.rows == q.rows && out.cols == k.rows
+        reads_half(isa, k.cols()) && k.cols() == q.cols() && out.rows() == q.rows() && out.cols() == k.rows()
     );
     match isa {
         #[cfg(target_arch = "x86_64")]
@@ -211,7 +214,7 @@ pub(super) fn qk_rows_half(isa: Isa, q: Mat, k: HalfMat, out: MatMut, scale: f32
 /// [`pv`] with bf16/f16 rows of `v` read in place; only where [`reads_half`] says so.
 pub(super) fn pv_half(isa: Isa, p: Mat, v: HalfMat, acc: MatMut) {
     assert!(
-        reads_half(isa, v.cols) && v.rows == p.cols && acc.rows == p.rows && acc.cols == v.cols
+        reads_half(isa, v.cols()) && v.rows() == p.cols() && acc.rows() == p.rows() && acc.cols() == v.cols()
     );
     match isa {
         #[cfg(target_arch = "x86_64")]
@@ -231,7 +234,7 @@ pub(super) fn pv_half(isa: Isa, p: Mat, v: HalfMat, acc: MatMut) {
 /// caller multiplies column `j` of `out` by row `j`'s); only where [`reads_half`] says so.
 pub(super) fn qk_rows_bytes(isa: Isa, q: Mat, k: ByteMat, out: MatMut, scale: f32) {
     assert!(
-        reads_half(isa, k.cols) && k.cols == q.cols && out.rows == q.rows && out.cols == k.rows
+        reads_half(isa, k.cols()) && k.cols() == q.cols() && out.rows() == q.rows() && out.cols() == k.rows()
     );
     match isa {
         #[cfg(target_arch = "x86_64")]
@@ -259,14 +262,14 @@ pub(super) fn qk_rows_q16(isa: Isa, q: QRows, k: ByteMat, out: MatMut, scale: f3
     assert!(
         isa.avx512()
             && vnni()
-            && !k.fp8
-            && k.cols == q.cols
+            && !k.is_fp8()
+            && k.cols() == q.cols
             && q.cols <= super::MAX_HEAD_DIM
             && q.vals.len() >= q.rows * q.cols
             && q.scale.len() >= q.rows
             && q.corr.len() >= q.rows
-            && out.rows == q.rows
-            && out.cols == k.rows
+            && out.rows() == q.rows
+            && out.cols() == k.rows()
     );
     // SAFETY: the CPU has AVX-512 F/BW/VL/VNNI (`vnni`); the keys are int8, the head size at most
     // 256 and the shapes agree (asserted above; every matrix is checked against its slice on
@@ -284,13 +287,13 @@ pub(super) fn pv_q16(isa: Isa, p: Mat, v: ByteMat, acc: MatMut) -> bool {
     assert!(
         isa.avx512()
             && vnni()
-            && !v.fp8
-            && v.cols.is_multiple_of(32)
-            && v.rows == p.cols
-            && p.cols <= super::BLOCK_K
-            && p.rows <= super::BLOCK_Q
-            && acc.rows == p.rows
-            && acc.cols == v.cols
+            && !v.is_fp8()
+            && v.cols().is_multiple_of(32)
+            && v.rows() == p.cols()
+            && p.cols() <= super::BLOCK_K
+            && p.rows() <= super::BLOCK_Q
+            && acc.rows() == p.rows()
+            && acc.cols() == v.cols()
     );
     // SAFETY: the CPU has AVX-512 F/BW/VL/VNNI; the values are int8 and the shapes agree
     // (asserted above; every matrix is checked against its slice on construction).
@@ -313,7 +316,7 @@ pub(super) fn vnni() -> bool {
 /// the caller; only where [`reads_half`] says so.
 pub(super) fn pv_bytes(isa: Isa, p: Mat, v: ByteMat, acc: MatMut) {
     assert!(
-        reads_half(isa, v.cols) && v.rows == p.cols && acc.rows == p.rows && acc.cols == v.cols
+        reads_half(isa, v.cols()) && v.rows() == p.cols() && acc.rows() == p.rows() && acc.cols() == v.cols()
     );
     match isa {
         #[cfg(target_arch = "x86_64")]
@@ -334,7 +337,7 @@ pub(super) fn pv_bytes(isa: Isa, p: Mat, v: ByteMat, acc: MatMut) {
 pub(super) fn pv(isa: Isa, p: Mat, v: Mat, acc: MatMut) {
     // The micro-kernels index the operands by these shapes (each matrix is checked against
     // its slice on construction).
-    assert!(v.rows == p.cols && acc.rows == p.rows && acc.cols == v.cols);
+    assert!(v.rows() == p.cols() && acc.rows() == p.rows() && acc.cols() == v.cols());
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa` carries the proof that the CPU runs it (`Detected`).
@@ -347,8 +350,8 @@ pub(super) fn pv(isa: Isa, p: Mat, v: Mat, acc: MatMut) {
 }
 
 /// `acc += pᵀ · v` for `p` stored `k × m`.
-pub(super) fn pv_t(isa: Isa, p: Mat, v: Mat, acc: MatMut) {
-    assert!(v.rows == p.rows && acc.rows == p.cols && acc.cols == v.cols);
+pub(super) fn pv_t(isa: Isa, p: Mat, v: Mat, mut acc: MatMut) {
+    assert!(v.rows() == p.rows() && acc.rows() == p.cols() && acc.cols() == v.cols());
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa` carries the proof that the CPU runs it (`Detected`).
@@ -357,14 +360,15 @@ pub(super) fn pv_t(isa: Isa, p: Mat, v: Mat, acc: MatMut) {
         // SAFETY: as above.
         Isa::Avx2(_) => unsafe { super::avx2::pv_t(p, v, acc) },
         _ => {
-            let (m, k, n) = (p.cols, p.rows, v.cols);
+            let (m, k, n) = (p.cols(), p.rows(), v.cols());
+            let st = acc.stride();
             matmul(
                 (m, n, k),
-                acc.data,
-                acc.stride,
+                acc.data(),
+                st,
                 true,
-                (p.data, 1, p.stride),
-                (v.data, v.stride, 1),
+                (p.data(), 1, p.stride()),
+                (v.data(), v.stride(), 1),
                 1.0,
             )
         }
@@ -386,11 +390,11 @@ pub(crate) fn dots_bf16(isa: Isa) -> bool {
 /// `out = scale · q · kᵀ` from bf16 pairs: `q` (`nr × D/2`) and the keys' pairs transposed
 /// (`kt`, `D/2 × bk`); only where [`dots_bf16`]. `out` rows must hold `round_up(bk, 16)`
 /// columns.
-pub(super) fn qk_pairs(isa: Isa, q: PairMat, kt: PairMat, out: MatMut, scale: f32) {
-    let (nr, bk) = (q.rows, kt.cols);
+pub(super) fn qk_pairs(isa: Isa, q: PairMat, kt: PairMat, mut out: MatMut, scale: f32) {
+    let (nr, bk) = (q.rows(), kt.cols());
     let padded = bk.div_ceil(16) * 16;
-    assert!(dots_bf16(isa) && kt.rows == q.cols && out.rows == nr && out.cols == bk);
-    assert!(nr == 0 || (out.stride >= padded && out.data.len() >= (nr - 1) * out.stride + padded));
+    assert!(dots_bf16(isa) && kt.rows() == q.cols() && out.rows() == nr && out.cols() == bk);
+    assert!(nr == 0 || (out.stride() >= padded && out.data().len() >= (nr - 1) * out.stride() + padded));
     #[cfg(target_arch = "x86_64")]
     // SAFETY: `isa` carries the proof that the CPU runs it (`Detected`), and AVX512-BF16 (asserted);
     // rows of `out` hold the padded columns (asserted), the operands are checked matrices.
@@ -404,8 +408,8 @@ pub(super) fn qk_pairs(isa: Isa, q: PairMat, kt: PairMat, out: MatMut, scale: f3
 /// [`qk_rows`] with the query rows as bf16 pairs and bf16 key rows read in place (even `D`);
 /// only where [`dots_bf16`].
 pub(super) fn qk_rows_pairs(isa: Isa, q: PairMat, k: HalfMat, out: MatMut, scale: f32) {
-    assert!(dots_bf16(isa) && k.bf16 && k.cols == 2 * q.cols);
-    assert!(out.rows == q.rows && out.cols == k.rows);
+    assert!(dots_bf16(isa) && k.is_bf16() && k.cols() == 2 * q.cols());
+    assert!(out.rows() == q.rows() && out.cols() == k.rows());
     #[cfg(target_arch = "x86_64")]
     // SAFETY: as in `qk_pairs` (shapes asserted; `out` is written at `..bk` only).
     unsafe {
@@ -431,8 +435,8 @@ pub(super) fn to_pairs(isa: Isa, p: Mat, out: &mut [u32], stride: usize) {
 /// `acc += p · v` with `p` as bf16 pairs of keys (from [`to_pairs`]) and bf16 rows of `v` read
 /// in place (`v.cols` a multiple of 32); only where [`dots_bf16`].
 pub(super) fn pv_pairs(isa: Isa, p: PairMat, v: HalfMat, acc: MatMut) {
-    assert!(dots_bf16(isa) && v.bf16 && v.cols.is_multiple_of(32));
-    assert!(p.cols == v.rows.div_ceil(2) && acc.rows == p.rows && acc.cols == v.cols);
+    assert!(dots_bf16(isa) && v.is_bf16() && v.cols().is_multiple_of(32));
+    assert!(p.cols() == v.rows().div_ceil(2) && acc.rows() == p.rows() && acc.cols() == v.cols());
     #[cfg(target_arch = "x86_64")]
     // SAFETY: as in `qk_pairs` (shapes asserted).
     unsafe {
@@ -445,8 +449,8 @@ pub(super) fn pv_pairs(isa: Isa, p: PairMat, v: HalfMat, acc: MatMut) {
 /// `acc += pᵀ · v` for `p` given as pairs of its rows (`pt`, from [`interleave_pairs`]) and the
 /// bf16 rows of `v` read in place (`v.cols` a multiple of 32); only where [`dots_bf16`].
 pub(super) fn pv_t_pairs(isa: Isa, pt: PairMat, v: HalfMat, acc: MatMut) {
-    assert!(dots_bf16(isa) && v.bf16 && v.cols.is_multiple_of(32));
-    assert!(pt.rows == v.rows.div_ceil(2) && acc.rows == pt.cols && acc.cols == v.cols);
+    assert!(dots_bf16(isa) && v.is_bf16() && v.cols().is_multiple_of(32));
+    assert!(pt.rows() == v.rows().div_ceil(2) && acc.rows() == pt.cols() && acc.cols() == v.cols());
     #[cfg(target_arch = "x86_64")]
     // SAFETY: as in `qk_pairs` (shapes asserted).
     unsafe {

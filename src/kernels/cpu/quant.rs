@@ -128,13 +128,13 @@ pub(super) fn pv_quantized(
     scale_columns(p, (nr, len), (scales, first, step));
     let p = Mat::new(p, nr, len, BLOCK_K);
     #[cfg(target_arch = "x86_64")]
-    if vnni && !v.fp8 && v.cols.is_multiple_of(32) {
+    if vnni && !v.is_fp8() && v.cols().is_multiple_of(32) {
         // `pv_q16` leaves `acc` untouched when it returns false.
-        let (rows, cols, stride) = (acc.rows, acc.cols, acc.stride);
-        if products::pv_q16(isa, p, v, MatMut::new(acc.data, rows, cols, stride)) {
+        let mut acc = acc;
+        if products::pv_q16(isa, p, v, acc.reborrow()) {
             return;
         }
-        return products::pv_bytes(isa, p, v, MatMut::new(acc.data, rows, cols, stride));
+        return products::pv_bytes(isa, p, v, acc);
     }
     let _ = vnni;
     products::pv_bytes(isa, p, v, acc)

@@ -482,7 +482,7 @@ impl Ctx<'_> {
                 (None, Some((k, sc, first, step))) => {
                     match rows.q16 {
                         #[cfg(target_arch = "x86_64")]
-                        Some(q16) if !k.fp8 => {
+                        Some(q16) if !k.is_fp8() => {
                             products::qk_rows_q16(self.isa, q16, k, scores, self.scale)
                         }
                         _ => products::qk_rows_bytes(self.isa, q, k, scores, self.scale),

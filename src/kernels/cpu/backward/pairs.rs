@@ -27,7 +27,7 @@ impl Bwd<'_> {
         let Some(Kt::Pairs(xt)) = xt else {
             unreachable!("the pair products are given pair-transposed K and V")
         };
-        let (nr, wp) = (a.rows, a.cols);
+        let (nr, wp) = (a.rows(), a.cols());
         let s = kt_stride(self.ctx.s);
         let base = (bi * self.ctx.hkv + kh) * wp * s;
         let xt = PairMat::new(&xt[base + j0..base + wp * s], wp, bk, s);

@@ -21,7 +21,7 @@ impl Bwd<'_> {
         out: &mut [f32],
         scale: f32,
     ) {
-        let (nr, w) = (a.rows, a.cols);
+        let (nr, w) = (a.rows(), a.cols());
         match xt {
             Some(Kt::F32(xt)) => {
                 let s = kt_stride(self.ctx.s);
@@ -38,7 +38,7 @@ impl Bwd<'_> {
                     out,
                     BK,
                     false,
-                    (a.data, a.stride, 1),
+                    (a.data(), a.stride(), 1),
                     (&f32_data(x)[at..], 1, x.strides[1]),
                     scale,
                 );
