@@ -140,7 +140,8 @@ struct State {
     acc: Vec<f32>,
     lo: Vec<usize>,
     hi: Vec<usize>,
-    /// The query rows quantized to int16 (with [`Ctx::q16`]).
+    /// The query rows quantized to int16 (with
+    /// [`ProductPlan::int16_queries`](super::plan::ProductPlan::int16_queries)).
     q16: QuantRows,
 }
 
@@ -209,7 +210,8 @@ impl Ctx<'_> {
             }
         }
         let (k_lo, k_hi) = (k_lo.max(chunk.0), k_hi.min(chunk.1));
-        if self.q16 {
+        let q16 = self.paths.int16_queries();
+        if q16 {
             st.q16.quantize(&st.q, list.len() * s_nr, d);
         }
         self.half_tiles(sc);
@@ -270,7 +272,7 @@ impl Ctx<'_> {
                     hi: &st.hi[..nr],
                     ktile: &mut sc.ktile,
                     vtile: &mut sc.vtile,
-                    q16: ctx.q16.then(|| st.q16.rows(a, b)),
+                    q16: q16.then(|| st.q16.rows(a, b)),
                 };
                 ctx.tile(bi, kh, j0, j1, masked, &mut rows);
             }

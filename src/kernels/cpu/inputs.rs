@@ -7,6 +7,7 @@ use candle_core::{bail, CpuStorage, DType, Result, Storage, Tensor};
 
 use super::kt::{transpose_blocks, transpose_heads, KtBuf, Packed};
 use super::modifiers;
+use super::plan::{ProductPlan, PvPath, QkPath};
 use super::products::{self, Isa};
 use super::tile::{Bias, Ctx, Data, OutBuf, OutPtr, View};
 use super::{AttnCall, BLOCK_K, BLOCK_Q, MIN_ROWS_FOR_KT};
@@ -235,41 +236,25 @@ impl Inputs {
         let mods = modifiers::Mods::new(c.mask, c.q.dtype())?;
         let g = h / hkv;
         // The transposed copy of K pays off when each K tile serves many query rows;
-        // decode-like calls (few rows per KV head) read K in place through `gemm` instead.
-        let bf16 = |v: &View| matches!(v.data, Data::Bf16(_));
-        // With AVX512-BF16 dot products: Q · Kᵀ from bf16 pairs (even D), P · V reading V's
-        // rows in place (Dv a multiple of 32).
-        let pairs = products::dots_bf16(isa) && bf16(&qv) && bf16(&kv) && d.is_multiple_of(2);
-        let pv_pairs = products::dots_bf16(isa) && bf16(&vv) && dv.is_multiple_of(32);
-        let kt = (transpose_k && isa != Isa::Portable && g * l >= MIN_ROWS_FOR_KT).then(|| {
-            if pairs {
-                KtBuf::Pairs(transpose_blocks(&kv, (b, hkv, s, d / 2), |at, dst| {
-                    kv.pairs_into(at, dst).expect("bf16 keys");
-                }))
-            } else {
-                KtBuf::F32(transpose_heads(&kv, b, hkv, s, d))
-            }
-        });
+        // decode-like calls (few rows per KV head) read K in place instead.
+        let transpose_k = transpose_k && isa != Isa::Portable && g * l >= MIN_ROWS_FOR_KT;
+        let mut kt = None;
+        let dims = (b, hkv, s, d, dv);
+        let paths = product_plan(isa, (&qv, &kv, &vv), dims, transpose_k, &mut kt);
         // Prefill-like calls (each V tile read by many rows): V's heads made contiguous when
         // their rows are a multiple of 2 KiB apart (they would share a few L1 sets), or when there
-        // are many keys (each strided row of a tile on its own page: 5% at S = 8192).
+        // are many keys (each strided row of a tile on its own page: 5% at S = 8192). (The copy
+        // keeps V's dtype, and int8 values are never packed: `P · V`'s path stays the plan's.)
         let int8 = matches!(vv.data, Data::Bytes { .. });
-        let v_packed = (!int8 && kt.is_some() && l >= BLOCK_Q && (v_rows_alias(&vv) || s >= 2048))
+        let v_packed = (!int8
+            && paths.transposed_k()
+            && l >= BLOCK_Q
+            && (v_rows_alias(&vv) || s >= 2048))
             .then(|| Packed::new(&vv, (b, hkv, s, dv)));
         let vv = match &v_packed {
             Some(p) => p.view(hkv, s, dv),
             None => vv,
         };
-        // Int8 keys read in place (no transposed copy) against int16 query rows, on VNNI.
-        #[cfg(target_arch = "x86_64")]
-        let vnni = isa.avx512() && products::vnni();
-        #[cfg(not(target_arch = "x86_64"))]
-        let vnni = false;
-        let q16 = vnni
-            && kt.is_none()
-            && !pairs
-            && matches!(kv.data, Data::Bytes { fp8: false, .. })
-            && products::reads_half(isa, d);
         let ctx = Ctx {
             q: qv,
             k: kv,
@@ -291,16 +276,101 @@ impl Inputs {
             n_tiles,
             bias,
             mods: &mods,
-            kt: kt.as_ref().map(KtBuf::view),
-            pv_pairs,
-            q_pairs: pairs,
-            q16,
-            isa,
+            paths,
             out,
             lse,
         };
         Ok(f(&ctx))
     }
+}
+
+/// The products of a call on `isa` over the views `q`, `k`, `v` (`(B, Hkv, S, D, Dv)`),
+/// decided once here; with `transpose_k` (many query rows per K tile, a SIMD
+/// instruction set, keys not gathered) the transposed copy of K is made into `kt`, which the
+/// plan borrows. The rule:
+///
+/// * `Q · Kᵀ`, the first that applies:
+///   1. with `transpose_k`, the transposed copy: in bf16 pairs ([`QkPath::KtPairs`]) when the
+///      call *multiplies bf16 pairs* (AVX512-BF16 dot products chosen for bf16,
+///      [`products::dots_bf16`], bf16 Q and K, even `D`), else f32 ([`QkPath::KtF32`]);
+///   2. K's rows in place against the query rows as pairs ([`QkPath::RowsPairs`]) when the
+///      call multiplies bf16 pairs;
+///   3. bf16 / f16 K whose rows `isa` reads in place ([`products::reads_half`]`(isa, D)`):
+///      [`QkPath::RowsHalf`];
+///   4. quantized K whose rows `isa` reads in place (`reads_half`, rows a whole number of
+///      quantized rows apart): int8 K with AVX-512 F/BW/VL/VNNI ([`products::vnni`]) against
+///      int16 query rows ([`QkPath::RowsInt16`]), else widened ([`QkPath::RowsBytes`]);
+///   5. f32 rows, in place or converted per tile ([`QkPath::RowsF32`]).
+/// * `P · V`, the first that applies:
+///   1. AVX512-BF16 dot products chosen for bf16, bf16 V, `Dv` a multiple of 32:
+///      [`PvPath::Pairs`];
+///   2. bf16 / f16 V whose rows `isa` reads in place (`reads_half(isa, Dv)`): [`PvPath::Half`];
+///   3. quantized V whose rows `isa` reads in place: int8 V with `Dv` a multiple of 32 when the
+///      keys' products are the int16 ones of 4. above (K int8, VNNI, no copy of K, no pairs;
+///      [`PvPath::Int16`]), else widened ([`PvPath::Bytes`]);
+///   4. f32 rows, in place or converted per tile ([`PvPath::F32`]).
+pub(super) fn product_plan<'a>(
+    isa: Isa,
+    (q, k, v): (&View, &View, &View),
+    (b, hkv, s, d, dv): (usize, usize, usize, usize, usize),
+    transpose_k: bool,
+    kt: &'a mut Option<KtBuf>,
+) -> ProductPlan<'a> {
+    let bf16 = |x: &View| matches!(x.data, Data::Bf16(_));
+    let half = |x: &View, cols: usize| {
+        matches!(x.data, Data::Bf16(_) | Data::F16(_)) && products::reads_half(isa, cols)
+    };
+    // Quantized rows that `isa` reads in place (`View::byte_mat`): the row stride a whole
+    // number of quantized rows.
+    let bytes = |x: &View, cols: usize| match x.data {
+        Data::Bytes { row, .. } => {
+            products::reads_half(isa, cols) && x.strides[1].is_multiple_of(row)
+        }
+        _ => false,
+    };
+    #[cfg(target_arch = "x86_64")]
+    let int8 = |x: &View| matches!(x.data, Data::Bytes { fp8: false, .. });
+    let dots = products::dots_bf16(isa);
+    let pairs = dots && bf16(q) && bf16(k) && d.is_multiple_of(2);
+    // Int8 keys against int16 query rows on VNNI, when K is neither copied nor read as pairs
+    // (the values' int16 products go with them).
+    #[cfg(target_arch = "x86_64")]
+    let int16 = isa.avx512()
+        && products::vnni()
+        && !transpose_k
+        && !pairs
+        && int8(k)
+        && products::reads_half(isa, d);
+    let qk = match () {
+        () if transpose_k => {
+            let copy = if pairs {
+                KtBuf::Pairs(transpose_blocks(k, (b, hkv, s, d / 2), |at, dst| {
+                    k.pairs_into(at, dst).expect("bf16 keys");
+                }))
+            } else {
+                KtBuf::F32(transpose_heads(k, b, hkv, s, d))
+            };
+            match kt.insert(copy) {
+                KtBuf::F32(x) => QkPath::KtF32(x),
+                KtBuf::Pairs(x) => QkPath::KtPairs(x),
+            }
+        }
+        () if pairs => QkPath::RowsPairs,
+        () if half(k, d) => QkPath::RowsHalf,
+        #[cfg(target_arch = "x86_64")]
+        () if int16 && bytes(k, d) => QkPath::RowsInt16,
+        () if bytes(k, d) => QkPath::RowsBytes,
+        () => QkPath::RowsF32,
+    };
+    let pv = match () {
+        () if dots && bf16(v) && dv.is_multiple_of(32) => PvPath::Pairs,
+        () if half(v, dv) => PvPath::Half,
+        #[cfg(target_arch = "x86_64")]
+        () if int16 && int8(v) && dv.is_multiple_of(32) && bytes(v, dv) => PvPath::Int16,
+        () if bytes(v, dv) => PvPath::Bytes,
+        () => PvPath::F32,
+    };
+    ProductPlan { isa, qk, pv }
 }
 
 /// Whether the rows of one head of `v` are a multiple of 2 KiB apart: a tile's rows then start in

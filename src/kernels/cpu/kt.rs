@@ -6,7 +6,6 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use super::spare::{Spare, Word};
-use super::tile::Kt;
 use super::view::{Data, View};
 
 /// The row stride of a transposed copy of `s` keys (4-byte elements): `s` rounded up to whole
@@ -23,6 +22,17 @@ pub(super) fn kt_stride(s: usize) -> usize {
 /// [`transpose_blocks`]).
 pub(super) fn transpose_heads(k: &View, b: usize, hkv: usize, s: usize, d: usize) -> Spare<f32> {
     transpose_blocks(k, (b, hkv, s, d), |at, dst| k.row_into(at, dst))
+}
+
+/// A transposed copy of K (or, in the backward, of V), borrowed from its [`KtBuf`]: one block
+/// per `(batch, KV head)` for the `Q · Kᵀ` micro-kernels, rows of `S` keys [`kt_stride`] apart.
+#[derive(Clone, Copy)]
+pub(super) enum Kt<'a> {
+    /// f32 elements, `(B, Hkv, D, S)`.
+    F32(&'a [f32]),
+    /// bf16 pairs along the head dimension, `(B, Hkv, D/2, S)` (AVX512-BF16 dot products; the
+    /// query rows are read as pairs too).
+    Pairs(&'a [u32]),
 }
 
 /// The owner of a [`Kt`].

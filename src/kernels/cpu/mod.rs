@@ -88,7 +88,8 @@
 //! reference).
 //!
 //! Files: this one (eligibility, the parallel loop), `inputs.rs` (a call's inputs and its per-call
-//! context), `view.rs` (the inputs read in
+//! context, with the one rule that picks the call's products), `plan.rs` (those products as the
+//! types the tile walk matches on), `view.rs` (the inputs read in
 //! place), `kt.rs` (the per-call copies of K and V) and `spare.rs` (their reused buffers),
 //! `tile.rs` (one work item: masks, softmax step, products), `modifiers.rs` (soft-cap, ALiBi,
 //! sinks), `decode.rs` and `stream.rs`
@@ -128,6 +129,7 @@ mod mat;
 mod modifiers;
 mod op;
 mod out;
+mod plan;
 mod portable;
 mod products;
 mod proj_kernel;

@@ -114,13 +114,14 @@ pub(super) fn scale_columns(
 
 /// `acc += P · V` over quantized value rows `v` read in place, the probabilities `p` (`nr ×
 /// len`, rows [`BLOCK_K`] apart) scaled here by the rows' scales (`scales[first + j·step]`; the
-/// softmax's sums are already taken). Int8 values with `vnni` (the call's [`super::tile::Ctx`]
-/// reads int8 keys as exact integer products): exact integer products of `p` quantized to
-/// int16 per row (its rounding moves an output by at most `max_j p / 65534 · Σ_j |v_j|`); else
-/// the values widened in registers.
+/// softmax's sums are already taken). With `int16` (the call's
+/// [`PvPath::Int16`](super::plan::PvPath), int8 values on VNNI): exact integer products of `p`
+/// quantized to int16 per row (its rounding moves an output by at most
+/// `max_j p / 65534 · Σ_j |v_j|`), or, when a row of `p` is not finite, the values widened in
+/// registers; else the values widened in registers.
 pub(super) fn pv_quantized(
     isa: Isa,
-    vnni: bool,
+    int16: bool,
     (p, nr, len): (&mut [f32], usize, usize),
     (v, scales, first, step): (ByteMat, &[f32], usize, usize),
     acc: MatMut,
@@ -128,7 +129,7 @@ pub(super) fn pv_quantized(
     scale_columns(p, (nr, len), (scales, first, step));
     let p = Mat::new(p, nr, len, BLOCK_K);
     #[cfg(target_arch = "x86_64")]
-    if vnni && !v.is_fp8() && v.cols().is_multiple_of(32) {
+    if int16 {
         // `pv_q16` leaves `acc` untouched when it returns false.
         let mut acc = acc;
         if products::pv_q16(isa, p, v, acc.reborrow()) {
@@ -136,7 +137,7 @@ pub(super) fn pv_quantized(
         }
         return products::pv_bytes(isa, p, v, acc);
     }
-    let _ = vnni;
+    let _ = int16;
     products::pv_bytes(isa, p, v, acc)
 }
 

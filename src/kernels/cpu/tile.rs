@@ -7,7 +7,9 @@ use super::kt::kt_stride;
 use super::mat::{Mat, MatMut, PairMat};
 use super::modifiers::{join_sink, Mods};
 pub(super) use super::out::{OutBuf, OutPtr};
-use super::products::{self, Isa};
+use super::plan::{PvPath, QkPath};
+pub(super) use super::plan::ProductPlan;
+use super::products;
 use super::quant::{pv_quantized, scale_columns, QRows, QuantRows};
 use super::softmax::softmax_step;
 pub(super) use super::view::{Data, View};
@@ -51,42 +53,20 @@ pub(super) struct Ctx<'a> {
     pub bias: Option<Bias<'a>>,
     /// Soft-capping, ALiBi and sinks.
     pub mods: &'a Mods,
-    /// `kᵀ` when a SIMD `Q · Kᵀ` micro-kernel is used (rows [`kt_stride`] apart).
-    pub kt: Option<Kt<'a>>,
-    /// Whether `P · V` runs on AVX512-BF16 dot products (bf16 V, `Dv` a multiple of 32): the
-    /// probabilities are rounded to bf16 pairs first.
-    pub pv_pairs: bool,
-    /// Whether `Q · Kᵀ` runs on AVX512-BF16 dot products (bf16 Q and K, even `D`): the query
-    /// rows are read as bf16 pairs, K as [`Kt::Pairs`] or in place.
-    pub q_pairs: bool,
-    /// Whether `Q · Kᵀ` reads int8 keys in place against the query rows quantized to int16
-    /// (exact integer products on AVX512-VNNI, see [`super::quant`]).
-    pub q16: bool,
-    /// The instruction set of the products.
-    pub isa: Isa,
+    /// The products, decided once per call ([`super::inputs::product_plan`]).
+    pub paths: ProductPlan<'a>,
     pub out: OutBuf,
     /// Where to write each row's log-sum-exp, `(B, H, L)`, when the backward will need it.
     pub lse: Option<OutPtr>,
-}
-
-/// A transposed copy of K, one block per `(batch, KV head)`, for the `Q · Kᵀ` micro-kernels;
-/// rows of `S` keys [`kt_stride`] apart.
-#[derive(Clone, Copy)]
-pub(super) enum Kt<'a> {
-    /// f32 elements, `(B, Hkv, D, S)`.
-    F32(&'a [f32]),
-    /// bf16 pairs along the head dimension, `(B, Hkv, D/2, S)` (AVX512-BF16 dot products; the
-    /// query rows are read as pairs too).
-    Pairs(&'a [u32]),
 }
 
 /// Per-worker scratch.
 pub(super) struct Scratch {
     pub scores: Vec<f32>,
     q: Vec<f32>,
-    /// The query rows as bf16 pairs (with [`Ctx::q_pairs`]).
+    /// The query rows as bf16 pairs (with [`ProductPlan::query_pairs`]).
     qp: Vec<u32>,
-    /// The probabilities as bf16 pairs (with [`Ctx::pv_pairs`]).
+    /// The probabilities as bf16 pairs (with [`PvPath::Pairs`]).
     pub pp: Vec<u32>,
     acc: Vec<f32>,
     m: Vec<f32>,
@@ -96,7 +76,7 @@ pub(super) struct Scratch {
     /// A K and a V tile converted to f32 (half inputs).
     pub ktile: Vec<f32>,
     pub vtile: Vec<f32>,
-    /// The query rows quantized to int16 (with [`Ctx::q16`]).
+    /// The query rows quantized to int16 (with [`ProductPlan::int16_queries`]).
     q16: QuantRows,
 }
 
@@ -144,7 +124,7 @@ pub(super) struct Rows<'s> {
     pub r0: usize,
     pub nr: usize,
     pub q: &'s [f32],
-    /// The query rows as bf16 pairs, with [`Ctx::q_pairs`].
+    /// The query rows as bf16 pairs, with [`ProductPlan::query_pairs`].
     pub qp: &'s [u32],
     /// Room for the probabilities as bf16 pairs, `BLOCK_K / 2` per row.
     pub pp: &'s mut [u32],
@@ -156,7 +136,7 @@ pub(super) struct Rows<'s> {
     pub hi: &'s [usize],
     pub ktile: &'s mut [f32],
     pub vtile: &'s mut [f32],
-    /// The query rows quantized to int16, with [`Ctx::q16`].
+    /// The query rows quantized to int16, with [`ProductPlan::int16_queries`].
     pub q16: Option<QRows<'s>>,
 }
 
@@ -197,10 +177,10 @@ impl Ctx<'_> {
     }
 
     /// The query row at `at` into row `r` of `q` (f32), or of `qp` (bf16 pairs) with
-    /// [`Ctx::q_pairs`].
+    /// [`ProductPlan::query_pairs`].
     pub(super) fn query_row(&self, at: usize, r: usize, q: &mut [f32], qp: &mut [u32]) {
         let d = self.d;
-        if self.q_pairs {
+        if self.paths.query_pairs() {
             let dst = &mut qp[r * d / 2..(r + 1) * d / 2];
             self.q.pairs_into(at, dst).expect("bf16 queries");
         } else {
@@ -245,7 +225,8 @@ impl Ctx<'_> {
             self.query_row(at, r, &mut sc.q, &mut sc.qp);
         }
         let (k_lo, k_hi) = (k_lo.max(chunk.0), k_hi.min(chunk.1));
-        if self.q16 {
+        let q16 = self.paths.int16_queries();
+        if q16 {
             sc.q16.quantize(&sc.q[..nr * d], nr, d);
         }
         sc.m[..nr].fill(f32::NEG_INFINITY);
@@ -266,7 +247,7 @@ impl Ctx<'_> {
             hi: &sc.hi[..nr],
             ktile: &mut sc.ktile,
             vtile: &mut sc.vtile,
-            q16: self.q16.then(|| sc.q16.rows(0, nr)),
+            q16: q16.then(|| sc.q16.rows(0, nr)),
         };
         if k_lo < k_hi && self.k.rows.is_some() {
             // Gathered rows (a paged cache): tiles of up to BLOCK_K keys from the first, made
@@ -364,7 +345,7 @@ impl Ctx<'_> {
     fn prefetch(&self, bi: usize, kh: usize, j0: usize, j1: usize) {
         #[cfg(target_arch = "x86_64")]
         for (view, width, used) in [
-            (&self.k, self.d, self.kt.is_none()),
+            (&self.k, self.d, !self.paths.transposed_k()),
             (&self.v, self.dv, true),
         ] {
             let stride = view.strides[1];
@@ -421,7 +402,7 @@ impl Ctx<'_> {
         // Soft-capping over the whole tile at once (its set-up costs as much as a row of 64).
         if let (Some(_), Some(last)) = (self.mods.softcap, nr.checked_sub(1)) {
             self.mods
-                .cap(self.isa, &mut rows.scores[..last * BLOCK_K + bk]);
+                .cap(self.paths.isa, &mut rows.scores[..last * BLOCK_K + bk]);
         }
         let mut any = false;
         for r in 0..nr {
@@ -433,14 +414,14 @@ impl Ctx<'_> {
                 continue;
             }
             let acc = &mut rows.acc[r * dv..(r + 1) * dv];
-            any |= softmax_step(self.isa, row, &mut rows.m[r], &mut rows.lsum[r], acc);
+            any |= softmax_step(self.paths.isa, row, &mut rows.m[r], &mut rows.lsum[r], acc);
         }
         if !any {
             return;
         }
-        if self.pv_pairs {
+        if self.paths.pv == PvPath::Pairs {
             let p = Mat::new(rows.scores, nr, bk, BLOCK_K);
-            products::to_pairs(self.isa, p, rows.pp, BLOCK_K / 2);
+            products::to_pairs(self.paths.isa, p, rows.pp, BLOCK_K / 2);
         }
         for &(a, b) in runs {
             self.pv_run(bi, kh, (a, b - a, a - j0), rows);
@@ -456,44 +437,49 @@ impl Ctx<'_> {
         let q = Mat::new(rows.q, nr, d, d);
         let qp = PairMat::new(rows.qp, nr, d / 2, d / 2);
         let scores = MatMut::new(&mut rows.scores[o..], nr, len, BLOCK_K);
-        // kᵀ of this KV head, (d × s) with rows `ks` apart, from column a; the score tile has
-        // BLOCK_K >= round_up(o + len, 16) columns per row.
-        let ks = kt_stride(self.s);
-        let base = (bi * self.hkv + kh) * d * ks;
-        match self.kt {
-            Some(Kt::F32(kt)) => {
+        let isa = self.paths.isa;
+        match self.paths.qk {
+            QkPath::KtF32(kt) => {
+                // kᵀ of this KV head, (d × s) with rows `ks` apart, from column a; the score
+                // tile has BLOCK_K >= round_up(o + len, 16) columns per row.
+                let (ks, head) = (kt_stride(self.s), bi * self.hkv + kh);
+                let base = head * d * ks;
                 let kt = Mat::new(&kt[base + a..base + d * ks], d, len, ks);
-                products::qk_t(self.isa, q, kt, scores, self.scale);
+                products::qk_t(isa, q, kt, scores, self.scale);
             }
-            Some(Kt::Pairs(kt)) => {
-                let (base, dp) = (base / 2, d / 2);
+            QkPath::KtPairs(kt) => {
+                // The same in pairs along the head dimension, (d/2 × s).
+                let (ks, head, dp) = (kt_stride(self.s), bi * self.hkv + kh, d / 2);
+                let base = head * dp * ks;
                 let kt = PairMat::new(&kt[base + a..base + dp * ks], dp, len, ks);
-                products::qk_pairs(self.isa, qp, kt, scores, self.scale);
+                products::qk_pairs(isa, qp, kt, scores, self.scale);
             }
-            None if self.q_pairs => {
+            QkPath::RowsPairs => {
                 let k = self.k.bf16_mat(k0, (len, d, kst)).expect("bf16 keys");
-                products::qk_rows_pairs(self.isa, qp, k, scores, self.scale);
+                products::qk_rows_pairs(isa, qp, k, scores, self.scale);
             }
-            None => match (
-                self.k.half_mat(self.isa, k0, (len, d, kst)),
-                self.k.byte_mat(self.isa, k0, (len, d, kst)),
-            ) {
-                (Some(k), _) => products::qk_rows_half(self.isa, q, k, scores, self.scale),
-                (None, Some((k, sc, first, step))) => {
-                    match rows.q16 {
-                        #[cfg(target_arch = "x86_64")]
-                        Some(q16) if !k.is_fp8() => {
-                            products::qk_rows_q16(self.isa, q16, k, scores, self.scale)
-                        }
-                        _ => products::qk_rows_bytes(self.isa, q, k, scores, self.scale),
-                    }
-                    scale_columns(&mut rows.scores[o..], (nr, len), (sc, first, step));
-                }
-                (None, None) => {
-                    let k = self.k.mat(k0, (len, d, kst), rows.ktile);
-                    products::qk_rows(self.isa, q, k, scores, self.scale)
-                }
-            },
+            QkPath::RowsHalf => {
+                let k = self.k.half_mat(isa, k0, (len, d, kst)).expect("half keys");
+                products::qk_rows_half(isa, q, k, scores, self.scale);
+            }
+            #[cfg(target_arch = "x86_64")]
+            QkPath::RowsInt16 => {
+                let k = self.k.byte_mat(isa, k0, (len, d, kst));
+                let (k, sc, first, step) = k.expect("int8 keys");
+                let q16 = rows.q16.expect("int16 query rows");
+                products::qk_rows_q16(isa, q16, k, scores, self.scale);
+                scale_columns(&mut rows.scores[o..], (nr, len), (sc, first, step));
+            }
+            QkPath::RowsBytes => {
+                let k = self.k.byte_mat(isa, k0, (len, d, kst));
+                let (k, sc, first, step) = k.expect("quantized keys");
+                products::qk_rows_bytes(isa, q, k, scores, self.scale);
+                scale_columns(&mut rows.scores[o..], (nr, len), (sc, first, step));
+            }
+            QkPath::RowsF32 => {
+                let k = self.k.mat(k0, (len, d, kst), rows.ktile);
+                products::qk_rows(isa, q, k, scores, self.scale)
+            }
         }
     }
 
@@ -503,25 +489,33 @@ impl Ctx<'_> {
         let (dv, nr) = (self.dv, rows.nr);
         let v0 = self.v.at(bi, a, kh);
         let vst = self.v.strides[1];
-        // In place for f32, and for bf16/f16 where the instruction set reads them directly;
-        // else half tiles converted once here.
-        let vhalf = self.v.half_mat(self.isa, v0, (len, dv, vst));
-        let v8 = self.v.byte_mat(self.isa, v0, (len, dv, vst));
+        let isa = self.paths.isa;
         let acc = MatMut::new(rows.acc, nr, dv, dv);
-        if let (true, Some(vh)) = (self.pv_pairs, vhalf) {
-            let p = PairMat::new(&rows.pp[o / 2..], nr, len.div_ceil(2), BLOCK_K / 2);
-            return products::pv_pairs(self.isa, p, vh, acc);
-        }
         let p = Mat::new(&rows.scores[o..], nr, len, BLOCK_K);
-        match (vhalf, v8) {
-            (Some(vh), _) => products::pv_half(self.isa, p, vh, acc),
-            (None, Some((v, sc, first, step))) => {
-                let p = (&mut rows.scores[o..], nr, len);
-                pv_quantized(self.isa, self.q16, p, (v, sc, first, step), acc)
+        match self.paths.pv {
+            PvPath::Pairs => {
+                let v = self.v.bf16_mat(v0, (len, dv, vst)).expect("bf16 values");
+                let p = PairMat::new(&rows.pp[o / 2..], nr, len.div_ceil(2), BLOCK_K / 2);
+                products::pv_pairs(isa, p, v, acc)
             }
-            (None, None) => {
+            PvPath::Half => {
+                let v = self.v.half_mat(isa, v0, (len, dv, vst)).expect("half values");
+                products::pv_half(isa, p, v, acc)
+            }
+            #[cfg(target_arch = "x86_64")]
+            PvPath::Int16 => {
+                let v = self.v.byte_mat(isa, v0, (len, dv, vst)).expect("int8 values");
+                pv_quantized(isa, true, (&mut rows.scores[o..], nr, len), v, acc)
+            }
+            PvPath::Bytes => {
+                let v = self.v.byte_mat(isa, v0, (len, dv, vst));
+                let v = v.expect("quantized values");
+                pv_quantized(isa, false, (&mut rows.scores[o..], nr, len), v, acc)
+            }
+            // In place for f32 values, else a tile converted once here.
+            PvPath::F32 => {
                 let vtile = self.v.mat(v0, (len, dv, vst), rows.vtile);
-                products::pv(self.isa, p, vtile, acc)
+                products::pv(isa, p, vtile, acc)
             }
         }
     }
@@ -553,7 +547,7 @@ impl Ctx<'_> {
         if self.mods.has_alibi() && j0 < self.real_s {
             let (hh, i) = (kh * self.g + fr / self.l, fr % self.l);
             let vis = &mut row[lo - j0..hi - j0];
-            self.mods.alibi(self.isa, self.plan, (bi, hh, i), lo, vis);
+            self.mods.alibi(self.paths.isa, self.plan, (bi, hh, i), lo, vis);
         }
         !masked || self.mask_row(bi, kh, fr, range, j0, row)
     }

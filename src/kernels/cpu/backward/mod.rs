@@ -34,13 +34,13 @@ use std::sync::Mutex;
 use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
 
-use super::kt::{transpose_blocks, transpose_heads, KtBuf};
+use super::kt::{transpose_blocks, transpose_heads, Kt, KtBuf};
 use super::mat::MatMut;
 use super::out::OutVec;
 use super::products::{self, Isa};
 use super::softmax::exp_sub;
 use super::spare::Spare;
-use super::tile::{Ctx, Data, Kt, OutBuf, View};
+use super::tile::{Ctx, Data, OutBuf, View};
 use super::{f32_rows, native_rows, view, AttnCall, Inputs, MAX_HEAD_DIM};
 
 /// Query rows per block.
@@ -216,7 +216,7 @@ pub(super) fn backward(
     let dq_parts: Vec<Mutex<Vec<f32>>> = (0..threads).map(|_| Mutex::new(Vec::new())).collect();
     let unused = OutBuf::F32(std::ptr::null_mut());
     inputs.with_ctx(c, false, unused, None, |ctx| -> Result<()> {
-        let (kt, vt) = match ctx.isa {
+        let (kt, vt) = match ctx.paths.isa {
             Isa::Portable => (None, None),
             _ if pairs => {
                 let t = |x: &View, w: usize| {
@@ -419,7 +419,7 @@ impl Bwd<'_> {
         if let (Some(_), Some(last)) = (ctx.mods.softcap, blk.rows.len().checked_sub(1)) {
             // The whole block at once; the capped scores kept for the derivative.
             let n = last * BK + blk.bk;
-            ctx.mods.cap(ctx.isa, &mut p[..n]);
+            ctx.mods.cap(ctx.paths.isa, &mut p[..n]);
             cap[..n].copy_from_slice(&p[..n]);
         }
         let mut any = false;
@@ -431,7 +431,7 @@ impl Bwd<'_> {
                 row.fill(0.0);
                 continue;
             }
-            exp_sub(ctx.isa, row, self.lse[blk.stats + i]);
+            exp_sub(ctx.paths.isa, row, self.lse[blk.stats + i]);
             any = true;
         }
         any

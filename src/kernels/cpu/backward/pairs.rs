@@ -6,10 +6,9 @@
 //! `dS` are rounded to bf16 before their products, as PyTorch's CPU flash backward does; `dS`
 //! itself is formed in f32 from the f32 `P`.
 
-use super::super::kt::kt_stride;
+use super::super::kt::{kt_stride, Kt};
 use super::super::mat::{HalfMat, MatMut, PairMat};
 use super::super::products;
-use super::super::tile::Kt;
 use super::{Block, Bwd, DqAcc, Scratch, BK};
 use crate::kernels::cpu::mat::Mat;
 
@@ -32,13 +31,13 @@ impl Bwd<'_> {
         let base = (bi * self.ctx.hkv + kh) * wp * s;
         let xt = PairMat::new(&xt[base + j0..base + wp * s], wp, bk, s);
         let o = MatMut::new(&mut out[..nr * BK], nr, bk, BK);
-        products::qk_pairs(self.ctx.isa, a, xt, o, scale);
+        products::qk_pairs(self.ctx.paths.isa, a, xt, o, scale);
     }
 
     /// One (query block, key tile) step on bf16 pairs.
     pub(super) fn block_pairs(&self, blk: &Block, dq: &mut DqAcc, sc: &mut Scratch) {
         let ctx = self.ctx;
-        let isa = ctx.isa;
+        let isa = ctx.paths.isa;
         let (d, dv, bk, nr, hh) = (ctx.d, ctx.dv, blk.bk, blk.rows.len(), blk.hh);
         let (dp, dvp) = (d / 2, dv / 2);
         // The block's query rows and output gradients as pairs: in place when they are

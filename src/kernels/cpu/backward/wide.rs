@@ -2,11 +2,11 @@
 //! `dO·Vᵀ` against the transposed copies of K and V, `Pᵀ·dO` and `dSᵀ·Q` reading the score tile
 //! transposed, `dS·K` directly), or the `gemm` crate where the CPU has neither.
 
-use super::super::kt::kt_stride;
+use super::super::kt::{kt_stride, Kt};
 use super::super::mat::{Mat, MatMut};
 use super::super::portable::matmul;
 use super::super::products;
-use super::super::tile::{Kt, View};
+use super::super::tile::View;
 use super::{f32_data, Block, Bwd, DqAcc, Scratch, BK};
 
 impl Bwd<'_> {
@@ -29,7 +29,7 @@ impl Bwd<'_> {
                 let xt = Mat::new(&xt[base + j0..base + w * s], w, bk, s);
                 // The output rows hold BK >= round_up(bk, 16) columns.
                 let o = MatMut::new(&mut out[..nr * BK], nr, bk, BK);
-                products::qk_t(self.ctx.isa, a, xt, o, scale);
+                products::qk_t(self.ctx.paths.isa, a, xt, o, scale);
             }
             _ => {
                 let at = x.at(bi, j0, kh);
@@ -79,7 +79,7 @@ impl Bwd<'_> {
         self.times_keys_t(go, (&ctx.v, self.vt), tile, &mut sc.ds, 1.0);
         self.score_grads(blk, &sc.p, &mut sc.ds, &sc.cap);
         // dV += Pᵀ · dO ; dK += (scale · dS)ᵀ · Q
-        let isa = ctx.isa;
+        let isa = ctx.paths.isa;
         let p = Mat::new(&sc.p, nr, bk, BK);
         products::pv_t(isa, p, go, MatMut::new(&mut sc.dv, bk, dv, dv));
         let ds = Mat::new(&sc.ds, nr, bk, BK);
