@@ -5,7 +5,8 @@
 
 use candle_core::{bail, Result, Tensor};
 
-use super::{attention, cpu, dims4, missing_capability, AttnCall, AttnOutput, AttnParams, Kernel};
+use super::validate::dims4;
+use super::{attention, cpu, missing_capability, AttnCall, AttnOutput, AttnParams, Kernel};
 use crate::config::Backend;
 use crate::mask::MaskPlan;
 

@@ -55,6 +55,7 @@ internal! { mod reference; }
 pub(crate) use gathered::{attention_paged, attention_quantized, attention_quantized_rows};
 #[cfg(test)]
 mod rows_tests;
+pub(crate) mod validate;
 
 use budget::check_reference_budget;
 pub use budget::set_reference_budget_bytes;
@@ -343,25 +344,15 @@ internal! {
         mask: &MaskPlan,
         params: &AttnParams,
     ) -> Result<AttnOutput> {
-        let (b, l, h, d) = dims4("q", q)?;
-        let (bk, s, hkv, dk) = dims4("k", k)?;
-        let (bv, sv, hv, dv) = dims4("v", v)?;
-        if bk != b || bv != b {
-            bail!("attention: batch sizes differ: q {b}, k {bk}, v {bv}")
-        }
-        if hv != hkv || sv != s {
-            bail!(
-                "attention: k {:?} and v {:?} must have the same length and heads",
-                k.dims(),
-                v.dims()
-            )
-        }
-        if dk != d {
-            bail!("attention: q head size {d} differs from k head size {dk}")
-        }
-        if hkv == 0 || !h.is_multiple_of(hkv) {
-            bail!("attention: {h} query heads cannot share {hkv} KV heads")
-        }
+        let validate::QkvDims {
+            b,
+            l,
+            h,
+            d,
+            s,
+            hkv,
+            dv,
+        } = validate::qkv(&validate::ATTENTION, q, k, v)?;
         let md = mask.dims();
         if md.kv_len > s {
             bail!(
@@ -370,26 +361,6 @@ internal! {
             )
         }
         mask.check_dims("attention", b, h, l, md.kv_len)?;
-        if k.dtype() != q.dtype() || v.dtype() != q.dtype() {
-            bail!(
-                "attention: dtypes differ: q {:?}, k {:?}, v {:?}",
-                q.dtype(),
-                k.dtype(),
-                v.dtype()
-            )
-        }
-        if !q.dtype().is_float() {
-            bail!("attention: expected float inputs, got {:?}", q.dtype())
-        }
-        for (name, t) in [("k", k), ("v", v)] {
-            if !t.device().same_device(q.device()) {
-                bail!(
-                    "attention: {name} is on {:?} but q is on {:?}",
-                    t.device(),
-                    q.device()
-                )
-            }
-        }
         if b * h * l * dv == 0 || s == 0 {
             // With attention sinks a row without keys keeps only the sink: 0 under any policy.
             let params = if mask.sinks().is_some() {
@@ -485,15 +456,6 @@ fn empty_call(
         weights,
         kernel: KernelId::None,
     })
-}
-
-fn dims4(name: &str, t: &Tensor) -> Result<(usize, usize, usize, usize)> {
-    match t.dims() {
-        &[a, b, c, d] => Ok((a, b, c, d)),
-        other => {
-            bail!("attention: {name} must be 4-D (B, seq, heads, head_dim), got shape {other:?}")
-        }
-    }
 }
 
 /// Hooks for the crate's own tests; not part of the API (feature `internals`).

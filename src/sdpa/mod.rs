@@ -52,6 +52,7 @@
 use candle_core::{bail, Result, Tensor};
 
 use crate::config::{Backend, MaskedRowPolicy};
+use crate::kernels::validate::{self, QkvDims, QkvLayout};
 use crate::kernels::{self, compute_dtype, AttnParams};
 use crate::mask::{AttnMask, Causal, CausalAlignment, KeyPaddingMask, MaskDims, MaskPlan};
 
@@ -331,22 +332,29 @@ internal! {
         opts: &SdpaOptions,
     ) -> Result<SdpaOutput> {
         let unbatched = q.rank() == 3;
-        for (name, t) in [("q", q), ("k", k), ("v", v)] {
-            let ok = if unbatched {
-                t.rank() == 3
-            } else {
-                t.rank() == 4
-            };
-            if !ok {
-                let want = match (opts.layout, unbatched) {
-                    (SdpaLayout::Bhld, false) => "4-D (B, heads, seq, head_dim)",
-                    (SdpaLayout::Blhd, false) => "4-D (B, seq, heads, head_dim)",
-                    (SdpaLayout::Bhld, true) => "3-D (heads, seq, head_dim), as q",
-                    (SdpaLayout::Blhd, true) => "3-D (seq, heads, head_dim), as q",
-                };
-                bail!("sdpa: {name} must be {want}, got shape {:?}", t.dims())
-            }
-        }
+        let (shape, read_as) = match (opts.layout, unbatched) {
+            (SdpaLayout::Bhld, false) => ("4-D (B, heads, seq, head_dim)", BHLD_HINT),
+            (SdpaLayout::Blhd, false) => ("4-D (B, seq, heads, head_dim)", BLHD_HINT),
+            (SdpaLayout::Bhld, true) => ("3-D (heads, seq, head_dim), as q", BHLD_HINT),
+            (SdpaLayout::Blhd, true) => ("3-D (seq, heads, head_dim), as q", BLHD_HINT),
+        };
+        // The axes of a (B, H, L, D) or (B, L, H, D) tensor, without B when unbatched.
+        let first = usize::from(!unbatched);
+        let (seq, heads) = match opts.layout {
+            SdpaLayout::Bhld => (first + 1, first),
+            SdpaLayout::Blhd => (first, first + 1),
+        };
+        let layout = QkvLayout {
+            caller: "sdpa",
+            rank: first + 3,
+            shape,
+            batch: (!unbatched).then_some(0),
+            seq,
+            heads,
+            dim: first + 2,
+            read_as: Some(read_as),
+        };
+        let QkvDims { b, l, h, d, s, .. } = validate::qkv(&layout, q, k, v)?;
         // Everything to the kernels' (B, T, heads, D) layout, as views.
         let to_blhd = |t: &Tensor| -> Result<Tensor> {
             let t = if unbatched {
@@ -360,50 +368,6 @@ internal! {
             }
         };
         let (qb, kb, vb) = (to_blhd(q)?, to_blhd(k)?, to_blhd(v)?);
-        let (b, l, h, d) = qb.dims4()?;
-        let (bk, s, hkv, dk) = kb.dims4()?;
-        let (bv, sv, hv, _) = vb.dims4()?;
-        let named = |t: &Tensor| format!("{:?}", t.dims());
-        if bk != b || bv != b {
-            bail!(
-                "sdpa: batch sizes differ: q {}, k {}, v {}",
-                named(q),
-                named(k),
-                named(v)
-            )
-        }
-        if sv != s || hv != hkv {
-            bail!(
-                "sdpa: k {} and v {} must have the same heads and sequence length",
-                named(k),
-                named(v)
-            )
-        }
-        if dk != d {
-            bail!(
-                "sdpa: q {} and k {} must have the same head_dim",
-                named(q),
-                named(k)
-            )
-        }
-        if hkv == 0 || !h.is_multiple_of(hkv) {
-            let layout = match opts.layout {
-                SdpaLayout::Bhld => "(B, H, L, D), the default SdpaLayout::Bhld; for (B, L, H, D) tensors use .layout(SdpaLayout::Blhd)",
-                SdpaLayout::Blhd => "(B, L, H, D), SdpaLayout::Blhd; for (B, H, L, D) tensors use the default SdpaLayout::Bhld",
-            };
-            bail!("sdpa: the number of KV heads ({hkv}) must divide the number of query heads ({h}): q {}, k {}, read as {layout}", named(q), named(k))
-        }
-        if k.dtype() != q.dtype() || v.dtype() != q.dtype() {
-            bail!(
-                "sdpa: q, k and v must have the same dtype, got {:?}, {:?}, {:?}",
-                q.dtype(),
-                k.dtype(),
-                v.dtype()
-            )
-        }
-        if !q.dtype().is_float() {
-            bail!("sdpa: expected float inputs, got {:?}", q.dtype())
-        }
         let params = opts.params(d)?;
         let dims = MaskDims::new(b, h, l, s);
         let plan = build_plan(dims, opts, q)?;
@@ -426,6 +390,13 @@ internal! {
         })
     }
 }
+
+/// How [`sdpa`]'s tensors were read, said when their heads do not divide (a `(B, L, H, D)`
+/// tensor read in the default layout has its heads and sequence swapped).
+const BHLD_HINT: &str = "(B, H, L, D), the default SdpaLayout::Bhld; for (B, L, H, D) tensors use .layout(SdpaLayout::Blhd)";
+/// [`BHLD_HINT`] for [`SdpaLayout::Blhd`].
+const BLHD_HINT: &str =
+    "(B, L, H, D), SdpaLayout::Blhd; for (B, H, L, D) tensors use the default SdpaLayout::Bhld";
 
 /// The mask plan of an SDPA call: the causal structure, and the mask as key padding when it
 /// only varies along the keys (so that fused kernels skip padded tiles), else as a dense bias.

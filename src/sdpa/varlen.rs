@@ -3,7 +3,10 @@
 use candle_core::{bail, Result, Tensor};
 
 use super::{SdpaOptions, SdpaOutput, SeqOffsets};
-use crate::kernels;
+use crate::kernels::{
+    self,
+    validate::{self, QkvDims, QkvLayout},
+};
 use crate::mask::{MaskDims, MaskPlan};
 
 /// Attention over sequences of different lengths packed one after the other, as flash-attn's
@@ -60,38 +63,23 @@ internal! {
         if opts.attn_mask.is_some() {
             bail!("sdpa_varlen: an attention mask is not supported with packed sequences (use causal alignment / sliding window, or sdpa on a padded batch)")
         }
-        let dims3 = |name: &str, t: &Tensor| -> Result<(usize, usize, usize)> {
-            match t.dims() {
-                &[a, b, c] => Ok((a, b, c)),
-                other => bail!(
-                    "sdpa_varlen: {name} must be 3-D (total, heads, head_dim), got shape {other:?}"
-                ),
-            }
+        let layout = QkvLayout {
+            caller: "sdpa_varlen",
+            rank: 3,
+            shape: "3-D (total, heads, head_dim)",
+            batch: None,
+            seq: 0,
+            heads: 1,
+            dim: 2,
+            read_as: None,
         };
-        let (tq, h, d) = dims3("q", q)?;
-        let (tk, hkv, dk) = dims3("k", k)?;
-        let (tv, hv, _) = dims3("v", v)?;
-        if (tv, hv) != (tk, hkv) {
-            bail!(
-                "sdpa_varlen: k {:?} and v {:?} must have the same rows and heads",
-                k.dims(),
-                v.dims()
-            )
-        }
-        if dk != d {
-            bail!(
-                "sdpa_varlen: q {:?} and k {:?} must have the same head_dim",
-                q.dims(),
-                k.dims()
-            )
-        }
-        if hkv == 0 || !h.is_multiple_of(hkv) {
-            bail!(
-                "sdpa_varlen: the number of KV heads ({hkv}) must divide the number of query heads ({h}): q {:?}, k {:?}",
-                q.dims(),
-                k.dims()
-            )
-        }
+        let QkvDims {
+            l: tq,
+            h,
+            d,
+            s: tk,
+            ..
+        } = validate::qkv(&layout, q, k, v)?;
         if cu_q.num_seqs() != cu_k.num_seqs() {
             bail!(
                 "sdpa_varlen: cu_seqlens_q has {} sequences but cu_seqlens_k has {}",
@@ -112,17 +100,6 @@ internal! {
                 cu_k.total(),
                 k.dims()
             )
-        }
-        if k.dtype() != q.dtype() || v.dtype() != q.dtype() {
-            bail!(
-                "sdpa_varlen: q, k and v must have the same dtype, got {:?}, {:?}, {:?}",
-                q.dtype(),
-                k.dtype(),
-                v.dtype()
-            )
-        }
-        if !q.dtype().is_float() {
-            bail!("sdpa_varlen: expected float inputs, got {:?}", q.dtype())
         }
         let params = opts.params(d)?;
         // Empty calls (no rows, or no keys) are served by the dispatcher without a kernel.
