@@ -27,7 +27,7 @@
 //! `--rounds N` (default 3), `--only SUBSTR` (configs whose name contains it), `--no-peak`,
 //! `--no-reference-8k` (skip the ~13 GB reference run at L=8192), `--dtype f32|bf16|f16` (inputs,
 //! weights and PyTorch's side; candle-nn's flash_attn is f32 only), `--isa avx512bf16|avx512|avx2|portable`
-//! (force the fused kernel's instruction set, e.g. to time the AVX2 path on an AVX-512 CPU; with
+//! (force the instruction set of the fused kernel and of the projections' GEMMs, e.g. to time the AVX2 path on an AVX-512 CPU; with
 //! `avx2` PyTorch is held to AVX2 too, as on a CPU without AVX-512: `ATEN_CPU_CAPABILITY=avx2`,
 //! `ONEDNN_MAX_CPU_ISA=AVX2`, `MKL_ENABLE_INSTRUCTIONS=AVX2` in its environment, unless
 //! `--torch-native`), `--no-module` (attention core only).
@@ -1095,7 +1095,10 @@ fn main() -> Result<()> {
             }
             "--isa" => {
                 let isa = it.next().context("--isa avx512bf16|avx512|avx2|portable")?;
+                // Both the attention kernel and the projections' GEMMs (each has its own).
                 candle_mha::kernels::test_support::force_cpu_isa(Some(isa))
+                    .map_err(anyhow::Error::msg)?;
+                candle_mha::kernels::test_support::force_gemm_isa(Some(isa))
                     .map_err(anyhow::Error::msg)?;
                 isa_avx2 = isa == "avx2";
             }

@@ -17,7 +17,7 @@
 //!
 //! Options: `--python PY` (default `$CANDLE_MHA_BENCH_PYTHON` or `python3`), `--no-torch`,
 //! `--rounds N` (default 3), `--dtype f32,bf16,f16` (a comma list), `--only SUBSTR` (shapes whose
-//! name contains it), `--isa avx512bf16|avx512|avx2` (the kernels of that instruction set; with
+//! name contains it), `--isa avx512bf16|avx512|avx2` (the projections' GEMM kernels of that instruction set; with
 //! `avx2` PyTorch is held to AVX2 too), `--no-candle`.
 
 use anyhow::{bail, Result};
@@ -166,7 +166,7 @@ fn main() -> Result<()> {
         }
     }
     if let Some(name) = &isa {
-        ts::force_cpu_isa(Some(name)).map_err(anyhow::Error::msg)?;
+        ts::force_gemm_isa(Some(name)).map_err(anyhow::Error::msg)?;
     }
     let threads = rayon::current_num_threads();
     let (l1, l2) = ts::cache_sizes();
@@ -176,7 +176,7 @@ fn main() -> Result<()> {
         cpu_family_model(),
         l1 >> 10,
         l2 >> 10,
-        ts::cpu_isa()
+        ts::gemm_isa()
     );
     let peaks_start = probe(threads);
 
@@ -271,13 +271,13 @@ fn main() -> Result<()> {
             k.name()
         );
     }
-    let avx512 = matches!(ts::cpu_isa(), "avx512bf16" | "avx512");
+    let avx512 = matches!(ts::gemm_isa(), "avx512bf16" | "avx512");
     let fma = if avx512 {
         best(PeakKind::Avx512Fma)
     } else {
         best(PeakKind::Avx2Fma)
     };
-    let dot = if ts::cpu_isa() == "avx512bf16" {
+    let dot = if ts::gemm_isa() == "avx512bf16" {
         best(PeakKind::Avx512Bf16Dot)
     } else {
         None

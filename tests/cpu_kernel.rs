@@ -6,7 +6,8 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use candle_mha::case::{run_case, Case, RunOptions};
 use candle_mha::kernels::test_support::{
-    cpu_calls, cpu_isa, cpu_isas, cpu_split_calls, force_cpu_isa, set_portable_only,
+    cpu_calls, cpu_isa, cpu_isas, cpu_split_calls, force_cpu_isa, force_gemm_isa, gemm_isa,
+    set_portable_only,
 };
 use candle_mha::kernels::{attention, reference, AttnParams};
 use candle_mha::mask::{Causal, CausalAlignment, KeyPaddingMask, MaskDims, MaskPlan};
@@ -115,9 +116,12 @@ fn fused_matches_reference_multi_tile_random() {
 /// Every instruction set this CPU has (AVX-512, AVX2 + FMA, the portable `gemm` path), each
 /// forced in turn, so that CI covers each path whatever its CPU. The switch is process-wide:
 /// tests that force it hold `ISA_LOCK`; other tests running meanwhile take any path, all exact.
+/// Forcing the attention kernel's instruction set leaves the projections' GEMMs on theirs, and
+/// the other way round.
 #[test]
 fn fused_every_isa_matches_reference() {
     let _guard = ISA_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let gemm = gemm_isa();
     let isas = cpu_isas();
     assert!(isas.contains(&"portable"));
     #[cfg(target_arch = "x86_64")]
@@ -127,12 +131,23 @@ fn fused_every_isa_matches_reference() {
     for (n, isa) in isas.iter().enumerate() {
         force_cpu_isa(Some(isa)).unwrap();
         assert_eq!(cpu_isa(), *isa);
+        assert_eq!(
+            gemm_isa(),
+            gemm,
+            "forcing the attention's {isa} moved the GEMM's"
+        );
         println!("{isa}");
         run_random(0x5eed_0003 + n as u64, 150, false);
         run_random(0x5eed_0013 + n as u64, 20, true);
     }
     force_cpu_isa(None).unwrap();
     set_portable_only(false);
+    let best = cpu_isa();
+    force_gemm_isa(Some("portable")).unwrap();
+    let (attention, projections) = (cpu_isa(), gemm_isa());
+    force_gemm_isa(None).unwrap();
+    assert_eq!((attention, projections), (best, "portable"));
+    assert_eq!(gemm_isa(), gemm);
 }
 
 static ISA_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());

@@ -29,6 +29,7 @@
 )]
 
 mod driver;
+pub(crate) mod isa;
 pub(crate) mod pack;
 #[cfg_attr(not(feature = "internals"), allow(dead_code))]
 // the benches' peak rate, through the test hooks
@@ -43,6 +44,7 @@ use std::sync::OnceLock;
 use rayon::prelude::*;
 
 pub(crate) use driver::{gemm, OutPtr};
+pub(crate) use isa::GemmIsa;
 // Row epilogues and the fused two-layer product serve the models only.
 #[cfg_attr(not(feature = "models"), allow(unused_imports))]
 pub(crate) use driver::{mlp, ResidualFn, RowFn};
@@ -156,25 +158,19 @@ pub(crate) fn bf16_strategy() -> Bf16Strategy {
     })
 }
 
-/// The packed kernel for `dtype` when the fused kernel's instruction set is `isa` (`None`:
-/// none; candle's matmul then), see the module docs.
+/// The packed kernel for `dtype` when the projections' instruction set is `isa`
+/// ([`isa::current`]; `None`: none, candle's matmul then), see the module docs.
 #[cfg(target_arch = "x86_64")]
-pub(crate) fn kernel_for(
-    dtype: candle_core::DType,
-    isa: crate::kernels::cpu::Isa,
-) -> Option<Kernel> {
-    use crate::kernels::cpu::Isa;
+pub(crate) fn kernel_for(dtype: candle_core::DType, isa: GemmIsa) -> Option<Kernel> {
     use candle_core::DType;
     if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
         return None;
     }
     let k = match isa {
-        Isa::Avx512Bf16(_) if dtype == DType::BF16 && crate::kernels::cpu::bf16_dots(isa) => {
-            Kernel::Avx512Bf16
-        }
-        Isa::Avx512Bf16(_) | Isa::Avx512(_) => Kernel::Avx512F32,
-        Isa::Avx2(_) => Kernel::Avx2F32,
-        Isa::Portable => return None,
+        GemmIsa::Avx512Bf16 if dtype == DType::BF16 && isa::dots_bf16(isa) => Kernel::Avx512Bf16,
+        GemmIsa::Avx512Bf16 | GemmIsa::Avx512 => Kernel::Avx512F32,
+        GemmIsa::Avx2 => Kernel::Avx2F32,
+        GemmIsa::Portable => return None,
     };
     k.supported().then_some(k)
 }

@@ -53,7 +53,8 @@ pub fn cpu_isas() -> Vec<&'static str> {
 }
 
 /// Forces the fused CPU kernel's instruction set (`None`: the best available),
-/// process-wide; an error when the CPU lacks it.
+/// process-wide; an error when the CPU lacks it. The projections' GEMMs keep theirs
+/// ([`force_gemm_isa`]).
 pub fn force_cpu_isa(name: Option<&str>) -> Result<(), String> {
     super::cpu::force_isa(name)
 }
@@ -63,9 +64,21 @@ pub fn cpu_isa() -> &'static str {
     super::cpu::isa_name()
 }
 
-/// The projections' matmul, `lin.forward(x)`: the AVX512-BF16 GEMM for bf16 where the CPU
-/// has it (and AVX-512 is the instruction set in use), else candle's (lets the benchmarks
-/// time the projections alone).
+/// Forces the projections' GEMM instruction set (the same names as [`force_cpu_isa`]; `None`:
+/// the best available), process-wide; an error when the CPU lacks it. The fused attention
+/// kernel keeps its own.
+pub fn force_gemm_isa(name: Option<&str>) -> Result<(), String> {
+    crate::gemm::isa::force(name)
+}
+
+/// The projections' GEMM instruction set now.
+pub fn gemm_isa() -> &'static str {
+    crate::gemm::isa::current().name()
+}
+
+/// The projections' matmul, `lin.forward(x)`: our GEMMs where the projections' instruction
+/// set ([`gemm_isa`]) has a kernel for the dtype, else candle's (lets the benchmarks time the
+/// projections alone).
 pub fn linear(
     lin: &candle_nn::Linear,
     x: &candle_core::Tensor,
@@ -119,10 +132,13 @@ impl PackedLinear {
     }
 }
 
-/// Forces the fused CPU kernel's portable (`gemm`) products even where AVX-512 is
-/// available (process-wide), so that tests cover both paths on one machine.
+/// Forces the portable path everywhere (process-wide): the fused CPU kernel's `gemm` crate
+/// products and candle's matmul for the projections, what a CPU without AVX2 or AVX-512 runs,
+/// so that tests cover both paths on one machine. `false` gives both their best instruction
+/// set back.
 pub fn set_portable_only(on: bool) {
-    super::cpu::set_portable_only(on)
+    super::cpu::set_portable_only(on);
+    let _ = crate::gemm::isa::force(on.then_some("portable"));
 }
 
 /// Parses a device name: `cpu`, `cuda` (= `cuda:0`) or `cuda:N`.

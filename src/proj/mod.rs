@@ -15,8 +15,9 @@
 //! The fast path is taken only when it computes the same function: CPU tensors, input, weight
 //! and bias of one of those dtypes, a weight stored row-major in `nn.Linear`'s `(out, in)`
 //! orientation (GPT-2's transposed `Conv1D` view keeps candle's path), and nothing tracked by
-//! autograd (the op has no backward). The fused kernel's instruction set in use decides which
-//! kernels run ([`proj_kernel`], [`packed_kernel`]): forcing AVX2, as the tests and
+//! autograd (the op has no backward). The projections' own instruction set
+//! ([`crate::gemm::isa`], apart from the fused attention kernel's) decides which kernels run
+//! ([`proj_kernel`], [`packed_kernel`]): forcing AVX2, as `bench_gemm --isa` and
 //! `bench_attention --isa` do, picks what a CPU without AVX-512 runs, and the portable path
 //! turns ours off. Everything else is `Linear::forward`, with f16 / bf16 CPU tensors widened
 //! to f32 around it so that the numerics stay PyTorch's (aarch64, tracked tensors, other weight
@@ -254,11 +255,12 @@ fn fast_path(lin: &Linear, x: &Tensor, keeps_packed: bool) -> Option<Plan> {
     }
 }
 
-/// The packed GEMM kernel for `dtype` under the fused kernel's instruction set in use.
+/// The packed GEMM kernel for `dtype` under the projections' instruction set in use
+/// ([`crate::gemm::isa`]).
 pub(crate) fn packed_kernel(dtype: DType) -> Option<Packed> {
     #[cfg(target_arch = "x86_64")]
     {
-        crate::gemm::kernel_for(dtype, crate::kernels::cpu::current_isa())
+        crate::gemm::kernel_for(dtype, crate::gemm::isa::current())
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

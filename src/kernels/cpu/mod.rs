@@ -147,8 +147,7 @@ pub(crate) use inputs::quant_rows;
 use inputs::{f32_rows, native_rows, view, Inputs};
 pub(crate) use out::bf16_nearest;
 use out::OutVec;
-#[cfg_attr(not(target_arch = "x86_64"), allow(unused_imports))]
-pub(crate) use products::{current as current_isa, Isa};
+use products::Isa;
 pub(crate) use proj_kernel::{proj_kernel, ProjKernel};
 use tile::OutPtr;
 
@@ -197,16 +196,10 @@ pub(crate) fn isas() -> Vec<&'static str> {
     products::available().into_iter().map(Isa::name).collect()
 }
 
-/// Forces the instruction set named `name` (`None`: the best available), process-wide.
+/// Forces the instruction set named `name` (`None`: the best available), process-wide, for
+/// the fused kernel only (the projections have their own: `crate::gemm::isa::force`).
 pub(crate) fn force_isa(name: Option<&str>) -> std::result::Result<(), String> {
     products::force(name)
-}
-
-/// Whether bf16 products on `isa` use AVX512-BF16 dot products (forced, or measured faster
-/// than widening to f32; see `products::dots_bf16`): the fused kernel and the GEMM decide alike.
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // the GEMM's choice, x86-only
-pub(crate) fn bf16_dots(isa: Isa) -> bool {
-    products::dots_bf16(isa)
 }
 
 /// On every rayon worker and the calling thread: `f` of the thread's retained buffers (the

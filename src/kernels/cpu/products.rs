@@ -53,7 +53,7 @@ impl Isa {
     }
 
     /// Whether this is one of the AVX-512 sets (16-lane micro-kernels).
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // x86-only GEMM selection
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // x86-only int16 products
     pub fn avx512(self) -> bool {
         matches!(self, Isa::Avx512(_) | Isa::Avx512Bf16(_))
     }
@@ -106,8 +106,9 @@ pub fn current() -> Isa {
     .unwrap_or(Isa::Portable)
 }
 
-/// Forces the instruction set named `name` for every following call (process-wide; `None`:
-/// the best available). Errors when the name is unknown or the CPU lacks it.
+/// Forces the instruction set named `name` for every following call of the fused kernel
+/// (process-wide; `None`: the best available; the projections' GEMMs keep their own,
+/// `crate::gemm::isa`). Errors when the name is unknown or the CPU lacks it.
 pub fn force(name: Option<&str>) -> Result<(), String> {
     let Some(name) = name else {
         FORCED.store(0, Ordering::Relaxed);

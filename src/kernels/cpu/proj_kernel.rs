@@ -1,11 +1,12 @@
-//! Which of our GEMM kernels serves a projection of each dtype, by the instruction set in use.
+//! Which of our GEMM kernels serves a projection of each dtype, by the projections'
+//! instruction set in use ([`crate::gemm::isa`], apart from the fused kernel's).
 
 use candle_core::DType;
 
 #[cfg(target_arch = "x86_64")]
 use super::gemm;
 #[cfg(target_arch = "x86_64")]
-use super::products::{self, Isa};
+use crate::gemm::isa::{self, GemmIsa};
 
 /// Which of our GEMM kernels ([`gemm`]) computes the projections of one dtype.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,21 +40,21 @@ impl ProjKernel {
 
 /// The GEMM kernel for projections of `dtype` now, if any: bf16 on AVX512-BF16, else on
 /// AVX2 + FMA; f16 on AVX-512, else on AVX2 + FMA + F16C; f32 on AVX-512 (elsewhere candle's
-/// matmul, whose `gemm` crate is as good). The
-/// instruction set in use decides (forcing `avx512`, AVX2 or the portable path, as the tests
-/// and `bench_attention --isa` do, picks what CPUs without AVX512-BF16 or AVX-512 run).
+/// matmul, whose `gemm` crate is as good). The projections' instruction set in use decides
+/// (forcing `avx512`, AVX2 or the portable path, as `bench_gemm --isa` and
+/// `bench_attention --isa` do, picks what CPUs without AVX512-BF16 or AVX-512 run).
 pub(crate) fn proj_kernel(dtype: DType) -> Option<ProjKernel> {
     #[cfg(target_arch = "x86_64")]
     {
-        let isa = products::current();
+        let isa = isa::current();
         match dtype {
-            DType::BF16 if products::dots_bf16(isa) => Some(ProjKernel::Avx512Bf16),
-            DType::BF16 if isa != Isa::Portable && gemm::avx2_supported() => {
+            DType::BF16 if isa::dots_bf16(isa) => Some(ProjKernel::Avx512Bf16),
+            DType::BF16 if isa != GemmIsa::Portable && gemm::avx2_supported() => {
                 Some(ProjKernel::Avx2Bf16)
             }
             DType::F32 if isa.avx512() => Some(ProjKernel::Avx512F32),
             DType::F16 if isa.avx512() => Some(ProjKernel::Avx512F16),
-            DType::F16 if isa != Isa::Portable && gemm::avx2_supported() => {
+            DType::F16 if isa != GemmIsa::Portable && gemm::avx2_supported() => {
                 Some(ProjKernel::Avx2F16)
             }
             _ => None,
