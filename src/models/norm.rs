@@ -138,8 +138,13 @@ mod tests {
         let r = Tensor::randn(0f32, 1., (3, 70, n), &dev)?;
         let fused = add_layer_norm(&x, &r, &ln, Some(&rows))?;
         let want = ln.forward(&(&x + &r)?)?;
+        let big = want.abs()?.max_all()?.to_scalar::<f32>()?;
         let d = (fused - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        assert!(d < 2e-5, "max difference {d}");
+        // Both sum in f32 in different orders: a few ulps of the largest output (about 15).
+        assert!(
+            d <= 4e-6 * big.max(1.0),
+            "max difference {d} (largest output {big})"
+        );
         Ok(())
     }
 }

@@ -348,7 +348,17 @@ fn quantized_pools_equal_quantized_kv_caches() -> Result<()> {
             );
             let out = res.output;
             pool.commit(&step)?;
-            let (atol, rtol) = tolerances(dtype);
+            // The pool projects every sequence's rows in one GEMM and each cache its own rows:
+            // a key can differ in its last bit between the two, and now and then that bit moves
+            // it across a rounding boundary of the quantized format (an fp8 step is 1/16 of the
+            // value). Then the outputs differ by the format's step, not by f32 rounding: f32
+            // calls are held to bf16's tolerance here (the native-format tests above stay at
+            // f32's).
+            let (atol, rtol) = tolerances(if dtype == DType::F32 {
+                DType::BF16
+            } else {
+                dtype
+            });
             for b in 0..n {
                 let x = MhaInput::new(rows[b].unsqueeze(0)?).rope(s.rope.clone());
                 let want = s.mha.attend_cached(&x, &mut caches[b])?.output.squeeze(0)?;

@@ -63,7 +63,7 @@ pub(super) fn transpose_blocks<T: Word + Default + Send + Sync>(
     if s * w * hkv == 0 {
         return out;
     }
-    let blocks = Blocks::new(k.strides, (b, hkv, s, w), true);
+    let blocks = Blocks::new(k.strides, (b, hkv, s, w));
     let dst = Dst(out.as_mut_ptr(), out.len());
     blocks.run(|rows, (bi, j0, nj), (h0, nh)| {
         let mut buf = [T::default(); BLOCK * BLOCK];
@@ -105,14 +105,11 @@ struct Blocks {
     w: usize,
     /// KV heads per task.
     group: usize,
-    /// Units of the per-worker buffer of rows (0 for copies that need none).
-    buffer: usize,
 }
 
 impl Blocks {
-    /// The tasks over rows of `w` units (at most 4 bytes each); `buffered` when each task
-    /// gathers its rows in a buffer first ([`Self::rows`]).
-    fn new(strides: [usize; 3], (b, hkv, s, w): (usize, usize, usize, usize), buffered: bool) -> Self {
+    /// The tasks over rows of `w` units (at most 4 bytes each).
+    fn new(strides: [usize; 3], (b, hkv, s, w): (usize, usize, usize, usize)) -> Self {
         let group = (TASK_BYTES / (BLOCK * w * 4)).clamp(1, hkv);
         Self {
             strides,
@@ -121,20 +118,18 @@ impl Blocks {
             s,
             w,
             group,
-            buffer: if buffered { group * BLOCK * w } else { 0 },
         }
     }
 
     /// Runs `f(rows, (batch, first key, keys), (first head, heads))` on every task in
-    /// parallel, with `rows` a per-worker buffer of `heads × BLOCK × w` units (empty when the
-    /// copy needs none).
+    /// parallel, with `rows` a per-worker buffer of `heads × BLOCK × w` units.
     fn run<T: Word + Default + Send>(
         &self,
         f: impl Fn(&mut [T], (usize, usize, usize), (usize, usize)) + Sync,
     ) {
         let (kb, hg) = (self.s.div_ceil(BLOCK), self.hkv.div_ceil(self.group));
         (0..self.b * kb * hg).into_par_iter().for_each_init(
-            || vec![T::default(); self.buffer],
+            || vec![T::default(); self.group * BLOCK * self.w],
             |rows, task| {
                 let (bi, jb, g) = (task / (kb * hg), task / hg % kb, task % hg);
                 let (j0, h0) = (jb * BLOCK, g * self.group);
@@ -256,26 +251,23 @@ impl Packed {
     }
 }
 
-/// `x` `(b, S, hkv, dv)` with `strides` copied to `(b, hkv, S, dv)`, contiguous: tasks of
-/// [`BLOCK`] keys read the rows in the order of their addresses ([`Blocks::each_row`]).
-fn pack<T: Word + Default + Send + Sync>(
+/// `x` `(b, S, hkv, dv)` with `strides` copied to `(b, hkv, S, dv)`, contiguous, a task per
+/// head: each row is one contiguous copy. (Tasks of a block of keys over every head, reading
+/// the rows in address order as [`transpose_blocks`] does, measured no faster here.)
+fn pack<T: Word + Send + Sync>(
     x: &[T],
-    strides: [usize; 3],
+    [sb, st, sh]: [usize; 3],
     (b, hkv, s, dv): (usize, usize, usize, usize),
 ) -> Spare<T> {
     let mut out = Spare::new(b * hkv * s * dv);
-    if s * dv * hkv == 0 {
+    if s * dv == 0 {
         return out;
     }
-    let [sb, st, sh] = strides;
-    let blocks = Blocks::new(strides, (b, hkv, s, dv), false);
-    let dst = Dst(out.as_mut_ptr(), out.len());
-    blocks.run::<T>(|_, (bi, j0, nj), heads| {
-        blocks.each_row((bi, j0, nj), heads, |kh, jj| {
-            let at = bi * sb + (j0 + jj) * st + kh * sh;
-            // Row `j0 + jj` of head `kh`: one of this task's keys.
-            dst.write(((bi * hkv + kh) * s + j0 + jj) * dv, &x[at..at + dv]);
-        });
+    out.par_chunks_mut(s * dv).enumerate().for_each(|(bk, o)| {
+        let base = (bk / hkv) * sb + (bk % hkv) * sh;
+        for (j, row) in o.chunks_exact_mut(dv).enumerate() {
+            row.copy_from_slice(&x[base + j * st..base + j * st + dv]);
+        }
     });
     out
 }
