@@ -96,6 +96,7 @@ pub mod config;
 #[doc(hidden)]
 pub mod fuzz_support;
 mod gemm;
+mod isa_select;
 pub mod kernels;
 pub mod layout;
 pub mod mask;

@@ -5,7 +5,7 @@
 //! (`kernels::cpu::proj_kernel`) both pick their kernels from it; each kernel still checks its
 //! CPU features itself before it runs.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use crate::isa_select::{self, Selection};
 
 use super::{bf16_strategy, Bf16Strategy};
 
@@ -24,20 +24,12 @@ pub(crate) enum GemmIsa {
     Portable,
 }
 
-/// The instruction sets by name (the attention kernel's names), best first, with their codes
-/// in [`FORCED`].
-const NAMES: [(&str, u8); 4] = [
-    ("avx512bf16", 4),
-    ("avx512", 1),
-    ("avx2", 2),
-    ("portable", 3),
-];
-
-/// 0: the best available; else a forced instruction set's code (see [`NAMES`]).
-static FORCED: AtomicU8 = AtomicU8::new(0);
+/// The projections' selection (the attention kernel keeps its own).
+static SELECTION: Selection = Selection::new();
 
 impl GemmIsa {
     /// Short name (`"avx512bf16"`, `"avx512"`, `"avx2"`, `"portable"`).
+    #[cfg_attr(not(feature = "internals"), allow(dead_code))] // read by the test hooks
     pub(crate) fn name(self) -> &'static str {
         match self {
             GemmIsa::Avx512Bf16 => "avx512bf16",
@@ -53,60 +45,27 @@ impl GemmIsa {
     }
 }
 
-/// The instruction set with code `code`, when this CPU runs it.
-fn detect(code: u8) -> Option<GemmIsa> {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let has = |f: &[bool]| f.iter().all(|&x| x);
-        let isa = match code {
-            4 => has(&[
-                is_x86_feature_detected!("avx512f"),
-                is_x86_feature_detected!("avx512bw"),
-                is_x86_feature_detected!("avx512bf16"),
-            ])
-            .then_some(GemmIsa::Avx512Bf16),
-            1 => is_x86_feature_detected!("avx512f").then_some(GemmIsa::Avx512),
-            2 => has(&[
-                is_x86_feature_detected!("avx2"),
-                is_x86_feature_detected!("fma"),
-                is_x86_feature_detected!("f16c"),
-            ])
-            .then_some(GemmIsa::Avx2),
-            _ => None,
-        };
-        if isa.is_some() {
-            return isa;
-        }
+/// The instruction set with code `code` (see [`crate::isa_select`]).
+fn of_code(code: u8) -> GemmIsa {
+    match code {
+        isa_select::AVX512BF16 => GemmIsa::Avx512Bf16,
+        isa_select::AVX512 => GemmIsa::Avx512,
+        isa_select::AVX2 => GemmIsa::Avx2,
+        _ => GemmIsa::Portable,
     }
-    (code == 3).then_some(GemmIsa::Portable)
 }
 
 /// The instruction set the projections use now.
 pub(crate) fn current() -> GemmIsa {
-    let best = || NAMES.iter().find_map(|&(_, c)| detect(c));
-    match FORCED.load(Ordering::Relaxed) {
-        0 => best(),
-        c => detect(c).or_else(best),
-    }
-    .unwrap_or(GemmIsa::Portable)
+    of_code(SELECTION.code())
 }
 
 /// Forces the projections' instruction set named `name` for every following call
 /// (process-wide; `None`: the best available). Errors when the name is unknown or the CPU lacks
 /// it.
+#[cfg_attr(not(feature = "internals"), allow(dead_code))] // called by the test hooks
 pub(crate) fn force(name: Option<&str>) -> Result<(), String> {
-    let Some(name) = name else {
-        FORCED.store(0, Ordering::Relaxed);
-        return Ok(());
-    };
-    let Some(&(_, code)) = NAMES.iter().find(|(n, _)| *n == name) else {
-        return Err(format!("unknown instruction set {name:?}"));
-    };
-    if detect(code).is_none() {
-        return Err(format!("this CPU cannot run the {name} kernels"));
-    }
-    FORCED.store(code, Ordering::Relaxed);
-    Ok(())
+    SELECTION.force(name)
 }
 
 /// Whether bf16 projections on `isa` run on AVX512-BF16 dot products: on
@@ -114,5 +73,5 @@ pub(crate) fn force(name: Option<&str>) -> Result<(), String> {
 /// ([`bf16_strategy`]) prefers `vdpbf16ps`; else bf16 is widened to f32.
 pub(crate) fn dots_bf16(isa: GemmIsa) -> bool {
     isa == GemmIsa::Avx512Bf16
-        && (FORCED.load(Ordering::Relaxed) == NAMES[0].1 || bf16_strategy() == Bf16Strategy::Dot)
+        && (SELECTION.forced(isa_select::AVX512BF16) || bf16_strategy() == Bf16Strategy::Dot)
 }

@@ -3,7 +3,7 @@
 //! AVX2 + FMA register-blocked micro-kernels, or the `gemm` crate (portable: any CPU, e.g.
 //! aarch64, where `gemm` itself uses NEON).
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use crate::isa_select::{self, Selection};
 
 use super::mat::{ByteMat, HalfMat, Mat, MatMut, PairMat};
 use super::portable::{self, matmul};
@@ -33,14 +33,6 @@ pub enum Isa {
     Portable,
 }
 
-/// The instruction sets by name, best first, with their codes in [`FORCED`].
-const NAMES: [(&str, u8); 4] = [
-    ("avx512bf16", 4),
-    ("avx512", 1),
-    ("avx2", 2),
-    ("portable", 3),
-];
-
 impl Isa {
     /// Short name (`"avx512bf16"`, `"avx512"`, `"avx2"`, `"portable"`).
     pub fn name(self) -> &'static str {
@@ -59,69 +51,46 @@ impl Isa {
     }
 }
 
-/// The instruction set with code `code`, when this CPU runs it.
+/// The instruction set with code `code`, when this CPU runs it (see [`crate::isa_select`]).
 fn detect(code: u8) -> Option<Isa> {
+    if !isa_select::runs(code) {
+        return None;
+    }
     #[cfg(target_arch = "x86_64")]
     {
+        // The only place a `Detected` proof is made: `runs` checked the CPU's features.
         let proof = Detected(());
-        let has = |f: &[bool]| f.iter().all(|&x| x);
-        let isa = match code {
-            4 => has(&[
-                is_x86_feature_detected!("avx512f"),
-                is_x86_feature_detected!("avx512bw"),
-                is_x86_feature_detected!("avx512bf16"),
-            ])
-            .then_some(Isa::Avx512Bf16(proof)),
-            1 => is_x86_feature_detected!("avx512f").then_some(Isa::Avx512(proof)),
-            2 => has(&[
-                is_x86_feature_detected!("avx2"),
-                is_x86_feature_detected!("fma"),
-                is_x86_feature_detected!("f16c"),
-            ])
-            .then_some(Isa::Avx2(proof)),
-            _ => None,
-        };
-        if isa.is_some() {
-            return isa;
+        match code {
+            isa_select::AVX512BF16 => return Some(Isa::Avx512Bf16(proof)),
+            isa_select::AVX512 => return Some(Isa::Avx512(proof)),
+            isa_select::AVX2 => return Some(Isa::Avx2(proof)),
+            _ => {}
         }
     }
-    (code == 3).then_some(Isa::Portable)
+    Some(Isa::Portable)
 }
 
-/// 0: the best available; else a forced instruction set's code (see [`NAMES`]).
-static FORCED: AtomicU8 = AtomicU8::new(0);
+/// The attention kernel's selection (the projections keep their own).
+static SELECTION: Selection = Selection::new();
 
 /// The instruction sets this CPU can run, best first.
 pub fn available() -> Vec<Isa> {
-    NAMES.iter().filter_map(|&(_, c)| detect(c)).collect()
+    isa_select::NAMES
+        .iter()
+        .filter_map(|&(_, c)| detect(c))
+        .collect()
 }
 
 /// The instruction set calls use now.
 pub fn current() -> Isa {
-    let best = || NAMES.iter().find_map(|&(_, c)| detect(c));
-    match FORCED.load(Ordering::Relaxed) {
-        0 => best(),
-        c => detect(c).or_else(best),
-    }
-    .unwrap_or(Isa::Portable)
+    detect(SELECTION.code()).unwrap_or(Isa::Portable)
 }
 
 /// Forces the instruction set named `name` for every following call of the fused kernel
 /// (process-wide; `None`: the best available; the projections' GEMMs keep their own,
 /// `crate::gemm::isa`). Errors when the name is unknown or the CPU lacks it.
 pub fn force(name: Option<&str>) -> Result<(), String> {
-    let Some(name) = name else {
-        FORCED.store(0, Ordering::Relaxed);
-        return Ok(());
-    };
-    let Some(&(_, code)) = NAMES.iter().find(|(n, _)| *n == name) else {
-        return Err(format!("unknown instruction set {name:?}"));
-    };
-    if detect(code).is_none() {
-        return Err(format!("this CPU cannot run the {name} kernels"));
-    }
-    FORCED.store(code, Ordering::Relaxed);
-    Ok(())
+    SELECTION.force(name)
 }
 
 /// `out = scale · a · kt` for `a` (`nr × d`, any row stride) and a transposed key tile `kt`
@@ -384,7 +353,7 @@ pub(super) fn pv_t(isa: Isa, p: Mat, v: Mat, mut acc: MatMut) {
 /// [`Isa::Avx512`].
 pub(crate) fn dots_bf16(isa: Isa) -> bool {
     matches!(isa, Isa::Avx512Bf16(_))
-        && (FORCED.load(Ordering::Relaxed) == NAMES[0].1
+        && (SELECTION.forced(isa_select::AVX512BF16)
             || crate::gemm::bf16_strategy() == crate::gemm::Bf16Strategy::Dot)
 }
 
