@@ -9,12 +9,18 @@
 //! threads, the keys are also cut into chunks of at least [`SPLIT_MIN_KEYS`]: each chunk's
 //! partial softmax state (max, sum, unnormalised rows) is computed in parallel and the chunks
 //! are merged per row.
+//!
+//! The key sub-tiles are those of the prefill path, enumerated by the same walker
+//! ([`Ctx::walk_keys`], `walk.rs`), cut finer ([`DECODE_KEYS`]) when several heads walk them
+//! together; this file keeps only its own state ([`State`]) and prefetch policy
+//! ([`Ctx::prefetch_heads`]).
 
 use rayon::prelude::*;
 
 use super::quant::QuantRows;
 use super::stream;
 use super::tile::{self, Ctx, Rows, Scratch};
+use super::walk::Walk;
 use super::{AttnCall, BLOCK_K, BLOCK_Q};
 
 /// Keys per sub-tile when all KV heads walk the keys together.
@@ -175,7 +181,7 @@ impl State {
 impl Ctx<'_> {
     /// The query-row tiles `list` (KV head, first folded row, rows: every tile of one batch
     /// element) over the keys in `chunk` (and, with `extra`, the appended keys), walking each
-    /// key tile through every head before the next, into `st`.
+    /// key sub-tile of [`Ctx::walk_keys`] through every head before the next, into `st`.
     fn accumulate_heads(
         &self,
         bi: usize,
@@ -215,47 +221,17 @@ impl Ctx<'_> {
             st.q16.quantize(&st.q, list.len() * s_nr, d);
         }
         self.half_tiles(sc);
-        // `next`: the key rows to prefetch before this sub-tile is computed.
-        let mut visit = |ctx: &Ctx,
-                         (j0, j1): (usize, usize),
-                         next: (usize, usize),
-                         masked: bool,
-                         sc: &mut Scratch| {
-            // The next sub-tile's key rows, every head: queued on the prefetch stream, which
-            // the micro-kernels drain a few lines at a time, when K's and V's rows of the
-            // sub-tile are a few contiguous runs (one, or a paged cache's blocks); else as one
-            // burst.
-            if next.0 < next.1 {
-                let mut ranges = [(0usize, 0usize); stream::MAX_RANGES];
-                let mut n = 0;
-                let mut ok = ctx.k.strides[1] == ctx.hkv * d && ctx.v.strides[1] == ctx.hkv * dv;
-                let mut a = next.0;
-                while ok && a < next.1 {
-                    let b = ctx.k.run_end(bi, a, next.1);
-                    for (view, width) in [(&ctx.k, d), (&ctx.v, dv)] {
-                        let r = view
-                            .byte_range(view.at(bi, a, 0), view.at(bi, b - 1, 0) + ctx.hkv * width);
-                        match r {
-                            Some(r) if n < ranges.len() => {
-                                ranges[n] = r;
-                                n += 1;
-                            }
-                            _ => ok = false,
-                        }
-                    }
-                    a = b;
-                }
-                if ok {
-                    let bytes: usize = ranges[..n].iter().map(|r| r.1 - r.0).sum();
-                    // About 32 micro-kernel steps per head and sub-tile (see `stream`).
-                    stream::queue(&ranges[..n], bytes.div_ceil(64).div_ceil(32 * list.len()));
-                } else {
-                    for j in next.0..next.1 {
-                        ctx.k.prefetch(ctx.k.at(bi, j, 0), ctx.hkv * d);
-                        ctx.v.prefetch(ctx.v.at(bi, j, 0), ctx.hkv * dv);
-                    }
-                }
-            }
+        // Sub-tiles of `step` keys: every head's pass over one sub-tile finds it in L2
+        // (`step · Hkv · (D + Dv)` values). Heads walking together prefetch the next sub-tile
+        // meanwhile (`next`: the key rows to prefetch before this sub-tile is computed).
+        let several = list.len() > 1;
+        let walk = Walk {
+            step: if several { DECODE_KEYS } else { BLOCK_K },
+            next: several,
+            extra,
+        };
+        self.walk_keys(bi, (k_lo, k_hi), walk, |t| {
+            self.prefetch_heads(bi, t.next, list.len());
             for (n, &(kh, r0, nr)) in list.iter().enumerate() {
                 let (a, b) = (n * s_nr, n * s_nr + nr);
                 let mut rows = Rows {
@@ -274,55 +250,50 @@ impl Ctx<'_> {
                     vtile: &mut sc.vtile,
                     q16: q16.then(|| st.q16.rows(a, b)),
                 };
-                ctx.tile(bi, kh, j0, j1, masked, &mut rows);
+                self.tile(bi, kh, t.j0, t.j1, t.masked, &mut rows);
             }
             stream::flush();
-        };
-        // Sub-tiles of `step` keys: every head's pass over one sub-tile finds it in L2
-        // (`step · Hkv · (D + Dv)` values).
-        let step = if list.len() > 1 { DECODE_KEYS } else { BLOCK_K };
-        if k_lo < k_hi && self.k.rows.is_some() {
-            // Gathered rows (a paged cache): sub-tiles of up to `step` keys from the first,
-            // made of runs of consecutive rows (blocks, see `View::tile_end`).
-            let mut a = k_lo;
-            while a < k_hi {
-                let b = self.k.tile_end(bi, a, (a + step).min(k_hi));
-                let next = if list.len() > 1 && b < k_hi {
-                    (b, self.k.tile_end(bi, b, (b + step).min(k_hi)))
-                } else {
-                    (0, 0)
-                };
-                visit(self, (a, b), next, self.masked, sc);
-                a = b;
-            }
-        } else if k_lo < k_hi {
-            let mut start = k_lo / BLOCK_K * BLOCK_K;
-            while start < k_hi {
-                let t = start / BLOCK_K;
-                let (j0, j1) = (start.max(k_lo), (start + BLOCK_K).min(k_hi));
-                start += BLOCK_K;
-                if let Some(dead) = &self.dead_tiles {
-                    if dead[bi * self.n_tiles + t] {
-                        continue;
-                    }
-                }
-                for a in (j0..j1).step_by(step) {
-                    let b = (a + step).min(j1);
-                    // Heads walking together: the next sub-tile is prefetched meanwhile.
-                    let next = if list.len() > 1 {
-                        (b, (b + step).min(k_hi))
-                    } else {
-                        (0, 0)
-                    };
-                    visit(self, (a, b), next, self.masked, sc);
-                }
-            }
+        });
+    }
+
+    /// Prefetches keys `next.0..next.1` (the next sub-tile) of every KV head of batch element
+    /// `bi` for `heads` heads walking them together: queued on the prefetch stream, which the
+    /// micro-kernels drain a few lines at a time, when K's and V's rows of the sub-tile are a few
+    /// contiguous runs (one, or a paged cache's blocks); else as one burst. Nothing when `next`
+    /// is empty.
+    fn prefetch_heads(&self, bi: usize, next: (usize, usize), heads: usize) {
+        if next.0 >= next.1 {
+            return;
         }
-        let mut j0 = self.real_s;
-        while extra && j0 < self.s {
-            let j1 = (j0 + BLOCK_K).min(self.s);
-            visit(self, (j0, j1), (0, 0), false, sc);
-            j0 = j1;
+        let (d, dv) = (self.d, self.dv);
+        let mut ranges = [(0usize, 0usize); stream::MAX_RANGES];
+        let mut n = 0;
+        let mut ok = self.k.strides[1] == self.hkv * d && self.v.strides[1] == self.hkv * dv;
+        let mut a = next.0;
+        while ok && a < next.1 {
+            let b = self.k.run_end(bi, a, next.1);
+            for (view, width) in [(&self.k, d), (&self.v, dv)] {
+                let r = view
+                    .byte_range(view.at(bi, a, 0), view.at(bi, b - 1, 0) + self.hkv * width);
+                match r {
+                    Some(r) if n < ranges.len() => {
+                        ranges[n] = r;
+                        n += 1;
+                    }
+                    _ => ok = false,
+                }
+            }
+            a = b;
+        }
+        if ok {
+            let bytes: usize = ranges[..n].iter().map(|r| r.1 - r.0).sum();
+            // About 32 micro-kernel steps per head and sub-tile (see `stream`).
+            stream::queue(&ranges[..n], bytes.div_ceil(64).div_ceil(32 * heads));
+        } else {
+            for j in next.0..next.1 {
+                self.k.prefetch(self.k.at(bi, j, 0), self.hkv * d);
+                self.v.prefetch(self.v.at(bi, j, 0), self.hkv * dv);
+            }
         }
     }
 }

@@ -91,7 +91,8 @@
 //! context, with the one rule that picks the call's products), `plan.rs` (those products as the
 //! types the tile walk matches on), `view.rs` (the inputs read in
 //! place), `kt.rs` (the per-call copies of K and V) and `spare.rs` (their reused buffers),
-//! `tile.rs` (one work item: masks, softmax step, products), `modifiers.rs` (soft-cap, ALiBi,
+//! `walk.rs` (the one walk over a work item's key tiles, for prefill and decode), `tile.rs`
+//! (one work item: masks, softmax step, products), `modifiers.rs` (soft-cap, ALiBi,
 //! sinks), `decode.rs` and `stream.rs`
 //! (decode-shaped calls, their prefetch stream), `softmax.rs` and `softmax_x86.rs` (online
 //! softmax, `exp`; its AVX-512 / AVX2 step), `out.rs` (the output, written in its dtype),
@@ -141,6 +142,7 @@ mod spare;
 mod stream;
 mod tile;
 mod view;
+mod walk;
 
 pub use decode::SPLIT_MIN_KEYS;
 pub(crate) use inputs::quant_rows;

@@ -1,5 +1,9 @@
 //! One work item of the fused CPU kernel: a tile of folded query rows against every key tile it
 //! may see (masks, online softmax, the two products), written to its rows of the output.
+//!
+//! Which key tiles a work item visits (alignment, gathered rows, skipped tiles, appended keys,
+//! the next tile to prefetch) is decided in one place, [`Ctx::walk_keys`] (`walk.rs`), shared
+//! with the decoding paths (`decode.rs`); this file computes one tile ([`Ctx::tile`]).
 
 use std::cell::RefCell;
 
@@ -13,6 +17,7 @@ use super::products;
 use super::quant::{pv_quantized, scale_columns, QRows, QuantRows};
 use super::softmax::softmax_step;
 pub(super) use super::view::{Data, View};
+use super::walk::Walk;
 use super::{BLOCK_K, BLOCK_Q, MAX_HEAD_DIM};
 use crate::config::MaskedRowPolicy;
 use crate::mask::MaskPlan;
@@ -198,8 +203,9 @@ impl Ctx<'_> {
     }
 
     /// Rows `r0..r0 + nr` of KV head `kh` over the keys in `chunk` (intersected with what each
-    /// row may see) and, with `extra`, the appended keys: leaves their online-softmax state
-    /// (`m`, `lsum`, unnormalised `acc`) in the scratch.
+    /// row may see) and, with `extra`, the appended keys, in tiles of `BLOCK_K` walked by
+    /// [`Ctx::walk_keys`]: leaves their online-softmax state (`m`, `lsum`, unnormalised `acc`)
+    /// in the scratch.
     fn accumulate(
         &self,
         bi: usize,
@@ -249,41 +255,22 @@ impl Ctx<'_> {
             vtile: &mut sc.vtile,
             q16: q16.then(|| sc.q16.rows(0, nr)),
         };
-        if k_lo < k_hi && self.k.rows.is_some() {
-            // Gathered rows (a paged cache): tiles of up to BLOCK_K keys from the first, made
-            // of runs of consecutive rows (blocks, see `View::tile_end`).
-            let mut a = k_lo;
-            while a < k_hi {
-                let b = self.k.tile_end(bi, a, (a + BLOCK_K).min(k_hi));
-                if b < k_hi {
-                    self.prefetch(bi, kh, b, self.k.tile_end(bi, b, (b + BLOCK_K).min(k_hi)));
-                }
-                self.tile(bi, kh, a, b, self.masked, &mut rows);
-                a = b;
-            }
-        } else if k_lo < k_hi {
-            let mut start = k_lo / BLOCK_K * BLOCK_K;
-            self.prefetch(bi, kh, k_lo, (start + BLOCK_K).min(k_hi));
-            while start < k_hi {
-                let tile = start / BLOCK_K;
-                let (j0, j1) = (start.max(k_lo), (start + BLOCK_K).min(k_hi));
-                start += BLOCK_K;
-                if let Some(dead) = &self.dead_tiles {
-                    if dead[bi * self.n_tiles + tile] {
-                        continue;
-                    }
-                }
-                self.prefetch(bi, kh, j1, (j1 + BLOCK_K).min(k_hi));
-                self.tile(bi, kh, j0, j1, self.masked, &mut rows);
-            }
+        // The first tile's strided rows before the walk; each next tile's while the walk
+        // computes the current one.
+        if let Some((a, b)) = self.first_keys((k_lo, k_hi)) {
+            self.prefetch(bi, kh, a, b);
         }
-        // Appended keys: never masked.
-        let mut j0 = self.real_s;
-        while extra && j0 < self.s {
-            let j1 = (j0 + BLOCK_K).min(self.s);
-            self.tile(bi, kh, j0, j1, false, &mut rows);
-            j0 = j1;
-        }
+        let walk = Walk {
+            step: BLOCK_K,
+            next: true,
+            extra,
+        };
+        self.walk_keys(bi, (k_lo, k_hi), walk, |t| {
+            if t.next.0 < t.next.1 {
+                self.prefetch(bi, kh, t.next.0, t.next.1);
+            }
+            self.tile(bi, kh, t.j0, t.j1, t.masked, &mut rows);
+        });
     }
 
     /// Normalises rows `r0..r0 + nr` from their softmax state and writes them (and their
