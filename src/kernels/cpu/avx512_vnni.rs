@@ -7,33 +7,37 @@ use std::arch::x86_64::*;
 use super::mat::{ByteMat, Mat, MatMut};
 use super::quant::QRows;
 
-/// `out[r][j] = scale · q.scale[r] · Σ_x q.vals[r][x] · (k[j][x] − 128)` for int8 key rows
-/// stored offset by 128 (`k.cols == q.cols`, any row stride; the keys' scales are applied by
-/// the caller). Blocks of 4 query rows × 4 keys keep 16 integer accumulators; each key row is
-/// loaded and widened once per block of rows, 32 bytes at a time.
+/// `out[r][j] = scale · q.scale[r] · kscale[j] · Σ_x q.vals[r][x] · (k[j][x] − 128)` for int8
+/// key rows stored offset by 128 (`k.cols == q.cols`, any row stride) with their scales
+/// `kscale`. Blocks of 4 query rows × 4 keys keep 16 integer accumulators; each key row is
+/// loaded and widened once per block of rows, 32 bytes at a time; the 16 sums of a block are
+/// reduced into one vector whose 128-bit lane `rr` holds row `rr`'s 4 keys, scaled and stored
+/// as one piece per row.
 ///
 /// # Safety
 /// avx512f, avx512bw, avx512vl and avx512vnni must be available; `k` must be int8 (not fp8), and the
-/// shapes must agree (`k.cols == q.cols <= 256`, `out` is `q.rows × k.rows`).
+/// shapes must agree (`k.cols == q.cols <= 256`, `kscale.len() >= k.rows`, `out` is
+/// `q.rows × k.rows`).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-pub unsafe fn qk_rows_q16(q: QRows, k: ByteMat, mut out: MatMut, scale: f32) {
+pub unsafe fn qk_rows_q16(q: QRows, k: ByteMat, kscale: &[f32], mut out: MatMut, scale: f32) {
     // SAFETY: the caller upholds this function's `# Safety` contract.
     unsafe {
         let (nr, d, bk) = (q.rows, q.cols, k.rows());
         debug_assert!(!k.is_fp8() && k.cols() == d && d <= 256 && out.rows() == nr && out.cols() == bk);
+        debug_assert!(kscale.len() >= bk);
         let ostride = out.stride();
         let (kp, qp) = (k.data().as_ptr(), q.vals.as_ptr());
         let nv = d.div_ceil(32);
         let mut r = 0;
         while r < nr {
             let mr = (nr - r).min(4);
-            // Lane 4·jj + rr of the reduced sums belongs to row rr: its offset and factor.
+            // Lane 4·rr + jj of the reduced sums belongs to row rr: its offset and factor.
             let mut corr = [0i32; 16];
             let mut fac = [0f32; 16];
             for lane in 0..16 {
-                if lane % 4 < mr {
-                    corr[lane] = q.corr[r + lane % 4];
-                    fac[lane] = scale * q.scale[r + lane % 4];
+                if lane / 4 < mr {
+                    corr[lane] = q.corr[r + lane / 4];
+                    fac[lane] = scale * q.scale[r + lane / 4];
                 }
             }
             let corr = _mm512_loadu_si512(corr.as_ptr().cast());
@@ -68,15 +72,23 @@ pub unsafe fn qk_rows_q16(q: QRows, k: ByteMat, mut out: MatMut, scale: f32) {
                     _ => block::<8>(kr, km, qr, qm, last),
                 };
                 super::stream::step();
-                let sums = _mm512_sub_epi32(reduce16(&acc), corr);
-                let s = _mm512_mul_ps(_mm512_cvtepi32_ps(sums), fac);
-                let mut lanes = [0f32; 16];
-                _mm512_storeu_ps(lanes.as_mut_ptr(), s);
-                for rr in 0..mr {
-                    for jj in 0..mj {
-                        *out.data().get_unchecked_mut((r + rr) * ostride + j + jj) =
-                            lanes[4 * jj + rr];
-                    }
+                // Row-major sums (lane 4·rr + jj: row rr, key jj) times the rows' factors and
+                // the 4 keys' scales (the same in every 128-bit lane).
+                let t: [[__m512i; 4]; 4] = std::array::from_fn(|jj| std::array::from_fn(|rr| acc[rr][jj]));
+                let sums = _mm512_sub_epi32(reduce16(&t), corr);
+                let kmask = (1u8 << mj) - 1;
+                let ks = _mm512_broadcast_f32x4(_mm_maskz_loadu_ps(kmask, kscale.as_ptr().add(j)));
+                let s = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(sums), fac), ks);
+                let o = out.data().as_mut_ptr().add(r * ostride + j);
+                _mm_mask_storeu_ps(o, kmask, _mm512_castps512_ps128(s));
+                if mr > 1 {
+                    _mm_mask_storeu_ps(o.add(ostride), kmask, _mm512_extractf32x4_ps::<1>(s));
+                }
+                if mr > 2 {
+                    _mm_mask_storeu_ps(o.add(2 * ostride), kmask, _mm512_extractf32x4_ps::<2>(s));
+                }
+                if mr > 3 {
+                    _mm_mask_storeu_ps(o.add(3 * ostride), kmask, _mm512_extractf32x4_ps::<3>(s));
                 }
                 j += mj;
             }
@@ -176,23 +188,27 @@ unsafe fn reduce16(acc: &[[__m512i; 4]; 4]) -> __m512i {
 /// Most keys per call of [`pv_q16`] (a tile).
 const MAX_KEYS: usize = super::BLOCK_K;
 
-/// `acc[r][c] += Σ_j p[r][j] · (v[j][c] − 128)` for int8 value rows stored offset by 128
-/// (`v.cols` a multiple of 32, at most [`super::BLOCK_K`] keys; the rows' scales folded into `p`
-/// by the caller), as exact integer products: each row of `p` quantized to int16 (one scale
+/// `acc[r][c] += Σ_j p[r][j] · vscale[j] · (v[j][c] − 128)` for int8 value rows stored offset
+/// by 128 with their scales `vscale` (`v.cols` a multiple of 32, at most [`super::BLOCK_K`]
+/// keys), as exact integer products: each row of `p · vscale` quantized to int16 (one scale
 /// per row and call, round to nearest even, `0 ≤ p16 ≤ 32767`), two keys' values widened and
 /// interleaved into pairs per column, `vpdpwssd` on the pairs. Returns `false`, with `acc`
-/// untouched, when a row of `p` is not finite (the f32 kernel then runs, propagating it).
+/// untouched, when a row of `p · vscale` is not finite (the f32 kernel then runs, propagating
+/// it).
 ///
 /// # Safety
 /// avx512f, avx512bw, avx512vl and avx512vnni must be available; `v` must be int8 (not fp8)
-/// and the shapes must agree (`v` is `p.cols × acc.cols`, `acc` has `p.rows` rows).
+/// and the shapes must agree (`v` is `p.cols × acc.cols`, `vscale.len() >= p.cols`, `acc` has
+/// `p.rows` rows).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-pub unsafe fn pv_q16(p: Mat, v: ByteMat, mut acc: MatMut) -> bool {
+pub unsafe fn pv_q16(p: Mat, v: ByteMat, vscale: &[f32], mut acc: MatMut) -> bool {
     // SAFETY: the caller upholds this function's `# Safety` contract.
     unsafe {
         let (nr, bk, dv) = (p.rows(), p.cols(), v.cols());
         debug_assert!(!v.is_fp8() && v.rows() == bk && acc.rows() == nr && acc.cols() == dv);
         debug_assert!(dv.is_multiple_of(32) && bk <= MAX_KEYS && nr <= super::BLOCK_Q);
+        debug_assert!(vscale.len() >= bk);
+        let vs = vscale.as_ptr();
         if bk == 0 {
             return true;
         }
@@ -203,7 +219,11 @@ pub unsafe fn pv_q16(p: Mat, v: ByteMat, mut acc: MatMut) -> bool {
             let row = p.data().as_ptr().add(r * p.stride());
             let (mut m, mut s) = (_mm512_setzero_ps(), _mm512_setzero_ps());
             for c in (0..bk).step_by(16) {
-                let x = _mm512_maskz_loadu_ps(super::avx512::tail_mask(bk - c), row.add(c));
+                let mask = super::avx512::tail_mask(bk - c);
+                let x = _mm512_mul_ps(
+                    _mm512_maskz_loadu_ps(mask, row.add(c)),
+                    _mm512_maskz_loadu_ps(mask, vs.add(c)),
+                );
                 m = _mm512_max_ps(m, x);
                 s = _mm512_add_ps(s, x);
             }
@@ -227,10 +247,11 @@ pub unsafe fn pv_q16(p: Mat, v: ByteMat, mut acc: MatMut) -> bool {
                 let mut sum = _mm512_setzero_si512();
                 for c in (0..bk).step_by(16) {
                     let mask = super::avx512::tail_mask(bk - c);
-                    let x = _mm512_cvtps_epi32(_mm512_mul_ps(
+                    let pv = _mm512_mul_ps(
                         _mm512_maskz_loadu_ps(mask, row.add(c)),
-                        inv,
-                    ));
+                        _mm512_maskz_loadu_ps(mask, vs.add(c)),
+                    );
+                    let x = _mm512_cvtps_epi32(_mm512_mul_ps(pv, inv));
                     sum = _mm512_add_epi32(sum, x);
                     _mm256_mask_storeu_epi16(
                         p16[rr].as_mut_ptr().add(c),

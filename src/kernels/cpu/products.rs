@@ -223,16 +223,22 @@ pub(super) fn qk_rows_bytes(isa: Isa, q: Mat, k: ByteMat, out: MatMut, scale: f3
     }
 }
 
-/// `out[r][j] = scale · q.scale[r] · Σ_x q.vals[r][x] · (k[j][x] − 128)`: int8 key rows
-/// (offset by 128) read in place against int16 query rows, each product an exact integer (see
-/// [`super::quant`]); the keys' scales are applied by the caller. Only on AVX-512 with VNNI
-/// ([`vnni`]).
+/// `out[r][j] = scale · q.scale[r] · kscale[j] · Σ_x q.vals[r][x] · (k[j][x] − 128)`: int8 key
+/// rows (offset by 128, scales `kscale`) read in place against int16 query rows, each product
+/// an exact integer (see [`super::quant`]). Only on AVX-512 with VNNI ([`vnni`]).
 #[cfg(target_arch = "x86_64")]
-pub(super) fn qk_rows_q16(isa: Isa, q: QRows, k: ByteMat, out: MatMut, scale: f32) {
+pub(super) fn qk_rows_q16(
+    isa: Isa,
+    q: QRows,
+    (k, kscale): (ByteMat, &[f32]),
+    out: MatMut,
+    scale: f32,
+) {
     assert!(
         isa.avx512()
             && vnni()
             && !k.is_fp8()
+            && kscale.len() >= k.rows()
             && k.cols() == q.cols
             && q.cols <= super::MAX_HEAD_DIM
             && q.vals.len() >= q.rows * q.cols
@@ -244,20 +250,21 @@ pub(super) fn qk_rows_q16(isa: Isa, q: QRows, k: ByteMat, out: MatMut, scale: f3
     // SAFETY: the CPU has AVX-512 F/BW/VL/VNNI (`vnni`); the keys are int8, the head size at most
     // 256 and the shapes agree (asserted above; every matrix is checked against its slice on
     // construction).
-    unsafe { super::avx512_vnni::qk_rows_q16(q, k, out, scale) }
+    unsafe { super::avx512_vnni::qk_rows_q16(q, k, kscale, out, scale) }
 }
 
-/// `acc += p · (v − 128)` for int8 value rows (offset by 128) read in place, as exact integer
-/// products of `p` quantized to int16 per row (see `avx512_vnni::pv_q16`); the rows' scales
-/// folded into `p` by the caller. Only on AVX-512 with VNNI ([`vnni`]), `v.cols` a multiple of
-/// 32, at most `BLOCK_K` keys and `BLOCK_Q` rows. `false` (nothing done): a row of `p` is not
-/// finite.
+/// `acc += (p · vscale) · (v − 128)` for int8 value rows (offset by 128, scales `vscale`, one
+/// per key: a column of `p`) read in place, as exact integer products of `p · vscale` quantized
+/// to int16 per row (see `avx512_vnni::pv_q16`). Only on AVX-512 with VNNI ([`vnni`]),
+/// `v.cols` a multiple of 32, at most `BLOCK_K` keys and `BLOCK_Q` rows. `false` (nothing
+/// done): a row of `p · vscale` is not finite.
 #[cfg(target_arch = "x86_64")]
-pub(super) fn pv_q16(isa: Isa, p: Mat, v: ByteMat, acc: MatMut) -> bool {
+pub(super) fn pv_q16(isa: Isa, p: Mat, (v, vscale): (ByteMat, &[f32]), acc: MatMut) -> bool {
     assert!(
         isa.avx512()
             && vnni()
             && !v.is_fp8()
+            && vscale.len() >= v.rows()
             && v.cols().is_multiple_of(32)
             && v.rows() == p.cols()
             && p.cols() <= super::BLOCK_K
@@ -267,7 +274,7 @@ pub(super) fn pv_q16(isa: Isa, p: Mat, v: ByteMat, acc: MatMut) -> bool {
     );
     // SAFETY: the CPU has AVX-512 F/BW/VL/VNNI; the values are int8 and the shapes agree
     // (asserted above; every matrix is checked against its slice on construction).
-    unsafe { super::avx512_vnni::pv_q16(p, v, acc) }
+    unsafe { super::avx512_vnni::pv_q16(p, v, vscale, acc) }
 }
 
 /// Whether the CPU has AVX-512 F/BW/VL and VNNI (`vpdpwssd`), detected once.

@@ -93,6 +93,19 @@ impl QuantRows {
     }
 }
 
+/// The scales of a tile's `bk` quantized rows, `scales[first + j·step]` for key `j` (at most
+/// [`BLOCK_K`]), as one slice for the products that apply them.
+pub(super) fn key_scales(
+    bk: usize,
+    (scales, first, step): (&[f32], usize, usize),
+) -> [f32; BLOCK_K] {
+    let mut col = [0f32; BLOCK_K];
+    for (j, c) in col[..bk].iter_mut().enumerate() {
+        *c = scales[first + j * step];
+    }
+    col
+}
+
 /// Multiplies columns `0..bk` of the `nr` rows of the score or probability tile `m` (rows
 /// [`BLOCK_K`] apart) by the quantized rows' scales `scales[first + j·step]`.
 pub(super) fn scale_columns(
@@ -100,10 +113,7 @@ pub(super) fn scale_columns(
     (nr, bk): (usize, usize),
     (scales, first, step): (&[f32], usize, usize),
 ) {
-    let mut col = [0f32; BLOCK_K];
-    for (j, c) in col[..bk].iter_mut().enumerate() {
-        *c = scales[first + j * step];
-    }
+    let col = key_scales(bk, (scales, first, step));
     for r in 0..nr {
         m[r * BLOCK_K..r * BLOCK_K + bk]
             .iter_mut()
@@ -113,12 +123,12 @@ pub(super) fn scale_columns(
 }
 
 /// `acc += P · V` over quantized value rows `v` read in place, the probabilities `p` (`nr ×
-/// len`, rows [`BLOCK_K`] apart) scaled here by the rows' scales (`scales[first + j·step]`; the
+/// len`, rows [`BLOCK_K`] apart) times the rows' scales (`scales[first + j·step]`; the
 /// softmax's sums are already taken). With `int16` (the call's
-/// [`PvPath::Int16`](super::plan::PvPath), int8 values on VNNI): exact integer products of `p`
-/// quantized to int16 per row (its rounding moves an output by at most
-/// `max_j p / 65534 · Σ_j |v_j|`), or, when a row of `p` is not finite, the values widened in
-/// registers; else the values widened in registers.
+/// [`PvPath::Int16`](super::plan::PvPath), int8 values on VNNI): exact integer products of
+/// `p · scale` quantized to int16 per row (its rounding moves an output by at most
+/// `max_j (p · scale)_j / 65534 · Σ_j |v_j|`), or, when a row of them is not finite, the values
+/// widened in registers; else the values widened in registers. `p` may be left scaled.
 pub(super) fn pv_quantized(
     isa: Isa,
     int16: bool,
@@ -126,19 +136,21 @@ pub(super) fn pv_quantized(
     (v, scales, first, step): (ByteMat, &[f32], usize, usize),
     acc: MatMut,
 ) {
-    scale_columns(p, (nr, len), (scales, first, step));
-    let p = Mat::new(p, nr, len, BLOCK_K);
+    #[cfg(target_arch = "x86_64")]
+    let mut acc = acc;
     #[cfg(target_arch = "x86_64")]
     if int16 {
-        // `pv_q16` leaves `acc` untouched when it returns false.
-        let mut acc = acc;
-        if products::pv_q16(isa, p, v, acc.reborrow()) {
+        // The scales applied as `p` is quantized; `pv_q16` leaves `acc` untouched when it
+        // returns false (then as below).
+        let col = key_scales(len, (scales, first, step));
+        let pm = Mat::new(p, nr, len, BLOCK_K);
+        if products::pv_q16(isa, pm, (v, &col[..len]), acc.reborrow()) {
             return;
         }
-        return products::pv_bytes(isa, p, v, acc);
     }
     let _ = int16;
-    products::pv_bytes(isa, p, v, acc)
+    scale_columns(p, (nr, len), (scales, first, step));
+    products::pv_bytes(isa, Mat::new(p, nr, len, BLOCK_K), v, acc)
 }
 
 #[cfg(test)]
@@ -201,7 +213,9 @@ mod tests {
             qr.quantize(&q, nr, d);
             let q16 = qr.rows(0, nr);
             let scale = 0.125f32;
+            let kscale: Vec<f32> = (0..bk).map(|j| 0.5 + (j % 7) as f32 * 0.125).collect();
             let mut want = vec![0f32; nr * bk];
+            let mut scaled = vec![0f32; nr * bk];
             let mut wide = vec![0f32; nr * bk];
             for r in 0..nr {
                 for j in 0..bk {
@@ -209,6 +223,7 @@ mod tests {
                         .map(|x| i64::from(q16.vals[r * d + x]) * (i64::from(kb[j * ks + x]) - 128))
                         .sum();
                     want[r * bk + j] = dot as f32 * (scale * q16.scale[r]);
+                    scaled[r * bk + j] = want[r * bk + j] * kscale[j];
                 }
             }
             let k = ByteMat::new(&kb, false, bk, d, ks);
@@ -218,12 +233,13 @@ mod tests {
                 .collect();
             for &isa in &avx512 {
                 let mut got = vec![f32::NAN; nr * bk];
-                products::qk_rows_q16(isa, q16, k, MatMut::new(&mut got, nr, bk, bk), scale);
+                let out = MatMut::new(&mut got, nr, bk, bk);
+                products::qk_rows_q16(isa, q16, (k, &kscale), out, scale);
                 let same = got
                     .iter()
-                    .zip(&want)
+                    .zip(&scaled)
                     .all(|(a, b)| a.to_bits() == b.to_bits());
-                assert!(same, "{isa:?} d={d}: {got:?} vs {want:?}");
+                assert!(same, "{isa:?} d={d}: {got:?} vs {scaled:?}");
             }
             let qm = Mat::new(&q, nr, d, d);
             assert!(reads_half(avx512[0], d));
@@ -278,16 +294,20 @@ mod tests {
             let acc0: Vec<f32> = (0..nr * dv).map(|i| (i % 7) as f32 - 3.0).collect();
             let (mut got, mut want) = (acc0.clone(), acc0.clone());
             let v = ByteMat::new(&vb, false, bk, dv, vs);
+            // The values' scales, applied to the probabilities' columns.
+            let vscale: Vec<f32> = (0..bk).map(|j| 0.25 + (j % 5) as f32 * 0.5).collect();
+            let ps: Vec<f32> = (0..nr * bk).map(|i| p[i] * vscale[i % bk]).collect();
             let pm = Mat::new(&p, nr, bk, bk);
             assert!(products::pv_q16(
                 avx512[0],
                 pm,
-                v,
+                (v, &vscale),
                 MatMut::new(&mut got, nr, dv, dv)
             ));
-            products::pv_bytes(avx512[0], pm, v, MatMut::new(&mut want, nr, dv, dv));
+            let psm = Mat::new(&ps, nr, bk, bk);
+            products::pv_bytes(avx512[0], psm, v, MatMut::new(&mut want, nr, dv, dv));
             for r in 0..nr {
-                let pmax = p[r * bk..(r + 1) * bk].iter().fold(0f32, |m, &x| m.max(x));
+                let pmax = ps[r * bk..(r + 1) * bk].iter().fold(0f32, |m, &x| m.max(x));
                 for c in 0..dv {
                     let v_abs: f32 = (0..bk)
                         .map(|j| (f32::from(vb[j * vs + c]) - 128.0).abs())
@@ -307,7 +327,7 @@ mod tests {
             assert!(!products::pv_q16(
                 avx512[0],
                 pm,
-                v,
+                (v, &vscale),
                 MatMut::new(&mut same, nr, dv, dv)
             ));
             assert_eq!(

@@ -14,6 +14,8 @@ pub(super) use super::out::{OutBuf, OutPtr};
 use super::plan::{PvPath, QkPath};
 pub(super) use super::plan::ProductPlan;
 use super::products;
+#[cfg(target_arch = "x86_64")]
+use super::quant::key_scales;
 use super::quant::{pv_quantized, scale_columns, QRows, QuantRows};
 use super::softmax::softmax_step;
 pub(super) use super::view::{Data, View};
@@ -454,8 +456,8 @@ impl Ctx<'_> {
                 let k = self.k.byte_mat(isa, k0, (len, d, kst));
                 let (k, sc, first, step) = k.expect("int8 keys");
                 let q16 = rows.q16.expect("int16 query rows");
-                products::qk_rows_q16(isa, q16, k, scores, self.scale);
-                scale_columns(&mut rows.scores[o..], (nr, len), (sc, first, step));
+                let ks = key_scales(len, (sc, first, step));
+                products::qk_rows_q16(isa, q16, (k, &ks[..len]), scores, self.scale);
             }
             QkPath::RowsBytes => {
                 let k = self.k.byte_mat(isa, k0, (len, d, kst));
