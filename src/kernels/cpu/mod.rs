@@ -124,6 +124,8 @@ mod decode;
 pub(crate) mod gemm;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod gemm_avx2;
+#[cfg(test)]
+mod guard_tests;
 mod inputs;
 mod kt;
 mod mat;
