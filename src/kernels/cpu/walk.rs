@@ -238,10 +238,13 @@ mod tests {
         }
     }
 
+    /// Random cases per property (fewer under Miri, which interprets every step).
+    const CASES: usize = if cfg!(miri) { 200 } else { 20_000 };
+
     #[test]
     fn every_key_of_the_range_once_in_order_then_the_appended_keys() {
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-        for _ in 0..20_000 {
+        for _ in 0..CASES {
             let c = case(&mut rng);
             let (k_lo, k_hi) = c.range;
             let n_range = c.tiles.iter().filter(|t| t.j0 < c.real_s).count();
@@ -277,7 +280,7 @@ mod tests {
     #[test]
     fn sub_tiles_follow_the_tiles_and_runs_and_name_the_next() {
         let mut rng = Rng(0x1234_5678_9abc_def1);
-        for _ in 0..20_000 {
+        for _ in 0..CASES {
             let c = case(&mut rng);
             let (_, k_hi) = c.range;
             let range: Vec<&KeyTile> = c.tiles.iter().filter(|t| t.j0 < c.real_s).collect();
