@@ -1,6 +1,7 @@
 //! The projections against float64 products, and which path each call takes.
 use super::*;
 use candle_core::{Device, Var};
+#[cfg(target_arch = "x86_64")]
 use half::bf16;
 
 fn rand(n: usize, seed: u64) -> Vec<f32> {

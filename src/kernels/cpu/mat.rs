@@ -134,6 +134,7 @@ pub(super) struct HalfMat<'a> {
     stride: usize,
 }
 
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // read by the x86 micro-kernels
 impl<'a> HalfMat<'a> {
     pub fn bf16(data: &'a [half::bf16], rows: usize, cols: usize, stride: usize) -> Self {
         Self::new(bytemuck_u16(data), true, rows, cols, stride)
@@ -210,6 +211,7 @@ pub(super) struct ByteMat<'a> {
     stride: usize,
 }
 
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // read by the x86 micro-kernels
 impl<'a> ByteMat<'a> {
     pub fn new(data: &'a [u8], fp8: bool, rows: usize, cols: usize, stride: usize) -> Self {
         check(data.len(), rows, cols, stride, false);

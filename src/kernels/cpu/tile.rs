@@ -144,6 +144,7 @@ pub(super) struct Rows<'s> {
     pub ktile: &'s mut [f32],
     pub vtile: &'s mut [f32],
     /// The query rows quantized to int16, with [`ProductPlan::int16_queries`].
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // the VNNI products
     pub q16: Option<QRows<'s>>,
 }
 
