@@ -112,9 +112,12 @@ pub(super) fn flush() {
 #[inline(always)]
 fn prefetch(addr: usize) {
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch is a hint and never faults; the queued ranges lie inside K and V.
+    // SAFETY: a prefetch is a hint and never faults, and reads nothing the program sees (so
+    // the address needs no provenance); the queued ranges lie inside K and V.
     unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(addr as *const i8)
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
+            std::ptr::without_provenance(addr),
+        )
     };
     #[cfg(not(target_arch = "x86_64"))]
     let _ = addr;
