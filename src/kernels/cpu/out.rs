@@ -219,16 +219,18 @@ mod tests {
                 let mut dst = vec![half::bf16::from_bits(0xAAAA); n + 1];
                 // SAFETY: `dst` holds `n` elements (and one more, which must stay untouched).
                 unsafe { OutBuf::Bf16(dst.as_mut_ptr()).write(0, &src[..n], scale) };
+                // Equal bits, or both NaN (a NaN product's sign is not specified: Miri picks
+                // either).
+                let same = |a: half::bf16, b: half::bf16| {
+                    a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())
+                };
                 for (i, (&got, &x)) in dst.iter().zip(&src[..n]).enumerate() {
-                    // (A NaN product's sign is not specified: Miri picks either.)
                     let want = half::bf16::from_f32(x * scale);
-                    let same = got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan());
                     assert!(
-                        same,
+                        same(got, want),
                         "element {i} of {n}: {x:e} × {scale} gave {got} not {want}"
                     );
-                    let nearest = bf16_nearest(x * scale);
-                    assert!(got.to_bits() == nearest.to_bits() || (got.is_nan() && nearest.is_nan()));
+                    assert!(same(got, bf16_nearest(x * scale)), "element {i} of {n}");
                 }
                 assert_eq!(dst[n].to_bits(), 0xAAAA, "wrote past {n} elements");
             }

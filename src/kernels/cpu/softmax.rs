@@ -363,8 +363,8 @@ mod tests {
     fn fast_exp_is_accurate() {
         let mut x = -90.0f32;
         while x <= 0.0 {
-            // In f64 (correctly rounded to f32 but in rare ties; Miri adds error to f32's own
-            // `exp`, as the language allows).
+            // f64's `exp` rounded to f32 (Miri adds error to f32's own `exp`, as the language
+            // allows).
             let want = f64::from(x).exp() as f32;
             for got in [fast_exp::<false>(x), fast_exp::<true>(x)] {
                 let err = (got - want).abs();
