@@ -4,7 +4,7 @@
 //!
 //! Every harness takes arbitrary bytes, must not panic, and panics only where it finds a real
 //! bug (a kernel disagreeing with the reference). Tensor sizes are bounded inside the harnesses,
-//! and [`bound_memory`] caps the reference kernel's budget, so runs do not exhaust memory.
+//! and `bound_memory` caps the reference kernel's budget, so runs do not exhaust memory.
 //! Not part of the API.
 
 use candle_core::{DType, Device, Result, Tensor};

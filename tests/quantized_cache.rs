@@ -5,7 +5,9 @@
 //! memory it takes.
 
 use candle_core::{DType, Device, Result, Tensor};
-use candle_mha::kernels::test_support::{cpu_calls, cpu_isas, cpu_split_calls, force_cpu_isa};
+use candle_mha::kernels::test_support::{
+    cpu_calls, cpu_fp8_tile_calls, cpu_isas, cpu_split_calls, force_cpu_isa,
+};
 use candle_mha::{
     Backend, KvCache, KvFormat, MhaConfig, MhaInput, MultiHeadAttention, WeightLayout,
 };
@@ -211,6 +213,93 @@ fn fused_int8_equals_reference_and_stays_near_f32() -> Result<()> {
         }
     }
     force_cpu_isa(None).unwrap();
+    Ok(())
+}
+
+/// bf16 queries over an fp8 cache, where the CPU multiplies bf16 by AVX512-BF16 dot products
+/// and has AVX512-VBMI: the key tiles are widened to bf16 exactly and `Q · Kᵀ` runs on the
+/// bf16 dot products. Against the f32 widening path (the `avx512` instruction set) on the same
+/// module and cache: the same exact products summed in another order, so the outputs (bf16)
+/// agree within a bf16 rounding or two; both stay near a bf16 cache. Decode with grouped heads
+/// walking together (odd tile lengths from left padding), one sequence split over its keys,
+/// D = 128, each after a prefill against the cache.
+#[test]
+fn fused_fp8_bf16_tiles_match_the_widening_path() -> Result<()> {
+    let dev = Device::Cpu;
+    let isas = cpu_isas();
+    if !isas.contains(&"avx512bf16") || !isas.contains(&"avx512") {
+        eprintln!("skipped: the bf16 tiles need AVX512-BF16 (this CPU has {isas:?})");
+        return Ok(());
+    }
+    #[cfg(target_arch = "x86_64")]
+    let vbmi = std::arch::is_x86_feature_detected!("avx512vbmi");
+    #[cfg(not(target_arch = "x86_64"))]
+    let vbmi = false;
+    // (name, config, batch, prompt, total, left padding)
+    let cases = [
+        (
+            "gqa decode",
+            MhaConfig::llama(256, 8, 2, 32),
+            2,
+            300,
+            305,
+            Some(vec![0, 7]),
+        ),
+        (
+            "split over the keys",
+            MhaConfig::llama(256, 4, 2, 64),
+            1,
+            2600,
+            2602,
+            None,
+        ),
+        (
+            "d128 decode",
+            MhaConfig::llama(512, 4, 1, 128),
+            1,
+            200,
+            203,
+            None,
+        ),
+    ];
+    for (name, cfg, b, prompt, total, pad) in &cases {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::BF16, &dev);
+        let cfg = cfg.clone().with_backend(Backend::CpuFused);
+        let m = MultiHeadAttention::load(cfg.clone(), &WeightLayout::llama(), vb)?.inference();
+        let x =
+            Tensor::randn(0f32, 1., (*b, *total, cfg.embed_dim), &dev)?.to_dtype(DType::BF16)?;
+        let run = |isa: &str, format: KvFormat| -> Result<Tensor> {
+            force_cpu_isa(Some(isa)).unwrap();
+            let mut cache = KvCache::new().with_format(format);
+            let out = generate(&m, &x, *prompt, &mut cache, pad.as_deref());
+            force_cpu_isa(None).unwrap();
+            out?.to_dtype(DType::F32)
+        };
+        let tiles = cpu_fp8_tile_calls();
+        let got = run("avx512bf16", KvFormat::Fp8E4M3)?;
+        let used = cpu_fp8_tile_calls() - tiles;
+        let tiles = cpu_fp8_tile_calls();
+        let widened = run("avx512", KvFormat::Fp8E4M3)?;
+        assert_eq!(
+            cpu_fp8_tile_calls(),
+            tiles,
+            "{name}: avx512 took the bf16 tiles"
+        );
+        let exact = run("avx512", KvFormat::Native)?;
+        let scale = max_abs(&exact)?;
+        let d_path = max_abs(&(&got - &widened)?)? / scale;
+        let d_exact = max_abs(&(&got - &exact)?)? / scale;
+        println!("{name}: bf16 key tiles ({used} calls) vs widening {d_path:.2e}, vs a bf16 cache {d_exact:.2e}");
+        if vbmi {
+            assert!(used > 0, "{name}: the bf16 tiles did not run");
+        }
+        assert!(
+            d_path <= 4e-3,
+            "{name}: bf16 key tiles vs widening: {d_path}"
+        );
+        assert!(d_exact <= 8e-2, "{name}: vs a bf16 cache: {d_exact}");
+    }
     Ok(())
 }
 

@@ -46,6 +46,12 @@ pub fn cpu_pair_backward_calls() -> usize {
     super::cpu::pair_bwd_calls()
 }
 
+/// How many fused CPU calls widened fp8 e4m3 key tiles to bf16 for AVX512-BF16 dot products
+/// (bf16 queries, CPUs with AVX512-VBMI where `vdpbf16ps` is the chosen instruction).
+pub fn cpu_fp8_tile_calls() -> usize {
+    super::cpu::fp8_tile_calls()
+}
+
 /// The instruction sets of the fused CPU kernel this CPU can run (`"avx512bf16"`,
 /// `"avx512"`, `"avx2"`, `"portable"`), best first.
 pub fn cpu_isas() -> Vec<&'static str> {

@@ -248,6 +248,7 @@ impl Ctx<'_> {
                     hi: &st.hi[..nr],
                     ktile: &mut sc.ktile,
                     vtile: &mut sc.vtile,
+                    kpairs: &mut sc.kpairs,
                     q16: q16.then(|| st.q16.rows(a, b)),
                 };
                 self.tile(bi, kh, t.j0, t.j1, t.masked, &mut rows);

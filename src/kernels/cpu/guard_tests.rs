@@ -252,6 +252,27 @@ fn int16_products_refuse_mismatched_shapes_fp8_and_other_instruction_sets() {
     }
 }
 
+/// `fp8_to_pairs` (no instruction-set argument: it needs AVX512-VBMI, checked by the guard).
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn fp8_widening_refuses_int8_odd_rows_and_short_outputs() {
+    let kb = bytes(BK * D);
+    let widen = |fp8: bool, cols: usize, out_len: usize| {
+        let kb = kb.clone();
+        move || {
+            let mut o = vec![0u32; out_len];
+            products::fp8_to_pairs(ByteMat::new(&kb, fp8, BK, cols, D), &mut o);
+        }
+    };
+    let full = BK * D / 2;
+    let bad: Bad = vec![
+        ("int8 rows", Box::new(widen(false, D, full))),
+        ("an odd number of columns", Box::new(widen(true, D - 1, full))),
+        ("out a pair short", Box::new(widen(true, D, full - 1))),
+    ];
+    check(products::current(), "fp8_to_pairs", products::vbmi(), widen(true, D, full), bad);
+}
+
 #[test]
 fn bf16_pair_products_refuse_mismatched_shapes_and_other_instruction_sets() {
     for isa in products::available() {

@@ -241,6 +241,9 @@ impl Inputs {
         let mut kt = None;
         let dims = (b, hkv, s, d, dv);
         let paths = product_plan(isa, (&qv, &kv, &vv), dims, transpose_k, &mut kt);
+        if paths.fp8_keys() {
+            super::FP8_TILE_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         // Prefill-like calls (each V tile read by many rows): V's heads made contiguous when
         // their rows are a multiple of 2 KiB apart (they would share a few L1 sets), or when there
         // are many keys (each strided row of a tile on its own page: 5% at S = 8192). (The copy
@@ -299,7 +302,9 @@ impl Inputs {
 ///      [`QkPath::RowsHalf`];
 ///   4. quantized K whose rows `isa` reads in place (`reads_half`, rows a whole number of
 ///      quantized rows apart): int8 K with AVX-512 F/BW/VL/VNNI ([`products::vnni`]) against
-///      int16 query rows ([`QkPath::RowsInt16`]), else widened ([`QkPath::RowsBytes`]);
+///      int16 query rows ([`QkPath::RowsInt16`]); fp8 K against bf16 queries where the call
+///      multiplies bf16 pairs (`dots_bf16`) and the CPU has AVX512-VBMI ([`products::vbmi`]),
+///      widened to bf16 tiles ([`QkPath::Fp8Pairs`]); else widened ([`QkPath::RowsBytes`]);
 ///   5. f32 rows, in place or converted per tile ([`QkPath::RowsF32`]).
 /// * `P · V`, the first that applies:
 ///   1. AVX512-BF16 dot products chosen for bf16, bf16 V, `Dv` a multiple of 32:
@@ -307,7 +312,8 @@ impl Inputs {
 ///   2. bf16 / f16 V whose rows `isa` reads in place (`reads_half(isa, Dv)`): [`PvPath::Half`];
 ///   3. quantized V whose rows `isa` reads in place: int8 V with `Dv` a multiple of 32 when the
 ///      keys' products are the int16 ones of 4. above (K int8, VNNI, no copy of K, no pairs;
-///      [`PvPath::Int16`]), else widened ([`PvPath::Bytes`]);
+///      [`PvPath::Int16`]), else widened ([`PvPath::Bytes`]; fp8 V too: its probabilities stay
+///      f32, see [`QkPath::Fp8Pairs`]);
 ///   4. f32 rows, in place or converted per tile ([`PvPath::F32`]).
 pub(super) fn product_plan<'a>(
     isa: Isa,
@@ -330,6 +336,15 @@ pub(super) fn product_plan<'a>(
     };
     #[cfg(target_arch = "x86_64")]
     let int8 = |x: &View| matches!(x.data, Data::Bytes { fp8: false, .. });
+    // fp8 keys widened to bf16 tiles for the bf16 dot products, for bf16 queries where the call
+    // uses those: the same exact products as widening to f32, summed in f32.
+    #[cfg(target_arch = "x86_64")]
+    let fp8_pairs = |x: &View| {
+        matches!(x.data, Data::Bytes { fp8: true, .. })
+            && products::dots_bf16(isa)
+            && products::vbmi()
+            && bf16(q)
+    };
     let dots = products::dots_bf16(isa);
     let pairs = dots && bf16(q) && bf16(k) && d.is_multiple_of(2);
     // Int8 keys against int16 query rows on VNNI, when K is neither copied nor read as pairs
@@ -359,6 +374,8 @@ pub(super) fn product_plan<'a>(
         () if half(k, d) => QkPath::RowsHalf,
         #[cfg(target_arch = "x86_64")]
         () if int16 && bytes(k, d) => QkPath::RowsInt16,
+        #[cfg(target_arch = "x86_64")]
+        () if fp8_pairs(k) && d.is_multiple_of(2) && bytes(k, d) => QkPath::Fp8Pairs,
         () if bytes(k, d) => QkPath::RowsBytes,
         () => QkPath::RowsF32,
     };

@@ -121,6 +121,8 @@ mod avx512_vnni;
 mod backward;
 mod decode;
 #[cfg(target_arch = "x86_64")]
+mod fp8_vbmi;
+#[cfg(target_arch = "x86_64")]
 pub(crate) mod gemm;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod gemm_avx2;
@@ -172,6 +174,8 @@ pub(super) static SPLITS: AtomicUsize = AtomicUsize::new(0);
 pub(super) static BWD_CALLS: AtomicUsize = AtomicUsize::new(0);
 /// Backward calls whose products ran on bf16 pairs.
 static PAIR_BWD_CALLS: AtomicUsize = AtomicUsize::new(0);
+/// Calls that widened fp8 key tiles to bf16 for the AVX512-BF16 products.
+pub(super) static FP8_TILE_CALLS: AtomicUsize = AtomicUsize::new(0);
 
 /// How many calls the fused CPU kernel has served in this process (lets tests check that a
 /// path really went through it).
@@ -192,6 +196,11 @@ pub(crate) fn bwd_calls() -> usize {
 /// How many of those ran their products on bf16 pairs (AVX512-BF16 dot products).
 pub(crate) fn pair_bwd_calls() -> usize {
     PAIR_BWD_CALLS.load(Ordering::Relaxed)
+}
+
+/// How many calls widened fp8 key tiles to bf16 for the AVX512-BF16 products.
+pub(crate) fn fp8_tile_calls() -> usize {
+    FP8_TILE_CALLS.load(Ordering::Relaxed)
 }
 
 /// The instruction sets of the fused kernel this CPU can run (`"avx512bf16"`, `"avx512"`,

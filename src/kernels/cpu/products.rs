@@ -289,6 +289,34 @@ pub(super) fn vnni() -> bool {
     })
 }
 
+/// Whether the CPU has AVX-512 F/BW and VBMI (byte permutations: the fp8 → bf16 table lookups of
+/// [`fp8_to_pairs`]), detected once.
+#[cfg(target_arch = "x86_64")]
+pub(super) fn vbmi() -> bool {
+    static VBMI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *VBMI.get_or_init(|| {
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vbmi")
+    })
+}
+
+/// The fp8 e4m3 rows of `k` (their scales not applied) widened to bf16, exactly, into `out` as
+/// pairs (`k.rows × k.cols / 2`, rows contiguous): the operand of [`qk_rows_pairs`] through
+/// [`HalfMat::from_pairs`]. Only where [`vbmi`].
+#[cfg(target_arch = "x86_64")]
+pub(super) fn fp8_to_pairs(k: ByteMat, out: &mut [u32]) {
+    assert!(
+        vbmi()
+            && k.is_fp8()
+            && k.cols().is_multiple_of(2)
+            && out.len() >= k.rows() * k.cols() / 2
+    );
+    // SAFETY: the CPU has AVX-512 F/BW/VBMI (`vbmi`); the rows are fp8 with even columns and
+    // `out` holds them (asserted above; `k` is checked against its slice on construction).
+    unsafe { super::fp8_vbmi::to_bf16(k, out) }
+}
+
 /// [`pv`] with int8 rows of `v` (offset by 128) read in place, their scales folded into `p` by
 /// the caller; only where [`reads_half`] says so.
 pub(super) fn pv_bytes(isa: Isa, p: Mat, v: ByteMat, acc: MatMut) {

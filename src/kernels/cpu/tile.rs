@@ -8,6 +8,8 @@
 use std::cell::RefCell;
 
 use super::kt::kt_stride;
+#[cfg(target_arch = "x86_64")]
+use super::mat::HalfMat;
 use super::mat::{Mat, MatMut, PairMat};
 use super::modifiers::{join_sink, Mods};
 pub(super) use super::out::{OutBuf, OutPtr};
@@ -83,6 +85,8 @@ pub(super) struct Scratch {
     /// A K and a V tile converted to f32 (half inputs).
     pub ktile: Vec<f32>,
     pub vtile: Vec<f32>,
+    /// A K tile widened from fp8 to bf16 pairs (with [`ProductPlan::fp8_keys`]).
+    pub kpairs: Vec<u32>,
     /// The query rows quantized to int16 (with [`ProductPlan::int16_queries`]).
     q16: QuantRows,
 }
@@ -96,6 +100,7 @@ impl Scratch {
     /// Bytes held beyond the fixed tiles: the converted K and V tiles of half / int8 inputs.
     pub(super) fn extra_bytes(&self) -> usize {
         (self.ktile.capacity() + self.vtile.capacity()) * 4
+            + self.kpairs.capacity() * 4
     }
 
     /// Frees the converted K and V tiles (allocated again by the next call that needs them);
@@ -104,6 +109,7 @@ impl Scratch {
         let freed = self.extra_bytes();
         self.ktile = Vec::new();
         self.vtile = Vec::new();
+        self.kpairs = Vec::new();
         freed
     }
 
@@ -120,6 +126,7 @@ impl Scratch {
             hi: vec![0; BLOCK_Q],
             ktile: Vec::new(),
             vtile: Vec::new(),
+            kpairs: Vec::new(),
             q16: QuantRows::default(),
         }
     }
@@ -143,6 +150,9 @@ pub(super) struct Rows<'s> {
     pub hi: &'s [usize],
     pub ktile: &'s mut [f32],
     pub vtile: &'s mut [f32],
+    /// Room for a K tile widened from fp8, with [`ProductPlan::fp8_keys`].
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // the VBMI widening
+    pub kpairs: &'s mut [u32],
     /// The query rows quantized to int16, with [`ProductPlan::int16_queries`].
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // the VNNI products
     pub q16: Option<QRows<'s>>,
@@ -196,12 +206,16 @@ impl Ctx<'_> {
         }
     }
 
-    /// Half or int8 inputs: room in `sc` for one K and one V tile converted to f32.
+    /// Half or int8 inputs: room in `sc` for one K and one V tile converted to f32 (and, with
+    /// [`ProductPlan::fp8_keys`], a K tile widened from fp8 to bf16 pairs).
     pub(super) fn half_tiles(&self, sc: &mut Scratch) {
         let f32s = self.q.f32s().is_some() && self.k.f32s().is_some() && self.v.f32s().is_some();
         if !f32s && sc.vtile.is_empty() {
             sc.ktile = vec![0.0; BLOCK_K * MAX_HEAD_DIM];
             sc.vtile = vec![0.0; BLOCK_K * MAX_HEAD_DIM];
+        }
+        if self.paths.fp8_keys() && sc.kpairs.is_empty() {
+            sc.kpairs = vec![0; BLOCK_K * MAX_HEAD_DIM / 2];
         }
     }
 
@@ -256,6 +270,7 @@ impl Ctx<'_> {
             hi: &sc.hi[..nr],
             ktile: &mut sc.ktile,
             vtile: &mut sc.vtile,
+            kpairs: &mut sc.kpairs,
             q16: q16.then(|| sc.q16.rows(0, nr)),
         };
         // The first tile's strided rows before the walk; each next tile's while the walk
@@ -459,6 +474,15 @@ impl Ctx<'_> {
                 let q16 = rows.q16.expect("int16 query rows");
                 let ks = key_scales(len, (sc, first, step));
                 products::qk_rows_q16(isa, q16, (k, &ks[..len]), scores, self.scale);
+            }
+            #[cfg(target_arch = "x86_64")]
+            QkPath::Fp8Pairs => {
+                let k = self.k.byte_mat(isa, k0, (len, d, kst));
+                let (k, sc, first, step) = k.expect("fp8 keys");
+                products::fp8_to_pairs(k, rows.kpairs);
+                let k = HalfMat::from_pairs(PairMat::new(rows.kpairs, len, d / 2, d / 2));
+                products::qk_rows_pairs(isa, qp, k, scores, self.scale);
+                scale_columns(&mut rows.scores[o..], (nr, len), (sc, first, step));
             }
             QkPath::RowsBytes => {
                 let k = self.k.byte_mat(isa, k0, (len, d, kst));
