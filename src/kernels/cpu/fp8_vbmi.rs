@@ -46,10 +46,19 @@ static LOW: [u8; 128] = table::<false>();
 static HIGH: [u8; 128] = table::<true>();
 
 /// The byte indices that interleave the low bytes (`0..64`) and high bytes (`64..128`) of
-/// values `first..first + 32` into little-endian bf16 words.
-fn interleave(first: u8) -> [u8; 64] {
-    std::array::from_fn(|i| (i / 2) as u8 + first + if i % 2 == 1 { 64 } else { 0 })
+/// values `FIRST..FIRST + 32` into little-endian bf16 words.
+const fn interleave<const FIRST: u8>() -> [u8; 64] {
+    let mut t = [0u8; 64];
+    let mut i = 0;
+    while i < 64 {
+        t[i] = (i / 2) as u8 + FIRST + if i % 2 == 1 { 64 } else { 0 };
+        i += 1;
+    }
+    t
 }
+
+static WORDS_LOW: [u8; 64] = interleave::<0>();
+static WORDS_HIGH: [u8; 64] = interleave::<32>();
 
 /// The fp8 e4m3 rows of `k` (their scales not applied) as bf16 into `out`, row after row
 /// (`k.cols` values per row, contiguous), as pairs of values per `u32` (low half first).
@@ -66,9 +75,8 @@ pub unsafe fn to_bf16(k: ByteMat, out: &mut [u32]) {
         let load = |t: &[u8; 128], at: usize| _mm512_loadu_si512(t.as_ptr().add(at).cast());
         let (lo0, lo1, hi0, hi1) = (load(&LOW, 0), load(&LOW, 64), load(&HIGH, 0), load(&HIGH, 64));
         let sign = _mm512_set1_epi8(0x80u8 as i8);
-        let (ia, ib) = (interleave(0), interleave(32));
-        let ia = _mm512_loadu_si512(ia.as_ptr().cast());
-        let ib = _mm512_loadu_si512(ib.as_ptr().cast());
+        let ia = _mm512_loadu_si512(WORDS_LOW.as_ptr().cast());
+        let ib = _mm512_loadu_si512(WORDS_HIGH.as_ptr().cast());
         let dst = out.as_mut_ptr().cast::<u16>();
         for r in 0..rows {
             let src = k.data().as_ptr().add(r * k.stride());

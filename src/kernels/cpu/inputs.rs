@@ -336,16 +336,12 @@ pub(super) fn product_plan<'a>(
     };
     #[cfg(target_arch = "x86_64")]
     let int8 = |x: &View| matches!(x.data, Data::Bytes { fp8: false, .. });
+    let dots = products::dots_bf16(isa);
     // fp8 keys widened to bf16 tiles for the bf16 dot products, for bf16 queries where the call
     // uses those: the same exact products as widening to f32, summed in f32.
     #[cfg(target_arch = "x86_64")]
-    let fp8_pairs = |x: &View| {
-        matches!(x.data, Data::Bytes { fp8: true, .. })
-            && products::dots_bf16(isa)
-            && products::vbmi()
-            && bf16(q)
-    };
-    let dots = products::dots_bf16(isa);
+    let fp8_pairs =
+        |x: &View| matches!(x.data, Data::Bytes { fp8: true, .. }) && dots && products::vbmi() && bf16(q);
     let pairs = dots && bf16(q) && bf16(k) && d.is_multiple_of(2);
     // Int8 keys against int16 query rows on VNNI, when K is neither copied nor read as pairs
     // (the values' int16 products go with them).
