@@ -73,11 +73,18 @@ pub unsafe fn to_bf16(k: ByteMat, out: &mut [u32]) {
         let (rows, cols) = (k.rows(), k.cols());
         debug_assert!(k.is_fp8() && cols.is_multiple_of(2) && out.len() >= rows * cols / 2);
         let load = |t: &[u8; 128], at: usize| _mm512_loadu_si512(t.as_ptr().add(at).cast());
-        let (lo0, lo1, hi0, hi1) = (load(&LOW, 0), load(&LOW, 64), load(&HIGH, 0), load(&HIGH, 64));
+        let (lo0, lo1, hi0, hi1) = (
+            load(&LOW, 0),
+            load(&LOW, 64),
+            load(&HIGH, 0),
+            load(&HIGH, 64),
+        );
         let sign = _mm512_set1_epi8(0x80u8 as i8);
         let ia = _mm512_loadu_si512(WORDS_LOW.as_ptr().cast());
         let ib = _mm512_loadu_si512(WORDS_HIGH.as_ptr().cast());
         let dst = out.as_mut_ptr().cast::<u16>();
+        // The mask of the first `n` of 32 words.
+        let words = |n: usize| if n >= 32 { u32::MAX } else { (1u32 << n) - 1 };
         for r in 0..rows {
             let src = k.data().as_ptr().add(r * k.stride());
             let row = dst.add(r * cols);
@@ -93,8 +100,11 @@ pub unsafe fn to_bf16(k: ByteMat, out: &mut [u32]) {
                     x,
                     sign,
                 );
-                let words = |n: usize| if n >= 32 { u32::MAX } else { (1u32 << n) - 1 };
-                _mm512_mask_storeu_epi16(row.add(c).cast(), words(n), _mm512_permutex2var_epi8(lo, ia, hi));
+                _mm512_mask_storeu_epi16(
+                    row.add(c).cast(),
+                    words(n),
+                    _mm512_permutex2var_epi8(lo, ia, hi),
+                );
                 if n > 32 {
                     let w1 = _mm512_permutex2var_epi8(lo, ib, hi);
                     _mm512_mask_storeu_epi16(row.add(c + 32).cast(), words(n - 32), w1);
@@ -104,7 +114,6 @@ pub unsafe fn to_bf16(k: ByteMat, out: &mut [u32]) {
         }
     }
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -118,7 +127,8 @@ mod tests {
             let bits = bf16_bits(x & 0x7f) | (u16::from(x & 0x80) << 8);
             let got = half::bf16::from_bits(bits).to_f32();
             assert_eq!(got.to_bits(), fp8_e4m3(x).to_bits(), "byte {x:#04x}");
-            let split = u16::from(LOW[usize::from(x & 0x7f)]) | (u16::from(HIGH[usize::from(x & 0x7f)]) << 8);
+            let split = u16::from(LOW[usize::from(x & 0x7f)])
+                | (u16::from(HIGH[usize::from(x & 0x7f)]) << 8);
             assert_eq!(split, bits & 0x7fff, "byte {x:#04x}");
         }
     }
@@ -145,12 +155,23 @@ mod tests {
             for r in 0..rows {
                 for c in 0..cols {
                     let word = out[(r * cols + c) / 2];
-                    let bits = if c % 2 == 0 { word as u16 } else { (word >> 16) as u16 };
+                    let bits = if c % 2 == 0 {
+                        word as u16
+                    } else {
+                        (word >> 16) as u16
+                    };
                     let want = fp8_e4m3(data[r * stride + c]);
-                    assert_eq!(half::bf16::from_bits(bits).to_f32().to_bits(), want.to_bits(), "cols {cols} row {r} col {c}");
+                    assert_eq!(
+                        half::bf16::from_bits(bits).to_f32().to_bits(),
+                        want.to_bits(),
+                        "cols {cols} row {r} col {c}"
+                    );
                 }
             }
-            assert!(out[rows * cols / 2..].iter().all(|&w| w == 0xdead_beef), "cols {cols}: wrote past the rows");
+            assert!(
+                out[rows * cols / 2..].iter().all(|&w| w == 0xdead_beef),
+                "cols {cols}: wrote past the rows"
+            );
         }
     }
 }
