@@ -41,7 +41,10 @@ pub unsafe fn qk(q: Mat, kt: Mat, mut out: MatMut, scale: f32) {
             while r < nr {
                 let mr = (nr - r).min(MR);
                 let qp = (q.data().as_ptr().add(r * q.stride()), q.stride());
-                let op = (out.data().as_mut_ptr().add(r * out.stride() + c), out.stride());
+                let op = (
+                    out.data().as_mut_ptr().add(r * out.stride() + c),
+                    out.stride(),
+                );
                 // Whole 16-column blocks load and store without masks.
                 macro_rules! go {
                 ($($m:literal),*) => {
@@ -125,7 +128,12 @@ pub unsafe fn pv_half(p: Mat, v: HalfMat, acc: MatMut) {
     // SAFETY: the caller upholds this function's `# Safety` contract.
     unsafe {
         debug_assert!(v.cols().is_multiple_of(8));
-        let vp = (v.data().as_ptr().cast::<u8>(), v.rows(), v.cols(), v.stride());
+        let vp = (
+            v.data().as_ptr().cast::<u8>(),
+            v.rows(),
+            v.cols(),
+            v.stride(),
+        );
         let pp = (p.data(), p.rows(), p.cols(), p.stride(), 1);
         if v.is_bf16() {
             pv_strided::<BF16>(pp, vp, acc)
@@ -261,7 +269,10 @@ unsafe fn pv_strided<const KIND: u8>(
             while r < nr {
                 let mr = (nr - r).min(MR);
                 let pp = (data.as_ptr().add(r * prs), prs, pcs);
-                let op = (acc.data().as_mut_ptr().add(r * acc.stride() + c), acc.stride());
+                let op = (
+                    acc.data().as_mut_ptr().add(r * acc.stride() + c),
+                    acc.stride(),
+                );
                 // Whole 16-column blocks load without masks (two registers fewer).
                 macro_rules! go {
                 ($($m:literal),*) => {
@@ -393,7 +404,12 @@ pub unsafe fn qk_rows_half(q: Mat, k: HalfMat, out: MatMut, scale: f32) {
     // SAFETY: the caller upholds this function's `# Safety` contract.
     unsafe {
         debug_assert!(k.cols().is_multiple_of(8));
-        let kp = (k.data().as_ptr().cast::<u8>(), k.rows(), k.cols(), k.stride());
+        let kp = (
+            k.data().as_ptr().cast::<u8>(),
+            k.rows(),
+            k.cols(),
+            k.stride(),
+        );
         if k.is_bf16() {
             qk_rows_kind::<BF16>(q, kp, out, scale)
         } else {
@@ -432,8 +448,10 @@ unsafe fn qk_rows_kind<const KIND: u8>(
                         *kv = load8::<KIND>(kp.add(at * elem(KIND)), m);
                     }
                     for rr in 0..mr {
-                        let qv =
-                            _mm256_maskload_ps(q.data().as_ptr().add((r + rr) * q.stride() + 8 * v), m);
+                        let qv = _mm256_maskload_ps(
+                            q.data().as_ptr().add((r + rr) * q.stride() + 8 * v),
+                            m,
+                        );
                         for jj in 0..4 {
                             acc[rr][jj] = _mm256_fmadd_ps(qv, kv[jj], acc[rr][jj]);
                         }

@@ -29,7 +29,9 @@ pub unsafe fn qk(q: Mat, kt: Mat, mut out: MatMut, scale: f32) {
     unsafe {
         let (nr, d, bk) = (q.rows(), q.cols(), kt.cols());
         debug_assert!(kt.rows() == d && out.rows() == nr && out.cols() == bk);
-        debug_assert!(nr == 0 || out.data().len() >= (nr - 1) * out.stride() + bk.div_ceil(16) * 16);
+        debug_assert!(
+            nr == 0 || out.data().len() >= (nr - 1) * out.stride() + bk.div_ceil(16) * 16
+        );
         score_blocks(nr, bk, |r, mr, c, nb, masks| {
             let kp = (kt.data().as_ptr().add(16 * c), kt.stride());
             let qp = (q.data().as_ptr().add(r * q.stride()), q.stride());
@@ -196,11 +198,14 @@ pub unsafe fn pv_bytes(p: Mat, v: ByteMat, mut acc: MatMut) {
                 let row = p.data().as_ptr().add(r * p.stride());
                 let mut s = _mm512_setzero_ps();
                 for c in (0..p.cols()).step_by(16) {
-                    s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(tail_mask(p.cols() - c), row.add(c)));
+                    s = _mm512_add_ps(
+                        s,
+                        _mm512_maskz_loadu_ps(tail_mask(p.cols() - c), row.add(c)),
+                    );
                 }
                 let off = 128.0 * _mm512_reduce_add_ps(s);
                 let (st, cols) = (acc.stride(), acc.cols());
-            let row = &mut acc.data()[r * st..r * st + cols];
+                let row = &mut acc.data()[r * st..r * st + cols];
                 row.iter_mut().for_each(|x| *x -= off);
             }
             pv_strided::<U8>(pp, vp, acc)
@@ -236,7 +241,12 @@ pub unsafe fn pv_half(p: Mat, v: HalfMat, acc: MatMut) {
     // SAFETY: the caller upholds this function's `# Safety` contract.
     unsafe {
         debug_assert!(v.cols().is_multiple_of(16));
-        let vp = (v.data().as_ptr().cast::<u8>(), v.rows(), v.cols(), v.stride());
+        let vp = (
+            v.data().as_ptr().cast::<u8>(),
+            v.rows(),
+            v.cols(),
+            v.stride(),
+        );
         let pp = (p.data(), p.rows(), p.cols(), p.stride(), 1);
         if v.is_bf16() {
             pv_strided::<BF16>(pp, vp, acc)
@@ -255,7 +265,12 @@ pub unsafe fn qk_rows_half(q: Mat, k: HalfMat, out: MatMut, scale: f32) {
     // SAFETY: the caller upholds this function's `# Safety` contract.
     unsafe {
         debug_assert!(k.cols().is_multiple_of(16));
-        let kp = (k.data().as_ptr().cast::<u8>(), k.rows(), k.cols(), k.stride());
+        let kp = (
+            k.data().as_ptr().cast::<u8>(),
+            k.rows(),
+            k.cols(),
+            k.stride(),
+        );
         if k.is_bf16() {
             qk_rows_kind::<BF16>(q, kp, out, scale)
         } else {
@@ -316,7 +331,10 @@ unsafe fn pv_strided<const K: u8>(
             while r < nr {
                 let mr = (nr - r).min(MR);
                 let pp = (data.as_ptr().add(r * prs), prs, pcs);
-                let op = (acc.data().as_mut_ptr().add(r * acc.stride() + c), acc.stride());
+                let op = (
+                    acc.data().as_mut_ptr().add(r * acc.stride() + c),
+                    acc.stride(),
+                );
                 macro_rules! go {
                 ($($m:literal),*) => {
                     match (mr, nb) {

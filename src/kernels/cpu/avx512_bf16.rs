@@ -41,7 +41,9 @@ pub unsafe fn qk(q: PairMat, kt: PairMat, mut out: MatMut, scale: f32) {
     unsafe {
         let (nr, dp, bk) = (q.rows(), q.cols(), kt.cols());
         debug_assert!(kt.rows() == dp && out.rows() == nr && out.cols() == bk);
-        debug_assert!(nr == 0 || out.data().len() >= (nr - 1) * out.stride() + bk.div_ceil(16) * 16);
+        debug_assert!(
+            nr == 0 || out.data().len() >= (nr - 1) * out.stride() + bk.div_ceil(16) * 16
+        );
         super::avx512::score_blocks(nr, bk, |r, mr, c, nb, masks| {
             let kp = (kt.data().as_ptr().add(16 * c), kt.stride());
             let qp = (q.data().as_ptr().add(r * q.stride()), q.stride());
@@ -174,7 +176,11 @@ pub unsafe fn pv_t(pt: PairMat, v: HalfMat, acc: MatMut) {
 /// `acc += P · v` where `P` (`nr` rows of `⌈bk/2⌉` pairs) has pair `(r, jp)` at
 /// `data[r·rs + jp·cs]`.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn pv_strided((data, nr, rs, cs): (&[u32], usize, usize, usize), v: HalfMat, mut acc: MatMut) {
+unsafe fn pv_strided(
+    (data, nr, rs, cs): (&[u32], usize, usize, usize),
+    v: HalfMat,
+    mut acc: MatMut,
+) {
     // SAFETY: called only by this module's kernels, which run with these target features
     // and pass pointers inside the operands their public entry points checked.
     unsafe {
@@ -191,7 +197,10 @@ unsafe fn pv_strided((data, nr, rs, cs): (&[u32], usize, usize, usize), v: HalfM
             while r < nr {
                 let mr = (nr - r).min(MR);
                 let pp = (data.as_ptr().add(r * rs), rs, cs);
-                let op = (acc.data().as_mut_ptr().add(r * acc.stride() + c), acc.stride());
+                let op = (
+                    acc.data().as_mut_ptr().add(r * acc.stride() + c),
+                    acc.stride(),
+                );
                 macro_rules! go {
                 ($($m:literal),*) => {
                     match (mr, w) {
@@ -349,7 +358,10 @@ pub unsafe fn qk_rows(q: PairMat, k: HalfMat, mut out: MatMut, scale: f32) {
             while j < bk {
                 let mj = (bk - j).min(4);
                 let kp = (k.data().as_ptr().add(j * k.stride()), k.stride());
-                let op = (out.data().as_mut_ptr().add(r * out.stride() + j), out.stride());
+                let op = (
+                    out.data().as_mut_ptr().add(r * out.stride() + j),
+                    out.stride(),
+                );
                 macro_rules! go {
                 ($($m:literal),*) => {
                     match (mr, mj) {

@@ -23,7 +23,9 @@ pub unsafe fn qk_rows_q16(q: QRows, k: ByteMat, kscale: &[f32], mut out: MatMut,
     // SAFETY: the caller upholds this function's `# Safety` contract.
     unsafe {
         let (nr, d, bk) = (q.rows, q.cols, k.rows());
-        debug_assert!(!k.is_fp8() && k.cols() == d && d <= 256 && out.rows() == nr && out.cols() == bk);
+        debug_assert!(
+            !k.is_fp8() && k.cols() == d && d <= 256 && out.rows() == nr && out.cols() == bk
+        );
         debug_assert!(kscale.len() >= bk);
         let ostride = out.stride();
         let (kp, qp) = (k.data().as_ptr(), q.vals.as_ptr());
@@ -74,7 +76,8 @@ pub unsafe fn qk_rows_q16(q: QRows, k: ByteMat, kscale: &[f32], mut out: MatMut,
                 super::stream::step();
                 // Row-major sums (lane 4·rr + jj: row rr, key jj) times the rows' factors and
                 // the 4 keys' scales (the same in every 128-bit lane).
-                let t: [[__m512i; 4]; 4] = std::array::from_fn(|jj| std::array::from_fn(|rr| acc[rr][jj]));
+                let t: [[__m512i; 4]; 4] =
+                    std::array::from_fn(|jj| std::array::from_fn(|rr| acc[rr][jj]));
                 let sums = _mm512_sub_epi32(reduce16(&t), corr);
                 let kmask = (1u8 << mj) - 1;
                 let ks = _mm512_broadcast_f32x4(_mm_maskz_loadu_ps(kmask, kscale.as_ptr().add(j)));
@@ -265,10 +268,22 @@ pub unsafe fn pv_q16(p: Mat, v: ByteMat, vscale: &[f32], mut acc: MatMut) -> boo
             while c < dv {
                 let rows = (r, mr, &p16, corr, ps);
                 if dv - c >= 64 {
-                    pv_block::<2>(rows, bk, (v.data().as_ptr().add(c), v.stride()), &mut acc, c);
+                    pv_block::<2>(
+                        rows,
+                        bk,
+                        (v.data().as_ptr().add(c), v.stride()),
+                        &mut acc,
+                        c,
+                    );
                     c += 64;
                 } else {
-                    pv_block::<1>(rows, bk, (v.data().as_ptr().add(c), v.stride()), &mut acc, c);
+                    pv_block::<1>(
+                        rows,
+                        bk,
+                        (v.data().as_ptr().add(c), v.stride()),
+                        &mut acc,
+                        c,
+                    );
                     c += 32;
                 }
             }

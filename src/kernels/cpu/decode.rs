@@ -274,8 +274,8 @@ impl Ctx<'_> {
         while ok && a < next.1 {
             let b = self.k.run_end(bi, a, next.1);
             for (view, width) in [(&self.k, d), (&self.v, dv)] {
-                let r = view
-                    .byte_range(view.at(bi, a, 0), view.at(bi, b - 1, 0) + self.hkv * width);
+                let r =
+                    view.byte_range(view.at(bi, a, 0), view.at(bi, b - 1, 0) + self.hkv * width);
                 match r {
                     Some(r) if n < ranges.len() => {
                         ranges[n] = r;

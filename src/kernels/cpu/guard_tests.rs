@@ -36,7 +36,11 @@ fn panic_file(f: impl FnOnce()) -> Option<String> {
     });
     PANIC_FILE.with(|p| p.borrow_mut().take());
     catch_unwind(AssertUnwindSafe(f)).err()?;
-    Some(PANIC_FILE.with(|p| p.borrow_mut().take()).unwrap_or_default())
+    Some(
+        PANIC_FILE
+            .with(|p| p.borrow_mut().take())
+            .unwrap_or_default(),
+    )
 }
 
 /// `valid` runs where `applies` (else it must panic too: the product refuses that instruction
@@ -91,16 +95,28 @@ fn f32_products_refuse_mismatched_shapes() {
             move || {
                 let mut o = out(o_rows.max(NR + 1), o_stride);
                 let om = MatMut::new(&mut o, o_rows, o_cols, o_stride);
-                products::qk_t(isa, Mat::new(&a, NR, D, D), Mat::new(&kt, kt_rows, BK, BK), om, 1.0)
+                products::qk_t(
+                    isa,
+                    Mat::new(&a, NR, D, D),
+                    Mat::new(&kt, kt_rows, BK, BK),
+                    om,
+                    1.0,
+                )
             }
         };
         let mut bad: Bad = vec![
             ("kt with D + 1 rows", Box::new(qk_t(D + 1, NR, BK, 16))),
             ("out with a row too many", Box::new(qk_t(D, NR + 1, BK, 16))),
-            ("out with a column too many", Box::new(qk_t(D, NR, BK + 1, 16))),
+            (
+                "out with a column too many",
+                Box::new(qk_t(D, NR, BK + 1, 16)),
+            ),
         ];
         if isa.avx512() {
-            bad.push(("out rows without the padded columns", Box::new(qk_t(D, NR, BK, BK))));
+            bad.push((
+                "out rows without the padded columns",
+                Box::new(qk_t(D, NR, BK, BK)),
+            ));
         }
         check(isa, "qk_t", true, qk_t(D, NR, BK, 16), bad);
 
@@ -111,7 +127,13 @@ fn f32_products_refuse_mismatched_shapes() {
             move || {
                 let mut o = out(o_rows, o_cols);
                 let om = MatMut::new(&mut o, o_rows, o_cols, o_cols);
-                products::qk_rows(isa, Mat::new(&q, NR, D, D), Mat::new(&k, BK, k_cols, D), om, 1.0)
+                products::qk_rows(
+                    isa,
+                    Mat::new(&q, NR, D, D),
+                    Mat::new(&k, BK, k_cols, D),
+                    om,
+                    1.0,
+                )
             }
         };
         let bad: Bad = vec![
@@ -142,7 +164,13 @@ fn f32_products_refuse_mismatched_shapes() {
                 ("acc with a row too many", Box::new(pv(BK, NR + 1, D))),
                 ("acc with a column too many", Box::new(pv(BK, NR, D + 1))),
             ];
-            check(isa, if transposed { "pv_t" } else { "pv" }, true, pv(BK, NR, D), bad);
+            check(
+                isa,
+                if transposed { "pv_t" } else { "pv" },
+                true,
+                pv(BK, NR, D),
+                bad,
+            );
         }
     }
 }
@@ -161,7 +189,13 @@ fn in_place_products_refuse_mismatched_shapes_and_instruction_sets() {
                     let om = MatMut::new(&mut o, o_rows, o_cols, o_cols);
                     let qm = Mat::new(&q, NR, D, D);
                     if quantized {
-                        products::qk_rows_bytes(isa, qm, ByteMat::new(&kb, false, BK, k_cols, D), om, 1.0)
+                        products::qk_rows_bytes(
+                            isa,
+                            qm,
+                            ByteMat::new(&kb, false, BK, k_cols, D),
+                            om,
+                            1.0,
+                        )
                     } else {
                         products::qk_rows_half(isa, qm, HalfMat::bf16(&kh, BK, k_cols, D), om, 1.0)
                     }
@@ -172,11 +206,19 @@ fn in_place_products_refuse_mismatched_shapes_and_instruction_sets() {
                 ("out with a row too many", Box::new(call(D, NR + 1, BK))),
                 ("out with a key too many", Box::new(call(D, NR, BK + 1))),
             ];
-            let name = if quantized { "qk_rows_bytes" } else { "qk_rows_half" };
+            let name = if quantized {
+                "qk_rows_bytes"
+            } else {
+                "qk_rows_half"
+            };
             check(isa, name, applies, call(D, NR, BK), bad);
         }
         // pv_half and pv_bytes: acc (NR × D) += p (NR × BK) · v (v_rows × D) in place.
-        let (p, vh, vb) = (f32s(NR * (BK + 1)), halves((BK + 1) * D), bytes((BK + 1) * D));
+        let (p, vh, vb) = (
+            f32s(NR * (BK + 1)),
+            halves((BK + 1) * D),
+            bytes((BK + 1) * D),
+        );
         for quantized in [false, true] {
             let call = |v_rows: usize, acc_rows: usize, acc_cols: usize| {
                 let (p, vh, vb) = (p.clone(), vh.clone(), vb.clone());
@@ -194,7 +236,10 @@ fn in_place_products_refuse_mismatched_shapes_and_instruction_sets() {
             let bad: Bad = vec![
                 ("v with a row too many", Box::new(call(BK + 1, NR, D))),
                 ("acc with a row too many", Box::new(call(BK, NR + 1, D))),
-                ("acc with 16 columns too many", Box::new(call(BK, NR, D + 16))),
+                (
+                    "acc with 16 columns too many",
+                    Box::new(call(BK, NR, D + 16)),
+                ),
             ];
             let name = if quantized { "pv_bytes" } else { "pv_half" };
             check(isa, name, applies, call(BK, NR, D), bad);
@@ -223,10 +268,22 @@ fn int16_products_refuse_mismatched_shapes_fp8_and_other_instruction_sets() {
         };
         let bad: Bad = vec![
             ("fp8 keys", Box::new(qk(true, BK, D, NR, BK))),
-            ("a key scale too few", Box::new(qk(false, BK - 1, D, NR, BK))),
-            ("k with D - 1 columns", Box::new(qk(false, BK, D - 1, NR, BK))),
-            ("out with a row too many", Box::new(qk(false, BK, D, NR + 1, BK))),
-            ("out with a key too many", Box::new(qk(false, BK, D, NR, BK + 1))),
+            (
+                "a key scale too few",
+                Box::new(qk(false, BK - 1, D, NR, BK)),
+            ),
+            (
+                "k with D - 1 columns",
+                Box::new(qk(false, BK, D - 1, NR, BK)),
+            ),
+            (
+                "out with a row too many",
+                Box::new(qk(false, BK, D, NR + 1, BK)),
+            ),
+            (
+                "out with a key too many",
+                Box::new(qk(false, BK, D, NR, BK + 1)),
+            ),
         ];
         check(isa, "qk_rows_q16", applies, qk(false, BK, D, NR, BK), bad);
 
@@ -243,10 +300,22 @@ fn int16_products_refuse_mismatched_shapes_fp8_and_other_instruction_sets() {
         };
         let bad: Bad = vec![
             ("fp8 values", Box::new(pv(true, BK, (BK, D), NR))),
-            ("a value scale too few", Box::new(pv(false, BK - 1, (BK, D), NR))),
-            ("v with 16 columns (not a multiple of 32)", Box::new(pv(false, BK, (BK, 16), NR))),
-            ("v with a row too many", Box::new(pv(false, BK, (BK + 1, D), NR))),
-            ("acc with a row too many", Box::new(pv(false, BK, (BK, D), NR + 1))),
+            (
+                "a value scale too few",
+                Box::new(pv(false, BK - 1, (BK, D), NR)),
+            ),
+            (
+                "v with 16 columns (not a multiple of 32)",
+                Box::new(pv(false, BK, (BK, 16), NR)),
+            ),
+            (
+                "v with a row too many",
+                Box::new(pv(false, BK, (BK + 1, D), NR)),
+            ),
+            (
+                "acc with a row too many",
+                Box::new(pv(false, BK, (BK, D), NR + 1)),
+            ),
         ];
         check(isa, "pv_q16", applies, pv(false, BK, (BK, D), NR), bad);
     }
@@ -267,10 +336,19 @@ fn fp8_widening_refuses_int8_odd_rows_and_short_outputs() {
     let full = BK * D / 2;
     let bad: Bad = vec![
         ("int8 rows", Box::new(widen(false, D, full))),
-        ("an odd number of columns", Box::new(widen(true, D - 1, full))),
+        (
+            "an odd number of columns",
+            Box::new(widen(true, D - 1, full)),
+        ),
         ("out a pair short", Box::new(widen(true, D, full - 1))),
     ];
-    check(products::current(), "fp8_to_pairs", products::vbmi(), widen(true, D, full), bad);
+    check(
+        products::current(),
+        "fp8_to_pairs",
+        products::vbmi(),
+        widen(true, D, full),
+        bad,
+    );
 }
 
 #[test]
@@ -279,19 +357,34 @@ fn bf16_pair_products_refuse_mismatched_shapes_and_other_instruction_sets() {
         let applies = products::dots_bf16(isa);
         let half = D / 2;
         // qk_pairs: q pairs (NR × D/2) · kt pairs (D/2 × BK); `out` rows hold 16 columns.
-        let (qp, ktp) = (vec![0x3f80_3f80u32; NR * half], vec![0x3f80_3f80u32; (half + 1) * BK]);
+        let (qp, ktp) = (
+            vec![0x3f80_3f80u32; NR * half],
+            vec![0x3f80_3f80u32; (half + 1) * BK],
+        );
         let qk = |kt_rows: usize, o_rows: usize, o_stride: usize| {
             let (qp, ktp) = (qp.clone(), ktp.clone());
             move || {
                 let mut o = out(o_rows, o_stride);
                 let om = MatMut::new(&mut o, o_rows, BK, o_stride);
-                products::qk_pairs(isa, Mat::new(&qp, NR, half, half), Mat::new(&ktp, kt_rows, BK, BK), om, 1.0)
+                products::qk_pairs(
+                    isa,
+                    Mat::new(&qp, NR, half, half),
+                    Mat::new(&ktp, kt_rows, BK, BK),
+                    om,
+                    1.0,
+                )
             }
         };
         let bad: Bad = vec![
-            ("kt with a pair row too many", Box::new(qk(half + 1, NR, 16))),
+            (
+                "kt with a pair row too many",
+                Box::new(qk(half + 1, NR, 16)),
+            ),
             ("out with a row too many", Box::new(qk(half, NR + 1, 16))),
-            ("out rows without the padded columns", Box::new(qk(half, NR, BK))),
+            (
+                "out rows without the padded columns",
+                Box::new(qk(half, NR, BK)),
+            ),
         ];
         check(isa, "qk_pairs", applies, qk(half, NR, 16), bad);
 
@@ -303,7 +396,11 @@ fn bf16_pair_products_refuse_mismatched_shapes_and_other_instruction_sets() {
             move || {
                 let mut o = out(NR, o_keys);
                 let om = MatMut::new(&mut o, NR, o_keys, o_keys);
-                let k = if f16 { HalfMat::f16(&kf, BK, k_cols, D) } else { HalfMat::bf16(&kh, BK, k_cols, D) };
+                let k = if f16 {
+                    HalfMat::f16(&kf, BK, k_cols, D)
+                } else {
+                    HalfMat::bf16(&kh, BK, k_cols, D)
+                };
                 products::qk_rows_pairs(isa, Mat::new(&qp, NR, half, half), k, om, 1.0)
             }
         };
@@ -317,7 +414,10 @@ fn bf16_pair_products_refuse_mismatched_shapes_and_other_instruction_sets() {
         // pv_pairs: acc (NR × D) += p pairs (NR × ⌈BK/2⌉) · v (BK × D); pv_t_pairs: pairs of
         // p's rows (⌈BK/2⌉ × NR).
         let kp = BK.div_ceil(2);
-        let (pp, vh) = (vec![0x3f80_3f80u32; (NR + 1) * (kp + 1)], halves((BK + 1) * 2 * D));
+        let (pp, vh) = (
+            vec![0x3f80_3f80u32; (NR + 1) * (kp + 1)],
+            halves((BK + 1) * 2 * D),
+        );
         for transposed in [false, true] {
             let call = |pair_keys: usize, v_cols: usize, acc_rows: usize| {
                 let (pp, vh) = (pp.clone(), vh.clone());
@@ -333,8 +433,14 @@ fn bf16_pair_products_refuse_mismatched_shapes_and_other_instruction_sets() {
                 }
             };
             let bad: Bad = vec![
-                ("p with a pair of keys too many", Box::new(call(kp + 1, D, NR))),
-                ("v with 16 columns (not a multiple of 32)", Box::new(call(kp, 16, NR))),
+                (
+                    "p with a pair of keys too many",
+                    Box::new(call(kp + 1, D, NR)),
+                ),
+                (
+                    "v with 16 columns (not a multiple of 32)",
+                    Box::new(call(kp, 16, NR)),
+                ),
                 ("acc with a row too many", Box::new(call(kp, D, NR + 1))),
             ];
             let name = if transposed { "pv_t_pairs" } else { "pv_pairs" };
@@ -360,13 +466,26 @@ fn bf16_pair_products_refuse_mismatched_shapes_and_other_instruction_sets() {
         check(isa, "interleave_pairs", applies, to(true, D, D), vec![]);
         // Where they run, the conversions check `out` themselves (a real `assert!`).
         let bad: Bad = vec![
-            ("to_pairs: rows of pairs closer than a row", Box::new(to(false, half - 1, NR * D))),
-            ("to_pairs: out a pair too short", Box::new(to(false, half, NR * half - 1))),
-            ("interleave_pairs: out a pair too short", Box::new(to(true, D, D - 1))),
+            (
+                "to_pairs: rows of pairs closer than a row",
+                Box::new(to(false, half - 1, NR * D)),
+            ),
+            (
+                "to_pairs: out a pair too short",
+                Box::new(to(false, half, NR * half - 1)),
+            ),
+            (
+                "interleave_pairs: out a pair too short",
+                Box::new(to(true, D, D - 1)),
+            ),
         ];
         for (what, f) in bad {
             let file = panic_file(f);
-            let guard = if applies { "avx512_bf16.rs" } else { "products.rs" };
+            let guard = if applies {
+                "avx512_bf16.rs"
+            } else {
+                "products.rs"
+            };
             assert!(
                 file.as_deref().is_some_and(|f| f.ends_with(guard)),
                 "{isa:?} {what}: did not panic in {guard} ({file:?})"
@@ -380,26 +499,44 @@ fn matrices_that_do_not_fit_their_slices_panic() {
     /// Whether `f` panicked, which it may do only in `mat.rs`'s check.
     fn panics(f: impl FnOnce()) -> bool {
         let file = panic_file(f);
-        assert!(file.as_deref().is_none_or(|f| f.ends_with("mat.rs")), "{file:?}");
+        assert!(
+            file.as_deref().is_none_or(|f| f.ends_with("mat.rs")),
+            "{file:?}"
+        );
         file.is_some()
     }
     let (x, h, b) = (f32s(12), halves(12), bytes(12));
     let mut m = f32s(12);
-    assert!(panics(|| {
-        let _ = Mat::new(&x, 3, 4, 5);
-    }), "3 rows of 4, 5 apart, in 12");
-    assert!(panics(|| {
-        let _ = Mat::new(&x, 2, 13, 13);
-    }), "a row longer than the slice");
-    assert!(panics(|| {
-        let _ = HalfMat::bf16(&h, 4, 4, 4);
-    }), "4 rows of 4 in 12");
-    assert!(panics(|| {
-        let _ = ByteMat::new(&b, false, 2, 7, 7);
-    }), "2 rows of 7 in 12");
-    assert!(panics(|| {
-        let _ = MatMut::new(&mut m, 3, 4, 3);
-    }), "overlapping written rows");
+    assert!(
+        panics(|| {
+            let _ = Mat::new(&x, 3, 4, 5);
+        }),
+        "3 rows of 4, 5 apart, in 12"
+    );
+    assert!(
+        panics(|| {
+            let _ = Mat::new(&x, 2, 13, 13);
+        }),
+        "a row longer than the slice"
+    );
+    assert!(
+        panics(|| {
+            let _ = HalfMat::bf16(&h, 4, 4, 4);
+        }),
+        "4 rows of 4 in 12"
+    );
+    assert!(
+        panics(|| {
+            let _ = ByteMat::new(&b, false, 2, 7, 7);
+        }),
+        "2 rows of 7 in 12"
+    );
+    assert!(
+        panics(|| {
+            let _ = MatMut::new(&mut m, 3, 4, 3);
+        }),
+        "overlapping written rows"
+    );
     // The well-formed ones do not (a read-only view may repeat one row: stride 0).
     assert!(!panics(|| {
         let _ = Mat::new(&x, 3, 4, 4);

@@ -249,11 +249,9 @@ impl Inputs {
         // are many keys (each strided row of a tile on its own page: 5% at S = 8192). (The copy
         // keeps V's dtype, and int8 values are never packed: `P · V`'s path stays the plan's.)
         let int8 = matches!(vv.data, Data::Bytes { .. });
-        let v_packed = (!int8
-            && paths.transposed_k()
-            && l >= BLOCK_Q
-            && (v_rows_alias(&vv) || s >= 2048))
-            .then(|| Packed::new(&vv, (b, hkv, s, dv)));
+        let v_packed =
+            (!int8 && paths.transposed_k() && l >= BLOCK_Q && (v_rows_alias(&vv) || s >= 2048))
+                .then(|| Packed::new(&vv, (b, hkv, s, dv)));
         let vv = match &v_packed {
             Some(p) => p.view(hkv, s, dv),
             None => vv,
@@ -340,8 +338,9 @@ pub(super) fn product_plan<'a>(
     // fp8 keys widened to bf16 tiles for the bf16 dot products, for bf16 queries where the call
     // uses those: the same exact products as widening to f32, summed in f32.
     #[cfg(target_arch = "x86_64")]
-    let fp8_pairs =
-        |x: &View| matches!(x.data, Data::Bytes { fp8: true, .. }) && dots && products::vbmi() && bf16(q);
+    let fp8_pairs = |x: &View| {
+        matches!(x.data, Data::Bytes { fp8: true, .. }) && dots && products::vbmi() && bf16(q)
+    };
     let pairs = dots && bf16(q) && bf16(k) && d.is_multiple_of(2);
     // Int8 keys against int16 query rows on VNNI, when K is neither copied nor read as pairs
     // (the values' int16 products go with them).

@@ -105,7 +105,8 @@ pub(super) fn qk_t(isa: Isa, a: Mat, kt: Mat, mut out: MatMut, scale: f32) {
             let padded = bk.div_ceil(16) * 16;
             assert!(
                 nr == 0
-                    || (out.stride() >= padded && out.data().len() >= (nr - 1) * out.stride() + padded)
+                    || (out.stride() >= padded
+                        && out.data().len() >= (nr - 1) * out.stride() + padded)
             );
             // SAFETY: `isa` carries the proof that the CPU runs it (`Detected`); rows of `out` hold the
             // padded columns (asserted).
@@ -119,14 +120,14 @@ pub(super) fn qk_t(isa: Isa, a: Mat, kt: Mat, mut out: MatMut, scale: f32) {
         _ => {
             let st = out.stride();
             matmul(
-            (nr, bk, a.cols()),
-            out.data(),
-            st,
-            false,
-            (a.data(), a.stride(), 1),
-            (kt.data(), kt.stride(), 1),
-            scale,
-        )
+                (nr, bk, a.cols()),
+                out.data(),
+                st,
+                false,
+                (a.data(), a.stride(), 1),
+                (kt.data(), kt.stride(), 1),
+                scale,
+            )
         }
     }
 }
@@ -162,7 +163,10 @@ pub(super) fn reads_half(isa: Isa, cols: usize) -> bool {
 /// [`qk_rows`] with bf16/f16 key rows read in place; only where [`reads_half`] says so.
 pub(super) fn qk_rows_half(isa: Isa, q: Mat, k: HalfMat, out: MatMut, scale: f32) {
     assert!(
-        reads_half(isa, k.cols()) && k.cols() == q.cols() && out.rows() == q.rows() && out.cols() == k.rows()
+        reads_half(isa, k.cols())
+            && k.cols() == q.cols()
+            && out.rows() == q.rows()
+            && out.cols() == k.rows()
     );
     match isa {
         #[cfg(target_arch = "x86_64")]
@@ -184,7 +188,10 @@ pub(super) fn qk_rows_half(isa: Isa, q: Mat, k: HalfMat, out: MatMut, scale: f32
 /// [`pv`] with bf16/f16 rows of `v` read in place; only where [`reads_half`] says so.
 pub(super) fn pv_half(isa: Isa, p: Mat, v: HalfMat, acc: MatMut) {
     assert!(
-        reads_half(isa, v.cols()) && v.rows() == p.cols() && acc.rows() == p.rows() && acc.cols() == v.cols()
+        reads_half(isa, v.cols())
+            && v.rows() == p.cols()
+            && acc.rows() == p.rows()
+            && acc.cols() == v.cols()
     );
     match isa {
         #[cfg(target_arch = "x86_64")]
@@ -204,7 +211,10 @@ pub(super) fn pv_half(isa: Isa, p: Mat, v: HalfMat, acc: MatMut) {
 /// caller multiplies column `j` of `out` by row `j`'s); only where [`reads_half`] says so.
 pub(super) fn qk_rows_bytes(isa: Isa, q: Mat, k: ByteMat, out: MatMut, scale: f32) {
     assert!(
-        reads_half(isa, k.cols()) && k.cols() == q.cols() && out.rows() == q.rows() && out.cols() == k.rows()
+        reads_half(isa, k.cols())
+            && k.cols() == q.cols()
+            && out.rows() == q.rows()
+            && out.cols() == k.rows()
     );
     match isa {
         #[cfg(target_arch = "x86_64")]
@@ -307,10 +317,7 @@ pub(super) fn vbmi() -> bool {
 #[cfg(target_arch = "x86_64")]
 pub(super) fn fp8_to_pairs(k: ByteMat, out: &mut [u32]) {
     assert!(
-        vbmi()
-            && k.is_fp8()
-            && k.cols().is_multiple_of(2)
-            && out.len() >= k.rows() * k.cols() / 2
+        vbmi() && k.is_fp8() && k.cols().is_multiple_of(2) && out.len() >= k.rows() * k.cols() / 2
     );
     // SAFETY: the CPU has AVX-512 F/BW/VBMI (`vbmi`); the rows are fp8 with even columns and
     // `out` holds them (asserted above; `k` is checked against its slice on construction).
@@ -321,7 +328,10 @@ pub(super) fn fp8_to_pairs(k: ByteMat, out: &mut [u32]) {
 /// the caller; only where [`reads_half`] says so.
 pub(super) fn pv_bytes(isa: Isa, p: Mat, v: ByteMat, acc: MatMut) {
     assert!(
-        reads_half(isa, v.cols()) && v.rows() == p.cols() && acc.rows() == p.rows() && acc.cols() == v.cols()
+        reads_half(isa, v.cols())
+            && v.rows() == p.cols()
+            && acc.rows() == p.rows()
+            && acc.cols() == v.cols()
     );
     match isa {
         #[cfg(target_arch = "x86_64")]
@@ -399,7 +409,9 @@ pub(super) fn qk_pairs(isa: Isa, q: PairMat, kt: PairMat, mut out: MatMut, scale
     let (nr, bk) = (q.rows(), kt.cols());
     let padded = bk.div_ceil(16) * 16;
     assert!(dots_bf16(isa) && kt.rows() == q.cols() && out.rows() == nr && out.cols() == bk);
-    assert!(nr == 0 || (out.stride() >= padded && out.data().len() >= (nr - 1) * out.stride() + padded));
+    assert!(
+        nr == 0 || (out.stride() >= padded && out.data().len() >= (nr - 1) * out.stride() + padded)
+    );
     #[cfg(target_arch = "x86_64")]
     // SAFETY: `isa` carries the proof that the CPU runs it (`Detected`), and AVX512-BF16 (asserted);
     // rows of `out` hold the padded columns (asserted), the operands are checked matrices.

@@ -13,8 +13,8 @@ use super::mat::HalfMat;
 use super::mat::{Mat, MatMut, PairMat};
 use super::modifiers::{join_sink, Mods};
 pub(super) use super::out::{OutBuf, OutPtr};
-use super::plan::{PvPath, QkPath};
 pub(super) use super::plan::ProductPlan;
+use super::plan::{PvPath, QkPath};
 use super::products;
 #[cfg(target_arch = "x86_64")]
 use super::quant::key_scales;
@@ -99,8 +99,7 @@ thread_local! {
 impl Scratch {
     /// Bytes held beyond the fixed tiles: the converted K and V tiles of half / int8 inputs.
     pub(super) fn extra_bytes(&self) -> usize {
-        (self.ktile.capacity() + self.vtile.capacity()) * 4
-            + self.kpairs.capacity() * 4
+        (self.ktile.capacity() + self.vtile.capacity()) * 4 + self.kpairs.capacity() * 4
     }
 
     /// Frees the converted K and V tiles (allocated again by the next call that needs them);
@@ -513,12 +512,18 @@ impl Ctx<'_> {
                 products::pv_pairs(isa, p, v, acc)
             }
             PvPath::Half => {
-                let v = self.v.half_mat(isa, v0, (len, dv, vst)).expect("half values");
+                let v = self
+                    .v
+                    .half_mat(isa, v0, (len, dv, vst))
+                    .expect("half values");
                 products::pv_half(isa, p, v, acc)
             }
             #[cfg(target_arch = "x86_64")]
             PvPath::Int16 => {
-                let v = self.v.byte_mat(isa, v0, (len, dv, vst)).expect("int8 values");
+                let v = self
+                    .v
+                    .byte_mat(isa, v0, (len, dv, vst))
+                    .expect("int8 values");
                 pv_quantized(isa, true, (&mut rows.scores[o..], nr, len), v, acc)
             }
             PvPath::Bytes => {
@@ -561,7 +566,8 @@ impl Ctx<'_> {
         if self.mods.has_alibi() && j0 < self.real_s {
             let (hh, i) = (kh * self.g + fr / self.l, fr % self.l);
             let vis = &mut row[lo - j0..hi - j0];
-            self.mods.alibi(self.paths.isa, self.plan, (bi, hh, i), lo, vis);
+            self.mods
+                .alibi(self.paths.isa, self.plan, (bi, hh, i), lo, vis);
         }
         !masked || self.mask_row(bi, kh, fr, range, j0, row)
     }

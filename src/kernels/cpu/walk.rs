@@ -206,8 +206,11 @@ mod tests {
             extra: rng.below(2) == 1,
         };
         let gathered = rng.below(2) == 1;
-        let dead = (!gathered && rng.below(2) == 1)
-            .then(|| (0..real_s.div_ceil(BLOCK_K)).map(|_| rng.below(3) == 0).collect());
+        let dead = (!gathered && rng.below(2) == 1).then(|| {
+            (0..real_s.div_ceil(BLOCK_K))
+                .map(|_| rng.below(3) == 0)
+                .collect()
+        });
         let cuts: Option<Vec<bool>> = gathered.then(|| (0..s).map(|_| rng.below(9) == 0).collect());
         let masked = rng.below(2) == 1;
         let mut tiles = vec![];
@@ -256,7 +259,10 @@ mod tests {
                 assert!(t.j0 < t.j1 && t.j1 - t.j0 <= c.walk.step, "{t:?}");
                 assert!(k_lo <= t.j0 && t.j1 <= k_hi, "{t:?} outside {:?}", c.range);
                 assert_eq!(t.masked, c.masked);
-                assert!(keys.last().is_none_or(|&last| last < t.j0), "{t:?} after {keys:?}");
+                assert!(
+                    keys.last().is_none_or(|&last| last < t.j0),
+                    "{t:?} after {keys:?}"
+                );
                 keys.extend(t.j0..t.j1);
             }
             let live = |j: usize| c.dead.as_ref().is_none_or(|d| !d[j / BLOCK_K]);
@@ -296,7 +302,10 @@ mod tests {
                     // Gathered: no run ends inside a sub-tile, which stops at its first run end
                     // or after `step` keys; the next is the following sub-tile.
                     Some(cuts) => {
-                        assert!((t.j0 + 1..t.j1).all(|j| !cuts[j - 1]), "{t:?} spans a run end");
+                        assert!(
+                            (t.j0 + 1..t.j1).all(|j| !cuts[j - 1]),
+                            "{t:?} spans a run end"
+                        );
                         assert!(
                             t.j1 == k_hi || cuts[t.j1 - 1] || t.j1 - t.j0 == c.walk.step,
                             "{t:?} stops early"
