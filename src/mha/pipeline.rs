@@ -245,7 +245,20 @@ impl Prepared {
 impl MultiHeadAttention {
     /// The whole path; returns the output and, for a cached call, the cache with this call's
     /// keys and values appended (the caller commits it: on error the cache is unchanged).
+    /// Decode-sized calls run on rayon's pool (see [`crate::pool::on_pool`]).
     pub(super) fn run(
+        &self,
+        input: &MhaInput,
+        src: KvSource,
+        train: bool,
+    ) -> Result<(MhaOutput, Option<KvCache>)> {
+        let q = &input.query;
+        let rows = q.elem_count() / q.dims().last().copied().unwrap_or(1).max(1);
+        crate::pool::on_pool(rows, || self.run_here(input, src, train))
+    }
+
+    /// [`Self::run`] on the calling thread.
+    fn run_here(
         &self,
         input: &MhaInput,
         src: KvSource,

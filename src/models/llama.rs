@@ -311,6 +311,19 @@ impl Llama {
         cache: &mut LlamaCache,
         need: NeedWeights,
     ) -> Result<(Tensor, Vec<Tensor>)> {
+        crate::pool::on_pool(ids.elem_count(), || {
+            self.run_layers_here(ids, left_padding, cache, need)
+        })
+    }
+
+    /// [`Self::run_layers`] on the calling thread.
+    fn run_layers_here(
+        &self,
+        ids: &Tensor,
+        left_padding: Option<&[usize]>,
+        cache: &mut LlamaCache,
+        need: NeedWeights,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
         if cache.layers.len() != self.blocks.len() {
             bail!(
                 "LlamaCache has {} layers, the model {}",
@@ -367,15 +380,19 @@ impl Llama {
         left_padding: Option<&[usize]>,
         cache: &mut LlamaCache,
     ) -> Result<Tensor> {
-        let h = self.hidden_states(ids, left_padding, cache)?;
-        let last = h.narrow(1, h.dim(1)? - 1, 1)?.squeeze(1)?;
-        self.lm_head.forward(&last)
+        crate::pool::on_pool(ids.elem_count(), || {
+            let h = self.hidden_states(ids, left_padding, cache)?;
+            let last = h.narrow(1, h.dim(1)? - 1, 1)?.squeeze(1)?;
+            self.lm_head.forward(&last)
+        })
     }
 
     /// Logits `(B, L, vocab)` of every new position.
     pub fn forward_all(&self, ids: &Tensor, cache: &mut LlamaCache) -> Result<Tensor> {
-        let h = self.hidden_states(ids, None, cache)?;
-        self.lm_head.forward(&h)
+        crate::pool::on_pool(ids.elem_count(), || {
+            let h = self.hidden_states(ids, None, cache)?;
+            self.lm_head.forward(&h)
+        })
     }
 
     /// Greedy next tokens `(B,)` from logits `(B, vocab)`.
@@ -416,6 +433,18 @@ impl Llama {
     /// positions. Returns the logits `(sequences, vocab)` of each sequence's last new token.
     /// Does not commit the step ([`PagedKvPool::commit`]; [`Self::step_paged`] does it all).
     pub fn forward_paged(
+        &self,
+        ids: &Tensor,
+        step: &PagedStep,
+        pool: &mut PagedKvPool,
+    ) -> Result<Tensor> {
+        crate::pool::on_pool(ids.elem_count(), || {
+            self.forward_paged_here(ids, step, pool)
+        })
+    }
+
+    /// [`Self::forward_paged`] on the calling thread.
+    fn forward_paged_here(
         &self,
         ids: &Tensor,
         step: &PagedStep,
