@@ -245,15 +245,21 @@ impl Prepared {
 impl MultiHeadAttention {
     /// The whole path; returns the output and, for a cached call, the cache with this call's
     /// keys and values appended (the caller commits it: on error the cache is unchanged).
-    /// Decode-sized calls run on rayon's pool (see [`crate::pool::on_pool`]).
+    /// Decode-sized calls (at most 64 rows of queries, keys and values to project) run on
+    /// rayon's pool (see [`crate::pool::on_pool`]).
     pub(super) fn run(
         &self,
         input: &MhaInput,
         src: KvSource,
         train: bool,
     ) -> Result<(MhaOutput, Option<KvCache>)> {
-        let q = &input.query;
-        let rows = q.elem_count() / q.dims().last().copied().unwrap_or(1).max(1);
+        // The most rows the call projects: the queries', or a key or value input's.
+        let rows = [Some(&input.query), input.key.as_ref(), input.value.as_ref()]
+            .into_iter()
+            .flatten()
+            .map(|t| t.elem_count() / t.dims().last().copied().unwrap_or(1).max(1))
+            .max()
+            .unwrap_or(0);
         crate::pool::on_pool(rows, || self.run_here(input, src, train))
     }
 
