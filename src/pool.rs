@@ -11,9 +11,9 @@ const MAX_ROWS: usize = 64;
 /// model's decode step). Called from outside the pool, each one parks the caller and wakes it
 /// again; called from a worker, the other workers steal their parts while they still spin.
 /// For SmolLM2-135M's decode steps (tens of microseconds per call) that is 10–25% of a token's
-/// time (see `docs/performance.md`). Larger forwards stay on the caller: their big
-/// intermediate tensors would come from glibc's per-thread arena of a worker, which hands
-/// freed memory back to the system more eagerly (all-MiniLM-L6-v2's encoder took 50% more
+/// time, for one MiniLM sentence 10% (see `docs/performance.md`). Larger forwards stay on the
+/// caller: their big intermediate tensors would come from glibc's per-thread arena of a
+/// worker, which hands freed memory back to the system more eagerly (all-MiniLM-L6-v2's encoder took 50% more
 /// page faults and 10% more time there).
 pub(crate) fn on_pool<R: Send>(rows: usize, f: impl FnOnce() -> R + Send) -> R {
     if rows > MAX_ROWS || rayon::current_thread_index().is_some() {

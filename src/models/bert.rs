@@ -467,6 +467,17 @@ impl BertModel {
     /// Every layer on `xs` with one mask plan; the per-layer weights when `need` asks for them.
     fn run_layers(
         &self,
+        xs: Tensor,
+        plan: Option<&MaskPlan>,
+        need: NeedWeights,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        let rows = xs.elem_count() / xs.dims().last().copied().unwrap_or(1).max(1);
+        crate::pool::on_pool(rows, move || self.run_layers_here(xs, plan, need))
+    }
+
+    /// [`Self::run_layers`] on the calling thread.
+    fn run_layers_here(
+        &self,
         mut xs: Tensor,
         plan: Option<&MaskPlan>,
         need: NeedWeights,
