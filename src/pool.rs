@@ -13,14 +13,19 @@ const MAX_ROWS: usize = 64;
 /// For SmolLM2-135M's decode steps (tens of microseconds per call) that is 10–25% of a token's
 /// time, for one MiniLM sentence 10% (see `docs/performance.md`). Larger forwards stay on the
 /// caller: their big intermediate tensors would come from glibc's per-thread arena of a
-/// worker, which hands freed memory back to the system more eagerly (all-MiniLM-L6-v2's encoder took 50% more
-/// page faults and 10% more time there).
+/// worker, which hands freed memory back to the system more eagerly (all-MiniLM-L6-v2's
+/// encoder at batch 32 took 50% more page faults and 10% more time there).
 pub(crate) fn on_pool<R: Send>(rows: usize, f: impl FnOnce() -> R + Send) -> R {
     if rows > MAX_ROWS || rayon::current_thread_index().is_some() {
         f()
     } else {
         rayon::scope(|_| f())
     }
+}
+
+/// Rows of `t`: its elements over its last dimension (tokens of a `(.., L, E)` input).
+pub(crate) fn rows(t: &candle_core::Tensor) -> usize {
+    t.elem_count() / t.dims().last().copied().unwrap_or(1).max(1)
 }
 
 #[cfg(test)]

@@ -257,7 +257,7 @@ impl MultiHeadAttention {
         let rows = [Some(&input.query), input.key.as_ref(), input.value.as_ref()]
             .into_iter()
             .flatten()
-            .map(|t| t.elem_count() / t.dims().last().copied().unwrap_or(1).max(1))
+            .map(crate::pool::rows)
             .max()
             .unwrap_or(0);
         crate::pool::on_pool(rows, || self.run_here(input, src, train))

@@ -471,8 +471,9 @@ impl BertModel {
         plan: Option<&MaskPlan>,
         need: NeedWeights,
     ) -> Result<(Tensor, Vec<Tensor>)> {
-        let rows = xs.elem_count() / xs.dims().last().copied().unwrap_or(1).max(1);
-        crate::pool::on_pool(rows, move || self.run_layers_here(xs, plan, need))
+        crate::pool::on_pool(crate::pool::rows(&xs), move || {
+            self.run_layers_here(xs, plan, need)
+        })
     }
 
     /// [`Self::run_layers`] on the calling thread.
