@@ -8,7 +8,10 @@
 //! ```
 //!
 //! Configs: B = 1, causal (top-left), H = 12, D = 64, L ∈ {2048, 8192}, f32 and bf16 (`--only
-//! L` keeps one length). Each round times one fwd+bwd of candle-mha, then asks the PyTorch child
+//! L` keeps one length). Each round times one candle training step (the loss `sum(out · g)`,
+//! `backward()`, candle's gradient bookkeeping included) and the two fused kernels alone (the
+//! forward, then the backward given `g`, called directly: what PyTorch's `out.backward(g)` runs),
+//! then asks the PyTorch child
 //! (`scripts/bench_backward_torch.py`, `torch.set_num_threads` = candle's threads) for one, so
 //! that both see the same machine; medians over `--rounds` (default 3). At L = 2048 the
 //! reference path (candle op-by-op autograd, `(B, H, L, S)` tensors) is timed too. Peak memory:
@@ -87,6 +90,26 @@ fn step(x: &Inputs, backend: Backend) -> Result<&'static str> {
         bail!("no gradient for q")
     }
     Ok(out.kernel.as_str())
+}
+
+/// The two kernels alone: the fused forward and the fused backward against `g`, called
+/// directly (no loss, none of candle's gradient bookkeeping), as PyTorch's side runs
+/// `out.backward(g)`.
+fn kernels(x: &Inputs) -> Result<()> {
+    let mut p = AttnParams::new(D);
+    p.backend = Backend::CpuFused;
+    let [_, dq, ..] = candle_mha::kernels::test_support::fused_forward_backward(
+        x.q.as_tensor(),
+        x.k.as_tensor(),
+        x.v.as_tensor(),
+        &x.plan,
+        &p,
+        &x.g,
+    )?;
+    if dq.dims() != x.q.dims() {
+        bail!("dq has the wrong shape {:?}", dq.dims())
+    }
+    Ok(())
 }
 
 fn median(xs: &[f64]) -> f64 {
@@ -234,8 +257,21 @@ fn main() -> Result<()> {
     };
     println!("candle-mha: {threads} threads; causal B1 H{H} D{D}; forward + backward; medians of {rounds} rounds");
     println!(
-        "{:<6} {:<5} {:>11} {:>11} {:>8} {:>11} {:>10} {:>10}",
-        "L", "dtype", "fused", "torch", "speedup", "reference", "peak MiB", "torch MiB"
+        "(fused: one candle training step, the loss sum(out · g) and candle's gradient bookkeeping \
+         included; kernels: the fused forward and backward alone, given g, as torch runs out.backward(g))"
+    );
+    println!(
+        "{:<6} {:<5} {:>11} {:>11} {:>8} {:>11} {:>8} {:>11} {:>10} {:>10}",
+        "L",
+        "dtype",
+        "fused",
+        "torch",
+        "speedup",
+        "kernels",
+        "speedup",
+        "reference",
+        "peak MiB",
+        "torch MiB"
     );
     for l in [2048usize, 8192] {
         if only.is_some_and(|o| o != l) {
@@ -251,11 +287,16 @@ fn main() -> Result<()> {
             if let Some(t) = side.as_mut() {
                 t.run(&req)?; // warm-up
             }
+            kernels(&x)?; // warm-up
             let (mut ours, mut theirs, mut reference) = (vec![], vec![], vec![]);
+            let mut bare = vec![];
             for _ in 0..rounds {
                 let t0 = Instant::now();
                 step(&x, Backend::Auto)?;
                 ours.push(t0.elapsed().as_secs_f64());
+                let t0 = Instant::now();
+                kernels(&x)?;
+                bare.push(t0.elapsed().as_secs_f64());
                 if let Some(t) = side.as_mut() {
                     theirs.push(t.run(&req)?);
                 }
@@ -273,11 +314,14 @@ fn main() -> Result<()> {
                     format!("{:.1} ms", 1e3 * median(v))
                 }
             };
-            let speedup = if theirs.is_empty() {
-                "-".into()
-            } else {
-                format!("{:.2}x", median(&theirs) / median(&ours))
+            let ratio = |ours: &[f64]| {
+                if theirs.is_empty() {
+                    "-".to_string()
+                } else {
+                    format!("{:.2}x", median(&theirs) / median(ours))
+                }
             };
+            let (speedup, speedup_bare) = (ratio(&ours), ratio(&bare));
             let peak = peak_ours(l, dt)?;
             let tpeak = if torch {
                 format!("{:.0}", peak_torch(&python, threads, &req)?)
@@ -285,9 +329,10 @@ fn main() -> Result<()> {
                 "-".into()
             };
             println!(
-                "{l:<6} {dt:<5} {:>11} {:>11} {speedup:>8} {:>11} {peak:>10.0} {tpeak:>10}",
+                "{l:<6} {dt:<5} {:>11} {:>11} {speedup:>8} {:>11} {speedup_bare:>8} {:>11} {peak:>10.0} {tpeak:>10}",
                 fmt(&ours),
                 fmt(&theirs),
+                fmt(&bare),
                 fmt(&reference)
             );
         }

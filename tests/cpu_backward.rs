@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use candle_mha::case::{run_case, RunOptions};
 use candle_mha::kernels::test_support::{
     cpu_backward_calls, cpu_isa, cpu_isas, cpu_pair_backward_calls, force_cpu_isa,
-    set_portable_only,
+    fused_forward_backward, set_portable_only,
 };
 use candle_mha::kernels::{attention, AttnParams};
 use candle_mha::mask::{AttnMask, Causal, CausalAlignment, KeyPaddingMask, MaskDims, MaskPlan};
@@ -419,6 +419,66 @@ fn nan_policy_takes_the_reference_for_gradients() -> Result<()> {
         .unwrap_err()
         .to_string();
     assert!(err.contains("MaskedRowPolicy::Zero"), "{err}");
+    Ok(())
+}
+
+/// The benchmark's kernels-only step (the fused forward and backward called directly, given
+/// the output gradient) computes what candle's autograd gets from the same kernels: the same
+/// output, `dK` and `dV` bit for bit and `dQ` within rounding, in f32 and bf16 (the loss
+/// `sum(out · g)` hands the op exactly `g`, and candle adds each gradient to zeros); a wrong
+/// `grad` shape is an error.
+#[test]
+fn kernels_alone_equal_the_autograd_step() -> Result<()> {
+    let mut rng = Rng(11);
+    for dtype in [DType::F32, DType::BF16] {
+        let mk = |rng: &mut Rng, dims: &[usize]| rng.tensor(dims).to_dtype(dtype);
+        let (q, k, v) = (
+            Var::from_tensor(&mk(&mut rng, &[2, 37, 4, 16])?)?,
+            Var::from_tensor(&mk(&mut rng, &[2, 37, 2, 16])?)?,
+            Var::from_tensor(&mk(&mut rng, &[2, 37, 2, 16])?)?,
+        );
+        let g = mk(&mut rng, &[2, 37, 4, 16])?;
+        let plan =
+            MaskPlan::new(MaskDims::new(2, 4, 37, 37)).with_causal(CausalAlignment::TopLeft)?;
+        let mut p = AttnParams::new(16);
+        p.backend = Backend::CpuFused;
+        let out = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &plan, &p)?.output;
+        let grads = (&out * &g)?.sum_all()?.backward()?;
+        let bare =
+            fused_forward_backward(q.as_tensor(), k.as_tensor(), v.as_tensor(), &plan, &p, &g)?;
+        let want = [
+            out,
+            grads.get(q.as_tensor()).expect("dq").clone(),
+            grads.get(k.as_tensor()).expect("dk").clone(),
+            grads.get(v.as_tensor()).expect("dv").clone(),
+        ];
+        for (i, (got, want)) in bare.iter().zip(&want).enumerate() {
+            let want = want.to_dtype(DType::F32)?;
+            let diff = (got.to_dtype(DType::F32)? - &want)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
+            // dQ may be summed from per-thread parts (when the heads do not share out evenly
+            // over the threads), in an order that depends on the scheduling: within rounding.
+            let bound = if i == 1 {
+                let top = want.abs()?.max_all()?.to_scalar::<f32>()?;
+                top * if dtype == DType::F32 {
+                    1e-6
+                } else {
+                    1.0 / 128.0
+                }
+            } else {
+                0.0
+            };
+            assert!(diff <= bound, "{dtype:?}: tensor {i} differs by {diff}");
+        }
+        let bad = g.narrow(1, 0, 36)?;
+        let err =
+            fused_forward_backward(q.as_tensor(), k.as_tensor(), v.as_tensor(), &plan, &p, &bad)
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("grad must be") && err.contains("36"), "{err}");
+    }
     Ok(())
 }
 

@@ -172,3 +172,41 @@ pub fn test_device() -> candle_core::Result<candle_core::Device> {
         _ => Ok(candle_core::Device::Cpu),
     }
 }
+
+/// The fused CPU forward of `q`, `k`, `v` (layouts as [`super::attention`]) and its fused
+/// backward against the output gradient `grad`, called directly rather than through candle's
+/// autograd (no loss, no gradient bookkeeping): what PyTorch's `out.backward(grad)` runs, for
+/// the training benchmark's kernels-only comparison. Returns `[output, dq, dk, dv]`.
+pub fn fused_forward_backward(
+    q: &candle_core::Tensor,
+    k: &candle_core::Tensor,
+    v: &candle_core::Tensor,
+    mask: &crate::mask::MaskPlan,
+    params: &super::AttnParams,
+    grad: &candle_core::Tensor,
+) -> candle_core::Result<[candle_core::Tensor; 4]> {
+    let dims = super::validate::qkv(&super::validate::ATTENTION, q, k, v)?;
+    let md = mask.dims();
+    mask.check_dims("fused_forward_backward", dims.b, dims.h, dims.l, md.kv_len)?;
+    if md.kv_len > dims.s || dims.b * dims.h * dims.l * dims.dv == 0 {
+        candle_core::bail!("fused_forward_backward: an empty call or a mask wider than k")
+    }
+    let call = super::AttnCall {
+        q,
+        k,
+        v,
+        mask,
+        params,
+        b: dims.b,
+        l: dims.l,
+        h: dims.h,
+        hkv: dims.hkv,
+        s: dims.s,
+        d: dims.d,
+        dv: dims.dv,
+        extra_keys: dims.s - md.kv_len,
+        kv_scales: None,
+        key_rows: None,
+    };
+    super::cpu::forward_backward(&call, grad)
+}

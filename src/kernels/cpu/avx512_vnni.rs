@@ -63,16 +63,19 @@ pub unsafe fn qk_rows_q16(q: QRows, k: ByteMat, kscale: &[f32], mut out: MatMut,
                     0 => u32::MAX,
                     w => (1u32 << w) - 1,
                 };
-                let acc = match nv {
-                    1 => block::<1>(kr, km, qr, qm, last),
-                    2 => block::<2>(kr, km, qr, qm, last),
-                    3 => block::<3>(kr, km, qr, qm, last),
-                    4 => block::<4>(kr, km, qr, qm, last),
-                    5 => block::<5>(kr, km, qr, qm, last),
-                    6 => block::<6>(kr, km, qr, qm, last),
-                    7 => block::<7>(kr, km, qr, qm, last),
-                    _ => block::<8>(kr, km, qr, qm, last),
-                };
+                // Whole blocks of whole 32-value chunks (the common case) load without masks.
+                let full = mr == 4 && mj == 4 && last == u32::MAX;
+                macro_rules! go {
+                    ($($n:literal),*) => {
+                        match (nv, full) {
+                            $(($n, true) => block::<$n, true>(kr, km, qr, qm, last),
+                              ($n, false) => block::<$n, false>(kr, km, qr, qm, last),)*
+                            (_, true) => block::<8, true>(kr, km, qr, qm, last),
+                            (_, false) => block::<8, false>(kr, km, qr, qm, last),
+                        }
+                    };
+                }
+                let acc = go!(1, 2, 3, 4, 5, 6, 7);
                 super::stream::step();
                 // Row-major sums (lane 4·rr + jj: row rr, key jj) times the rows' factors and
                 // the 4 keys' scales (the same in every 128-bit lane).
@@ -101,10 +104,11 @@ pub unsafe fn qk_rows_q16(q: QRows, k: ByteMat, kscale: &[f32], mut out: MatMut,
 }
 
 /// The 16 integer dot products of 4 key rows (`kr`, masks `km`) and 4 query rows (`qr`, `qm`)
-/// over `32 · NV` values (the last 32 masked by `last`): `acc[rr][jj]`, unreduced.
+/// over `32 · NV` values (the last 32 masked by `last`): `acc[rr][jj]`, unreduced. With `FULL`
+/// (every mask all ones) the loads take no mask.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn block<const NV: usize>(
+unsafe fn block<const NV: usize, const FULL: bool>(
     kr: [*const u8; 4],
     km: [u32; 4],
     qr: [*const i16; 4],
@@ -119,11 +123,21 @@ unsafe fn block<const NV: usize>(
             let m = if v + 1 == NV { last } else { u32::MAX };
             let mut kv = [_mm512_setzero_si512(); 4];
             for x in 0..4 {
-                let bytes = _mm256_maskz_loadu_epi8(m & km[x], kr[x].add(32 * v).cast());
+                let at = kr[x].add(32 * v);
+                let bytes = if FULL {
+                    _mm256_loadu_si256(at.cast())
+                } else {
+                    _mm256_maskz_loadu_epi8(m & km[x], at.cast())
+                };
                 kv[x] = _mm512_cvtepu8_epi16(bytes);
             }
             for rr in 0..4 {
-                let qv = _mm512_maskz_loadu_epi16(m & qm[rr], qr[rr].add(32 * v));
+                let at = qr[rr].add(32 * v);
+                let qv = if FULL {
+                    _mm512_loadu_si512(at.cast())
+                } else {
+                    _mm512_maskz_loadu_epi16(m & qm[rr], at)
+                };
                 for jj in 0..4 {
                     acc[rr][jj] = dpwssd(acc[rr][jj], kv[jj], qv);
                 }
@@ -238,11 +252,20 @@ pub unsafe fn pv_q16(p: Mat, v: ByteMat, vscale: &[f32], mut acc: MatMut) -> boo
         let mut r = 0;
         while r < nr {
             let mr = (nr - r).min(4);
-            // The block's rows as int16 (two more zeros: an odd last key pairs with a zero).
-            let mut p16 = [[0i16; MAX_KEYS + 2]; 4];
+            // The block's rows as int16, two more zeros after each (an odd last key pairs with
+            // a zero); rows past the block's last are zeros (their sums are not stored). Only
+            // what is read is written: the array is 2 KiB, a decode step's tile 64 keys, and
+            // zeroing all of it cost a few percent of an int8 decode step.
+            let mut p16 = std::mem::MaybeUninit::<[[i16; MAX_KEYS + 2]; 4]>::uninit();
+            let p16p = p16.as_mut_ptr().cast::<i16>();
             let mut corr = [0i32; 4];
             let mut ps = [0f32; 4];
-            for rr in 0..mr {
+            for rr in 0..4 {
+                let dst = p16p.add(rr * (MAX_KEYS + 2));
+                if rr >= mr {
+                    std::ptr::write_bytes(dst, 0, bk + 2);
+                    continue;
+                }
                 let m = pmax[r + rr];
                 let inv = _mm512_set1_ps(if m > 0.0 { 32767.0 / m } else { 0.0 });
                 ps[rr] = m / 32767.0;
@@ -256,17 +279,15 @@ pub unsafe fn pv_q16(p: Mat, v: ByteMat, vscale: &[f32], mut acc: MatMut) -> boo
                     );
                     let x = _mm512_cvtps_epi32(_mm512_mul_ps(pv, inv));
                     sum = _mm512_add_epi32(sum, x);
-                    _mm256_mask_storeu_epi16(
-                        p16[rr].as_mut_ptr().add(c),
-                        mask,
-                        _mm512_cvtepi32_epi16(x),
-                    );
+                    _mm256_mask_storeu_epi16(dst.add(c), mask, _mm512_cvtepi32_epi16(x));
                 }
+                dst.add(bk).write(0);
+                dst.add(bk + 1).write(0);
                 corr[rr] = 128 * _mm512_reduce_add_epi32(sum);
             }
             let mut c = 0;
             while c < dv {
-                let rows = (r, mr, &p16, corr, ps);
+                let rows = (r, mr, p16p.cast_const(), corr, ps);
                 if dv - c >= 64 {
                     pv_block::<2>(
                         rows,
@@ -293,11 +314,12 @@ pub unsafe fn pv_q16(p: Mat, v: ByteMat, vscale: &[f32], mut acc: MatMut) -> boo
     }
 }
 
-/// Columns `c..c + 32·NB` of [`pv_q16`] for rows `r..r + mr`: `(r, mr, p16, corr, scale)`.
+/// Columns `c..c + 32·NB` of [`pv_q16`] for rows `r..r + mr`: `(r, mr, p16, corr, scale)`, row
+/// `rr` of the int16 probabilities at `p16 + rr · (MAX_KEYS + 2)` (`bk + 2` written values).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn pv_block<const NB: usize>(
-    (r, mr, p16, corr, ps): (usize, usize, &[[i16; MAX_KEYS + 2]; 4], [i32; 4], [f32; 4]),
+    (r, mr, p16, corr, ps): (usize, usize, *const i16, [i32; 4], [f32; 4]),
     bk: usize,
     (v, stride): (*const u8, usize),
     acc: &mut MatMut,
@@ -322,11 +344,12 @@ unsafe fn pv_block<const NB: usize>(
                 pairs[2 * g] = _mm512_unpacklo_epi16(wa, wb);
                 pairs[2 * g + 1] = _mm512_unpackhi_epi16(wa, wb);
             }
-            for rr in 0..4 {
+            for (rr, acc) in ai.iter_mut().enumerate() {
                 // (p16[j], p16[j + 1]) as one 32-bit lane, broadcast.
-                let pp = _mm512_set1_epi32(p16[rr].as_ptr().add(j).cast::<i32>().read_unaligned());
+                let at = p16.add(rr * (MAX_KEYS + 2) + j);
+                let pp = _mm512_set1_epi32(at.cast::<i32>().read_unaligned());
                 for x in 0..2 * NB {
-                    ai[rr][x] = dpwssd(ai[rr][x], pairs[x], pp);
+                    acc[x] = dpwssd(acc[x], pairs[x], pp);
                 }
             }
             j += 2;

@@ -151,6 +151,8 @@ mod walk;
 pub use decode::SPLIT_MIN_KEYS;
 pub(crate) use inputs::quant_rows;
 use inputs::{f32_rows, native_rows, view, Inputs};
+#[cfg(feature = "internals")]
+pub(crate) use op::forward_backward;
 pub(crate) use out::bf16_nearest;
 use out::OutVec;
 use products::Isa;

@@ -114,3 +114,31 @@ pub(super) fn attach(c: &AttnCall, out: OutVec, lse: Vec<f32>) -> Result<Tensor>
     };
     c.q.apply_op3_arc(c.k, c.v, Arc::new(Box::new(op)))
 }
+
+/// The fused forward of `c` and the fused backward of its output against the output gradient
+/// `grad` (`dO`, `(B, L, H, Dv)`), called directly instead of through candle's autograd: the
+/// two kernels alone, as PyTorch's `out.backward(dO)` runs them (the benchmarks time this next
+/// to a candle training step, whose loss and gradient bookkeeping are candle's). Returns the
+/// output and `(dQ, dK, dV)`. Not with attention sinks (their gradient takes its own path).
+#[cfg(feature = "internals")]
+pub(crate) fn forward_backward(c: &AttnCall, grad: &Tensor) -> Result<[Tensor; 4]> {
+    use super::super::Kernel;
+    if let Some(why) = super::CpuFused.unsupported_inputs(c) {
+        bail!("fused forward + backward: {why}")
+    }
+    if c.mask.sinks().is_some() {
+        bail!("fused forward + backward: attention sinks take candle's autograd")
+    }
+    let (b, l, h, dv) = (c.b, c.l, c.h, c.dv);
+    if grad.dims() != [b, l, h, dv] {
+        bail!(
+            "fused forward + backward: grad must be {:?} (B, L, H, Dv), got {:?}",
+            [b, l, h, dv],
+            grad.dims()
+        )
+    }
+    let (out, lse) = super::forward(c, true)?;
+    let out = out.into_tensor((b, l, h, dv).into(), c.q.dtype(), c.q.device())?;
+    let (dq, dk, dv) = backward::backward(c, &out, grad, &lse.unwrap_or_default())?;
+    Ok([out, dq, dk, dv])
+}

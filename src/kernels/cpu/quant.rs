@@ -17,6 +17,28 @@ use super::mat::{ByteMat, Mat, MatMut};
 use super::products::{self, Isa};
 use super::BLOCK_K;
 
+/// The largest magnitude of `row` (NaNs ignored) and whether every value is finite, in 16
+/// independent lanes (which the compiler turns into vector instructions: a maximum does not
+/// depend on the order it is taken in, but a fold over one accumulator stays scalar).
+fn amax_finite(row: &[f32]) -> (f32, bool) {
+    let (mut mx, mut bad) = ([0f32; 16], [false; 16]);
+    let chunks = row.chunks_exact(16);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for l in 0..16 {
+            let a = c[l].abs();
+            mx[l] = if a > mx[l] { a } else { mx[l] };
+            bad[l] |= !a.is_finite();
+        }
+    }
+    for (l, &x) in rest.iter().enumerate() {
+        let a = x.abs();
+        mx[l] = if a > mx[l] { a } else { mx[l] };
+        bad[l] |= !a.is_finite();
+    }
+    (mx.iter().fold(0f32, |m, &x| m.max(x)), !bad.contains(&true))
+}
+
 /// Query rows quantized to int16: row `r` is `vals[r·d..(r + 1)·d] · scale[r]`.
 #[derive(Default)]
 pub(super) struct QuantRows {
@@ -65,15 +87,17 @@ impl QuantRows {
         }
         for r in 0..nr {
             let row = &q[r * d..(r + 1) * d];
-            let amax = row.iter().fold(0f32, |m, x| m.max(x.abs()));
-            let finite = row.iter().all(|x| x.is_finite());
+            let (amax, finite) = amax_finite(row);
             let inv = if amax > 0.0 { QMAX / amax } else { 0.0 };
             let dst = &mut self.vals[r * d..(r + 1) * d];
             let mut sum = 0i32;
-            for (o, &x) in dst.iter_mut().zip(row) {
-                let y = ((x * inv + ROUND) - ROUND).clamp(-QMAX, QMAX);
-                *o = if finite { y as i16 } else { 0 };
-                sum += i32::from(*o);
+            if finite {
+                for (o, &x) in dst.iter_mut().zip(row) {
+                    *o = ((x * inv + ROUND) - ROUND).clamp(-QMAX, QMAX) as i16;
+                    sum += i32::from(*o);
+                }
+            } else {
+                dst.fill(0);
             }
             self.scale[r] = if finite { amax / QMAX } else { f32::NAN };
             self.corr[r] = 128 * sum;
