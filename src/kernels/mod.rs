@@ -344,23 +344,8 @@ internal! {
         mask: &MaskPlan,
         params: &AttnParams,
     ) -> Result<AttnOutput> {
-        let validate::QkvDims {
-            b,
-            l,
-            h,
-            d,
-            s,
-            hkv,
-            dv,
-        } = validate::qkv(&validate::ATTENTION, q, k, v)?;
-        let md = mask.dims();
-        if md.kv_len > s {
-            bail!(
-                "attention: the mask plan covers {} keys but k has only {s}",
-                md.kv_len
-            )
-        }
-        mask.check_dims("attention", b, h, l, md.kv_len)?;
+        let call = checked_call(q, k, v, mask, params)?;
+        let (b, l, h, s, dv) = (call.b, call.l, call.h, call.s, call.dv);
         if b * h * l * dv == 0 || s == 0 {
             // With attention sinks a row without keys keeps only the sink: 0 under any policy.
             let params = if mask.sinks().is_some() {
@@ -373,25 +358,53 @@ internal! {
             };
             return empty_call(q, (b, l, h, dv), s, params);
         }
-        let call = AttnCall {
-            q,
-            k,
-            v,
-            mask,
-            params,
-            b,
-            l,
-            h,
-            hkv,
-            s,
-            d,
-            dv,
-            extra_keys: s - md.kv_len,
-            kv_scales: None,
-            key_rows: None,
-        };
         select(&call)?.forward(&call)
     }
+}
+
+/// [`attention`]'s arguments checked (shapes, the mask plan against them) and gathered into
+/// one call, which may have nothing to compute (`B`, `H`, `L` or `Dv` is 0, or `S` is).
+fn checked_call<'a>(
+    q: &'a Tensor,
+    k: &'a Tensor,
+    v: &'a Tensor,
+    mask: &'a MaskPlan,
+    params: &'a AttnParams,
+) -> Result<AttnCall<'a>> {
+    let validate::QkvDims {
+        b,
+        l,
+        h,
+        d,
+        s,
+        hkv,
+        dv,
+    } = validate::qkv(&validate::ATTENTION, q, k, v)?;
+    let md = mask.dims();
+    if md.kv_len > s {
+        bail!(
+            "attention: the mask plan covers {} keys but k has only {s}",
+            md.kv_len
+        )
+    }
+    mask.check_dims("attention", b, h, l, md.kv_len)?;
+    Ok(AttnCall {
+        q,
+        k,
+        v,
+        mask,
+        params,
+        b,
+        l,
+        h,
+        hkv,
+        s,
+        d,
+        dv,
+        extra_keys: s - md.kv_len,
+        kv_scales: None,
+        key_rows: None,
+    })
 }
 
 internal! {

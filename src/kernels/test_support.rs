@@ -185,28 +185,9 @@ pub fn fused_forward_backward(
     params: &super::AttnParams,
     grad: &candle_core::Tensor,
 ) -> candle_core::Result<[candle_core::Tensor; 4]> {
-    let dims = super::validate::qkv(&super::validate::ATTENTION, q, k, v)?;
-    let md = mask.dims();
-    mask.check_dims("fused_forward_backward", dims.b, dims.h, dims.l, md.kv_len)?;
-    if md.kv_len > dims.s || dims.b * dims.h * dims.l * dims.dv == 0 {
-        candle_core::bail!("fused_forward_backward: an empty call or a mask wider than k")
+    let call = super::checked_call(q, k, v, mask, params)?;
+    if call.b * call.h * call.l * call.dv == 0 || call.s == 0 {
+        candle_core::bail!("fused_forward_backward: nothing to compute (an empty dimension)")
     }
-    let call = super::AttnCall {
-        q,
-        k,
-        v,
-        mask,
-        params,
-        b: dims.b,
-        l: dims.l,
-        h: dims.h,
-        hkv: dims.hkv,
-        s: dims.s,
-        d: dims.d,
-        dv: dims.dv,
-        extra_keys: dims.s - md.kv_len,
-        kv_scales: None,
-        key_rows: None,
-    };
     super::cpu::forward_backward(&call, grad)
 }
