@@ -104,6 +104,7 @@ pub mod mha;
 #[cfg(feature = "models")]
 #[cfg_attr(docsrs, doc(cfg(feature = "models")))]
 pub mod models;
+mod pages;
 mod pool;
 mod proj;
 pub mod rope;

@@ -238,16 +238,24 @@ fn sweep(seed: u64, cases: usize) {
         let dtype = [DType::F32, DType::F32, DType::BF16, DType::F16][rng.below(4)];
         let (plan, desc, sinks) = random_plan(&mut rng, b, h, l, s);
         let ps = (&plan, sinks.as_ref());
-        // q as a strided view (every other head of a wider tensor), k/v contiguous.
-        let q = rng.tensor(&[b, l, 2 * h, d]).narrow(2, 0, h).unwrap();
+        // q as a strided view (every other head of a wider tensor), k/v contiguous; or, a
+        // third of the time, q and g head-major (each head's rows contiguous: the backward
+        // reads them in place instead of copying them).
+        let head_major = rng.below(3) == 0;
+        let (q, g) = if head_major {
+            let mut t = |w| rng.tensor(&[b, h, l, w]).transpose(1, 2).unwrap();
+            (t(d), t(dv))
+        } else {
+            let q = rng.tensor(&[b, l, 2 * h, d]).narrow(2, 0, h).unwrap();
+            (q, rng.tensor(&[b, l, h, dv]))
+        };
         let k = rng.tensor(&[b, s + extra, hkv, d]);
         let v = rng.tensor(&[b, s + extra, hkv, dv]);
-        let g = rng.tensor(&[b, l, h, dv]);
         let c = |t: &Tensor| t.to_dtype(dtype).unwrap();
         let (q, k, v) = (c(&q), c(&k), c(&v));
         let scale = 0.3 + rng.unit() as f64 * 0.2;
         let what =
-            format!("case {case}: b{b} l{l} s{s}+{extra} h{h}/{hkv} d{d}/{dv} {dtype:?} {desc}");
+            format!("case {case}: b{b} l{l} s{s}+{extra} h{h}/{hkv} d{d}/{dv} {dtype:?} head-major {head_major} {desc}");
         let before = cpu_backward_calls();
         let (o_f, g_f, ds_f, kernel) = grads(&q, &k, &v, ps, scale, &g, Backend::Auto).unwrap();
         assert_eq!(kernel, "cpu", "{what}");

@@ -83,7 +83,7 @@ impl candle_core::CustomOp1 for Mlp<'_> {
             bail!("mlp: input has {k} features, the weight {}", self.w1.k())
         }
         let n2 = self.w2.n();
-        let mut out = vec![0f32; m * n2];
+        let mut out = crate::pages::zeroed(m * n2);
         crate::gemm::mlp(
             &x[a..b],
             m,

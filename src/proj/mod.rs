@@ -361,17 +361,17 @@ fn packed_gemm(
     let n = w.n();
     Ok(match xs {
         CpuStorage::BF16(x) => {
-            let mut out = vec![half::bf16::ZERO; m * n];
+            let mut out = crate::pages::zeroed(m * n);
             run(&x[xr], m, w, bias, &mut out, None);
             CpuStorage::BF16(out)
         }
         CpuStorage::F16(x) => {
-            let mut out = vec![half::f16::ZERO; m * n];
+            let mut out = crate::pages::zeroed(m * n);
             run(&x[xr], m, w, bias, &mut out, None);
             CpuStorage::F16(out)
         }
         CpuStorage::F32(x) => {
-            let mut out = vec![0f32; m * n];
+            let mut out = crate::pages::zeroed(m * n);
             run(&x[xr], m, w, bias, &mut out, None);
             CpuStorage::F32(out)
         }
@@ -403,7 +403,7 @@ fn gemm(
             CpuStorage::F16(half_gemm(&x[xr], &w[wr], bias, mnk, avx2))
         }
         (CpuStorage::F32(x), CpuStorage::F32(w)) => {
-            let mut out = vec![0f32; m * n];
+            let mut out = crate::pages::zeroed(m * n);
             gemm_bt(&x[xr], &w[wr], bias, &mut out, mnk);
             CpuStorage::F32(out)
         }
@@ -413,7 +413,7 @@ fn gemm(
 
 /// A half dtype's product into a new vector: the AVX2 kernel (`avx2`) or the AVX-512 one.
 #[cfg(target_arch = "x86_64")]
-fn half_gemm<T: crate::kernels::cpu::gemm_avx2::Half>(
+fn half_gemm<T: crate::kernels::cpu::gemm_avx2::Half + crate::pages::Zero>(
     x: &[T],
     w: &[T],
     bias: Option<&[f32]>,
@@ -421,7 +421,7 @@ fn half_gemm<T: crate::kernels::cpu::gemm_avx2::Half>(
     avx2: bool,
 ) -> Vec<T> {
     use crate::kernels::cpu::gemm::{gemm_bt, gemm_bt_avx2};
-    let mut out = vec![T::default(); mnk.0 * mnk.1];
+    let mut out = crate::pages::zeroed(mnk.0 * mnk.1);
     if avx2 {
         gemm_bt_avx2(x, w, bias, &mut out, mnk)
     } else {

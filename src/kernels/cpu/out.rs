@@ -37,10 +37,11 @@ pub(super) enum OutVec {
 impl OutVec {
     /// `n` zeros in `dtype` (f32 for every dtype but bf16 and f16).
     pub(super) fn zeros(dtype: DType, n: usize) -> Self {
+        use crate::pages::zeroed;
         match dtype {
-            DType::BF16 => OutVec::Bf16(vec![half::bf16::ZERO; n]),
-            DType::F16 => OutVec::F16(vec![half::f16::ZERO; n]),
-            _ => OutVec::F32(vec![0f32; n]),
+            DType::BF16 => OutVec::Bf16(zeroed(n)),
+            DType::F16 => OutVec::F16(zeroed(n)),
+            _ => OutVec::F32(zeroed(n)),
         }
     }
 
