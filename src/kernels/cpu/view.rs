@@ -291,6 +291,31 @@ impl<'a> View<'a> {
         }
     }
 
+    /// Asks the CPU to start loading the `n` elements of the row at `at` (a hint: rows `H · D`
+    /// apart each sit on their own pages, which the hardware prefetchers do not follow, so rows
+    /// read one after the other wait on each in turn).
+    pub fn prefetch_row(&self, at: usize, n: usize) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let size = match self.data {
+                Data::F32(_) => 4,
+                Data::Bf16(_) | Data::F16(_) => 2,
+                Data::Bytes { .. } => 1,
+            };
+            for c in (0..n).step_by(64 / size) {
+                if let Some(x) = self.ptr(at + c) {
+                    // SAFETY: prefetching is a hint; `x` points into the tensor.
+                    unsafe {
+                        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+                        _mm_prefetch::<_MM_HINT_T0>(x.cast())
+                    };
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (at, n);
+    }
+
     /// Address of element `at`, if it exists (for prefetching).
     #[cfg(target_arch = "x86_64")]
     pub fn ptr(&self, at: usize) -> Option<*const u8> {

@@ -272,7 +272,9 @@ pub(super) fn backward(
                         head: d,
                         row: h * d,
                     };
-                    let copy = bw.copies_rows().then(|| bw.head_rows(bi, kh));
+                    let copy = bw
+                        .copies_rows()
+                        .then(|| bw.head_rows(bi, kh, bw.row_span(bi, run)));
                     for &t in run {
                         bw.key_tile(bi, kh, t, (&mut acc, copy.as_ref()), sc);
                     }
@@ -359,7 +361,9 @@ impl Bwd<'_> {
             head: l * d,
             row: d,
         };
-        let copy = self.copies_rows().then(|| self.head_rows(bi, kh));
+        let copy = self
+            .copies_rows()
+            .then(|| self.head_rows(bi, kh, self.row_span(bi, run)));
         for &t in run {
             self.key_tile(bi, kh, t, (&mut acc, copy.as_ref()), sc);
         }

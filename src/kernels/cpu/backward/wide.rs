@@ -55,7 +55,7 @@ impl Bwd<'_> {
         // into the scratch.
         let first = blk.rows[0].1;
         let copied = blk.copy.filter(|_| blk.consecutive);
-        let (q, go) = if let Some(x) = copied.and_then(|c| c.wide(blk, ctx.l, (d, dv))) {
+        let (q, go) = if let Some(x) = copied.and_then(|c| c.wide(blk, (d, dv))) {
             x
         } else if blk.consecutive {
             let (qa, ga) = (ctx.q.at(blk.bi, first, hh), self.go.at(blk.bi, first, hh));
