@@ -402,11 +402,10 @@ impl Bwd<'_> {
                 // The end of the keys any of the rows may see.
                 let mut end = j0;
                 for i in i0..(i0 + BQ).min(l) {
-                    let (lo, hi) = self.ranges[bi * l + i];
-                    let sees = !masked || (lo < hi && lo < j1 && hi > j0);
+                    let sees = !masked || self.row_sees(bi, i, (j0, j1));
                     if sees && self.lse[stats + i] != f32::NEG_INFINITY {
                         rows.push((gg * l + i, i));
-                        end = end.max(hi);
+                        end = end.max(self.ranges[bi * l + i].1);
                     }
                 }
                 let nr = rows.len();
@@ -451,6 +450,13 @@ impl Bwd<'_> {
                 self.dv.write(row * dv, &sc.dv[j * dv..(j + 1) * dv], 1.0);
             }
         }
+    }
+
+    /// Whether query position `i` of batch element `bi` may see a key in `j0..j1` (its
+    /// structured range meets them).
+    fn row_sees(&self, bi: usize, i: usize, (j0, j1): (usize, usize)) -> bool {
+        let (lo, hi) = self.ranges[bi * self.ctx.l + i];
+        lo < hi && lo < j1 && hi > j0
     }
 
     /// `P = exp(modified S + masks − lse)` in place over the score rows of `blk` (rows `BK`

@@ -74,10 +74,7 @@ impl Bwd<'_> {
             (Some(&(a, _)), Some(&(_, b))) => (a, b),
             _ => return (0, 0),
         };
-        let sees = |i: usize| {
-            let (lo, hi) = self.ranges[bi * l + i];
-            lo < hi && lo < b && hi > a
-        };
+        let sees = |i: usize| self.row_sees(bi, i, (a, b));
         match (0..l).position(sees) {
             Some(first) => (
                 first,
