@@ -44,8 +44,7 @@ impl Bwd<'_> {
         // consecutive rows whose pairs are aligned words, else gathered.
         let first = blk.rows[0].1;
         let (qa, ga) = (ctx.q.at(blk.bi, first, hh), self.go.at(blk.bi, first, hh));
-        let copied = blk.copy.filter(|_| blk.consecutive);
-        let in_place = if let Some(x) = copied.and_then(|c| c.pairs(blk, (dp, dvp))) {
+        let in_place = if let Some(x) = blk.copy.and_then(|c| c.pairs(blk, (dp, dvp))) {
             Some(x)
         } else if blk.consecutive {
             let q = ctx.q.pairs_mat(qa, (nr, dp, ctx.q.strides[1]));

@@ -144,15 +144,16 @@ fn each(
 }
 
 impl HeadRows {
-    /// Where the block's consecutive rows start in the copies (in rows), if they are copied.
+    /// Where the block's rows start in the copies (in rows), if they are consecutive and
+    /// copied.
     fn start(&self, blk: &Block) -> Option<usize> {
         let (first, nr) = (blk.rows[0].1, blk.rows.len());
-        (first >= self.lo && first + nr <= self.hi)
+        (blk.consecutive && first >= self.lo && first + nr <= self.hi)
             .then(|| blk.gg * (self.hi - self.lo) + first - self.lo)
     }
 
-    /// The `nr` consecutive f32 rows of `blk` from its first (query, gradient), when these are
-    /// f32 copies holding them.
+    /// The `nr` f32 rows of `blk` from its first (query, gradient), when they are consecutive
+    /// and these are f32 copies holding them.
     pub(super) fn wide<'a>(
         &'a self,
         blk: &Block,

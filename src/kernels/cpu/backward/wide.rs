@@ -54,8 +54,7 @@ impl Bwd<'_> {
         // Consecutive queries are read (and their dQ written) in place; others are gathered
         // into the scratch.
         let first = blk.rows[0].1;
-        let copied = blk.copy.filter(|_| blk.consecutive);
-        let (q, go) = if let Some(x) = copied.and_then(|c| c.wide(blk, (d, dv))) {
+        let (q, go) = if let Some(x) = blk.copy.and_then(|c| c.wide(blk, (d, dv))) {
             x
         } else if blk.consecutive {
             let (qa, ga) = (ctx.q.at(blk.bi, first, hh), self.go.at(blk.bi, first, hh));
