@@ -150,36 +150,40 @@ unsafe fn block<T: Elem>(
             apanel,
         );
         let a = abuf.as_slice().as_ptr();
-        // Each sliver of x (L1) passes every weight panel of the block (streamed).
-        for ip in 0..a_panels {
-            let rows = (mv - ip * mr).min(mr);
-            for jp in 0..nv.div_ceil(nr) {
-                let cols = (nv - jp * nr).min(nr);
-                let j = c0 + jp * nr;
-                let b = wdata[(j / nr) * per_panel + u0 * nr..].as_ptr();
-                // SAFETY: the tile's C block lies in the caller's block (rows ip·mr..,
-                // columns jp·nr..); a and b cover kcv steps of a packed sliver and panel; the
-                // CPU has the kernel (the caller's promise).
-                unsafe {
-                    let out = Out {
-                        // Wrapping: `cptr` may dangle (see the safety section).
-                        c: cptr.wrapping_add(ip * mr * ldc + jp * nr),
-                        ldc,
-                        bias: job.bias.map_or(std::ptr::null(), |bb| bb.as_ptr().add(j)),
-                        init,
-                        half,
-                        h: if h.is_null() {
-                            h
+        // Each sliver of x (L1) passes `job.nb` weight panels (L2: the first sliver brings them
+        // from L3 or memory, the next ones find them there), then the next `nb` panels.
+        let np = nv.div_ceil(nr);
+        for jp0 in (0..np).step_by(job.nb.max(1)) {
+            for ip in 0..a_panels {
+                let rows = (mv - ip * mr).min(mr);
+                for jp in jp0..(jp0 + job.nb.max(1)).min(np) {
+                    let cols = (nv - jp * nr).min(nr);
+                    let j = c0 + jp * nr;
+                    let b = wdata[(j / nr) * per_panel + u0 * nr..].as_ptr();
+                    // SAFETY: the tile's C block lies in the caller's block (rows ip·mr..,
+                    // columns jp·nr..); a and b cover kcv steps of a packed sliver and panel; the
+                    // CPU has the kernel (the caller's promise).
+                    unsafe {
+                        let out = Out {
+                            // Wrapping: `cptr` may dangle (see the safety section).
+                            c: cptr.wrapping_add(ip * mr * ldc + jp * nr),
+                            ldc,
+                            bias: job.bias.map_or(std::ptr::null(), |bb| bb.as_ptr().add(j)),
+                            init,
+                            half,
+                            h: if h.is_null() {
+                                h
+                            } else {
+                                h.add(ip * mr * ldh + jp * nr)
+                            },
+                            ldh,
+                        };
+                        let a = a.add(ip * apanel);
+                        if rows == mr && cols == nr {
+                            ukr(kcv, a, b, out);
                         } else {
-                            h.add(ip * mr * ldh + jp * nr)
-                        },
-                        ldh,
-                    };
-                    let a = a.add(ip * apanel);
-                    if rows == mr && cols == nr {
-                        ukr(kcv, a, b, out);
-                    } else {
-                        edge_tile(ukr, (kcv, a, b), out, (rows, cols));
+                            edge_tile(ukr, (kcv, a, b), out, (rows, cols));
+                        }
                     }
                 }
             }
@@ -197,12 +201,13 @@ unsafe fn block<T: Elem>(
 }
 
 /// One product's operands: `x` (as a packing source), the packed weight, the bias, the `K`
-/// block and the epilogue.
+/// block, the weight panels per pass of the slivers ([`Blocking::nb`]) and the epilogue.
 struct Job<'a, T> {
     src: Src<'a, T>,
     w: &'a PackedWeight,
     bias: Option<&'a [f32]>,
     kc: usize,
+    nb: usize,
     epilogue: Option<RowFn<'a>>,
 }
 
@@ -235,7 +240,7 @@ fn run<T: Elem>(
 ) {
     let (n, k) = (w.n, w.k);
     let (_, nr) = w.kernel.tile();
-    let Blocking { kc, mc, nc } = blocking(w.kernel);
+    let Blocking { kc, mc, nc, nb } = blocking(w.kernel);
     // An epilogue sees whole rows: one column block.
     let nc = if epilogue.is_some() {
         nc.max(n.div_ceil(nr) * nr)
@@ -255,6 +260,7 @@ fn run<T: Elem>(
         w,
         bias,
         kc,
+        nb,
         epilogue,
     };
     (0..tm * tn).into_par_iter().for_each(|t| {
@@ -361,6 +367,7 @@ pub(crate) fn mlp(
                     w: w1,
                     bias: b1,
                     kc: b1k.kc,
+                    nb: b1k.nb,
                     epilogue: Some(act),
                 };
                 // SAFETY: the per-thread hidden block holds mv rows of n1; kernels checked.
@@ -390,6 +397,7 @@ pub(crate) fn mlp(
                     w: w2,
                     bias: b2,
                     kc: b2k.kc,
+                    nb: b2k.nb,
                     epilogue: epilogue.map(|_| &with_input as RowFn),
                 };
                 // SAFETY: output rows r0..r0+mv are this task's alone; kernels checked.

@@ -129,8 +129,9 @@ fn every_kernel_matches_float64_in_every_dtype() {
     eprintln!("{ran} of 3 kernels ran");
 }
 
-/// Block sizes follow the caches: a sliver of `x` fits L1, the packed block of `x` L2, the
-/// weight block 8 MiB, and every size is a whole number of tiles.
+/// Block sizes follow the caches: a sliver of `x` fits L1, the packed block of `x` and the
+/// weight panels a sliver passes at a time L2 together, the weight block 8 MiB, and every size
+/// is a whole number of tiles.
 #[test]
 fn blocking_fits_the_caches() {
     let (l1, l2) = cache_sizes();
@@ -149,6 +150,11 @@ fn blocking_fits_the_caches() {
             "{kernel:?} {b:?} L2 {l2}"
         );
         assert!(b.kc * b.nc * 4 <= 8 << 20 || b.nc == nr, "{kernel:?} {b:?}");
+        assert!(b.nb >= 1, "{kernel:?} {b:?}");
+        assert!(
+            (b.nb * nr + b.mc) * b.kc * 4 <= l2 || b.nb == 1,
+            "{kernel:?} {b:?} L2 {l2}: x's block and the panels a sliver passes share L2"
+        );
     }
 }
 

@@ -140,6 +140,7 @@ mod products;
 mod proj_kernel;
 mod quant;
 mod softmax;
+mod softmax_tile;
 #[cfg(target_arch = "x86_64")]
 mod softmax_x86;
 mod spare;

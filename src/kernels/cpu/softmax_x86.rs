@@ -10,28 +10,27 @@ use super::avx512::tail_mask as tail;
 use super::softmax::exp_poly::{LN2_HI, LN2_LO, LOG2E, MAGIC, MIN, P};
 use super::softmax::{running_max, Rational};
 
-/// `exp(x)` for `x <= 0` in 16 lanes: the Cephes polynomial of `softmax::fast_exp` (relative
-/// error ≈ 1e-7); 0 below the f32 normal range and for `-inf`; NaN stays NaN. The power of two
+/// `exp(x)` for `x <= 0` in 16 lanes: the polynomial of `softmax::fast_exp` (relative error
+/// ≈ 1e-7); 0 below the f32 normal range and for `-inf`; NaN stays NaN. The power of two
 /// is applied by `vscalefps` (exact, as the portable step's multiplication by `2ⁿ` built from
 /// the exponent bits, in one instruction instead of four), merged with the zeroing of the lanes
 /// below the range.
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn exp16(x: __m512) -> __m512 {
+pub(super) unsafe fn exp16(x: __m512) -> __m512 {
     let min = _mm512_set1_ps(MIN);
     let magic = _mm512_set1_ps(MAGIC);
-    // `max(min, x)` keeps x when it is NaN (the second operand wins on NaN).
-    let xc = _mm512_max_ps(min, x);
-    let z = _mm512_fmadd_ps(xc, _mm512_set1_ps(LOG2E), magic);
+    // No clamp to `min` first (the portable step's): below it the lanes are zeroed at the end,
+    // whatever the steps between made of them (`-inf` gives NaN there).
+    let z = _mm512_fmadd_ps(x, _mm512_set1_ps(LOG2E), magic);
     let n = _mm512_sub_ps(z, magic);
-    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), xc);
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
     let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
     let mut p = _mm512_set1_ps(P[0]);
     for c in &P[1..] {
         p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(*c));
     }
-    let one = _mm512_set1_ps(1.0);
-    let y = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, one));
+    let y = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0));
     // 0 where x < min (false for NaN); elsewhere y · 2ⁿ (n ≥ -126: a normal result).
     let keep = _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(x, min);
     _mm512_maskz_scalef_ps(keep, y, n)
@@ -110,10 +109,41 @@ pub(super) unsafe fn softmax_step_avx512(
     }
 }
 
+/// `softmax::exp_sub` on AVX-512: `row[j] = exp(min(row[j] − shift, 0))` with [`exp16`], two
+/// vectors per step (the compiler's vectorisation of the portable loop built `2ⁿ` from the
+/// exponent bits and kept one vector in flight).
+///
+/// # Safety
+/// avx512f must be available.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn exp_sub_avx512(row: &mut [f32], shift: f32) {
+    // SAFETY: the caller upholds this function's `# Safety` contract; every access is inside
+    // `row` (whole vectors below `n`, the last one masked).
+    unsafe {
+        let (n, p) = (row.len(), row.as_mut_ptr());
+        let (sv, zero) = (_mm512_set1_ps(shift), _mm512_setzero_ps());
+        // `min(0, y)` keeps y when it is NaN (the second operand wins on NaN), as the portable
+        // `if y > 0 { 0 } else { y }`: rounding can leave a logit a hair above its lse.
+        let e = |x: __m512| exp16(_mm512_min_ps(zero, _mm512_sub_ps(x, sv)));
+        let mut c = 0;
+        while c + 32 <= n {
+            let (x0, x1) = (_mm512_loadu_ps(p.add(c)), _mm512_loadu_ps(p.add(c + 16)));
+            _mm512_storeu_ps(p.add(c), e(x0));
+            _mm512_storeu_ps(p.add(c + 16), e(x1));
+            c += 32;
+        }
+        while c < n {
+            let k = tail(n - c);
+            _mm512_mask_storeu_ps(p.add(c), k, e(_mm512_maskz_loadu_ps(k, p.add(c))));
+            c += 16;
+        }
+    }
+}
+
 /// [`exp16`] in 8 lanes (AVX2 + FMA).
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn exp8(x: __m256) -> __m256 {
+pub(super) unsafe fn exp8(x: __m256) -> __m256 {
     let min = _mm256_set1_ps(MIN);
     let magic = _mm256_set1_ps(MAGIC);
     // `max(min, x)` keeps x when it is NaN (the second operand wins on NaN).
@@ -127,8 +157,7 @@ unsafe fn exp8(x: __m256) -> __m256 {
     for c in &P[1..] {
         p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(*c));
     }
-    let one = _mm256_set1_ps(1.0);
-    let y = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, one));
+    let y = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0));
     let scale = _mm256_slli_epi32::<23>(_mm256_add_epi32(ni, _mm256_set1_epi32(127)));
     let y = _mm256_mul_ps(y, _mm256_castsi256_ps(scale));
     // 0 where x < min (false for NaN).
@@ -138,7 +167,7 @@ unsafe fn exp8(x: __m256) -> __m256 {
 /// The horizontal maximum of 8 lanes (no NaN among them).
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn hmax8(x: __m256) -> f32 {
+pub(super) unsafe fn hmax8(x: __m256) -> f32 {
     let m = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps::<1>(x));
     let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
     let m = _mm_max_ss(m, _mm_movehdup_ps(m));
@@ -148,7 +177,7 @@ unsafe fn hmax8(x: __m256) -> f32 {
 /// The horizontal sum of 8 lanes.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn hsum8(x: __m256) -> f32 {
+pub(super) unsafe fn hsum8(x: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps::<1>(x));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     let s = _mm_add_ss(s, _mm_movehdup_ps(s));

@@ -12,6 +12,8 @@ use std::ops::{Deref, DerefMut};
 
 /// Buffers kept per thread.
 const KEEP: usize = 4;
+/// 4-byte words per cache line.
+const LINE_WORDS: usize = 16;
 
 thread_local! {
     static SPARE: RefCell<Vec<Vec<u32>>> = const { RefCell::new(Vec::new()) };
@@ -41,10 +43,13 @@ impl Word for u32 {}
 impl Word for half::bf16 {}
 impl Word for half::f16 {}
 
-/// `len` elements of `T` in a reused buffer of 4-byte words (contents unspecified until
-/// written: every user writes what it reads).
+/// `len` elements of `T` in a reused buffer of 4-byte words, the first at the start of a cache
+/// line (so that the micro-kernels' whole-vector loads of K and V rows do not straddle two);
+/// contents unspecified until written: every user writes what it reads.
 pub(super) struct Spare<T: Word> {
     words: Vec<u32>,
+    /// Words before the first element (which starts a cache line).
+    off: usize,
     len: usize,
     _t: PhantomData<T>,
 }
@@ -64,12 +69,16 @@ impl<T: Word> Spare<T> {
                 best.map(|i| s.swap_remove(i))
             })
             .unwrap_or_default();
-        if words.len() < n {
-            words.resize(n, 0);
+        let padded = n + LINE_WORDS - 1;
+        if words.len() < padded {
+            words.resize(padded, 0);
         }
-        words.truncate(n);
+        words.truncate(padded);
+        let off = words.as_ptr().align_offset(64);
+        debug_assert!(off < LINE_WORDS);
         Self {
             words,
+            off,
             len,
             _t: PhantomData,
         }
@@ -81,14 +90,16 @@ impl<T: Word> Deref for Spare<T> {
     fn deref(&self) -> &[T] {
         // SAFETY: the words hold at least `len` elements of `T` (2 or 4 bytes, alignment ≤ 4),
         // every bit pattern of which is a valid `T`.
-        unsafe { std::slice::from_raw_parts(self.words.as_ptr().cast(), self.len) }
+        unsafe { std::slice::from_raw_parts(self.words.as_ptr().add(self.off).cast(), self.len) }
     }
 }
 
 impl<T: Word> DerefMut for Spare<T> {
     fn deref_mut(&mut self) -> &mut [T] {
         // SAFETY: as in `deref`; the buffer is borrowed mutably.
-        unsafe { std::slice::from_raw_parts_mut(self.words.as_mut_ptr().cast(), self.len) }
+        unsafe {
+            std::slice::from_raw_parts_mut(self.words.as_mut_ptr().add(self.off).cast(), self.len)
+        }
     }
 }
 
@@ -119,12 +130,14 @@ mod tests {
         let a = Spare::<f32>::new(1000);
         let ptr = a.as_ptr() as usize;
         assert_eq!(a.len(), 1000);
+        assert_eq!(ptr % 64, 0, "the first element starts a cache line");
         drop(a);
         let mut b = Spare::<half::bf16>::new(1999);
         assert_eq!(b.len(), 1999);
         assert_eq!(b.as_ptr() as usize, ptr, "the spare buffer is reused");
         b[1998] = half::bf16::ONE;
         let c = Spare::<u32>::new(10);
+        assert_eq!(c.as_ptr() as usize % 64, 0);
         assert_ne!(
             c.as_ptr() as usize,
             ptr,

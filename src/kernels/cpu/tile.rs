@@ -19,7 +19,7 @@ use super::products;
 #[cfg(target_arch = "x86_64")]
 use super::quant::key_scales;
 use super::quant::{pv_quantized, scale_columns, QRows, QuantRows};
-use super::softmax::softmax_step;
+use super::softmax_tile::{softmax_tile, ScoreTile};
 pub(super) use super::view::{Data, View};
 use super::walk::Walk;
 use super::{BLOCK_K, BLOCK_Q, MAX_HEAD_DIM};
@@ -408,19 +408,27 @@ impl Ctx<'_> {
             self.mods
                 .cap(self.paths.isa, &mut rows.scores[..last * BLOCK_K + bk]);
         }
-        let mut any = false;
+        let mut live = 0u64;
         for r in 0..nr {
             let row = &mut rows.scores[r * BLOCK_K..r * BLOCK_K + bk];
             let range = (rows.lo[r], rows.hi[r]);
             let at = (bi, kh, rows.r0 + r);
-            if !self.score_row(at, (range, masked), j0, row) {
+            if self.score_row(at, (range, masked), j0, row) {
+                live |= 1 << r;
+            } else {
                 row.fill(0.0);
-                continue;
             }
-            let acc = &mut rows.acc[r * dv..(r + 1) * dv];
-            any |= softmax_step(self.paths.isa, row, &mut rows.m[r], &mut rows.lsum[r], acc);
         }
-        if !any {
+        let tile = ScoreTile {
+            scores: rows.scores,
+            bk,
+            live,
+            m: rows.m,
+            lsum: rows.lsum,
+            acc: rows.acc,
+            dv,
+        };
+        if !softmax_tile(self.paths.isa, tile) {
             return;
         }
         if self.paths.pv == PvPath::Pairs {
