@@ -19,7 +19,8 @@
 //!    `-inf`, and the dense key padding and attention bias rows are added;
 //! 3. online softmax in f32: per row a running max `m` and sum `l`; the tile's scores become
 //!    `exp(score - m_new)` (a vectorised polynomial `exp`, relative error ≈ 1e-7) and the
-//!    accumulator row is rescaled by `exp(m_old - m_new)`;
+//!    accumulator row is rescaled by `exp(m_old - m_new)` (every row's maximum first, then the
+//!    factors of 16 rows in one vector `exp`, then each row's pass: `softmax_tile.rs`);
 //! 4. `acc += P · V_tile` (AVX-512 micro-kernel of 6 rows × 64 columns, AVX2 of 6 × 16, or the
 //!    `gemm` crate), V read in place, or, for prefill-like calls with strided heads, from a copy
 //!    with each head's rows contiguous (rows a power-of-two multiple of 1 KiB apart fall into a
@@ -94,8 +95,9 @@
 //! `walk.rs` (the one walk over a work item's key tiles, for prefill and decode), `tile.rs`
 //! (one work item: masks, softmax step, products), `modifiers.rs` (soft-cap, ALiBi,
 //! sinks), `decode.rs` and `stream.rs`
-//! (decode-shaped calls, their prefetch stream), `softmax.rs` and `softmax_x86.rs` (online
-//! softmax, `exp`; its AVX-512 / AVX2 step), `out.rs` (the output, written in its dtype),
+//! (decode-shaped calls, their prefetch stream), `softmax_tile.rs` (the online softmax of a
+//! tile's rows, on AVX-512 / AVX2 in stages), `softmax.rs` and `softmax_x86.rs` (the portable row
+//! step, `exp` and its vector forms, soft-capping, ALiBi), `out.rs` (the output, written in its dtype),
 //! `backward/` and `op.rs` (the backward and its autograd node), `products.rs` (the run-time
 //! instruction set and the products dispatched on it), `avx512.rs`, `avx512_bf16.rs`,
 //! `avx2.rs` and `portable.rs` (the products on AVX-512 or AVX2 registers, as AVX512-BF16 dot

@@ -1,32 +1,20 @@
-//! The online softmax step of a tile and its vectorised `exp`.
+//! The online softmax's row step and `exp` on any CPU (the reference of the vectorised tile step
+//! in `softmax_tile.rs`), the backward's `exp(row − lse)`, soft-capping and ALiBi.
 
 use super::products::Isa;
 
-/// One row of one tile: `row` (logits) becomes `exp(row - m_new)`, `m`/`lsum` are updated and
-/// `acc` is rescaled. Returns whether the row has any nonzero probability in this tile.
-pub(super) fn softmax_step(
-    isa: Isa,
-    row: &mut [f32],
-    m: &mut f32,
-    lsum: &mut f32,
-    acc: &mut [f32],
-) -> bool {
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa` carries the proof that the CPU runs it (`products::Detected`).
-        Isa::Avx512(_) | Isa::Avx512Bf16(_) => unsafe {
-            super::softmax_x86::softmax_step_avx512(row, m, lsum, acc)
-        },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above (AVX2 + FMA implies AVX).
-        Isa::Avx2(_) => unsafe { super::softmax_x86::softmax_step_avx2(row, m, lsum, acc) },
-        _ => softmax_step_impl::<false, 8>(row, m, lsum, acc),
-    }
+/// One row of one tile, on any CPU: `row` (logits) becomes `exp(row - m_new)`, `m`/`lsum` are
+/// updated and `acc` is rescaled. Returns whether the row has any nonzero probability in this
+/// tile. (Where the CPU has AVX-512 or AVX2, `softmax_tile` does every row of a tile at once.)
+pub(super) fn softmax_step(row: &mut [f32], m: &mut f32, lsum: &mut f32, acc: &mut [f32]) -> bool {
+    softmax_step_impl::<false, 8>(row, m, lsum, acc)
 }
 
+/// [`softmax_step`] with fused multiply-adds in `exp` (`FMA`, as the vectorised steps compute
+/// it: the same probabilities bit for bit), in `W` lanes.
 #[allow(clippy::needless_range_loop)]
 #[inline(always)]
-fn softmax_step_impl<const FMA: bool, const W: usize>(
+pub(super) fn softmax_step_impl<const FMA: bool, const W: usize>(
     row: &mut [f32],
     m: &mut f32,
     lsum: &mut f32,
@@ -477,73 +465,6 @@ mod tests {
                             "{isa:?} n={n} centre={centre} k={k}: {y} vs {want}"
                         );
                     }
-                }
-            }
-        }
-    }
-
-    /// The AVX-512 and AVX2 steps compute what the portable one does: the same probabilities
-    /// (bit for bit: one polynomial), maxima, NaN and `-inf` handling; sums and rescaled rows to
-    /// f32 rounding (the lanes are summed in another order).
-    #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn simd_steps_match_portable() {
-        type Step = unsafe fn(&mut [f32], &mut f32, &mut f32, &mut [f32]) -> bool;
-        let mut steps: Vec<(&str, Step)> = vec![];
-        if is_x86_feature_detected!("avx512f") {
-            steps.push(("avx512", super::super::softmax_x86::softmax_step_avx512));
-        }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            steps.push(("avx2", super::super::softmax_x86::softmax_step_avx2));
-        }
-        if steps.is_empty() {
-            println!("skipped: neither AVX-512 nor AVX2 on this CPU");
-        }
-        let mut s = 0x1234_5678u32;
-        let mut rnd = || {
-            s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-            (s >> 8) as f32 / (1u32 << 24) as f32
-        };
-        for (name, step) in steps {
-            for n in [1, 2, 7, 8, 9, 15, 16, 17, 31, 64, 100, 256] {
-                for case in 0..9 {
-                    let mut row: Vec<f32> = (0..n).map(|_| rnd() * 40.0 - 30.0).collect();
-                    match case {
-                        1 => row
-                            .iter_mut()
-                            .step_by(3)
-                            .for_each(|x| *x = f32::NEG_INFINITY),
-                        2 => row.fill(f32::NEG_INFINITY),
-                        3 => row[n / 2] = f32::NAN,
-                        4 => row[n - 1] = -100.0,
-                        8 => row[n - 1] = f32::NAN,
-                        _ => {}
-                    }
-                    // Running state: fresh, or from an earlier tile (below, above the tile).
-                    let (m0, l0) = match case {
-                        5 => (-5.0, 2.5),
-                        6 => (50.0, 1.0),
-                        _ => (f32::NEG_INFINITY, 0.0),
-                    };
-                    let acc0: Vec<f32> = (0..40).map(|_| rnd()).collect();
-                    let (mut ra, mut ma, mut la, mut aa) = (row.clone(), m0, l0, acc0.clone());
-                    let (mut rb, mut mb, mut lb, mut ab) = (row.clone(), m0, l0, acc0.clone());
-                    let a = softmax_step_impl::<true, 16>(&mut ra, &mut ma, &mut la, &mut aa);
-                    // SAFETY: the CPU has the step's features (detected above).
-                    let b = unsafe { step(&mut rb, &mut mb, &mut lb, &mut ab) };
-                    let what = format!("{name} n={n} case={case}");
-                    assert_eq!(a, b, "{what}");
-                    let same =
-                        |x: f32, y: f32| x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan());
-                    assert!(ra.iter().zip(&rb).all(|(x, y)| same(*x, *y)), "{what}");
-                    assert!(same(ma, mb), "{what}: max {ma} vs {mb}");
-                    let close =
-                        |x: f32, y: f32| same(x, y) || (x - y).abs() <= 1e-6 * x.abs().max(1.0);
-                    assert!(close(la, lb), "{what}: sum {la} vs {lb}");
-                    assert!(
-                        aa.iter().zip(&ab).all(|(x, y)| close(*x, *y)),
-                        "{what}: rows"
-                    );
                 }
             }
         }

@@ -48,7 +48,7 @@ pub(super) fn softmax_tile(isa: Isa, t: ScoreTile) -> bool {
             for r in live_rows(t.live, t.m.len()) {
                 let row = &mut t.scores[r * BLOCK_K..r * BLOCK_K + t.bk];
                 let acc = &mut t.acc[r * t.dv..(r + 1) * t.dv];
-                any |= softmax_step(isa, row, &mut t.m[r], &mut t.lsum[r], acc);
+                any |= softmax_step(row, &mut t.m[r], &mut t.lsum[r], acc);
             }
             any
         }
@@ -325,10 +325,11 @@ mod x86 {
 mod tests {
     use super::*;
     use crate::kernels::cpu::products::available;
+    use crate::kernels::cpu::softmax::softmax_step_impl;
 
-    /// The tile step against the row-by-row step on every instruction set of this CPU (which
-    /// `softmax.rs` checks against the portable one): probabilities and maxima bit for bit
-    /// (one `exp`), sums and rescaled
+    /// The tile step against the portable row-by-row step on every instruction set of this CPU
+    /// (with fused multiply-adds where the SIMD steps have them): probabilities and maxima bit
+    /// for bit (one `exp` polynomial), sums and rescaled
     /// output rows to f32 rounding (lanes summed in another order), rows with nothing visible
     /// zeroed with their state kept, rows not live untouched; NaN and `-inf` rows; running
     /// states fresh, below and above the tile; every width up to a whole tile.
@@ -343,14 +344,19 @@ mod tests {
         for isa in available() {
             for (nr, bk) in [
                 (1, 1),
+                (2, 2),
+                (5, 7),
+                (9, 8),
+                (12, 9),
                 (3, 17),
                 (16, 16),
                 (17, 33),
+                (20, 31),
                 (40, 100),
                 (64, 256),
                 (64, 250),
             ] {
-                for case in 0..4 {
+                for case in 0..9 {
                     let mut scores = vec![0f32; nr * BLOCK_K];
                     let mut m = vec![f32::NEG_INFINITY; nr];
                     let mut lsum = vec![0f32; nr];
@@ -370,6 +376,7 @@ mod tests {
                             5 => (m[r], lsum[r]) = (-5.0, 2.5),
                             6 => (m[r], lsum[r]) = (50.0, 1.0),
                             7 => (m[r], lsum[r]) = (f32::NAN, f32::NAN),
+                            8 => row[bk - 1] = f32::NAN,
                             _ => {}
                         }
                         if (r * 7 + case) % 5 != 0 {
@@ -382,7 +389,11 @@ mod tests {
                     for r in live_rows(live, nr) {
                         let row = &mut sa[r * BLOCK_K..r * BLOCK_K + bk];
                         let a = &mut aa[r * dv..(r + 1) * dv];
-                        want |= softmax_step(isa, row, &mut ma[r], &mut la[r], a);
+                        let (m, l) = (&mut ma[r], &mut la[r]);
+                        want |= match isa {
+                            Isa::Portable => softmax_step(row, m, l, a),
+                            _ => softmax_step_impl::<true, 16>(row, m, l, a),
+                        };
                     }
                     let (mut sb, mut mb, mut lb, mut ab) = (scores, m, lsum, acc);
                     let tile = ScoreTile {

@@ -1,14 +1,14 @@
-//! The online softmax step of one row on AVX-512 or AVX2 registers: the same function as
-//! `softmax.rs`'s portable step (NaN wins and sticks, `-inf` gives 0, the same `exp` polynomial),
-//! written with intrinsics so that the row's maximum and sum are single-vector reductions and the
-//! `exp` of 16 (8) logits is one pass of vector instructions. (The compiler's vectorisation of the
-//! portable step left scalar reductions and spent 2–3× the time.)
+//! The vectorised pieces of the fused kernel's softmax on AVX-512 or AVX2 registers: `exp` of 16
+//! (8) logits (`softmax.rs`'s polynomial, NaN kept, `-inf` and the range below f32's normals to
+//! 0), the backward's `exp(row − lse)`, soft-capping and ALiBi. The online-softmax step of a
+//! whole tile is in `softmax_tile.rs`. (The compiler's vectorisation of the portable loops left
+//! scalar reductions and `2ⁿ` built from the exponent bits, and spent 2–3× the time.)
 
 use std::arch::x86_64::*;
 
 use super::avx512::tail_mask as tail;
 use super::softmax::exp_poly::{LN2_HI, LN2_LO, LOG2E, MAGIC, MIN, P};
-use super::softmax::{running_max, Rational};
+use super::softmax::Rational;
 
 /// `exp(x)` for `x <= 0` in 16 lanes: the polynomial of `softmax::fast_exp` (relative error
 /// ≈ 1e-7); 0 below the f32 normal range and for `-inf`; NaN stays NaN. The power of two
@@ -34,79 +34,6 @@ pub(super) unsafe fn exp16(x: __m512) -> __m512 {
     // 0 where x < min (false for NaN); elsewhere y · 2ⁿ (n ≥ -126: a normal result).
     let keep = _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(x, min);
     _mm512_maskz_scalef_ps(keep, y, n)
-}
-
-/// `softmax::softmax_step` on AVX-512: `row` (logits) becomes `exp(row - m_new)`, `m`/`lsum`
-/// are updated and `acc` is rescaled; `false` (row zeroed, state unchanged) while nothing is
-/// visible.
-///
-/// # Safety
-/// avx512f must be available.
-#[target_feature(enable = "avx512f")]
-pub(super) unsafe fn softmax_step_avx512(
-    row: &mut [f32],
-    m: &mut f32,
-    lsum: &mut f32,
-    acc: &mut [f32],
-) -> bool {
-    // SAFETY: the caller upholds this function's `# Safety` contract.
-    unsafe {
-        let n = row.len();
-        let p = row.as_mut_ptr();
-        let neg_inf = _mm512_set1_ps(f32::NEG_INFINITY);
-        let mut mx = neg_inf;
-        let mut nan = 0u16;
-        let mut c = 0;
-        while c < n {
-            let x = _mm512_mask_loadu_ps(neg_inf, tail(n - c), p.add(c));
-            nan |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
-            mx = _mm512_max_ps(mx, x);
-            c += 16;
-        }
-        // NaN wins and sticks (a NaN logit makes the row NaN, as in PyTorch).
-        let tile_max = if nan != 0 {
-            f32::NAN
-        } else {
-            _mm512_reduce_max_ps(mx)
-        };
-        let m_new = running_max(tile_max, *m);
-        if m_new == f32::NEG_INFINITY {
-            // Nothing visible so far: probabilities 0, no state change.
-            row.fill(0.0);
-            return false;
-        }
-        let mv = _mm512_set1_ps(m_new);
-        let mut sv = _mm512_setzero_ps();
-        let mut c = 0;
-        while c < n {
-            let k = tail(n - c);
-            let x = _mm512_mask_loadu_ps(neg_inf, k, p.add(c));
-            let e = exp16(_mm512_sub_ps(x, mv));
-            _mm512_mask_storeu_ps(p.add(c), k, e);
-            sv = _mm512_mask_add_ps(sv, k, sv, e);
-            c += 16;
-        }
-        let sum = _mm512_reduce_add_ps(sv);
-        if m_new != *m {
-            // exp(m - m_new): 0 when m was -inf.
-            let corr = _mm512_cvtss_f32(exp16(_mm512_set1_ps(*m - m_new)));
-            if *lsum != 0.0 {
-                let cv = _mm512_set1_ps(corr);
-                let (a, len) = (acc.as_mut_ptr(), acc.len());
-                let mut c = 0;
-                while c < len {
-                    let k = tail(len - c);
-                    let x = _mm512_maskz_loadu_ps(k, a.add(c));
-                    _mm512_mask_storeu_ps(a.add(c), k, _mm512_mul_ps(x, cv));
-                    c += 16;
-                }
-            }
-            *lsum *= corr;
-            *m = m_new;
-        }
-        *lsum += sum;
-        true
-    }
 }
 
 /// `softmax::exp_sub` on AVX-512: `row[j] = exp(min(row[j] − shift, 0))` with [`exp16`], two
@@ -182,86 +109,6 @@ pub(super) unsafe fn hsum8(x: __m256) -> f32 {
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     let s = _mm_add_ss(s, _mm_movehdup_ps(s));
     _mm_cvtss_f32(s)
-}
-
-/// [`softmax_step_avx512`] on AVX2 + FMA: whole vectors of 8, the last `len % 8` elements one
-/// lane at a time (in a vector register, so with the same arithmetic).
-///
-/// # Safety
-/// avx2 and fma must be available.
-#[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn softmax_step_avx2(
-    row: &mut [f32],
-    m: &mut f32,
-    lsum: &mut f32,
-    acc: &mut [f32],
-) -> bool {
-    // SAFETY: the caller upholds this function's `# Safety` contract.
-    unsafe {
-        let n = row.len();
-        let full = n / 8 * 8;
-        let p = row.as_mut_ptr();
-        let neg_inf = _mm256_set1_ps(f32::NEG_INFINITY);
-        let mut mx = neg_inf;
-        let mut nan = _mm256_setzero_ps();
-        let mut c = 0;
-        while c < full {
-            let x = _mm256_loadu_ps(p.add(c));
-            nan = _mm256_or_ps(nan, _mm256_cmp_ps::<_CMP_UNORD_Q>(x, x));
-            mx = _mm256_max_ps(mx, x);
-            c += 8;
-        }
-        let mut tile_max = hmax8(mx);
-        let mut any_nan = _mm256_movemask_ps(nan) != 0;
-        for &x in &row[full..] {
-            any_nan |= x.is_nan();
-            tile_max = tile_max.max(x);
-        }
-        // NaN wins and sticks (a NaN logit makes the row NaN, as in PyTorch).
-        if any_nan {
-            tile_max = f32::NAN;
-        }
-        let m_new = running_max(tile_max, *m);
-        if m_new == f32::NEG_INFINITY {
-            // Nothing visible so far: probabilities 0, no state change.
-            row.fill(0.0);
-            return false;
-        }
-        let mv = _mm256_set1_ps(m_new);
-        let mut sv = _mm256_setzero_ps();
-        let mut c = 0;
-        while c < full {
-            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(c)), mv));
-            _mm256_storeu_ps(p.add(c), e);
-            sv = _mm256_add_ps(sv, e);
-            c += 8;
-        }
-        let mut sum = hsum8(sv);
-        for x in &mut row[full..] {
-            let e = _mm256_cvtss_f32(exp8(_mm256_set1_ps(*x - m_new)));
-            *x = e;
-            sum += e;
-        }
-        if m_new != *m {
-            // exp(m - m_new): 0 when m was -inf.
-            let corr = _mm256_cvtss_f32(exp8(_mm256_set1_ps(*m - m_new)));
-            if *lsum != 0.0 {
-                let cv = _mm256_set1_ps(corr);
-                let (a, len) = (acc.as_mut_ptr(), acc.len());
-                let full = len / 8 * 8;
-                let mut c = 0;
-                while c < full {
-                    _mm256_storeu_ps(a.add(c), _mm256_mul_ps(_mm256_loadu_ps(a.add(c)), cv));
-                    c += 8;
-                }
-                acc[full..].iter_mut().for_each(|x| *x *= corr);
-            }
-            *lsum *= corr;
-            *m = m_new;
-        }
-        *lsum += sum;
-        true
-    }
 }
 
 /// `row[j] = c · tanh(row[j] / c)` (`softmax::softcap`) on AVX-512: `tanh|y| = 1 − 2e / (1 + e)`
