@@ -9,7 +9,8 @@
 //! stages instead: every live row's maximum (independent rows), the rescaling factors of 16 rows
 //! in one vector `exp`, then each row's `exp` pass, unrolled by two vectors.
 
-use super::products::Isa;
+use super::mat::Mat;
+use super::products::{self, Isa};
 use super::softmax::softmax_step;
 use super::{BLOCK_K, BLOCK_Q};
 
@@ -29,6 +30,11 @@ pub(super) struct ScoreTile<'a> {
     pub lsum: &'a mut [f32],
     pub acc: &'a mut [f32],
     pub dv: usize,
+    /// With `P · V` on bf16 pairs: room for the probabilities as bf16 pairs of consecutive
+    /// columns (`BLOCK_K / 2` per row; rounded to nearest even, as `products::to_pairs`),
+    /// written by the step itself while they are in registers. The f32 rows are then left
+    /// unspecified (only the pairs are read after the step).
+    pub pairs: Option<&'a mut [u32]>,
 }
 
 /// [`softmax_step`] on every live row of the tile; returns whether any row has a probability
@@ -38,7 +44,11 @@ pub(super) fn softmax_tile(isa: Isa, t: ScoreTile) -> bool {
     debug_assert!(t.scores.len() >= t.m.len().saturating_sub(1) * BLOCK_K + t.bk);
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa` carries the proof that the CPU runs it (`products::Detected`).
+        // SAFETY: `isa` carries the proof that the CPU runs it (`products::Detected`), with
+        // AVX512-BF16 (and BW, which the detection requires of it).
+        Isa::Avx512Bf16(_) if t.pairs.is_some() => unsafe { x86::softmax_tile_avx512_pairs(t) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
         Isa::Avx512(_) | Isa::Avx512Bf16(_) => unsafe { x86::softmax_tile_avx512(t) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above (AVX2 + FMA implies AVX).
@@ -49,6 +59,10 @@ pub(super) fn softmax_tile(isa: Isa, t: ScoreTile) -> bool {
                 let row = &mut t.scores[r * BLOCK_K..r * BLOCK_K + t.bk];
                 let acc = &mut t.acc[r * t.dv..(r + 1) * t.dv];
                 any |= softmax_step(row, &mut t.m[r], &mut t.lsum[r], acc);
+            }
+            if let (true, Some(pairs)) = (any, t.pairs) {
+                let p = Mat::new(t.scores, t.m.len(), t.bk, BLOCK_K);
+                products::to_pairs(isa, p, pairs, BLOCK_K / 2);
             }
             any
         }
@@ -75,13 +89,41 @@ mod x86 {
     use crate::kernels::cpu::softmax_x86::{exp16, exp8, hmax8, hsum8};
     use crate::kernels::cpu::{BLOCK_K, BLOCK_Q};
 
-    /// [`super::softmax_tile`] on AVX-512, in three stages over the tile's live rows.
+    /// [`super::softmax_tile`] on AVX-512, in three stages over the tile's live rows
+    /// (`t.pairs` must be `None`).
     ///
     /// # Safety
     /// avx512f must be available.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn softmax_tile_avx512(t: ScoreTile) -> bool {
+        assert!(t.pairs.is_none());
+        // SAFETY: the caller's contract.
+        unsafe { tile_avx512::<false>(t) }
+    }
+
+    /// [`softmax_tile_avx512`] writing the probabilities as bf16 pairs into `t.pairs` (which
+    /// must be `Some`) instead of f32.
+    ///
+    /// # Safety
+    /// avx512f, avx512bw and avx512bf16 must be available.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn softmax_tile_avx512_pairs(t: ScoreTile) -> bool {
+        // SAFETY: the caller's contract.
+        unsafe { tile_avx512::<true>(t) }
+    }
+
+    /// The AVX-512 tile step, inlined into its two entry points (whose target features its
+    /// intrinsics need); with `PAIRS` the probabilities go to `t.pairs` as bf16 pairs.
+    #[inline(always)]
+    unsafe fn tile_avx512<const PAIRS: bool>(mut t: ScoreTile) -> bool {
         let (nr, n, dv) = (t.m.len(), t.bk, t.dv);
+        let np = n.div_ceil(2);
+        let pairs = t.pairs.take().map(|p| {
+            assert!(p.len() >= nr.saturating_sub(1) * (BLOCK_K / 2) + np);
+            p.as_mut_ptr()
+        });
+        assert_eq!(pairs.is_some(), PAIRS);
+        let pp = pairs.unwrap_or(std::ptr::null_mut());
         assert!(nr <= BLOCK_Q && n <= BLOCK_K && t.lsum.len() == nr && t.acc.len() >= nr * dv);
         assert!(t.scores.len() >= nr.saturating_sub(1) * BLOCK_K + n);
         let full = n / 16 * 16;
@@ -135,6 +177,12 @@ mod x86 {
             if live == 0 {
                 return false;
             }
+            if PAIRS {
+                // Rows with nothing visible: zero pairs.
+                for r in (0..nr).filter(|r| live >> r & 1 == 0) {
+                    std::slice::from_raw_parts_mut(pp.add(r * (BLOCK_K / 2)), np).fill(0);
+                }
+            }
             // 2. The rescaling factors `exp(m − m_new)` of 16 rows at once (0 where m was -inf;
             // 1 where the maximum did not change, as the row-by-row step leaves them).
             let mut corr = [1f32; BLOCK_Q];
@@ -150,29 +198,50 @@ mod x86 {
             // 3. Each row's probabilities and sum; its output row rescaled.
             for r in live_rows(live, nr) {
                 let p = base.add(r * BLOCK_K);
+                let q = pp.wrapping_add(r * (BLOCK_K / 2));
+                // Columns `c..c + 32` (`e1` zero past the row's end), as f32 or as pairs.
+                let store = |c: usize, e0: __m512, e1: __m512, k0: u16| {
+                    if PAIRS {
+                        let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(e1, e0));
+                        let k = tail((n - c).min(32).div_ceil(2));
+                        _mm512_mask_storeu_epi32(q.add(c / 2).cast(), k, v);
+                    } else {
+                        _mm512_mask_storeu_ps(p.add(c), k0, e0);
+                        if c + 16 < n {
+                            _mm512_mask_storeu_ps(p.add(c + 16), tail(n - c - 16), e1);
+                        }
+                    }
+                };
                 let mv = _mm512_set1_ps(m_new[r]);
                 let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
                 let mut c = 0;
                 while c + 32 <= full {
                     let e0 = exp16(_mm512_sub_ps(_mm512_loadu_ps(p.add(c)), mv));
                     let e1 = exp16(_mm512_sub_ps(_mm512_loadu_ps(p.add(c + 16)), mv));
-                    _mm512_storeu_ps(p.add(c), e0);
-                    _mm512_storeu_ps(p.add(c + 16), e1);
+                    store(c, e0, e1, u16::MAX);
                     s0 = _mm512_add_ps(s0, e0);
                     s1 = _mm512_add_ps(s1, e1);
                     c += 32;
                 }
-                if c < full {
-                    let e = exp16(_mm512_sub_ps(_mm512_loadu_ps(p.add(c)), mv));
-                    _mm512_storeu_ps(p.add(c), e);
-                    s0 = _mm512_add_ps(s0, e);
-                    c += 16;
-                }
                 if c < n {
-                    let x = _mm512_mask_loadu_ps(neg_inf, tail_k, p.add(c));
-                    let e = exp16(_mm512_sub_ps(x, mv));
-                    _mm512_mask_storeu_ps(p.add(c), tail_k, e);
-                    s1 = _mm512_mask_add_ps(s1, tail_k, s1, e);
+                    // The last 1..=31 columns: a whole vector and the masked tail, or the tail.
+                    let (e0, e1) = if c < full {
+                        let e0 = exp16(_mm512_sub_ps(_mm512_loadu_ps(p.add(c)), mv));
+                        let e1 = if full < n {
+                            let x = _mm512_mask_loadu_ps(neg_inf, tail_k, p.add(full));
+                            _mm512_maskz_mov_ps(tail_k, exp16(_mm512_sub_ps(x, mv)))
+                        } else {
+                            _mm512_setzero_ps()
+                        };
+                        (e0, e1)
+                    } else {
+                        let x = _mm512_mask_loadu_ps(neg_inf, tail_k, p.add(c));
+                        let e0 = _mm512_maskz_mov_ps(tail_k, exp16(_mm512_sub_ps(x, mv)));
+                        (e0, _mm512_setzero_ps())
+                    };
+                    store(c, e0, e1, tail(n - c));
+                    s0 = _mm512_add_ps(s0, e0);
+                    s1 = _mm512_add_ps(s1, e1);
                 }
                 let sum = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
                 let cr = corr[r];
@@ -386,15 +455,21 @@ mod tests {
                     let (mut sa, mut ma, mut la, mut aa) =
                         (scores.clone(), m.clone(), lsum.clone(), acc.clone());
                     let mut want = false;
+                    let mut seen = vec![false; nr];
                     for r in live_rows(live, nr) {
                         let row = &mut sa[r * BLOCK_K..r * BLOCK_K + bk];
                         let a = &mut aa[r * dv..(r + 1) * dv];
                         let (m, l) = (&mut ma[r], &mut la[r]);
-                        want |= match isa {
+                        seen[r] = match isa {
                             Isa::Portable => softmax_step(row, m, l, a),
                             _ => softmax_step_impl::<true, 16>(row, m, l, a),
                         };
+                        want |= seen[r];
                     }
+                    // With AVX512-BF16 also the step that writes bf16 pairs: the rows' pairs
+                    // as `to_pairs` rounds them (zero for rows with nothing visible).
+                    let with_pairs = matches!(isa, Isa::Avx512Bf16(_)) && case % 2 == 1;
+                    let mut pairs = vec![0x5555_5555u32; nr * BLOCK_K / 2];
                     let (mut sb, mut mb, mut lb, mut ab) = (scores, m, lsum, acc);
                     let tile = ScoreTile {
                         scores: &mut sb,
@@ -404,10 +479,35 @@ mod tests {
                         lsum: &mut lb,
                         acc: &mut ab,
                         dv,
+                        pairs: with_pairs.then_some(&mut pairs[..]),
                     };
                     let got = softmax_tile(isa, tile);
-                    let what = format!("{isa:?} nr={nr} bk={bk} case={case}");
+                    let what = format!("{isa:?} nr={nr} bk={bk} case={case} pairs={with_pairs}");
                     assert_eq!(want, got, "{what}");
+                    if with_pairs && want {
+                        let bf = |x: f32| u32::from(half::bf16::from_f32(x).to_bits());
+                        for r in 0..nr {
+                            for jp in 0..bk.div_ceil(2) {
+                                let at = |j: usize| {
+                                    if seen[r] && j < bk {
+                                        sa[r * BLOCK_K + j]
+                                    } else {
+                                        0.0
+                                    }
+                                };
+                                let (lo, hi) = (at(2 * jp), at(2 * jp + 1));
+                                let g = pairs[r * BLOCK_K / 2 + jp];
+                                let half_ok = |w: f32, g: u32| {
+                                    bf(w) == g
+                                        || (w.is_nan() && half::bf16::from_bits(g as u16).is_nan())
+                                };
+                                assert!(
+                                    half_ok(lo, g & 0xffff) && half_ok(hi, g >> 16),
+                                    "{what} row {r} pair {jp}: {g:#x} vs {lo} {hi}"
+                                );
+                            }
+                        }
+                    }
                     let same =
                         |x: f32, y: f32| x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan());
                     let close =
@@ -415,11 +515,13 @@ mod tests {
                     for r in 0..nr {
                         let w = format!("{what} row {r}");
                         let (ra, rb) = (r * BLOCK_K, r * BLOCK_K + bk);
+                        // (With pairs the f32 rows are left unspecified.)
                         assert!(
-                            sa[ra..rb]
-                                .iter()
-                                .zip(&sb[ra..rb])
-                                .all(|(x, y)| same(*x, *y)),
+                            with_pairs
+                                || sa[ra..rb]
+                                    .iter()
+                                    .zip(&sb[ra..rb])
+                                    .all(|(x, y)| same(*x, *y)),
                             "{w}"
                         );
                         assert!(same(ma[r], mb[r]), "{w}: max {} vs {}", ma[r], mb[r]);

@@ -419,6 +419,8 @@ impl Ctx<'_> {
                 row.fill(0.0);
             }
         }
+        // With `P · V` on bf16 pairs the step writes the pairs itself.
+        let pairs = self.paths.pv == PvPath::Pairs;
         let tile = ScoreTile {
             scores: rows.scores,
             bk,
@@ -427,13 +429,10 @@ impl Ctx<'_> {
             lsum: rows.lsum,
             acc: rows.acc,
             dv,
+            pairs: pairs.then_some(&mut *rows.pp),
         };
         if !softmax_tile(self.paths.isa, tile) {
             return;
-        }
-        if self.paths.pv == PvPath::Pairs {
-            let p = Mat::new(rows.scores, nr, bk, BLOCK_K);
-            products::to_pairs(self.paths.isa, p, rows.pp, BLOCK_K / 2);
         }
         for &(a, b) in runs {
             self.pv_run(bi, kh, (a, b - a, a - j0), rows);
