@@ -37,6 +37,18 @@ pub(super) struct ScoreTile<'a> {
     pub pairs: Option<&'a mut [u32]>,
 }
 
+impl ScoreTile<'_> {
+    /// The shapes the vector steps index by: at most a tile of rows and keys, a state and an
+    /// output row per row, `bk` scores in every row.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    fn check(&self) {
+        let (nr, n) = (self.m.len(), self.bk);
+        assert!(nr <= BLOCK_Q && n <= BLOCK_K, "{nr} rows of {n} keys");
+        assert!(self.lsum.len() == nr && self.acc.len() >= nr * self.dv);
+        assert!(self.scores.len() >= nr.saturating_sub(1) * BLOCK_K + n);
+    }
+}
+
 /// [`softmax_step`] on every live row of the tile; returns whether any row has a probability
 /// that may be non-zero (a row whose maximum is still `-inf` is zeroed, its state unchanged).
 pub(super) fn softmax_tile(isa: Isa, t: ScoreTile) -> bool {
@@ -89,6 +101,23 @@ mod x86 {
     use crate::kernels::cpu::softmax_x86::{exp16, exp8, hmax8, hsum8};
     use crate::kernels::cpu::{BLOCK_K, BLOCK_Q};
 
+    /// After a row's maximum over the tile (`tile_max`, NaN if any score is): its new running
+    /// maximum from the old one `m`, into `m_new`. Returns whether the row has had a visible
+    /// key; if not, its `n` scores at `p` become 0 (probabilities 0, state unchanged).
+    ///
+    /// # Safety
+    /// `p` points to the row's `n` scores, written by nobody else meanwhile.
+    #[inline(always)]
+    unsafe fn settle(p: *mut f32, n: usize, tile_max: f32, m: f32, m_new: &mut f32) -> bool {
+        *m_new = running_max(tile_max, m);
+        if *m_new == f32::NEG_INFINITY {
+            // SAFETY: the caller's contract.
+            unsafe { std::slice::from_raw_parts_mut(p, n).fill(0.0) };
+            return false;
+        }
+        true
+    }
+
     /// [`super::softmax_tile`] on AVX-512, in three stages over the tile's live rows
     /// (`t.pairs` must be `None`).
     ///
@@ -124,15 +153,14 @@ mod x86 {
         });
         assert_eq!(pairs.is_some(), PAIRS);
         let pp = pairs.unwrap_or(std::ptr::null_mut());
-        assert!(nr <= BLOCK_Q && n <= BLOCK_K && t.lsum.len() == nr && t.acc.len() >= nr * dv);
-        assert!(t.scores.len() >= nr.saturating_sub(1) * BLOCK_K + n);
+        t.check();
         let full = n / 16 * 16;
         let tail_k = tail(n - full);
         let base = t.scores.as_mut_ptr();
         let mut live = 0u64;
         let mut m_new = [f32::NEG_INFINITY; BLOCK_Q];
         // SAFETY: avx512f is available (the caller's contract); every row `r < nr` holds `n`
-        // scores at `base + r·BLOCK_K` (asserted above), read in whole vectors below `full` and
+        // scores at `base + r·BLOCK_K` (`t.check()`), read in whole vectors below `full` and
         // through the tail mask above it.
         unsafe {
             let neg_inf = _mm512_set1_ps(f32::NEG_INFINITY);
@@ -166,11 +194,7 @@ mod x86 {
                 } else {
                     _mm512_reduce_max_ps(_mm512_max_ps(mx0, mx1))
                 };
-                m_new[r] = running_max(tile_max, t.m[r]);
-                if m_new[r] == f32::NEG_INFINITY {
-                    // Nothing visible so far: probabilities 0, no state change.
-                    std::slice::from_raw_parts_mut(p, n).fill(0.0);
-                } else {
+                if settle(p, n, tile_max, t.m[r], &mut m_new[r]) {
                     live |= 1 << r;
                 }
             }
@@ -271,14 +295,13 @@ mod x86 {
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn softmax_tile_avx2(t: ScoreTile) -> bool {
         let (nr, n, dv) = (t.m.len(), t.bk, t.dv);
-        assert!(nr <= BLOCK_Q && n <= BLOCK_K && t.lsum.len() == nr && t.acc.len() >= nr * dv);
-        assert!(t.scores.len() >= nr.saturating_sub(1) * BLOCK_K + n);
+        t.check();
         let full = n / 8 * 8;
         let base = t.scores.as_mut_ptr();
         let mut live = 0u64;
         let mut m_new = [f32::NEG_INFINITY; BLOCK_Q];
         // SAFETY: avx2 and fma are available (the caller's contract); every row `r < nr` holds
-        // `n` scores at `base + r·BLOCK_K` (asserted above), read in whole vectors below `full`
+        // `n` scores at `base + r·BLOCK_K` (`t.check()`), read in whole vectors below `full`
         // and one by one above it.
         unsafe {
             let neg_inf = _mm256_set1_ps(f32::NEG_INFINITY);
@@ -312,11 +335,7 @@ mod x86 {
                 if nan {
                     tile_max = f32::NAN;
                 }
-                m_new[r] = running_max(tile_max, t.m[r]);
-                if m_new[r] == f32::NEG_INFINITY {
-                    // Nothing visible so far: probabilities 0, no state change.
-                    std::slice::from_raw_parts_mut(p, n).fill(0.0);
-                } else {
+                if settle(p, n, tile_max, t.m[r], &mut m_new[r]) {
                     live |= 1 << r;
                 }
             }
