@@ -74,8 +74,9 @@ impl<T: Word> Spare<T> {
             words.resize(padded, 0);
         }
         words.truncate(padded);
-        let off = words.as_ptr().align_offset(64);
-        debug_assert!(off < LINE_WORDS);
+        // Words to the next 64-byte boundary (`Vec<u32>` is 4-byte aligned): 0..16, inside the
+        // `LINE_WORDS - 1` words of padding.
+        let off = (64 - words.as_ptr() as usize % 64) % 64 / 4;
         Self {
             words,
             off,
