@@ -143,6 +143,9 @@ mod x86 {
 
     /// The AVX-512 tile step, inlined into its two entry points (whose target features its
     /// intrinsics need); with `PAIRS` the probabilities go to `t.pairs` as bf16 pairs.
+    ///
+    /// # Safety
+    /// avx512f must be available, and with `PAIRS` avx512bw and avx512bf16 too.
     #[inline(always)]
     unsafe fn tile_avx512<const PAIRS: bool>(mut t: ScoreTile) -> bool {
         let (nr, n, dv) = (t.m.len(), t.bk, t.dv);
