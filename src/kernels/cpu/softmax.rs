@@ -374,8 +374,9 @@ mod tests {
     }
 
     /// The backward's `exp(row − lse)` on every instruction set of this CPU, bit for bit with
-    /// the portable loop (with fused multiply-adds where the SIMD steps have them): rows of every length
-    /// up to two vectors and a tail, entries above the shift (clamped to 1), `-inf` (0), NaN.
+    /// the portable loop (with fused multiply-adds where the SIMD steps have them): rows of
+    /// every length up to two vectors and a tail, entries above the shift (clamped to 1),
+    /// `-inf` (0), NaN.
     #[test]
     fn exp_sub_matches_portable() {
         for isa in super::super::products::available() {

@@ -1,13 +1,14 @@
 //! The online-softmax step of a whole score tile (up to [`BLOCK_Q`] rows of [`BLOCK_K`]
 //! scores): the same function as [`softmax_step`] applied to each of its live rows, with the
-//! rows' work arranged for the CPU on AVX-512.
+//! rows' work arranged for the CPU on AVX-512 and AVX2.
 //!
 //! Row by row, the step is a chain of dependent stages (the row's maximum, its reduction, the
 //! rescaling factor, the `exp` pass) too long for the out-of-order core to overlap one row's
 //! with the next's: measured on the forward's causal tiles, it spent about 24 cycles per vector
-//! of 16 scores against the dozen instructions the vector needs. On AVX-512 the tile is done in
-//! stages instead: every live row's maximum (independent rows), the rescaling factors of 16 rows
-//! in one vector `exp`, then each row's `exp` pass, unrolled by two vectors.
+//! of 16 scores against the dozen instructions the vector needs. On AVX-512 and AVX2 the tile is
+//! done in stages instead: every live row's maximum (independent rows), the rescaling factors of
+//! 16 (8) rows in one vector `exp`, then each row's `exp` pass, unrolled by two vectors; with
+//! bf16 `P · V` on AVX512-BF16 that pass writes the probabilities as bf16 pairs.
 
 use super::mat::Mat;
 use super::products::{self, Isa};
@@ -52,8 +53,6 @@ impl ScoreTile<'_> {
 /// [`softmax_step`] on every live row of the tile; returns whether any row has a probability
 /// that may be non-zero (a row whose maximum is still `-inf` is zeroed, its state unchanged).
 pub(super) fn softmax_tile(isa: Isa, t: ScoreTile) -> bool {
-    debug_assert!(t.m.len() <= BLOCK_Q && t.bk <= BLOCK_K);
-    debug_assert!(t.scores.len() >= t.m.len().saturating_sub(1) * BLOCK_K + t.bk);
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa` carries the proof that the CPU runs it (`products::Detected`), with
