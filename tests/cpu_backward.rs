@@ -226,7 +226,8 @@ fn sweep(seed: u64, cases: usize) {
         let s = if rng.below(2) == 0 {
             l
         } else {
-            1 + rng.below(300)
+            // Up to three key tiles of the backward.
+            1 + rng.below(700)
         };
         let d = [8, 16, 32, 64][rng.below(4)];
         let dv = if rng.below(4) == 0 { 8 } else { d };
@@ -325,8 +326,8 @@ fn bf16_backward_against_float64() {
     let dev = Device::Cpu;
     let configs = [
         // (b, l, s, h, hkv, d, causal, padded)
-        (1, 300, 300, 4, 2, 64, true, false),
-        (2, 130, 260, 2, 1, 32, false, true),
+        (1, 520, 520, 4, 2, 64, true, false),
+        (2, 130, 560, 2, 1, 32, false, true),
         (1, 200, 200, 2, 2, 128, true, true),
     ];
     for isa in cpu_isas() {

@@ -26,7 +26,35 @@ unsafe fn lanes(n: usize) -> __m256i {
 /// # Safety
 /// avx2, fma and f16c must be available.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn qk(q: Mat, kt: Mat, mut out: MatMut, scale: f32) {
+pub unsafe fn qk(q: Mat, kt: Mat, out: MatMut, scale: f32) {
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe { qk_with::<false>(q, kt, out, scale, (std::ptr::null(), 0, std::ptr::null())) }
+}
+
+/// The backward's score gradients from `dP = dO · Vᵀ` in one pass: `out[r][c] = (scale ·
+/// p[r][c]) · (Σ_x g[r][x] · vt[x][c] − delta[r])` (`p` is `nr × bk`, `delta` has `nr`
+/// values). Only the `bk` columns of `out` are written (and read of `p`).
+///
+/// # Safety
+/// avx2, fma and f16c must be available; `p` must be `nr × bk` and `delta` hold `nr` values.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn qk_grad(g: Mat, vt: Mat, p: Mat, delta: &[f32], out: MatMut, scale: f32) {
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe {
+        let grad = (p.data().as_ptr(), p.stride(), delta.as_ptr());
+        qk_with::<true>(g, vt, out, scale, grad)
+    }
+}
+
+/// [`qk`], or with `DS` [`qk_grad`] (`grad` = (`p`, its row stride, `delta`)).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn qk_with<const DS: bool>(
+    q: Mat,
+    kt: Mat,
+    mut out: MatMut,
+    scale: f32,
+    grad: (*const f32, usize, *const f32),
+) {
     // SAFETY: the caller upholds this function's `# Safety` contract.
     unsafe {
         let (nr, d, bk) = (q.rows(), q.cols(), kt.cols());
@@ -45,13 +73,20 @@ pub unsafe fn qk(q: Mat, kt: Mat, mut out: MatMut, scale: f32) {
                     out.data().as_mut_ptr().add(r * out.stride() + c),
                     out.stride(),
                 );
+                // The block's probabilities and row offsets.
+                let gp = if DS {
+                    (grad.0.add(r * grad.1 + c), grad.1, grad.2.add(r))
+                } else {
+                    grad
+                };
+                let ep = (scale, masks, gp);
                 // Whole 16-column blocks load and store without masks.
                 macro_rules! go {
                 ($($m:literal),*) => {
                     match (mr, nb, w == 8 * NV) {
-                        $(($m, 1, _) => qk_block::<$m, 1, false>(qp, d, kp, op, scale, masks),
-                          ($m, _, false) => qk_block::<$m, 2, false>(qp, d, kp, op, scale, masks),
-                          ($m, _, true) => qk_block::<$m, 2, true>(qp, d, kp, op, scale, masks),)*
+                        $(($m, 1, _) => qk_block::<$m, 1, false, DS>(qp, d, kp, op, ep),
+                          ($m, _, false) => qk_block::<$m, 2, false, DS>(qp, d, kp, op, ep),
+                          ($m, _, true) => qk_block::<$m, 2, true, DS>(qp, d, kp, op, ep),)*
                         _ => unreachable!(),
                     }
                 };
@@ -64,15 +99,16 @@ pub unsafe fn qk(q: Mat, kt: Mat, mut out: MatMut, scale: f32) {
     }
 }
 
+/// One `M × 8N` block of [`qk`] (with `DS`, of [`qk_grad`]); the epilogue `(scale, the
+/// columns' lane masks, (p, its row stride, delta))`, `p` and `delta` read with `DS` only.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn qk_block<const M: usize, const N: usize, const FULL: bool>(
+unsafe fn qk_block<const M: usize, const N: usize, const FULL: bool, const DS: bool>(
     (q, qs): (*const f32, usize),
     d: usize,
     (kt, ks): (*const f32, usize),
     (out, os): (*mut f32, usize),
-    scale: f32,
-    masks: [__m256i; NV],
+    (scale, masks, (p, ps, delta)): (f32, [__m256i; NV], (*const f32, usize, *const f32)),
 ) {
     // SAFETY: called only by this module's kernels, which run with these target features
     // and pass pointers inside the operands their public entry points checked.
@@ -97,8 +133,24 @@ unsafe fn qk_block<const M: usize, const N: usize, const FULL: bool>(
         }
         let sv = _mm256_set1_ps(scale);
         for r in 0..M {
+            let dl = if DS {
+                _mm256_set1_ps(*delta.add(r))
+            } else {
+                sv
+            };
             for n in 0..N {
-                let x = _mm256_mul_ps(acc[r][n], sv);
+                let x = if DS {
+                    // (scale · p) · (dP − Δ), as the row-by-row step rounds it.
+                    let at = p.add(r * ps + 8 * n);
+                    let pr = if FULL {
+                        _mm256_loadu_ps(at)
+                    } else {
+                        _mm256_maskload_ps(at, masks[n])
+                    };
+                    _mm256_mul_ps(_mm256_mul_ps(sv, pr), _mm256_sub_ps(acc[r][n], dl))
+                } else {
+                    _mm256_mul_ps(acc[r][n], sv)
+                };
                 if FULL {
                     _mm256_storeu_ps(out.add(r * os + 8 * n), x);
                 } else {

@@ -24,7 +24,36 @@ pub(super) fn tail_mask(n: usize) -> u16 {
 /// # Safety
 /// avx512f must be available, and `out` must hold `round_up(bk, 16)` columns in every row.
 #[target_feature(enable = "avx512f")]
-pub unsafe fn qk(q: Mat, kt: Mat, mut out: MatMut, scale: f32) {
+pub unsafe fn qk(q: Mat, kt: Mat, out: MatMut, scale: f32) {
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe { qk_with::<false>(q, kt, out, scale, (std::ptr::null(), 0, std::ptr::null())) }
+}
+
+/// The backward's score gradients from `dP = dO · Vᵀ` in one pass: `out[r][c] = (scale ·
+/// p[r][c]) · (Σ_x g[r][x] · vt[x][c] − delta[r])` (`g` is `nr × dv`, `vt` is `dv × bk`, `p` is
+/// `nr × bk` with `out`'s row stride, `delta` has `nr` values). Whole vectors as in [`qk`].
+///
+/// # Safety
+/// avx512f must be available; `out` and `p` must hold `round_up(bk, 16)` columns in every row,
+/// with one row stride, and `delta` `nr` values.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn qk_grad(g: Mat, vt: Mat, p: Mat, delta: &[f32], out: MatMut, scale: f32) {
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe {
+        let grad = (p.data().as_ptr(), p.stride(), delta.as_ptr());
+        qk_with::<true>(g, vt, out, scale, grad)
+    }
+}
+
+/// [`qk`], or with `DS` [`qk_grad`] (`grad` = (`p`, its row stride, `delta`)).
+#[target_feature(enable = "avx512f")]
+unsafe fn qk_with<const DS: bool>(
+    q: Mat,
+    kt: Mat,
+    mut out: MatMut,
+    scale: f32,
+    grad: (*const f32, usize, *const f32),
+) {
     // SAFETY: the caller upholds this function's `# Safety` contract.
     unsafe {
         let (nr, d, bk) = (q.rows(), q.cols(), kt.cols());
@@ -39,13 +68,20 @@ pub unsafe fn qk(q: Mat, kt: Mat, mut out: MatMut, scale: f32) {
                 out.data().as_mut_ptr().add(r * out.stride() + 16 * c),
                 out.stride(),
             );
+            // The block's probabilities and row offsets.
+            let gp = if DS {
+                (grad.0.add(r * grad.1 + 16 * c), grad.1, grad.2.add(r))
+            } else {
+                grad
+            };
+            let ep = (scale, masks, gp);
             macro_rules! go {
             ($($m:literal),*) => {
                 match (mr, nb) {
-                    $(($m, 1) => qk_block::<$m, 1>(qp, d, kp, op, scale, masks),
-                      ($m, 2) => qk_block::<$m, 2>(qp, d, kp, op, scale, masks),
-                      ($m, 3) => qk_block::<$m, 3>(qp, d, kp, op, scale, masks),
-                      ($m, _) => qk_block::<$m, 4>(qp, d, kp, op, scale, masks),)*
+                    $(($m, 1) => qk_block::<$m, 1, DS>(qp, d, kp, op, ep),
+                      ($m, 2) => qk_block::<$m, 2, DS>(qp, d, kp, op, ep),
+                      ($m, 3) => qk_block::<$m, 3, DS>(qp, d, kp, op, ep),
+                      ($m, _) => qk_block::<$m, 4, DS>(qp, d, kp, op, ep),)*
                     _ => unreachable!(),
                 }
             };
@@ -82,17 +118,17 @@ pub(super) fn score_blocks(
     }
 }
 
-/// One `M × 16N` block of [`qk`]: `q`, `kt` and `out` are (pointer, row stride), `d` the
-/// depth.
+/// One `M × 16N` block of [`qk`] (with `DS`, of [`qk_grad`]): `q`, `kt` and `out` are
+/// (pointer, row stride), `d` the depth; the epilogue `(scale, the columns' lane masks, (p, its
+/// row stride, delta))`, `p` and `delta` read with `DS` only.
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn qk_block<const M: usize, const N: usize>(
+unsafe fn qk_block<const M: usize, const N: usize, const DS: bool>(
     (q, qs): (*const f32, usize),
     d: usize,
     (kt, s): (*const f32, usize),
     (out, out_stride): (*mut f32, usize),
-    scale: f32,
-    masks: [u16; 4],
+    (scale, masks, (p, ps, delta)): (f32, [u16; 4], (*const f32, usize, *const f32)),
 ) {
     // SAFETY: called only by this module's kernels, which run with these target features
     // and pass pointers inside the operands their public entry points checked.
@@ -113,11 +149,20 @@ unsafe fn qk_block<const M: usize, const N: usize>(
         }
         let sv = _mm512_set1_ps(scale);
         for r in 0..M {
+            let dl = if DS {
+                _mm512_set1_ps(*delta.add(r))
+            } else {
+                sv
+            };
             for n in 0..N {
-                _mm512_storeu_ps(
-                    out.add(r * out_stride + 16 * n),
-                    _mm512_mul_ps(acc[r][n], sv),
-                );
+                let x = if DS {
+                    // (scale · p) · (dP − Δ), as the row-by-row step rounds it.
+                    let pr = _mm512_loadu_ps(p.add(r * ps + 16 * n));
+                    _mm512_mul_ps(_mm512_mul_ps(sv, pr), _mm512_sub_ps(acc[r][n], dl))
+                } else {
+                    _mm512_mul_ps(acc[r][n], sv)
+                };
+                _mm512_storeu_ps(out.add(r * out_stride + 16 * n), x);
             }
         }
     }

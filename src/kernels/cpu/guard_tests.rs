@@ -120,6 +120,35 @@ fn f32_products_refuse_mismatched_shapes() {
         }
         check(isa, "qk_t", true, qk_t(D, NR, BK, 16), bad);
 
+        // qk_t_grad: as qk_t, with p (NR × BK) at out's row stride and NR row offsets.
+        let pp = f32s((NR + 1) * 16);
+        let grad = |p_rows: usize, p_stride: usize, deltas: usize, o_stride: usize| {
+            let (a, kt, pp) = (a.clone(), kt.clone(), pp.clone());
+            move || {
+                let mut o = out(NR + 1, o_stride);
+                let om = MatMut::new(&mut o, NR, BK, o_stride);
+                let pm = Mat::new(&pp, p_rows, BK, p_stride);
+                let (ga, vt) = (Mat::new(&a, NR, D, D), Mat::new(&kt, D, BK, BK));
+                let delta = vec![0.5; deltas];
+                products::qk_t_grad(isa, (ga, vt), (pm, &delta), om, 1.0)
+            }
+        };
+        let mut bad: Bad = vec![
+            ("p with a row too few", Box::new(grad(NR - 1, 16, NR, 16))),
+            ("p at another row stride", Box::new(grad(NR, 8, NR, 16))),
+            (
+                "delta with a row too few",
+                Box::new(grad(NR, 16, NR - 1, 16)),
+            ),
+        ];
+        if isa.avx512() {
+            bad.push((
+                "p and out rows without the padded columns",
+                Box::new(grad(NR, BK, NR, BK)),
+            ));
+        }
+        check(isa, "qk_t_grad", true, grad(NR, 16, NR, 16), bad);
+
         // qk_rows: q (NR × D) · kᵀ, k (BK × D).
         let (q, k) = (f32s(NR * D), f32s(BK * D));
         let qk_rows = |k_cols: usize, o_rows: usize, o_cols: usize| {

@@ -132,6 +132,47 @@ pub(super) fn qk_t(isa: Isa, a: Mat, kt: Mat, mut out: MatMut, scale: f32) {
     }
 }
 
+/// The backward's `dS` from `dP = g · vt` in one pass: `out[r][c] = (scale · p[r][c]) ·
+/// (dP[r][c] − delta[r])` for `g` (`nr × dv`), a transposed value tile `vt` (`dv × bk`), the
+/// probabilities `p` (`nr × bk`, `out`'s row stride) and the rows' `delta`. As in [`qk_t`],
+/// `out` and `p` rows must hold `round_up(bk, 16)` columns.
+pub(super) fn qk_t_grad(
+    isa: Isa,
+    (g, vt): (Mat, Mat),
+    (p, delta): (Mat, &[f32]),
+    mut out: MatMut,
+    scale: f32,
+) {
+    let (nr, bk) = (g.rows(), vt.cols());
+    assert!(vt.rows() == g.cols() && out.rows() == nr && out.cols() == bk);
+    assert!(p.rows() == nr && p.cols() == bk && p.stride() == out.stride() && delta.len() >= nr);
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512(_) | Isa::Avx512Bf16(_) => {
+            let padded = bk.div_ceil(16) * 16;
+            let holds = |len: usize| nr == 0 || len >= (nr - 1) * p.stride() + padded;
+            assert!(p.stride() >= padded && holds(out.data().len()) && holds(p.data().len()));
+            // SAFETY: `isa` carries the proof that the CPU runs it (`Detected`); rows of `out`
+            // and `p` hold the padded columns, and `delta` the rows (asserted).
+            unsafe { super::avx512::qk_grad(g, vt, p, delta, out, scale) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above; only the `bk` columns are read and written.
+        Isa::Avx2(_) => unsafe { super::avx2::qk_grad(g, vt, p, delta, out, scale) },
+        _ => {
+            qk_t(isa, g, vt, out.reborrow(), 1.0);
+            let st = out.stride();
+            let o = out.data();
+            for (r, &dl) in delta[..nr].iter().enumerate() {
+                let (o, pr) = (&mut o[r * st..r * st + bk], &p.data()[r * st..r * st + bk]);
+                o.iter_mut()
+                    .zip(pr)
+                    .for_each(|(x, &pp)| *x = scale * pp * (*x - dl));
+            }
+        }
+    }
+}
+
 /// `out = scale · q · kᵀ` for a few query rows against key rows read in place (`k` is
 /// `bk × d`, any row stride): dot products (decode-like items, no transposed K).
 pub(super) fn qk_rows(isa: Isa, q: Mat, k: Mat, out: MatMut, scale: f32) {

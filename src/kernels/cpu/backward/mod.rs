@@ -15,18 +15,23 @@
 //!
 //! The five products per (query block, key tile) run on the forward's micro-kernels
 //! ([`wide`]: f32, where the CPU has AVX-512 or AVX2 `Q·Kᵀ` and `dO·Vᵀ` against transposed
-//! copies of K and V made once, `Pᵀ·dO` and `dSᵀ·Q` reading the score tile transposed, `dS·K`
-//! directly; the `gemm` crate elsewhere), or, for bf16 inputs where the forward uses
+//! copies of K and V made once, `dS` formed in the epilogue of `dO·Vᵀ` while its sums are in
+//! registers, `Pᵀ·dO` and `dSᵀ·Q` reading the score tile transposed, `dS·K` directly; the
+//! `gemm` crate elsewhere), or, for bf16 inputs where the forward uses
 //! AVX512-BF16 dot products, on bf16 pairs ([`pairs`]: `P` and `dS` rounded to bf16 before
 //! their products, as PyTorch's CPU flash backward does, f32 accumulation). The masks are
 //! applied exactly as in the forward ([`Ctx::score_row`]: the same structured ranges, key
 //! padding and bias; keys after `kv_len` never masked), so a fully masked row has `P = 0` and
 //! contributes nothing. So are the score modifiers: soft-capping multiplies `dS` by its
 //! derivative `1 − (s / c)²`, ALiBi is a constant, and the sinks enter through the saved
-//! log-sum-exp (which includes them) alone.
+//! log-sum-exp (which includes them) alone. While a block's last three products run, their
+//! micro-kernels prefetch the next block's query rows, output gradients and `dQ` rows into L2
+//! ([`Bwd::queue_next`]).
 
 mod pairs;
 mod rows;
+#[cfg(test)]
+mod tests;
 mod wide;
 
 use std::cell::RefCell;
@@ -36,19 +41,27 @@ use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
 
 use super::kt::{transpose_blocks, transpose_heads, Kt, KtBuf};
-use super::mat::MatMut;
+use super::mat::{Mat, MatMut};
 use super::out::OutVec;
 use super::products::{self, Isa};
 use super::softmax::exp_sub;
 use super::spare::Spare;
+use super::stream;
 use super::tile::{Ctx, Data, OutBuf, View};
 use super::{f32_rows, native_rows, view, AttnCall, Inputs, MAX_HEAD_DIM};
 use rows::HeadRows;
 
 /// Query rows per block.
 pub const BQ: usize = 64;
-/// Keys per tile.
-pub const BK: usize = 128;
+/// Keys per tile. Measured on AMD Zen 4 (causal, H = 12, D = 64): 256 keys ran 2–2.5% faster
+/// than 128 in f32 and bf16 (each block of query rows and its `dQ` passed half as often), 512
+/// 3% slower (a tile's operands, over 800 KiB, outgrow a 1 MiB L2).
+pub const BK: usize = 256;
+/// Row stride (f32 elements) of the score tiles `P` and `dS`: 16 past [`BK`], so that a
+/// column of the tile, which `Pᵀ·dO` and `dSᵀ·Q` read down the rows, spreads over L1's sets
+/// (rows 1 KiB apart fall in a sixteenth of them and evicted each other and the value rows:
+/// 3.6% of the f32 forward and backward at L = 8192 on AMD Zen 4).
+pub(super) const TS: usize = BK + 16;
 
 struct Scratch {
     /// Gathered query rows and their output gradients: f32 ([`wide`]) or bf16 pairs
@@ -57,13 +70,14 @@ struct Scratch {
     go: Vec<f32>,
     qp: Vec<u32>,
     gop: Vec<u32>,
-    /// `P` (`BQ × BK`).
+    /// `P` (`BQ × BK`, rows [`TS`] apart).
     p: Vec<f32>,
-    /// `dP`, then `scale · dS` (`BQ × BK`).
+    /// `dP`, then `scale · dS` (`BQ × BK`, rows [`TS`] apart).
     ds: Vec<f32>,
-    /// The soft-capped scores (`BQ × BK`, with soft-capping).
+    /// The soft-capped scores (`BQ × BK`, rows [`TS`] apart, with soft-capping).
     cap: Vec<f32>,
-    /// `P` or `dS` as pairs of rows (`BQ/2 × BK`), and `dS` as pairs of columns (`BQ × BK/2`).
+    /// `P` or `dS` as pairs of rows (`BQ/2 × BK`, rows [`TS`] apart), and `dS` as pairs of
+    /// columns (`BQ × BK/2`).
     pt: Vec<u32>,
     dsp: Vec<u32>,
     dk: Vec<f32>,
@@ -77,10 +91,10 @@ thread_local! {
         go: vec![0.0; BQ * MAX_HEAD_DIM],
         qp: vec![0; BQ * MAX_HEAD_DIM / 2],
         gop: vec![0; BQ * MAX_HEAD_DIM / 2],
-        p: vec![0.0; BQ * BK],
-        ds: vec![0.0; BQ * BK],
-        cap: vec![0.0; BQ * BK],
-        pt: vec![0; BQ / 2 * BK],
+        p: vec![0.0; BQ * TS],
+        ds: vec![0.0; BQ * TS],
+        cap: vec![0.0; BQ * TS],
+        pt: vec![0; BQ / 2 * TS],
         dsp: vec![0; BQ * BK / 2],
         dk: vec![0.0; BK * MAX_HEAD_DIM],
         dv: vec![0.0; BK * MAX_HEAD_DIM],
@@ -459,20 +473,20 @@ impl Bwd<'_> {
         lo < hi && lo < j1 && hi > j0
     }
 
-    /// `P = exp(modified S + masks − lse)` in place over the score rows of `blk` (rows `BK`
+    /// `P = exp(modified S + masks − lse)` in place over the score rows of `blk` (rows [`TS`]
     /// apart); rows that see no key of the tile become 0. With soft-capping the capped scores
     /// go to `cap`. Returns whether any row sees a key.
     fn probabilities(&self, blk: &Block, p: &mut [f32], cap: &mut [f32]) -> bool {
         let (ctx, l) = (self.ctx, self.ctx.l);
         if let (Some(_), Some(last)) = (ctx.mods.softcap, blk.rows.len().checked_sub(1)) {
             // The whole block at once; the capped scores kept for the derivative.
-            let n = last * BK + blk.bk;
+            let n = last * TS + blk.bk;
             ctx.mods.cap(ctx.paths.isa, &mut p[..n]);
             cap[..n].copy_from_slice(&p[..n]);
         }
         let mut any = false;
         for (r, &(fr, i)) in blk.rows.iter().enumerate() {
-            let row = &mut p[r * BK..r * BK + blk.bk];
+            let row = &mut p[r * TS..r * TS + blk.bk];
             let range = self.ranges[blk.bi * l + i];
             let (at, masks) = ((blk.bi, blk.kh, fr), (range, blk.masked));
             if !ctx.score_row(at, masks, blk.j0, row) {
@@ -491,20 +505,50 @@ impl Bwd<'_> {
         let scale = self.ctx.scale;
         for (r, &(_, i)) in blk.rows.iter().enumerate() {
             let delta = self.delta[blk.stats + i];
-            let p = &p[r * BK..r * BK + blk.bk];
-            let ds = &mut ds[r * BK..r * BK + blk.bk];
+            let p = &p[r * TS..r * TS + blk.bk];
+            let ds = &mut ds[r * TS..r * TS + blk.bk];
             ds.iter_mut()
                 .zip(p)
                 .for_each(|(x, &pp)| *x = scale * pp * (*x - delta));
             if let Some(c) = self.ctx.mods.softcap {
                 let inv = 1.0 / c;
-                let t = &cap[r * BK..r * BK + blk.bk];
+                let t = &cap[r * TS..r * TS + blk.bk];
                 ds.iter_mut().zip(t).for_each(|(x, &t)| {
                     let y = t * inv;
                     *x *= 1.0 - y * y;
                 });
             }
         }
+    }
+
+    /// Queues the rows of the block after `blk` for the products' prefetch stream (into L2,
+    /// a few lines at a time, [`super::stream`]): its query rows and output gradients (`q`, `go`
+    /// continued, where they are the item's contiguous copies) and its `dQ` rows (where they are
+    /// the item's own buffer). At long sequences these come from L3 (the copies of one head are
+    /// 2 × 2 MiB at L = 8192, D = 64 in f32), and the first product of a block waited on them;
+    /// the caller empties the queue when the block is done.
+    fn queue_next<T>(&self, blk: &Block, (q, go): (Mat<T>, Mat<T>), dq: &DqAcc) {
+        let nr = blk.rows.len();
+        // Elements `from..from + len` of `data` (as far as it goes), as a byte address range.
+        fn range<T>(data: &[T], from: usize, len: usize) -> (usize, usize) {
+            let (a, b) = (from.min(data.len()), (from + len).min(data.len()));
+            let (p, size) = (data.as_ptr() as usize, std::mem::size_of::<T>());
+            (p + a * size, p + b * size)
+        }
+        let mut ranges = [(0, 0); 3];
+        if q.stride() == q.cols() && go.stride() == go.cols() {
+            ranges[0] = range(q.data(), nr * q.cols(), BQ * q.cols());
+            ranges[1] = range(go.data(), nr * go.cols(), BQ * go.cols());
+        }
+        let d = self.ctx.d;
+        if blk.consecutive && dq.row == d {
+            let at = dq.at(blk.gg, blk.rows[0].1);
+            ranges[2] = range(dq.data, at + nr * d, BQ * d);
+        }
+        let lines: usize = ranges.iter().map(|r| (r.1 - r.0).div_ceil(64)).sum();
+        // A few lines per step of the block's last three products (about 1000 steps in a whole
+        // block): all issued within its first 400 steps, a third of the block ahead of its end.
+        stream::queue(&ranges, lines.div_ceil(400));
     }
 
     /// Adds the block's `dQ` contribution, which `product` accumulates into the matrix it is

@@ -9,11 +9,12 @@
 use super::super::kt::{kt_stride, Kt};
 use super::super::mat::{HalfMat, MatMut, PairMat};
 use super::super::products;
-use super::{Block, Bwd, DqAcc, Scratch, BK};
+use super::super::stream;
+use super::{Block, Bwd, DqAcc, Scratch, BK, TS};
 use crate::kernels::cpu::mat::Mat;
 
 impl Bwd<'_> {
-    /// `out (nr × bk, row stride BK) = scale · a · Xᵀ` for the pair rows `a` (`nr × w/2`) and
+    /// `out (nr × bk, row stride TS) = scale · a · Xᵀ` for the pair rows `a` (`nr × w/2`) and
     /// the key tile `j0..j0 + bk` of the pair-transposed copy `xt` (Kᵀ or Vᵀ).
     fn pairs_times_keys_t(
         &self,
@@ -30,7 +31,7 @@ impl Bwd<'_> {
         let s = kt_stride(self.ctx.s);
         let base = (bi * self.ctx.hkv + kh) * wp * s;
         let xt = PairMat::new(&xt[base + j0..base + wp * s], wp, bk, s);
-        let o = MatMut::new(&mut out[..nr * BK], nr, bk, BK);
+        let o = MatMut::new(&mut out[..nr * TS], nr, bk, TS);
         products::qk_pairs(self.ctx.paths.isa, a, xt, o, scale);
     }
 
@@ -78,6 +79,7 @@ impl Bwd<'_> {
         if !self.probabilities(blk, &mut sc.p, &mut sc.cap) {
             return;
         }
+        self.queue_next(blk, (q, go), dq);
         // scale · dS = scale · P ∘ (dO · Vᵀ − Δ)
         self.pairs_times_keys_t(go, self.vt, tile, &mut sc.ds, 1.0);
         self.score_grads(blk, &sc.p, &mut sc.ds, &sc.cap);
@@ -85,12 +87,12 @@ impl Bwd<'_> {
         let np = nr.div_ceil(2);
         let go_rows = HalfMat::from_pairs(go);
         let q_rows = HalfMat::from_pairs(q);
-        products::interleave_pairs(isa, Mat::new(&sc.p, nr, bk, BK), &mut sc.pt, BK);
-        let pt = PairMat::new(&sc.pt, np, bk, BK);
+        products::interleave_pairs(isa, Mat::new(&sc.p, nr, bk, TS), &mut sc.pt, TS);
+        let pt = PairMat::new(&sc.pt, np, bk, TS);
         products::pv_t_pairs(isa, pt, go_rows, MatMut::new(&mut sc.dv, bk, dv, dv));
-        let ds = Mat::new(&sc.ds, nr, bk, BK);
-        products::interleave_pairs(isa, ds, &mut sc.pt, BK);
-        let pt = PairMat::new(&sc.pt, np, bk, BK);
+        let ds = Mat::new(&sc.ds, nr, bk, TS);
+        products::interleave_pairs(isa, ds, &mut sc.pt, TS);
+        let pt = PairMat::new(&sc.pt, np, bk, TS);
         products::pv_t_pairs(isa, pt, q_rows, MatMut::new(&mut sc.dk, bk, d, d));
         // dQ += (scale · dS) · K, with dS as pairs of its columns and K's rows read in place.
         products::to_pairs(isa, ds, &mut sc.dsp, BK / 2);
@@ -100,5 +102,6 @@ impl Bwd<'_> {
         self.add_dq(blk, dq, &mut sc.dq, |acc| {
             products::pv_pairs(isa, dsp, k, acc)
         });
+        stream::queue(&[], 0);
     }
 }

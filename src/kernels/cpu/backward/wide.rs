@@ -1,16 +1,18 @@
 //! The backward's five products in f32: the forward's AVX-512 / AVX2 micro-kernels (`Q·Kᵀ` and
-//! `dO·Vᵀ` against the transposed copies of K and V, `Pᵀ·dO` and `dSᵀ·Q` reading the score tile
-//! transposed, `dS·K` directly), or the `gemm` crate where the CPU has neither.
+//! `dO·Vᵀ` against the transposed copies of K and V, the latter forming `dS` in its epilogue
+//! ([`products::qk_t_grad`]: a pass over the tile fewer), `Pᵀ·dO` and `dSᵀ·Q` reading the score
+//! tile transposed, `dS·K` directly), or the `gemm` crate where the CPU has neither.
 
 use super::super::kt::{kt_stride, Kt};
 use super::super::mat::{Mat, MatMut};
 use super::super::portable::matmul;
 use super::super::products;
+use super::super::stream;
 use super::super::tile::View;
-use super::{f32_data, Block, Bwd, DqAcc, Scratch, BK};
+use super::{f32_data, Block, Bwd, DqAcc, Scratch, BQ, TS};
 
 impl Bwd<'_> {
-    /// `out (nr × bk, row stride BK) = scale · a · Xᵀ` for `a` (`nr × w`) and the key rows
+    /// `out (nr × bk, row stride TS) = scale · a · Xᵀ` for `a` (`nr × w`) and the key rows
     /// `j0..j0 + bk` of `x` (K or V of KV head `kh`), through the micro-kernel against its
     /// transposed copy `xt`, or in place through `gemm`.
     fn times_keys_t(
@@ -27,8 +29,8 @@ impl Bwd<'_> {
                 let s = kt_stride(self.ctx.s);
                 let base = (bi * self.ctx.hkv + kh) * w * s;
                 let xt = Mat::new(&xt[base + j0..base + w * s], w, bk, s);
-                // The output rows hold BK >= round_up(bk, 16) columns.
-                let o = MatMut::new(&mut out[..nr * BK], nr, bk, BK);
+                // The output rows hold TS >= round_up(bk, 16) columns.
+                let o = MatMut::new(&mut out[..nr * TS], nr, bk, TS);
                 products::qk_t(self.ctx.paths.isa, a, xt, o, scale);
             }
             _ => {
@@ -36,7 +38,7 @@ impl Bwd<'_> {
                 matmul(
                     (nr, bk, w),
                     out,
-                    BK,
+                    TS,
                     false,
                     (a.data(), a.stride(), 1),
                     (&f32_data(x)[at..], 1, x.strides[1]),
@@ -77,18 +79,37 @@ impl Bwd<'_> {
         if !self.probabilities(blk, &mut sc.p, &mut sc.cap) {
             return;
         }
-        // scale · dS = scale · P ∘ (dO · Vᵀ − Δ)
-        self.times_keys_t(go, (&ctx.v, self.vt), tile, &mut sc.ds, 1.0);
-        self.score_grads(blk, &sc.p, &mut sc.ds, &sc.cap);
+        self.queue_next(blk, (q, go), dq);
+        // scale · dS = scale · P ∘ (dO · Vᵀ − Δ): in the product's epilogue against the
+        // transposed copy of V (without soft-capping), else in a pass over `dO · Vᵀ`.
+        match self.vt {
+            Some(Kt::F32(vt)) if ctx.mods.softcap.is_none() => {
+                let mut delta = [0f32; BQ];
+                for (x, &(_, i)) in delta.iter_mut().zip(blk.rows) {
+                    *x = self.delta[blk.stats + i];
+                }
+                let s = kt_stride(ctx.s);
+                let base = (blk.bi * ctx.hkv + blk.kh) * dv * s;
+                let vt = Mat::new(&vt[base + blk.j0..base + dv * s], dv, bk, s);
+                let p = Mat::new(&sc.p[..nr * TS], nr, bk, TS);
+                let o = MatMut::new(&mut sc.ds[..nr * TS], nr, bk, TS);
+                products::qk_t_grad(ctx.paths.isa, (go, vt), (p, &delta[..nr]), o, ctx.scale);
+            }
+            _ => {
+                self.times_keys_t(go, (&ctx.v, self.vt), tile, &mut sc.ds, 1.0);
+                self.score_grads(blk, &sc.p, &mut sc.ds, &sc.cap);
+            }
+        }
         // dV += Pᵀ · dO ; dK += (scale · dS)ᵀ · Q
         let isa = ctx.paths.isa;
-        let p = Mat::new(&sc.p, nr, bk, BK);
+        let p = Mat::new(&sc.p, nr, bk, TS);
         products::pv_t(isa, p, go, MatMut::new(&mut sc.dv, bk, dv, dv));
-        let ds = Mat::new(&sc.ds, nr, bk, BK);
+        let ds = Mat::new(&sc.ds, nr, bk, TS);
         products::pv_t(isa, ds, q, MatMut::new(&mut sc.dk, bk, d, d));
         // dQ += (scale · dS) · K
         let (k0, kst) = (ctx.k.at(blk.bi, blk.j0, blk.kh), ctx.k.strides[1]);
         let k = Mat::new(&f32_data(&ctx.k)[k0..], bk, d, kst);
         self.add_dq(blk, dq, &mut sc.dq, |acc| products::pv(isa, ds, k, acc));
+        stream::queue(&[], 0);
     }
 }
