@@ -523,8 +523,8 @@ impl Bwd<'_> {
 
     /// Queues the rows of the block after `blk` for the products' prefetch stream (into L2,
     /// a few lines at a time, [`super::stream`]): its query rows and output gradients (`q`, `go`
-    /// continued, where they are the item's contiguous copies) and its `dQ` rows (where they are
-    /// the item's own buffer). At long sequences these come from L3 (the copies of one head are
+    /// continued, where they are contiguous rows read in place: the item's copies) and its `dQ`
+    /// rows (where they are the item's own buffer). At long sequences these come from L3 (the copies of one head are
     /// 2 × 2 MiB at L = 8192, D = 64 in f32), and the first product of a block waited on them;
     /// the caller empties the queue when the block is done.
     fn queue_next<T>(&self, blk: &Block, (q, go): (Mat<T>, Mat<T>), dq: &DqAcc) {
@@ -536,7 +536,8 @@ impl Bwd<'_> {
             (p + a * size, p + b * size)
         }
         let mut ranges = [(0, 0); 3];
-        if q.stride() == q.cols() && go.stride() == go.cols() {
+        // Consecutive rows read in one piece: the item's copies, or a tensor one head wide.
+        if blk.consecutive && q.stride() == q.cols() && go.stride() == go.cols() {
             ranges[0] = range(q.data(), nr * q.cols(), BQ * q.cols());
             ranges[1] = range(go.data(), nr * go.cols(), BQ * go.cols());
         }
