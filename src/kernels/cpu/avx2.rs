@@ -6,6 +6,7 @@
 use std::arch::x86_64::*;
 
 use super::mat::{ByteMat, HalfMat, Mat, MatMut};
+use super::softmax_x86::exp8;
 
 /// Rows per register block.
 const MR: usize = 6;
@@ -28,7 +29,25 @@ unsafe fn lanes(n: usize) -> __m256i {
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn qk(q: Mat, kt: Mat, out: MatMut, scale: f32) {
     // SAFETY: the caller upholds this function's `# Safety` contract.
-    unsafe { qk_with::<false>(q, kt, out, scale, (std::ptr::null(), 0, std::ptr::null())) }
+    unsafe { qk_with::<SCALED>(q, kt, out, scale, (std::ptr::null(), 0, std::ptr::null())) }
+}
+
+/// What a score block's epilogue stores: `scale · sums` ([`qk`]), the backward's `dS`
+/// ([`qk_grad`]) or its probabilities ([`qk_exp`]).
+const SCALED: u8 = 0;
+const GRAD: u8 = 1;
+const EXP: u8 = 2;
+
+/// The backward's probabilities in one pass: `out[r][c] = exp(min(0, scale · Σ_x q[r][x] ·
+/// kt[x][c] − lse[r]))` ([`exp8`]) for rows that see every key of the tile. Only the `bk`
+/// columns of `out` are written.
+///
+/// # Safety
+/// avx2, fma and f16c must be available; `lse` must hold `nr` values.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn qk_exp(q: Mat, kt: Mat, lse: &[f32], out: MatMut, scale: f32) {
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe { qk_with::<EXP>(q, kt, out, scale, (std::ptr::null(), 0, lse.as_ptr())) }
 }
 
 /// The backward's score gradients from `dP = dO · Vᵀ` in one pass: `out[r][c] = (scale ·
@@ -42,13 +61,14 @@ pub unsafe fn qk_grad(g: Mat, vt: Mat, p: Mat, delta: &[f32], out: MatMut, scale
     // SAFETY: the caller upholds this function's `# Safety` contract.
     unsafe {
         let grad = (p.data().as_ptr(), p.stride(), delta.as_ptr());
-        qk_with::<true>(g, vt, out, scale, grad)
+        qk_with::<GRAD>(g, vt, out, scale, grad)
     }
 }
 
-/// [`qk`], or with `DS` [`qk_grad`] (`grad` = (`p`, its row stride, `delta`)).
+/// [`qk`], [`qk_grad`] or [`qk_exp`] by `MODE` (`grad` = (`p`, its row stride, the rows' `Δ`
+/// or `lse`), read as the mode needs).
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn qk_with<const DS: bool>(
+unsafe fn qk_with<const MODE: u8>(
     q: Mat,
     kt: Mat,
     mut out: MatMut,
@@ -73,20 +93,20 @@ unsafe fn qk_with<const DS: bool>(
                     out.data().as_mut_ptr().add(r * out.stride() + c),
                     out.stride(),
                 );
-                // The block's probabilities and row offsets.
-                let gp = if DS {
-                    (grad.0.add(r * grad.1 + c), grad.1, grad.2.add(r))
-                } else {
-                    grad
+                // The block's probabilities and row values.
+                let gp = match MODE {
+                    GRAD => (grad.0.add(r * grad.1 + c), grad.1, grad.2.add(r)),
+                    EXP => (grad.0, grad.1, grad.2.add(r)),
+                    _ => grad,
                 };
                 let ep = (scale, masks, gp);
                 // Whole 16-column blocks load and store without masks.
                 macro_rules! go {
                 ($($m:literal),*) => {
                     match (mr, nb, w == 8 * NV) {
-                        $(($m, 1, _) => qk_block::<$m, 1, false, DS>(qp, d, kp, op, ep),
-                          ($m, _, false) => qk_block::<$m, 2, false, DS>(qp, d, kp, op, ep),
-                          ($m, _, true) => qk_block::<$m, 2, true, DS>(qp, d, kp, op, ep),)*
+                        $(($m, 1, _) => qk_block::<$m, 1, false, MODE>(qp, d, kp, op, ep),
+                          ($m, _, false) => qk_block::<$m, 2, false, MODE>(qp, d, kp, op, ep),
+                          ($m, _, true) => qk_block::<$m, 2, true, MODE>(qp, d, kp, op, ep),)*
                         _ => unreachable!(),
                     }
                 };
@@ -99,11 +119,12 @@ unsafe fn qk_with<const DS: bool>(
     }
 }
 
-/// One `M × 8N` block of [`qk`] (with `DS`, of [`qk_grad`]); the epilogue `(scale, the
-/// columns' lane masks, (p, its row stride, delta))`, `p` and `delta` read with `DS` only.
+/// One `M × 8N` block of [`qk`] (by `MODE`, of [`qk_grad`] or [`qk_exp`]); the epilogue
+/// `(scale, the columns' lane masks, (p, its row stride, the rows' Δ or lse))`, `p` read with
+/// `GRAD` only.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn qk_block<const M: usize, const N: usize, const FULL: bool, const DS: bool>(
+unsafe fn qk_block<const M: usize, const N: usize, const FULL: bool, const MODE: u8>(
     (q, qs): (*const f32, usize),
     d: usize,
     (kt, ks): (*const f32, usize),
@@ -131,25 +152,31 @@ unsafe fn qk_block<const M: usize, const N: usize, const FULL: bool, const DS: b
                 }
             }
         }
-        let sv = _mm256_set1_ps(scale);
+        let (sv, zero) = (_mm256_set1_ps(scale), _mm256_setzero_ps());
         for r in 0..M {
-            let dl = if DS {
-                _mm256_set1_ps(*delta.add(r))
-            } else {
+            let dl = if MODE == SCALED {
                 sv
+            } else {
+                _mm256_set1_ps(*delta.add(r))
             };
             for n in 0..N {
-                let x = if DS {
-                    // (scale · p) · (dP − Δ), as the row-by-row step rounds it.
-                    let at = p.add(r * ps + 8 * n);
-                    let pr = if FULL {
-                        _mm256_loadu_ps(at)
-                    } else {
-                        _mm256_maskload_ps(at, masks[n])
-                    };
-                    _mm256_mul_ps(_mm256_mul_ps(sv, pr), _mm256_sub_ps(acc[r][n], dl))
-                } else {
-                    _mm256_mul_ps(acc[r][n], sv)
+                let x = match MODE {
+                    GRAD => {
+                        // (scale · p) · (dP − Δ), as the row-by-row step rounds it.
+                        let at = p.add(r * ps + 8 * n);
+                        let pr = if FULL {
+                            _mm256_loadu_ps(at)
+                        } else {
+                            _mm256_maskload_ps(at, masks[n])
+                        };
+                        _mm256_mul_ps(_mm256_mul_ps(sv, pr), _mm256_sub_ps(acc[r][n], dl))
+                    }
+                    // exp(min(0, scale · S − lse)), as `softmax::exp_sub` rounds it.
+                    EXP => exp8(_mm256_min_ps(
+                        zero,
+                        _mm256_sub_ps(_mm256_mul_ps(acc[r][n], sv), dl),
+                    )),
+                    _ => _mm256_mul_ps(acc[r][n], sv),
                 };
                 if FULL {
                     _mm256_storeu_ps(out.add(r * os + 8 * n), x);

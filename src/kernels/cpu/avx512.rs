@@ -4,6 +4,7 @@
 use std::arch::x86_64::*;
 
 use super::mat::{ByteMat, HalfMat, Mat, MatMut};
+use super::softmax_x86::exp16;
 
 /// Rows per register block (here and in `avx512_bf16.rs`).
 pub(super) const MR: usize = 6;
@@ -26,7 +27,26 @@ pub(super) fn tail_mask(n: usize) -> u16 {
 #[target_feature(enable = "avx512f")]
 pub unsafe fn qk(q: Mat, kt: Mat, out: MatMut, scale: f32) {
     // SAFETY: the caller upholds this function's `# Safety` contract.
-    unsafe { qk_with::<false>(q, kt, out, scale, (std::ptr::null(), 0, std::ptr::null())) }
+    unsafe { qk_with::<SCALED>(q, kt, out, scale, (std::ptr::null(), 0, std::ptr::null())) }
+}
+
+/// What a score block's epilogue stores: `scale · sums` ([`qk`]), the backward's `dS`
+/// ([`qk_grad`]) or its probabilities ([`qk_exp`]).
+const SCALED: u8 = 0;
+const GRAD: u8 = 1;
+const EXP: u8 = 2;
+
+/// The backward's probabilities in one pass: `out[r][c] = exp(min(0, scale · Σ_x q[r][x] ·
+/// kt[x][c] − lse[r]))` (the exponential of `softmax::exp_sub`, [`exp16`]) for rows that see
+/// every key of the tile. Whole vectors as in [`qk`].
+///
+/// # Safety
+/// avx512f must be available; `out` must hold `round_up(bk, 16)` columns in every row, and
+/// `lse` `nr` values.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn qk_exp(q: Mat, kt: Mat, lse: &[f32], out: MatMut, scale: f32) {
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe { qk_with::<EXP>(q, kt, out, scale, (std::ptr::null(), 0, lse.as_ptr())) }
 }
 
 /// The backward's score gradients from `dP = dO · Vᵀ` in one pass: `out[r][c] = (scale ·
@@ -41,13 +61,14 @@ pub unsafe fn qk_grad(g: Mat, vt: Mat, p: Mat, delta: &[f32], out: MatMut, scale
     // SAFETY: the caller upholds this function's `# Safety` contract.
     unsafe {
         let grad = (p.data().as_ptr(), p.stride(), delta.as_ptr());
-        qk_with::<true>(g, vt, out, scale, grad)
+        qk_with::<GRAD>(g, vt, out, scale, grad)
     }
 }
 
-/// [`qk`], or with `DS` [`qk_grad`] (`grad` = (`p`, its row stride, `delta`)).
+/// [`qk`], [`qk_grad`] or [`qk_exp`] by `MODE` (`grad` = (`p`, its row stride, the rows' `Δ`
+/// or `lse`), read as the mode needs).
 #[target_feature(enable = "avx512f")]
-unsafe fn qk_with<const DS: bool>(
+unsafe fn qk_with<const MODE: u8>(
     q: Mat,
     kt: Mat,
     mut out: MatMut,
@@ -68,20 +89,20 @@ unsafe fn qk_with<const DS: bool>(
                 out.data().as_mut_ptr().add(r * out.stride() + 16 * c),
                 out.stride(),
             );
-            // The block's probabilities and row offsets.
-            let gp = if DS {
-                (grad.0.add(r * grad.1 + 16 * c), grad.1, grad.2.add(r))
-            } else {
-                grad
+            // The block's probabilities and row values.
+            let gp = match MODE {
+                GRAD => (grad.0.add(r * grad.1 + 16 * c), grad.1, grad.2.add(r)),
+                EXP => (grad.0, grad.1, grad.2.add(r)),
+                _ => grad,
             };
             let ep = (scale, masks, gp);
             macro_rules! go {
             ($($m:literal),*) => {
                 match (mr, nb) {
-                    $(($m, 1) => qk_block::<$m, 1, DS>(qp, d, kp, op, ep),
-                      ($m, 2) => qk_block::<$m, 2, DS>(qp, d, kp, op, ep),
-                      ($m, 3) => qk_block::<$m, 3, DS>(qp, d, kp, op, ep),
-                      ($m, _) => qk_block::<$m, 4, DS>(qp, d, kp, op, ep),)*
+                    $(($m, 1) => qk_block::<$m, 1, MODE>(qp, d, kp, op, ep),
+                      ($m, 2) => qk_block::<$m, 2, MODE>(qp, d, kp, op, ep),
+                      ($m, 3) => qk_block::<$m, 3, MODE>(qp, d, kp, op, ep),
+                      ($m, _) => qk_block::<$m, 4, MODE>(qp, d, kp, op, ep),)*
                     _ => unreachable!(),
                 }
             };
@@ -118,12 +139,12 @@ pub(super) fn score_blocks(
     }
 }
 
-/// One `M × 16N` block of [`qk`] (with `DS`, of [`qk_grad`]): `q`, `kt` and `out` are
-/// (pointer, row stride), `d` the depth; the epilogue `(scale, the columns' lane masks, (p, its
-/// row stride, delta))`, `p` and `delta` read with `DS` only.
+/// One `M × 16N` block of [`qk`] (by `MODE`, of [`qk_grad`] or [`qk_exp`]): `q`, `kt` and `out`
+/// are (pointer, row stride), `d` the depth; the epilogue `(scale, the columns' lane masks, (p,
+/// its row stride, the rows' Δ or lse))`, `p` read with `GRAD` only.
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn qk_block<const M: usize, const N: usize, const DS: bool>(
+unsafe fn qk_block<const M: usize, const N: usize, const MODE: u8>(
     (q, qs): (*const f32, usize),
     d: usize,
     (kt, s): (*const f32, usize),
@@ -147,20 +168,26 @@ unsafe fn qk_block<const M: usize, const N: usize, const DS: bool>(
                 }
             }
         }
-        let sv = _mm512_set1_ps(scale);
+        let (sv, zero) = (_mm512_set1_ps(scale), _mm512_setzero_ps());
         for r in 0..M {
-            let dl = if DS {
-                _mm512_set1_ps(*delta.add(r))
-            } else {
+            let dl = if MODE == SCALED {
                 sv
+            } else {
+                _mm512_set1_ps(*delta.add(r))
             };
             for n in 0..N {
-                let x = if DS {
-                    // (scale · p) · (dP − Δ), as the row-by-row step rounds it.
-                    let pr = _mm512_loadu_ps(p.add(r * ps + 16 * n));
-                    _mm512_mul_ps(_mm512_mul_ps(sv, pr), _mm512_sub_ps(acc[r][n], dl))
-                } else {
-                    _mm512_mul_ps(acc[r][n], sv)
+                let x = match MODE {
+                    GRAD => {
+                        // (scale · p) · (dP − Δ), as the row-by-row step rounds it.
+                        let pr = _mm512_loadu_ps(p.add(r * ps + 16 * n));
+                        _mm512_mul_ps(_mm512_mul_ps(sv, pr), _mm512_sub_ps(acc[r][n], dl))
+                    }
+                    // exp(min(0, scale · S − lse)), as `softmax::exp_sub` rounds it.
+                    EXP => exp16(_mm512_min_ps(
+                        zero,
+                        _mm512_sub_ps(_mm512_mul_ps(acc[r][n], sv), dl),
+                    )),
+                    _ => _mm512_mul_ps(acc[r][n], sv),
                 };
                 _mm512_storeu_ps(out.add(r * out_stride + 16 * n), x);
             }

@@ -149,6 +149,22 @@ fn f32_products_refuse_mismatched_shapes() {
         }
         check(isa, "qk_t_grad", true, grad(NR, 16, NR, 16), bad);
 
+        // qk_t_exp: as qk_t, with NR row statistics.
+        let exp = |lse_rows: usize, o_stride: usize| {
+            let (a, kt) = (a.clone(), kt.clone());
+            move || {
+                let mut o = out(NR + 1, o_stride);
+                let om = MatMut::new(&mut o, NR, BK, o_stride);
+                let (qa, kt) = (Mat::new(&a, NR, D, D), Mat::new(&kt, D, BK, BK));
+                products::qk_t_exp(isa, (qa, kt), &vec![0.5; lse_rows], om, 1.0)
+            }
+        };
+        let mut bad: Bad = vec![("lse with a row too few", Box::new(exp(NR - 1, 16)))];
+        if isa.avx512() {
+            bad.push(("out rows without the padded columns", Box::new(exp(NR, BK))));
+        }
+        check(isa, "qk_t_exp", true, exp(NR, 16), bad);
+
         // qk_rows: q (NR × D) · kᵀ, k (BK × D).
         let (q, k) = (f32s(NR * D), f32s(BK * D));
         let qk_rows = |k_cols: usize, o_rows: usize, o_cols: usize| {

@@ -132,6 +132,40 @@ pub(super) fn qk_t(isa: Isa, a: Mat, kt: Mat, mut out: MatMut, scale: f32) {
     }
 }
 
+/// The backward's probabilities in one pass: `out[r][c] = exp(min(0, (scale · a · kt)[r][c] −
+/// lse[r]))` (`softmax::exp_sub` of the scores) for `a` (`nr × d`) and a transposed key tile
+/// `kt` (`d × bk`), rows that see every key of the tile. As in [`qk_t`], `out` rows must hold
+/// `round_up(bk, 16)` columns.
+pub(super) fn qk_t_exp(isa: Isa, (a, kt): (Mat, Mat), lse: &[f32], mut out: MatMut, scale: f32) {
+    let (nr, bk) = (a.rows(), kt.cols());
+    assert!(kt.rows() == a.cols() && out.rows() == nr && out.cols() == bk && lse.len() >= nr);
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512(_) | Isa::Avx512Bf16(_) => {
+            let padded = bk.div_ceil(16) * 16;
+            assert!(
+                nr == 0
+                    || (out.stride() >= padded
+                        && out.data().len() >= (nr - 1) * out.stride() + padded)
+            );
+            // SAFETY: `isa` carries the proof that the CPU runs it (`Detected`); rows of `out`
+            // hold the padded columns, and `lse` the rows (asserted).
+            unsafe { super::avx512::qk_exp(a, kt, lse, out, scale) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above; only the `bk` columns are written.
+        Isa::Avx2(_) => unsafe { super::avx2::qk_exp(a, kt, lse, out, scale) },
+        _ => {
+            qk_t(isa, a, kt, out.reborrow(), scale);
+            let st = out.stride();
+            let o = out.data();
+            for (r, &m) in lse[..nr].iter().enumerate() {
+                super::softmax::exp_sub(isa, &mut o[r * st..r * st + bk], m);
+            }
+        }
+    }
+}
+
 /// The backward's `dS` from `dP = g · vt` in one pass: `out[r][c] = (scale · p[r][c]) ·
 /// (dP[r][c] − delta[r])` for `g` (`nr × dv`), a transposed value tile `vt` (`dv × bk`), the
 /// probabilities `p` (`nr × bk`, `out`'s row stride) and the rows' `delta`. As in [`qk_t`],

@@ -15,8 +15,8 @@
 //!
 //! The five products per (query block, key tile) run on the forward's micro-kernels
 //! ([`wide`]: f32, where the CPU has AVX-512 or AVX2 `Q·Kᵀ` and `dO·Vᵀ` against transposed
-//! copies of K and V made once, `dS` formed in the epilogue of `dO·Vᵀ` while its sums are in
-//! registers, `Pᵀ·dO` and `dSᵀ·Q` reading the score tile transposed, `dS·K` directly; the
+//! copies of K and V made once, `P` and `dS` formed in the epilogues of `Q·Kᵀ` (tiles that
+//! need no mask or modifier) and `dO·Vᵀ` while their sums are in registers, `Pᵀ·dO` and `dSᵀ·Q` reading the score tile transposed, `dS·K` directly; the
 //! `gemm` crate elsewhere), or, for bf16 inputs where the forward uses
 //! AVX512-BF16 dot products, on bf16 pairs ([`pairs`]: `P` and `dS` rounded to bf16 before
 //! their products, as PyTorch's CPU flash backward does, f32 accumulation). The masks are

@@ -1,7 +1,8 @@
 //! The backward's five products in f32: the forward's AVX-512 / AVX2 micro-kernels (`Q·Kᵀ` and
-//! `dO·Vᵀ` against the transposed copies of K and V, the latter forming `dS` in its epilogue
-//! ([`products::qk_t_grad`]: a pass over the tile fewer), `Pᵀ·dO` and `dSᵀ·Q` reading the score
-//! tile transposed, `dS·K` directly), or the `gemm` crate where the CPU has neither.
+//! `dO·Vᵀ` against the transposed copies of K and V, forming `P` and `dS` in their epilogues
+//! ([`products::qk_t_exp`] where a tile needs no mask or modifier, [`products::qk_t_grad`]:
+//! a pass over the tile fewer each), `Pᵀ·dO` and `dSᵀ·Q` reading the score tile transposed,
+//! `dS·K` directly), or the `gemm` crate where the CPU has neither.
 
 use super::super::kt::{kt_stride, Kt};
 use super::super::mat::{Mat, MatMut};
@@ -11,6 +12,9 @@ use super::super::stream;
 use super::super::tile::View;
 use super::{f32_data, Block, Bwd, DqAcc, Scratch, BQ, TS};
 
+/// A key tile: (batch, KV head, first key, keys).
+type Tile = (usize, usize, usize, usize);
+
 impl Bwd<'_> {
     /// `out (nr × bk, row stride TS) = scale · a · Xᵀ` for `a` (`nr × w`) and the key rows
     /// `j0..j0 + bk` of `x` (K or V of KV head `kh`), through the micro-kernel against its
@@ -19,16 +23,14 @@ impl Bwd<'_> {
         &self,
         a: Mat,
         (x, xt): (&View, Option<Kt>),
-        (bi, kh, j0, bk): (usize, usize, usize, usize),
+        (bi, kh, j0, bk): Tile,
         out: &mut [f32],
         scale: f32,
     ) {
         let (nr, w) = (a.rows(), a.cols());
         match xt {
             Some(Kt::F32(xt)) => {
-                let s = kt_stride(self.ctx.s);
-                let base = (bi * self.ctx.hkv + kh) * w * s;
-                let xt = Mat::new(&xt[base + j0..base + w * s], w, bk, s);
+                let xt = self.tile_t(xt, w, (bi, kh, j0, bk));
                 // The output rows hold TS >= round_up(bk, 16) columns.
                 let o = MatMut::new(&mut out[..nr * TS], nr, bk, TS);
                 products::qk_t(self.ctx.paths.isa, a, xt, o, scale);
@@ -46,6 +48,29 @@ impl Bwd<'_> {
                 );
             }
         }
+    }
+
+    /// Keys `j0..j0 + bk` of KV head `kh` in batch `bi` in the transposed copy `xt` of K or V
+    /// (`w` rows).
+    fn tile_t<'a>(&self, xt: &'a [f32], w: usize, (bi, kh, j0, bk): Tile) -> Mat<'a> {
+        let s = kt_stride(self.ctx.s);
+        let base = (bi * self.ctx.hkv + kh) * w * s;
+        Mat::new(&xt[base + j0..base + w * s], w, bk, s)
+    }
+
+    /// Whether every row of `blk` sees every key of its tile, with nothing added to the scores
+    /// (no soft-capping, ALiBi, key padding or bias): `P = exp(scale · S − lse)` as it stands.
+    fn plain_tile(&self, blk: &Block) -> bool {
+        let ctx = self.ctx;
+        let covers = |&(_, i): &(usize, usize)| {
+            let (lo, hi) = self.ranges[blk.bi * ctx.l + i];
+            lo <= blk.j0 && hi >= blk.j0 + blk.bk
+        };
+        ctx.mods.softcap.is_none()
+            && !ctx.mods.has_alibi()
+            && ctx.key_bias.is_none()
+            && ctx.bias.is_none()
+            && (!blk.masked || blk.rows.iter().all(covers))
     }
 
     /// One (query block, key tile) step on f32 operands.
@@ -74,23 +99,35 @@ impl Bwd<'_> {
             (Mat::new(&sc.q, nr, d, d), Mat::new(&sc.go, nr, dv, dv))
         };
         let tile = (blk.bi, blk.kh, blk.j0, bk);
-        // P = exp(scale · Q · Kᵀ + masks − lse)
-        self.times_keys_t(q, (&ctx.k, self.kt), tile, &mut sc.p, ctx.scale);
-        if !self.probabilities(blk, &mut sc.p, &mut sc.cap) {
-            return;
+        // The rows' statistics (lse, then Δ) for the products' epilogues.
+        let mut stats = [0f32; BQ];
+        let mut gather = |from: &[f32]| {
+            for (x, &(_, i)) in stats.iter_mut().zip(blk.rows) {
+                *x = from[blk.stats + i];
+            }
+            stats
+        };
+        // P = exp(scale · Q · Kᵀ + masks − lse): in the product's epilogue for a plain tile
+        // against the transposed copy of K, else the scores, then a pass over them.
+        match self.kt {
+            Some(Kt::F32(kt)) if self.plain_tile(blk) => {
+                let (kt, lse) = (self.tile_t(kt, d, tile), gather(self.lse));
+                let o = MatMut::new(&mut sc.p[..nr * TS], nr, bk, TS);
+                products::qk_t_exp(ctx.paths.isa, (q, kt), &lse[..nr], o, ctx.scale);
+            }
+            _ => {
+                self.times_keys_t(q, (&ctx.k, self.kt), tile, &mut sc.p, ctx.scale);
+                if !self.probabilities(blk, &mut sc.p, &mut sc.cap) {
+                    return;
+                }
+            }
         }
         self.queue_next(blk, (q, go), dq);
         // scale · dS = scale · P ∘ (dO · Vᵀ − Δ): in the product's epilogue against the
         // transposed copy of V (without soft-capping), else in a pass over `dO · Vᵀ`.
         match self.vt {
             Some(Kt::F32(vt)) if ctx.mods.softcap.is_none() => {
-                let mut delta = [0f32; BQ];
-                for (x, &(_, i)) in delta.iter_mut().zip(blk.rows) {
-                    *x = self.delta[blk.stats + i];
-                }
-                let s = kt_stride(ctx.s);
-                let base = (blk.bi * ctx.hkv + blk.kh) * dv * s;
-                let vt = Mat::new(&vt[base + blk.j0..base + dv * s], dv, bk, s);
+                let (vt, delta) = (self.tile_t(vt, dv, tile), gather(self.delta));
                 let p = Mat::new(&sc.p[..nr * TS], nr, bk, TS);
                 let o = MatMut::new(&mut sc.ds[..nr * TS], nr, bk, TS);
                 products::qk_t_grad(ctx.paths.isa, (go, vt), (p, &delta[..nr]), o, ctx.scale);
