@@ -6,6 +6,7 @@
 use std::arch::x86_64::*;
 
 use super::mat::{ByteMat, HalfMat, Mat, MatMut};
+use super::avx512::{EXP, GRAD, SCALED};
 use super::softmax_x86::exp8;
 
 /// Rows per register block.
@@ -31,12 +32,6 @@ pub unsafe fn qk(q: Mat, kt: Mat, out: MatMut, scale: f32) {
     // SAFETY: the caller upholds this function's `# Safety` contract.
     unsafe { qk_with::<SCALED>(q, kt, out, scale, (std::ptr::null(), 0, std::ptr::null())) }
 }
-
-/// What a score block's epilogue stores: `scale · sums` ([`qk`]), the backward's `dS`
-/// ([`qk_grad`]) or its probabilities ([`qk_exp`]).
-const SCALED: u8 = 0;
-const GRAD: u8 = 1;
-const EXP: u8 = 2;
 
 /// The backward's probabilities in one pass: `out[r][c] = exp(min(0, scale · Σ_x q[r][x] ·
 /// kt[x][c] − lse[r]))` ([`exp8`]) for rows that see every key of the tile. Only the `bk`

@@ -30,11 +30,11 @@ pub unsafe fn qk(q: Mat, kt: Mat, out: MatMut, scale: f32) {
     unsafe { qk_with::<SCALED>(q, kt, out, scale, (std::ptr::null(), 0, std::ptr::null())) }
 }
 
-/// What a score block's epilogue stores: `scale · sums` ([`qk`]), the backward's `dS`
-/// ([`qk_grad`]) or its probabilities ([`qk_exp`]).
-const SCALED: u8 = 0;
-const GRAD: u8 = 1;
-const EXP: u8 = 2;
+/// What a score block's epilogue stores (here and in `avx2.rs`): `scale · sums` ([`qk`]), the
+/// backward's `dS` ([`qk_grad`]) or its probabilities ([`qk_exp`]).
+pub(super) const SCALED: u8 = 0;
+pub(super) const GRAD: u8 = 1;
+pub(super) const EXP: u8 = 2;
 
 /// The backward's probabilities in one pass: `out[r][c] = exp(min(0, scale · Σ_x q[r][x] ·
 /// kt[x][c] − lse[r]))` (the exponential of `softmax::exp_sub`, [`exp16`]) for rows that see

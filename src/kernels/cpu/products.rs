@@ -93,6 +93,13 @@ pub fn force(name: Option<&str>) -> Result<(), String> {
     SELECTION.force(name)
 }
 
+/// Whether `nr` rows `stride` apart in `len` elements each hold `round_up(bk, 16)` columns: the
+/// AVX-512 score kernels store (and their epilogues read) whole vectors.
+fn holds_vectors(nr: usize, bk: usize, stride: usize, len: usize) -> bool {
+    let padded = bk.div_ceil(16) * 16;
+    nr == 0 || (stride >= padded && len >= (nr - 1) * stride + padded)
+}
+
 /// `out = scale · a · kt` for `a` (`nr × d`, any row stride) and a transposed key tile `kt`
 /// (`d × bk`). `out` rows must hold `round_up(bk, 16)` columns (the AVX-512 kernel stores whole
 /// vectors).
@@ -102,12 +109,7 @@ pub(super) fn qk_t(isa: Isa, a: Mat, kt: Mat, mut out: MatMut, scale: f32) {
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512(_) | Isa::Avx512Bf16(_) => {
-            let padded = bk.div_ceil(16) * 16;
-            assert!(
-                nr == 0
-                    || (out.stride() >= padded
-                        && out.data().len() >= (nr - 1) * out.stride() + padded)
-            );
+            assert!(holds_vectors(nr, bk, out.stride(), out.data().len()));
             // SAFETY: `isa` carries the proof that the CPU runs it (`Detected`); rows of `out` hold the
             // padded columns (asserted).
             unsafe { super::avx512::qk(a, kt, out, scale) }
@@ -142,12 +144,7 @@ pub(super) fn qk_t_exp(isa: Isa, (a, kt): (Mat, Mat), lse: &[f32], mut out: MatM
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512(_) | Isa::Avx512Bf16(_) => {
-            let padded = bk.div_ceil(16) * 16;
-            assert!(
-                nr == 0
-                    || (out.stride() >= padded
-                        && out.data().len() >= (nr - 1) * out.stride() + padded)
-            );
+            assert!(holds_vectors(nr, bk, out.stride(), out.data().len()));
             // SAFETY: `isa` carries the proof that the CPU runs it (`Detected`); rows of `out`
             // hold the padded columns, and `lse` the rows (asserted).
             unsafe { super::avx512::qk_exp(a, kt, lse, out, scale) }
@@ -183,9 +180,8 @@ pub(super) fn qk_t_grad(
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512(_) | Isa::Avx512Bf16(_) => {
-            let padded = bk.div_ceil(16) * 16;
-            let holds = |len: usize| nr == 0 || len >= (nr - 1) * p.stride() + padded;
-            assert!(p.stride() >= padded && holds(out.data().len()) && holds(p.data().len()));
+            let holds = |m: &Mat| holds_vectors(nr, bk, m.stride(), m.data().len());
+            assert!(holds(&p) && holds_vectors(nr, bk, out.stride(), out.data().len()));
             // SAFETY: `isa` carries the proof that the CPU runs it (`Detected`); rows of `out`
             // and `p` hold the padded columns, and `delta` the rows (asserted).
             unsafe { super::avx512::qk_grad(g, vt, p, delta, out, scale) }
@@ -482,11 +478,8 @@ pub(crate) fn dots_bf16(isa: Isa) -> bool {
 /// columns.
 pub(super) fn qk_pairs(isa: Isa, q: PairMat, kt: PairMat, mut out: MatMut, scale: f32) {
     let (nr, bk) = (q.rows(), kt.cols());
-    let padded = bk.div_ceil(16) * 16;
     assert!(dots_bf16(isa) && kt.rows() == q.cols() && out.rows() == nr && out.cols() == bk);
-    assert!(
-        nr == 0 || (out.stride() >= padded && out.data().len() >= (nr - 1) * out.stride() + padded)
-    );
+    assert!(holds_vectors(nr, bk, out.stride(), out.data().len()));
     #[cfg(target_arch = "x86_64")]
     // SAFETY: `isa` carries the proof that the CPU runs it (`Detected`), and AVX512-BF16 (asserted);
     // rows of `out` hold the padded columns (asserted), the operands are checked matrices.
