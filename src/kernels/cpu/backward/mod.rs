@@ -16,17 +16,17 @@
 //! The five products per (query block, key tile) run on the forward's micro-kernels
 //! ([`wide`]: f32, where the CPU has AVX-512 or AVX2 `Q·Kᵀ` and `dO·Vᵀ` against transposed
 //! copies of K and V made once, `P` and `dS` formed in the epilogues of `Q·Kᵀ` (tiles that
-//! need no mask or modifier) and `dO·Vᵀ` while their sums are in registers, `Pᵀ·dO` and `dSᵀ·Q` reading the score tile transposed, `dS·K` directly; the
-//! `gemm` crate elsewhere), or, for bf16 inputs where the forward uses
-//! AVX512-BF16 dot products, on bf16 pairs ([`pairs`]: `P` and `dS` rounded to bf16 before
-//! their products, as PyTorch's CPU flash backward does, f32 accumulation). The masks are
-//! applied exactly as in the forward ([`Ctx::score_row`]: the same structured ranges, key
-//! padding and bias; keys after `kv_len` never masked), so a fully masked row has `P = 0` and
-//! contributes nothing. So are the score modifiers: soft-capping multiplies `dS` by its
-//! derivative `1 − (s / c)²`, ALiBi is a constant, and the sinks enter through the saved
-//! log-sum-exp (which includes them) alone. While a block's last three products run, their
-//! micro-kernels prefetch the next block's query rows, output gradients and `dQ` rows into L2
-//! ([`Bwd::queue_next`]).
+//! need no mask or modifier) and `dO·Vᵀ` while their sums are in registers, `Pᵀ·dO` and `dSᵀ·Q`
+//! reading the score tile transposed, `dS·K` directly; the `gemm` crate elsewhere), or, for bf16
+//! inputs where the forward uses AVX512-BF16 dot products, on bf16 pairs ([`pairs`]: `P` and
+//! `dS` rounded to bf16 before their products, as PyTorch's CPU flash backward does, f32
+//! accumulation). The masks are applied exactly as in the forward ([`Ctx::score_row`]: the
+//! same structured ranges, key padding and bias; keys after `kv_len` never masked), so a fully
+//! masked row has `P = 0` and contributes nothing. So are the score modifiers: soft-capping
+//! multiplies `dS` by its derivative `1 − (s / c)²`, ALiBi is a constant, and the sinks enter
+//! through the saved log-sum-exp (which includes them) alone. While a block's last three
+//! products run, their micro-kernels prefetch the next block's query rows, output gradients and
+//! `dQ` rows into L2 ([`Bwd::queue_next`]).
 
 mod pairs;
 mod rows;
@@ -524,9 +524,9 @@ impl Bwd<'_> {
     /// Queues the rows of the block after `blk` for the products' prefetch stream (into L2,
     /// a few lines at a time, [`super::stream`]): its query rows and output gradients (`q`, `go`
     /// continued, where they are contiguous rows read in place: the item's copies) and its `dQ`
-    /// rows (where they are the item's own buffer). At long sequences these come from L3 (the copies of one head are
-    /// 2 × 2 MiB at L = 8192, D = 64 in f32), and the first product of a block waited on them;
-    /// the caller empties the queue when the block is done.
+    /// rows (where they are the item's own buffer). At long sequences these come from L3 (the
+    /// copies of one head are 2 × 2 MiB at L = 8192, D = 64 in f32), and the first product of a
+    /// block waited on them; the caller empties the queue when the block is done.
     fn queue_next<T>(&self, blk: &Block, (q, go): (Mat<T>, Mat<T>), dq: &DqAcc) {
         let nr = blk.rows.len();
         // Elements `from..from + len` of `data` (as far as it goes), as a byte address range.
