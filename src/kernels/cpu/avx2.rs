@@ -5,8 +5,8 @@
 
 use std::arch::x86_64::*;
 
-use super::mat::{ByteMat, HalfMat, Mat, MatMut};
 use super::avx512::{EXP, GRAD, SCALED};
+use super::mat::{ByteMat, HalfMat, Mat, MatMut};
 use super::softmax_x86::exp8;
 
 /// Rows per register block.
