@@ -40,7 +40,7 @@ use std::sync::Mutex;
 use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
 
-use super::kt::{transpose_blocks, transpose_heads, Kt, KtBuf};
+use super::kt::{kt_stride, transpose_blocks, transpose_heads, Kt, KtBuf};
 use super::mat::{Mat, MatMut};
 use super::out::OutVec;
 use super::products::{self, Isa};
@@ -50,6 +50,9 @@ use super::stream;
 use super::tile::{Ctx, Data, OutBuf, View};
 use super::{f32_rows, native_rows, view, AttnCall, Inputs, MAX_HEAD_DIM};
 use rows::HeadRows;
+
+/// A key tile: (batch, KV head, first key, keys).
+type Tile = (usize, usize, usize, usize);
 
 /// Query rows per block.
 pub const BQ: usize = 64;
@@ -519,6 +522,14 @@ impl Bwd<'_> {
                 });
             }
         }
+    }
+
+    /// Keys `j0..j0 + bk` of KV head `kh` in batch `bi` in the transposed copy `xt` of K or V
+    /// (`w` rows of f32 elements or bf16 pairs, [`kt_stride`] apart).
+    fn tile_t<'a, T>(&self, xt: &'a [T], w: usize, (bi, kh, j0, bk): Tile) -> Mat<'a, T> {
+        let s = kt_stride(self.ctx.s);
+        let base = (bi * self.ctx.hkv + kh) * w * s;
+        Mat::new(&xt[base + j0..base + w * s], w, bk, s)
     }
 
     /// Queues the rows of the block after `blk` for the products' prefetch stream (into L2,

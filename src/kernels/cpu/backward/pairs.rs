@@ -6,11 +6,11 @@
 //! `dS` are rounded to bf16 before their products, as PyTorch's CPU flash backward does; `dS`
 //! itself is formed in f32 from the f32 `P`.
 
-use super::super::kt::{kt_stride, Kt};
+use super::super::kt::Kt;
 use super::super::mat::{HalfMat, MatMut, PairMat};
 use super::super::products;
 use super::super::stream;
-use super::{Block, Bwd, DqAcc, Scratch, BK, TS};
+use super::{Block, Bwd, DqAcc, Scratch, Tile, BK, TS};
 use crate::kernels::cpu::mat::Mat;
 
 impl Bwd<'_> {
@@ -20,17 +20,15 @@ impl Bwd<'_> {
         &self,
         a: PairMat,
         xt: Option<Kt>,
-        (bi, kh, j0, bk): (usize, usize, usize, usize),
+        tile: Tile,
         out: &mut [f32],
         scale: f32,
     ) {
         let Some(Kt::Pairs(xt)) = xt else {
             unreachable!("the pair products are given pair-transposed K and V")
         };
-        let (nr, wp) = (a.rows(), a.cols());
-        let s = kt_stride(self.ctx.s);
-        let base = (bi * self.ctx.hkv + kh) * wp * s;
-        let xt = PairMat::new(&xt[base + j0..base + wp * s], wp, bk, s);
+        let (nr, bk) = (a.rows(), tile.3);
+        let xt = self.tile_t(xt, a.cols(), tile);
         let o = MatMut::new(&mut out[..nr * TS], nr, bk, TS);
         products::qk_pairs(self.ctx.paths.isa, a, xt, o, scale);
     }

@@ -4,16 +4,13 @@
 //! a pass over the tile fewer each), `Pᵀ·dO` and `dSᵀ·Q` reading the score tile transposed,
 //! `dS·K` directly), or the `gemm` crate where the CPU has neither.
 
-use super::super::kt::{kt_stride, Kt};
+use super::super::kt::Kt;
 use super::super::mat::{Mat, MatMut};
 use super::super::portable::matmul;
 use super::super::products;
 use super::super::stream;
 use super::super::tile::View;
-use super::{f32_data, Block, Bwd, DqAcc, Scratch, BQ, TS};
-
-/// A key tile: (batch, KV head, first key, keys).
-type Tile = (usize, usize, usize, usize);
+use super::{f32_data, Block, Bwd, DqAcc, Scratch, Tile, BQ, TS};
 
 impl Bwd<'_> {
     /// `out (nr × bk, row stride TS) = scale · a · Xᵀ` for `a` (`nr × w`) and the key rows
@@ -48,14 +45,6 @@ impl Bwd<'_> {
                 );
             }
         }
-    }
-
-    /// Keys `j0..j0 + bk` of KV head `kh` in batch `bi` in the transposed copy `xt` of K or V
-    /// (`w` rows).
-    fn tile_t<'a>(&self, xt: &'a [f32], w: usize, (bi, kh, j0, bk): Tile) -> Mat<'a> {
-        let s = kt_stride(self.ctx.s);
-        let base = (bi * self.ctx.hkv + kh) * w * s;
-        Mat::new(&xt[base + j0..base + w * s], w, bk, s)
     }
 
     /// Whether every row of `blk` sees every key of its tile, with nothing added to the scores
