@@ -305,6 +305,95 @@ fn split_over_keys_decoding_matches_reference() {
     }
 }
 
+/// Prefill over thousands of keys on every instruction set: the transposed copy of K and the
+/// copy of V (as panels on AVX2) cut into tiles of keys, the appended keys (past the mask's)
+/// in tiles of their own that start mid-way through a copy task's block, value widths whose
+/// last panel is partial, every dtype; the output and the gradients of Q, K and V (whose
+/// backward copies K and V in the same tiles) against the reference.
+#[test]
+fn key_tiles_and_value_panels_match_reference_on_every_isa() {
+    let _guard = ISA_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let dev = Device::Cpu;
+    let mut rng = Rng(0x7115);
+    for isa in cpu_isas() {
+        force_cpu_isa(Some(isa)).unwrap();
+        for (b, h, hkv, l, s, extra, d, dv, dtype) in [
+            (1, 2, 1, 70, 2100, 3, 32, 24, DType::F32),
+            (2, 2, 2, 64, 2085, 37, 16, 5, DType::BF16),
+            (1, 4, 2, 65, 2049, 300, 64, 64, DType::F16),
+            (1, 3, 3, 64, 600, 0, 8, 40, DType::F32),
+        ] {
+            let desc =
+                format!("{isa} B={b} H={h} Hkv={hkv} L={l} S={s}+{extra} D={d} Dv={dv} {dtype:?}");
+            let mut t = |shape: (usize, usize, usize, usize)| {
+                let n = shape.0 * shape.1 * shape.2 * shape.3;
+                Tensor::from_vec(rng.normal_vec(n), shape, &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()
+            };
+            // The first three copy V (S ≥ 2048, L ≥ 64); the last has too few keys for that.
+            let (q, k, v) = (
+                t((b, l, h, d)),
+                t((b, s + extra, hkv, d)),
+                t((b, s + extra, hkv, dv)),
+            );
+            let mask = MaskPlan::build(
+                MaskDims::new(b, h, l, s),
+                Some(&KeyPaddingMask::from_lengths(&vec![s - 5; b])),
+                None,
+                Some(Causal {
+                    alignment: CausalAlignment::BottomRight,
+                    window: None,
+                }),
+                DType::F32,
+                &dev,
+            )
+            .unwrap();
+            let (atol, rtol) = tolerances(dtype);
+            let run = |backend: Backend| {
+                let vars = [&q, &k, &v].map(|x| candle_core::Var::from_tensor(x).unwrap());
+                let mut params = AttnParams::new(d);
+                params.backend = backend;
+                let out = attention(
+                    vars[0].as_tensor(),
+                    vars[1].as_tensor(),
+                    vars[2].as_tensor(),
+                    &mask,
+                    &params,
+                )
+                .unwrap();
+                let g = Tensor::from_vec(
+                    (0..b * l * h * dv)
+                        .map(|i| ((i % 7) as f32 - 3.0) / 4.0)
+                        .collect::<Vec<_>>(),
+                    (b, l, h, dv),
+                    &dev,
+                )
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+                let grads = (&out.output * &g)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let grads = vars.map(|x| grads.get(&x).unwrap().clone());
+                (out, grads)
+            };
+            let (got, dgot) = run(Backend::CpuFused);
+            let (want, dwant) = run(Backend::Reference);
+            assert_eq!(got.kernel, "cpu", "{desc}: not served by the fused kernel");
+            check_close(&got.output, &want.output, atol, rtol, &desc);
+            for (name, (a, r)) in ["dq", "dk", "dv"].iter().zip(dgot.iter().zip(&dwant)) {
+                check_close(a, r, atol * 10.0, rtol * 10.0, &format!("{desc} {name}"));
+            }
+        }
+    }
+    force_cpu_isa(None).unwrap();
+}
+
 #[test]
 fn routing_rules() {
     let dev = Device::Cpu;

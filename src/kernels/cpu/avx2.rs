@@ -6,7 +6,7 @@
 use std::arch::x86_64::*;
 
 use super::avx512::{EXP, GRAD, SCALED};
-use super::mat::{ByteMat, HalfMat, Mat, MatMut};
+use super::mat::{ByteMat, HalfMat, Mat, MatMut, PanelMat};
 use super::softmax_x86::exp8;
 
 /// Rows per register block.
@@ -190,7 +190,7 @@ unsafe fn qk_block<const M: usize, const N: usize, const FULL: bool, const MODE:
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn pv(p: Mat, v: Mat, acc: MatMut) {
     // SAFETY: the caller upholds this function's `# Safety` contract.
-    unsafe { pv_strided::<F32>((p.data(), p.rows(), p.cols(), p.stride(), 1), raw(v), acc) }
+    unsafe { pv_strided::<F32>((p.data(), p.rows(), p.cols(), p.stride(), 1), raw_v(v), acc) }
 }
 
 /// [`pv`] with `v` in bf16 or f16, read in place (`v.cols` a multiple of 8).
@@ -207,6 +207,7 @@ pub unsafe fn pv_half(p: Mat, v: HalfMat, acc: MatMut) {
             v.rows(),
             v.cols(),
             v.stride(),
+            16,
         );
         let pp = (p.data(), p.rows(), p.cols(), p.stride(), 1);
         if v.is_bf16() {
@@ -220,6 +221,13 @@ pub unsafe fn pv_half(p: Mat, v: HalfMat, acc: MatMut) {
 /// A matrix as (pointer, rows, cols, row stride in elements).
 fn raw(m: Mat) -> (*const u8, usize, usize, usize) {
     (m.data().as_ptr().cast(), m.rows(), m.cols(), m.stride())
+}
+
+/// A matrix read in place as [`pv_strided`]'s values: [`raw`] and 16 elements from one
+/// 16-column slab to the next.
+fn raw_v(m: Mat) -> (*const u8, usize, usize, usize, usize) {
+    let (p, rows, cols, stride) = raw(m);
+    (p, rows, cols, stride, 16)
 }
 
 /// Element kinds of the operands the micro-kernels read in place.
@@ -282,7 +290,7 @@ pub unsafe fn pv_bytes(p: Mat, v: ByteMat, acc: MatMut) {
     // SAFETY: the caller upholds this function's `# Safety` contract.
     unsafe {
         debug_assert!(v.cols().is_multiple_of(8));
-        let vp = (v.data().as_ptr(), v.rows(), v.cols(), v.stride());
+        let vp = (v.data().as_ptr(), v.rows(), v.cols(), v.stride(), 16);
         let pp = (p.data(), p.rows(), p.cols(), p.stride(), 1);
         if v.is_fp8() {
             pv_strided::<F8>(pp, vp, acc)
@@ -311,6 +319,25 @@ pub unsafe fn qk_rows_bytes(q: Mat, k: ByteMat, out: MatMut, scale: f32) {
     }
 }
 
+/// [`pv`] with `v` stored as panels of 16 columns (f32, bf16 or f16; `panels.rs`).
+///
+/// # Safety
+/// avx2, fma and f16c must be available.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn pv_panel(p: Mat, v: PanelMat, acc: MatMut) {
+    // SAFETY: the caller upholds this function's `# Safety` contract; whole vectors of a panel
+    // lie in it (its padding columns included, `PanelMat`'s check).
+    unsafe {
+        let vp = (v.data().as_ptr(), v.rows(), v.cols(), 16, v.slab());
+        let pp = (p.data(), p.rows(), p.cols(), p.stride(), 1);
+        match v.half_kind() {
+            None => pv_strided::<F32>(pp, vp, acc),
+            Some(true) => pv_strided::<BF16>(pp, vp, acc),
+            Some(false) => pv_strided::<F16>(pp, vp, acc),
+        }
+    }
+}
+
 /// `acc += pᵀ · v` for `p` stored `k × m` (row stride `p.stride`), without a transposed copy.
 ///
 /// # Safety
@@ -318,14 +345,15 @@ pub unsafe fn qk_rows_bytes(q: Mat, k: ByteMat, out: MatMut, scale: f32) {
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn pv_t(p: Mat, v: Mat, acc: MatMut) {
     // SAFETY: the caller upholds this function's `# Safety` contract.
-    unsafe { pv_strided::<F32>((p.data(), p.cols(), p.rows(), 1, p.stride()), raw(v), acc) }
+    unsafe { pv_strided::<F32>((p.data(), p.cols(), p.rows(), 1, p.stride()), raw_v(v), acc) }
 }
 
-/// `acc += P · v` where `P` is `m × k` with element `(r, j)` at `data[r·rs + j·cs]`.
+/// `acc += P · v` where `P` is `m × k` with element `(r, j)` at `data[r·rs + j·cs]` and `v`'s
+/// element `(j, c)` at element `(c / 16) · slab + c % 16 + j · v_stride` of `v`.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn pv_strided<const KIND: u8>(
     (data, nr, bk, prs, pcs): (&[f32], usize, usize, usize, usize),
-    (v, v_rows, dv, v_stride): (*const u8, usize, usize, usize),
+    (v, v_rows, dv, v_stride, slab): (*const u8, usize, usize, usize, usize),
     mut acc: MatMut,
 ) {
     // SAFETY: called only by this module's kernels, which run with these target features
@@ -338,7 +366,8 @@ unsafe fn pv_strided<const KIND: u8>(
             let w = (dv - c).min(8 * NV);
             let masks = [lanes(w), lanes(w.saturating_sub(8))];
             let nb = w.div_ceil(8);
-            let vp = (v.add(c * elem(KIND)), v_stride);
+            // Columns `c..c + 16`: in place `c` elements on, in panels `c / 16` panels on.
+            let vp = (v.add(c / 16 * slab * elem(KIND)), v_stride);
             let mut r = 0;
             while r < nr {
                 let mr = (nr - r).min(MR);

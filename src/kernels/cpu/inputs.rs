@@ -5,8 +5,9 @@
 
 use candle_core::{bail, CpuStorage, DType, Result, Storage, Tensor};
 
-use super::kt::{transpose_blocks, transpose_heads, KtBuf, Packed};
+use super::kt::{transpose_blocks, transpose_heads, KeyTiles, KtBuf, Packed};
 use super::modifiers;
+use super::panels::Panels;
 use super::plan::{ProductPlan, PvPath, QkPath};
 use super::products::{self, Isa};
 use super::tile::{Bias, Ctx, Data, OutBuf, OutPtr, View};
@@ -240,7 +241,8 @@ impl Inputs {
         let transpose_k = transpose_k && isa != Isa::Portable && g * l >= MIN_ROWS_FOR_KT;
         let mut kt = None;
         let dims = (b, hkv, s, d, dv);
-        let paths = product_plan(isa, (&qv, &kv, &vv), dims, transpose_k, &mut kt);
+        let tiles = KeyTiles::new(real_s, s);
+        let paths = product_plan(isa, (&qv, &kv, &vv), dims, (transpose_k, tiles), &mut kt);
         if paths.fp8_keys() {
             super::FP8_TILE_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
@@ -248,10 +250,15 @@ impl Inputs {
         // their rows are a multiple of 2 KiB apart (they would share a few L1 sets), or when there
         // are many keys (each strided row of a tile on its own page: 5% at S = 8192). (The copy
         // keeps V's dtype, and int8 values are never packed: `P · V`'s path stays the plan's.)
+        // On AVX2 the copy is V's panels instead (`panels.rs`), which `P · V` reads in place of
+        // `v`.
         let int8 = matches!(vv.data, Data::Bytes { .. });
-        let v_packed =
-            (!int8 && paths.transposed_k() && l >= BLOCK_Q && (v_rows_alias(&vv) || s >= 2048))
-                .then(|| Packed::new(&vv, (b, hkv, s, dv)));
+        let copy_v =
+            !int8 && paths.transposed_k() && l >= BLOCK_Q && (v_rows_alias(&vv) || s >= 2048);
+        let panels =
+            copy_v && products::panels_for(isa) && matches!(paths.pv, PvPath::F32 | PvPath::Half);
+        let v_panels = panels.then(|| Panels::new(&vv, (b, hkv, dv), tiles));
+        let v_packed = (copy_v && !panels).then(|| Packed::new(&vv, (b, hkv, s, dv)));
         let vv = match &v_packed {
             Some(p) => p.view(hkv, s, dv),
             None => vv,
@@ -268,6 +275,8 @@ impl Inputs {
             dv,
             g,
             real_s,
+            tiles,
+            v_panels: v_panels.as_ref(),
             scale: c.params.scale as f32,
             policy: c.params.masked_rows,
             plan: c.mask,
@@ -287,8 +296,8 @@ impl Inputs {
 
 /// The products of a call on `isa` over the views `q`, `k`, `v` (`(B, Hkv, S, D, Dv)`),
 /// decided once here; with `transpose_k` (many query rows per K tile, a SIMD
-/// instruction set, keys not gathered) the transposed copy of K is made into `kt`, which the
-/// plan borrows. The rule:
+/// instruction set, keys not gathered) the transposed copy of K is made into `kt` in the tiles
+/// `tiles`, which the plan borrows. The rule:
 ///
 /// * `Q · Kᵀ`, the first that applies:
 ///   1. with `transpose_k`, the transposed copy: in bf16 pairs ([`QkPath::KtPairs`]) when the
@@ -316,8 +325,8 @@ impl Inputs {
 pub(super) fn product_plan<'a>(
     isa: Isa,
     (q, k, v): (&View, &View, &View),
-    (b, hkv, s, d, dv): (usize, usize, usize, usize, usize),
-    transpose_k: bool,
+    (b, hkv, _, d, dv): (usize, usize, usize, usize, usize),
+    (transpose_k, tiles): (bool, KeyTiles),
     kt: &'a mut Option<KtBuf>,
 ) -> ProductPlan<'a> {
     let bf16 = |x: &View| matches!(x.data, Data::Bf16(_));
@@ -354,11 +363,11 @@ pub(super) fn product_plan<'a>(
     let qk = match () {
         () if transpose_k => {
             let copy = if pairs {
-                KtBuf::Pairs(transpose_blocks(k, (b, hkv, s, d / 2), |at, dst| {
+                KtBuf::Pairs(transpose_blocks(k, (b, hkv, d / 2), tiles, |at, dst| {
                     k.pairs_into(at, dst).expect("bf16 keys");
                 }))
             } else {
-                KtBuf::F32(transpose_heads(k, b, hkv, s, d))
+                KtBuf::F32(transpose_heads(k, (b, hkv, d), tiles))
             };
             match kt.insert(copy) {
                 KtBuf::F32(x) => QkPath::KtF32(x),

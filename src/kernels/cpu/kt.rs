@@ -5,27 +5,106 @@
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+use super::mat::Mat;
 use super::spare::{Spare, Word};
 use super::view::{Data, View};
+use super::BLOCK_K;
+
+/// How the per-call copies of K and V (the transposed copies, [`transpose_blocks`], and the
+/// value panels, `panels.rs`) are cut into tiles of keys: aligned tiles of [`BLOCK_K`] keys
+/// over the keys the mask plan covers (`0..real_s`), then tiles of `BLOCK_K` from `real_s` over
+/// the appended keys. These are the tiles the forward's walk (`walk.rs`) and the backward visit,
+/// so a tile they visit lies in one of these. Each is stored whole: a tile of a transposed copy
+/// spans `w` rows of [`KeyTiles::stride`] elements (68 KiB at `D` = 64, f32), where rows of the
+/// whole head, `S` keys apart, put every row of a tile on its own page (64 of them at `D` = 64,
+/// more than the L1 TLB holds) and cost the AVX2 `Q · Kᵀ` 16% at `S` = 8192 (AMD Zen 3).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct KeyTiles {
+    real_s: usize,
+    s: usize,
+}
+
+impl KeyTiles {
+    /// The tiles of `s` keys, the mask plan covering the first `real_s`.
+    pub(super) fn new(real_s: usize, s: usize) -> Self {
+        assert!(real_s <= s, "{real_s} masked keys of {s}");
+        Self { real_s, s }
+    }
+
+    /// The keys, `S`.
+    pub(super) fn keys(self) -> usize {
+        self.s
+    }
+
+    /// How many tiles there are.
+    pub(super) fn count(self) -> usize {
+        self.real_s.div_ceil(BLOCK_K) + (self.s - self.real_s).div_ceil(BLOCK_K)
+    }
+
+    /// Key `j`'s tile, its column in that tile, and the keys from `j` to the tile's end.
+    pub(super) fn at(self, j: usize) -> (usize, usize, usize) {
+        debug_assert!(j < self.s);
+        if j < self.real_s {
+            let c = j % BLOCK_K;
+            (j / BLOCK_K, c, (BLOCK_K - c).min(self.real_s - j))
+        } else {
+            let x = j - self.real_s;
+            let c = x % BLOCK_K;
+            let t = self.real_s.div_ceil(BLOCK_K) + x / BLOCK_K;
+            (t, c, (BLOCK_K - c).min(self.s - j))
+        }
+    }
+
+    /// The row stride of a tile of a transposed copy ([`kt_stride`] of its widest tile).
+    pub(super) fn stride(self) -> usize {
+        kt_stride(self.s.min(BLOCK_K))
+    }
+
+    /// Keys `j0..j0 + bk` of `head` (`batch · Hkv + KV head`) in a transposed copy `xt` of
+    /// `w` rows per key: a `w × bk` matrix, rows [`KeyTiles::stride`] apart.
+    ///
+    /// # Panics
+    /// When the keys are not inside one tile, or past the copy.
+    pub(super) fn kt<'a, T>(
+        self,
+        xt: &'a [T],
+        w: usize,
+        head: usize,
+        (j0, bk): (usize, usize),
+    ) -> Mat<'a, T> {
+        if bk == 0 {
+            return Mat::new(&xt[..0], w, 0, 1);
+        }
+        let (t, c, left) = self.at(j0);
+        assert!(bk <= left, "keys {j0}..{} cross a tile", j0 + bk);
+        let ts = self.stride();
+        let base = (head * self.count() + t) * w * ts + c;
+        Mat::new(&xt[base..], w, bk, ts)
+    }
+}
 
 /// The row stride of a transposed copy of `s` keys (4-byte elements): `s` rounded up to whole
 /// cache lines, and to an odd number of them. Rows a multiple of 128 bytes apart (S = 2048 keys:
 /// 8 KiB) map to a few of L1's sets, and a tile's `D` rows evicted each other: the AVX2
 /// micro-kernel lost a fifth of its speed to it. An odd number of lines puts every row of a tile
 /// in its own set.
-pub(super) fn kt_stride(s: usize) -> usize {
+fn kt_stride(s: usize) -> usize {
     let lines = s.div_ceil(16);
     16 * (lines | 1)
 }
 
-/// K `(B, S, Hkv, D)` (strided, any dtype) → `(B, Hkv, D, S)` f32, rows [`kt_stride`] apart (see
+/// K `(B, S, Hkv, D)` (strided, any dtype) → its transposed copy in f32 tiles of `tiles` (see
 /// [`transpose_blocks`]).
-pub(super) fn transpose_heads(k: &View, b: usize, hkv: usize, s: usize, d: usize) -> Spare<f32> {
-    transpose_blocks(k, (b, hkv, s, d), |at, dst| k.row_into(at, dst))
+pub(super) fn transpose_heads(
+    k: &View,
+    (b, hkv, d): (usize, usize, usize),
+    tiles: KeyTiles,
+) -> Spare<f32> {
+    transpose_blocks(k, (b, hkv, d), tiles, |at, dst| k.row_into(at, dst))
 }
 
 /// A transposed copy of K (or, in the backward, of V), borrowed from its [`KtBuf`]: one block
-/// per `(batch, KV head)` for the `Q · Kᵀ` micro-kernels, rows of `S` keys [`kt_stride`] apart.
+/// per `(batch, KV head)` for the `Q · Kᵀ` micro-kernels, in tiles of keys ([`KeyTiles`]).
 #[derive(Clone, Copy)]
 pub(super) enum Kt<'a> {
     /// f32 elements, `(B, Hkv, D, S)`.
@@ -41,9 +120,10 @@ pub(super) enum KtBuf {
     Pairs(Spare<u32>),
 }
 
-/// K `(B, S, Hkv, D)` (strided) → `(B, Hkv, w, S)`, one `(w, S)` block per KV head with rows
-/// [`kt_stride`]`(S)` apart, in parallel, where a row of K is `w` units (f32 elements, or
-/// pairs of bf16 elements) and `read(at, dst)` reads `dst.len()` units from element `at`.
+/// K `(B, S, Hkv, D)` (strided) → `(B, Hkv, tile, w, stride)`: per KV head, each tile of
+/// `tiles` as a `(w, tile's keys)` block with rows [`KeyTiles::stride`] apart (read with
+/// [`KeyTiles::kt`]), in parallel, where a row of K is `w` units (f32 elements, or pairs of
+/// bf16 elements) and `read(at, dst)` reads `dst.len()` units from element `at`.
 ///
 /// A task owns [`BLOCK`] keys of one batch element: it reads their rows of every KV head in
 /// memory order ([`Blocks::rows`]), then transposes each head's rows as 32 × 32 tiles in a small
@@ -54,12 +134,13 @@ pub(super) enum KtBuf {
 /// H = 16, f32).
 pub(super) fn transpose_blocks<T: Word + Default + Send + Sync>(
     k: &View,
-    (b, hkv, s, w): (usize, usize, usize, usize),
+    (b, hkv, w): (usize, usize, usize),
+    tiles: KeyTiles,
     read: impl Fn(usize, &mut [T]) + Sync,
 ) -> Spare<T> {
-    let ks = kt_stride(s);
-    // The columns past `s` (stride padding) are never read.
-    let mut out = Spare::new(b * hkv * w * ks);
+    let (s, ks, nt) = (tiles.s, tiles.stride(), tiles.count());
+    // The columns past a tile's keys (stride padding) are never read.
+    let mut out = Spare::new(b * hkv * nt * w * ks);
     if s * w * hkv == 0 {
         return out;
     }
@@ -70,7 +151,7 @@ pub(super) fn transpose_blocks<T: Word + Default + Send + Sync>(
         blocks.rows(rows, (bi, j0, nj), (h0, nh), &read);
         for kh in h0..h0 + nh {
             let tile = &rows[(kh - h0) * BLOCK * w..(kh - h0 + 1) * BLOCK * w];
-            let o = (bi * hkv + kh) * w * ks;
+            let o = (bi * hkv + kh) * nt * w * ks;
             for d0 in (0..w).step_by(BLOCK) {
                 let nd = BLOCK.min(w - d0);
                 for jj in 0..nj {
@@ -79,8 +160,16 @@ pub(super) fn transpose_blocks<T: Word + Default + Send + Sync>(
                     }
                 }
                 for dd in 0..nd {
-                    // Keys `j0..j0 + nj` of row `d0 + dd` of head `kh`: this task's columns.
-                    dst.write(o + (d0 + dd) * ks + j0, &buf[dd * BLOCK..dd * BLOCK + nj]);
+                    // Keys `j0..j0 + nj` of row `d0 + dd` of head `kh`: this task's columns,
+                    // in the one or two tiles they fall in.
+                    let row = &buf[dd * BLOCK..dd * BLOCK + nj];
+                    let mut jj = 0;
+                    while jj < nj {
+                        let (t, c, left) = tiles.at(j0 + jj);
+                        let n = left.min(nj - jj);
+                        dst.write(o + (t * w + d0 + dd) * ks + c, &row[jj..jj + n]);
+                        jj += n;
+                    }
                 }
             }
         }
@@ -258,4 +347,44 @@ fn pack<T: Word + Send + Sync>(
         }
     });
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{KeyTiles, BLOCK_K};
+
+    /// The tiles cover every key once, in order: aligned over the masked keys, then from
+    /// `real_s` on; `at` names each key's tile, column and the keys left in its tile.
+    #[test]
+    fn key_tiles_partition_the_keys_as_the_walks_visit_them() {
+        for (real_s, s) in [
+            (0, 0),
+            (0, 5),
+            (1, 1),
+            (255, 258),
+            (256, 256),
+            (600, 900),
+            (513, 513),
+        ] {
+            let tiles = KeyTiles::new(real_s, s);
+            let mut seen = 0;
+            let mut j = 0;
+            while j < s {
+                let (t, c, left) = tiles.at(j);
+                assert_eq!((t, c), (seen, 0), "S = {real_s}+{}: key {j}", s - real_s);
+                let start = if j < real_s { j } else { j - real_s };
+                assert!(start.is_multiple_of(BLOCK_K) && (1..=BLOCK_K).contains(&left));
+                assert!(
+                    j >= real_s || j + left <= real_s,
+                    "a tile crosses the masked keys' end"
+                );
+                for x in 0..left {
+                    assert_eq!(tiles.at(j + x), (t, x, left - x));
+                }
+                seen += 1;
+                j += left;
+            }
+            assert_eq!(tiles.count(), seen, "S = {real_s}+{}", s - real_s);
+        }
+    }
 }

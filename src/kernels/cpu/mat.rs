@@ -261,3 +261,86 @@ fn bytemuck_u16<T: Copy>(data: &[T]) -> &[u16] {
     // SAFETY: `T` is bf16 or f16, 2-byte plain-old-data types with u16's alignment.
     unsafe { std::slice::from_raw_parts(data.as_ptr().cast::<u16>(), data.len()) }
 }
+
+/// A `rows × cols` matrix stored as panels of 16 columns (`panels.rs`): column `c` of row `r`
+/// at element `(c / 16) · slab + r · 16 + c % 16`, the columns of the last panel past `cols`
+/// present (padding). f32, bf16 or f16 elements, read by the AVX2 `P · V` micro-kernel.
+#[derive(Clone, Copy)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // read by the x86 micro-kernels
+pub(super) struct PanelMat<'a> {
+    /// The elements' bytes.
+    data: &'a [u8],
+    /// `None` for f32, else whether the elements are bf16 (or f16).
+    half: Option<bool>,
+    rows: usize,
+    cols: usize,
+    /// Elements from one panel's start to the next's.
+    slab: usize,
+}
+
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // read by the x86 micro-kernels
+impl<'a> PanelMat<'a> {
+    pub fn f32(data: &'a [f32], rows: usize, cols: usize, slab: usize) -> Self {
+        // SAFETY: any initialised memory is valid as bytes; the length covers the same bytes.
+        let bytes =
+            unsafe { std::slice::from_raw_parts(data.as_ptr().cast::<u8>(), 4 * data.len()) };
+        Self::new(bytes, None, rows, cols, slab)
+    }
+
+    pub fn half<T: Copy>(data: &'a [T], bf16: bool, rows: usize, cols: usize, slab: usize) -> Self {
+        assert_eq!(std::mem::size_of::<T>(), 2, "half elements are 2 bytes");
+        // SAFETY: as above (`T` is bf16 or f16: plain 2-byte data).
+        let bytes =
+            unsafe { std::slice::from_raw_parts(data.as_ptr().cast::<u8>(), 2 * data.len()) };
+        Self::new(bytes, Some(bf16), rows, cols, slab)
+    }
+
+    fn new(data: &'a [u8], half: Option<bool>, rows: usize, cols: usize, slab: usize) -> Self {
+        let elem = if half.is_some() { 2 } else { 4 };
+        let panels = cols.div_ceil(16);
+        assert!(
+            rows == 0
+                || cols == 0
+                || (slab >= 16 * rows && data.len() / elem >= (panels - 1) * slab + 16 * rows),
+            "panels of {rows}×{cols} (panel stride {slab}) do not fit in {} elements",
+            data.len() / elem
+        );
+        Self {
+            data,
+            half,
+            rows,
+            cols,
+            slab,
+        }
+    }
+
+    /// The elements' bytes (every panel of the matrix, padding included, lies in them).
+    #[inline]
+    pub fn data(&self) -> &'a [u8] {
+        self.data
+    }
+
+    /// `None` for f32 elements, else whether they are bf16 (or f16).
+    #[inline]
+    pub fn half_kind(&self) -> Option<bool> {
+        self.half
+    }
+
+    /// Rows.
+    #[inline]
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Columns.
+    #[inline]
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Elements from one panel's start to the next's.
+    #[inline]
+    pub fn slab(&self) -> usize {
+        self.slab
+    }
+}

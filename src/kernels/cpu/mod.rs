@@ -136,11 +136,13 @@ mod mat;
 mod modifiers;
 mod op;
 mod out;
+mod panels;
 mod plan;
 mod portable;
 mod products;
 mod proj_kernel;
 mod quant;
+mod score_row;
 mod softmax;
 mod softmax_tile;
 #[cfg(target_arch = "x86_64")]

@@ -7,33 +7,26 @@
 
 use std::cell::RefCell;
 
-use super::kt::kt_stride;
+use super::kt::KeyTiles;
 #[cfg(target_arch = "x86_64")]
 use super::mat::HalfMat;
 use super::mat::{Mat, MatMut, PairMat};
 use super::modifiers::{join_sink, Mods};
 pub(super) use super::out::{OutBuf, OutPtr};
+use super::panels::Panels;
 pub(super) use super::plan::ProductPlan;
 use super::plan::{PvPath, QkPath};
 use super::products;
 #[cfg(target_arch = "x86_64")]
 use super::quant::key_scales;
 use super::quant::{pv_quantized, scale_columns, QRows, QuantRows};
+pub(super) use super::score_row::Bias;
 use super::softmax_tile::{softmax_tile, ScoreTile};
 pub(super) use super::view::{Data, View};
 use super::walk::Walk;
 use super::{BLOCK_K, BLOCK_Q, MAX_HEAD_DIM};
 use crate::config::MaskedRowPolicy;
 use crate::mask::MaskPlan;
-
-/// Additive bias, broadcast over B/H/L by zero strides; the key dim is contiguous.
-#[derive(Clone, Copy)]
-pub(super) struct Bias<'a> {
-    pub data: &'a [f32],
-    pub sb: usize,
-    pub sh: usize,
-    pub sl: usize,
-}
 
 /// Everything one work item reads.
 pub(super) struct Ctx<'a> {
@@ -49,6 +42,10 @@ pub(super) struct Ctx<'a> {
     pub g: usize,
     /// Keys covered by the mask plan (the first `real_s`); the rest are always visible.
     pub real_s: usize,
+    /// How the per-call copies of K and V are cut into tiles of keys.
+    pub tiles: KeyTiles,
+    /// V as panels ([`products::panels_for`]), which `P · V` reads instead of `v`.
+    pub v_panels: Option<&'a Panels>,
     pub scale: f32,
     pub policy: MaskedRowPolicy,
     pub plan: &'a MaskPlan,
@@ -345,12 +342,12 @@ impl Ctx<'_> {
     /// Asks the CPU to start loading the K and V rows of keys `j0..j1` (the next tile) when they
     /// are strided, e.g. one head of a `(B, S, Hkv, D)` cache: each row then sits in its own
     /// memory page, which the hardware prefetchers do not follow. Into L2: a tile of rows is
-    /// larger than L1.
+    /// larger than L1. (Not V's rows when `P · V` reads its panels: they would only take room.)
     fn prefetch(&self, bi: usize, kh: usize, j0: usize, j1: usize) {
         #[cfg(target_arch = "x86_64")]
         for (view, width, used) in [
             (&self.k, self.d, !self.paths.transposed_k()),
-            (&self.v, self.dv, true),
+            (&self.v, self.dv, self.v_panels.is_none()),
         ] {
             let stride = view.strides[1];
             if !used || stride <= width {
@@ -451,18 +448,14 @@ impl Ctx<'_> {
         let isa = self.paths.isa;
         match self.paths.qk {
             QkPath::KtF32(kt) => {
-                // kᵀ of this KV head, (d × s) with rows `ks` apart, from column a; the score
-                // tile has BLOCK_K >= round_up(o + len, 16) columns per row.
-                let (ks, head) = (kt_stride(self.s), bi * self.hkv + kh);
-                let base = head * d * ks;
-                let kt = Mat::new(&kt[base + a..base + d * ks], d, len, ks);
+                // kᵀ of keys a..a + len of this KV head (d × len); the score tile has
+                // BLOCK_K >= round_up(o + len, 16) columns per row.
+                let kt = self.tiles.kt(kt, d, bi * self.hkv + kh, (a, len));
                 products::qk_t(isa, q, kt, scores, self.scale);
             }
             QkPath::KtPairs(kt) => {
-                // The same in pairs along the head dimension, (d/2 × s).
-                let (ks, head, dp) = (kt_stride(self.s), bi * self.hkv + kh, d / 2);
-                let base = head * dp * ks;
-                let kt = PairMat::new(&kt[base + a..base + dp * ks], dp, len, ks);
+                // The same in pairs along the head dimension, (d/2 × len).
+                let kt = self.tiles.kt(kt, d / 2, bi * self.hkv + kh, (a, len));
                 products::qk_pairs(isa, qp, kt, scores, self.scale);
             }
             QkPath::RowsPairs => {
@@ -512,6 +505,10 @@ impl Ctx<'_> {
         let isa = self.paths.isa;
         let acc = MatMut::new(rows.acc, nr, dv, dv);
         let p = Mat::new(&rows.scores[o..], nr, len, BLOCK_K);
+        if let Some(panels) = self.v_panels {
+            let v = panels.tile(self.tiles, dv, bi * self.hkv + kh, (a, len));
+            return products::pv_panel(isa, p, v, acc);
+        }
         match self.paths.pv {
             PvPath::Pairs => {
                 let v = self.v.bf16_mat(v0, (len, dv, vst)).expect("bf16 values");
@@ -545,73 +542,4 @@ impl Ctx<'_> {
             }
         }
     }
-}
-
-impl Ctx<'_> {
-    /// ALiBi, then (with `masked`) the masks ([`Ctx::mask_row`]), on the scores `row` of keys
-    /// `j0..j0 + row.len()` for folded row `fr` of KV head `kh` in batch `bi`, whose structured
-    /// range is `range`. Soft-capping comes first, over the whole tile ([`Mods::cap`]). Returns
-    /// `false` (row untouched) when no key of the tile is visible.
-    pub fn score_row(
-        &self,
-        (bi, kh, fr): (usize, usize, usize),
-        (range, masked): ((usize, usize), bool),
-        j0: usize,
-        row: &mut [f32],
-    ) -> bool {
-        let j1 = j0 + row.len();
-        let (lo, hi) = if masked {
-            (range.0.clamp(j0, j1), range.1.clamp(j0, j1))
-        } else {
-            (j0, j1)
-        };
-        if lo >= hi {
-            return false;
-        }
-        // ALiBi over the visible keys (the masks overwrite the others) among the first
-        // `kv_len` (appended keys are at distance 0).
-        if self.mods.has_alibi() && j0 < self.real_s {
-            let (hh, i) = (kh * self.g + fr / self.l, fr % self.l);
-            let vis = &mut row[lo - j0..hi - j0];
-            self.mods
-                .alibi(self.paths.isa, self.plan, (bi, hh, i), lo, vis);
-        }
-        !masked || self.mask_row(bi, kh, fr, range, j0, row)
-    }
-
-    /// Masks the scores `row` of keys `j0..j0 + row.len()` (all among the first `real_s`) for
-    /// folded row `fr` of KV head `kh`, whose structured range is `range`: `-inf` outside it,
-    /// the dense key padding and attention bias added inside. Returns `false` (row untouched)
-    /// when no key of the tile is visible.
-    fn mask_row(
-        &self,
-        bi: usize,
-        kh: usize,
-        fr: usize,
-        range: (usize, usize),
-        j0: usize,
-        row: &mut [f32],
-    ) -> bool {
-        let j1 = j0 + row.len();
-        let (lo, hi) = (range.0.clamp(j0, j1), range.1.clamp(j0, j1));
-        if lo >= hi {
-            return false;
-        }
-        row[..lo - j0].fill(f32::NEG_INFINITY);
-        row[hi - j0..].fill(f32::NEG_INFINITY);
-        let vis = &mut row[lo - j0..hi - j0];
-        if let Some(p) = self.key_bias {
-            add_assign(vis, &p[bi * self.real_s + lo..bi * self.real_s + hi]);
-        }
-        if let Some(bias) = self.bias {
-            let (hh, i) = (kh * self.g + fr / self.l, fr % self.l);
-            let base = bi * bias.sb + hh * bias.sh + i * bias.sl;
-            add_assign(vis, &bias.data[base + lo..base + hi]);
-        }
-        true
-    }
-}
-
-fn add_assign(dst: &mut [f32], src: &[f32]) {
-    dst.iter_mut().zip(src).for_each(|(a, b)| *a += b);
 }

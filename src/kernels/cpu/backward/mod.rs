@@ -40,7 +40,7 @@ use std::sync::Mutex;
 use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
 
-use super::kt::{kt_stride, transpose_blocks, transpose_heads, Kt, KtBuf};
+use super::kt::{transpose_blocks, transpose_heads, Kt, KtBuf};
 use super::mat::{Mat, MatMut};
 use super::out::OutVec;
 use super::products::{self, Isa};
@@ -60,6 +60,8 @@ pub const BQ: usize = 64;
 /// than 128 in f32 and bf16 (each block of query rows and its `dQ` passed half as often), 512
 /// 3% slower (a tile's operands, over 800 KiB, outgrow a 1 MiB L2).
 pub const BK: usize = 256;
+// The key tiles are those of the copies of K and V (`KeyTiles`).
+const _: () = assert!(BK == super::BLOCK_K);
 /// Row stride (f32 elements) of the score tiles `P` and `dS`: 16 past [`BK`], so that a
 /// column of the tile, which `Pᵀ·dO` and `dSᵀ·Q` read down the rows, spreads over L1's sets
 /// (rows 1 KiB apart fall in a sixteenth of them and evicted each other and the value rows:
@@ -241,15 +243,14 @@ pub(super) fn backward(
             Isa::Portable => (None, None),
             _ if pairs => {
                 let t = |x: &View, w: usize| {
-                    KtBuf::Pairs(transpose_blocks(x, (b, hkv, s, w / 2), |at, dst| {
-                        x.pairs_into(at, dst).expect("bf16 keys and values");
-                    }))
+                    let read = |at, dst: &mut [u32]| x.pairs_into(at, dst).expect("bf16 rows");
+                    KtBuf::Pairs(transpose_blocks(x, (b, hkv, w / 2), ctx.tiles, read))
                 };
                 (Some(t(&ctx.k, d)), Some(t(&ctx.v, dv)))
             }
             _ => (
-                Some(KtBuf::F32(transpose_heads(&ctx.k, b, hkv, s, d))),
-                Some(KtBuf::F32(transpose_heads(&ctx.v, b, hkv, s, dv))),
+                Some(KtBuf::F32(transpose_heads(&ctx.k, (b, hkv, d), ctx.tiles))),
+                Some(KtBuf::F32(transpose_heads(&ctx.v, (b, hkv, dv), ctx.tiles))),
             ),
         };
         let bw = Bwd {
@@ -525,11 +526,9 @@ impl Bwd<'_> {
     }
 
     /// Keys `j0..j0 + bk` of KV head `kh` in batch `bi` in the transposed copy `xt` of K or V
-    /// (`w` rows of f32 elements or bf16 pairs, [`kt_stride`] apart).
+    /// (`w` rows of f32 elements or bf16 pairs, [`KeyTiles::kt`]).
     fn tile_t<'a, T>(&self, xt: &'a [T], w: usize, (bi, kh, j0, bk): Tile) -> Mat<'a, T> {
-        let s = kt_stride(self.ctx.s);
-        let base = (bi * self.ctx.hkv + kh) * w * s;
-        Mat::new(&xt[base + j0..base + w * s], w, bk, s)
+        self.ctx.tiles.kt(xt, w, bi * self.ctx.hkv + kh, (j0, bk))
     }
 
     /// Queues the rows of the block after `blk` for the products' prefetch stream (into L2,
