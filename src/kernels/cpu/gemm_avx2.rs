@@ -10,7 +10,7 @@
 //! accumulators (with 4-cycle FMAs, 8 independent chains keep both FMA pipes busy; 2 × 3 left
 //! a quarter of them idle: 170 → 200 GFLOP/s on 2 Zen 5 cores), the two rows of `x` split once
 //! per step and each weight row split in turn (14 of the 16 ymm registers; splitting every
-//! weight row first spilled), summed by the shuffle tree [`super::avx2::reduce8`]. The task
+//! weight row first spilled), summed by the shuffle tree [`super::avx2_rows::reduce8`]. The task
 //! structure (L1 blocks of `x` copied contiguously, row-major f32 accumulators) is the AVX-512
 //! kernels'.
 #![allow(clippy::needless_range_loop)] // explicit indices name the register block's cells
@@ -19,7 +19,7 @@ use std::arch::x86_64::*;
 
 use half::{bf16, f16};
 
-use super::avx2::reduce8;
+use super::avx2_rows::reduce8;
 use super::gemm::{Acc, Block, Elem, KC_BYTES, L1_ROWS, NB};
 
 /// Half elements per `K` block.

@@ -41,6 +41,24 @@ impl KeyTiles {
         self.real_s.div_ceil(BLOCK_K) + (self.s - self.real_s).div_ceil(BLOCK_K)
     }
 
+    /// The keys of every tile in order, as `(first, end)`: the masked keys', then
+    /// [`KeyTiles::appended`].
+    pub(super) fn spans(self) -> impl Iterator<Item = (usize, usize)> {
+        Self::run(0, self.real_s).chain(self.appended())
+    }
+
+    /// The keys of the tiles of the appended keys (`real_s..s`), as `(first, end)`.
+    pub(super) fn appended(self) -> impl Iterator<Item = (usize, usize)> {
+        Self::run(self.real_s, self.s)
+    }
+
+    /// Tiles of [`BLOCK_K`] keys from `from`, the last ending at `to`.
+    fn run(from: usize, to: usize) -> impl Iterator<Item = (usize, usize)> {
+        (from..to)
+            .step_by(BLOCK_K)
+            .map(move |j0| (j0, (j0 + BLOCK_K).min(to)))
+    }
+
     /// Key `j`'s tile, its column in that tile, and the keys from `j` to the tile's end.
     pub(super) fn at(self, j: usize) -> (usize, usize, usize) {
         debug_assert!(j < self.s);
@@ -354,7 +372,8 @@ mod tests {
     use super::{KeyTiles, BLOCK_K};
 
     /// The tiles cover every key once, in order: aligned over the masked keys, then from
-    /// `real_s` on; `at` names each key's tile, column and the keys left in its tile.
+    /// `real_s` on; `at` names each key's tile, column and the keys left in its tile, and
+    /// `spans` / `appended` list the same tiles.
     #[test]
     fn key_tiles_partition_the_keys_as_the_walks_visit_them() {
         for (real_s, s) in [
@@ -367,10 +386,17 @@ mod tests {
             (513, 513),
         ] {
             let tiles = KeyTiles::new(real_s, s);
+            let spans: Vec<_> = tiles.spans().collect();
             let mut seen = 0;
             let mut j = 0;
             while j < s {
                 let (t, c, left) = tiles.at(j);
+                assert_eq!(
+                    spans[t],
+                    (j, j + left),
+                    "S = {real_s}+{}: tile {t}",
+                    s - real_s
+                );
                 assert_eq!((t, c), (seen, 0), "S = {real_s}+{}: key {j}", s - real_s);
                 let start = if j < real_s { j } else { j - real_s };
                 assert!(start.is_multiple_of(BLOCK_K) && (1..=BLOCK_K).contains(&left));
@@ -385,6 +411,10 @@ mod tests {
                 j += left;
             }
             assert_eq!(tiles.count(), seen, "S = {real_s}+{}", s - real_s);
+            assert_eq!(spans.len(), seen);
+            let appended: Vec<_> = tiles.appended().collect();
+            assert_eq!(appended, spans[spans.len() - appended.len()..]);
+            assert!(appended.iter().all(|&(j0, _)| j0 >= real_s));
         }
     }
 }

@@ -9,6 +9,10 @@
 //! L1 keeps a few sets' worth; as a panel they are 16 KiB in address order, which L1 keeps for
 //! the whole row block loop. Measured on AMD Zen 3 (AVX2, a tile of `P · V` alone, 64 × 256 ×
 //! 64 f32): 51% of the FMA peak with rows 3 KiB apart, 58% contiguous, 70% as panels.
+//!
+//! The backward's `dQ += dS · K` reads K the way `P · V` reads V; on AVX2 it packs each key
+//! tile of K into one tile of panels of its own ([`pack_tile`]), reused by every block of query
+//! rows of the tile, instead of a copy of the whole of K.
 
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -88,17 +92,52 @@ fn pack<T: Word + Default + Send + Sync>(
             while j < s {
                 // A tile's keys, one row of V at a time.
                 let (t, c0, n_keys) = tiles.at(j);
+                let tile = &mut o[t * np * BLOCK_K * PANEL..];
                 for c in c0..c0 + n_keys {
-                    let row = &x[v.at(bi, j, kh)..][..dv];
-                    for (p, part) in row.chunks(PANEL).enumerate() {
-                        let at = ((t * np + p) * BLOCK_K + c) * PANEL;
-                        let (dst, pad) = o[at..at + PANEL].split_at_mut(part.len());
-                        dst.copy_from_slice(part);
-                        pad.fill(T::default());
-                    }
+                    put_row(&x[v.at(bi, j, kh)..][..dv], c, tile);
                     j += 1;
                 }
             }
         });
     out
+}
+
+/// `row` as key `c` of the panels of one tile at `tile` (panel `p` at `p · BLOCK_K · PANEL`),
+/// the columns past its end zero.
+fn put_row<T: Copy + Default>(row: &[T], c: usize, tile: &mut [T]) {
+    for (p, part) in row.chunks(PANEL).enumerate() {
+        let at = (p * BLOCK_K + c) * PANEL;
+        let (dst, pad) = tile[at..at + PANEL].split_at_mut(part.len());
+        dst.copy_from_slice(part);
+        pad.fill(T::default());
+    }
+}
+
+/// Rows `(bi, j0..j0 + n, kh)` of the f32 view `x` (`w` columns, `n ≤ BLOCK_K`) as the panels
+/// of one tile in `buf` (grown as needed): the backward's keys for `dQ += dS · K` on AVX2,
+/// packed once per key tile and read by every block of query rows. Returns the buffer to read
+/// with [`tile_panels`].
+pub(super) fn pack_tile<'b>(
+    x: &View,
+    (bi, kh, j0, n): (usize, usize, usize, usize),
+    w: usize,
+    buf: &'b mut Vec<f32>,
+) -> &'b [f32] {
+    let Data::F32(data) = x.data else {
+        unreachable!("the backward's f32 products read f32 keys")
+    };
+    assert!(n <= BLOCK_K, "{n} keys do not fit in a tile of {BLOCK_K}");
+    let len = w.div_ceil(PANEL) * BLOCK_K * PANEL;
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
+    for c in 0..n {
+        put_row(&data[x.at(bi, j0 + c, kh)..][..w], c, buf);
+    }
+    &buf[..len]
+}
+
+/// The first `rows` keys of a tile packed by [`pack_tile`] (`w` columns).
+pub(super) fn tile_panels(buf: &[f32], rows: usize, w: usize) -> PanelMat<'_> {
+    PanelMat::f32(buf, rows, w, BLOCK_K * PANEL)
 }

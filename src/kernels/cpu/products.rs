@@ -215,7 +215,7 @@ pub(super) fn qk_rows(isa: Isa, q: Mat, k: Mat, out: MatMut, scale: f32) {
         Isa::Avx512(_) | Isa::Avx512Bf16(_) => unsafe { super::avx512::qk_rows(q, k, out, scale) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        Isa::Avx2(_) => unsafe { super::avx2::qk_rows(q, k, out, scale) },
+        Isa::Avx2(_) => unsafe { super::avx2_rows::qk_rows(q, k, out, scale) },
         _ => portable::qk(q, k, out, scale),
     }
 }
@@ -248,7 +248,7 @@ pub(super) fn qk_rows_half(isa: Isa, q: Mat, k: HalfMat, out: MatMut, scale: f32
         },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above (multiples of 8 columns, asserted by `reads_half`).
-        Isa::Avx2(_) => unsafe { super::avx2::qk_rows_half(q, k, out, scale) },
+        Isa::Avx2(_) => unsafe { super::avx2_rows::qk_rows_half(q, k, out, scale) },
         _ => {
             let _ = (q, k, out, scale);
             unreachable!("reads_half is false for {isa:?}")
@@ -322,7 +322,7 @@ pub(super) fn qk_rows_bytes(isa: Isa, q: Mat, k: ByteMat, out: MatMut, scale: f3
         },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above (multiples of 8 columns, asserted by `reads_half`).
-        Isa::Avx2(_) => unsafe { super::avx2::qk_rows_bytes(q, k, out, scale) },
+        Isa::Avx2(_) => unsafe { super::avx2_rows::qk_rows_bytes(q, k, out, scale) },
         _ => {
             let _ = (q, k, out, scale);
             unreachable!("reads_half is false for {isa:?}")

@@ -13,6 +13,7 @@
 //!
 //! Then, when asked, the appended keys `real_s..s` in tiles of `BLOCK_K`, never masked.
 
+use super::kt::KeyTiles;
 use super::tile::Ctx;
 use super::BLOCK_K;
 
@@ -117,16 +118,15 @@ pub(super) fn walk_keys<E: Fn(usize, usize) -> usize>(
             }
         }
     }
-    let mut j0 = keys.real_s;
-    while walk.extra && j0 < keys.s {
-        let j1 = (j0 + BLOCK_K).min(keys.s);
-        visit(KeyTile {
-            j0,
-            j1,
-            next: (0, 0),
-            masked: false,
-        });
-        j0 = j1;
+    if walk.extra {
+        for (j0, j1) in KeyTiles::new(keys.real_s, keys.s).appended() {
+            visit(KeyTile {
+                j0,
+                j1,
+                next: (0, 0),
+                masked: false,
+            });
+        }
     }
 }
 

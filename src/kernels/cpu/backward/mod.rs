@@ -17,10 +17,11 @@
 //! ([`wide`]: f32, where the CPU has AVX-512 or AVX2 `Q·Kᵀ` and `dO·Vᵀ` against transposed
 //! copies of K and V made once, `P` and `dS` formed in the epilogues of `Q·Kᵀ` (tiles that
 //! need no mask or modifier) and `dO·Vᵀ` while their sums are in registers, `Pᵀ·dO` and `dSᵀ·Q`
-//! reading the score tile transposed, `dS·K` directly; the `gemm` crate elsewhere), or, for bf16
-//! inputs where the forward uses AVX512-BF16 dot products, on bf16 pairs ([`pairs`]: `P` and
-//! `dS` rounded to bf16 before their products, as PyTorch's CPU flash backward does, f32
-//! accumulation). The masks are applied exactly as in the forward ([`Ctx::score_row`]: the
+//! reading the score tile transposed, `dS·K` reading K's rows in place on AVX-512 and the key
+//! tile packed once as 16-column panels on AVX2 ([`panels::pack_tile`]); the `gemm` crate
+//! elsewhere), or, for bf16 inputs where the forward uses AVX512-BF16 dot products, on bf16
+//! pairs ([`pairs`]: `P` and `dS` rounded to bf16 before their products, as PyTorch's CPU
+//! flash backward does, f32 accumulation). The masks are applied exactly as in the forward ([`Ctx::score_row`]: the
 //! same structured ranges, key padding and bias; keys after `kv_len` never masked), so a fully
 //! masked row has `P = 0` and contributes nothing. So are the score modifiers: soft-capping
 //! multiplies `dS` by its derivative `1 − (s / c)²`, ALiBi is a constant, and the sinks enter
@@ -28,6 +29,7 @@
 //! products run, their micro-kernels prefetch the next block's query rows, output gradients and
 //! `dQ` rows into L2 ([`Bwd::queue_next`]).
 
+mod delta;
 mod pairs;
 mod rows;
 #[cfg(test)]
@@ -40,15 +42,17 @@ use std::sync::Mutex;
 use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
 
-use super::kt::{transpose_blocks, transpose_heads, Kt, KtBuf};
+use super::kt::{transpose_blocks, transpose_heads, KeyTiles, Kt, KtBuf};
 use super::mat::{Mat, MatMut};
 use super::out::OutVec;
+use super::panels;
 use super::products::{self, Isa};
 use super::softmax::exp_sub;
 use super::spare::Spare;
 use super::stream;
 use super::tile::{Ctx, Data, OutBuf, View};
 use super::{f32_rows, native_rows, view, AttnCall, Inputs, MAX_HEAD_DIM};
+use delta::deltas;
 use rows::HeadRows;
 
 /// A key tile: (batch, KV head, first key, keys).
@@ -88,6 +92,8 @@ struct Scratch {
     dk: Vec<f32>,
     dv: Vec<f32>,
     dq: Vec<f32>,
+    /// The key tile's K as panels for `dQ += dS · K` on AVX2 ([`panels::pack_tile`]).
+    kp: Vec<f32>,
 }
 
 thread_local! {
@@ -104,6 +110,7 @@ thread_local! {
         dk: vec![0.0; BK * MAX_HEAD_DIM],
         dv: vec![0.0; BK * MAX_HEAD_DIM],
         dq: vec![0.0; BQ * MAX_HEAD_DIM],
+        kp: Vec::new(),
     });
 }
 
@@ -166,6 +173,8 @@ struct Block<'r> {
     consecutive: bool,
     /// The item's head-major copies of its query rows and output gradients, if it made them.
     copy: Option<&'r HeadRows>,
+    /// The tile's keys as panels ([`panels::pack_tile`]), where `dS · K` reads them.
+    k_panels: Option<&'r [f32]>,
 }
 
 /// Whether the fused backward computes this call's products on bf16 pairs: bf16 q, k, v and
@@ -217,12 +226,8 @@ pub(super) fn backward(
     let mut dvv = OutVec::zeros(c.v.dtype(), b * s * hkv * dv);
 
     let threads = rayon::current_num_threads().max(1);
-    let mut tiles = Vec::new();
-    for (from, to) in [(0, real_s), (real_s, s)] {
-        for j0 in (from..to).step_by(BK) {
-            tiles.push((j0, (j0 + BK).min(to)));
-        }
-    }
+    // The tiles of the copies of K and V (`BK` is their tile size).
+    let tiles: Vec<(usize, usize)> = KeyTiles::new(real_s, s).spans().collect();
     // Whole heads per item when they share out evenly; else each head's tiles in runs.
     let heads = b * hkv;
     let whole = heads >= 4 * threads || heads.is_multiple_of(threads);
@@ -327,44 +332,6 @@ pub(super) fn backward(
     ))
 }
 
-/// `Δ = rowsum(dO ∘ O)` per `(b, head, i)`, in f32 from rows of any dtype.
-///
-/// Walked position by position with the heads inner (the order of the rows' addresses in the
-/// projections' `(B, L, H, D)` layout); head by head, each row a jump of `H · D` elements, the
-/// pass was bound by the memory's latency (3.9 ms for causal L = 2048, H = 12 on AMD Zen 4).
-fn deltas(o: &View, go: &View, (b, l, h, dv): (usize, usize, usize, usize)) -> Vec<f32> {
-    /// Positions per task.
-    const ROWS: usize = 64;
-    let per_b = l.div_ceil(ROWS);
-    let parts: Vec<Vec<f32>> = (0..b * per_b)
-        .into_par_iter()
-        .map(|task| {
-            let (bi, i0) = (task / per_b, task % per_b * ROWS);
-            let n = ROWS.min(l - i0);
-            let (mut a, mut g) = ([0f32; MAX_HEAD_DIM], [0f32; MAX_HEAD_DIM]);
-            let mut part = vec![0f32; n * h];
-            for i in 0..n {
-                for hh in 0..h {
-                    o.row_into(o.at(bi, i0 + i, hh), &mut a[..dv]);
-                    go.row_into(go.at(bi, i0 + i, hh), &mut g[..dv]);
-                    part[hh * n + i] = a[..dv].iter().zip(&g[..dv]).map(|(p, q)| p * q).sum();
-                }
-            }
-            part
-        })
-        .collect();
-    let mut delta = vec![0f32; b * h * l];
-    for (task, part) in parts.iter().enumerate() {
-        let (bi, i0) = (task / per_b, task % per_b * ROWS);
-        let n = part.len() / h.max(1);
-        for hh in 0..h {
-            let at = (bi * h + hh) * l + i0;
-            delta[at..at + n].copy_from_slice(&part[hh * n..(hh + 1) * n]);
-        }
-    }
-    delta
-}
-
 impl Bwd<'_> {
     /// Every key tile of KV head `kh` in batch `bi`, owning the head's `dQ` rows: summed in a
     /// buffer of the item's own, then written once.
@@ -412,6 +379,9 @@ impl Bwd<'_> {
         sc.dv[..bk * dv].fill(0.0);
         let masked = j0 < ctx.real_s && ctx.masked;
         let mut rows: Vec<(usize, usize)> = Vec::with_capacity(BQ);
+        let mut kp = std::mem::take(&mut sc.kp);
+        let k_panels = (!self.pairs && products::panels_for(ctx.paths.isa))
+            .then(|| panels::pack_tile(&ctx.k, (bi, kh, j0, bk), d, &mut kp));
         for gg in 0..g {
             let hh = kh * g + gg;
             let stats = (bi * h + hh) * l;
@@ -450,6 +420,7 @@ impl Bwd<'_> {
                     masked,
                     consecutive: rows[nr - 1].1 - rows[0].1 + 1 == nr,
                     copy,
+                    k_panels,
                 };
                 if self.pairs {
                     self.block_pairs(&blk, dq, sc);
@@ -458,6 +429,7 @@ impl Bwd<'_> {
                 }
             }
         }
+        sc.kp = kp;
         let (s, hkv) = (ctx.s, ctx.hkv);
         for j in 0..bk {
             let row = (bi * s + j0 + j) * hkv + kh;

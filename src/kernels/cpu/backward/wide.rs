@@ -2,10 +2,19 @@
 //! `dO·Vᵀ` against the transposed copies of K and V, forming `P` and `dS` in their epilogues
 //! ([`products::qk_t_exp`] where a tile needs no mask or modifier, [`products::qk_t_grad`]:
 //! a pass over the tile fewer each), `Pᵀ·dO` and `dSᵀ·Q` reading the score tile transposed,
-//! `dS·K` directly), or the `gemm` crate where the CPU has neither.
+//! `dS·K` against K's rows, or on AVX2 against the key tile's panels), or the `gemm` crate
+//! where the CPU has neither.
+//!
+//! On AVX2 the rows of K a tile's `dS·K` reads lie `Hkv · D` elements apart (3 KiB at H = 12,
+//! D = 64), and each 16-column pass of the 6 × 16 micro-kernel over its 256 keys touched 256
+//! lines that far apart; the key tile packed once into panels (64 KiB at D = 64, per tile and
+//! reused by every block of query rows) is read in address order instead. Measured on AMD
+//! Zen 3 with a cycle counter around the product, causal H = 12, D = 64, f32: 30–60% more flops
+//! per cycle at L = 2048 (six calls), 18–23% at L = 8192 (two).
 
 use super::super::kt::Kt;
 use super::super::mat::{Mat, MatMut};
+use super::super::panels;
 use super::super::portable::matmul;
 use super::super::products;
 use super::super::stream;
@@ -132,10 +141,17 @@ impl Bwd<'_> {
         products::pv_t(isa, p, go, MatMut::new(&mut sc.dv, bk, dv, dv));
         let ds = Mat::new(&sc.ds, nr, bk, TS);
         products::pv_t(isa, ds, q, MatMut::new(&mut sc.dk, bk, d, d));
-        // dQ += (scale · dS) · K
-        let (k0, kst) = (ctx.k.at(blk.bi, blk.j0, blk.kh), ctx.k.strides[1]);
-        let k = Mat::new(&f32_data(&ctx.k)[k0..], bk, d, kst);
-        self.add_dq(blk, dq, &mut sc.dq, |acc| products::pv(isa, ds, k, acc));
+        // dQ += (scale · dS) · K: K's panels where the tile has them, else its rows in place.
+        if let Some(kp) = blk.k_panels {
+            let k = panels::tile_panels(kp, bk, d);
+            self.add_dq(blk, dq, &mut sc.dq, |acc| {
+                products::pv_panel(isa, ds, k, acc)
+            });
+        } else {
+            let (k0, kst) = (ctx.k.at(blk.bi, blk.j0, blk.kh), ctx.k.strides[1]);
+            let k = Mat::new(&f32_data(&ctx.k)[k0..], bk, d, kst);
+            self.add_dq(blk, dq, &mut sc.dq, |acc| products::pv(isa, ds, k, acc));
+        }
         stream::queue(&[], 0);
     }
 }
