@@ -38,6 +38,51 @@ pub(super) unsafe fn reduce8(acc: &[[__m256; 4]; 2]) -> __m256 {
     )
 }
 
+/// Stores the block of dot products `s` ([`reduce8`]'s lanes: cell `i = rr · J + jj` in lane
+/// `(i % 2) · 4 + i / 2`) of `R` rows × `J` keys (`R · J = 8`) at `o` (rows `ostride` apart):
+/// rows `0..mr`, keys `0..mj`. Whole rows of the block as one 8- or 16-byte store each.
+///
+/// # Safety
+/// avx2 must be available; `o` must hold `mr` rows of `mj` values, `ostride` apart.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn store_block<const R: usize, const J: usize>(
+    s: __m256,
+    (o, ostride): (*mut f32, usize),
+    (mr, mj): (usize, usize),
+) {
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe {
+        debug_assert!(R * J == 8 && mr <= R && mj <= J);
+        // 4 × 2: lane jj·4 + rr, so [r0k0, r0k1, r1k0, r1k1] and [r2k0, r2k1, r3k0, r3k1];
+        // 2 × 4: row 0 in lanes [0, 4, 1, 5], row 1 in [2, 6, 3, 7].
+        let (lo, hi) = (_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
+        let pair = [_mm_unpacklo_ps(lo, hi), _mm_unpackhi_ps(lo, hi)];
+        for rr in 0..mr {
+            let at = o.add(rr * ostride);
+            let v = if R == 4 {
+                let v = pair[rr / 2];
+                if rr % 2 == 0 {
+                    v
+                } else {
+                    _mm_movehl_ps(v, v)
+                }
+            } else {
+                pair[rr]
+            };
+            match mj {
+                4 => _mm_storeu_ps(at, v),
+                2 => _mm_storel_epi64(at.cast(), _mm_castps_si128(v)),
+                _ => {
+                    let mut x = [0f32; 4];
+                    _mm_storeu_ps(x.as_mut_ptr(), v);
+                    std::ptr::copy_nonoverlapping(x.as_ptr(), at, mj);
+                }
+            }
+        }
+    }
+}
+
 /// `out[r][j] = scale · Σ_x q[r][x] · k[j][x]` with `k` read in place (see the AVX-512
 /// `qk_rows`): blocks of 8 dot products (4 rows × 2 keys, or 2 × 4).
 ///
@@ -174,15 +219,8 @@ unsafe fn qk_rows_block<const KIND: u8, const R: usize, const J: usize, const FU
             super::stream::step();
             // The 8 dot products in one vector (see `reduce8` for the lane order).
             let sums = _mm256_mul_ps(_mm256_set1_ps(scale), reduce8(&acc));
-            let mut lanes = [0f32; 8];
-            _mm256_storeu_ps(lanes.as_mut_ptr(), sums);
-            for rr in 0..mr {
-                for jj in 0..mj {
-                    let i = rr * J + jj;
-                    *out.data().get_unchecked_mut((r + rr) * ostride + j + jj) =
-                        lanes[(i % 2) * 4 + i / 2];
-                }
-            }
+            let o = out.data().as_mut_ptr().add(r * ostride + j);
+            store_block::<R, J>(sums, (o, ostride), (mr, mj));
             j += mj;
         }
     }

@@ -7,6 +7,17 @@ use std::arch::x86_64::*;
 use super::mat::{ByteMat, Mat, MatMut};
 use super::quant::QRows;
 
+/// Whether the CPU has AVX-512 F/BW/VL and VNNI (`vpdpwssd`), detected once.
+pub fn detected() -> bool {
+    static VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *VNNI.get_or_init(|| {
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512vnni")
+    })
+}
+
 /// `out[r][j] = scale · q.scale[r] · kscale[j] · Σ_x q.vals[r][x] · (k[j][x] − 128)` for int8
 /// key rows stored offset by 128 (`k.cols == q.cols`, any row stride) with their scales
 /// `kscale`. Blocks of 4 query rows × 4 keys keep 16 integer accumulators; each key row is

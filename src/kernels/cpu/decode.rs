@@ -230,6 +230,7 @@ impl Ctx<'_> {
             next: several,
             extra,
         };
+        stream::restart();
         self.walk_keys(bi, (k_lo, k_hi), walk, |t| {
             self.prefetch_heads(bi, t.next, list.len());
             for (n, &(kh, r0, nr)) in list.iter().enumerate() {
@@ -287,9 +288,12 @@ impl Ctx<'_> {
             a = b;
         }
         if ok {
-            let bytes: usize = ranges[..n].iter().map(|r| r.1 - r.0).sum();
-            // About 32 micro-kernel steps per head and sub-tile (see `stream`).
-            stream::queue(&ranges[..n], bytes.div_ceil(64).div_ceil(32 * heads));
+            // Over the steps the previous sub-tile took; the first of a walk guesses 32 per
+            // head (AVX-512's count at D = 128; AVX2's blocks step three times as often).
+            // Measured on AMD Zen 3 (B8 H32 Hkv8 D128 S4096, int8 and bf16): lines spread over
+            // 32 steps per head (ending a third of the way through the sub-tile) left the loads
+            // of the next one waiting on memory; spread over the whole, 20–25% faster.
+            stream::queue_spread(&ranges[..n], 32 * heads);
         } else {
             for j in next.0..next.1 {
                 self.k.prefetch(self.k.at(bi, j, 0), self.hkv * d);

@@ -297,7 +297,7 @@ fn in_place_products_refuse_mismatched_shapes_and_instruction_sets() {
 fn int16_products_refuse_mismatched_shapes_fp8_and_other_instruction_sets() {
     use super::quant::QuantRows;
     for isa in products::available() {
-        let applies = isa.avx512() && products::vnni();
+        let applies = products::int16(isa);
         let (q, kb, ks) = (f32s(NR * D), bytes(BK * D), vec![0.5f32; BK]);
         // qk_rows_q16: int16 query rows against int8 keys and their scales.
         let qk = |fp8: bool, scales: usize, k_cols: usize, o_rows: usize, o_cols: usize| {

@@ -308,8 +308,8 @@ impl Inputs {
 ///   3. bf16 / f16 K whose rows `isa` reads in place ([`products::reads_half`]`(isa, D)`):
 ///      [`QkPath::RowsHalf`];
 ///   4. quantized K whose rows `isa` reads in place (`reads_half`, rows a whole number of
-///      quantized rows apart): int8 K with AVX-512 F/BW/VL/VNNI ([`products::vnni`]) against
-///      int16 query rows ([`QkPath::RowsInt16`]); fp8 K against bf16 queries where the call
+///      quantized rows apart): int8 K where `isa` has exact int16 products
+///      ([`products::int16`]: AVX512-VNNI, AVX2) against int16 query rows ([`QkPath::RowsInt16`]); fp8 K against bf16 queries where the call
 ///      multiplies bf16 pairs (`dots_bf16`) and the CPU has AVX512-VBMI ([`products::vbmi`]),
 ///      widened to bf16 tiles ([`QkPath::Fp8Pairs`]); else widened ([`QkPath::RowsBytes`]);
 ///   5. f32 rows, in place or converted per tile ([`QkPath::RowsF32`]).
@@ -318,7 +318,7 @@ impl Inputs {
 ///      [`PvPath::Pairs`];
 ///   2. bf16 / f16 V whose rows `isa` reads in place (`reads_half(isa, Dv)`): [`PvPath::Half`];
 ///   3. quantized V whose rows `isa` reads in place: int8 V with `Dv` a multiple of 32 when the
-///      keys' products are the int16 ones of 4. above (K int8, VNNI, no copy of K, no pairs;
+///      keys' products are the int16 ones of 4. above (K int8, `products::int16`, no copy of K, no pairs;
 ///      [`PvPath::Int16`]), else widened ([`PvPath::Bytes`]; fp8 V too: its probabilities stay
 ///      f32, see [`QkPath::Fp8Pairs`]);
 ///   4. f32 rows, in place or converted per tile ([`PvPath::F32`]).
@@ -351,15 +351,11 @@ pub(super) fn product_plan<'a>(
         matches!(x.data, Data::Bytes { fp8: true, .. }) && dots && products::vbmi() && bf16(q)
     };
     let pairs = dots && bf16(q) && bf16(k) && d.is_multiple_of(2);
-    // Int8 keys against int16 query rows on VNNI, when K is neither copied nor read as pairs
-    // (the values' int16 products go with them).
+    // Int8 keys against int16 query rows (AVX512-VNNI, AVX2), when K is neither copied nor
+    // read as pairs (the values' int16 products go with them).
     #[cfg(target_arch = "x86_64")]
-    let int16 = isa.avx512()
-        && products::vnni()
-        && !transpose_k
-        && !pairs
-        && int8(k)
-        && products::reads_half(isa, d);
+    let int16 =
+        products::int16(isa) && !transpose_k && !pairs && int8(k) && products::reads_half(isa, d);
     let qk = match () {
         () if transpose_k => {
             let copy = if pairs {

@@ -22,7 +22,7 @@ pub(super) enum QkPath<'a> {
     /// ([`super::products::qk_rows_half`]).
     RowsHalf,
     /// The query rows quantized to int16 against int8 key rows read in place, as exact integer
-    /// products on AVX512-VNNI ([`super::products::qk_rows_q16`], see [`super::quant`]); the
+    /// products on AVX512-VNNI or AVX2 ([`super::products::qk_rows_q16`], see [`super::quant`]); the
     /// keys' scales applied to the tile's columns after.
     #[cfg(target_arch = "x86_64")]
     RowsInt16,
@@ -53,7 +53,7 @@ pub(super) enum PvPath {
     /// ([`super::products::pv_half`]).
     Half,
     /// The probabilities (scaled by the rows' scales) quantized to int16 per row against int8
-    /// value rows read in place, as exact integer products on AVX512-VNNI
+    /// value rows read in place, as exact integer products on AVX512-VNNI or AVX2
     /// ([`super::products::pv_q16`]); a tile whose probabilities are not all finite falls back
     /// to [`PvPath::Bytes`] ([`super::quant::pv_quantized`]).
     #[cfg(target_arch = "x86_64")]

@@ -332,7 +332,7 @@ pub(super) fn qk_rows_bytes(isa: Isa, q: Mat, k: ByteMat, out: MatMut, scale: f3
 
 /// `out[r][j] = scale · q.scale[r] · kscale[j] · Σ_x q.vals[r][x] · (k[j][x] − 128)`: int8 key
 /// rows (offset by 128, scales `kscale`) read in place against int16 query rows, each product
-/// an exact integer (see [`super::quant`]). Only on AVX-512 with VNNI ([`vnni`]).
+/// an exact integer (see [`super::quant`]). Only where [`int16`] says so.
 #[cfg(target_arch = "x86_64")]
 pub(super) fn qk_rows_q16(
     isa: Isa,
@@ -342,8 +342,8 @@ pub(super) fn qk_rows_q16(
     scale: f32,
 ) {
     assert!(
-        isa.avx512()
-            && vnni()
+        int16(isa)
+            && reads_half(isa, q.cols)
             && !k.is_fp8()
             && kscale.len() >= k.rows()
             && k.cols() == q.cols
@@ -354,46 +354,57 @@ pub(super) fn qk_rows_q16(
             && out.rows() == q.rows
             && out.cols() == k.rows()
     );
-    // SAFETY: the CPU has AVX-512 F/BW/VL/VNNI (`vnni`); the keys are int8, the head size at most
-    // 256 and the shapes agree (asserted above; every matrix is checked against its slice on
-    // construction).
-    unsafe { super::avx512_vnni::qk_rows_q16(q, k, kscale, out, scale) }
+    // SAFETY: `int16` proves AVX-512 F/BW/VL/VNNI, or AVX2 and FMA (`Detected`); the keys are
+    // int8, the head size at most 256 and read whole (`reads_half`), the shapes agree (asserted
+    // above; every matrix is checked against its slice on construction).
+    unsafe {
+        if isa.avx512() {
+            super::avx512_vnni::qk_rows_q16(q, k, kscale, out, scale)
+        } else {
+            super::avx2_q16::qk_rows_q16(q, k, kscale, out, scale)
+        }
+    }
 }
 
 /// `acc += (p · vscale) · (v − 128)` for int8 value rows (offset by 128, scales `vscale`, one
 /// per key: a column of `p`) read in place, as exact integer products of `p · vscale` quantized
-/// to int16 per row (see `avx512_vnni::pv_q16`). Only on AVX-512 with VNNI ([`vnni`]),
-/// `v.cols` a multiple of 32, at most `BLOCK_K` keys and `BLOCK_Q` rows. `false` (nothing
-/// done): a row of `p · vscale` is not finite.
+/// to int16 per row (see `avx512_vnni::pv_q16`). Only where [`int16`] says so, `v.cols` a
+/// multiple of 32 up to `MAX_HEAD_DIM`, at most `BLOCK_K` keys and `BLOCK_Q` rows. `false`
+/// (nothing done): a row of `p · vscale` is not finite.
 #[cfg(target_arch = "x86_64")]
 pub(super) fn pv_q16(isa: Isa, p: Mat, (v, vscale): (ByteMat, &[f32]), acc: MatMut) -> bool {
     assert!(
-        isa.avx512()
-            && vnni()
+        int16(isa)
             && !v.is_fp8()
             && vscale.len() >= v.rows()
             && v.cols().is_multiple_of(32)
+            && v.cols() <= super::MAX_HEAD_DIM
             && v.rows() == p.cols()
             && p.cols() <= super::BLOCK_K
             && p.rows() <= super::BLOCK_Q
             && acc.rows() == p.rows()
             && acc.cols() == v.cols()
     );
-    // SAFETY: the CPU has AVX-512 F/BW/VL/VNNI; the values are int8 and the shapes agree
-    // (asserted above; every matrix is checked against its slice on construction).
-    unsafe { super::avx512_vnni::pv_q16(p, v, vscale, acc) }
+    // SAFETY: `int16` proves AVX-512 F/BW/VL/VNNI, or AVX2 and FMA (`Detected`); the values
+    // are int8 and the shapes agree (asserted above; matrices checked on construction).
+    unsafe {
+        if isa.avx512() {
+            super::avx512_vnni::pv_q16(p, v, vscale, acc)
+        } else {
+            super::avx2_q16::pv_q16(p, v, vscale, acc)
+        }
+    }
 }
 
-/// Whether the CPU has AVX-512 F/BW/VL and VNNI (`vpdpwssd`), detected once.
+/// Whether `isa` has the exact int16 × int8 products ([`qk_rows_q16`], [`pv_q16`]): AVX-512 with
+/// VNNI (`vpdpwssd`), AVX2 (`vpmaddwd` + `vpaddd`); AVX-512 without VNNI widens (not measured).
 #[cfg(target_arch = "x86_64")]
-pub(super) fn vnni() -> bool {
-    static VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *VNNI.get_or_init(|| {
-        is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("avx512bw")
-            && is_x86_feature_detected!("avx512vl")
-            && is_x86_feature_detected!("avx512vnni")
-    })
+pub(super) fn int16(isa: Isa) -> bool {
+    match isa {
+        Isa::Avx512(_) | Isa::Avx512Bf16(_) => super::avx512_vnni::detected(),
+        Isa::Avx2(_) => true,
+        Isa::Portable => false,
+    }
 }
 
 /// Whether the CPU has AVX-512 F/BW and VBMI (byte permutations: the fp8 → bf16 table lookups of

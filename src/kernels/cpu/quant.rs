@@ -1,11 +1,12 @@
 //! Quantized caches in the tile: the query rows quantized to int16 for `Q · Kᵀ` against int8
 //! keys, and the quantized rows' scales applied to a tile's columns.
 //!
-//! Against int8 keys (stored `k + 128`, one f32 scale per row) on a CPU with AVX512-VNNI, each
-//! query row is quantized once per walk to int16, symmetrically with one scale per row
-//! (`q ≈ q16 · amax / 32767`, round to nearest even): `vpdpwssd` then multiplies 32 key bytes
-//! (widened to 16 bits, one instruction per 32) by 32 query values per instruction and sums
-//! them in 32-bit lanes, exactly (`|Σ q16 · (k + 128)| < 2³¹` for head sizes up to 256). The
+//! Against int8 keys (stored `k + 128`, one f32 scale per row) on a CPU with AVX512-VNNI or
+//! AVX2 ([`products::int16`]), each query row is quantized once per walk to int16,
+//! symmetrically with one scale per row (`q ≈ q16 · amax / 32767`, round to nearest even):
+//! `vpdpwssd` then multiplies 32 key bytes (widened to 16 bits, one instruction per 32) by 32
+//! query values per instruction and sums them in 32-bit lanes, exactly (AVX2: `vpmaddwd` and
+//! `vpaddd` on 16, the same integers; `|Σ q16 · (k + 128)| < 2³¹` for head sizes up to 256). The
 //! score is `(Σ q16 · (k + 128) − 128 · Σ q16) · scale_q · scale_k · softmax scale`. The query's
 //! rounding moves a score by at most `scale_q / 2 · Σ |k|`, `amax / 65534 · Σ |k|`: about a
 //! hundredth of what the keys' own int8 rounding may (`scale_k / 2 · Σ |q|`, `1 / 254` of the
@@ -149,7 +150,7 @@ pub(super) fn scale_columns(
 /// `acc += P · V` over quantized value rows `v` read in place, the probabilities `p` (`nr ×
 /// len`, rows [`BLOCK_K`] apart) times the rows' scales (`scales[first + j·step]`; the
 /// softmax's sums are already taken). With `int16` (the call's
-/// [`PvPath::Int16`](super::plan::PvPath), int8 values on VNNI): exact integer products of
+/// [`PvPath::Int16`](super::plan::PvPath), int8 values on VNNI or AVX2): exact integer products of
 /// `p · scale` quantized to int16 per row (its rounding moves an output by at most
 /// `max_j (p · scale)_j / 65534 · Σ_j |v_j|`), or, when a row of them is not finite, the values
 /// widened in registers; else the values widened in registers. `p` may be left scaled.
@@ -204,16 +205,20 @@ mod tests {
         }
     }
 
-    /// On AVX512-VNNI the products of int16 query rows and int8 keys are the exact integers,
-    /// scaled (the same bits as an i64 computation), and within the query's rounding of the
-    /// f32 products every other instruction set computes.
+    /// On every instruction set with int16 products (AVX512-VNNI, AVX2) the products of int16
+    /// query rows and int8 keys are the exact integers, scaled (the same bits as an i64
+    /// computation), and within the query's rounding of the f32 products.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn int16_products_are_exact_and_near_the_f32_products() {
         use super::super::mat::{ByteMat, Mat, MatMut};
         use super::super::products::{self, reads_half, Isa};
-        if !products::vnni() {
-            eprintln!("no AVX512-VNNI on this CPU: the int16 products are not used");
+        let int16: Vec<Isa> = products::available()
+            .into_iter()
+            .filter(|&i| products::int16(i))
+            .collect();
+        if int16.is_empty() {
+            eprintln!("no AVX2 or AVX512-VNNI on this CPU: the int16 products are not used");
             return;
         }
         let mut seed = 0x2545_f491_4f6c_dd1du64;
@@ -223,7 +228,7 @@ mod tests {
             seed ^= seed << 17;
             seed
         };
-        for d in [16usize, 48, 64, 112, 128, 144, 256] {
+        for d in [8usize, 16, 40, 48, 64, 112, 128, 136, 144, 256] {
             let (nr, bk, ks) = (7usize, 13usize, d + 16);
             // Key bytes 1..=255 (int8 −127..=127 offset by 128); the worst case, every key
             // byte 255 against a row of +32767, in the last key.
@@ -251,11 +256,13 @@ mod tests {
                 }
             }
             let k = ByteMat::new(&kb, false, bk, d, ks);
-            let avx512: Vec<Isa> = products::available()
-                .into_iter()
-                .filter(|i| i.avx512())
+            // Each set with the head sizes it reads in place (AVX-512: multiples of 16).
+            let here: Vec<Isa> = int16
+                .iter()
+                .copied()
+                .filter(|&i| reads_half(i, d))
                 .collect();
-            for &isa in &avx512 {
+            for &isa in &here {
                 let mut got = vec![f32::NAN; nr * bk];
                 let out = MatMut::new(&mut got, nr, bk, bk);
                 products::qk_rows_q16(isa, q16, (k, &kscale), out, scale);
@@ -266,9 +273,11 @@ mod tests {
                 assert!(same, "{isa:?} d={d}: {got:?} vs {scaled:?}");
             }
             let qm = Mat::new(&q, nr, d, d);
-            assert!(reads_half(avx512[0], d));
+            let Some(&first) = here.first() else {
+                continue;
+            };
             let out = MatMut::new(&mut wide, nr, bk, bk);
-            products::qk_rows_bytes(avx512[0], qm, k, out, scale);
+            products::qk_rows_bytes(first, qm, k, out, scale);
             for r in 0..nr {
                 for j in 0..bk {
                     let k_abs: f32 = (0..d)
@@ -282,21 +291,22 @@ mod tests {
         }
     }
 
-    /// On AVX512-VNNI, `P · V` over int8 values with the probabilities quantized to int16 per
-    /// row stays within that rounding of the f32 products (odd key counts, 32-column tails,
-    /// rows beyond a block of 4), and a row that is not finite leaves the call to them.
+    /// On every instruction set with int16 products, `P · V` over int8 values with the
+    /// probabilities quantized to int16 per row stays within that rounding of the f32 products
+    /// (odd key counts, 32-column tails, rows beyond a block of 4), the sets agree to the bit,
+    /// and a row that is not finite leaves the call to the f32 products.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn int16_probability_products_are_near_the_f32_products() {
         use super::super::products::{self, Isa};
-        if !products::vnni() {
-            eprintln!("no AVX512-VNNI on this CPU: the int16 products are not used");
+        let int16: Vec<Isa> = products::available()
+            .into_iter()
+            .filter(|&i| products::int16(i))
+            .collect();
+        if int16.is_empty() {
+            eprintln!("no AVX2 or AVX512-VNNI on this CPU: the int16 products are not used");
             return;
         }
-        let avx512: Vec<Isa> = products::available()
-            .into_iter()
-            .filter(|i| i.avx512())
-            .collect();
         let mut seed = 0x9e37_79b9_7f4a_7c15u64;
         let mut next = move || {
             seed ^= seed << 13;
@@ -309,6 +319,8 @@ mod tests {
             (6, 37, 96),
             (1, 1, 32),
             (3, 256, 64),
+            (5, 255, 32),
+            (4, 12, 160),
         ] {
             let vs = dv + 32;
             let vb: Vec<u8> = (0..bk * vs).map(|_| 1 + (next() % 255) as u8).collect();
@@ -316,48 +328,60 @@ mod tests {
                 .map(|_| (next() % 10_000) as f32 / 10_000.0 * 0.03)
                 .collect();
             let acc0: Vec<f32> = (0..nr * dv).map(|i| (i % 7) as f32 - 3.0).collect();
-            let (mut got, mut want) = (acc0.clone(), acc0.clone());
             let v = ByteMat::new(&vb, false, bk, dv, vs);
             // The values' scales, applied to the probabilities' columns.
             let vscale: Vec<f32> = (0..bk).map(|j| 0.25 + (j % 5) as f32 * 0.5).collect();
             let ps: Vec<f32> = (0..nr * bk).map(|i| p[i] * vscale[i % bk]).collect();
-            let pm = Mat::new(&p, nr, bk, bk);
-            assert!(products::pv_q16(
-                avx512[0],
-                pm,
-                (v, &vscale),
-                MatMut::new(&mut got, nr, dv, dv)
-            ));
+            let mut want = acc0.clone();
             let psm = Mat::new(&ps, nr, bk, bk);
-            products::pv_bytes(avx512[0], psm, v, MatMut::new(&mut want, nr, dv, dv));
-            for r in 0..nr {
-                let pmax = ps[r * bk..(r + 1) * bk].iter().fold(0f32, |m, &x| m.max(x));
-                for c in 0..dv {
-                    let v_abs: f32 = (0..bk)
-                        .map(|j| (f32::from(vb[j * vs + c]) - 128.0).abs())
-                        .sum();
-                    let bound = pmax / 65534.0 * v_abs * 1.01 + 1e-4;
-                    let (a, b) = (got[r * dv + c], want[r * dv + c]);
-                    assert!(
-                        (a - b).abs() <= bound,
-                        "{nr}×{bk}×{dv} ({r}, {c}): {a} vs {b}"
-                    );
+            products::pv_bytes(int16[0], psm, v, MatMut::new(&mut want, nr, dv, dv));
+            let mut first: Option<Vec<f32>> = None;
+            for &isa in &int16 {
+                let mut got = acc0.clone();
+                let pm = Mat::new(&p, nr, bk, bk);
+                assert!(products::pv_q16(
+                    isa,
+                    pm,
+                    (v, &vscale),
+                    MatMut::new(&mut got, nr, dv, dv)
+                ));
+                for r in 0..nr {
+                    let pmax = ps[r * bk..(r + 1) * bk].iter().fold(0f32, |m, &x| m.max(x));
+                    for c in 0..dv {
+                        let v_abs: f32 = (0..bk)
+                            .map(|j| (f32::from(vb[j * vs + c]) - 128.0).abs())
+                            .sum();
+                        let bound = pmax / 65534.0 * v_abs * 1.01 + 1e-4;
+                        let (a, b) = (got[r * dv + c], want[r * dv + c]);
+                        assert!(
+                            (a - b).abs() <= bound,
+                            "{isa:?} {nr}×{bk}×{dv} ({r}, {c}): {a} vs {b}"
+                        );
+                    }
                 }
+                match &first {
+                    None => first = Some(got),
+                    Some(f) => assert!(
+                        f.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{isa:?} {nr}×{bk}×{dv}: not the bits of {:?}",
+                        int16[0]
+                    ),
+                }
+                let mut bad = p.clone();
+                bad[bk / 2] = f32::NAN;
+                let mut same = acc0.clone();
+                let pm = Mat::new(&bad, nr, bk, bk);
+                assert!(!products::pv_q16(
+                    isa,
+                    pm,
+                    (v, &vscale),
+                    MatMut::new(&mut same, nr, dv, dv)
+                ));
+                assert_eq!(
+                    same, acc0,
+                    "a refused call leaves the accumulators untouched"
+                );
             }
-            let mut bad = p.clone();
-            bad[bk / 2] = f32::NAN;
-            let mut same = acc0.clone();
-            let pm = Mat::new(&bad, nr, bk, bk);
-            assert!(!products::pv_q16(
-                avx512[0],
-                pm,
-                (v, &vscale),
-                MatMut::new(&mut same, nr, dv, dv)
-            ));
-            assert_eq!(
-                same, acc0,
-                "a refused call leaves the accumulators untouched"
-            );
         }
     }
 

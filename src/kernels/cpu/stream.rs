@@ -7,6 +7,11 @@
 //! flight: memory and compute add up instead of overlapping. Queued here instead, the
 //! micro-kernels issue a few lines at each step ([`step`]), so the loads stay in flight while
 //! the products run; whatever is left when the sub-tile is done is issued by [`flush`].
+//!
+//! How many lines a step issues comes from how many steps the micro-kernels took over the
+//! previous sub-tile ([`queue_spread`]): the lines then spread over the whole of the sub-tile's
+//! compute, whichever kernels run it (they step at different rates: AVX2's blocks are smaller
+//! than AVX-512's).
 
 use std::cell::Cell;
 
@@ -23,6 +28,28 @@ thread_local! {
     /// The ranges queued after it (K's and V's rows of the next sub-tile), in order.
     static REST: Cell<([(usize, usize); MAX_RANGES], usize)> =
         const { Cell::new(([(0, 0); MAX_RANGES], 0)) };
+    /// Steps taken since the last [`queue_spread`] or [`restart`].
+    static STEPS: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Forgets the steps counted so far: the next [`queue_spread`] uses its estimate. Called when a
+/// walk over sub-tiles begins.
+pub(super) fn restart() {
+    STEPS.with(|s| s.set(0));
+}
+
+/// Queues `ranges` (as [`queue`]) spread over as many steps as were taken since the last call
+/// (the previous sub-tile's compute), or over `guess` steps when none were counted (the first
+/// sub-tile of a walk).
+pub(super) fn queue_spread(ranges: &[(usize, usize)], guess: usize) {
+    let steps = STEPS.with(|s| s.replace(0));
+    let steps = if steps > 0 { steps } else { guess.max(1) };
+    let lines: usize = ranges
+        .iter()
+        .take(MAX_RANGES)
+        .map(|r| r.1.saturating_sub(r.0).div_ceil(LINE))
+        .sum();
+    queue(ranges, lines.div_ceil(steps));
 }
 
 /// Queues `ranges` (byte address ranges, at most [`MAX_RANGES`]: the rest are dropped) to be
@@ -53,6 +80,7 @@ pub(super) fn queue(ranges: &[(usize, usize)], per_step: usize) {
 #[inline(always)]
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(super) fn step() {
+    STEPS.with(|s| s.set(s.get() + 1));
     CUR.with(|c| {
         let (mut a, mut b, mut per) = c.get();
         let mut left = per;
@@ -159,5 +187,38 @@ mod tests {
         step();
         flush();
         assert_eq!(left(), 0);
+    }
+
+    /// `queue_spread` issues a sub-tile's lines over as many steps as the previous sub-tile
+    /// took, or over its estimate after a `restart`.
+    #[test]
+    fn spread_follows_the_steps_counted() {
+        let buf = vec![0u8; 64 * 12];
+        let a = buf.as_ptr() as usize;
+        restart();
+        queue_spread(&[(a, a + 64 * 12)], 4);
+        assert_eq!(
+            CUR.with(|c| c.get().2),
+            3,
+            "12 lines over the 4 steps guessed"
+        );
+        for _ in 0..6 {
+            step();
+        }
+        flush();
+        queue_spread(&[(a, a + 64 * 12)], 4);
+        assert_eq!(
+            CUR.with(|c| c.get().2),
+            2,
+            "12 lines over the 6 steps counted"
+        );
+        for _ in 0..6 {
+            step();
+        }
+        assert_eq!(left(), 0, "the last step issued the last line");
+        restart();
+        queue_spread(&[(a, a + 64 * 12)], 12);
+        assert_eq!(CUR.with(|c| c.get().2), 1);
+        flush();
     }
 }
