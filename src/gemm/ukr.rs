@@ -250,8 +250,8 @@ pub(crate) unsafe fn f32_avx2(kc: usize, a: *const u32, b: *const u32, out: Out)
     // SAFETY: a prefetch of the tile's own rows (never faults).
     unsafe { prefetch_c(out.c, out.ldc, MR_256) };
     let mut acc = [[_mm256_setzero_ps(); 2]; MR_256];
-    for k in 0..kc {
-        // SAFETY (whole loop): step k of both packed operands is inside what the caller named.
+    let step = |acc: &mut [[__m256; 2]; MR_256], k: usize| {
+        // SAFETY: step k of both packed operands is inside what the caller named.
         unsafe {
             let bp = b.add(k * NR_256);
             let b0 = _mm256_loadu_ps(bp);
@@ -263,6 +263,20 @@ pub(crate) unsafe fn f32_avx2(kc: usize, a: *const u32, b: *const u32, out: Out)
                 row[1] = _mm256_fmadd_ps(av, b1, row[1]);
             }
         }
+    };
+    // Four steps per turn of the loop: on AMD Zen 3 the loop of one step ran 10–15% below the
+    // unrolled one (the same instructions in assembly, operands in L1).
+    let mut k = 0;
+    while k + 4 <= kc {
+        step(&mut acc, k);
+        step(&mut acc, k + 1);
+        step(&mut acc, k + 2);
+        step(&mut acc, k + 3);
+        k += 4;
+    }
+    while k < kc {
+        step(&mut acc, k);
+        k += 1;
     }
     // SAFETY: the caller's `out` covers the tile.
     unsafe {
