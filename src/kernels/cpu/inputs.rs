@@ -309,18 +309,19 @@ impl Inputs {
 ///      [`QkPath::RowsHalf`];
 ///   4. quantized K whose rows `isa` reads in place (`reads_half`, rows a whole number of
 ///      quantized rows apart): int8 K where `isa` has exact int16 products
-///      ([`products::int16`]: AVX512-VNNI, AVX2) against int16 query rows ([`QkPath::RowsInt16`]); fp8 K against bf16 queries where the call
-///      multiplies bf16 pairs (`dots_bf16`) and the CPU has AVX512-VBMI ([`products::vbmi`]),
-///      widened to bf16 tiles ([`QkPath::Fp8Pairs`]); else widened ([`QkPath::RowsBytes`]);
+///      ([`products::int16`]: AVX512-VNNI, AVX2) against int16 query rows
+///      ([`QkPath::RowsInt16`]); fp8 K against bf16 queries where the call multiplies bf16
+///      pairs (`dots_bf16`) and the CPU has AVX512-VBMI ([`products::vbmi`]), widened to bf16
+///      tiles ([`QkPath::Fp8Pairs`]); else widened ([`QkPath::RowsBytes`]);
 ///   5. f32 rows, in place or converted per tile ([`QkPath::RowsF32`]).
 /// * `P · V`, the first that applies:
 ///   1. AVX512-BF16 dot products chosen for bf16, bf16 V, `Dv` a multiple of 32:
 ///      [`PvPath::Pairs`];
 ///   2. bf16 / f16 V whose rows `isa` reads in place (`reads_half(isa, Dv)`): [`PvPath::Half`];
 ///   3. quantized V whose rows `isa` reads in place: int8 V with `Dv` a multiple of 32 when the
-///      keys' products are the int16 ones of 4. above (K int8, `products::int16`, no copy of K, no pairs;
-///      [`PvPath::Int16`]), else widened ([`PvPath::Bytes`]; fp8 V too: its probabilities stay
-///      f32, see [`QkPath::Fp8Pairs`]);
+///      keys' products are the int16 ones of 4. above (K int8, `products::int16`, no copy of
+///      K, no pairs; [`PvPath::Int16`]), else widened ([`PvPath::Bytes`]; fp8 V too: its
+///      probabilities stay f32, see [`QkPath::Fp8Pairs`]);
 ///   4. f32 rows, in place or converted per tile ([`PvPath::F32`]).
 pub(super) fn product_plan<'a>(
     isa: Isa,

@@ -205,6 +205,22 @@ mod tests {
         }
     }
 
+    /// The instruction sets of this CPU with int16 products (AVX512-VNNI, AVX2), or `None` (said
+    /// on stderr) when it has none.
+    #[cfg(target_arch = "x86_64")]
+    fn int16_sets() -> Option<Vec<super::super::products::Isa>> {
+        use super::super::products;
+        let sets: Vec<_> = products::available()
+            .into_iter()
+            .filter(|&i| products::int16(i))
+            .collect();
+        if sets.is_empty() {
+            eprintln!("no AVX2 or AVX512-VNNI on this CPU: the int16 products are not used");
+            return None;
+        }
+        Some(sets)
+    }
+
     /// On every instruction set with int16 products (AVX512-VNNI, AVX2) the products of int16
     /// query rows and int8 keys are the exact integers, scaled (the same bits as an i64
     /// computation), and within the query's rounding of the f32 products.
@@ -212,15 +228,8 @@ mod tests {
     #[test]
     fn int16_products_are_exact_and_near_the_f32_products() {
         use super::super::mat::{ByteMat, Mat, MatMut};
-        use super::super::products::{self, reads_half, Isa};
-        let int16: Vec<Isa> = products::available()
-            .into_iter()
-            .filter(|&i| products::int16(i))
-            .collect();
-        if int16.is_empty() {
-            eprintln!("no AVX2 or AVX512-VNNI on this CPU: the int16 products are not used");
-            return;
-        }
+        use super::super::products::{self, reads_half};
+        let Some(int16) = int16_sets() else { return };
         let mut seed = 0x2545_f491_4f6c_dd1du64;
         let mut next = move || {
             seed ^= seed << 13;
@@ -298,15 +307,8 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn int16_probability_products_are_near_the_f32_products() {
-        use super::super::products::{self, Isa};
-        let int16: Vec<Isa> = products::available()
-            .into_iter()
-            .filter(|&i| products::int16(i))
-            .collect();
-        if int16.is_empty() {
-            eprintln!("no AVX2 or AVX512-VNNI on this CPU: the int16 products are not used");
-            return;
-        }
+        use super::super::products;
+        let Some(int16) = int16_sets() else { return };
         let mut seed = 0x9e37_79b9_7f4a_7c15u64;
         let mut next = move || {
             seed ^= seed << 13;
