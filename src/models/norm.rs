@@ -1,5 +1,5 @@
 //! `LayerNorm(x + residual)` in one pass over each row (f32, CPU), for the encoder's two
-//! residual blocks: as a GEMM epilogue ([`crate::proj::Proj::forward_fused`]) where the row is
+//! residual blocks: as a GEMM epilogue ([`crate::proj::mlp`]'s second product) where the row is
 //! the output projection's, or as a fused op of its own. candle's path is an elementwise add
 //! (which wakes candle's CPU thread pool, whose workers then spin beside the GEMM's threads)
 //! and then its layer norm, two passes.

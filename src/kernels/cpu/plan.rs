@@ -9,7 +9,7 @@ use super::products::Isa;
 #[derive(Clone, Copy)]
 pub(super) enum QkPath<'a> {
     /// f32 query rows against the call's transposed f32 copy of K (`(B, Hkv, D, S)`, rows
-    /// [`super::kt::kt_stride`] apart): the register-blocked micro-kernel
+    /// [`super::kt::KeyTiles::stride`] apart): the register-blocked micro-kernel
     /// ([`super::products::qk_t`]).
     KtF32(&'a [f32]),
     /// The query rows as bf16 pairs against the call's transposed copy of K in bf16 pairs
