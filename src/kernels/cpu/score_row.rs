@@ -16,8 +16,9 @@ pub(super) struct Bias<'a> {
 impl Ctx<'_> {
     /// ALiBi, then (with `masked`) the masks ([`Ctx::mask_row`]), on the scores `row` of keys
     /// `j0..j0 + row.len()` for folded row `fr` of KV head `kh` in batch `bi`, whose structured
-    /// range is `range`. Soft-capping comes first, over the whole tile ([`super::modifiers::Mods::cap`]). Returns
-    /// `false` (row untouched) when no key of the tile is visible.
+    /// range is `range`. Soft-capping comes first, over the whole tile
+    /// ([`super::modifiers::Mods::cap`]). Returns `false` (row untouched) when no key of the tile
+    /// is visible.
     pub fn score_row(
         &self,
         (bi, kh, fr): (usize, usize, usize),
